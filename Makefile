@@ -1,0 +1,33 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv when missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# Pin the CPU build of torch: an unpinned range may pull a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+TRITON  := triton==3.7.1
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) $(TRITON)
+	$(BIN)/pip install -q -e '.[executor,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/d2moe demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n auto 2>/dev/null || TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sim_speed.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,64 @@
+"""`d2moe <verb>`: the one entry point. Each subsystem registers its verbs from a `cmd` module.
+
+User errors (`UserError`) print one line and exit 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from d2moe.core.errors import UserError
+
+# Modules exposing `register(subparsers)`; each adds its verbs and sets `func` on them.
+COMMAND_MODULES = (
+    "d2moe.sim.cmd",
+    "d2moe.traces.cmd",
+    "d2moe.demo",
+)
+OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when it is missing
+    "d2moe.quant.cmd",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="d2moe",
+        description="Serve and study MoE models on memory-starved devices: nested-bit-width "
+                    "experts, HEBF scheduling, a simulator and a real executor that run the "
+                    "same policies.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    missing = []
+    for name in OPTIONAL_COMMAND_MODULES:
+        try:
+            importlib.import_module(name).register(sub)
+        except ImportError as exc:
+            missing.append(f"{name} ({exc.name} not installed)")
+    if missing:
+        parser.epilog = "unavailable here: " + ", ".join(missing) + \
+            " -- install the executor extra: pip install 'd2moe[executor]'"
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"d2moe {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

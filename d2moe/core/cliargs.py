@@ -1,0 +1,40 @@
+"""Build argparse options from a frozen config dataclass: defaults live in one place.
+
+Each field becomes `--field-name` with the field's default; `help` comes from the field's
+metadata (`field(default=..., metadata={"help": "..."})`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one option per dataclass field of `cls` (bools become --flag / --no-flag)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            kind = type(default) if isinstance(default, (int, float)) else str
+            parser.add_argument(flag, type=kind, default=default, help=help_text,
+                                metavar=f.metadata.get("metavar"))
+
+
+def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """Instantiate `cls` from parsed args (fields missing from args keep their defaults)."""
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name)}
+    kwargs.update(overrides)
+    return cls(**kwargs)

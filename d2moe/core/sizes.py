@@ -1,0 +1,132 @@
+"""Bytes of an expert at every bit-width: the one function the whole project uses.
+
+MWQ layout (method.md, part 2), per matrix of shape [out, in] with groups of `group`
+weights along `in`:
+  base  : out*in*b1 bits of codes + one scale and one zero per group (scale_bytes each)
+  plane : out*in*1 bit of signs   + one scale per group
+An expert at b bits = base + (b - b1) planes. `copies` (Matryoshka-Free / RTN) stores each
+bit-width as its own object: b-bit codes + scale and zero per group; raising means a full
+reload. `dense` is the unquantized weights at `dtype_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+from d2moe.core.errors import UserError
+from d2moe.core.spec import ModelSpec
+
+DENSE_BITS = 16  # bits value that means "unquantized fp16/bf16 weights"
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """How expert weights are stored. Defaults: b1=2, bK=8, groups of 64, fp16 scales."""
+
+    kind: str = "mwq"  # mwq (nested planes) | copies (one RTN copy per bit-width) | dense
+    b1: int = 2
+    bK: int = 8
+    group: int = 64
+    scale_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("mwq", "copies", "dense"):
+            raise UserError(f"unknown layout {self.kind!r}", field="kind",
+                            fix="use mwq, copies or dense")
+        if not 1 <= self.b1 <= self.bK <= 8:
+            raise UserError(f"need 1 <= b1 <= bK <= 8, got b1={self.b1}, bK={self.bK}",
+                            field="bits", fix="e.g. --bits 2:8")
+
+    @property
+    def nested(self) -> bool:
+        return self.kind == "mwq"
+
+    def check_bits(self, bits: int) -> None:
+        if self.kind == "dense":
+            return
+        if not self.b1 <= bits <= self.bK:
+            raise UserError(f"{bits} bits is outside the store's range {self.b1}..{self.bK}",
+                            field="bits", fix=f"ask for {self.b1}..{self.bK} bits")
+
+
+def _matrix_bytes(out: int, inp: int, bits: int, layout: QuantLayout, dtype_bytes: int) -> int:
+    if layout.kind == "dense" or bits >= DENSE_BITS:
+        return out * inp * dtype_bytes
+    groups = out * math.ceil(inp / layout.group)
+    if layout.kind == "copies":
+        return math.ceil(out * inp * bits / 8) + groups * 2 * layout.scale_bytes
+    base = math.ceil(out * inp * layout.b1 / 8) + groups * 2 * layout.scale_bytes
+    plane = math.ceil(out * inp / 8) + groups * layout.scale_bytes
+    return base + (bits - layout.b1) * plane
+
+
+@lru_cache(maxsize=4096)
+def expert_bytes(spec: ModelSpec, bits: int, layout: QuantLayout = QuantLayout()) -> int:
+    """Bytes of one expert resident at `bits` (0 -> 0 bytes: absent)."""
+    if bits <= 0:
+        return 0
+    if layout.kind != "dense" and bits < DENSE_BITS:
+        layout.check_bits(bits)
+    return sum(_matrix_bytes(o, i, bits, layout, spec.dtype_bytes) for o, i in spec.expert_shapes)
+
+
+def load_bytes(spec: ModelSpec, bits_from: int, bits_to: int,
+               layout: QuantLayout = QuantLayout()) -> int:
+    """Bytes moved to raise an expert from `bits_from` to `bits_to` resident bits.
+
+    Nested (MWQ): only the missing planes. Copies: the whole new copy (the old one is dropped).
+    """
+    if bits_to <= bits_from:
+        return 0
+    if layout.nested and bits_from > 0:
+        return expert_bytes(spec, bits_to, layout) - expert_bytes(spec, bits_from, layout)
+    return expert_bytes(spec, bits_to, layout)
+
+
+def all_experts_bytes(spec: ModelSpec, bits: int, layout: QuantLayout = QuantLayout()) -> int:
+    return spec.layers * spec.experts * expert_bytes(spec, bits, layout)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, *, field: str = "bytes") -> int:
+    """'6GiB', '512MB', '1e9', 1000 -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UserError(f"cannot read {text!r} as a size", field=field,
+                        fix="write bytes like 6GiB, 512MB or 1000000")
+    try:
+        value = float(m.group(1))
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as a size", field=field,
+                        fix="write bytes like 6GiB, 512MB or 1000000") from None
+    return int(value * _UNITS[m.group(2).lower()])
+
+
+def parse_budget(text: str | int, total_bytes: int, *, field: str = "budget") -> int:
+    """A budget as bytes ('6GiB'), a percentage ('40%') or a fraction ('0.4') of `total_bytes`."""
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            return int(float(s[:-1]) / 100 * total_bytes)
+        if re.fullmatch(r"0?\.\d+|1(\.0*)?", s):
+            return int(float(s) * total_bytes)
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as a budget", field=field,
+                        fix="write 6GiB, 40% or 0.4") from None
+    return parse_bytes(s, field=field)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
