@@ -94,3 +94,38 @@ class Plan:
     loads: tuple[Load, ...] = ()
     runs: tuple[Run, ...] = ()
     prefetches: tuple[Load, ...] = field(default=())
+
+
+def run_waits(plan: Plan) -> list[int]:
+    """For each run, the index of the load it waits for (-1: its expert is resident).
+
+    A run waits for the last load of its source expert in the plan.
+    """
+    last_load = {ld.key: i for i, ld in enumerate(plan.loads)}
+    return [last_load.get(r.source, -1) for r in plan.runs]
+
+
+def load_waits(plan: Plan) -> list[int]:
+    """For each load, the index of the last run its evictions must wait for (-1: none).
+
+    Evicting expert k down to `bits_to` before load i must wait for every run of k that uses
+    the residency from before load i (its source is not reloaded at or after i) and needs
+    more than `bits_to` bits. This is the only way the I/O lane waits on the compute lane.
+    """
+    if not any(ld.evict for ld in plan.loads):
+        return [-1] * len(plan.loads)
+    last_load = {ld.key: i for i, ld in enumerate(plan.loads)}
+    runs_of: dict[ExpertKey, list[tuple[int, int]]] = {}
+    for j, r in enumerate(plan.runs):
+        runs_of.setdefault(r.source, []).append((j, r.bits))
+    waits = []
+    for i, ld in enumerate(plan.loads):
+        w = -1
+        for ev in ld.evict:
+            if last_load.get(ev.key, -1) >= i:
+                continue  # its runs wait for a reload at or after this load
+            for j, bits in runs_of.get(ev.key, ()):
+                if bits > ev.bits_to and j > w:
+                    w = j
+        waits.append(w)
+    return waits

@@ -116,7 +116,8 @@ def spec_from_hf_config(cfg: dict[str, Any], *, path: str, name: str = "") -> Mo
     if not shared and cfg.get("n_shared_experts"):
         shared = int(cfg["n_shared_experts"]) * int(pick("moe_intermediate_size"))
     return ModelSpec(
-        name=name or str(cfg.get("_name_or_path") or cfg.get("model_type") or Path(path).parent.name),
+        name=name or str(cfg.get("_name_or_path") or cfg.get("model_type")
+                         or Path(path).parent.name),
         layers=layers - dense,
         experts=int(pick("num_local_experts", "num_experts", "n_routed_experts")),
         top_k=int(pick("num_experts_per_tok", "moe_topk")),

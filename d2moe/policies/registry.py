@@ -1,0 +1,40 @@
+"""A registry per plug-in family: adding a policy is one class and one `register` line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from d2moe.core.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> factory for one family (schedulers, residency, presets)."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._items: dict[str, Callable[..., T]] = {}
+        self._docs: dict[str, str] = {}
+
+    def register(self, name: str, doc: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._items:
+                raise ValueError(f"{self.family} {name!r} registered twice")
+            self._items[name] = factory
+            self._docs[name] = doc or (factory.__doc__ or "").strip().splitlines()[0]
+            return factory
+        return deco
+
+    def create(self, name: str, **kwargs: object) -> T:
+        if name not in self._items:
+            raise UserError(f"unknown {self.family} {name!r}", field=self.family,
+                            fix=f"choose one of: {', '.join(self.names())}")
+        return self._items[name](**kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def describe(self) -> str:
+        return "; ".join(f"{n}: {self._docs[n]}" for n in self.names())

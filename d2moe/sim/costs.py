@@ -1,0 +1,76 @@
+"""Durations from a hardware profile, memoized: the simulator asks for one per job."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from d2moe.core.jobs import ExpertKey, Load, Run
+from d2moe.core.spec import ModelSpec
+from d2moe.policies.view import Sizes
+
+
+class ProfileCosts:
+    """Load and run durations for one (model, layout, profile): the `Costs` policies see."""
+
+    def __init__(self, profile: Any, spec: ModelSpec, sizes: Sizes) -> None:
+        self.profile, self.spec, self.sizes = profile, spec, sizes
+        self._load: dict[tuple[int, str], float] = {}
+        self._run: dict[tuple[int, int], float] = {}
+        self._non_expert: dict[int, float] = {}
+
+    def bytes_us(self, nbytes: int, tier: str = "disk") -> float:
+        key = (nbytes, tier)
+        us = self._load.get(key)
+        if us is None:
+            us = self._load[key] = float(self.profile.load_us(nbytes, tier))
+        return us
+
+    def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
+        return self.bytes_us(self.sizes.load(bits_from, bits_to))
+
+    def run_us(self, key: ExpertKey, bits: int, tokens: int) -> float:
+        k = (bits, tokens)
+        us = self._run.get(k)
+        if us is None:
+            us = self._run[k] = float(self.profile.run_us(self.spec, bits, tokens))
+        return us
+
+    def run_us_of(self, run: Run) -> float:
+        return self.run_us(run.source, run.bits, run.tokens)
+
+    def non_expert_us(self, tokens: int) -> float:
+        us = self._non_expert.get(tokens)
+        if us is None:
+            us = self._non_expert[tokens] = float(self.profile.non_expert_us(self.spec, tokens))
+        return us
+
+
+class HostCache:
+    """An optional host-RAM tier: experts once read from disk stay in RAM (LRU by bytes), so
+    a later load of planes already there crosses only the host-to-device link."""
+
+    def __init__(self, capacity_bytes: int, sizes: Sizes) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.sizes = sizes
+        self.bits: OrderedDict[ExpertKey, int] = OrderedDict()
+        self.used_bytes = 0
+
+    def tier_for(self, ld: Load) -> str:
+        """Where this load reads from ('host' or 'disk'); then the RAM copy is refreshed."""
+        if self.capacity_bytes <= 0:
+            return "disk"
+        have = self.bits.get(ld.key, 0)
+        tier = "host" if have >= ld.bits_to else "disk"
+        if have:
+            self.bits.move_to_end(ld.key)
+        if have < ld.bits_to:
+            size = self.sizes.by_bits[ld.bits_to]
+            if size <= self.capacity_bytes:
+                self.used_bytes += size - self.sizes.by_bits[have]
+                self.bits[ld.key] = ld.bits_to
+                self.bits.move_to_end(ld.key)
+                while self.used_bytes > self.capacity_bytes:
+                    old, ob = self.bits.popitem(last=False)
+                    self.used_bytes -= self.sizes.by_bits[ob]
+        return tier

@@ -1,0 +1,130 @@
+"""Execute one layer's plan on the I/O and compute lanes: a SimPy model and an exact fast path.
+
+Both engines follow the same rules (see `core.jobs.run_waits/load_waits`):
+- the I/O lane runs loads in plan order; a load starts when the lane is free and the runs
+  its evictions wait for have ended; it takes `load_us(bytes)`;
+- the compute lane runs in plan order; a run starts when the lane is free and its load has
+  ended; waiting shows as a `stall` row;
+- evictions happen at their load's start.
+Both write identical Event rows; tests cross-check them on random plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from d2moe.core.events import Event
+from d2moe.core.jobs import Load, Plan, Run, load_waits, run_waits
+from d2moe.policies.view import ResidentSet
+
+
+@dataclass
+class LayerCtx:
+    """What a plan execution needs besides the plan: where rows go and what things cost."""
+
+    step: int
+    layer: int
+    pool: ResidentSet
+    events: list[Event]
+    load_us: Callable[[Load, int], float]  # (load, bytes) -> duration
+    run_us: Callable[[Run], float]
+
+
+def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
+    """Apply a load's evictions and the load itself to the pool; record rows; return its end."""
+    ev_rows, pool, layer = ctx.events, ctx.pool, ctx.layer
+    for ev in ld.evict:
+        freed = pool.apply_evict(ev)
+        ev_rows.append(Event("memory", "evict", ctx.step, ev.key.layer, ev.key.expert,
+                             ev.bits_from, ev.bits_to, 0, freed, start, start))
+    nbytes = pool.apply_load(ld)
+    end = start + ctx.load_us(ld, nbytes)
+    ev_rows.append(Event("io", "prefetch" if ld.prefetch else "load", ctx.step, layer,
+                         ld.key.expert, ld.bits_from, ld.bits_to, 0, nbytes, start, end))
+    return end
+
+
+def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float) -> float:
+    """Record a run starting at max(free, ready), with a stall row if it waited."""
+    rows = ctx.events
+    start = free
+    if ready > free:
+        rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0, 0, 0,
+                          free, ready))
+        start = ready
+    end = start + ctx.run_us(run)
+    rows.append(Event("compute", "run", ctx.step, ctx.layer, run.key.expert, run.bits, run.bits,
+                      run.tokens, 0, start, end))
+    return end
+
+
+def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
+    """Exact two-lane recurrence without SimPy; returns when the compute lane is done.
+
+    load i starts at max(io_free, end of run load_waits[i]);
+    run j starts at max(cpu_free, end of load run_waits[j]).
+    """
+    loads, runs = plan.loads, plan.runs
+    rw = run_waits(plan)
+    lw = load_waits(plan) if any(ld.evict for ld in loads) else None
+    load_end = [0.0] * len(loads)
+    run_end = [0.0] * len(runs)
+    io = cpu = t0
+    i = j = 0
+    n_l, n_r = len(loads), len(runs)
+    while i < n_l or j < n_r:
+        moved = False
+        if i < n_l and (lw is None or lw[i] < j):
+            start = io if lw is None or lw[i] < 0 else max(io, run_end[lw[i]])
+            io = load_end[i] = _do_load(ctx, loads[i], start)
+            i += 1
+            moved = True
+        if j < n_r and rw[j] < i:
+            ready = load_end[rw[j]] if rw[j] >= 0 else t0
+            cpu = run_end[j] = _do_run(ctx, runs[j], cpu, ready)
+            j += 1
+            moved = True
+        if not moved:
+            raise RuntimeError(f"plan deadlocks at load {i}, run {j}: {plan}")
+    return cpu
+
+
+def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any, Any, float]:
+    """SimPy process for one layer: an I/O process and the compute lane, joined at the end.
+
+    Times are carried in the processes' own variables (SimPy orders the waits), so both
+    engines do the same float arithmetic and their rows match exactly.
+    """
+    loads, runs = plan.loads, plan.runs
+    rw, lw = run_waits(plan), load_waits(plan)
+    load_done = [env.event() for _ in loads]
+    run_done = [env.event() for _ in runs]
+    load_end = [0.0] * len(loads)
+    run_end = [0.0] * len(runs)
+
+    def io_lane() -> Generator[Any, Any, None]:
+        io = t0
+        for i, ld in enumerate(loads):
+            if lw[i] >= 0:
+                if not run_done[lw[i]].triggered:
+                    yield run_done[lw[i]]
+                io = max(io, run_end[lw[i]])
+            io = load_end[i] = _do_load(ctx, ld, io)
+            yield env.timeout(max(0.0, io - env.now))
+            load_done[i].succeed()
+
+    io_proc = env.process(io_lane())
+    cpu = t0
+    for j, run in enumerate(runs):
+        ready = t0
+        if rw[j] >= 0:
+            if not load_done[rw[j]].triggered:
+                yield load_done[rw[j]]
+            ready = load_end[rw[j]]
+        cpu = run_end[j] = _do_run(ctx, run, cpu, ready)
+        yield env.timeout(max(0.0, cpu - env.now))
+        run_done[j].succeed()
+    yield io_proc
+    return cpu

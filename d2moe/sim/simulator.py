@@ -1,0 +1,124 @@
+"""The simulator: replay a trace through a policy on a hardware profile, emit a Timeline.
+
+Per step and layer: the compute lane runs the layer's non-expert part (attention, router),
+whose output fixes the layer's demands; the policy plans them; both lanes then execute the
+plan (`lanes.py`). Deterministic: no randomness, ties broken by expert id in the policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from d2moe.core.errors import UserError
+from d2moe.core.events import Event, Timeline
+from d2moe.core.jobs import Demand, Load
+from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.core.spec import ModelSpec
+from d2moe.policies.presets import Policy
+from d2moe.policies.view import ResidentSet, Sizes
+from d2moe.sim.costs import HostCache, ProfileCosts
+from d2moe.sim.lanes import LayerCtx, execute_fast, simpy_layer
+
+ENGINES = ("fast", "simpy")
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """One forward step: its phase, its token count and its demands per layer."""
+
+    phase: str  # "prefill" | "decode"
+    tokens: int
+    layers: Sequence[Sequence[Demand]]
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """Everything fixed across the policies compared on one trace."""
+
+    spec: ModelSpec
+    profile: Any
+    layout: QuantLayout = QuantLayout()
+    budget_bytes: int = 0
+    host_cache_bytes: int = 0
+    engine: str = "fast"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def check_budget(setup: SimSetup, max_bits: int) -> None:
+    """The budget must hold the largest expert the run can ask for."""
+    one = Sizes.of(setup.spec, setup.layout).by_bits[max_bits]
+    if setup.budget_bytes < one:
+        raise UserError(f"budget {fmt_bytes(setup.budget_bytes)} is smaller than one expert at "
+                        f"{max_bits} bits ({fmt_bytes(one)})", field="budget",
+                        fix=f"give at least {one} bytes, e.g. a larger percentage")
+
+
+def simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Timeline:
+    """Run `policy` over `steps`; returns the Timeline (events + meta)."""
+    if setup.engine not in ENGINES:
+        raise UserError(f"unknown engine {setup.engine!r}", field="engine",
+                        fix=f"use one of {', '.join(ENGINES)}")
+    max_bits = max((d.bits for s in steps for ds in s.layers for d in ds), default=setup.layout.b1)
+    check_budget(setup, max_bits)
+    sizes = Sizes.of(setup.spec, setup.layout)
+    costs = ProfileCosts(setup.profile, setup.spec, sizes)
+    pool = ResidentSet(sizes, setup.budget_bytes)
+    host = HostCache(setup.host_cache_bytes, sizes)
+    events: list[Event] = []
+    policy.reset()
+
+    def load_us(ld: Load, nbytes: int) -> float:
+        return costs.bytes_us(nbytes, host.tier_for(ld))
+
+    run_us = costs.run_us_of
+    if setup.engine == "fast":
+        t = 0.0
+        for s, step in enumerate(steps):
+            t = _step_fast(s, step, t, policy, pool, costs, events, load_us, run_us)
+    else:
+        import simpy
+
+        env = simpy.Environment()
+        env.process(_steps_simpy(env, steps, policy, pool, costs, events, load_us, run_us))
+        env.run()
+    meta = {"backend": "sim", "engine": setup.engine, "policy": policy.name,
+            "model": setup.spec.name, "profile": getattr(setup.profile, "name", "?"),
+            "layout": setup.layout.kind, "budget_bytes": setup.budget_bytes,
+            "peak_resident_bytes": pool.peak_bytes, **setup.meta}
+    return Timeline(events, meta)
+
+
+def _step_fast(s: int, step: StepWork, t: float, policy: Policy, pool: ResidentSet,
+               costs: ProfileCosts, events: list[Event], load_us: Any, run_us: Any) -> float:
+    t_step = t
+    ne = costs.non_expert_us(step.tokens)
+    for layer, demands in enumerate(step.layers):
+        events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0, t,
+                            t + ne))
+        t += ne
+        if demands:
+            plan = policy.plan(layer, demands, pool.view, costs)
+            t = execute_fast(LayerCtx(s, layer, pool, events, load_us, run_us), plan, t)
+    events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
+    return t
+
+
+def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: ResidentSet,
+                 costs: ProfileCosts, events: list[Event], load_us: Any, run_us: Any) -> Any:
+    """The driver process: each layer's non-expert slice, then its plan on both lanes."""
+    t = 0.0
+    for s, step in enumerate(steps):
+        t_step = t
+        ne = costs.non_expert_us(step.tokens)
+        for layer, demands in enumerate(step.layers):
+            events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0,
+                                t, t + ne))
+            t += ne
+            yield env.timeout(max(0.0, t - env.now))
+            if demands:
+                plan = policy.plan(layer, demands, pool.view, costs)
+                ctx = LayerCtx(s, layer, pool, events, load_us, run_us)
+                t = yield env.process(simpy_layer(env, ctx, plan, t))
+        events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))

@@ -1,0 +1,113 @@
+"""Plans from every policy satisfy `check_plan` from any resident state and budget."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d2moe.core.errors import UserError
+from d2moe.core.jobs import Demand, Evict, ExpertKey, Load, Plan, Run
+from d2moe.core.sizes import QuantLayout
+from d2moe.policies import POLICIES, RESIDENCY, SCHEDULERS, PlanError, ResidentSet, Sizes
+from d2moe.policies import make_policy
+from d2moe.policies.check import check_plan
+from d2moe.policies.residency import Hottest, Lfu, Lru
+from tests.sim.workloads import SPEC, LinearProfile
+
+SIZES = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+COPIES = Sizes.of(SPEC, QuantLayout(kind="copies", b1=2, bK=4))
+
+
+class Costs:
+    def __init__(self) -> None:
+        self.p = LinearProfile()
+
+    def load_us(self, key, bits_from, bits_to):
+        return self.p.load_us(SIZES.load(bits_from, bits_to))
+
+    def run_us(self, key, bits, tokens):
+        return self.p.run_us(SPEC, bits, tokens)
+
+
+@st.composite
+def scenarios(draw):
+    sizes = draw(st.sampled_from([SIZES, COPIES]))
+    experts = draw(st.lists(st.integers(0, 11), min_size=1, max_size=6, unique=True))
+    demands = []
+    for e in sorted(experts):
+        for b in sorted(draw(st.sets(st.integers(2, 4), min_size=1, max_size=2))):
+            demands.append(Demand(ExpertKey(0, e), b, draw(st.integers(1, 5)), 0.5))
+    budget = draw(st.integers(sizes.by_bits[4], 12 * sizes.by_bits[4]))
+    pool = ResidentSet(sizes, budget)
+    # resident experts of this layer and of another, as long as they fit
+    for e in draw(st.lists(st.integers(0, 11), max_size=8, unique=True)):
+        key = ExpertKey(draw(st.integers(0, 1)), e)
+        b = draw(st.integers(2, 4))
+        if pool.used_bytes + sizes.by_bits[b] <= budget and key not in pool.bits:
+            pool.apply_load(Load(key, 0, b))
+    return demands, pool
+
+
+@settings(max_examples=200, deadline=None)
+@given(sc=scenarios(), name=st.sampled_from(POLICIES.names()))
+def test_every_policy_makes_feasible_plans(sc, name):
+    demands, pool = sc
+    policy = make_policy(name)
+    if not pool.sizes.nested and policy.config.plane_drop:
+        policy.config = type(policy.config)(policy.config.scheduler, policy.config.residency,
+                                            False)
+    plan = policy.plan(0, demands, pool.view, Costs())
+    check_plan(plan, demands, pool)
+
+
+def test_check_plan_catches_a_run_before_its_bits_exist():
+    pool = ResidentSet(SIZES, 10**6)
+    d = Demand(ExpertKey(0, 0), 4, 1)
+    with pytest.raises(PlanError, match="starts with"):
+        check_plan(Plan(runs=(Run(d.key, 4, 1),)), [d], pool)
+
+
+def test_check_plan_catches_budget_overrun_and_deadlock():
+    pool = ResidentSet(SIZES, SIZES.by_bits[4])
+    a, b = Demand(ExpertKey(0, 0), 4, 1), Demand(ExpertKey(0, 1), 4, 1)
+    over = Plan(loads=(Load(a.key, 0, 4), Load(b.key, 0, 4)),
+                runs=(Run(a.key, 4, 1), Run(b.key, 4, 1)))
+    with pytest.raises(PlanError, match="budget"):
+        check_plan(over, [a, b], pool)
+    # b's load evicts a after a's run, but a runs after b: a cycle
+    cycle = Plan(loads=(Load(a.key, 0, 4), Load(b.key, 0, 4, (Evict(a.key, 4, 0),))),
+                 runs=(Run(b.key, 4, 1), Run(a.key, 4, 1)))
+    with pytest.raises(PlanError, match="deadlock"):
+        check_plan(cycle, [a, b], pool)
+
+
+def test_unknown_names_are_user_errors_listing_the_choices():
+    for reg in (POLICIES, SCHEDULERS, RESIDENCY):
+        with pytest.raises(UserError, match="choose one of"):
+            reg.create("nope")
+
+
+def test_residency_rankings():
+    k = [ExpertKey(0, i) for i in range(3)]
+    lru, lfu, hot = Lru(), Lfu(), Hottest(half_life_layers=1.0)
+    for r in (lru, lfu, hot):
+        r.observe([Demand(k[0], 2, 5)])
+        r.observe([Demand(k[1], 2, 1)])
+        r.observe([Demand(k[2], 2, 2)])
+    assert lru.coldest_first(k) == [k[0], k[1], k[2]]
+    assert lfu.coldest_first(k) == [k[1], k[2], k[0]]
+    # heats with decay 1/2 per layer: k0 = 5/4, k1 = 1/2, k2 = 2
+    assert hot.coldest_first(k) == [k[1], k[0], k[2]]
+
+
+def test_hebf_puts_resident_then_hottest_then_higher_bits_first():
+    pool = ResidentSet(SIZES, 10**6)
+    pool.apply_load(Load(ExpertKey(0, 5), 0, 4))
+    ds = [Demand(ExpertKey(0, 1), 2, 3), Demand(ExpertKey(0, 2), 4, 3),
+          Demand(ExpertKey(0, 3), 2, 9), Demand(ExpertKey(0, 5), 2, 1)]
+    plan = make_policy("hebf").plan(0, ds, pool.view, Costs())
+    assert [r.key.expert for r in plan.runs] == [5, 3, 2, 1]
+    assert [ld.key.expert for ld in plan.loads] == [3, 2, 1]
+    fifo = make_policy("fifo").plan(0, ds, pool.view, Costs())
+    assert [r.key.expert for r in fifo.runs] == [1, 2, 3, 5]

@@ -1,0 +1,113 @@
+"""Properties of every policy on random workloads and budgets, checked from the events."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d2moe.core.sizes import QuantLayout
+from d2moe.policies import POLICIES, Sizes, make_policy
+from d2moe.sim import SimSetup, simulate
+from tests.sim.workloads import SPEC, LinearProfile, step_lists
+
+LAYOUT = QuantLayout(b1=2, bK=4)
+SIZES = Sizes.of(SPEC, LAYOUT)
+ALL_BYTES = SPEC.layers * SPEC.experts * SIZES.by_bits[4]
+
+
+def _setup(frac: float, engine: str = "fast") -> SimSetup:
+    budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
+    return SimSetup(SPEC, LinearProfile(), LAYOUT, budget, engine=engine)
+
+
+budgets = st.floats(0.0, 1.2)
+policies = st.sampled_from(POLICIES.names())
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=step_lists(), frac=budgets, name=policies)
+def test_runs_after_loads_and_budget_holds(steps, frac, name):
+    setup = _setup(frac)
+    tl = simulate(setup, steps, make_policy(name))
+    load_end: dict[tuple[int, int, int], float] = {}
+    for e in tl.events:
+        if e.kind == "load":
+            load_end[(e.step, e.layer, e.expert)] = e.end_us
+    for e in tl.events:
+        if e.kind == "run" and (e.step, e.layer, e.expert) in load_end:
+            assert e.start_us >= load_end[(e.step, e.layer, e.expert)]
+    # resident bytes from the rows: + at each load start, - at each eviction
+    deltas = sorted([(e.start_us, 1, e.bytes) for e in tl.events if e.kind == "load"]
+                    + [(e.start_us, 0, -e.bytes) for e in tl.events if e.kind == "evict"])
+    used = 0
+    for _, _, d in deltas:  # evictions (0) sort before loads (1) at the same instant
+        used += d
+        assert 0 <= used <= setup.budget_bytes
+    assert tl.meta["peak_resident_bytes"] <= setup.budget_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=step_lists(), frac=budgets, name=policies)
+def test_every_demand_runs_once_at_enough_bits(steps, frac, name):
+    tl = simulate(_setup(frac), steps, make_policy(name))
+    ran = defaultdict(list)
+    for e in tl.events:
+        if e.kind == "run":
+            ran[(e.step, e.layer)].append((e.expert, e.bits_from, e.tokens))
+            assert e.bits_to >= e.bits_from
+    for s, step in enumerate(steps):
+        for layer, demands in enumerate(step.layers):
+            want = sorted((d.key.expert, d.bits, d.tokens) for d in demands)
+            assert sorted(ran[(s, layer)]) == want
+
+
+def _layer_spans(tl):
+    """Per (step, layer): the plan's makespan (first non-expert end to last run end)."""
+    start, end = {}, {}
+    for e in tl.events:
+        k = (e.step, e.layer)
+        if e.kind == "non_expert":
+            start[k] = e.end_us
+        elif e.lane in ("io", "compute") and e.kind != "non_expert":
+            end[k] = max(end.get(k, 0.0), e.end_us)
+    return {k: end.get(k, start[k]) - start[k] for k in start}
+
+
+def _bound(tl):
+    load, run = defaultdict(float), defaultdict(float)
+    for e in tl.events:
+        if e.kind == "load":
+            load[(e.step, e.layer)] += e.dur_us
+        elif e.kind == "run":
+            run[(e.step, e.layer)] += e.dur_us
+    return {k: max(load[k], run[k]) for k in set(load) | set(run)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=step_lists(), frac=budgets, name=policies)
+def test_no_policy_beats_the_lower_bound(steps, frac, name):
+    tl = simulate(_setup(frac), steps, make_policy(name))
+    spans, bound = _layer_spans(tl), _bound(tl)
+    for k, b in bound.items():
+        assert spans[k] >= b - 1e-9
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=step_lists())
+def test_johnson_is_never_beaten_per_layer_without_a_binding_budget(steps):
+    runs = {n: _layer_spans(simulate(_setup(10.0), steps, make_policy(n)))
+            for n in ("johnson", "fifo", "hebf")}
+    for k, best in runs["johnson"].items():
+        assert best <= runs["fifo"][k] + 1e-9
+        assert best <= runs["hebf"][k] + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=step_lists(), frac=budgets, name=policies)
+def test_simpy_engine_matches_fast_engine_exactly(steps, frac, name):
+    fast = simulate(_setup(frac, "fast"), steps, make_policy(name))
+    slow = simulate(_setup(frac, "simpy"), steps, make_policy(name))
+    key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
+    assert sorted(fast.events, key=key) == sorted(slow.events, key=key)

@@ -1,0 +1,56 @@
+"""Inputs for simulator tests: a hand-checkable linear profile and random step lists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from d2moe.core.jobs import Demand, ExpertKey
+from d2moe.core.spec import ModelSpec
+from d2moe.sim import StepWork
+
+SPEC = ModelSpec(name="t", layers=3, experts=6, top_k=3, hidden=64, ffn=128, heads=2,
+                 kv_heads=1, vocab=16)
+
+
+@dataclass(frozen=True)
+class LinearProfile:
+    """Costs simple enough to check by hand: latency + bytes / bandwidth, and linear runs."""
+
+    name: str = "linear"
+    read_Bpus: float = 1000.0  # bytes per microsecond
+    latency_us: float = 5.0
+    run_base_us: float = 2.0
+    run_us_per_token_bit: float = 1.0
+    non_expert_us_flat: float = 3.0
+
+    def load_us(self, nbytes: int, tier: str = "disk") -> float:
+        return self.latency_us + nbytes / self.read_Bpus
+
+    def run_us(self, spec: ModelSpec, bits: int, tokens: int) -> float:
+        return self.run_base_us + self.run_us_per_token_bit * tokens * bits
+
+    def non_expert_us(self, spec: ModelSpec, tokens: int) -> float:
+        return self.non_expert_us_flat
+
+
+@st.composite
+def step_lists(draw: st.DrawFn, max_steps: int = 4) -> list[StepWork]:
+    """Random prefill/decode steps over SPEC: tokens pick distinct experts at random bits."""
+    steps = []
+    for s in range(draw(st.integers(1, max_steps))):
+        tokens = draw(st.integers(1, 4))
+        layers = []
+        for layer in range(SPEC.layers):
+            count: dict[tuple[int, int], int] = {}
+            for _ in range(tokens):
+                experts = draw(st.lists(st.integers(0, SPEC.experts - 1), min_size=1,
+                                        max_size=SPEC.top_k, unique=True))
+                bits = draw(st.integers(2, 4))
+                for e in experts:
+                    count[(e, bits)] = count.get((e, bits), 0) + 1
+            layers.append([Demand(ExpertKey(layer, e), b, n, 0.5)
+                           for (e, b), n in sorted(count.items())])
+        steps.append(StepWork("prefill" if s == 0 else "decode", tokens, layers))
+    return steps
