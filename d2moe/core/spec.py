@@ -67,6 +67,16 @@ class ModelSpec:
         attn = d * hd * (2 * self.heads + 2 * self.kv_heads)
         return attn + 2 * d + d * self.experts + 3 * d * self.shared_ffn
 
+    @property
+    def non_expert_bytes(self) -> int:
+        """Bytes of everything but the routed experts at `dtype_bytes`: MoE layers' attention,
+        router and shared experts, leading dense layers, embeddings and the LM head."""
+        d = self.hidden
+        dense = self.dense_layers * (d * self.dim_head * (2 * self.heads + 2 * self.kv_heads)
+                                     + 3 * d * self.dense_ffn)
+        params = self.layers * self.layer_params + dense + 2 * self.vocab * d
+        return params * self.dtype_bytes
+
     def expert_flops(self, tokens: int) -> int:
         """Multiply-adds x2 of one expert over `tokens` tokens."""
         return 2 * tokens * self.expert_params

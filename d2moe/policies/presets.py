@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from d2moe.core.jobs import Demand, Plan
-from d2moe.policies.planner import make_jobs, plan_in_order
+from d2moe.policies.planner import Planner, make_jobs
 from d2moe.policies.registry import Registry
 from d2moe.policies.residency import RESIDENCY, Residency
 from d2moe.policies.schedulers import SCHEDULERS, Costs, Scheduler
@@ -33,19 +33,19 @@ class Policy:
         self.name = name
         self.config = config
         self.scheduler: Scheduler = SCHEDULERS.create(config.scheduler)
-        self.residency: Residency = RESIDENCY.create(config.residency)
+        self.reset()
 
     def reset(self) -> None:
         """Forget all statistics (call before each independent run)."""
-        self.residency = RESIDENCY.create(self.config.residency)
+        self.residency: Residency = RESIDENCY.create(self.config.residency)
+        self.planner = Planner(self.residency, plane_drop=self.config.plane_drop)
 
     def plan(self, layer: int, demands: Sequence[Demand], resident: ResidentView,
              costs: Costs) -> Plan:
         """Plan one layer: order its jobs, then fit their loads into the budget."""
-        self.residency.observe(demands)
+        self.planner.observe(demands)
         jobs = make_jobs(demands, resident)
-        order = self.scheduler.order(jobs, costs)
-        return plan_in_order(order, resident, self.residency, plane_drop=self.config.plane_drop)
+        return self.planner.plan(self.scheduler.order(jobs, costs), resident)
 
     def __repr__(self) -> str:
         return f"Policy({self.name}: {self.config})"

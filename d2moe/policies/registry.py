@@ -36,5 +36,9 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def doc(self, name: str) -> str:
+        """The one-line description of `name`."""
+        return self._docs[name]
+
     def describe(self) -> str:
         return "; ".join(f"{n}: {self._docs[n]}" for n in self.names())

@@ -1,12 +1,14 @@
 """Which resident experts to give up when the budget is short: LRU, LFU, hottest-first.
 
-A residency policy only keeps statistics and ranks victims; the planner decides how
-much to free and whether to drop planes or evict whole experts.
+A residency policy only keeps statistics and scores experts (lower = colder = give up
+first); the planner decides how much to free and whether to drop planes or evict whole.
+Scores are plain dict lookups so that ranking stays cheap on the planner's hot path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
 from typing import Protocol
 
 from d2moe.core.jobs import Demand, ExpertKey
@@ -14,15 +16,17 @@ from d2moe.policies.registry import Registry
 
 
 class Residency(Protocol):
-    """Keeps usage statistics and ranks eviction candidates, coldest first."""
+    """Keeps usage statistics and scores experts for eviction.
+
+    `scores` maps an expert to how much to keep it (the lowest is evicted first; unseen
+    experts score 0). It is a dict, not a method, so the planner ranks at C speed.
+    """
 
     name: str
+    scores: defaultdict[ExpertKey, float]
 
     def observe(self, demands: Sequence[Demand]) -> None:
         """Record one layer's demands (called once per planned layer, in order)."""
-
-    def coldest_first(self, candidates: Iterable[ExpertKey]) -> list[ExpertKey]:
-        """Candidates in eviction order: the one to give up first comes first."""
 
 
 RESIDENCY: Registry[Residency] = Registry("residency")
@@ -36,15 +40,12 @@ class Lru:
 
     def __init__(self) -> None:
         self.tick = 0
-        self.last: dict[ExpertKey, int] = {}
+        self.scores: defaultdict[ExpertKey, float] = defaultdict(float)  # last use
 
     def observe(self, demands: Sequence[Demand]) -> None:
         self.tick += 1
         for d in demands:
-            self.last[d.key] = self.tick
-
-    def coldest_first(self, candidates: Iterable[ExpertKey]) -> list[ExpertKey]:
-        return sorted(candidates, key=lambda k: (self.last.get(k, 0), k))
+            self.scores[d.key] = self.tick
 
 
 @RESIDENCY.register("lfu")
@@ -54,40 +55,39 @@ class Lfu:
     name = "lfu"
 
     def __init__(self) -> None:
-        self.count: dict[ExpertKey, int] = {}
+        self.scores: defaultdict[ExpertKey, float] = defaultdict(float)  # tokens so far
 
     def observe(self, demands: Sequence[Demand]) -> None:
         for d in demands:
-            self.count[d.key] = self.count.get(d.key, 0) + d.tokens
-
-    def coldest_first(self, candidates: Iterable[ExpertKey]) -> list[ExpertKey]:
-        return sorted(candidates, key=lambda k: (self.count.get(k, 0), k))
+            self.scores[d.key] += d.tokens
 
 
 @RESIDENCY.register("hottest")
 class Hottest:
-    """Keep the hottest: an exponentially decayed token count per expert (D2MoE's "+Budget":
-    the most frequently used experts stay resident across tokens); coldest goes first.
+    """Keep the hottest (D2MoE's "+Budget": the most frequently used experts stay resident
+    across tokens): an exponentially decayed token count, coldest goes first.
 
-    heat <- heat * decay**(layers elapsed since last update) + tokens. The decay is applied
-    lazily per expert, so observing costs O(demands), not O(experts).
+    heat(now) = sum over past demands of tokens * decay**(now - then). Stored scaled by
+    decay**-now (one factor for all experts), so order needs no per-expert decay; the scale
+    is renormalised before it overflows.
     """
 
     name = "hottest"
 
     def __init__(self, half_life_layers: float = 256.0) -> None:
-        self.decay = 0.5 ** (1.0 / half_life_layers)
-        self.tick = 0
-        self.heat: dict[ExpertKey, tuple[float, int]] = {}  # key -> (heat, tick of update)
-
-    def _now(self, key: ExpertKey) -> float:
-        h, t = self.heat.get(key, (0.0, self.tick))
-        return h * self.decay ** (self.tick - t)
+        self.growth = 0.5 ** (-1.0 / half_life_layers)  # 1/decay per layer
+        self.scale = 1.0  # decay**-tick, renormalised
+        self.scores: defaultdict[ExpertKey, float] = defaultdict(float)  # heat * scale
 
     def observe(self, demands: Sequence[Demand]) -> None:
-        self.tick += 1
+        self.scale *= self.growth
+        if self.scale > 1e150:
+            for k in self.scores:
+                self.scores[k] /= self.scale
+            self.scale = 1.0
         for d in demands:
-            self.heat[d.key] = (self._now(d.key) + d.tokens, self.tick)
+            self.scores[d.key] += d.tokens * self.scale
 
-    def coldest_first(self, candidates: Iterable[ExpertKey]) -> list[ExpertKey]:
-        return sorted(candidates, key=lambda k: (self._now(k), k))
+    def heat_now(self, key: ExpertKey) -> float:
+        """The decayed token count itself (for reports and tests)."""
+        return self.scores.get(key, 0.0) / self.scale

@@ -9,15 +9,13 @@ a later job's load.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from d2moe.core.jobs import Demand, ExpertKey
 from d2moe.policies.registry import Registry
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):
     """One expert's work in a layer: resident at `have` bits, needed at `need` bits."""
 
     key: ExpertKey

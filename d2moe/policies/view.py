@@ -69,6 +69,11 @@ class ResidentView:
     def sizes(self) -> Sizes:
         return self._owner.sizes
 
+    @property
+    def version(self) -> int:
+        """Changes whenever the pool changes: equal versions mean an unchanged pool."""
+        return self._owner.version
+
 
 class ResidentSet:
     """Which experts are resident at how many bits, under a byte budget."""
@@ -79,6 +84,7 @@ class ResidentSet:
         self.bits: dict[ExpertKey, int] = {}
         self.used_bytes = 0
         self.peak_bytes = 0
+        self.version = 0  # bumped by every applied load or eviction
         self.view = ResidentView(self)
 
     def apply_evict(self, ev: Evict) -> int:
@@ -90,6 +96,7 @@ class ResidentSet:
             raise PlanError(f"{ev}: a plane drop needs a nested layout")
         freed = self.sizes.by_bits[have] - self.sizes.by_bits[ev.bits_to]
         self.used_bytes -= freed
+        self.version += 1
         if ev.bits_to:
             self.bits[ev.key] = ev.bits_to
         else:
@@ -108,6 +115,8 @@ class ResidentSet:
             raise PlanError(f"{ld} needs {nbytes} B but only "
                             f"{self.budget_bytes - self.used_bytes} B of the budget is free")
         self.used_bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        self.version += 1
+        if self.used_bytes > self.peak_bytes:
+            self.peak_bytes = self.used_bytes
         self.bits[ld.key] = ld.bits_to
         return nbytes

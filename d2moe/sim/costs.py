@@ -6,6 +6,7 @@ from collections import OrderedDict
 from typing import Any
 
 from d2moe.core.jobs import ExpertKey, Load, Run
+from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
 from d2moe.policies.view import Sizes
 
@@ -13,8 +14,8 @@ from d2moe.policies.view import Sizes
 class ProfileCosts:
     """Load and run durations for one (model, layout, profile): the `Costs` policies see."""
 
-    def __init__(self, profile: Any, spec: ModelSpec, sizes: Sizes) -> None:
-        self.profile, self.spec, self.sizes = profile, spec, sizes
+    def __init__(self, profile: Any, spec: ModelSpec, sizes: Sizes, layout: QuantLayout) -> None:
+        self.profile, self.spec, self.sizes, self.layout = profile, spec, sizes, layout
         self._load: dict[tuple[int, str], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}
@@ -33,7 +34,7 @@ class ProfileCosts:
         k = (bits, tokens)
         us = self._run.get(k)
         if us is None:
-            us = self._run[k] = float(self.profile.run_us(self.spec, bits, tokens))
+            us = self._run[k] = float(self.profile.run_us(self.spec, bits, tokens, self.layout))
         return us
 
     def run_us_of(self, run: Run) -> float:

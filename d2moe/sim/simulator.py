@@ -63,20 +63,23 @@ def simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Time
     max_bits = max((d.bits for s in steps for ds in s.layers for d in ds), default=setup.layout.b1)
     check_budget(setup, max_bits)
     sizes = Sizes.of(setup.spec, setup.layout)
-    costs = ProfileCosts(setup.profile, setup.spec, sizes)
+    costs = ProfileCosts(setup.profile, setup.spec, sizes, setup.layout)
     pool = ResidentSet(sizes, setup.budget_bytes)
     host = HostCache(setup.host_cache_bytes, sizes)
     events: list[Event] = []
     policy.reset()
 
     def load_us(ld: Load, nbytes: int) -> float:
+        if host.capacity_bytes <= 0:
+            return costs.bytes_us(nbytes)
         return costs.bytes_us(nbytes, host.tier_for(ld))
 
     run_us = costs.run_us_of
     if setup.engine == "fast":
         t = 0.0
+        ctx = LayerCtx(0, 0, pool, events, load_us, run_us)
         for s, step in enumerate(steps):
-            t = _step_fast(s, step, t, policy, pool, costs, events, load_us, run_us)
+            t = _step_fast(s, step, t, policy, ctx, costs)
     else:
         import simpy
 
@@ -90,17 +93,20 @@ def simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Time
     return Timeline(events, meta)
 
 
-def _step_fast(s: int, step: StepWork, t: float, policy: Policy, pool: ResidentSet,
-               costs: ProfileCosts, events: list[Event], load_us: Any, run_us: Any) -> float:
+def _step_fast(s: int, step: StepWork, t: float, policy: Policy, ctx: LayerCtx,
+               costs: ProfileCosts) -> float:
     t_step = t
     ne = costs.non_expert_us(step.tokens)
+    events, view = ctx.events, ctx.pool.view
+    ctx.step = s
     for layer, demands in enumerate(step.layers):
         events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0, t,
                             t + ne))
         t += ne
         if demands:
-            plan = policy.plan(layer, demands, pool.view, costs)
-            t = execute_fast(LayerCtx(s, layer, pool, events, load_us, run_us), plan, t)
+            plan = policy.plan(layer, demands, view, costs)
+            ctx.layer = layer
+            t = execute_fast(ctx, plan, t)
     events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
     return t
 

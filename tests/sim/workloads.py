@@ -28,7 +28,7 @@ class LinearProfile:
     def load_us(self, nbytes: int, tier: str = "disk") -> float:
         return self.latency_us + nbytes / self.read_Bpus
 
-    def run_us(self, spec: ModelSpec, bits: int, tokens: int) -> float:
+    def run_us(self, spec: ModelSpec, bits: int, tokens: int, layout: object = None) -> float:
         return self.run_base_us + self.run_us_per_token_bit * tokens * bits
 
     def non_expert_us(self, spec: ModelSpec, tokens: int) -> float:

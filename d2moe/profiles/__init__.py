@@ -1,0 +1,5 @@
+"""Hardware profiles: schema, strict YAML loading and the cost model the simulator calls."""
+
+from d2moe.profiles.schema import Profile, load_profile, save_profile, shipped_profiles
+
+__all__ = ["Profile", "load_profile", "save_profile", "shipped_profiles"]

@@ -1,0 +1,480 @@
+"""Hardware profiles: a strict YAML schema (units in the key names) and the cost model API.
+
+Load model (`Profile.load_us`): a request streams disk -> [host RAM ->] device, paying each
+hop's fixed latency once and the path's slowest bandwidth: t = sum(latency_us) + bytes / min(BW).
+A discrete GPU's path is disk + link (PCIe); a unified-memory device (Jetson) reads straight
+into the shared memory (no link). Tier "host" (an expert cached in host RAM) pays the link only.
+
+Expert run (`Profile.run_us`), roofline form:
+  launch_us + max(expert_bytes(bits) / mem_GBps, 2 * tokens * params / peak_TFLOPs)
+            + dequant_ns_per_Mweight_bit * params/1e6 * bits / 1e3      (0 at 16 bits: dense)
+or a measured table over (shape, bits, tokens), interpolated linearly, extrapolation recorded
+in `Profile.extrapolations`.
+Non-expert part of a layer (`Profile.non_expert_us`): layer_overhead_us + roofline over the
+spec's non-expert weights (at dtype_bytes) and flops, or a measured table over tokens.
+Every cost is memoized per profile: a cached call is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+from d2moe.core.fileio import atomic_write, check_keys, read_yaml
+from d2moe.core.sizes import DENSE_BITS, QuantLayout, expert_bytes, parse_bytes
+from d2moe.core.spec import ModelSpec
+from d2moe.profiles.cost import Table1D, Table2D, dequant_us, roofline_us, transfer_us
+
+PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory_bytes",
+                "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert")
+_REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
+             "expert", "non_expert")
+_DEFAULT_LAYOUT = QuantLayout()
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the figures come from: `measured` (device, date, command) or `estimated` (basis)."""
+
+    kind: str
+    device: str = ""
+    date: str = ""
+    command: str = ""
+    basis: tuple[tuple[str, str], ...] = ()  # (figure, spec-sheet value it comes from)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One hop of the load path: sustained read bandwidth and fixed per-request latency."""
+
+    read_GBps: float
+    latency_us: float
+
+
+@dataclass(frozen=True)
+class ExpertRoofline:
+    """Expert run cost from the device's memory bandwidth and tensor throughput."""
+
+    mem_GBps: float
+    peak_TFLOPs: float
+    dequant_ns_per_Mweight_bit: float
+    launch_us: float
+
+
+@dataclass(frozen=True)
+class ExpertRow:
+    """A measured expert run: `shape` is the spec name or its w1 shape 'FFNxHIDDEN'."""
+
+    shape: str
+    bits: int
+    tokens: int
+    latency_us: float
+
+
+@dataclass(frozen=True)
+class ExpertTable:
+    """Measured expert runs, interpolated over (bits, tokens) per shape."""
+
+    rows: tuple[ExpertRow, ...]
+
+
+@dataclass(frozen=True)
+class NonExpertRoofline:
+    """Per-layer attention/norm/router cost from bandwidth, throughput and fixed overhead."""
+
+    mem_GBps: float
+    peak_TFLOPs: float
+    layer_overhead_us: float
+
+
+@dataclass(frozen=True)
+class NonExpertRow:
+    """A measured non-expert layer time for one model spec at `tokens` tokens."""
+
+    model: str
+    tokens: int
+    latency_us: float
+
+
+@dataclass(frozen=True)
+class NonExpertTable:
+    """Measured non-expert layer times, interpolated over tokens per model."""
+
+    rows: tuple[NonExpertRow, ...]
+
+
+class _Memo:
+    """Mutable caches behind a frozen Profile (keys use id(); `keep` holds those objects alive)."""
+
+    def __init__(self) -> None:
+        self.load: dict[tuple[int, str], float] = {}
+        self.run: dict[tuple[int, int, int, int], float] = {}
+        self.non_expert: dict[tuple[int, int], float] = {}
+        self.tables: dict[tuple[str, int], Any] = {}
+        self.keep: dict[int, Any] = {}
+        self.extrapolations: list[tuple[str, str, int, int]] = []
+
+
+def expert_shape_key(spec: ModelSpec) -> str:
+    """The table key of a spec's expert: its w1 shape 'FFNxHIDDEN' (w3 equal, w2 transposed)."""
+    return f"{spec.ffn}x{spec.hidden}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """A device's storage path, memory and compute costs. Costs in microseconds."""
+
+    name: str
+    source: Source
+    disk: Link
+    link: Link | None  # host -> device interconnect; None on unified memory
+    unified_memory: bool
+    device_memory_bytes: int
+    host_memory_bytes: int = 0  # 0: no host RAM tier for experts
+    io_lanes: int = 1
+    shared_bandwidth: bool = True  # concurrent io lanes split the path's bandwidth
+    expert: ExpertRoofline | ExpertTable
+    non_expert: NonExpertRoofline | NonExpertTable
+    _memo: _Memo = field(default_factory=_Memo, init=False, compare=False, repr=False)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """Storage tiers an expert can be loaded from."""
+        return ("disk", "host") if self.host_memory_bytes > 0 else ("disk",)
+
+    @property
+    def extrapolations(self) -> tuple[tuple[str, str, int, int], ...]:
+        """Distinct table queries outside the measured range: (kind, model, bits, tokens)."""
+        return tuple(self._memo.extrapolations)
+
+    def load_us(self, nbytes: int, tier: str = "disk") -> float:
+        """Time to move `nbytes` from `tier` into device memory (one request)."""
+        key = (nbytes, tier)
+        cached = self._memo.load.get(key)
+        if cached is None:
+            cached = self._memo.load[key] = transfer_us(nbytes, self._hops(tier))
+        return cached
+
+    def _hops(self, tier: str) -> list[tuple[float, float]]:
+        if tier not in self.tiers:
+            raise UserError(f"no storage tier {tier!r} (this profile has {', '.join(self.tiers)})",
+                            path=self.name, field="tier", fix="load from disk, or add "
+                            "host_memory_bytes to a discrete-GPU profile")
+        link = [(self.link.read_GBps, self.link.latency_us)] if self.link is not None else []
+        if tier == "host":
+            return link
+        return [(self.disk.read_GBps, self.disk.latency_us), *link]
+
+    def run_us(self, spec: ModelSpec, bits: int, tokens: int,
+               layout: QuantLayout = _DEFAULT_LAYOUT) -> float:
+        """Time to run one expert of `spec` at `bits` over `tokens` tokens."""
+        key = (id(spec), id(layout), bits, tokens)
+        cached = self._memo.run.get(key)
+        if cached is None:
+            self._memo.keep[id(spec)], self._memo.keep[id(layout)] = spec, layout
+            cached = self._memo.run[key] = self._run_us(spec, bits, tokens, layout)
+        return cached
+
+    def _run_us(self, spec: ModelSpec, bits: int, tokens: int, layout: QuantLayout) -> float:
+        if tokens <= 0:
+            return 0.0
+        if not 1 <= bits <= DENSE_BITS:
+            raise UserError(f"cannot run an expert at {bits} bits", path=self.name, field="bits",
+                            fix=f"ask for 1..{DENSE_BITS} bits")
+        cost = self.expert
+        if isinstance(cost, ExpertRoofline):
+            weights = spec.expert_params
+            dq = 0.0 if bits >= DENSE_BITS else dequant_us(weights, bits,
+                                                           cost.dequant_ns_per_Mweight_bit)
+            return cost.launch_us + dq + roofline_us(expert_bytes(spec, bits, layout),
+                                                     spec.expert_flops(tokens), cost.mem_GBps,
+                                                     cost.peak_TFLOPs)
+        table = self._table("expert", spec)
+        value, extrapolated = table(bits, tokens)
+        if extrapolated:
+            self._memo.extrapolations.append(("expert", spec.name, bits, tokens))
+        return value
+
+    def non_expert_us(self, spec: ModelSpec, tokens: int) -> float:
+        """Time of one MoE layer's non-expert part (attention, norms, router) over `tokens`."""
+        key = (id(spec), tokens)
+        cached = self._memo.non_expert.get(key)
+        if cached is None:
+            self._memo.keep[id(spec)] = spec
+            cached = self._memo.non_expert[key] = self._non_expert_us(spec, tokens)
+        return cached
+
+    def _non_expert_us(self, spec: ModelSpec, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        cost = self.non_expert
+        if isinstance(cost, NonExpertRoofline):
+            # attention KV-cache traffic and sequence-length terms are left out (documented)
+            return cost.layer_overhead_us + roofline_us(
+                spec.layer_params * spec.dtype_bytes, spec.layer_flops(tokens), cost.mem_GBps,
+                cost.peak_TFLOPs)
+        value, extrapolated = self._table("non_expert", spec)(tokens)
+        if extrapolated:
+            self._memo.extrapolations.append(("non_expert", spec.name, 0, tokens))
+        return value
+
+    def _table(self, kind: str, spec: ModelSpec) -> Any:
+        key = (kind, id(spec))
+        table = self._memo.tables.get(key)
+        if table is not None:
+            return table
+        if kind == "expert":
+            assert isinstance(self.expert, ExpertTable)
+            names = (spec.name, expert_shape_key(spec))
+            rows = [r for r in self.expert.rows if r.shape in names]
+            table = Table2D([(r.bits, r.tokens, r.latency_us) for r in rows]) if rows else None
+            wanted = f"shape {names[0]!r} or {names[1]!r}"
+        else:
+            assert isinstance(self.non_expert, NonExpertTable)
+            rows = [r for r in self.non_expert.rows if r.model == spec.name]
+            table = Table1D([(r.tokens, r.latency_us) for r in rows]) if rows else None
+            wanted = f"model {spec.name!r}"
+        if table is None:
+            raise UserError(f"the measured {kind} table has no rows for {wanted}",
+                            path=self.name, field=f"{kind}.table",
+                            fix=f"measure this model on the device, or use a roofline {kind} cost")
+        self._memo.keep[id(spec)] = spec
+        self._memo.tables[key] = table
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML mapping `load_profile` reads back to an equal Profile."""
+        src: dict[str, Any] = {"kind": self.source.kind}
+        if self.source.kind == "measured":
+            src.update(device=self.source.device, date=self.source.date,
+                       command=self.source.command)
+        else:
+            src["basis"] = dict(self.source.basis)
+        out: dict[str, Any] = {
+            "name": self.name, "source": src,
+            "disk": {"read_GBps": self.disk.read_GBps, "latency_us": self.disk.latency_us},
+            "link": None if self.link is None else {"read_GBps": self.link.read_GBps,
+                                                    "latency_us": self.link.latency_us},
+            "unified_memory": self.unified_memory,
+            "device_memory_bytes": self.device_memory_bytes,
+        }
+        if self.host_memory_bytes:
+            out["host_memory_bytes"] = self.host_memory_bytes
+        out.update(io_lanes=self.io_lanes, shared_bandwidth=self.shared_bandwidth)
+        e, n = self.expert, self.non_expert
+        out["expert"] = ({"roofline": _fields(e)} if isinstance(e, ExpertRoofline)
+                         else {"table": [_fields(r) for r in e.rows]})
+        out["non_expert"] = ({"roofline": _fields(n)} if isinstance(n, NonExpertRoofline)
+                             else {"table": [_fields(r) for r in n.rows]})
+        return out
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+class _Reader:
+    """Typed getters that raise UserError naming the file and the dotted field."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, where: str, message: str, fix: str) -> UserError:
+        return UserError(message, path=self.path, field=where, fix=fix)
+
+    def number(self, d: dict[str, Any], key: str, where: str, *, positive: bool) -> float:
+        v, at = d.get(key), _at(where, key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise self.fail(at, f"must be a number, got {v!r}", "write a plain number")
+        if (v <= 0) if positive else (v < 0):
+            raise self.fail(at, f"must be {'> 0' if positive else '>= 0'}, got {v!r}",
+                            "write a positive value" if positive else "write 0 or more")
+        return float(v)
+
+    def integer(self, d: dict[str, Any], key: str, where: str, *, low: int) -> int:
+        v, at = d.get(key), _at(where, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise self.fail(at, f"must be an integer >= {low}, got {v!r}", "write a whole number")
+        return v
+
+    def size(self, d: dict[str, Any], key: str, where: str, *, low: int) -> int:
+        v, at = d.get(key), _at(where, key)
+        n = v if isinstance(v, int) and not isinstance(v, bool) else None
+        if isinstance(v, str):
+            n = parse_bytes(v, field=at)
+        if n is None or n < low:
+            raise self.fail(at, f"must be a byte count >= {low}, got {v!r}",
+                            "write bytes, e.g. 6442450944 or 6GiB")
+        return n
+
+    def flag(self, d: dict[str, Any], key: str, where: str) -> bool:
+        v = d.get(key)
+        if not isinstance(v, bool):
+            raise self.fail(_at(where, key), f"must be true or false, got {v!r}",
+                            "write true or false")
+        return v
+
+    def text(self, d: dict[str, Any], key: str, where: str) -> str:
+        v = d.get(key)
+        if isinstance(v, datetime.date):
+            return v.isoformat()
+        if not isinstance(v, str) or not v.strip():
+            raise self.fail(_at(where, key), f"must be non-empty text, got {v!r}", "write text")
+        return v
+
+    def keys(self, d: Any, allowed: tuple[str, ...], where: str,
+             required: tuple[str, ...] | None = None) -> dict[str, Any]:
+        return check_keys(d, set(allowed), path=self.path, where=where,
+                          required=allowed if required is None else required)
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def profile_from_dict(data: Any, *, path: str) -> Profile:
+    """Validate a parsed profile mapping strictly and build the Profile."""
+    r = _Reader(path)
+    d = r.keys(data, PROFILE_KEYS, "", _REQUIRED)
+    src = r.keys(d["source"], ("kind", "device", "date", "command", "basis"), "source", ("kind",))
+    if src["kind"] == "measured":
+        r.keys(src, ("kind", "device", "date", "command"), "source")
+        source = Source("measured", r.text(src, "device", "source"),
+                        r.text(src, "date", "source"), r.text(src, "command", "source"))
+    elif src["kind"] == "estimated":
+        r.keys(src, ("kind", "basis"), "source")
+        basis = src["basis"]
+        if not isinstance(basis, dict) or not basis:
+            raise r.fail("source.basis", "must be a non-empty mapping of figure: spec-sheet text",
+                         "list each figure with the spec-sheet value it comes from")
+        source = Source("estimated", basis=tuple(
+            (str(k), r.text(basis, k, "source.basis")) for k in basis))
+    else:
+        raise r.fail("source.kind", f"must be measured or estimated, got {src['kind']!r}",
+                     "write kind: measured (with device, date, command) or kind: estimated "
+                     "(with basis)")
+    disk = _link(r, d["disk"], "disk")
+    unified = r.flag(d, "unified_memory", "")
+    link = None if d["link"] is None else _link(r, d["link"], "link")
+    if unified != (link is None):
+        raise r.fail("link", "must be null exactly when unified_memory is true",
+                     "a discrete GPU needs link: {read_GBps, latency_us}; unified memory has "
+                     "link: null")
+    host = 0 if d.get("host_memory_bytes") is None else r.size(d, "host_memory_bytes", "", low=1)
+    if unified and host:
+        raise r.fail("host_memory_bytes", "a unified-memory device has no separate host tier",
+                     "remove host_memory_bytes; count the shared memory in device_memory_bytes")
+    lanes = r.integer(d, "io_lanes", "", low=1) if "io_lanes" in d else 1
+    shared = r.flag(d, "shared_bandwidth", "") if "shared_bandwidth" in d else True
+    return Profile(name=r.text(d, "name", ""), source=source, disk=disk, link=link,
+                   unified_memory=unified,
+                   device_memory_bytes=r.size(d, "device_memory_bytes", "", low=1),
+                   host_memory_bytes=host, io_lanes=lanes, shared_bandwidth=shared,
+                   expert=_expert(r, d["expert"]), non_expert=_non_expert(r, d["non_expert"]))
+
+
+def _link(r: _Reader, data: Any, where: str) -> Link:
+    d = r.keys(data, ("read_GBps", "latency_us"), where)
+    return Link(r.number(d, "read_GBps", where, positive=True),
+                r.number(d, "latency_us", where, positive=False))
+
+
+def _one_of(r: _Reader, data: Any, where: str) -> tuple[str, Any]:
+    d = r.keys(data, ("roofline", "table"), where, ())
+    if len(d) != 1:
+        raise r.fail(where, "needs exactly one of roofline or table",
+                     "keep either the roofline figures or the measured table")
+    (kind, body), = d.items()
+    return kind, body
+
+
+def _rows(r: _Reader, body: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(body, list) or not body:
+        raise r.fail(where, "must be a non-empty list of rows", "add measured rows")
+    return [(f"{where}[{i}]", row) for i, row in enumerate(body)]
+
+
+def _expert(r: _Reader, data: Any) -> ExpertRoofline | ExpertTable:
+    kind, body = _one_of(r, data, "expert")
+    if kind == "roofline":
+        w = "expert.roofline"
+        d = r.keys(body, ("mem_GBps", "peak_TFLOPs", "dequant_ns_per_Mweight_bit", "launch_us"), w)
+        return ExpertRoofline(r.number(d, "mem_GBps", w, positive=True),
+                              r.number(d, "peak_TFLOPs", w, positive=True),
+                              r.number(d, "dequant_ns_per_Mweight_bit", w, positive=False),
+                              r.number(d, "launch_us", w, positive=False))
+    rows, seen = [], set()
+    for w, raw in _rows(r, body, "expert.table"):
+        d = r.keys(raw, ("shape", "bits", "tokens", "latency_us"), w)
+        row = ExpertRow(r.text(d, "shape", w), r.integer(d, "bits", w, low=1),
+                        r.integer(d, "tokens", w, low=1),
+                        r.number(d, "latency_us", w, positive=False))
+        if row.bits > DENSE_BITS:
+            raise r.fail(f"{w}.bits", f"must be <= {DENSE_BITS}, got {row.bits}",
+                         "write the bit-width the run used")
+        if (row.shape, row.bits, row.tokens) in seen:
+            raise r.fail(w, "repeats an earlier row's shape, bits and tokens",
+                         "keep one measurement per point (e.g. the median)")
+        seen.add((row.shape, row.bits, row.tokens))
+        rows.append(row)
+    return ExpertTable(tuple(rows))
+
+
+def _non_expert(r: _Reader, data: Any) -> NonExpertRoofline | NonExpertTable:
+    kind, body = _one_of(r, data, "non_expert")
+    if kind == "roofline":
+        w = "non_expert.roofline"
+        d = r.keys(body, ("mem_GBps", "peak_TFLOPs", "layer_overhead_us"), w)
+        return NonExpertRoofline(r.number(d, "mem_GBps", w, positive=True),
+                                 r.number(d, "peak_TFLOPs", w, positive=True),
+                                 r.number(d, "layer_overhead_us", w, positive=False))
+    rows, seen = [], set()
+    for w, raw in _rows(r, body, "non_expert.table"):
+        d = r.keys(raw, ("model", "tokens", "latency_us"), w)
+        row = NonExpertRow(r.text(d, "model", w), r.integer(d, "tokens", w, low=1),
+                           r.number(d, "latency_us", w, positive=False))
+        if (row.model, row.tokens) in seen:
+            raise r.fail(w, "repeats an earlier row's model and tokens",
+                         "keep one measurement per point")
+        seen.add((row.model, row.tokens))
+        rows.append(row)
+    return NonExpertTable(tuple(rows))
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def shipped_profiles() -> tuple[str, ...]:
+    """Names `load_profile` accepts besides a path."""
+    root = resources.files("d2moe.profiles")
+    return tuple(sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")))
+
+
+def load_profile(ref: str | Path) -> Profile:
+    """A shipped profile name (`rtx3060-laptop`, `jetson-agx-orin`) or a profile YAML path."""
+    ref_s = str(ref)
+    if ref_s in shipped_profiles():
+        import yaml
+
+        text = resources.files("d2moe.profiles").joinpath(f"{ref_s}.yaml").read_text()
+        return profile_from_dict(yaml.safe_load(text), path=f"<shipped profile {ref_s}>")
+    if not Path(ref_s).is_file():
+        raise UserError(f"not a shipped profile ({', '.join(shipped_profiles())}) nor an "
+                        f"existing file", path=ref_s,
+                        fix="name a shipped profile or a profile YAML")
+    return profile_from_dict(read_yaml(ref_s), path=ref_s)
+
+
+def save_profile(path: str | Path, profile: Profile) -> None:
+    """Write `profile` as YAML, atomically."""
+    import yaml
+
+    with atomic_write(Path(path), "w") as f:
+        f.write(f"# d2moe hardware profile ({profile.source.kind}); units in the key names\n")
+        yaml.safe_dump(profile.to_dict(), f, sort_keys=False, default_flow_style=False)

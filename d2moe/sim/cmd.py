@@ -1,0 +1,179 @@
+"""`d2moe simulate`: replay a trace through policies on a profile; write events, metrics, plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.errors import UserError
+from d2moe.core.events import Timeline, save_timeline
+from d2moe.core.fileio import atomic_write
+from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.core.spec import load_spec
+
+
+@dataclass(frozen=True)
+class SimulateConfig:
+    """Options of `d2moe simulate` (the CLI is built from these fields)."""
+
+    model_spec: str = field(default="mixtral-8x7b", metadata={
+        "help": "shipped spec (mixtral-8x7b, llama-moe-3.5b, qwen1.5-moe-a2.7b, olmoe-1b-7b, "
+                "deepseek-v2-lite, tiny), a spec YAML or an HF config.json", "metavar": "SPEC"})
+    profile: str = field(default="rtx3060-laptop", metadata={
+        "help": "shipped profile (rtx3060-laptop, jetson-agx-orin) or a profile YAML",
+        "metavar": "PROFILE"})
+    trace: str = field(default="", metadata={
+        "help": "trace .npz from `d2moe trace synth|record`; empty: a synthetic trace of the "
+                "spec with the generator's defaults", "metavar": "FILE"})
+    policy: str = field(default="fifo,hebf", metadata={
+        "help": "policy name(s), comma-separated (see `d2moe simulate --list`)",
+        "metavar": "P1,P2"})
+    budget: str = field(default="50%", metadata={
+        "help": "expert memory budget: bytes (6GiB, 512MB), a percentage (40%%) or a fraction "
+                "(0.4) of all experts at the highest bits the trace asks for"})
+    bits: int = field(default=4, metadata={"help": "bit-width where the trace has none"})
+    layout: str = field(default="mwq", metadata={
+        "help": "expert storage: mwq (nested planes), bitplane (nested), copies (one copy per "
+                "bit-width: Matryoshka-Free), dense (fp16)"})
+    b1: int = field(default=2, metadata={"help": "lowest stored bit-width"})
+    bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
+    group: int = field(default=64, metadata={"help": "quantization group size (weights)"})
+    host_cache: str = field(default="0", metadata={
+        "help": "host-RAM tier for experts read once from disk (bytes; 0: none)"})
+    engine: str = field(default="fast", metadata={
+        "help": "fast (exact recurrence) or simpy (the SimPy process model); same events"})
+    steps: int = field(default=0, metadata={"help": "simulate only the first N steps (0: all)"})
+    plot_steps: int = field(default=2, metadata={
+        "help": "steps shown in the bubble timeline, from the first decode step (0: all)"})
+    out: str = field(default="out/simulate", metadata={"help": "output directory"})
+
+    @property
+    def quant_layout(self) -> QuantLayout:
+        return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
+
+
+def register(subparsers: Any) -> None:
+    """Add the `simulate` verb."""
+    from d2moe.policies import POLICIES
+
+    p = subparsers.add_parser(
+        "simulate", help="simulate scheduling policies on a trace and a hardware profile",
+        description="Replay a routing trace through one or more policies on a hardware "
+                    "profile under a memory budget. Prints a metrics table and writes "
+                    "events-POLICY.npz, metrics.json, bubbles.png, resident.png and "
+                    "chrome.json (open in ui.perfetto.dev) to --out.",
+        epilog="policies: " + POLICIES.describe())
+    add_fields(p, SimulateConfig)
+    p.add_argument("--list", action="store_true", help="list the policies and exit")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.list:
+        from d2moe.policies import POLICIES
+
+        for name in POLICIES.names():
+            print(f"{name:10s} {POLICIES.doc(name)}")
+        return 0
+    cfg = from_args(SimulateConfig, args)
+    result = run_simulations(cfg)
+    print(result["table"])
+    print(f"wrote {', '.join(result['files'])}")
+    return 0
+
+
+def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
+    """Simulate every policy of `cfg` on one trace; write the outputs; return table and files."""
+    from d2moe.analysis import (
+        compute_metrics,
+        export_chrome,
+        format_table,
+        metrics_row,
+        plot_bubbles,
+        plot_resident,
+    )
+    from d2moe.policies import make_policy
+    from d2moe.profiles import load_profile
+    from d2moe.sim.simulator import SimSetup, simulate
+    from d2moe.sim.workload import budget_bytes, max_bits, steps_from_trace
+    from d2moe.traces import load_trace, synth_trace
+    from d2moe.traces.synth import SynthConfig
+
+    spec = load_spec(cfg.model_spec)
+    profile = load_profile(cfg.profile)
+    layout = cfg.quant_layout
+    names = [n.strip() for n in cfg.policy.split(",") if n.strip()]
+    if not names:
+        raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
+    policies = [make_policy(n) for n in names]  # unknown names fail before any work
+    if cfg.trace:
+        trace = load_trace(cfg.trace)
+        trace.check_spec(spec)
+        trace_name = cfg.trace
+    else:
+        trace = synth_trace(spec, SynthConfig())
+        trace_name = f"synth({spec.name}, defaults)"
+    steps = steps_from_trace(trace, cfg.bits, cfg.steps)
+    top = max_bits(steps, cfg.bits)
+    budget = budget_bytes(cfg.budget, spec, layout, top)
+    host = budget_bytes(cfg.host_cache, spec, layout, top) if cfg.host_cache != "0" else 0
+    setup = SimSetup(spec, profile, layout, budget, host_cache_bytes=host, engine=cfg.engine,
+                     meta={"trace": trace_name, "budget": cfg.budget})
+    out = Path(cfg.out)
+    timelines: list[Timeline] = []
+    rows = []
+    files = []
+    for policy in policies:
+        t0 = time.perf_counter()
+        tl = simulate(setup, steps, policy)
+        wall = time.perf_counter() - t0
+        tl.meta["sim_wall_s"] = wall
+        timelines.append(tl)
+        path = out / f"events-{policy.name}.npz"
+        save_timeline(path, tl)
+        files.append(str(path))
+        m = compute_metrics(tl)
+        rows.append((policy.name, m, metrics_row(policy.name, m)))
+    table = format_table([r[2] for r in rows])
+    resident = budget + spec.non_expert_bytes
+    if resident > profile.device_memory_bytes:
+        table += (f"\nnote: budget + non-expert weights ({fmt_bytes(resident)}) exceed the "
+                  f"profile's device memory ({fmt_bytes(profile.device_memory_bytes)})")
+    header = (f"{spec.name} on {profile.name} ({profile.source.kind}), {trace_name}: "
+              f"{len(steps)} steps\nbudget {cfg.budget} = {fmt_bytes(budget)}, "
+              f"layout {layout.kind} {layout.b1}..{layout.bK} bits, default {cfg.bits} bits, "
+              f"simulated")
+    metrics = {"config": asdict(cfg), "budget_bytes": budget, "model": spec.name,
+               "profile": profile.name, "profile_source": profile.source.kind,
+               "policies": {name: m.as_dict() for name, m, _ in rows}}
+    with atomic_write(out / "metrics.json") as f:
+        json.dump(metrics, f, indent=1, default=float)
+    files.append(str(out / "metrics.json"))
+    window = _window(timelines, cfg.plot_steps)
+    files.append(str(plot_bubbles(timelines, out / "bubbles.png", labels=names, window=window,
+                                  title=f"{header}")))
+    files.append(str(plot_resident(timelines, out / "resident.png", labels=names,
+                                   budget_bytes=budget, title=f"resident expert bytes: {header}")))
+    files.append(str(export_chrome(timelines, out / "chrome.json", labels=names)))
+    return {"table": header + "\n" + table, "files": files, "timelines": timelines,
+            "metrics": {name: m for name, m, _ in rows}}
+
+
+def _window(timelines: list[Timeline], n_steps: int) -> tuple[float, float] | None:
+    """From the first decode step's start to the end of the n-th step after it (all runs)."""
+    if n_steps <= 0:
+        return None
+    lo, hi = float("inf"), float("-inf")
+    for tl in timelines:
+        steps = sorted((e.step, e.start_us, e.end_us) for e in tl.events if e.lane == "step")
+        first = next((i for i, e in enumerate(tl.events) if e.kind == "decode"), None)
+        s0 = tl.events[first].step if first is not None else 0
+        chosen = [s for s in steps if s0 <= s[0] < s0 + n_steps]
+        if chosen:
+            lo, hi = min(lo, chosen[0][1]), max(hi, chosen[-1][2])
+    return (lo, hi) if hi > lo else None

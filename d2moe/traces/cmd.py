@@ -1,0 +1,115 @@
+"""`d2moe trace synth` and `d2moe trace info`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+
+from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.spec import load_spec
+from d2moe.traces.schema import DECODE, PREFILL, Trace, load_trace, save_trace
+from d2moe.traces.synth import SynthConfig, synth_trace
+
+
+def register(subparsers: Any) -> None:
+    """Add the `trace` verb with its `synth` and `info` actions."""
+    parser = subparsers.add_parser("trace", help="synthesize or inspect workload traces",
+                                   description="Workload traces: per step and layer, each "
+                                               "token's top-k experts, router weights, bits.")
+    actions = parser.add_subparsers(dest="trace_action", metavar="ACTION")
+    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
+
+    synth = actions.add_parser("synth", help="write a synthetic trace",
+                               description="Write a synthetic trace (skewed, local, "
+                                           "cross-layer-correlated routing; capacity-bound bits).")
+    synth.add_argument("--model-spec", default="mixtral-8x7b", metavar="NAME|PATH",
+                       help="shipped spec name, spec YAML or HF config.json "
+                            "(default: mixtral-8x7b)")
+    add_fields(synth, SynthConfig)
+    synth.add_argument("--out", default="trace.npz", metavar="FILE.npz",
+                       help="where to write the trace (default: trace.npz)")
+    synth.set_defaults(func=_synth)
+
+    info = actions.add_parser("info", help="summarize a trace",
+                              description="Print steps, tokens, phases, per-layer expert "
+                                          "popularity, step-to-step reuse and bits histogram.")
+    info.add_argument("file", metavar="FILE", help="a trace .npz")
+    info.set_defaults(func=_info)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    spec = load_spec(args.model_spec)
+    trace = synth_trace(spec, from_args(SynthConfig, args))
+    save_trace(args.out, trace)
+    print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
+          f"{spec.name} ({trace.layers} layers, top-{trace.top_k} of {trace.num_experts})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    print(format_info(load_trace(args.file)))
+    return 0
+
+
+def layer_counts(trace: Trace) -> np.ndarray:
+    """[layers, experts] token-slot counts: how often each expert was routed to."""
+    L, E = trace.layers, trace.num_experts
+    flat = trace.experts.astype(np.int64) + (np.arange(L) * E)[None, :, None]
+    return np.bincount(flat.ravel(), minlength=L * E).reshape(L, E)
+
+
+def reuse_rate(trace: Trace) -> float:
+    """Share of a step's (layer, expert) demands already demanded at the previous step.
+
+    Averaged over all steps after the first (NaN for a one-step trace): the fraction of
+    experts a one-step cache of the previous step would hit.
+    """
+    S, L, E = trace.num_steps, trace.layers, trace.num_experts
+    if S < 2:
+        return float("nan")
+    step_of = np.repeat(np.arange(S), np.diff(trace.step_offsets))
+    used = np.zeros((S, L, E), dtype=bool)
+    layer = np.broadcast_to(np.arange(L)[None, :, None], trace.experts.shape)
+    used[np.broadcast_to(step_of[:, None, None], trace.experts.shape), layer, trace.experts] = True
+    hits = (used[1:] & used[:-1]).sum()
+    return float(hits / used[1:].sum())
+
+
+def format_info(trace: Trace) -> str:
+    """The text `d2moe trace info` prints."""
+    phases = trace.phase_codes
+    tok = np.diff(trace.step_offsets)
+    lines = [
+        f"trace of {trace.spec_name}: {trace.layers} layers, {trace.num_experts} experts, "
+        f"top-{trace.top_k}",
+        f"steps: {trace.num_steps} ({int((phases == PREFILL).sum())} prefill, "
+        f"{int((phases == DECODE).sum())} decode)",
+        f"tokens: {trace.num_tokens} ({int(tok[phases == PREFILL].sum())} prefill, "
+        f"{int(tok[phases == DECODE].sum())} decode; per step min {tok.min()} max {tok.max()})",
+    ]
+    meta = {k: v for k, v in trace.meta.items() if k != "generator"}
+    if meta:
+        lines.append("meta: " + ", ".join(f"{k}={v}" for k, v in meta.items()))
+    if "generator" in trace.meta:
+        lines.append("generator: " + ", ".join(f"{k}={v}"
+                                               for k, v in trace.meta["generator"].items()))
+    counts = layer_counts(trace)
+    share = counts / counts.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.nansum(np.where(share > 0, share * np.log(share), 0.0), axis=1)
+    lines.append("expert popularity per layer (share of token-slots; effective experts = "
+                 "exp(entropy)):")
+    for layer in range(trace.layers):
+        top = np.argsort(-counts[layer], kind="stable")[:3]
+        tops = ", ".join(f"E{e} {share[layer, e]:.1%}" for e in top)
+        lines.append(f"  L{layer:<3d} top {tops}; effective {np.exp(entropy[layer]):.2f} of "
+                     f"{trace.num_experts}")
+    lines.append(f"reuse rate (step's experts also used by the previous step): "
+                 f"{reuse_rate(trace):.1%}")
+    values, freq = np.unique(trace.bits, return_counts=True)
+    hist = ", ".join(f"{'unknown' if v == 0 else f'{v} bits'}: {c / trace.bits.size:.1%}"
+                     for v, c in zip(values.tolist(), freq.tolist(), strict=True))
+    lines.append(f"bits: {hist}")
+    return "\n".join(lines)

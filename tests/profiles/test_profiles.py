@@ -1,0 +1,246 @@
+"""Hardware profiles: hand-computed costs, tables, validation, round trips, shipped files."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import expert_bytes
+from d2moe.core.spec import ModelSpec, load_spec
+from d2moe.profiles.schema import (
+    Profile,
+    load_profile,
+    profile_from_dict,
+    save_profile,
+    shipped_profiles,
+)
+
+# 1 layer of 2 experts; hidden 64, ffn 128: expert params 3 * 64 * 128 = 24576
+SPEC = ModelSpec(name="s", layers=1, experts=2, top_k=1, hidden=64, ffn=128, heads=1,
+                 kv_heads=1, vocab=8)
+
+
+def hand() -> dict[str, Any]:
+    return {
+        "name": "hand",
+        "source": {"kind": "measured", "device": "pencil", "date": "2025-01-01",
+                   "command": "by hand"},
+        "disk": {"read_GBps": 1.0, "latency_us": 100.0},
+        "link": {"read_GBps": 0.5, "latency_us": 10.0},
+        "unified_memory": False,
+        "device_memory_bytes": 1_000_000,
+        "host_memory_bytes": 2_000_000,
+        "io_lanes": 2,
+        "shared_bandwidth": False,
+        "expert": {"roofline": {"mem_GBps": 1.0, "peak_TFLOPs": 1.0,
+                                "dequant_ns_per_Mweight_bit": 100.0, "launch_us": 5.0}},
+        "non_expert": {"roofline": {"mem_GBps": 2.0, "peak_TFLOPs": 0.001,
+                                    "layer_overhead_us": 7.0}},
+    }
+
+
+def unified() -> dict[str, Any]:
+    d = hand()
+    d.update(link=None, unified_memory=True)
+    del d["host_memory_bytes"]
+    return d
+
+
+def table() -> dict[str, Any]:
+    d = hand()
+    d["expert"] = {"table": [
+        {"shape": "128x64", "bits": 2, "tokens": 1, "latency_us": 10.0},
+        {"shape": "128x64", "bits": 2, "tokens": 9, "latency_us": 50.0},
+        {"shape": "s", "bits": 4, "tokens": 1, "latency_us": 20.0},
+        {"shape": "s", "bits": 4, "tokens": 9, "latency_us": 60.0},
+        {"shape": "other", "bits": 4, "tokens": 9, "latency_us": 1e9},
+    ]}
+    d["non_expert"] = {"table": [{"model": "s", "tokens": 1, "latency_us": 5.0},
+                                 {"model": "s", "tokens": 11, "latency_us": 25.0}]}
+    return d
+
+
+def make(d: dict[str, Any]) -> Profile:
+    return profile_from_dict(d, path="hand.yaml")
+
+
+def test_load_us_by_hand() -> None:
+    p = make(hand())
+    # disk -> host -> PCIe: both latencies, slowest bandwidth 0.5 GB/s = 500 B/us
+    assert p.load_us(1_000_000) == pytest.approx(100 + 10 + 1_000_000 / 500)
+    assert p.load_us(1_000_000, "host") == pytest.approx(10 + 1_000_000 / 500)
+    assert p.load_us(0) == 0.0
+    q = make(unified())  # no link hop: disk latency + bytes at 1 GB/s
+    assert q.load_us(1_000_000) == pytest.approx(100 + 1_000)
+    assert q.tiers == ("disk",)
+    with pytest.raises(UserError, match="field 'tier'"):
+        q.load_us(10, "host")
+
+
+def test_run_us_roofline_by_hand() -> None:
+    p = make(hand())
+    # 4 bits, MWQ (b1=2, groups of 64, fp16 scales): each 8192-weight matrix holds
+    # base 2048 B codes + 128 groups * 2 * 2 B = 2560 B, plus 2 planes of 1024 + 128 * 2 = 1280 B
+    assert expert_bytes(SPEC, 4) == 3 * (2560 + 2 * 1280) == 15360
+    dequant = 100 * 24576 / 1e6 * 4 / 1e3  # ns per Mweight-bit -> us
+    # 1 token: memory-bound, 15360 B at 1e3 B/us
+    assert p.run_us(SPEC, 4, 1) == pytest.approx(5 + 15.36 + dequant)
+    # 1000 tokens: compute-bound, 2 * 1000 * 24576 flops at 1e6 flop/us
+    assert p.run_us(SPEC, 4, 1000) == pytest.approx(5 + 49.152 + dequant)
+    # 16 bits: dense fp16 weights, no dequantization
+    assert p.run_us(SPEC, 16, 1) == pytest.approx(5 + 24576 * 2 / 1e3)
+    assert p.run_us(SPEC, 4, 0) == 0.0
+    with pytest.raises(UserError, match="bits"):
+        p.run_us(SPEC, 17, 1)
+
+
+def test_non_expert_roofline_by_hand() -> None:
+    p = make(hand())
+    params = 64 * 64 * (2 + 2) + 2 * 64 + 64 * 2  # attention + 2 norms + router
+    assert SPEC.layer_params == params == 16640
+    # bytes 2 * 16640 at 2e3 B/us = 16.64 us; flops 2 * 16640 at 1e3 flop/us = 33.28 us
+    assert p.non_expert_us(SPEC, 1) == pytest.approx(7 + 33.28)
+
+
+def test_table_interpolation_and_extrapolation_flag() -> None:
+    p = make(table())
+    assert p.run_us(SPEC, 2, 5) == pytest.approx(30.0)  # middle of 10..50
+    assert p.run_us(SPEC, 3, 5) == pytest.approx(35.0)  # between 30 (2 bits) and 40 (4 bits)
+    assert p.run_us(SPEC, 4, 1) == pytest.approx(20.0)
+    assert p.extrapolations == ()
+    assert p.run_us(SPEC, 4, 17) == pytest.approx(100.0)  # 20 + 5 us/token * 16
+    assert p.run_us(SPEC, 4, 17) == pytest.approx(100.0)  # cached: recorded once
+    assert p.run_us(SPEC, 8, 1) == pytest.approx(40.0)  # 10 + 5 us/bit * 6
+    assert p.extrapolations == (("expert", "s", 4, 17), ("expert", "s", 8, 1))
+    assert p.non_expert_us(SPEC, 6) == pytest.approx(15.0)
+    assert p.non_expert_us(SPEC, 21) == pytest.approx(45.0)
+    assert p.extrapolations[-1] == ("non_expert", "s", 0, 21)
+    with pytest.raises(UserError, match="field 'expert.table'"):
+        p.run_us(load_spec("tiny"), 4, 1)
+
+
+def test_cached_calls_are_fast() -> None:
+    p, spec = load_profile("rtx3060-laptop"), load_spec("mixtral-8x7b")
+    p.run_us(spec, 4, 1), p.load_us(123456), p.non_expert_us(spec, 1)
+    n = 50_000
+    start = time.perf_counter()
+    for _ in range(n):
+        p.run_us(spec, 4, 1)
+        p.load_us(123456)
+        p.non_expert_us(spec, 1)
+    per_call_us = (time.perf_counter() - start) / (3 * n) * 1e6
+    assert per_call_us < 1.0, per_call_us
+
+
+@pytest.mark.parametrize("build", [hand, unified, table])
+def test_round_trip(build: Any, tmp_path: Path) -> None:
+    p = make(build())
+    assert make(p.to_dict()) == p
+    save_profile(tmp_path / "p.yaml", p)
+    assert load_profile(tmp_path / "p.yaml") == p
+
+
+@pytest.mark.parametrize("name", ["rtx3060-laptop", "jetson-agx-orin"])
+def test_shipped(name: str, tmp_path: Path) -> None:
+    assert name in shipped_profiles()
+    p = load_profile(name)
+    assert p.name == name and p.source.kind == "estimated" and len(p.source.basis) >= 5
+    spec = load_spec("mixtral-8x7b")
+    # decode (1 token) is memory-bound: more bits, more time; prefill costs more than decode
+    assert p.run_us(spec, 2, 1) < p.run_us(spec, 4, 1) < p.run_us(spec, 8, 1)
+    assert p.run_us(spec, 4, 512) > p.run_us(spec, 4, 1)
+    assert p.load_us(expert_bytes(spec, 4)) > 10 * p.run_us(spec, 4, 1)  # I/O dominates
+    save_profile(tmp_path / "p.yaml", p)
+    assert load_profile(tmp_path / "p.yaml") == p
+
+
+def test_shipped_topologies() -> None:
+    rtx, orin = load_profile("rtx3060-laptop"), load_profile("jetson-agx-orin")
+    assert rtx.link is not None and not rtx.unified_memory and rtx.tiers == ("disk", "host")
+    assert orin.link is None and orin.unified_memory and orin.tiers == ("disk",)
+    assert orin.load_us(1_000_000) == pytest.approx(70 + 1_000_000 / 2_800)
+
+
+def test_sizes_as_text(tmp_path: Path) -> None:
+    d = hand()
+    d["device_memory_bytes"] = "6GiB"
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(d))
+    assert load_profile(path).device_memory_bytes == 6 * 2**30
+
+
+def _set(d: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    d = copy.deepcopy(d)
+    *head, last = dotted.split(".")
+    node = d
+    for key in head:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return d
+
+
+BAD = [  # (field the message must name, dotted key to change, new value)
+    ("bogus", "bogus", 1),
+    ("disk.speed", "disk.speed", 3),
+    ("device_memory_bytes", "device_memory_bytes", KeyError),
+    ("disk.read_GBps", "disk.read_GBps", "fast"),
+    ("disk.read_GBps", "disk.read_GBps", 0),
+    ("link.read_GBps", "link.read_GBps", -1.0),
+    ("expert.roofline.mem_GBps", "expert.roofline.mem_GBps", 0.0),
+    ("non_expert.roofline.peak_TFLOPs", "non_expert.roofline.peak_TFLOPs", True),
+    ("disk.latency_us", "disk.latency_us", -1),
+    ("link", "link", None),
+    ("unified_memory", "unified_memory", "no"),
+    ("io_lanes", "io_lanes", 0),
+    ("source.kind", "source.kind", "guessed"),
+    ("source.basis", "source", {"kind": "estimated", "basis": {}}),
+    ("source.device", "source.device", KeyError),
+    ("source.basis", "source.basis", "x"),
+    ("expert", "expert", {}),
+    ("expert.roofline.launch_us", "expert.roofline.launch_us", KeyError),
+]
+
+
+@pytest.mark.parametrize("field,key,value", BAD)
+def test_validation_names_field(field: str, key: str, value: Any) -> None:
+    with pytest.raises(UserError) as err:
+        make(_set(hand(), key, value))
+    assert f"field '{field}'" in str(err.value) and "hand.yaml" in str(err.value)
+    assert "fix:" in str(err.value)
+
+
+@pytest.mark.parametrize("field,key,value", [
+    ("expert.table.0.bits", "expert.table.0.bits", 17),
+    ("expert.table.1", "expert.table.1.tokens", 1),  # duplicate of row 0
+    ("non_expert.table.0.tokens", "non_expert.table.0.tokens", 0),
+])
+def test_table_validation(field: str, key: str, value: Any) -> None:
+    with pytest.raises(UserError) as err:
+        make(_set(table(), key, value))
+    want = field.replace(".0", "[0]").replace(".1", "[1]")
+    assert f"field '{want}'" in str(err.value)
+
+
+def test_unified_memory_rejects_host_tier() -> None:
+    d = unified()
+    d["host_memory_bytes"] = 10
+    with pytest.raises(UserError, match="field 'host_memory_bytes'"):
+        make(d)
+
+
+def test_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not a shipped profile"):
+        load_profile(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="malformed YAML"):
+        load_profile(bad)

@@ -1,0 +1,45 @@
+"""`d2moe trace synth` / `d2moe trace info` through their argparse registration."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2moe.traces import cmd
+from d2moe.traces.schema import Trace, load_trace
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="d2moe")
+    cmd.register(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_synth_then_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "t.npz"
+    assert _run(["trace", "synth", "--model-spec", "tiny", "--seed", "4", "--batch", "3",
+                 "--prefill-tokens", "5", "--decode-steps", "6", "--zipf", "1.5",
+                 "--bits", "5,6,7,8", "--capacities", "0.25,0.25,0.25,0.25",
+                 "--out", str(out)]) == 0
+    t = load_trace(out)
+    assert (t.num_steps, t.num_tokens) == (7, 33)
+    assert t.meta["generator"]["zipf"] == 1.5 and t.meta["seed"] == 4
+    assert set(np.unique(t.bits).tolist()) <= {5, 6, 7, 8}
+    capsys.readouterr()
+    assert _run(["trace", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "steps: 7 (1 prefill, 6 decode)" in text
+    assert "tokens: 33 (15 prefill, 18 decode" in text
+    assert "reuse rate" in text and "5 bits:" in text and "L3" in text
+
+
+def test_reuse_rate_by_hand() -> None:
+    # 1 layer, top-1 of 4: steps use {0}, {0}, {1, 2} -> hits 1 of 1, then 0 of 2 -> 1/3
+    t = Trace("hand", 4, [1, 1, 1], [0, 1, 2, 4], np.array([[[0]], [[0]], [[1]], [[2]]]),
+              np.ones((4, 1, 1), np.float32))
+    assert cmd.reuse_rate(t) == pytest.approx(1 / 3)
+    assert cmd.layer_counts(t).tolist() == [[2, 1, 1, 0]]
