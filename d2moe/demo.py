@@ -24,8 +24,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo", help="run the built-in demo (no arguments needed)",
         description="Simulate Mixtral-8x7B routing on the RTX 3060 laptop profile (estimated) "
-                    "with what its 6 GiB leave for experts (2.5 GiB), FIFO against HEBF; print the table and write "
-                    "the bubble timeline and metrics to --out.")
+                    "with what its 6 GiB leave for experts (2.5 GiB), FIFO against HEBF; "
+                    "print the table and write the bubble timeline and metrics to --out.")
     p.add_argument("--out", default=DEMO.out, help=f"output directory (default: {DEMO.out})")
     p.set_defaults(func=_main)
 

