@@ -5,7 +5,8 @@ preference: (1) experts this layer does not need, coldest first; (2) experts of 
 whose runs come earlier in the order (the eviction then waits for their runs: the one
 place where the two lanes interact); (3) as a last resort, a later job's resident expert,
 which then becomes a miss and is reloaded in its turn. With `plane_drop` (MWQ), a victim
-first loses its residual planes (down to b1) before anything is evicted whole.
+whose residual planes cover the shortfall only loses those planes (it stays resident at
+b1); otherwise it is evicted whole.
 Invariant: every run's expert is resident at >= its bits when it starts, and used bytes
 never exceed the budget (checked by `check.check_plan`).
 """
@@ -41,18 +42,14 @@ class Planner:
     def __init__(self, residency: Residency, *, plane_drop: bool) -> None:
         self.residency = residency
         self.plane_drop = plane_drop
-        self.cold = ColdQueue()  # all resident experts
-        self.droppable = ColdQueue()  # those above b1 (plane-drop candidates)
+        self.cold = ColdQueue()  # resident experts by residency score
         self._have: dict[ExpertKey, int] = {}  # mirror of the pool as our plans leave it
         self._expect = -1  # pool version once our last plan is applied; -1: never synced
 
     def observe(self, demands: Sequence[Demand]) -> None:
         """Update the residency statistics and the cold index with one layer's demands."""
         self.residency.observe(demands)
-        keys = [d.key for d in demands]
-        self.cold.push(keys, self.residency.scores)
-        if self.plane_drop:
-            self.droppable.push(keys, self.residency.scores)
+        self.cold.push([d.key for d in demands], self.residency.scores)
 
     def plan(self, order: Sequence[Job], resident: ResidentView) -> Plan:
         """Derive the I/O and compute queues from `order` and fit the loads into the budget."""
@@ -64,11 +61,9 @@ class Planner:
             # policy): copy it and index every resident expert
             self._have = dict(resident.bits)
             self.cold.push(list(self._have), self.residency.scores)
-            if plane_drop:
-                self.droppable.push([k for k, b in self._have.items() if b > sizes.b1],
-                                    self.residency.scores)
         have = self._have  # projected forward as the plan unfolds; backends apply the same
         self._used, self._by_bits = resident.used_bytes, sizes.by_bits
+        self._b1 = sizes.b1 if plane_drop else 0
         self._in_layer = {j.key for j in order}
         ops = 0
         done: list[ExpertKey] = []  # keys of jobs earlier in the order (their runs come first)
@@ -83,14 +78,9 @@ class Planner:
                 need_bytes = sizes.load(cur, job.need)
                 target = budget - need_bytes
                 if self._used > target:
-                    if plane_drop:
-                        self._free_cold(self.droppable, sizes.b1, target, evicts)
-                    self._free_cold(self.cold, 0, target, evicts)
-                    if self._used > target:
-                        later = [j.key for j in order[pos + 1:]]
-                        for group in (done, later):
-                            for floor in ((sizes.b1, 0) if plane_drop else (0,)):
-                                self._free_list(group, floor, target, evicts)
+                    self._free_cold(target, evicts)
+                    self._free_list(done, target, evicts)
+                    self._free_list([j.key for j in order[pos + 1:]], target, evicts)
                     if self._used > target:
                         raise PlanError(f"{job.key} at {job.need} bits ({need_bytes} B) cannot "
                                         f"fit a budget of {budget} B")
@@ -103,6 +93,11 @@ class Planner:
         runs = tuple([Run(d.key, d.bits, d.tokens) for j in order for d in j.demands])
         return Plan(loads=tuple(loads), runs=runs)
 
+    def _victim_floor(self, vb: int, short: int) -> int:
+        """Bits to leave a victim at: b1 when its planes cover `short` bytes, else 0."""
+        b1, by_bits = self._b1, self._by_bits
+        return b1 if b1 and vb > b1 and by_bits[vb] - by_bits[b1] >= short else 0
+
     def _lower(self, key: ExpertKey, floor: int, evicts: list[Evict]) -> None:
         vb = self._have[key]
         by_bits = self._by_bits
@@ -113,31 +108,25 @@ class Planner:
         else:
             del self._have[key]
 
-    def _free_cold(self, queue: ColdQueue, floor: int, target: int,
-                   evicts: list[Evict]) -> None:
-        """Lower the coldest experts this layer does not need to `floor` bits."""
-        have, by_bits, in_layer, used = self._have, self._by_bits, self._in_layer, self._used
-        while used > target and queue.latest:
-            victim = queue.pop(have, floor, in_layer)
+    def _free_cold(self, target: int, evicts: list[Evict]) -> None:
+        """Free bytes from the coldest experts this layer does not need."""
+        have, cold = self._have, self.cold
+        while self._used > target:
+            victim = cold.pop(have, 0, self._in_layer)
             if victim is None:
-                break
-            vb = have[victim]
-            evicts.append(Evict(victim, vb, floor))
-            used -= by_bits[vb] - by_bits[floor]
-            if floor:
-                have[victim] = floor
-            else:
-                del have[victim]
-        self._used = used
+                return
+            floor = self._victim_floor(have[victim], self._used - target)
+            self._lower(victim, floor, evicts)
+            if floor:  # still resident at b1: back in the queue
+                cold.push((victim,), self.residency.scores)
 
-    def _free_list(self, group: Sequence[ExpertKey], floor: int, target: int,
-                   evicts: list[Evict]) -> None:
-        """Lower the coldest of `group` (a few keys of this layer) to `floor` bits."""
+    def _free_list(self, group: Sequence[ExpertKey], target: int, evicts: list[Evict]) -> None:
+        """Free bytes from the coldest of `group` (a few keys of this layer)."""
         if self._used <= target:
             return
         scores, have = self.residency.scores, self._have
-        cands = [k for k in group if have.get(k, 0) > floor]
+        cands = [k for k in group if k in have]
         while self._used > target and cands:
             victim = min(cands, key=lambda k: (scores[k], k))
             cands.remove(victim)
-            self._lower(victim, floor, evicts)
+            self._lower(victim, self._victim_floor(have[victim], self._used - target), evicts)
