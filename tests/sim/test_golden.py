@@ -88,3 +88,19 @@ def test_budget_below_one_expert_is_a_user_error():
 
     with pytest.raises(UserError, match="smaller than one expert"):
         simulate(SimSetup(SPEC, LinearProfile(), LAYOUT, 15359), STEPS, make_policy("hebf"))
+
+
+def test_host_ram_tier_serves_a_reload():
+    """Budget of one 4-bit expert; E0, E1, E0. Without a host tier the second E0 load reads
+    the disk again (20.36 us); with one it crosses only the host link: 1 + 15360/1e4 us."""
+    e0, e1 = Demand(ExpertKey(0, 0), 4, 1), Demand(ExpertKey(0, 1), 4, 1)
+    steps = [StepWork("decode", 1, [[d]]) for d in (e0, e1, e0)]
+
+    def loads(host_bytes):
+        setup = SimSetup(SPEC, LinearProfile(), LAYOUT, 15360, host_cache_bytes=host_bytes)
+        tl = simulate(setup, steps, make_policy("fifo"))
+        return [round(e.dur_us, 6) for e in tl.events if e.kind == "load"]
+
+    assert loads(0) == [20.36, 20.36, 20.36]
+    assert loads(2 * 15360) == [20.36, 20.36, round(1 + 15360 / 1e4, 6)]
+    assert loads(15360) == [20.36, 20.36, 20.36]  # RAM holds one expert: E1 pushed E0 out

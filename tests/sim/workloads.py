@@ -26,6 +26,8 @@ class LinearProfile:
     non_expert_us_flat: float = 3.0
 
     def load_us(self, nbytes: int, tier: str = "disk") -> float:
+        if tier == "host":  # the host-RAM tier: 1 us + bytes / 10000
+            return 1.0 + nbytes / 10000.0
         return self.latency_us + nbytes / self.read_Bpus
 
     def run_us(self, spec: ModelSpec, bits: int, tokens: int, layout: object = None) -> float:
