@@ -20,6 +20,7 @@ COMMAND_MODULES = (
 )
 OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when it is missing
     "d2moe.quant.cmd",
+    "d2moe.model.cmd",
 )
 
 

@@ -1,0 +1,124 @@
+"""`d2moe model train-tiny | info` and `d2moe generate`: the model's verbs.
+
+torch is imported only when a verb runs, so `d2moe --help` stays fast; `register` raises
+ImportError when torch is absent so the CLI lists these verbs as unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.errors import UserError
+
+_MODEL_HELP = "`tiny` (the built-in model) or an HF checkpoint directory (config.json + " \
+              "*.safetensors; Mixtral, OLMoE or Qwen-MoE)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `model` and `generate` verbs."""
+    for mod in ("torch", "safetensors"):
+        if importlib.util.find_spec(mod) is None:
+            raise ImportError(f"{mod} is required by d2moe.model", name=mod)
+    from d2moe.model.config import TrainConfig
+
+    model = sub.add_parser("model", help="the built-in tiny model: train it, describe models")
+    verbs = model.add_subparsers(dest="model_verb", metavar="MODEL_VERB")
+    train = verbs.add_parser("train-tiny", help="train the built-in tiny model on the Python "
+                                                "standard library's sources (CPU, minutes)")
+    add_fields(train, TrainConfig)
+    train.set_defaults(func=_train_tiny)
+    info = verbs.add_parser("info", help="sizes, parameter counts and expert bytes of a model")
+    info.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
+    info.set_defaults(func=_info)
+    model.set_defaults(func=lambda args: _usage(model))
+
+    gen = sub.add_parser("generate", help="greedy generation with all experts resident "
+                                          "(reference for `d2moe run`)")
+    gen.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
+    gen.add_argument("--prompt", default="def fib(", help="prompt text (default: 'def fib(')")
+    gen.add_argument("--max-new-tokens", type=int, default=64,
+                     help="tokens to generate (default: 64)")
+    gen.set_defaults(func=_generate)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _train_tiny(args: argparse.Namespace) -> int:
+    from d2moe.model.config import TrainConfig
+    from d2moe.model.train import train_tiny
+
+    tc = from_args(TrainConfig, args)
+    result = train_tiny(tc)
+    p = result.provenance
+    print(f"wrote {result.out_dir} ({tc.steps} steps in {result.train_seconds:.0f} s)")
+    print(f"held-out perplexity per byte: {result.heldout_ppl:.3f} "
+          f"({p['heldout_bits_per_byte']:.3f} bits/byte) vs unigram byte model: "
+          f"{result.unigram_ppl:.3f}  [measured]")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from d2moe.core.sizes import fmt_bytes
+    from d2moe.model.load import load_model, tiny_dir, tiny_provenance
+
+    model, spec = load_model(args.model)
+    counts = model.param_counts()
+    total = sum(counts.values())
+    print(f"model {spec.name}: {spec.layers} layers, {spec.experts} experts (top-{spec.top_k}), "
+          f"hidden {spec.hidden}, expert ffn {spec.ffn}, heads {spec.heads}/{spec.kv_heads} kv, "
+          f"head_dim {spec.dim_head}, vocab {spec.vocab}"
+          + (f", shared ffn {spec.shared_ffn}" if spec.shared_ffn else ""))
+    print(f"router: {'softmax over top-k (Mixtral)' if model.cfg.renormalize_topk else 'top-k of softmax, not renormalised (OLMoE/Qwen)'}")  # noqa: E501
+    for part, n in counts.items():
+        if n:
+            print(f"  {part:15s} {n:>14,d} params  {100 * n / total:5.1f}%")
+    print(f"  {'total':15s} {total:>14,d} params")
+    per_expert = spec.expert_params
+    print(f"one expert: {per_expert:,d} params = {fmt_bytes(per_expert * 2)} at fp16; all "
+          f"{spec.layers * spec.experts} experts: {fmt_bytes(per_expert * 2 * spec.layers * spec.experts)}"  # noqa: E501
+          f" at fp16; non-expert: {fmt_bytes(spec.non_expert_bytes)} at fp16")
+    where = tiny_dir() if args.model == "tiny" else Path(args.model)
+    size = sum(f.stat().st_size for f in where.glob("*.safetensors"))
+    print(f"checkpoint: {where} ({fmt_bytes(size)} of safetensors)")
+    if args.model == "tiny":
+        p = tiny_provenance()
+        print(f"trained: {p['command']} on {p['date_utc']}, {p['training_steps']} steps in "
+              f"{p['train_seconds']} s; held-out ppl/byte {p['heldout_ppl_per_byte']} vs "
+              f"unigram {p['unigram_ppl_per_byte']} [{p['source']}]")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from d2moe.model.generate import generate
+    from d2moe.model.load import load_model
+
+    model, spec = load_model(args.model)
+    if spec.vocab == 256:
+        from d2moe.model.tokenizer import decode, encode
+    else:
+        encode, decode = _hf_tokenizer(Path(args.model))
+    gen = generate(model, encode(args.prompt), args.max_new_tokens)
+    sys.stdout.write(args.prompt + decode(list(gen.new_ids)) + "\n")
+    print(f"[{len(gen.prompt_ids)} prompt tokens, prefill {gen.prefill_s * 1e3:.1f} ms; "
+          f"{len(gen.new_ids)} new tokens, decode {gen.decode_tokens_per_s:.1f} tokens/s; "
+          f"all experts resident (DenseExperts), greedy]", file=sys.stderr)
+    return 0
+
+
+def _hf_tokenizer(model_dir: Path):  # -> (encode, decode)
+    """encode/decode from the directory's tokenizer.json (needs the `tokenizers` package)."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file() or importlib.util.find_spec("tokenizers") is None:
+        raise UserError("this model is not byte-level and has no usable tokenizer.json",
+                        path=str(path), fix="add tokenizer.json and pip install tokenizers")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids))

@@ -1,0 +1,59 @@
+"""ModelConfig (what a runnable transformer needs beyond `ModelSpec`) and TrainConfig.
+
+No torch here: the CLI builds its options from these without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from d2moe.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture details that `d2moe.core.spec.ModelSpec` (sizes only) does not carry.
+
+    `renormalize_topk`: True is Mixtral's router (softmax over the top-k logits, i.e. the
+    top-k probabilities renormalised to sum to 1); False is OLMoE's and Qwen-MoE's default
+    (softmax over all experts, then top-k, weights left as they are: `norm_topk_prob=False`).
+    """
+
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    renormalize_topk: bool = True
+    tie_embeddings: bool = False
+    qk_norm: bool = False  # OLMoE: RMSNorm over the whole q and k projections
+    qkv_bias: bool = False  # Qwen-MoE: biases on q, k, v
+    shared_expert_gate: bool = False  # Qwen-MoE: sigmoid(x @ g) scales the shared expert
+    arch: str = "mixtral"  # HF tensor naming used to save and load: mixtral | olmoe | qwen2_moe
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of `d2moe model train-tiny` (defaults: the shipped checkpoint)."""
+
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    ctx_len: int = field(default=256, metadata={"help": "tokens (bytes) per sequence"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
+    min_lr_frac: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices)"})
+    balance_coef: float = field(default=0.01, metadata={"help": "load-balancing loss weight"})
+    train_kb: int = field(default=4096, metadata={"help": "KiB of stdlib source to train on"})
+    heldout_kb: int = field(default=128, metadata={"help": "KiB of held-out source to score"})
+    seed: int = field(default=0, metadata={"help": "seed of init and batch sampling"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    out: str = field(default="", metadata={"help": "output directory (default: the package's "
+                                                   "d2moe/model/tiny)", "metavar": "DIR"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "ctx_len", "train_kb", "heldout_kb"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"must be positive, got {getattr(self, name)}",
+                                field=name.replace("_", "-"), fix="pass a positive value")
+        if self.lr <= 0 or not 0 <= self.min_lr_frac <= 1:
+            raise UserError("lr must be > 0 and min-lr-frac in [0, 1]", field="lr",
+                            fix="pass sane learning-rate settings")

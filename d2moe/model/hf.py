@@ -1,0 +1,197 @@
+"""HF safetensors checkpoints <-> `Transformer`: Mixtral, OLMoE and Qwen-MoE tensor names.
+
+Reads `config.json` through `d2moe.core.spec.spec_from_hf_config`, then copies every tensor
+into the model, checking that each expected tensor exists with the expected shape. Nothing
+is downloaded: the argument is a local directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from d2moe.core.errors import UserError
+from d2moe.core.fileio import atomic_write
+from d2moe.core.spec import ModelSpec, spec_from_hf_config
+from d2moe.model.config import ModelConfig
+from d2moe.model.transformer import Transformer
+
+SUPPORTED = ("mixtral", "olmoe", "qwen2_moe")
+# Per architecture: (MoE module name, expert tensor names for our w1 gate, w3 up, w2 down).
+_MOE = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+
+
+def config_from_hf(cfg: dict[str, Any], *, path: str) -> ModelConfig:
+    """The architecture details of an HF config.json (transformers 4.x and 5.x keys)."""
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED:
+        raise UserError(f"model_type {arch!r} is not supported (supported: "
+                        f"{', '.join(SUPPORTED)})", path=path, field="model_type",
+                        fix="use a Mixtral, OLMoE or Qwen-MoE checkpoint")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"rope_type {rope['rope_type']!r} is not supported", path=path,
+                        field="rope_parameters", fix="only plain RoPE is implemented")
+    theta = rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0
+    if cfg.get("clip_qkv") is not None:
+        raise UserError("clip_qkv is not supported", path=path, field="clip_qkv",
+                        fix="use a checkpoint with clip_qkv: null")
+    if arch == "qwen2_moe" and (cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1)
+                                != 1 or cfg.get("use_sliding_window")):
+        raise UserError("dense-MLP layers and sliding windows are not supported", path=path,
+                        field="mlp_only_layers", fix="use a checkpoint with an MoE every layer")
+    default_renorm = arch == "mixtral"  # Mixtral always renormalises; others follow the flag
+    return ModelConfig(
+        rope_theta=float(theta), norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        renormalize_topk=bool(cfg.get("norm_topk_prob", default_renorm)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qk_norm=arch == "olmoe",
+        qkv_bias=arch == "qwen2_moe" and bool(cfg.get("qkv_bias", True)),
+        shared_expert_gate=arch == "qwen2_moe", arch=arch)
+
+
+def tensor_map(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, our tensor, a view sharing storage) for every tensor of the checkpoint."""
+    spec, cfg = model.spec, model.cfg
+    moe_name, (n1, n3, n2) = _MOE[cfg.arch]
+    yield "model.embed_tokens.weight", model.embed_tokens.weight
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", block.input_layernorm.weight
+        yield p + "post_attention_layernorm.weight", block.post_attention_layernorm.weight
+        attn = block.self_attn
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            lin = getattr(attn, proj)
+            yield f"{p}self_attn.{proj}.weight", lin.weight
+            if lin.bias is not None:
+                yield f"{p}self_attn.{proj}.bias", lin.bias
+        if attn.q_norm is not None:
+            yield p + "self_attn.q_norm.weight", attn.q_norm.weight
+            yield p + "self_attn.k_norm.weight", attn.k_norm.weight
+        yield f"{p}{moe_name}.gate.weight", block.moe.gate.weight
+        shared = block.moe.shared
+        if shared is not None:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                yield f"{p}{moe_name}.shared_expert.{proj}.weight", getattr(shared, proj).weight
+            if shared.gate is not None:
+                yield f"{p}{moe_name}.shared_expert_gate.weight", shared.gate.weight
+        if model.experts is not None:
+            for e in range(spec.experts):
+                w1, w3, w2 = model.experts.expert(i, e)
+                for hf, ours in ((n1, w1), (n3, w3), (n2, w2)):
+                    yield f"{p}{moe_name}.experts.{e}.{hf}.weight", ours
+    yield "model.norm.weight", model.norm.weight
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", model.lm_head.weight
+
+
+def _index(model_dir: Path) -> dict[str, Path]:
+    """{tensor name: file} over the directory's *.safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError("no *.safetensors files", path=str(model_dir),
+                        fix="point at an HF checkpoint directory saved as safetensors")
+    where: dict[str, Path] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                where[name] = path
+    return where
+
+
+def read_config(model_dir: str | Path) -> tuple[ModelSpec, ModelConfig, dict[str, Any]]:
+    """(spec, config, raw dict) of a checkpoint directory's config.json."""
+    model_dir = Path(model_dir)
+    path = model_dir / "config.json"
+    if not model_dir.is_dir() or not path.is_file():
+        raise UserError("not a checkpoint directory (no config.json)", path=str(model_dir),
+                        fix="pass a directory holding config.json and *.safetensors")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}", path=str(path),
+                        fix="correct the JSON") from None
+    cfg = config_from_hf(raw, path=str(path))
+    spec = spec_from_hf_config(raw, path=str(path), name=str(raw.get("_name_or_path") or ""))
+    return spec, cfg, raw
+
+
+def load_hf(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
+            with_experts: bool = True) -> tuple[Transformer, ModelSpec]:
+    """Build a `Transformer` from an HF checkpoint directory (config.json + *.safetensors).
+
+    `with_experts=False` skips the routed experts (a streaming backend supplies them).
+    """
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    spec, cfg, _ = read_config(model_dir)
+    # Built on the CPU, not the meta device: meta's first use imports torch's decompositions
+    # (seconds). The expert tensors are torch.empty, so building costs little beyond them.
+    model = Transformer(spec, cfg, with_experts=with_experts).to(dtype)
+    where = _index(model_dir)
+    handles: dict[Path, Any] = {}
+    try:
+        with torch.no_grad():
+            for name, target in tensor_map(model):
+                if name not in where:
+                    raise UserError(f"tensor {name} is missing", path=str(model_dir),
+                                    field=name, fix="is the checkpoint complete and of model_type "
+                                    f"{cfg.arch}?")
+                file = where[name]
+                if file not in handles:
+                    handles[file] = safe_open(str(file), framework="pt")
+                sl = handles[file].get_slice(name)
+                shape = tuple(sl.get_shape())
+                if shape != tuple(target.shape):
+                    raise UserError(f"tensor {name} has shape {shape}, expected "
+                                    f"{tuple(target.shape)} from config.json", path=str(file),
+                                    field=name, fix="config.json and the weights disagree")
+                target.copy_(handles[file].get_tensor(name))
+    finally:
+        handles.clear()
+    return model.eval(), spec
+
+
+def hf_config_dict(spec: ModelSpec, cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """An HF config.json (Mixtral schema) for a model of these sizes."""
+    if cfg.arch != "mixtral" or spec.shared_ffn:
+        raise UserError("only Mixtral-schema configs are written", field="arch",
+                        fix="save a Mixtral-style model")
+    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "_name_or_path": spec.name, "hidden_size": spec.hidden,
+            "intermediate_size": spec.ffn, "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+            "head_dim": spec.dim_head, "num_local_experts": spec.experts,
+            "num_experts_per_tok": spec.top_k, "vocab_size": spec.vocab,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+            "max_position_embeddings": 4096, "sliding_window": None, "torch_dtype": "float16",
+            **extra}
+
+
+def save_hf(model: Transformer, out_dir: str | Path, *, dtype: torch.dtype = torch.float16,
+            extra_config: dict[str, Any] | None = None) -> Path:
+    """Write config.json + model.safetensors (HF Mixtral naming) atomically into out_dir."""
+    from safetensors.torch import save
+
+    out_dir = Path(out_dir)
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensor_map(model)}
+    blob = save(tensors, metadata={"format": "pt"})
+    with atomic_write(out_dir / "model.safetensors", "wb") as f:
+        f.write(blob)
+    with atomic_write(out_dir / "config.json") as f:
+        json.dump(hf_config_dict(model.spec, model.cfg, **(extra_config or {})), f, indent=2)
+        f.write("\n")
+    return out_dir
+

@@ -1,0 +1,148 @@
+"""Our Transformer loaded from HF safetensors vs transformers' own implementation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from d2moe.core.errors import UserError  # noqa: E402
+from d2moe.model.hf import load_hf  # noqa: E402
+
+VOCAB = 97
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+               eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+def _hf_model(arch: str):
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(num_local_experts=4, rope_theta=1e4, **_COMMON)
+        cls = transformers.MixtralForCausalLM
+    elif arch == "olmoe":
+        cfg = transformers.OlmoeConfig(num_experts=4, **_COMMON)
+        cls = transformers.OlmoeForCausalLM
+    else:
+        cfg = transformers.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=64,
+                                          shared_expert_intermediate_size=96,
+                                          tie_word_embeddings=True, **_COMMON)  # tied head
+        cls = transformers.Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # larger-than-default weights so that routing and norms matter
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=["mixtral", "olmoe", "qwen2_moe"])
+def pair(request, tmp_path_factory):
+    ref = _hf_model(request.param)
+    d = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(d)
+    ours, spec = load_hf(d)
+    return ref, ours, spec, d
+
+
+def test_prefill_logits_match_transformers(pair) -> None:
+    ref, ours, spec, _ = pair
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x).logits
+        got = ours(x)
+    assert got.shape == (2, 16, VOCAB)
+    assert (got - want).abs().max().item() < 1e-4, "logits differ from transformers"
+
+
+def test_cached_decode_matches_transformers(pair) -> None:
+    ref, ours, _, _ = pair
+    x = torch.randint(0, VOCAB, (1, 14), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(x).logits
+        cache = ours.new_cache(max_len=32)
+        parts = [ours(x[:, :9], cache)]  # prefill, then one token at a time
+        parts += [ours(x[:, i:i + 1], cache) for i in range(9, 14)]
+    assert cache.length == 14
+    assert (torch.cat(parts, dim=1) - want).abs().max().item() < 1e-4
+
+
+def test_router_style_follows_config(pair) -> None:
+    ref, ours, _, _ = pair
+    arch = ref.config.model_type
+    weights = []
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        ours(x, observer=lambda layer, ids, w: weights.append(w))
+    sums = torch.cat(weights).sum(-1)
+    if arch == "mixtral":  # softmax over the top-k logits: weights sum to 1
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    else:  # top-k of the full softmax, not renormalised: below 1 with 2 of 4 experts
+        assert (sums < 1 - 1e-4).all()
+
+
+def _rewrite(d, edit) -> str:
+    path = d / "model.safetensors"
+    tensors = load_file(str(path))
+    name = edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return name
+
+
+def test_missing_tensor_is_a_user_error_naming_it(tmp_path) -> None:
+    _hf_model("mixtral").save_pretrained(tmp_path)
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+
+    def drop(t):
+        del t[name]
+        return name
+
+    _rewrite(tmp_path, drop)
+    with pytest.raises(UserError, match=r"experts\.3\.w2\.weight is missing"):
+        load_hf(tmp_path)
+
+
+def test_wrong_shape_is_a_user_error_naming_tensor_and_file(tmp_path) -> None:
+    _hf_model("olmoe").save_pretrained(tmp_path)
+    name = "model.layers.0.self_attn.k_norm.weight"
+
+    def shrink(t):
+        t[name] = t[name][:-1].clone()
+        return name
+
+    _rewrite(tmp_path, shrink)
+    with pytest.raises(UserError) as err:
+        load_hf(tmp_path)
+    assert name in str(err.value) and "model.safetensors" in str(err.value)
+    assert "expected (32,)" in str(err.value)
+
+
+def test_not_a_checkpoint_directory(tmp_path) -> None:
+    with pytest.raises(UserError, match="no config.json"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="model_type 'llama' is not supported"):
+        load_hf(tmp_path)
+    _hf_model("mixtral").config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(UserError, match=r"no \*\.safetensors"):
+        load_hf(tmp_path)
+
+
+def test_shipped_tiny_is_a_checkpoint_transformers_reads() -> None:
+    from d2moe.model.load import load_tiny, tiny_dir
+
+    if not (tiny_dir() / "model.safetensors").is_file():
+        pytest.skip("tiny checkpoint not built yet")
+    ours, _ = load_tiny()
+    ref = transformers.MixtralForCausalLM.from_pretrained(tiny_dir(), dtype=torch.float32).eval()
+    x = torch.tensor([list(b"def fib(n):\n    return")])
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() < 1e-3
