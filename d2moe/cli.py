@@ -21,6 +21,7 @@ COMMAND_MODULES = (
 OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when it is missing
     "d2moe.quant.cmd",
     "d2moe.model.cmd",
+    "d2moe.executor.cmd",
 )
 
 

@@ -1,0 +1,157 @@
+"""The real executor's expert backend: each MoE layer's routing becomes demands, the shared
+policy plans them, the I/O lane loads and the compute lane (this thread) runs, in plan order.
+
+It plugs into the model's seam (`d2moe.model.moe.ExpertBackend`) and writes the same Event
+rows as the simulator, with real timestamps: non-expert time is the compute lane's time
+between two layers' expert work; a step spans from the end of the previous step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from d2moe.core.events import Event, Timeline
+from d2moe.core.jobs import Demand, ExpertKey, Load, run_waits
+from d2moe.executor.lanes import IOLane, LayerWork, now_us_since
+from d2moe.executor.pool import ExpertPool
+from d2moe.kernels.dispatch import expert_swiglu
+from d2moe.policies.presets import Policy
+from d2moe.quant.store import StoreReader
+
+
+class ObservedCosts:
+    """Cost estimates for policies that use them (Johnson): running means of what the lanes
+    measured, falling back to a bytes-proportional guess before the first observation."""
+
+    def __init__(self, pool: ExpertPool) -> None:
+        self.pool = pool
+        self.load_mean: dict[tuple[int, int], tuple[float, int]] = {}
+        self.run_mean: dict[tuple[int, int], tuple[float, int]] = {}
+
+    @staticmethod
+    def _add(table: dict, key: Any, us: float) -> None:
+        total, n = table.get(key, (0.0, 0))
+        table[key] = (total + us, n + 1)
+
+    def observe_load(self, ld: Load, us: float) -> None:
+        self._add(self.load_mean, (ld.bits_from, ld.bits_to), us)
+
+    def observe_run(self, bits: int, tokens: int, us: float) -> None:
+        self._add(self.run_mean, (bits, tokens), us)
+
+    def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
+        total, n = self.load_mean.get((bits_from, bits_to), (0.0, 0))
+        return total / n if n else self.pool.accounting.sizes.load(bits_from, bits_to) / 1e3
+
+    def run_us(self, key: ExpertKey, bits: int, tokens: int) -> float:
+        total, n = self.run_mean.get((bits, tokens), (0.0, 0))
+        return total / n if n else self.pool.accounting.sizes.by_bits[bits] / 1e4 * tokens
+
+
+class StreamingExperts:
+    """An ExpertBackend that streams nested experts from a store under a byte budget."""
+
+    def __init__(self, store: StoreReader, policy: Policy, pool: ExpertPool, *,
+                 bits: int, kernel_backend: str = "auto") -> None:
+        self.store, self.policy, self.pool, self.bits = store, policy, pool, bits
+        self.kernel_backend = kernel_backend
+        self.events: list[Event] = []
+        self.t0 = time.perf_counter()
+        self.clock = now_us_since(self.t0)
+        self.costs = ObservedCosts(pool)
+        self.io = IOLane(store, pool, self.events, self.clock, observe=self.costs.observe_load)
+        self.step = -1
+        self._step_start = 0.0
+        self._last_end = 0.0  # when the compute lane last finished expert work
+        self._step_tokens = 0
+        policy.reset()
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _close_step(self, end: float) -> None:
+        if self.step >= 0:
+            phase = "prefill" if self.step == 0 else "decode"
+            self.events.append(Event("step", phase, self.step, -1, -1, 0, 0, self._step_tokens,
+                                     0, self._step_start, end))
+
+    def finish(self) -> Timeline:
+        """Close the last step, stop the I/O lane, return the timeline."""
+        self._close_step(self.clock())
+        self.io.close()
+        meta = {"backend": "real", "policy": self.policy.name, "model": self.pool.spec.name,
+                "layout": self.pool.layout.kind, "budget_bytes": self.pool.accounting.budget_bytes,
+                "peak_resident_bytes": self.pool.accounting.peak_bytes,
+                "arena_bytes": self.pool.capacity_bytes,
+                "arena_compactions": self.pool.arena.compactions,
+                "device": str(self.pool.device), "direct_io": self.store.direct_io}
+        return Timeline(self.events, meta)
+
+    # -- the seam ------------------------------------------------------------------------
+
+    def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], ids [T, k], weights [T, k] -> Σ_k weights · expert(x) [T, D]."""
+        now = self.clock()
+        if layer == 0:  # a new forward step begins
+            self._close_step(self._last_end if self.step >= 0 else 0.0)
+            self.step += 1
+            self._step_start = self._last_end if self.step > 0 else 0.0
+            self._step_tokens = int(x.shape[0])
+        self.events.append(Event("compute", "non_expert", self.step, layer, -1, 0, 0,
+                                 int(x.shape[0]), 0, self._last_end, now))
+        groups = _group(ids, weights, self.bits)  # (expert, bits) -> (token idx, weights)
+        demands = [Demand(ExpertKey(layer, e), b, len(tok), float(w.max()))
+                   for (e, b), (tok, w) in sorted(groups.items())]
+        plan = self.policy.plan(layer, demands, self.pool.view, self.costs)
+        work = LayerWork(self.step, layer, plan)
+        self.io.submit(work)
+        y = torch.zeros_like(x)
+        rw = run_waits(plan)
+        free = self.clock()
+        for j, run in enumerate(plan.runs):
+            if rw[j] >= 0 and not work.load_done[rw[j]].is_set():
+                work.load_done[rw[j]].wait()
+                if work.error is not None:
+                    raise work.error
+                ready = self.clock()
+                self.events.append(Event("compute", "stall", self.step, layer,
+                                         run.source.expert, 0, 0, 0, 0, free, ready))
+            if work.error is not None:
+                raise work.error
+            start = self.clock()
+            tok, w = groups[(run.key.expert, run.bits)]
+            with self.pool.moving:
+                m = self.pool.matrices(run.source, run.bits)
+                out = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], run.bits,
+                                    self.kernel_backend)
+            y.index_add_(0, tok, out * w[:, None].to(out.dtype))
+            free = end = self.clock()
+            self.costs.observe_run(run.bits, run.tokens, end - start)
+            self.events.append(Event("compute", "run", self.step, layer, run.key.expert,
+                                     run.bits, run.bits, run.tokens, 0, start, end))
+            work.run_done[j].set()
+        for done in work.load_done:  # every load precedes one of its runs: all are set
+            done.wait()
+        if work.error is not None:
+            raise work.error
+        self._last_end = self.clock()
+        return y
+
+
+def _group(ids: torch.Tensor, weights: torch.Tensor,
+           bits: int) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(expert, bits) -> (token indices, router weights) of the tokens routed there."""
+    out: dict[tuple[int, int], list] = defaultdict(lambda: [[], []])
+    ids_l, w_l = ids.tolist(), weights.float().tolist()
+    for t, (row, wrow) in enumerate(zip(ids_l, w_l, strict=True)):
+        for e, w in zip(row, wrow, strict=True):
+            slot = out[(e, bits)]
+            slot[0].append(t)
+            slot[1].append(w)
+    dev = ids.device
+    return {k: (torch.tensor(v[0], dtype=torch.long, device=dev),
+                torch.tensor(v[1], dtype=torch.float32, device=dev)) for k, v in out.items()}

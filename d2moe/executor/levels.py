@@ -1,0 +1,115 @@
+"""Resident levels in the kernels' layout: how one stored level of an expert maps to bytes
+in the pool, and how the pool's bytes become `PackedExpertMatrix` views again.
+
+A level is the base (bits == b1: b1 bit planes, scale, zero) or one residual plane (its bit
+plane and, for MWQ, its scale), for all three matrices (w1, w3, w2) back to back, as in the
+store. In the pool each bit plane is word-major int32 [words, rows] and each per-group array
+is fp16 [groups, rows] (d2moe/kernels/packed.py), so the conversion (a reinterpretation
+and a transpose) happens once, on the I/O lane, when the level is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from d2moe.core.sizes import QuantLayout
+from d2moe.core.spec import ModelSpec
+from d2moe.kernels.packed import plane_words
+from d2moe.quant.nested import level_nbytes
+from d2moe.quant.store import TENSORS
+
+
+@dataclass(frozen=True)
+class MatrixGeom:
+    """One expert matrix [rows, cols]: word-major plane and per-group array byte sizes."""
+
+    rows: int
+    cols: int
+    group: int
+
+    @property
+    def words(self) -> int:
+        return math.ceil(self.cols / 32)
+
+    @property
+    def groups(self) -> int:
+        return math.ceil(self.cols / self.group)
+
+    @property
+    def plane_nbytes(self) -> int:
+        return self.words * self.rows * 4
+
+    @property
+    def aux_nbytes(self) -> int:
+        return self.groups * self.rows * 2
+
+
+class LevelFormat:
+    """Byte layout of each level in the pool, for one model and store layout."""
+
+    def __init__(self, spec: ModelSpec, layout: QuantLayout) -> None:
+        self.layout = layout
+        self.geoms = {t: MatrixGeom(o, i, layout.group)
+                      for t, (o, i) in zip(TENSORS, _shapes(spec), strict=True)}
+
+    def parts(self, bits: int) -> list[tuple[str, str, int]]:
+        """(tensor, part, nbytes) in pool order for level `bits`: parts are `plane{j}` (bit
+        plane j, 0 = most significant), `scale`, `zero` and `pscale{i}` (MWQ plane i's scale)."""
+        b1, out = self.layout.b1, []
+        for t, g in self.geoms.items():
+            if bits == b1:
+                out += [(t, f"plane{j}", g.plane_nbytes) for j in range(b1)]
+                out += [(t, "scale", g.aux_nbytes), (t, "zero", g.aux_nbytes)]
+            else:
+                out.append((t, f"plane{bits - 1}", g.plane_nbytes))
+                if self.layout.kind == "mwq":
+                    out.append((t, f"pscale{bits - b1 - 1}", g.aux_nbytes))
+        return out
+
+    def nbytes(self, bits: int) -> int:
+        """Pool bytes of level `bits` (equals the store's when cols % 32 == 0)."""
+        return sum(n for _, _, n in self.parts(bits))
+
+    def store_nbytes(self, bits: int) -> int:
+        return sum(level_nbytes(self.layout, g.rows, g.cols, bits) for g in self.geoms.values())
+
+    def convert(self, bits: int, levels: dict[str, np.ndarray]) -> np.ndarray:
+        """The store's bytes of level `bits` ({tensor: uint8}) -> the pool's bytes (uint8)."""
+        chunks = []
+        b1 = self.layout.b1
+        for t, g in self.geoms.items():
+            raw = levels[t]
+            n = g.rows * g.cols
+            plane_len = math.ceil(n / 8)
+            sbytes = g.aux_nbytes
+            if bits == b1:
+                ncode = math.ceil(n * b1 / 8)
+                if n % 8:
+                    stream = np.unpackbits(raw[:ncode], count=n * b1, bitorder="little")
+                    planes = [np.packbits(stream[j * n:(j + 1) * n], bitorder="little")
+                              for j in range(b1)]
+                else:
+                    planes = [raw[j * plane_len:(j + 1) * plane_len] for j in range(b1)]
+                chunks += [plane_words(p, g.rows, g.cols).T for p in planes]
+                chunks += [_aux(raw, ncode, g), _aux(raw, ncode + sbytes, g)]
+            else:
+                chunks.append(plane_words(raw[:plane_len], g.rows, g.cols).T)
+                if self.layout.kind == "mwq":
+                    chunks.append(_aux(raw, plane_len, g))
+        return np.concatenate([np.ascontiguousarray(c).view(np.uint8).reshape(-1)
+                               for c in chunks])
+
+
+def _aux(raw: np.ndarray, start: int, g: MatrixGeom) -> np.ndarray:
+    """fp16 [rows, groups] at `start` of a stored level -> [groups, rows]."""
+    a = raw[start:start + g.aux_nbytes].view("<f2").reshape(g.rows, g.groups)
+    return a.T.astype(np.float16)
+
+
+def _shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:
+    """(rows, cols) of w1, w3, w2 in TENSORS order (ModelSpec.expert_shapes)."""
+    shapes = dict(zip(("w1", "w3", "w2"), spec.expert_shapes, strict=True))
+    return tuple(shapes[t] for t in TENSORS)

@@ -1,0 +1,120 @@
+"""The resident pool: expert levels in one pre-allocated device buffer under a byte budget.
+
+Accounting (`ResidentSet`, the same object the simulator uses) decides what may be
+resident; the `Arena` decides where its bytes sit; this class moves the bytes. The buffer
+is allocated once at its full size, so the device's memory use never grows after start-up,
+and the arena compacts instead of failing when the budget's bytes are free but scattered.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from d2moe.core.jobs import Evict, ExpertKey, Load
+from d2moe.core.sizes import QuantLayout
+from d2moe.core.spec import ModelSpec
+from d2moe.executor.arena import ALIGN, Arena, Block, chunked_move
+from d2moe.executor.levels import LevelFormat
+from d2moe.kernels.packed import PackedExpertMatrix
+from d2moe.policies.view import ResidentSet, Sizes
+from d2moe.quant.store import TENSORS
+
+
+class ExpertPool:
+    """Expert levels resident on `device`; `moving` guards compaction against readers."""
+
+    def __init__(self, spec: ModelSpec, layout: QuantLayout, budget_bytes: int,
+                 device: torch.device) -> None:
+        self.spec, self.layout, self.device = spec, layout, device
+        self.fmt = LevelFormat(spec, layout)
+        self.accounting = ResidentSet(Sizes.of(spec, layout), budget_bytes)
+        levels = range(layout.b1, layout.bK + 1)
+        # The pool's level may be a little larger than the store's (rows padded to whole
+        # int32 words) and every block is aligned: size the arena for the worst case of
+        # budget_bytes of store levels, so accounting, not the arena, binds.
+        ratio = max(Arena.footprint(self.fmt.nbytes(b)) / self.fmt.store_nbytes(b)
+                    for b in levels)
+        self.capacity_bytes = int(budget_bytes * ratio) + ALIGN
+        self.buffer = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=device)
+        self.arena = Arena(self.capacity_bytes, mover=chunked_move(self._copy))
+        self.blocks: dict[ExpertKey, dict[int, Block]] = {}  # key -> {level bits: block}
+        self.moving = threading.Lock()  # held by readers of blocks and by compaction
+
+    @property
+    def view(self):  # noqa: ANN201 (ResidentView)
+        return self.accounting.view
+
+    def _copy(self, src: int, dst: int, nbytes: int) -> None:
+        self.buffer[dst:dst + nbytes].copy_(self.buffer[src:src + nbytes])
+
+    def evict(self, ev: Evict) -> int:
+        """Drop the levels above `ev.bits_to`; returns the bytes freed (accounting)."""
+        freed = self.accounting.apply_evict(ev)
+        levels = self.blocks[ev.key]
+        for bits in [b for b in levels if b > ev.bits_to or ev.bits_to == 0]:
+            self.arena.free(levels.pop(bits))
+        if not levels:
+            del self.blocks[ev.key]
+        return freed
+
+    def levels_of(self, ld: Load) -> range:
+        """The stored levels a load brings in."""
+        b1 = self.layout.b1
+        return range(b1 if ld.bits_from == 0 else ld.bits_from + 1, ld.bits_to + 1)
+
+    def admit(self, ld: Load, data: dict[int, np.ndarray]) -> int:
+        """Account for `ld`, place each level's pool bytes; returns the bytes (accounting)."""
+        nbytes = self.accounting.apply_load(ld)
+        levels = self.blocks.setdefault(ld.key, {})
+        for bits in self.levels_of(ld):
+            raw = data[bits]
+            if self.arena.used_bytes + Arena.footprint(raw.size) > self.capacity_bytes:
+                raise MemoryError("arena full although the accounting admitted the load")
+            block = self.arena.alloc(raw.size, (ld.key, bits)) if self._fits(raw.size) \
+                else self._alloc_compacting(raw.size, (ld.key, bits))
+            self.buffer[block.offset:block.offset + raw.size].copy_(
+                torch.from_numpy(raw), non_blocking=self.device.type == "cuda")
+            levels[bits] = block
+        return nbytes
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.arena._find_hole(Arena.footprint(nbytes)) is not None  # noqa: SLF001
+
+    def _alloc_compacting(self, nbytes: int, tag: object) -> Block:
+        with self.moving:  # no reader holds a view into a block while blocks move
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return self.arena.alloc(nbytes, tag)
+
+    def matrices(self, key: ExpertKey, bits: int) -> dict[str, PackedExpertMatrix]:
+        """`key` at `bits` bits as kernel inputs (w1, w3, w2). Call with `moving` held: the
+        planes are gathered from their level blocks into one tensor per matrix."""
+        levels = self.blocks[key]
+        parts: dict[str, dict[str, torch.Tensor]] = {t: {} for t in TENSORS}
+        for b in range(self.layout.b1, bits + 1):
+            offset = levels[b].offset
+            for tensor, part, n in self.fmt.parts(b):
+                parts[tensor][part] = self.buffer[offset:offset + n]
+                offset += n
+        lay, out = self.layout, {}
+        for tensor, g in self.fmt.geoms.items():
+            p = parts[tensor]
+
+            def words(t: torch.Tensor, g=g) -> torch.Tensor:
+                return t.view(torch.int32).view(g.words, g.rows)
+
+            def aux(t: torch.Tensor, g=g) -> torch.Tensor:
+                return t.view(torch.float16).view(g.groups, g.rows)
+
+            n_ps = bits - lay.b1 if lay.kind == "mwq" else 0
+            pscale = (torch.stack([aux(p[f"pscale{i}"]) for i in range(n_ps)]) if n_ps
+                      else torch.zeros(0, g.groups, g.rows, dtype=torch.float16,
+                                       device=self.device))
+            out[tensor] = PackedExpertMatrix(
+                kind=lay.kind, b1=lay.b1, bK=lay.bK, group=lay.group, rows=g.rows, cols=g.cols,
+                planes=torch.stack([words(p[f"plane{j}"]) for j in range(bits)]),
+                scale=aux(p["scale"]), zero=aux(p["zero"]), plane_scale=pscale)
+        return out
