@@ -4,6 +4,8 @@ MWQ layout (method.md, part 2), per matrix of shape [out, in] with groups of `gr
 weights along `in`:
   base  : out*in*b1 bits of codes + one scale and one zero per group (scale_bytes each)
   plane : out*in*1 bit of signs   + one scale per group
+`bitplane` (the top b bits of one bK-bit code, d2moe.quant.bitplane) has the same base and
+planes of out*in*1 bit with no per-group scale.
 An expert at b bits = base + (b - b1) planes. `copies` (Matryoshka-Free / RTN) stores each
 bit-width as its own object: b-bit codes + scale and zero per group; raising means a full
 reload. `dense` is the unquantized weights at `dtype_bytes`.
@@ -26,23 +28,23 @@ DENSE_BITS = 16  # bits value that means "unquantized fp16/bf16 weights"
 class QuantLayout:
     """How expert weights are stored. Defaults: b1=2, bK=8, groups of 64, fp16 scales."""
 
-    kind: str = "mwq"  # mwq (nested planes) | copies (one RTN copy per bit-width) | dense
+    kind: str = "mwq"  # mwq | bitplane (nested planes) | copies (one RTN copy per bit) | dense
     b1: int = 2
     bK: int = 8
     group: int = 64
     scale_bytes: int = 2
 
     def __post_init__(self) -> None:
-        if self.kind not in ("mwq", "copies", "dense"):
+        if self.kind not in ("mwq", "bitplane", "copies", "dense"):
             raise UserError(f"unknown layout {self.kind!r}", field="kind",
-                            fix="use mwq, copies or dense")
+                            fix="use mwq, bitplane, copies or dense")
         if not 1 <= self.b1 <= self.bK <= 8:
             raise UserError(f"need 1 <= b1 <= bK <= 8, got b1={self.b1}, bK={self.bK}",
                             field="bits", fix="e.g. --bits 2:8")
 
     @property
     def nested(self) -> bool:
-        return self.kind == "mwq"
+        return self.kind in ("mwq", "bitplane")
 
     def check_bits(self, bits: int) -> None:
         if self.kind == "dense":
@@ -59,7 +61,9 @@ def _matrix_bytes(out: int, inp: int, bits: int, layout: QuantLayout, dtype_byte
     if layout.kind == "copies":
         return math.ceil(out * inp * bits / 8) + groups * 2 * layout.scale_bytes
     base = math.ceil(out * inp * layout.b1 / 8) + groups * 2 * layout.scale_bytes
-    plane = math.ceil(out * inp / 8) + groups * layout.scale_bytes
+    plane = math.ceil(out * inp / 8)
+    if layout.kind == "mwq":  # binary residual planes carry one scale per group
+        plane += groups * layout.scale_bytes
     return base + (bits - layout.b1) * plane
 
 

@@ -1,0 +1,288 @@
+"""Kernel benchmark: fused nested dequant + matmul against dequantize-then-matmul and fp16.
+
+Measured, never asserted. On CUDA every figure comes from triton.testing.do_bench (median,
+L2 flushed before each call) in this run, next to the device-to-device copy bandwidth
+measured in the same run (bytes read + written). On the CPU it times the torch path on small
+shapes. Usage:
+    python benchmarks/kernels.py                 # the full table (CUDA) or the CPU figures
+    python benchmarks/kernels.py --check         # correctness on real quantized matrices first
+    python benchmarks/kernels.py --tune          # try launch configs, report the best per case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from d2moe.core.sizes import QuantLayout  # noqa: E402
+from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
+from d2moe.kernels.torch_fallback import dequant_matmul  # noqa: E402
+from d2moe.quant.nested import quantize_matrix  # noqa: E402
+from d2moe.quant.reference import dequantize  # noqa: E402
+
+# (rows, cols) of expert matrices: w1 is [ffn, hidden], w2 is [hidden, ffn].
+SHAPES = {
+    ("mixtral-8x7b", "w1"): (14336, 4096), ("mixtral-8x7b", "w2"): (4096, 14336),
+    ("llama-moe-3.5b", "w1"): (688, 4096), ("llama-moe-3.5b", "w2"): (4096, 688),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured case; times are medians in microseconds."""
+
+    model: str
+    tensor: str
+    rows: int
+    cols: int
+    kind: str
+    bits: int
+    tokens: int
+    fused_us: float
+    dequant_matmul_us: float
+    fp16_us: float
+    read_nbytes: int
+    read_GBps: float
+    copy_bw_frac: float  # read_GBps / measured copy bandwidth
+    speedup_vs_dequant: float
+    time_vs_fp16: float
+    config: str
+
+
+def random_packed(kind: str, rows: int, cols: int, layout: QuantLayout,
+                  device: str) -> PackedExpertMatrix:
+    """Random bits and plausible fp16 scales (never zeros: they can run faster than data)."""
+    words, groups = -(-cols // 32), -(-cols // layout.group)
+    nplanes = layout.bK
+    gen = torch.Generator(device=device).manual_seed(int(time.time_ns() % 2**31))
+    # word-major layout (d2moe.kernels.packed): planes [planes, words, rows], scales [groups, rows]
+    planes = torch.randint(-2**31, 2**31 - 1, (nplanes, words, rows), dtype=torch.int32,
+                           device=device, generator=gen)
+    scale = (torch.rand(groups, rows, device=device, generator=gen) * 0.01 + 0.005).half()
+    zero = (-scale.float() * 2 ** (layout.bK - 1)).half()
+    npl = nplanes - layout.b1 if kind == "mwq" else 0
+    pscale = (torch.rand(npl, groups, rows, device=device, generator=gen) * 0.003).half()
+    return PackedExpertMatrix(kind=kind, b1=layout.b1, bK=layout.bK, group=layout.group,
+                              rows=rows, cols=cols, planes=planes, scale=scale, zero=zero,
+                              plane_scale=pscale)
+
+
+def copy_bandwidth_GBps(device: str) -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
+    from triton.testing import do_bench
+
+    n = 1 << 30
+    a = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def check_cuda(device: str) -> float:
+    """Worst relative error of the fused kernel against the float64 reference on real data."""
+    from d2moe.kernels.triton_nested import nested_matmul
+
+    worst = 0.0
+    rng = np.random.default_rng()
+    for kind in ("bitplane", "mwq"):
+        for rows, cols in ((688, 4096), (4096, 688), (1000, 1000)):
+            w = rng.standard_normal((rows, cols)).astype(np.float32)
+            m = quantize_matrix(w, QuantLayout(kind=kind))
+            p = PackedExpertMatrix.from_nested(m, device=device)
+            for bits in (2, 5, 8):
+                ref_w = dequantize(m, bits, device=device).double()
+                for tokens in (1, 4, 16):
+                    x = torch.randn(tokens, cols, device=device, dtype=torch.float16)
+                    out = torch.full((tokens, rows), float("nan"), device=device,
+                                     dtype=torch.float16)
+                    y = nested_matmul(x, p, bits, out=out)
+                    torch.cuda.synchronize()
+                    ref = x.double() @ ref_w.t()
+                    err = float((y.double() - ref).norm() / ref.norm())
+                    if not torch.isfinite(y).all() or err > 3e-3:
+                        raise SystemExit(f"FAIL {kind} {rows}x{cols} b={bits} M={tokens}: "
+                                         f"rel err {err:.2e}")
+                    worst = max(worst, err)
+    print(f"check: fused kernel vs float64 reference, worst rel err {worst:.2e} (fp16 x)")
+    return worst
+
+
+def _configs(tokens: int):  # -> list[(KernelConfig, path)]
+    from d2moe.kernels.triton_nested import KernelConfig
+
+    if tokens == 1:
+        return [(KernelConfig(block_n=bn, block_w=bw, num_warps=nw, split_k=sk), "gemv")
+                for bn in (64, 128, 256) for bw in (4, 8) for nw in (4, 8) for sk in (0, 1)]
+    if tokens <= 4:
+        return [(KernelConfig(block_n=bn, block_w=bw, block_m=4, num_warps=nw), "gemv")
+                for bn in (32, 64, 128) for bw in (4, 8) for nw in (4, 8)]
+    return [(KernelConfig(block_n=bn, block_w=bw, block_m=16, num_warps=nw), "gemv")
+            for bn in (32, 64) for bw in (2, 4) for nw in (4, 8)] + \
+        [(KernelConfig(block_n=bn, block_w=bw, block_m=16, num_warps=nw, num_stages=3), "dot")
+         for bn in (64, 128) for bw in (2, 4) for nw in (4, 8)]
+
+
+def tune(device: str, kinds: list[str], tokens_list: list[int], layout: QuantLayout,
+         out_lines: list[str]) -> None:
+    """Time every candidate config at b=4 per shape and token count; print the best."""
+    from triton.testing import do_bench
+
+    from d2moe.kernels.triton_nested import nested_matmul
+
+    for kind in kinds:
+        for (model, tensor), (rows, cols) in SHAPES.items():
+            p = random_packed(kind, rows, cols, layout, device)
+            for tokens in tokens_list:
+                x = torch.randn(tokens, cols, device=device, dtype=torch.float16)
+                results = []
+                for cfg, path in _configs(tokens):
+                    try:
+                        ms = do_bench(lambda x=x, p=p, c=cfg, pa=path: nested_matmul(
+                                          x, p, 4, config=c, path=pa),
+                                      warmup=10, rep=40, return_mode="median")
+                    except Exception as exc:  # a config that does not compile: report, skip
+                        out_lines.append(f"tune {kind} {model} {tensor} M={tokens} {cfg}: "
+                                         f"{type(exc).__name__}")
+                        continue
+                    results.append((ms, cfg, path))
+                results.sort(key=lambda r: r[0])
+                for ms, cfg, path in results[:3]:
+                    line = (f"tune {kind:8s} {model:14s} {tensor} M={tokens:2d} {path:7s} "
+                            f"{ms * 1e3:8.1f} us  {cfg}")
+                    print(line)
+                    out_lines.append(line)
+
+
+def bench_cuda(device: str, kinds: list[str], bits_list: list[int], tokens_list: list[int],
+               layout: QuantLayout, copy_GBps: float) -> list[Row]:
+    """The table: fused vs dequantize-then-matmul vs fp16, same run."""
+    from triton.testing import do_bench
+
+    from d2moe.kernels.triton_nested import nested_matmul
+
+    rows_out = []
+    for (model, tensor), (rows, cols) in SHAPES.items():
+        w16 = torch.randn(rows, cols, device=device, dtype=torch.float16) * 0.02
+        for tokens in tokens_list:
+            x = torch.randn(tokens, cols, device=device, dtype=torch.float16)
+            fp16_ms = do_bench(lambda x=x, w=w16: x @ w.t(), warmup=25, rep=100,
+                               return_mode="median")
+            for kind in kinds:
+                p = random_packed(kind, rows, cols, layout, device)
+                for bits in bits_list:
+                    fused_ms = do_bench(lambda x=x, p=p, b=bits: nested_matmul(x, p, b),
+                                        warmup=25, rep=100, return_mode="median")
+                    deq_ms = do_bench(lambda x=x, p=p, b=bits: dequant_matmul(x, p, b),
+                                      warmup=5, rep=40, return_mode="median")
+                    nbytes = p.nbytes_at(bits) + x.numel() * 2 + tokens * rows * 2
+                    gbps = nbytes / (fused_ms * 1e-3) / 1e9
+                    rows_out.append(Row(model, tensor, rows, cols, kind, bits, tokens,
+                                        fused_ms * 1e3, deq_ms * 1e3, fp16_ms * 1e3, nbytes,
+                                        gbps, gbps / copy_GBps, deq_ms / fused_ms,
+                                        fused_ms / fp16_ms, "default"))
+                    print(_fmt(rows_out[-1]), flush=True)
+    return rows_out
+
+
+def bench_cpu(kinds: list[str], bits_list: list[int], layout: QuantLayout) -> list[Row]:
+    """The torch path on the CPU (LLaMA-MoE shapes, 1 token): medians of perf_counter."""
+    rows_out = []
+    for (model, tensor), (rows, cols) in SHAPES.items():
+        if model != "llama-moe-3.5b":
+            continue
+        x = torch.randn(1, cols)
+        w = torch.randn(rows, cols)
+        fp_us = _cpu_median_us(lambda x=x, w=w: x @ w.t())
+        for kind in kinds:
+            p = random_packed(kind, rows, cols, layout, "cpu")
+            for bits in bits_list:
+                us = _cpu_median_us(lambda x=x, p=p, b=bits: dequant_matmul(x, p, b))
+                nbytes = p.nbytes_at(bits)
+                rows_out.append(Row(model, tensor, rows, cols, kind, bits, 1, us, us, fp_us,
+                                    nbytes, nbytes / (us * 1e-6) / 1e9, float("nan"), 1.0,
+                                    us / fp_us, "torch-cpu"))
+                print(_fmt(rows_out[-1]), flush=True)
+    return rows_out
+
+
+def _cpu_median_us(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+HEADER = ("| model | tensor | kind | bits | tokens | fused us | GB/s | x copy BW | "
+          "dequant+mm us | speedup | x fp16 time |")
+
+
+def _fmt(r: Row) -> str:
+    return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | {r.tokens} | "
+            f"{r.fused_us:.1f} | {r.read_GBps:.0f} | {r.copy_bw_frac:.2f} | "
+            f"{r.dequant_matmul_us:.1f} | {r.speedup_vs_dequant:.1f} | {r.time_vs_fp16:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print the table; optionally write JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default="bitplane,mwq")
+    ap.add_argument("--bits", default="2,3,4,5,6,7,8")
+    ap.add_argument("--tokens", default="1,4,16")
+    ap.add_argument("--check", action="store_true", help="check correctness first (CUDA)")
+    ap.add_argument("--tune", action="store_true", help="time candidate launch configs")
+    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--json", help="write rows and context here")
+    args = ap.parse_args(argv)
+    kinds = args.kinds.split(",")
+    bits_list = [int(b) for b in args.bits.split(",")]
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    layout = QuantLayout(kind="bitplane", b1=2, bK=8, group=64)
+    context = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+               "torch": torch.__version__, "command": " ".join(sys.argv)}
+    lines: list[str] = []
+    if torch.cuda.is_available():
+        import triton
+
+        device = "cuda"
+        context.update(device=torch.cuda.get_device_name(), triton=triton.__version__,
+                       sms=torch.cuda.get_device_properties(0).multi_processor_count)
+        if args.check:
+            context["check_worst_rel_err"] = check_cuda(device)
+        copy_GBps = copy_bandwidth_GBps(device)
+        context["copy_GBps"] = copy_GBps
+        print(f"{context['device']}: device-to-device copy {copy_GBps:.0f} GB/s "
+              f"(read + write), measured in this run")
+        if args.tune:
+            tune(device, kinds, tokens_list, layout, lines)
+        rows = [] if args.no_table else bench_cuda(device, kinds, bits_list, tokens_list,
+                                                   layout, copy_GBps)
+    else:
+        context.update(device=f"CPU ({platform.processor() or platform.machine()})")
+        print(f"{context['device']}: no CUDA; timing the torch dequantize-then-matmul path")
+        rows = bench_cpu(kinds, bits_list, layout)
+    print(HEADER)
+    print("|" + "---|" * 11)
+    for r in rows:
+        print(_fmt(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"context": context, "tune": lines,
+                                               "rows": [asdict(r) for r in rows]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: GPU tests, correctness on real quantized matrices, optional tuning, the table.
+# Usage (on the GPU machine, repo root): OUT=dir bash benchmarks/kernels_gpu.sh [--tune]
+set -u -o pipefail
+OUT=${OUT:-out/kernels}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PY:-python3}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/device.txt"
+$PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tee "$OUT/pytest_gpu.log"
+if [ "${1:-}" = "--tune" ]; then
+  $PY benchmarks/kernels.py --check --tune --no-table --kinds bitplane --tokens 1,4,16 \
+    --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log"
+fi
+$PY benchmarks/kernels.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

@@ -1,0 +1,162 @@
+"""`d2moe quantize`: an HF safetensors MoE checkpoint -> a nested store (one tensor at a time)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
+from d2moe.quant.store import TENSORS, StoreWriter
+
+DEFAULT_FORMAT = "bitplane"  # lower error than mwq at every width, and 1 bit per plane (mwq.md)
+
+# HF tensor names of expert weights -> our tensor names (w1 gate, w3 up, w2 down).
+_PATTERNS = (
+    re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
+    re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
+               r"\.weight$"),
+)
+_HF_TO_OURS = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3",
+               "down_proj": "w2"}
+
+
+def parse_bits_range(text: str) -> tuple[int, int]:
+    """'2:8' -> (2, 8)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise UserError(f"cannot read {text!r} as a bit range", field="bits",
+                        fix="write LOW:HIGH, e.g. 2:8")
+    return int(m.group(1)), int(m.group(2))
+
+
+def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Path, str]]:
+    """{(hf_layer, expert, tensor): (file, hf_name)} over the directory's *.safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError("no *.safetensors files", path=str(model_dir),
+                        fix="point --model at an HF checkpoint directory")
+    found: dict[tuple[int, int, str], tuple[Path, str]] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                for pat in _PATTERNS:
+                    m = pat.match(name)
+                    if m:
+                        key = (int(m.group(1)), int(m.group(2)), _HF_TO_OURS[m.group(3)])
+                        found[key] = (path, name)
+    if not found:
+        raise UserError("no expert weights found (looked for Mixtral "
+                        "block_sparse_moe.experts.E.w1/w2/w3 and OLMoE "
+                        "mlp.experts.E.gate_proj/up_proj/down_proj names)",
+                        path=str(model_dir), fix="is this an MoE checkpoint?")
+    return found
+
+
+def _load(path: Path, name: str):  # -> np.ndarray float32
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name).float().numpy()
+
+
+def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLayout,
+                        progress: bool = True) -> Path:
+    """Quantize every expert of an HF checkpoint into a nested store at `out`."""
+    from d2moe.core.spec import load_spec
+
+    model_dir = Path(model_dir)
+    if str(model_dir) == "tiny":
+        raise UserError("the tiny built-in model is not available yet", field="model",
+                        fix="pass an HF checkpoint directory (config.json + *.safetensors)")
+    if not model_dir.is_dir():
+        raise UserError("no such directory", path=str(model_dir),
+                        fix="pass an HF checkpoint directory (config.json + *.safetensors)")
+    spec = load_spec(model_dir)
+    found = find_expert_tensors(model_dir)
+    hf_layers = sorted({k[0] for k in found})
+    if len(hf_layers) != spec.layers:
+        raise UserError(f"config.json says {spec.layers} MoE layers, the checkpoint has expert "
+                        f"weights in {len(hf_layers)}", path=str(model_dir),
+                        fix="check the checkpoint is complete")
+    writer = StoreWriter(out, spec, layout)
+    bar = _progress(spec.layers * spec.experts, progress)
+
+    def experts_of(hf_layer: int) -> Iterator[tuple[int, dict[str, NestedMatrix]]]:
+        for e in range(spec.experts):
+            mats = {}
+            for t in TENSORS:
+                if (hf_layer, e, t) not in found:
+                    raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
+                                    path=str(model_dir), fix="check the checkpoint")
+                mats[t] = quantize_matrix(_load(*found[(hf_layer, e, t)]), layout)
+            yield e, mats
+            bar.update(1)
+
+    for layer, hf_layer in enumerate(hf_layers):
+        writer.write_layer(layer, experts_of(hf_layer))
+    bar.close()
+    return writer.close()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):  # -> tqdm or _NoBar
+    if not enabled or not sys.stderr.isatty():
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="expert", desc="quantize")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        import safetensors  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"{exc.name} is not installed", field="quantize",
+                        fix="pip install 'd2moe[executor]'") from None
+    b1, bK = parse_bits_range(args.bits)
+    layout = QuantLayout(kind=args.format, b1=b1, bK=bK, group=args.group)
+    if args.group < 1:
+        raise UserError(f"group must be positive, got {args.group}", field="group",
+                        fix="e.g. --group 64")
+    index = quantize_checkpoint(args.model, args.out, layout, progress=not args.quiet)
+    from d2moe.quant.store import StoreReader
+
+    with StoreReader(index.parent) as reader:
+        total = sum(e.nbytes for e in reader.entries.values())
+    print(f"wrote {index.parent} ({layout.kind}, bits {b1}..{bK}, group {args.group}): "
+          f"{fmt_bytes(total)} of planes")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `quantize` verb."""
+    p = subparsers.add_parser("quantize", help="quantize an MoE checkpoint into a nested store",
+                              description=__doc__)
+    p.add_argument("--model", required=True,
+                   help="HF checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--out", required=True, help="store directory to write")
+    p.add_argument("--bits", default="2:8", help="b1:bK, smallest and largest bit-width "
+                   "(default: 2:8)")
+    p.add_argument("--group", type=int, default=64, help="weights per scale group along the "
+                   "input dimension (default: 64)")
+    p.add_argument("--format", choices=NESTED_KINDS, default=DEFAULT_FORMAT,
+                   help=f"nested format (default: {DEFAULT_FORMAT}; mwq is the paper's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

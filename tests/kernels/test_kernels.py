@@ -1,0 +1,135 @@
+"""Fused dequant + matmul kernels against the torch reference (interpreter on CPU; CUDA if any)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import QuantLayout
+from d2moe.quant.nested import quantize_matrix
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+from d2moe.kernels.dispatch import expert_matmul, expert_swiglu  # noqa: E402
+from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
+from d2moe.quant.reference import dequantize, dequantize_packed  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton_device = pytest.mark.skipif(not (CUDA or INTERPRET),
+                                         reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _packed(kind: str, rows: int, cols: int, group: int, bK: int = 8, device: str = "cpu"):
+    w = np.random.default_rng().standard_normal((rows, cols)).astype(np.float32)
+    m = quantize_matrix(w, QuantLayout(kind=kind, b1=2, bK=bK, group=group))
+    return m, PackedExpertMatrix.from_nested(m, device=device)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_packed_layout_matches_reference(kind):
+    for rows, cols, group in [(5, 96, 32), (3, 45, 16), (4, 200, 64)]:
+        m, p = _packed(kind, rows, cols, group)
+        for b in (2, 5, 8):
+            assert torch.equal(dequantize_packed(p, b), dequantize(m, b))
+
+
+@needs_triton_device
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+@pytest.mark.parametrize("rows,cols,group,tokens,bits", [
+    (37, 200, 64, 1, 2),   # rows and cols off the block; last group partial; cols % 32 != 0
+    (20, 96, 32, 3, 5),
+    (33, 130, 64, 4, 8),   # several tokens per GEMV program, partial tiles everywhere
+    (16, 64, 64, 17, 3),   # the tl.dot path
+])
+def test_triton_matches_reference(kind, rows, cols, group, tokens, bits):
+    from d2moe.kernels.triton_nested import nested_matmul
+
+    m, p = _packed(kind, rows, cols, group)
+    x = torch.randn(tokens, cols)
+    out = torch.full((tokens, rows), float("nan"))
+    y = nested_matmul(x, p, bits, out=out)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    ref = x.double() @ dequantize(m, bits).double().t()
+    assert _rel(y, ref) < 1e-5
+
+
+@needs_triton_device
+def test_split_k_and_block_configs():
+    from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+
+    m, p = _packed("bitplane", 24, 320, 64)
+    x = torch.randn(2, 320)
+    ref = x.double() @ dequantize(m, 6).double().t()
+    for cfg, path in ((KernelConfig(block_n=16, block_w=2, split_k=3), "gemv"),
+                      (KernelConfig(block_n=32, block_w=4, block_m=2, split_k=1), "gemv"),
+                      (KernelConfig(block_n=16, block_w=2, split_k=0), "gemv"),
+                      (KernelConfig(block_n=16, block_w=1, block_m=16), "dot")):
+        out = torch.full((2, 24), float("nan"))
+        assert _rel(nested_matmul(x, p, 6, out=out, config=cfg, path=path), ref) < 1e-5
+
+
+def test_dispatch_cpu_uses_torch_and_agrees():
+    m, p = _packed("mwq", 12, 64, 32)
+    x = torch.randn(2, 64)
+    ref = x.double() @ dequantize(m, 4).double().t()
+    assert _rel(expert_matmul(x, p, 4), ref) < 1e-5
+    with pytest.raises(UserError, match="backend"):
+        expert_matmul(x, p, 4, backend="cuda")
+    with pytest.raises(UserError, match="outside"):
+        expert_matmul(x, p, 9)
+
+
+@needs_triton_device
+def test_swiglu_backends_agree():
+    hidden, ffn = 64, 48
+    w1, w3, w2 = (_packed("bitplane", o, i, 32)[1]
+                  for o, i in ((ffn, hidden), (ffn, hidden), (hidden, ffn)))
+    x = torch.randn(3, hidden)
+    a = expert_swiglu(x, w1, w3, w2, 4, backend="torch")
+    b = expert_swiglu(x, w1, w3, w2, 4, backend="triton")
+    assert _rel(b, a) < 1e-5
+
+
+def test_bad_inputs_are_user_errors():
+    from d2moe.kernels.triton_nested import nested_matmul
+
+    _, p = _packed("bitplane", 8, 64, 64)
+    with pytest.raises(UserError, match="shape"):
+        nested_matmul(torch.randn(2, 63), p, 4)
+    _, p48 = _packed("bitplane", 8, 96, 48)
+    with pytest.raises(UserError, match="power-of-two group"):
+        nested_matmul(torch.randn(1, 96), p48, 4)
+    # the dispatcher sends such a group to the torch path instead
+    assert expert_matmul(torch.randn(1, 96), p48, 4, backend="auto").shape == (1, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_cuda_fp16(kind):
+    m, p = _packed(kind, 300, 512, 64, device="cuda")
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens, 512, device="cuda", dtype=torch.float16)
+        for bits in (2, 5, 8):
+            y = expert_matmul(x, p, bits)
+            ref = x.double() @ dequantize(m, bits, device="cuda").double().t()
+            assert not torch.isnan(y).any() and _rel(y, ref) < 3e-3
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+@pytest.mark.parametrize("rows,cols,group", [(5, 96, 32), (3, 45, 16), (4, 200, 64),
+                                             (2, 40, 128)])
+def test_fast_cpu_dequant_equals_reference(kind, rows, cols, group):
+    from d2moe.kernels.torch_fallback import dequantize_fast
+
+    _, p = _packed(kind, rows, cols, group, bK=6)
+    for b in range(2, 7):
+        assert torch.equal(dequantize_fast(p, b), dequantize_packed(p, b))

@@ -1,0 +1,91 @@
+"""`d2moe quantize` on small fake Mixtral- and OLMoE-named safetensors checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import expert_bytes
+from d2moe.quant import cmd
+from d2moe.quant.store import StoreReader
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from d2moe.quant.reference import dequantize  # noqa: E402
+
+NAMES = {
+    "mixtral": "model.layers.{l}.block_sparse_moe.experts.{e}.{t}.weight",
+    "olmoe": "model.layers.{l}.mlp.experts.{e}.{t}.weight",
+}
+TENSOR_NAMES = {"mixtral": {"w1": "w1", "w3": "w3", "w2": "w2"},
+                "olmoe": {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}}
+
+
+def _checkpoint(tmp_path, family):
+    hidden, ffn, layers, experts = 64, 32, 2, 2
+    cfg = {"num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": ffn,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 32,
+           "num_experts_per_tok": 1,
+           ("num_local_experts" if family == "mixtral" else "num_experts"): experts}
+    model = tmp_path / family
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(cfg))
+    weights = {}
+    shapes = {"w1": (ffn, hidden), "w3": (ffn, hidden), "w2": (hidden, ffn)}
+    for layer in range(layers):
+        for e in range(experts):
+            for t, shape in shapes.items():
+                name = NAMES[family].format(l=layer, e=e, t=TENSOR_NAMES[family][t])
+                weights[name] = torch.randn(shape, dtype=torch.bfloat16)
+    weights["model.embed_tokens.weight"] = torch.randn(32, hidden)
+    half = len(weights) // 2  # two shards
+    items = list(weights.items())
+    safetensors_torch.save_file(dict(items[:half]), str(model / "a.safetensors"))
+    safetensors_torch.save_file(dict(items[half:]), str(model / "b.safetensors"))
+    return model, weights
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_quantize_checkpoint(tmp_path, family, capsys):
+    model, weights = _checkpoint(tmp_path, family)
+    out = tmp_path / "store"
+    args = _parse(["quantize", "--model", str(model), "--out", str(out), "--bits", "3:6",
+                   "--group", "32", "--quiet"])
+    assert args.func(args) == 0
+    assert "wrote" in capsys.readouterr().out
+    with StoreReader(out) as reader:
+        assert (reader.layout.kind, reader.layout.b1, reader.layout.bK) == \
+            (cmd.DEFAULT_FORMAT, 3, 6)
+        assert reader.expert_nbytes(1, 1, 0, 6) == expert_bytes(reader.spec, 6, reader.layout)
+        name = NAMES[family].format(l=1, e=1, t=TENSOR_NAMES[family]["w2"])
+        w = weights[name].float()
+        got = dequantize(reader.read_expert(1, 1, 6)["w2"], 6)
+        assert float((got - w).norm() / w.norm()) < 0.05
+
+
+def test_quantize_errors(tmp_path):
+    for argv, match in [(["--model", "tiny"], "tiny"),
+                        (["--model", str(tmp_path / "nope")], "no such directory"),
+                        (["--model", str(tmp_path), "--bits", "2-8"], "bit range"),
+                        (["--model", str(tmp_path), "--bits", "4:2"], "b1 <= bK")]:
+        args = _parse(["quantize", "--out", str(tmp_path / "o"), *argv])
+        with pytest.raises(UserError, match=match):
+            args.func(args)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 1,
+         "num_local_experts": 2, "num_experts_per_tok": 1, "intermediate_size": 8,
+         "vocab_size": 8}))
+    safetensors_torch.save_file({"x": torch.zeros(2)}, str(tmp_path / "m" / "a.safetensors"))
+    args = _parse(["quantize", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="no expert weights"):
+        args.func(args)

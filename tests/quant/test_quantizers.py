@@ -1,0 +1,107 @@
+"""MWQ and bitplane quantizers: nesting, error falling per plane, sizes, reference agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import QuantLayout, _matrix_bytes
+from d2moe.quant.nested import (
+    decode_levels,
+    encode_level,
+    level_nbytes,
+    quantize_matrix,
+)
+from d2moe.quant.rtn import dequantize_rtn, quantize_rtn
+
+torch = pytest.importorskip("torch")
+from d2moe.quant.reference import dequantize  # noqa: E402
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng()  # fresh inputs every run
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+@pytest.mark.parametrize("shape,group", [((24, 200), 64), ((7, 96), 32), ((5, 45), 16)])
+def test_error_falls_with_every_plane(kind, shape, group):
+    w = _rng().standard_normal(shape).astype(np.float32)
+    m = quantize_matrix(w, QuantLayout(kind=kind, b1=2, bK=8, group=group))
+    errs = [float(np.linalg.norm(dequantize(m, b).numpy() - w)) for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert errs[-1] / np.linalg.norm(w) < 0.03
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_truncated_prefix_equals_full(kind):
+    w = _rng().standard_normal((9, 70)).astype(np.float32)
+    m = quantize_matrix(w, QuantLayout(kind=kind, b1=3, bK=7, group=32))
+    for b in range(3, 8):
+        assert torch.equal(dequantize(m.truncated(b), b), dequantize(m, b))
+
+
+def test_bitplane_at_bk_is_rtn():
+    w = _rng().standard_normal((6, 128)).astype(np.float32)
+    m = quantize_matrix(w, QuantLayout(kind="bitplane", b1=2, bK=8, group=64))
+    rtn = dequantize_rtn(quantize_rtn(w, bits=8, group=64))
+    np.testing.assert_allclose(dequantize(m, 8).numpy(), rtn, rtol=0, atol=1e-6)
+
+
+def test_mwq_plane_scale_is_mean_abs_residual():
+    w = _rng().standard_normal((4, 64)).astype(np.float32)
+    m = quantize_matrix(w, QuantLayout(kind="mwq", b1=2, bK=3, group=64))
+    resid = w - dequantize(m, 2).numpy()
+    np.testing.assert_allclose(m.plane_scale[0, :, 0].astype(np.float32),
+                               np.abs(resid).mean(1), rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+@pytest.mark.parametrize("shape,group", [((16, 128), 64), ((3, 13), 4), ((5, 45), 16)])
+def test_level_bytes_match_core_sizes_and_round_trip(kind, shape, group):
+    layout = QuantLayout(kind=kind, b1=2, bK=6, group=group)
+    w = _rng().standard_normal(shape).astype(np.float32)
+    m = quantize_matrix(w, layout)
+    levels = [encode_level(m, b) for b in range(2, 7)]
+    for b, data in zip(range(2, 7), levels, strict=True):
+        assert len(data) == level_nbytes(layout, *shape, b)
+    for b in range(2, 7):
+        assert sum(len(d) for d in levels[:b - 1]) == _matrix_bytes(*shape, b, layout, 2)
+    back = decode_levels(layout, *shape, levels)
+    for b in range(2, 7):
+        assert torch.equal(dequantize(back, b), dequantize(m, b))
+
+
+def test_bad_input_is_user_error():
+    with pytest.raises(UserError, match="NaN"):
+        quantize_matrix(np.full((2, 64), np.nan), QuantLayout(kind="mwq"))
+    with pytest.raises(UserError, match="2-D"):
+        quantize_matrix(np.ones(64), QuantLayout(kind="bitplane"))
+    with pytest.raises(UserError, match="not a nested"):
+        quantize_matrix(np.ones((2, 64)), QuantLayout(kind="copies"))
+    m = quantize_matrix(np.ones((2, 64)), QuantLayout(kind="bitplane", bK=4))
+    with pytest.raises(UserError, match="outside"):
+        dequantize(m, 5)
+
+
+def test_constant_rows_are_exact():
+    w = np.full((3, 64), 0.5, np.float32)
+    for kind in ("mwq", "bitplane"):
+        m = quantize_matrix(w, QuantLayout(kind=kind))
+        for b in (2, 5, 8):
+            assert np.array_equal(dequantize(m, b).numpy(), w)
+
+
+def test_core_sizes_bitplane_layout():
+    from d2moe.core.sizes import expert_bytes, load_bytes
+    from d2moe.core.spec import ModelSpec
+
+    spec = ModelSpec(name="s", layers=1, experts=2, top_k=1, hidden=64, ffn=96, heads=1,
+                     kv_heads=1, vocab=8)
+    mwq, bp = QuantLayout(kind="mwq"), QuantLayout(kind="bitplane")
+    assert bp.nested and mwq.nested and not QuantLayout(kind="copies").nested
+    assert expert_bytes(spec, 2, bp) == expert_bytes(spec, 2, mwq)  # same base
+    plane = 3 * 64 * 96 // 8
+    assert load_bytes(spec, 2, 5, bp) == 3 * plane
+    groups = 96 * 1 + 96 * 1 + 64 * 2  # w1, w3 [96, 64]; w2 [64, 96] -> 2 groups per row
+    assert load_bytes(spec, 2, 5, mwq) == 3 * (plane + 2 * groups)

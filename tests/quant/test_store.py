@@ -1,0 +1,136 @@
+"""The nested store: round trip, nesting, byte accounting against core.sizes, damage detection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import QuantLayout, expert_bytes, load_bytes
+from d2moe.core.spec import ModelSpec
+from d2moe.quant.nested import quantize_matrix
+from d2moe.quant.store import ALIGN_BYTES, TENSORS, StoreReader, StoreWriter, cut_store
+
+torch = pytest.importorskip("torch")
+from d2moe.quant.reference import dequantize  # noqa: E402
+
+SPEC = ModelSpec(name="t", layers=2, experts=3, top_k=1, hidden=64, ffn=40, heads=1,
+                 kv_heads=1, vocab=16)
+
+
+def _experts(layout: QuantLayout, rng: np.random.Generator) -> dict:
+    shapes = dict(zip(TENSORS, SPEC.expert_shapes, strict=True))
+    return {(layer, e): {t: quantize_matrix(rng.standard_normal(shapes[t]).astype(np.float32),
+                                            layout) for t in TENSORS}
+            for layer in range(SPEC.layers) for e in range(SPEC.experts)}
+
+
+def _write(path: Path, layout: QuantLayout) -> dict:
+    mats = _experts(layout, np.random.default_rng())
+    writer = StoreWriter(path, SPEC, layout)
+    for layer in range(SPEC.layers):
+        writer.write_layer(layer, ((e, mats[(layer, e)]) for e in range(SPEC.experts)))
+    writer.close()
+    return mats
+
+
+@pytest.fixture(params=["mwq", "bitplane"])
+def store(request, tmp_path):
+    layout = QuantLayout(kind=request.param, b1=2, bK=6, group=32)
+    mats = _write(tmp_path / "store", layout)
+    return tmp_path / "store", layout, mats
+
+
+def test_round_trip_is_bit_exact(store):
+    path, layout, mats = store
+    with StoreReader(path) as reader:
+        assert reader.layout == layout and reader.spec == SPEC
+        for (layer, e), orig in mats.items():
+            got = reader.read_expert(layer, e, layout.bK)
+            for t in TENSORS:
+                assert np.array_equal(got[t].planes, orig[t].planes)
+                assert np.array_equal(got[t].scale, orig[t].scale)
+                assert np.array_equal(got[t].plane_scale, orig[t].plane_scale)
+                for b in range(layout.b1, layout.bK + 1):
+                    assert torch.equal(dequantize(got[t], b), dequantize(orig[t], b))
+
+
+def test_bytes_read_equal_core_sizes(store):
+    path, layout, _ = store
+    with StoreReader(path) as reader:
+        for b in range(layout.b1, layout.bK + 1):
+            levels = reader.read_planes(1, 2, 0, b)
+            assert sorted(levels) == list(range(layout.b1, b + 1))
+            assert sum(a.size for lv in levels.values() for a in lv.values()) == \
+                expert_bytes(SPEC, b, layout) == reader.expert_nbytes(1, 2, 0, b)
+            for b2 in range(b + 1, layout.bK + 1):
+                raised = reader.read_planes(1, 2, b, b2)
+                assert sorted(raised) == list(range(b + 1, b2 + 1))
+                assert sum(a.size for lv in raised.values() for a in lv.values()) == \
+                    load_bytes(SPEC, b, b2, layout)
+        ranges = reader.byte_ranges(0, 1, 0, layout.bK)
+        assert len(ranges) == layout.bK - layout.b1 + 1  # one contiguous read per level
+        assert all(r.offset % ALIGN_BYTES == 0 for r in ranges)
+        aligned = reader.byte_ranges(0, 1, 3, 5, aligned=True)
+        assert [r.bits for r in aligned] == [4, 5]
+        assert all(r.nbytes % ALIGN_BYTES == 0 for r in aligned)
+
+
+def test_cut_store_serves_the_same_bits(store, tmp_path):
+    path, layout, _ = store
+    for b in (layout.b1, 4):
+        cut = cut_store(path, tmp_path / f"cut{b}", b).parent
+        with StoreReader(path) as full, StoreReader(cut) as part:
+            assert part.bits_stored == b
+            for t in TENSORS:
+                a, c = full.read_expert(1, 0, b)[t], part.read_expert(1, 0, b)[t]
+                assert torch.equal(dequantize(a, b), dequantize(c, b))
+            with pytest.raises(UserError, match="outside"):
+                part.read_expert(1, 0, b + 1)
+
+
+def test_damaged_store_names_the_entry(store):
+    path, layout, _ = store
+    with StoreReader(path) as reader:
+        entry = reader.entries[(1, 2, "w3", layout.b1 + 1)]
+    data = bytearray((path / entry.file).read_bytes())
+    data[entry.offset + entry.nbytes // 2] ^= 0x40
+    (path / entry.file).write_bytes(bytes(data))
+    with StoreReader(path) as reader:
+        reader.read_planes(1, 2, 0, layout.b1)  # the base is intact
+        with pytest.raises(UserError, match=r"layer 1 expert 2 tensor w3 bits 3"):
+            reader.read_planes(1, 2, 0, layout.b1 + 1)
+
+
+def test_direct_io_flag_and_reads(store):
+    path, layout, _ = store
+    with StoreReader(path, direct=True) as d, StoreReader(path) as p:
+        a, b = d.read_planes(0, 0, 0, layout.bK), p.read_planes(0, 0, 0, layout.bK)
+        assert isinstance(d.direct_io, bool)
+        for bits in a:
+            for t in TENSORS:
+                assert np.array_equal(a[bits][t], b[bits][t])
+
+
+def test_bad_store_and_requests(store, tmp_path):
+    path, layout, _ = store
+    with pytest.raises(UserError, match="no index"):
+        StoreReader(tmp_path)
+    index = json.loads((path / "index.json").read_text())
+    index["version"] = 99
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="version"):
+        StoreReader(bad)
+    with StoreReader(path) as reader:
+        with pytest.raises(UserError, match="raise"):
+            reader.read_planes(0, 0, 5, 4)
+        with pytest.raises(UserError, match="no entry"):
+            reader.read_planes(0, 9, 0, 2)
+    with pytest.raises(UserError, match="expected"):
+        StoreWriter(tmp_path / "x", SPEC, layout).write_layer(
+            0, [(0, {t: quantize_matrix(np.ones((3, 64)), layout) for t in TENSORS})])
