@@ -58,7 +58,7 @@ def main() -> None:
               f"torch {torch.__version__}; tiny model, {args.tokens} tokens at {BITS} bits; "
               f"O_DIRECT {'on' if store.direct_io else 'off'}")
         print(f"{'policy':8s} {'budget':>7s} {'tok/s':>7s} {'vs resident':>12s} {'hit %':>6s} "
-              f"{'loaded KiB':>11s} {'stall ms':>9s}")
+              f"{'loaded KiB':>11s} {'stall ms':>9s} {'same tokens':>12s}")
         print(f"{'resident':8s} {'-':>7s} {ref.decode_tokens_per_s:7.1f} {1.0:11.2f}x")
         total = all_experts_bytes(spec, BITS, store.layout)
         for frac in (0.25, 0.5, 1.0):
@@ -70,7 +70,8 @@ def main() -> None:
                 tps = gen.decode_tokens_per_s
                 print(f"{name:8s} {frac:7.0%} {tps:7.1f} {tps / ref.decode_tokens_per_s:11.2f}x "
                       f"{100 * m.hit_rate:6.1f} {m.bytes_loaded / 1024:11.1f} "
-                      f"{m.exposed_io_us / 1e3:9.1f}")
+                      f"{m.exposed_io_us / 1e3:9.1f} "
+                      f"{'yes' if gen.new_ids == ref.new_ids else 'NO':>12s}")
 
 
 if __name__ == "__main__":
