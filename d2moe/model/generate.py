@@ -37,17 +37,18 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
     if max_new_tokens <= 0:
         raise UserError("must be positive", field="max-new-tokens", fix="pass e.g. 64")
     model.eval()
+    device = next(model.parameters()).device
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
     new: list[int] = []
     with torch.no_grad():
         t0 = time.perf_counter()
-        logits = model(torch.tensor([prompt_ids]), cache, backend=backend,
+        logits = model(torch.tensor([prompt_ids], device=device), cache, backend=backend,
                        observer=observer)  # [1, T, V]
         nxt = int(logits[0, -1].argmax())
         new.append(nxt)
         t1 = time.perf_counter()
         while len(new) < max_new_tokens and nxt != stop_id:
-            logits = model(torch.tensor([[nxt]]), cache, backend=backend,
+            logits = model(torch.tensor([[nxt]], device=device), cache, backend=backend,
                            observer=observer)  # [1, 1, V]
             nxt = int(logits[0, -1].argmax())
             new.append(nxt)
