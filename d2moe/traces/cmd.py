@@ -32,6 +32,25 @@ def register(subparsers: Any) -> None:
                        help="where to write the trace (default: trace.npz)")
     synth.set_defaults(func=_synth)
 
+    rec = actions.add_parser("record", help="record a trace from a real model's routing",
+                             description="Run a real model (needs torch) over a text: one "
+                                         "prefill step, then teacher-forced decode steps; "
+                                         "write every layer's top-k ids and router weights.")
+    rec.add_argument("--model", default="tiny", metavar="tiny|DIR",
+                     help="the built-in tiny model or an HF checkpoint directory "
+                          "(default: tiny)")
+    rec.add_argument("--text", default="", metavar="FILE",
+                     help="text to run over (default: the tiny model's held-out split)")
+    rec.add_argument("--prefill-tokens", type=int, default=64,
+                     help="tokens of the prefill step (default: 64)")
+    rec.add_argument("--decode-steps", type=int, default=128,
+                     help="one-token steps after it (default: 128)")
+    rec.add_argument("--bits", type=int, default=0,
+                     help="label every slot with this bit-width (default: 0, unknown)")
+    rec.add_argument("--out", default="trace.npz", metavar="FILE.npz",
+                     help="where to write the trace (default: trace.npz)")
+    rec.set_defaults(func=_record)
+
     info = actions.add_parser("info", help="summarize a trace",
                               description="Print steps, tokens, phases, per-layer expert "
                                           "popularity, step-to-step reuse and bits histogram.")
@@ -45,6 +64,32 @@ def _synth(args: argparse.Namespace) -> int:
     save_trace(args.out, trace)
     print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
           f"{spec.name} ({trace.layers} layers, top-{trace.top_k} of {trace.num_experts})")
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from d2moe.core.errors import UserError
+    from d2moe.model.load import load_model
+    from d2moe.model.tokenizer import encode
+    from d2moe.traces.record import record_trace
+
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise UserError("no such file", path=args.text, field="text", fix="check the path")
+        data, source = path.read_bytes(), args.text
+    else:
+        from d2moe.model.corpus import load_corpus
+
+        data, source = load_corpus(1, 64 * 1024).heldout, "tiny held-out split"
+    model, spec = load_model(args.model)
+    trace = record_trace(model, spec, encode(data), prefill_tokens=args.prefill_tokens,
+                         decode_steps=args.decode_steps, bits=args.bits, source=source)
+    save_trace(args.out, trace)
+    print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
+          f"{spec.name} routing from {source}")
     return 0
 
 

@@ -1,0 +1,48 @@
+"""Record a trace from a real model's routing: one prefill step, then teacher-forced decode
+steps over the text that follows, with every layer's top-k ids and router weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from d2moe.core.errors import UserError
+from d2moe.traces.schema import DECODE, PREFILL, Trace
+
+
+def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens: int,
+                 decode_steps: int, bits: int = 0, source: str = "") -> Trace:
+    """Run `model` on `token_ids`: `prefill_tokens` at once, then `decode_steps` single
+    tokens through the KV cache; `bits` > 0 labels every slot with that bit-width."""
+    import torch
+
+    if prefill_tokens < 1:
+        raise UserError("need at least one prefill token", field="prefill-tokens",
+                        fix="pass --prefill-tokens 1 or more")
+    need = prefill_tokens + decode_steps
+    if len(token_ids) < need:
+        raise UserError(f"the text has {len(token_ids)} tokens, {need} are needed",
+                        field="text", fix="give a longer text or fewer steps")
+    layers: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def observe(layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        layers.append((ids.cpu().numpy().astype(np.int16),
+                       weights.float().cpu().numpy().astype(np.float32)))
+
+    device = next(model.parameters()).device
+    cache = model.new_cache(batch=1, max_len=need)
+    steps = []
+    model.eval()
+    with torch.no_grad():
+        chunks = [token_ids[:prefill_tokens]] + [[t] for t in token_ids[prefill_tokens:need]]
+        for i, chunk in enumerate(chunks):
+            layers.clear()
+            model(torch.tensor([chunk], device=device), cache, observer=observe)
+            experts = np.stack([ids for ids, _ in layers], axis=1)  # [T, L, k]
+            weights = np.stack([w for _, w in layers], axis=1)  # [T, L, k]
+            b = np.full(experts.shape, bits, np.int8) if bits else None
+            steps.append((PREFILL if i == 0 else DECODE, experts, weights, b))
+    meta = {"source": "record", "model": spec.name, "text": source,
+            "prefill_tokens": prefill_tokens, "decode_steps": decode_steps, "bits": bits}
+    return Trace.from_steps(spec.name, spec.experts, steps, meta)
