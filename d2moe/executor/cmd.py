@@ -130,10 +130,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     plot_bubbles([timeline], out / "bubbles.png", labels=[f"{policy.name} (real)"],
                  first_steps=3)
     io_note = "O_DIRECT on" if store.direct_io else "O_DIRECT off: the page cache may hide disk"
+    resident_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    timeline.meta["non_expert_bytes"] = resident_params
+    memory = (f"device memory: {fmt_bytes(resident_params)} non-expert weights (resident) + "
+              f"{fmt_bytes(pool.capacity_bytes)} expert pool (allocated once; peak "
+              f"{fmt_bytes(pool.accounting.peak_bytes)} of experts in use)")
     summary = "\n".join([
         f"{spec.name} on {device} ({io_note}), policy {policy.name}, budget {cfg.budget} = "
         f"{fmt_bytes(budget)} of {fmt_bytes(total)} of experts at {cfg.bits} bits (measured)",
         format_table([metrics_row(policy.name, m)]),
+        memory,
         f"generation: {gen.decode_tokens_per_s:.1f} decode tokens/s; "
         f"wrote {out}/events.npz, metrics.json, bubbles.png"])
     return {"text": cfg.prompt + decode(list(gen.new_ids)), "summary": summary,
