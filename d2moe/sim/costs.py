@@ -27,6 +27,10 @@ class ProfileCosts:
             us = self._load[key] = float(self.profile.load_us(nbytes, tier))
         return us
 
+    def load_us_of(self, ld: Load, nbytes: int, host: HostCache) -> float:
+        """Duration of `ld` moving `nbytes`, from host RAM when the host tier holds it."""
+        return self.bytes_us(nbytes, host.tier_for(ld) if host.capacity_bytes > 0 else "disk")
+
     def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
         return self.bytes_us(self.sizes.load(bits_from, bits_to))
 
@@ -38,7 +42,8 @@ class ProfileCosts:
         return us
 
     def run_us_of(self, run: Run) -> float:
-        return self.run_us(run.source, run.bits, run.tokens)
+        us = self._run.get((run.bits, run.tokens))  # the hot path: one lookup when cached
+        return us if us is not None else self.run_us(run.key, run.bits, run.tokens)
 
     def non_expert_us(self, tokens: int) -> float:
         us = self._non_expert.get(tokens)

@@ -93,9 +93,7 @@ def _simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Tim
     policy.reset()
 
     def load_us(ld: Load, nbytes: int) -> float:
-        if host.capacity_bytes <= 0:
-            return costs.bytes_us(nbytes)
-        return costs.bytes_us(nbytes, host.tier_for(ld))
+        return costs.load_us_of(ld, nbytes, host)
 
     run_us = costs.run_us_of
     if setup.engine == "fast":
