@@ -22,6 +22,7 @@ OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when
     "d2moe.quant.cmd",
     "d2moe.model.cmd",
     "d2moe.executor.cmd",
+    "d2moe.eval.cmd",
 )
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.quant.mwq import PLANE_FITS, quantize_mwq
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
 from d2moe.quant.store import TENSORS, StoreWriter
 
-DEFAULT_FORMAT = "bitplane"  # lower error than mwq at every width, and 1 bit per plane (mwq.md)
+DEFAULT_FORMAT = "bitplane"  # measured on the tiny model: docs/results/mwq.md (verdict)
 
 # HF tensor names of expert weights -> our tensor names (w1 gate, w3 up, w2 down).
 _PATTERNS = (
@@ -67,14 +68,24 @@ def _load(path: Path, name: str):  # -> np.ndarray float32
 
 
 def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLayout,
-                        progress: bool = True) -> Path:
-    """Quantize every expert of an HF checkpoint into a nested store at `out`."""
+                        progress: bool = True, fit: str = "mean") -> Path:
+    """Quantize every expert of an HF checkpoint (or `tiny`) into a nested store at `out`.
+
+    `fit` is MWQ's plane-scale fit (d2moe.quant.mwq.PLANE_FITS); bitplane ignores it.
+    """
     from d2moe.core.spec import load_spec
 
-    model_dir = Path(model_dir)
+    if fit not in PLANE_FITS:
+        raise UserError(f"unknown plane-scale fit {fit!r}", field="fit",
+                        fix=f"use one of {', '.join(PLANE_FITS)}")
     if str(model_dir) == "tiny":
-        raise UserError("the tiny built-in model is not available yet", field="model",
-                        fix="pass an HF checkpoint directory (config.json + *.safetensors)")
+        from d2moe.model.load import tiny_dir
+
+        model_dir = tiny_dir()
+        if not (model_dir / "config.json").is_file():
+            raise UserError("the built-in tiny checkpoint is missing", path=str(model_dir),
+                            fix="train it: d2moe model train-tiny")
+    model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError("no such directory", path=str(model_dir),
                         fix="pass an HF checkpoint directory (config.json + *.safetensors)")
@@ -95,7 +106,10 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
                 if (hf_layer, e, t) not in found:
                     raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
                                     path=str(model_dir), fix="check the checkpoint")
-                mats[t] = quantize_matrix(_load(*found[(hf_layer, e, t)]), layout)
+                w = _load(*found[(hf_layer, e, t)])
+                mats[t] = quantize_mwq(w, b1=layout.b1, bK=layout.bK, group=layout.group,
+                                       fit=fit) if layout.kind == "mwq" else \
+                    quantize_matrix(w, layout)
             yield e, mats
             bar.update(1)
 
@@ -135,12 +149,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.group < 1:
         raise UserError(f"group must be positive, got {args.group}", field="group",
                         fix="e.g. --group 64")
-    index = quantize_checkpoint(args.model, args.out, layout, progress=not args.quiet)
+    index = quantize_checkpoint(args.model, args.out, layout, progress=not args.quiet,
+                                fit=args.fit)
     from d2moe.quant.store import StoreReader
 
     with StoreReader(index.parent) as reader:
         total = sum(e.nbytes for e in reader.entries.values())
-    print(f"wrote {index.parent} ({layout.kind}, bits {b1}..{bK}, group {args.group}): "
+    fit = f", plane fit {args.fit}" if layout.kind == "mwq" else ""
+    print(f"wrote {index.parent} ({layout.kind}{fit}, bits {b1}..{bK}, group {args.group}): "
           f"{fmt_bytes(total)} of planes")
     return 0
 
@@ -150,7 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help="quantize an MoE checkpoint into a nested store",
                               description=__doc__)
     p.add_argument("--model", required=True,
-                   help="HF checkpoint directory (config.json + *.safetensors)")
+                   help="`tiny` (the built-in model) or an HF checkpoint directory "
+                        "(config.json + *.safetensors)")
     p.add_argument("--out", required=True, help="store directory to write")
     p.add_argument("--bits", default="2:8", help="b1:bK, smallest and largest bit-width "
                    "(default: 2:8)")
@@ -158,5 +175,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "input dimension (default: 64)")
     p.add_argument("--format", choices=NESTED_KINDS, default=DEFAULT_FORMAT,
                    help=f"nested format (default: {DEFAULT_FORMAT}; mwq is the paper's)")
+    p.add_argument("--fit", choices=PLANE_FITS, default="mean",
+                   help="MWQ plane-scale fit (default: mean, the paper's closed form; "
+                        "see docs/results/mwq.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -73,8 +73,7 @@ def test_quantize_checkpoint(tmp_path, family, capsys):
 
 
 def test_quantize_errors(tmp_path):
-    for argv, match in [(["--model", "tiny"], "tiny"),
-                        (["--model", str(tmp_path / "nope")], "no such directory"),
+    for argv, match in [(["--model", str(tmp_path / "nope")], "no such directory"),
                         (["--model", str(tmp_path), "--bits", "2-8"], "bit range"),
                         (["--model", str(tmp_path), "--bits", "4:2"], "b1 <= bK")]:
         args = _parse(["quantize", "--out", str(tmp_path / "o"), *argv])
@@ -89,3 +88,50 @@ def test_quantize_errors(tmp_path):
     args = _parse(["quantize", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match="no expert weights"):
         args.func(args)
+    with pytest.raises(UserError, match="plane-scale fit"):
+        cmd.quantize_checkpoint("tiny", tmp_path / "o", cmd.QuantLayout(), fit="best")
+
+
+@pytest.mark.parametrize("fmt", ["bitplane", "mwq"])
+def test_quantize_tiny(tmp_path, fmt, capsys):
+    """`--model tiny` quantizes the shipped checkpoint; the store holds its experts bit-exactly."""
+    from d2moe.model.load import load_tiny
+    from d2moe.quant.nested import quantize_matrix
+
+    out = tmp_path / "store"
+    args = _parse(["quantize", "--model", "tiny", "--out", str(out), "--bits", "2:5",
+                   "--format", fmt, "--quiet"])
+    assert args.func(args) == 0
+    assert fmt in capsys.readouterr().out
+    model, spec = load_tiny()
+    with StoreReader(out) as reader:
+        assert (reader.spec.layers, reader.spec.experts, reader.spec.hidden) == \
+            (spec.layers, spec.experts, spec.hidden)
+        assert (reader.layout.kind, reader.bits_stored) == (fmt, 5)
+        assert len({(e.layer, e.expert) for e in reader.entries.values()}) == \
+            spec.layers * spec.experts
+        w = model.experts.w2[3, 7].detach().numpy()
+        got = reader.read_expert(3, 7, 5)["w2"]
+    want = quantize_matrix(w, reader.layout)
+    assert torch.equal(dequantize(got, 5), dequantize(want, 5))
+    err = [float((dequantize(got, b) - torch.from_numpy(w)).norm() / torch.from_numpy(w).norm())
+           for b in (2, 3, 4, 5)]
+    assert err == sorted(err, reverse=True) and err[-1] < 0.1
+
+
+def test_quantize_mwq_fit(tmp_path):
+    """`--fit halve` writes other plane scales than the paper's mean and a lower 8-bit error."""
+    from d2moe.model.load import load_tiny
+
+    model, _ = load_tiny()
+    w = model.experts.w1[0, 0].detach()
+    errs = {}
+    for fit in ("mean", "halve"):
+        out = tmp_path / fit
+        args = _parse(["quantize", "--model", "tiny", "--out", str(out), "--format", "mwq",
+                       "--fit", fit, "--quiet"])
+        assert args.func(args) == 0
+        with StoreReader(out) as reader:
+            errs[fit] = float((dequantize(reader.read_expert(0, 0, 8)["w1"], 8) - w).norm()
+                              / w.norm())
+    assert errs["halve"] < errs["mean"]

@@ -1,0 +1,44 @@
+"""`d2moe eval ppl`: held-out perplexity per uniform bit-width of the quantized experts."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from d2moe.core.cliargs import add_fields, from_args
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `eval` verb and its `ppl` sub-verb (ImportError without torch)."""
+    for mod in ("torch", "safetensors"):
+        if importlib.util.find_spec(mod) is None:
+            raise ImportError(f"{mod} is required by d2moe eval", name=mod)
+    from d2moe.eval.ppl import PplConfig
+
+    ev = subparsers.add_parser("eval", help="quality of quantized models (perplexity)")
+    verbs = ev.add_subparsers(dest="eval_verb", metavar="EVAL_VERB")
+    ppl = verbs.add_parser(
+        "ppl", help="held-out perplexity at each uniform bit-width (and fp)",
+        description="Quantize (or read from --store) every routed expert, dequantize it at "
+                    "each --bits width into a resident backend, and print the held-out "
+                    "perplexity per width and format next to the unquantized model's.")
+    add_fields(ppl, PplConfig)
+    ppl.set_defaults(func=_ppl)
+    ev.set_defaults(func=lambda args: _usage(ev))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _ppl(args: argparse.Namespace) -> int:
+    from d2moe.eval.ppl import PplConfig, eval_ppl
+
+    cfg = from_args(PplConfig, args)
+    table = eval_ppl(cfg)
+    print(f"held-out perplexity per token of {table.model} on {table.tokens_scored:,d} scored "
+          f"tokens ({cfg.heldout_kib} KiB, windows of {cfg.ctx}); experts from {table.source}; "
+          "measured, % above fp in brackets")
+    print(table.render())
+    return 0
