@@ -28,7 +28,7 @@ DENSE_BITS = 16  # bits value that means "unquantized fp16/bf16 weights"
 class QuantLayout:
     """How expert weights are stored. Defaults: b1=2, bK=8, groups of 64, fp16 scales."""
 
-    kind: str = "mwq"  # mwq | bitplane (nested planes) | copies (one RTN copy per bit) | dense
+    kind: str = "bitplane"  # bitplane | mwq (nested planes) | copies (one RTN copy per bit) | dense
     b1: int = 2
     bK: int = 8
     group: int = 64

@@ -37,9 +37,10 @@ class SimulateConfig:
         "help": "expert memory budget: bytes (6GiB, 512MB), a percentage (40%%) or a fraction "
                 "(0.4) of all experts at the highest bits the trace asks for"})
     bits: int = field(default=4, metadata={"help": "bit-width where the trace has none"})
-    layout: str = field(default="mwq", metadata={
-        "help": "expert storage: mwq (nested planes), bitplane (nested), copies (one copy per "
-                "bit-width: Matryoshka-Free), dense (fp16)"})
+    layout: str = field(default="bitplane", metadata={
+        "help": "expert storage: bitplane (nested bit planes of one code, the default), mwq "
+                "(the paper's nested residual planes), copies (one RTN copy per bit-width: "
+                "Matryoshka-Free), dense (fp16)"})
     b1: int = field(default=2, metadata={"help": "lowest stored bit-width"})
     bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
     group: int = field(default=64, metadata={"help": "quantization group size (weights)"})

@@ -31,12 +31,16 @@ def test_mwq_bytes_by_hand():
 
     spec = ModelSpec(name="t", layers=1, experts=2, top_k=1, hidden=64, ffn=128, heads=1,
                      kv_heads=1, vocab=8)
+    mwq = QuantLayout(kind="mwq")
     # base per matrix: 8192 weights * 2 bits / 8 = 2048 B + 128 groups * 4 B = 2560 B
     # plane per matrix: 8192 / 8 = 1024 B + 128 groups * 2 B = 1280 B
-    assert expert_bytes(spec, 2) == 3 * 2560
-    assert expert_bytes(spec, 5) == 3 * (2560 + 3 * 1280)
-    assert load_bytes(spec, 3, 5) == 3 * 2 * 1280  # only the two missing planes move
-    assert load_bytes(spec, 0, 3) == expert_bytes(spec, 3)
+    assert expert_bytes(spec, 2, mwq) == 3 * 2560
+    assert expert_bytes(spec, 5, mwq) == 3 * (2560 + 3 * 1280)
+    assert load_bytes(spec, 3, 5, mwq) == 3 * 2 * 1280  # only the two missing planes move
+    assert load_bytes(spec, 0, 3, mwq) == expert_bytes(spec, 3, mwq)
+    # bitplane (the default): the same base, planes of 1 bit per weight and nothing else
+    assert expert_bytes(spec, 5) == 3 * (2560 + 3 * 1024)
+    assert load_bytes(spec, 3, 5) == 3 * 2 * 1024
     copies = QuantLayout(kind="copies")
     # an RTN copy at 4 bits: 4096 B of codes + 512 B of scales and zeros per matrix
     assert expert_bytes(spec, 4, copies) == 3 * (4096 + 512)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from d2moe.core.errors import UserError
-from d2moe.core.sizes import expert_bytes
+from d2moe.core.sizes import QuantLayout, expert_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.schema import (
     Profile,
@@ -86,12 +86,15 @@ def test_run_us_roofline_by_hand() -> None:
     p = make(hand())
     # 4 bits, MWQ (b1=2, groups of 64, fp16 scales): each 8192-weight matrix holds
     # base 2048 B codes + 128 groups * 2 * 2 B = 2560 B, plus 2 planes of 1024 + 128 * 2 = 1280 B
-    assert expert_bytes(SPEC, 4) == 3 * (2560 + 2 * 1280) == 15360
+    mwq = QuantLayout(kind="mwq")
+    assert expert_bytes(SPEC, 4, mwq) == 3 * (2560 + 2 * 1280) == 15360
     dequant = 100 * 24576 / 1e6 * 4 / 1e3  # ns per Mweight-bit -> us
     # 1 token: memory-bound, 15360 B at 1e3 B/us
-    assert p.run_us(SPEC, 4, 1) == pytest.approx(5 + 15.36 + dequant)
+    assert p.run_us(SPEC, 4, 1, mwq) == pytest.approx(5 + 15.36 + dequant)
+    # bitplane (the default layout): planes of 1024 B, so 3 * (2560 + 2048) = 13824 B
+    assert p.run_us(SPEC, 4, 1) == pytest.approx(5 + 13.824 + dequant)
     # 1000 tokens: compute-bound, 2 * 1000 * 24576 flops at 1e6 flop/us
-    assert p.run_us(SPEC, 4, 1000) == pytest.approx(5 + 49.152 + dequant)
+    assert p.run_us(SPEC, 4, 1000, mwq) == pytest.approx(5 + 49.152 + dequant)
     # 16 bits: dense fp16 weights, no dequantization
     assert p.run_us(SPEC, 16, 1) == pytest.approx(5 + 24576 * 2 / 1e3)
     assert p.run_us(SPEC, 4, 0) == 0.0

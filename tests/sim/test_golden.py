@@ -1,6 +1,6 @@
 """Cases small enough to check by hand (see the arithmetic in each docstring).
 
-Spec `t` at b1=2: an expert is 7680 B at 2 bits and 15360 B at 4 bits (3840 B a plane).
+Spec `t`, MWQ layout at b1=2: an expert is 7680 B at 2 bits and 15360 B at 4 bits (3840 B a plane).
 LinearProfile: load = 5 us + bytes/1000; run = 2 us + tokens*bits; non-expert = 3 us.
 So load(E0 @4) = 20.36 us, load(E1 @2) = 12.68 us, run(E0: 1 tok @4) = run(E1: 2 tok @2) = 6 us.
 """
@@ -15,7 +15,7 @@ from d2moe.policies import make_policy
 from d2moe.sim import SimSetup, StepWork, simulate
 from tests.sim.workloads import SPEC, LinearProfile
 
-LAYOUT = QuantLayout(b1=2, bK=4)
+LAYOUT = QuantLayout(kind="mwq", b1=2, bK=4)
 E0_4 = Demand(ExpertKey(0, 0), 4, 1, 0.9)
 E1_2 = Demand(ExpertKey(0, 1), 2, 2, 0.8)
 STEPS = [StepWork("prefill", 2, [[E1_2]]), StepWork("decode", 2, [[E0_4, E1_2]])]
