@@ -38,3 +38,13 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
               if hasattr(args, f.name)}
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+def require_modules(*names: str, verb: str) -> None:
+    """Raise ImportError (the CLI then lists `verb` as unavailable) unless every module in
+    `names` is installed; finds them without importing, so `d2moe --help` stays fast."""
+    import importlib.util
+
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ImportError(f"{name} is required by d2moe {verb}", name=name)

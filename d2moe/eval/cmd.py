@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, require_modules
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` verb and its `ppl` sub-verb (ImportError without torch)."""
-    for mod in ("torch", "safetensors"):
-        if importlib.util.find_spec(mod) is None:
-            raise ImportError(f"{mod} is required by d2moe eval", name=mod)
+    require_modules("torch", "safetensors", verb="eval")
     from d2moe.eval.ppl import PplConfig
 
     ev = subparsers.add_parser("eval", help="quality of quantized models (perplexity)")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, require_modules
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 
@@ -40,8 +40,7 @@ class RunConfig:
 
 def register(subparsers: Any) -> None:
     """Add the `run` verb (needs torch: registered as an optional command)."""
-    import torch  # noqa: F401 (fail at registration when the executor extra is missing)
-
+    require_modules("torch", "safetensors", verb="run")
     p = subparsers.add_parser(
         "run", help="generate with experts streamed from disk under a memory budget",
         description="Run a real MoE model with its experts in a nested store on disk and a "

@@ -11,7 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, require_modules
 from d2moe.core.errors import UserError
 
 _MODEL_HELP = "`tiny` (the built-in model) or an HF checkpoint directory (config.json + " \
@@ -20,9 +20,7 @@ _MODEL_HELP = "`tiny` (the built-in model) or an HF checkpoint directory (config
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `model` and `generate` verbs."""
-    for mod in ("torch", "safetensors"):
-        if importlib.util.find_spec(mod) is None:
-            raise ImportError(f"{mod} is required by d2moe.model", name=mod)
+    require_modules("torch", "safetensors", verb="model")
     from d2moe.model.config import TrainConfig
 
     model = sub.add_parser("model", help="the built-in tiny model: train it, describe models")
