@@ -18,11 +18,11 @@ import torch
 
 from d2moe.analysis import compute_metrics
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
+from d2moe.eval.ppl import dense_backend, store_matrices
 from d2moe.executor.backend import StreamingExperts
 from d2moe.executor.pool import ExpertPool
 from d2moe.model.generate import generate
 from d2moe.model.load import load_tiny, tiny_dir
-from d2moe.model.moe import DenseExperts
 from d2moe.model.tokenizer import encode
 from d2moe.policies import make_policy
 from d2moe.quant.cmd import quantize_checkpoint
@@ -44,13 +44,8 @@ def main() -> None:
         quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
         store = StoreReader(path, direct=True)
         model, spec = load_tiny()
-        dense = DenseExperts(spec)
-        with torch.no_grad():
-            for layer in range(spec.layers):
-                for e in range(spec.experts):
-                    mats = store.read_expert(layer, e, BITS)
-                    for name in ("w1", "w3", "w2"):
-                        getattr(dense, name)[layer, e] = dequantize(mats[name], BITS)
+        nested = store_matrices(store)
+        dense = dense_backend(spec, lambda key: dequantize(nested[key], BITS))
         model.to(device)
         dense.to(device)
         ref = generate(model, prompt, args.tokens, backend=dense)

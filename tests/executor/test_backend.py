@@ -9,12 +9,12 @@ import torch
 from d2moe.analysis import compute_metrics
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, all_experts_bytes, expert_bytes
+from d2moe.eval.ppl import dense_backend, store_matrices
 from d2moe.executor.backend import StreamingExperts
 from d2moe.executor.cmd import RunConfig, run
 from d2moe.executor.pool import ExpertPool
 from d2moe.model.generate import generate
 from d2moe.model.load import load_tiny, tiny_dir
-from d2moe.model.moe import DenseExperts
 from d2moe.model.tokenizer import encode
 from d2moe.policies import POLICIES, make_policy
 from d2moe.quant.cmd import quantize_checkpoint
@@ -37,14 +37,8 @@ def reference(store_path):
     """All experts resident as dense weights dequantized at BITS bits: the fully resident
     model at these bit-widths."""
     model, spec = load_tiny()
-    store = StoreReader(store_path)
-    dense = DenseExperts(spec)
-    with torch.no_grad():
-        for layer in range(spec.layers):
-            for e in range(spec.experts):
-                mats = store.read_expert(layer, e, BITS)
-                for name in ("w1", "w3", "w2"):
-                    getattr(dense, name)[layer, e] = dequantize(mats[name], BITS)
+    nested = store_matrices(StoreReader(store_path))
+    dense = dense_backend(spec, lambda key: dequantize(nested[key], BITS))
     gen = generate(model, PROMPT, 8, backend=dense)
     return model, spec, gen
 
