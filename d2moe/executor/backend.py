@@ -109,6 +109,24 @@ class StreamingExperts:
         plan = self.policy.plan(layer, demands, self.pool.view, self.costs)
         work = LayerWork(self.step, layer, plan)
         self.io.submit(work)
+        try:
+            y = self._run_plan(work, x, groups)
+        except BaseException:
+            for done in work.run_done:  # let the I/O lane finish this layer and stop cleanly
+                done.set()
+            raise
+        for done in work.load_done:  # every load precedes one of its runs: all are set
+            done.wait()
+        if work.error is not None:
+            raise work.error
+        self._last_end = self.clock()
+        return y
+
+    def _run_plan(self, work: LayerWork, x: torch.Tensor,
+                  groups: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+                  ) -> torch.Tensor:
+        """The compute lane: the plan's runs in order, each after its own load."""
+        plan, layer = work.plan, work.layer
         y = torch.zeros_like(x)
         rw = run_waits(plan)
         free = self.clock()
@@ -134,11 +152,6 @@ class StreamingExperts:
             self.events.append(Event("compute", "run", self.step, layer, run.key.expert,
                                      run.bits, run.bits, run.tokens, 0, start, end))
             work.run_done[j].set()
-        for done in work.load_done:  # every load precedes one of its runs: all are set
-            done.wait()
-        if work.error is not None:
-            raise work.error
-        self._last_end = self.clock()
         return y
 
 

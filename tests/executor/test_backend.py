@@ -106,3 +106,23 @@ def test_a_store_of_another_model_is_refused(tmp_path):
     StoreWriter(path, other, QuantLayout()).close()
     with pytest.raises(UserError, match="store has layers=2"):
         run(RunConfig(store=str(path), out=str(tmp_path / "o")))
+
+
+def test_a_damaged_store_surfaces_on_the_compute_lane_and_stops_cleanly(store_path, tmp_path,
+                                                                        reference):
+    import shutil
+
+    model, spec, _ = reference
+    bad = tmp_path / "bad"
+    shutil.copytree(store_path, bad)
+    data = sorted(p for p in bad.iterdir() if p.name != "index.json")[0]
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF  # inside the first level of layer 0's first expert
+    data.write_bytes(bytes(raw))
+    store = StoreReader(bad)
+    pool = ExpertPool(spec, store.layout, _budgets(spec, store.layout)["100%"],
+                      torch.device("cpu"))
+    backend = StreamingExperts(store, make_policy("hebf"), pool, bits=BITS)
+    with pytest.raises(UserError, match="checksum mismatch"):
+        generate(model, PROMPT, 4, backend=backend)
+    backend.finish()  # returns: the I/O lane is not left waiting
