@@ -44,6 +44,8 @@ class IOLane:
                  observe: Callable[[Load, float], None] | None = None) -> None:
         self.store, self.pool, self.events, self.clock_us = store, pool, events, clock_us
         self.observe = observe
+        self._copy_stream = None  # CUDA: host-to-device copies run on their own stream
+        self._compute_stream = None
         self._queue: queue.Queue[LayerWork | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="d2moe-io", daemon=True)
         self._thread.start()
@@ -67,6 +69,12 @@ class IOLane:
     def _run(self, work: LayerWork) -> None:
         waits = load_waits(work.plan)
         pool, rows = self.pool, self.events
+        if pool.device.type == "cuda":
+            import torch
+
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(pool.device)
+                self._compute_stream = torch.cuda.current_stream(pool.device)
         for i, ld in enumerate(work.plan.loads):
             if waits[i] >= 0:
                 work.run_done[waits[i]].wait()
@@ -77,11 +85,10 @@ class IOLane:
                                   ev.bits_from, ev.bits_to, 0, freed, start, start))
             raw = self.store.read_planes(ld.key.layer, ld.key.expert, ld.bits_from, ld.bits_to)
             data = {bits: pool.fmt.convert(bits, raw[bits]) for bits in pool.levels_of(ld)}
-            nbytes = pool.admit(ld, data)
-            if pool.device.type == "cuda":
-                import torch
-
-                torch.cuda.current_stream(pool.device).synchronize()
+            if self._copy_stream is None:
+                nbytes = pool.admit(ld, data)
+            else:
+                nbytes = self._admit_cuda(ld, data)
             end = self.clock_us()
             rows.append(Event("io", "prefetch" if ld.prefetch else "load", work.step,
                               work.layer, ld.key.expert, ld.bits_from, ld.bits_to, 0, nbytes,
@@ -89,6 +96,17 @@ class IOLane:
             if self.observe is not None:
                 self.observe(ld, end - start)
             work.load_done[i].set()
+
+
+    def _admit_cuda(self, ld: Load, data: dict) -> int:
+        """Upload on the copy stream, after the kernels already queued on the compute stream
+        (a freed block they read may be reused), and wait for the copy to land."""
+        import torch
+
+        stream = self._copy_stream
+        with torch.cuda.stream(stream):
+            stream.wait_stream(self._compute_stream)
+            return self.pool.admit(ld, data)  # each level's upload synchronizes the stream
 
 
 def now_us_since(t0: float) -> Callable[[], float]:

@@ -42,6 +42,7 @@ class ExpertPool:
         self.arena = Arena(self.capacity_bytes, mover=chunked_move(self._copy))
         self.blocks: dict[ExpertKey, dict[int, Block]] = {}  # key -> {level bits: block}
         self.moving = threading.Lock()  # held by readers of blocks and by compaction
+        self._staging: torch.Tensor | None = None  # CUDA: pinned host bytes, one level
 
     @property
     def view(self):  # noqa: ANN201 (ResidentView)
@@ -75,19 +76,37 @@ class ExpertPool:
                 raise MemoryError("arena full although the accounting admitted the load")
             block = self.arena.alloc(raw.size, (ld.key, bits)) if self._fits(raw.size) \
                 else self._alloc_compacting(raw.size, (ld.key, bits))
-            self.buffer[block.offset:block.offset + raw.size].copy_(
-                torch.from_numpy(raw), non_blocking=self.device.type == "cuda")
+            self._upload(self.buffer[block.offset:block.offset + raw.size], raw)
             levels[bits] = block
         return nbytes
+
+    def _upload(self, dst: torch.Tensor, raw: np.ndarray) -> None:
+        """Host bytes into the pool. On CUDA through a pinned staging buffer, as an async copy
+        on the caller's current stream, waited for before the buffer is reused."""
+        if self.device.type != "cuda":
+            dst.copy_(torch.from_numpy(raw))
+            return
+        if self._staging is None or self._staging.numel() < raw.size:
+            largest = max(self.fmt.nbytes(b) for b in range(self.layout.b1, self.layout.bK + 1))
+            self._staging = torch.empty(max(largest, raw.size), dtype=torch.uint8,
+                                        pin_memory=True)
+        stage = self._staging[:raw.size]
+        stage.numpy()[:] = raw
+        dst.copy_(stage, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
 
     def _fits(self, nbytes: int) -> bool:
         return self.arena._find_hole(Arena.footprint(nbytes)) is not None  # noqa: SLF001
 
     def _alloc_compacting(self, nbytes: int, tag: object) -> Block:
         with self.moving:  # no reader holds a view into a block while blocks move
-            if self.device.type == "cuda":
+            cuda = self.device.type == "cuda"
+            if cuda:  # queued kernels may still read the blocks about to move
                 torch.cuda.synchronize(self.device)
-            return self.arena.alloc(nbytes, tag)
+            block = self.arena.alloc(nbytes, tag)
+            if cuda:  # the moves must land before any reader sees the new offsets
+                torch.cuda.synchronize(self.device)
+            return block
 
     def matrices(self, key: ExpertKey, bits: int) -> dict[str, PackedExpertMatrix]:
         """`key` at `bits` bits as kernel inputs (w1, w3, w2). Call with `moving` held: the
