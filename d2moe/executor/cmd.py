@@ -90,6 +90,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from d2moe.policies import make_policy
     from d2moe.quant.store import StoreReader
 
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UserError(f"unknown device {cfg.device!r}", field="device",
+                        fix="use cpu, cuda, cuda:N or auto")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but torch sees no CUDA device", field="device",
+                        fix="use --device cpu (or auto)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     policy = make_policy(cfg.policy)

@@ -94,6 +94,11 @@ def test_run_command_and_its_errors(store_path, tmp_path):
         run(RunConfig(store=str(store_path), budget="1KiB", out=str(tmp_path)))
     with pytest.raises(UserError, match="not a nested store"):
         run(RunConfig(store=str(tmp_path), out=str(tmp_path)))
+    with pytest.raises(UserError, match="device"):
+        run(RunConfig(store=str(store_path), device="tpu", out=str(tmp_path)))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA device"):
+            run(RunConfig(store=str(store_path), device="cuda", out=str(tmp_path)))
 
 
 def test_a_store_of_another_model_is_refused(tmp_path):
