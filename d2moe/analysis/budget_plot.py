@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2moe.analysis.metrics import resident_curve
-from d2moe.analysis.timeline_plot import save_png, timeline_label
-from d2moe.core.errors import UserError
+from d2moe.analysis.timeline_plot import checked_labels, save_png
 from d2moe.core.events import Timeline
 
 UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
@@ -27,12 +26,7 @@ def plot_resident(timelines: Sequence[Timeline], path: str | Path, *,
     """
     from matplotlib.figure import Figure
 
-    if not timelines:
-        raise UserError("no timeline to plot", fix="pass at least one timeline")
-    labels = list(labels) if labels is not None else [timeline_label(t) for t in timelines]
-    if len(labels) != len(timelines):
-        raise UserError(f"{len(labels)} labels for {len(timelines)} timelines", field="labels",
-                        fix="give one label per timeline")
+    labels = checked_labels(timelines, labels)
     if budget_bytes is None:
         meta_budget = timelines[0].meta.get("budget_bytes")
         budget_bytes = int(meta_budget) if isinstance(meta_budget, (int, float)) else None

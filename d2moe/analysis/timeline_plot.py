@@ -48,6 +48,18 @@ def timeline_label(timeline: Timeline) -> str:
     return " / ".join(parts) or "timeline"
 
 
+def checked_labels(timelines: Sequence[Timeline],
+                   labels: Sequence[str] | None) -> list[str]:
+    """One label per timeline (default: `timeline_label`); a UserError if none or mismatched."""
+    if not timelines:
+        raise UserError("no timeline to plot", fix="pass at least one timeline")
+    labels = list(labels) if labels is not None else [timeline_label(t) for t in timelines]
+    if len(labels) != len(timelines):
+        raise UserError(f"{len(labels)} labels for {len(timelines)} timelines", field="labels",
+                        fix="give one label per timeline")
+    return labels
+
+
 def bit_colors(bits: Sequence[int]) -> dict[int, Any]:
     """A discrete, ordered colour per bit-width (viridis, dark = few bits, light = many)."""
     import matplotlib
@@ -176,12 +188,7 @@ def plot_bubbles(timelines: Sequence[Timeline], path: str | Path, *,
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    if not timelines:
-        raise UserError("no timeline to plot", fix="pass at least one timeline")
-    labels = list(labels) if labels is not None else [timeline_label(t) for t in timelines]
-    if len(labels) != len(timelines):
-        raise UserError(f"{len(labels)} labels for {len(timelines)} timelines", field="labels",
-                        fix="give one label per timeline")
+    labels = checked_labels(timelines, labels)
     cols = [event_columns(t) for t in timelines]
     metrics = [compute_metrics(t) for t in timelines]
     if window is not None:
