@@ -1,17 +1,21 @@
 """Kernel benchmark: fused nested dequant + matmul against dequantize-then-matmul and fp16.
 
-Measured, never asserted. On CUDA every figure comes from triton.testing.do_bench (median,
-L2 flushed before each call) in this run, next to the device-to-device copy bandwidth
-measured in the same run (bytes read + written). On the CPU it times the torch path on small
-shapes. Usage:
+Measured, never asserted. On CUDA the kernel times are CUDA-graph replays that rotate over
+enough copies of the weights to overflow the L2 cache (so every call reads device memory and
+no Python launch cost is counted), next to the device-to-device copy bandwidth and the fp16
+product measured the same way in the same run; `eager us` adds one Python call per launch
+(do_bench, L2 flushed), which is what an un-graphed caller pays. On the CPU it times the
+torch path on small shapes. Usage:
     python benchmarks/kernels.py                 # the full table (CUDA) or the CPU figures
     python benchmarks/kernels.py --check         # correctness on real quantized matrices first
     python benchmarks/kernels.py --tune          # try launch configs, report the best per case
+    python benchmarks/kernels.py --jobs 16       # compile every variant in 16 processes first
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -49,7 +53,8 @@ class Row:
     kind: str
     bits: int
     tokens: int
-    fused_us: float
+    fused_us: float  # graph-timed
+    eager_us: float  # one Python call per launch
     dequant_matmul_us: float
     fp16_us: float
     read_nbytes: int
@@ -76,6 +81,40 @@ def random_packed(kind: str, rows: int, cols: int, layout: QuantLayout,
     return PackedExpertMatrix(kind=kind, b1=layout.b1, bK=layout.bK, group=layout.group,
                               rows=rows, cols=cols, planes=planes, scale=scale, zero=zero,
                               plane_scale=pscale)
+
+
+L2_OVERFLOW_BYTES = 3 * 50 * 2**20  # three times the H100's 50 MB L2
+
+
+def copies_for(nbytes: int) -> int:
+    """How many weight copies a rotation needs so that no call finds its weights in L2."""
+    return max(2, min(64, -(-L2_OVERFLOW_BYTES // max(nbytes, 1))))
+
+
+def graph_us(calls: list, min_calls: int = 200) -> float:
+    """Median time per call of `calls` (closures over distinct buffers) replayed in a graph."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for fn in calls:  # warm up (compile, allocate) outside the capture
+            fn()
+    torch.cuda.synchronize()
+    reps = max(1, -(-min_calls // len(calls)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for fn in calls:
+                fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    return statistics.median(times)
 
 
 def copy_bandwidth_GBps(device: str) -> float:
@@ -118,50 +157,110 @@ def check_cuda(device: str) -> float:
     return worst
 
 
-def _configs(tokens: int):  # -> list[(KernelConfig, path)]
-    from d2moe.kernels.triton_nested import KernelConfig
+def _configs(tokens: int, rows: int, cols: int, device: str) -> list:
+    """Candidate (KernelConfig, path) pairs for one case; split-K from the automatic choice up."""
+    from d2moe.kernels.triton_nested import KernelConfig, auto_split
 
     if tokens == 1:
-        return [(KernelConfig(block_n=bn, block_w=bw, num_warps=nw, split_k=sk), "gemv")
-                for bn in (64, 128, 256) for bw in (4, 8) for nw in (4, 8) for sk in (0, 1)]
+        out = []
+        for bn, bw, nw in ((512, 1, 4), (512, 1, 2), (256, 1, 2), (256, 1, 1), (1024, 1, 4),
+                           (512, 2, 4), (256, 2, 2), (128, 1, 1)):
+            cfg = KernelConfig(block_n=bn, block_w=bw, num_warps=nw)
+            auto = auto_split(-(-rows // bn), -(-cols // 32), cfg, torch.device(device))
+            out += [(dataclasses.replace(cfg, split_k=k), "gemv")
+                    for k in sorted({auto, 2 * auto, 4 * auto}) if k <= -(-cols // 32) // bw]
+        return out
     if tokens <= 4:
-        return [(KernelConfig(block_n=bn, block_w=bw, block_m=4, num_warps=nw), "gemv")
-                for bn in (32, 64, 128) for bw in (4, 8) for nw in (4, 8)]
-    return [(KernelConfig(block_n=bn, block_w=bw, block_m=16, num_warps=nw), "gemv")
-            for bn in (32, 64) for bw in (2, 4) for nw in (4, 8)] + \
-        [(KernelConfig(block_n=bn, block_w=bw, block_m=16, num_warps=nw, num_stages=3), "dot")
-         for bn in (64, 128) for bw in (2, 4) for nw in (4, 8)]
+        return [(KernelConfig(block_n=bn, block_w=1, block_m=4, num_warps=nw), "gemv")
+                for bn in (128, 256, 512) for nw in (2, 4)]
+    return [(KernelConfig(block_n=bn, block_w=bw, block_m=16, num_warps=nw, num_stages=3), "dot")
+            for bn in (64, 128) for bw in (2, 4) for nw in (4, 8)]
+
+
+def _case_inputs(kind: str, rows: int, cols: int, tokens: int, layout: QuantLayout,
+                 device: str, copies: int) -> tuple[list, list]:
+    ps = [random_packed(kind, rows, cols, layout, device) for _ in range(copies)]
+    xs = [torch.randn(tokens, cols, device=device, dtype=torch.float16) for _ in range(copies)]
+    return ps, xs
+
+
+def _compile_worker(jobs: list) -> int:
+    """Run each (kind, rows, cols, tokens, bits, cfg, path) once: fills Triton's disk cache."""
+    from d2moe.kernels.triton_nested import nested_matmul
+
+    layout = QuantLayout(kind="bitplane", b1=2, bK=8, group=64)
+    done = 0
+    for kind, rows, cols, tokens, bits, cfg, path in jobs:
+        (p,), (x,) = _case_inputs(kind, rows, cols, tokens, layout, "cuda", 1)
+        try:
+            nested_matmul(x, p, bits, config=cfg, path=path)
+            done += 1
+        except Exception:  # reported when the parent process times it
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(jobs: list, workers: int) -> None:
+    """Compile every variant in `workers` processes before timing (Triton caches on disk)."""
+    import concurrent.futures
+    import multiprocessing
+
+    if workers <= 1 or not jobs:
+        return
+    t0 = time.perf_counter()
+    chunks = [jobs[i::workers] for i in range(workers)]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        done = sum(pool.map(_compile_worker, chunks))
+    print(f"precompiled {done}/{len(jobs)} variants in {workers} processes, "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def tune_jobs(kinds: list[str], tokens_list: list[int], device: str) -> list:
+    return [(kind, rows, cols, tokens, bits, cfg, path)
+            for kind in kinds for (model, tensor), (rows, cols) in SHAPES.items()
+            for tokens in tokens_list for bits in TUNE_BITS
+            for cfg, path in _configs(tokens, rows, cols, device)]
+
+
+TUNE_BITS = (2, 4, 8)
 
 
 def tune(device: str, kinds: list[str], tokens_list: list[int], layout: QuantLayout,
          out_lines: list[str]) -> None:
-    """Time every candidate config at b=4 per shape and token count; print the best."""
-    from triton.testing import do_bench
-
+    """Graph-time every candidate config per shape, bit-width and token count; print the best."""
     from d2moe.kernels.triton_nested import nested_matmul
 
     for kind in kinds:
         for (model, tensor), (rows, cols) in SHAPES.items():
-            p = random_packed(kind, rows, cols, layout, device)
-            for tokens in tokens_list:
-                x = torch.randn(tokens, cols, device=device, dtype=torch.float16)
-                results = []
-                for cfg, path in _configs(tokens):
-                    try:
-                        ms = do_bench(lambda x=x, p=p, c=cfg, pa=path: nested_matmul(
-                                          x, p, 4, config=c, path=pa),
-                                      warmup=10, rep=40, return_mode="median")
-                    except Exception as exc:  # a config that does not compile: report, skip
-                        out_lines.append(f"tune {kind} {model} {tensor} M={tokens} {cfg}: "
-                                         f"{type(exc).__name__}")
-                        continue
-                    results.append((ms, cfg, path))
-                results.sort(key=lambda r: r[0])
-                for ms, cfg, path in results[:3]:
-                    line = (f"tune {kind:8s} {model:14s} {tensor} M={tokens:2d} {path:7s} "
-                            f"{ms * 1e3:8.1f} us  {cfg}")
-                    print(line)
-                    out_lines.append(line)
+            for bits in TUNE_BITS:
+                for tokens in tokens_list:
+                    probe = random_packed(kind, rows, cols, layout, device)
+                    ps, xs = _case_inputs(kind, rows, cols, tokens, layout, device,
+                                          copies_for(probe.nbytes_at(bits)))
+                    del probe
+                    results = []
+                    for cfg, path in _configs(tokens, rows, cols, device):
+                        calls = [lambda x=x, p=p, b=bits, c=cfg, pa=path: nested_matmul(
+                            x, p, b, config=c, path=pa) for x, p in zip(xs, ps, strict=True)]
+                        try:
+                            results.append((graph_us(calls), cfg, path))
+                        except Exception as exc:  # a config that does not compile: report
+                            out_lines.append(f"tune {kind} {model} {tensor} b={bits} "
+                                             f"M={tokens} {cfg}: {type(exc).__name__}")
+                    results.sort(key=lambda r: r[0])
+                    for us, cfg, path in results[:3]:
+                        line = (f"tune {kind:8s} {model:14s} {tensor} b={bits} M={tokens:2d} "
+                                f"{path:5s} {us:8.1f} us  {cfg}")
+                        print(line, flush=True)
+                        out_lines.append(line)
+
+
+def bench_jobs(kinds: list[str], bits_list: list[int], tokens_list: list[int]) -> list:
+    return [(kind, rows, cols, tokens, bits, None, "auto")
+            for (model, tensor), (rows, cols) in SHAPES.items() for tokens in tokens_list
+            for kind in kinds for bits in bits_list]
 
 
 def bench_cuda(device: str, kinds: list[str], bits_list: list[int], tokens_list: list[int],
@@ -173,24 +272,29 @@ def bench_cuda(device: str, kinds: list[str], bits_list: list[int], tokens_list:
 
     rows_out = []
     for (model, tensor), (rows, cols) in SHAPES.items():
-        w16 = torch.randn(rows, cols, device=device, dtype=torch.float16) * 0.02
+        w16s = [torch.randn(rows, cols, device=device, dtype=torch.float16) * 0.02
+                for _ in range(copies_for(rows * cols * 2))]
         for tokens in tokens_list:
             x = torch.randn(tokens, cols, device=device, dtype=torch.float16)
-            fp16_ms = do_bench(lambda x=x, w=w16: x @ w.t(), warmup=25, rep=100,
-                               return_mode="median")
+            fp16_us = graph_us([lambda w=w, x=x: x @ w.t() for w in w16s])
             for kind in kinds:
-                p = random_packed(kind, rows, cols, layout, device)
+                probe = random_packed(kind, rows, cols, layout, device)
                 for bits in bits_list:
-                    fused_ms = do_bench(lambda x=x, p=p, b=bits: nested_matmul(x, p, b),
-                                        warmup=25, rep=100, return_mode="median")
-                    deq_ms = do_bench(lambda x=x, p=p, b=bits: dequant_matmul(x, p, b),
-                                      warmup=5, rep=40, return_mode="median")
-                    nbytes = p.nbytes_at(bits) + x.numel() * 2 + tokens * rows * 2
-                    gbps = nbytes / (fused_ms * 1e-3) / 1e9
+                    ps, xs = _case_inputs(kind, rows, cols, tokens, layout, device,
+                                          copies_for(probe.nbytes_at(bits)))
+                    fused_us = graph_us([lambda x=x, p=p, b=bits: nested_matmul(x, p, b)
+                                         for x, p in zip(xs, ps, strict=True)])
+                    x0, p0 = xs[0], ps[0]
+                    eager_us = do_bench(lambda x0=x0, p0=p0, b=bits: nested_matmul(x0, p0, b),
+                                        warmup=25, rep=100, return_mode="median") * 1e3
+                    deq_us = do_bench(lambda x0=x0, p0=p0, b=bits: dequant_matmul(x0, p0, b),
+                                      warmup=5, rep=40, return_mode="median") * 1e3
+                    nbytes = ps[0].nbytes_at(bits) + xs[0].numel() * 2 + tokens * rows * 2
+                    gbps = nbytes / (fused_us * 1e-6) / 1e9
                     rows_out.append(Row(model, tensor, rows, cols, kind, bits, tokens,
-                                        fused_ms * 1e3, deq_ms * 1e3, fp16_ms * 1e3, nbytes,
-                                        gbps, gbps / copy_GBps, deq_ms / fused_ms,
-                                        fused_ms / fp16_ms, "default"))
+                                        fused_us, eager_us, deq_us, fp16_us, nbytes,
+                                        gbps, gbps / copy_GBps, deq_us / fused_us,
+                                        fused_us / fp16_us, "default"))
                     print(_fmt(rows_out[-1]), flush=True)
     return rows_out
 
@@ -209,7 +313,7 @@ def bench_cpu(kinds: list[str], bits_list: list[int], layout: QuantLayout) -> li
             for bits in bits_list:
                 us = _cpu_median_us(lambda x=x, p=p, b=bits: dequant_matmul(x, p, b))
                 nbytes = p.nbytes_at(bits)
-                rows_out.append(Row(model, tensor, rows, cols, kind, bits, 1, us, us, fp_us,
+                rows_out.append(Row(model, tensor, rows, cols, kind, bits, 1, us, us, us, fp_us,
                                     nbytes, nbytes / (us * 1e-6) / 1e9, float("nan"), 1.0,
                                     us / fp_us, "torch-cpu"))
                 print(_fmt(rows_out[-1]), flush=True)
@@ -226,13 +330,13 @@ def _cpu_median_us(fn, repeats: int = 7) -> float:
     return statistics.median(times) * 1e6
 
 
-HEADER = ("| model | tensor | kind | bits | tokens | fused us | GB/s | x copy BW | "
+HEADER = ("| model | tensor | kind | bits | tokens | fused us | GB/s | x copy BW | eager us | "
           "dequant+mm us | speedup | x fp16 time |")
 
 
 def _fmt(r: Row) -> str:
     return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | {r.tokens} | "
-            f"{r.fused_us:.1f} | {r.read_GBps:.0f} | {r.copy_bw_frac:.2f} | "
+            f"{r.fused_us:.1f} | {r.read_GBps:.0f} | {r.copy_bw_frac:.2f} | {r.eager_us:.1f} | "
             f"{r.dequant_matmul_us:.1f} | {r.speedup_vs_dequant:.1f} | {r.time_vs_fp16:.2f} |")
 
 
@@ -246,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", action="store_true", help="time candidate launch configs")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--json", help="write rows and context here")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes first")
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -266,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         context["copy_GBps"] = copy_GBps
         print(f"{context['device']}: device-to-device copy {copy_GBps:.0f} GB/s "
               f"(read + write), measured in this run")
+        precompile((tune_jobs(kinds, tokens_list, device) if args.tune else [])
+                   + ([] if args.no_table else bench_jobs(kinds, bits_list, tokens_list)),
+                   args.jobs)
         if args.tune:
             tune(device, kinds, tokens_list, layout, lines)
         rows = [] if args.no_table else bench_cuda(device, kinds, bits_list, tokens_list,
@@ -275,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{context['device']}: no CUDA; timing the torch dequantize-then-matmul path")
         rows = bench_cpu(kinds, bits_list, layout)
     print(HEADER)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 12)
     for r in rows:
         print(_fmt(r))
     if args.json:

@@ -1,0 +1,134 @@
+"""Compile the GEMV kernel for a GPU target without a GPU and report what ptxas made of it.
+
+For each configuration: registers, spills, shared memory, and the SASS instruction mix of the
+main loop per weight (integer, float, load, shared-memory, barrier). Costs no device time:
+Triton's bundled ptxas and cuobjdump do the work. Usage:
+    python benchmarks/kernels_sass.py --bits 2,4,8 --configs 512x1x4,256x2x4
+A config is BLOCK_N x BLOCK_W x num_warps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from d2moe.kernels.triton_nested import _nested_gemv_kernel  # noqa: E402
+
+SIGNATURE = {
+    "x_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "stride_xm": "i32", "stride_ym": "i32",
+    "ws_ptr": "*fp32", "count_ptr": "*i32",
+    "planes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "pscale_ptr": "*fp16",
+    "N": "i32", "K": "i32", "KW": "i32", "plane_stride": "i32", "pscale_stride": "i32",
+    "words_per_split": "i32", "magic_bits": "i32",
+}
+CLASSES = (  # SASS opcode prefix -> the pipe that runs it on sm_80/sm_90
+    ("FFMA", "fma"), ("FADD", "fma"), ("FMUL", "fma"), ("HADD2", "fma"), ("HFMA2", "fma"),
+    ("IMAD", "fma"), ("LOP3", "alu"), ("SHF", "alu"), ("IADD3", "alu"), ("LEA", "alu"),
+    ("PRMT", "alu"), ("ISETP", "alu"), ("SEL", "alu"), ("SGXT", "alu"), ("MOV", "alu"),
+    ("PLOP3", "alu"), ("VIADD", "alu"), ("LDG", "ldg"), ("LDS", "lds"), ("STS", "sts"),
+    ("BAR", "bar"), ("F2F", "cvt"), ("I2F", "cvt"), ("F2I", "cvt"),
+)
+# Issue rates per SM per clock on sm_90 (CUDA C++ guide, throughput table): 128 FP32 FMA,
+# 64 integer ALU, one warp instruction per scheduler (4 x 32 lanes) in total.
+ALU_PER_CLK, FMA_PER_CLK, ISSUE_PER_CLK = 64, 128, 128
+
+
+def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
+                 arch: int = 90) -> tuple[triton.compiler.CompiledKernel, str]:
+    """Compile one variant for sm_<arch>; return the kernel and its SASS text."""
+    constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=1, BLOCK_N=block_n,
+                      BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True,
+                      ASM=True)
+    src = ASTSource(fn=_nested_gemv_kernel, signature={**SIGNATURE, **{
+        k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": warps, "num_stages": 1})
+    return k, cuobjdump(k.asm["cubin"], "-sass")
+
+
+def loop_mix(sass: str) -> collections.Counter:
+    """Opcode classes inside the largest loop body (a backward BRA to an address)."""
+    ops = []
+    for ln in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", ln)
+        if m:
+            ops.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    lo, hi = 0, len(ops) - 1
+    for i, (addr, op, rest) in enumerate(ops):
+        t = re.match(r"\s*(0x[0-9a-f]+)", rest)
+        if op.startswith("BRA") and t and int(t.group(1), 16) < addr:
+            j = next(j for j, o in enumerate(ops) if o[0] == int(t.group(1), 16))
+            if i - j > hi - lo or (lo, hi) == (0, len(ops) - 1):
+                lo, hi = j, i
+    mix: collections.Counter = collections.Counter()
+    for _, op, _ in ops[lo:hi + 1]:
+        base = op.split(".")[0]
+        mix[next((c for p, c in CLASSES if base.startswith(p)), "other")] += 1
+        mix["total"] += 1
+    return mix
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """Run the bundled cuobjdump with `flag` (-sass, -res-usage) on a cubin."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.tools.disasm import path_to_cuobjdump
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([path_to_cuobjdump(), flag, f.name], text=True,
+                              capture_output=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers, stack (spill) bytes and shared memory from cuobjdump's resource report."""
+    out = cuobjdump(cubin, "-res-usage")
+    get = lambda key: int(re.search(rf"{key}[:=]\s*(\d+)", out).group(1))  # noqa: E731
+    return {"regs": get("REG"), "stack": get("STACK"), "smem": get("SHARED")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", default="2,4,8")
+    ap.add_argument("--configs", default="512x1x4")
+    ap.add_argument("--kind", type=int, default=1, help="1 bitplane, 0 mwq")
+    ap.add_argument("--dump", help="write the SASS of the last variant here")
+    args = ap.parse_args(argv)
+    print("| bits | BLOCK_N x BLOCK_W x warps | regs | stack B | smem B | loop instr/weight "
+          "| alu | fma | ldg | lds+sts | bar | weights/clk/SM bound |")
+    print("|" + "---|" * 12)
+    for bits in (int(b) for b in args.bits.split(",")):
+        for cfg in args.configs.split(","):
+            bn, bw, nw = (int(v) for v in cfg.split("x"))
+            k, sass = compile_sass(bits, bn, bw, nw, args.kind)
+            mix = loop_mix(sass)
+            weights = bn * bw * 32 / (32 * nw)  # weights per thread per loop iteration
+            per = {c: mix[c] / weights for c in ("total", "alu", "fma", "ldg", "bar")}
+            bound = 1 / max(per["alu"] / ALU_PER_CLK, per["fma"] / FMA_PER_CLK,
+                            per["total"] / ISSUE_PER_CLK)
+            smem_ops = (mix["lds"] + mix["sts"]) / weights
+            res = resources(k.asm["cubin"])
+            print(f"| {bits} | {cfg} | {res['regs']} | {res['stack']} | {res['smem']} | "
+                  f"{per['total']:.2f} | {per['alu']:.2f} | {per['fma']:.2f} | "
+                  f"{per['ldg']:.3f} | {smem_ops:.3f} | {per['bar']:.3f} | {bound:.1f} |")
+            if args.dump:
+                Path(args.dump).write_text(sass)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
