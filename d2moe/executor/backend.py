@@ -56,8 +56,12 @@ class StreamingExperts:
     """An ExpertBackend that streams nested experts from a store under a byte budget."""
 
     def __init__(self, store: StoreReader, policy: Policy, pool: ExpertPool, *,
-                 bits: int, kernel_backend: str = "auto") -> None:
+                 bits: int, kernel_backend: str = "auto", router: Any = None) -> None:
         self.store, self.policy, self.pool, self.bits = store, policy, pool, bits
+        # router: a d2moe.router BitRouter; asked live for each token's bits (else `bits`)
+        self.router = router
+        if router is not None:
+            router.reset()
         self.kernel_backend = kernel_backend
         self.events: list[Event] = []
         self.t0 = time.perf_counter()
@@ -95,6 +99,8 @@ class StreamingExperts:
     def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids [T, k], weights [T, k] -> Σ_k weights · expert(x) [T, D]."""
+        token_bits = self.router.choose(layer, x).tolist() if self.router is not None \
+            else None  # [T] bits per token (non-expert time: before `now`)
         now = self.clock()
         if layer == 0:  # a new forward step begins
             self._close_step(self._last_end if self.step >= 0 else 0.0)
@@ -103,7 +109,7 @@ class StreamingExperts:
             self._step_tokens = int(x.shape[0])
         self.events.append(Event("compute", "non_expert", self.step, layer, -1, 0, 0,
                                  int(x.shape[0]), 0, self._last_end, now))
-        groups = _group(ids, weights, self.bits)  # (expert, bits) -> (token idx, weights)
+        groups = _group(ids, weights, self.bits, token_bits)  # (expert, bits) -> (tok, w)
         demands = [Demand(ExpertKey(layer, e), b, len(tok), float(w.max()))
                    for (e, b), (tok, w) in sorted(groups.items())]
         plan = self.policy.plan(layer, demands, self.pool.view, self.costs)
@@ -155,14 +161,17 @@ class StreamingExperts:
         return y
 
 
-def _group(ids: torch.Tensor, weights: torch.Tensor,
-           bits: int) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-    """(expert, bits) -> (token indices, router weights) of the tokens routed there."""
+def _group(ids: torch.Tensor, weights: torch.Tensor, bits: int,
+           token_bits: list[int] | None = None
+           ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """(expert, bits) -> (token indices, router weights) of the tokens routed there; each
+    token at `token_bits[t]` when given (the bit-width router), else at `bits`."""
     out: dict[tuple[int, int], list] = defaultdict(lambda: [[], []])
     ids_l, w_l = ids.tolist(), weights.float().tolist()
     for t, (row, wrow) in enumerate(zip(ids_l, w_l, strict=True)):
+        b = bits if token_bits is None else token_bits[t]
         for e, w in zip(row, wrow, strict=True):
-            slot = out[(e, bits)]
+            slot = out[(e, b)]
             slot[0].append(t)
             slot[1].append(w)
     dev = ids.device

@@ -84,10 +84,10 @@ class IOLane:
                 rows.append(Event("memory", "evict", work.step, ev.key.layer, ev.key.expert,
                                   ev.bits_from, ev.bits_to, 0, freed, start, start))
             raw = self.store.read_planes(ld.key.layer, ld.key.expert, ld.bits_from, ld.bits_to)
-            data = {bits: pool.fmt.convert(bits, raw[bits]) for bits in pool.levels_of(ld)}
-            if self._copy_stream is None:
-                nbytes = pool.admit(ld, data)
+            if self._copy_stream is None:  # CPU: converted straight into the pool
+                nbytes = pool.admit_stored(ld, raw)
             else:
+                data = {bits: pool.fmt.convert(bits, raw[bits]) for bits in pool.levels_of(ld)}
                 nbytes = self._admit_cuda(ld, data)
             end = self.clock_us()
             rows.append(Event("io", "prefetch" if ld.prefetch else "load", work.step,

@@ -3,14 +3,18 @@ in the pool, and how the pool's bytes become `PackedExpertMatrix` views again.
 
 A level is the base (bits == b1: b1 bit planes, scale, zero) or one residual plane (its bit
 plane and, for MWQ, its scale), for all three matrices (w1, w3, w2) back to back, as in the
-store. In the pool each bit plane is word-major int32 [words, rows] and each per-group array
-is fp16 [groups, rows] (d2moe/kernels/packed.py), so the conversion (a reinterpretation
-and a transpose) happens once, on the I/O lane, when the level is loaded.
+store. In a CUDA pool each bit plane is word-major int32 [words, rows] and each per-group
+array is fp16 [groups, rows] (d2moe/kernels/packed.py), so the conversion (a
+reinterpretation and a transpose) happens once, on the I/O lane, when the level is loaded.
+A CPU pool keeps the store's row-major order ([rows, words] planes, [rows, groups] arrays:
+`row_major`), which is what the CPU fallback reads (kernels/torch_fallback.py: PlaneViews),
+so neither lane transposes; the byte sizes are the same either way.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +54,8 @@ class MatrixGeom:
 class LevelFormat:
     """Byte layout of each level in the pool, for one model and store layout."""
 
-    def __init__(self, spec: ModelSpec, layout: QuantLayout) -> None:
-        self.layout = layout
+    def __init__(self, spec: ModelSpec, layout: QuantLayout, *, row_major: bool = False) -> None:
+        self.layout, self.row_major = layout, row_major
         self.geoms = {t: MatrixGeom(o, i, layout.group)
                       for t, (o, i) in zip(TENSORS, _shapes(spec), strict=True)}
 
@@ -76,9 +80,23 @@ class LevelFormat:
     def store_nbytes(self, bits: int) -> int:
         return sum(level_nbytes(self.layout, g.rows, g.cols, bits) for g in self.geoms.values())
 
-    def convert(self, bits: int, levels: dict[str, np.ndarray]) -> np.ndarray:
-        """The store's bytes of level `bits` ({tensor: uint8}) -> the pool's bytes (uint8)."""
-        chunks = []
+    def convert(self, bits: int, levels: dict[str, np.ndarray],
+                out: np.ndarray | None = None) -> np.ndarray:
+        """The store's bytes of level `bits` ({tensor: uint8}) -> the pool's bytes (uint8),
+        written into `out` (uint8 [nbytes(bits)], e.g. the level's block) when given."""
+        if out is None:
+            out = np.empty(self.nbytes(bits), dtype=np.uint8)
+        pos = 0
+
+        def put(chunk: np.ndarray) -> None:
+            nonlocal pos
+            flat = out[pos:pos + chunk.nbytes]
+            if chunk.dtype == np.uint8 and chunk.flags.c_contiguous:
+                flat[:] = chunk.reshape(-1)
+            else:  # a transpose or a dtype view: written through a view of the same shape
+                np.copyto(flat.view(chunk.dtype).reshape(chunk.shape), chunk)
+            pos += chunk.nbytes
+
         b1 = self.layout.b1
         for t, g in self.geoms.items():
             raw = levels[t]
@@ -93,20 +111,31 @@ class LevelFormat:
                               for j in range(b1)]
                 else:
                     planes = [raw[j * plane_len:(j + 1) * plane_len] for j in range(b1)]
-                chunks += [plane_words(p, g.rows, g.cols).T for p in planes]
-                chunks += [_aux(raw, ncode, g), _aux(raw, ncode + sbytes, g)]
+                for p in planes:
+                    put(self._plane(p, g))
+                put(self._aux(raw, ncode, g))
+                put(self._aux(raw, ncode + sbytes, g))
             else:
-                chunks.append(plane_words(raw[:plane_len], g.rows, g.cols).T)
+                put(self._plane(raw[:plane_len], g))
                 if self.layout.kind == "mwq":
-                    chunks.append(_aux(raw, plane_len, g))
-        return np.concatenate([np.ascontiguousarray(c).view(np.uint8).reshape(-1)
-                               for c in chunks])
+                    put(self._aux(raw, plane_len, g))
+        if pos != out.size:
+            raise ValueError(f"level {bits}: wrote {pos} of {out.size} pool bytes")
+        return out
 
+    def _plane(self, stream: np.ndarray, g: MatrixGeom) -> np.ndarray:
+        """One stored plane -> int32 [rows, words] (row-major) or its transpose."""
+        if g.cols % 32 == 0 and sys.byteorder == "little":  # the stream is the word array
+            words = stream.view("<i4").reshape(g.rows, g.words)
+        else:
+            words = plane_words(stream, g.rows, g.cols)
+        return words if self.row_major else words.T
 
-def _aux(raw: np.ndarray, start: int, g: MatrixGeom) -> np.ndarray:
-    """fp16 [rows, groups] at `start` of a stored level -> [groups, rows]."""
-    a = raw[start:start + g.aux_nbytes].view("<f2").reshape(g.rows, g.groups)
-    return a.T.astype(np.float16)
+    def _aux(self, raw: np.ndarray, start: int, g: MatrixGeom) -> np.ndarray:
+        """fp16 [rows, groups] at `start` of a stored level -> [rows, groups] or [groups,
+        rows]."""
+        a = raw[start:start + g.aux_nbytes].view("<f2").reshape(g.rows, g.groups)
+        return a if self.row_major else a.T
 
 
 def _shapes(spec: ModelSpec) -> tuple[tuple[int, int], ...]:

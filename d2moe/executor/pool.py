@@ -8,6 +8,7 @@ and the arena compacts instead of failing when the budget's bytes are free but s
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -19,6 +20,7 @@ from d2moe.core.spec import ModelSpec
 from d2moe.executor.arena import ALIGN, Arena, Block, chunked_move
 from d2moe.executor.levels import LevelFormat
 from d2moe.kernels.packed import PackedExpertMatrix
+from d2moe.kernels.torch_fallback import PlaneViews
 from d2moe.policies.view import ResidentSet, Sizes
 from d2moe.quant.store import TENSORS
 
@@ -29,7 +31,8 @@ class ExpertPool:
     def __init__(self, spec: ModelSpec, layout: QuantLayout, budget_bytes: int,
                  device: torch.device) -> None:
         self.spec, self.layout, self.device = spec, layout, device
-        self.fmt = LevelFormat(spec, layout)
+        self.cpu = device.type == "cpu"  # CPU: row-major levels read as numpy views
+        self.fmt = LevelFormat(spec, layout, row_major=self.cpu)
         self.accounting = ResidentSet(Sizes.of(spec, layout), budget_bytes)
         levels = range(layout.b1, layout.bK + 1)
         # The pool's level may be a little larger than the store's (rows padded to whole
@@ -38,8 +41,18 @@ class ExpertPool:
         ratio = max(Arena.footprint(self.fmt.nbytes(b)) / self.fmt.store_nbytes(b)
                     for b in levels)
         self.capacity_bytes = int(budget_bytes * ratio) + ALIGN
-        self.buffer = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=device)
-        self.arena = Arena(self.capacity_bytes, mover=chunked_move(self._copy))
+        # CPU: zero-filled, so its pages are committed now and a load never pays first-touch
+        # page faults (measured: first admits into a fresh Mixtral pool took up to 3x longer)
+        alloc = torch.zeros if self.cpu else torch.empty
+        self.buffer = alloc(self.capacity_bytes, dtype=torch.uint8, device=device)
+        self.host = self.buffer.numpy() if self.cpu else None  # the same bytes (CPU)
+        # CPU: numpy views of each resident level's parts, parsed once per placement:
+        # (key, level bits) -> (block offset they were taken at, {tensor: {part: array}})
+        self._views: dict[tuple[ExpertKey, int], tuple[int, dict[str, dict[str, np.ndarray]]]] = {}
+        # The mover holds the buffer, not the pool: no reference cycle, so a dropped pool
+        # frees its (committed) buffer at once instead of at the next cyclic collection.
+        self.arena = Arena(self.capacity_bytes,
+                           mover=chunked_move(functools.partial(_copy_within, self.buffer)))
         self.blocks: dict[ExpertKey, dict[int, Block]] = {}  # key -> {level bits: block}
         self.moving = threading.Lock()  # held by readers of blocks and by compaction
         self._staging: torch.Tensor | None = None  # CUDA: pinned host bytes, one level
@@ -48,15 +61,13 @@ class ExpertPool:
     def view(self):  # noqa: ANN201 (ResidentView)
         return self.accounting.view
 
-    def _copy(self, src: int, dst: int, nbytes: int) -> None:
-        self.buffer[dst:dst + nbytes].copy_(self.buffer[src:src + nbytes])
-
     def evict(self, ev: Evict) -> int:
         """Drop the levels above `ev.bits_to`; returns the bytes freed (accounting)."""
         freed = self.accounting.apply_evict(ev)
         levels = self.blocks[ev.key]
         for bits in [b for b in levels if b > ev.bits_to or ev.bits_to == 0]:
             self.arena.free(levels.pop(bits))
+            self._views.pop((ev.key, bits), None)
         if not levels:
             del self.blocks[ev.key]
         return freed
@@ -72,13 +83,31 @@ class ExpertPool:
         levels = self.blocks.setdefault(ld.key, {})
         for bits in self.levels_of(ld):
             raw = data[bits]
-            if self.arena.used_bytes + Arena.footprint(raw.size) > self.capacity_bytes:
-                raise MemoryError("arena full although the accounting admitted the load")
-            block = self.arena.alloc(raw.size, (ld.key, bits)) if self._fits(raw.size) \
-                else self._alloc_compacting(raw.size, (ld.key, bits))
+            block = self._alloc(raw.size, (ld.key, bits))
             self._upload(self.buffer[block.offset:block.offset + raw.size], raw)
             levels[bits] = block
         return nbytes
+
+    def admit_stored(self, ld: Load, stored: dict[int, dict[str, np.ndarray]]) -> int:
+        """`admit` from the store's bytes ({level bits: {tensor: uint8}}): on the CPU each
+        level is converted straight into its block (no staging copy); returns the bytes."""
+        if not self.cpu:
+            return self.admit(ld, {b: self.fmt.convert(b, stored[b]) for b in self.levels_of(ld)})
+        nbytes = self.accounting.apply_load(ld)
+        levels = self.blocks.setdefault(ld.key, {})
+        for bits in self.levels_of(ld):
+            size = self.fmt.nbytes(bits)
+            block = self._alloc(size, (ld.key, bits))
+            self.fmt.convert(bits, stored[bits], out=self.host[block.offset:block.offset + size])
+            levels[bits] = block
+        return nbytes
+
+    def _alloc(self, nbytes: int, tag: object) -> Block:
+        """A block for `nbytes`, compacting (under `moving`) when no hole fits."""
+        if self.arena.used_bytes + Arena.footprint(nbytes) > self.capacity_bytes:
+            raise MemoryError("arena full although the accounting admitted the load")
+        return self.arena.alloc(nbytes, tag) if self._fits(nbytes) \
+            else self._alloc_compacting(nbytes, tag)
 
     def _upload(self, dst: torch.Tensor, raw: np.ndarray) -> None:
         """Host bytes into the pool. On CUDA through a pinned staging buffer, as an async copy
@@ -108,9 +137,12 @@ class ExpertPool:
                 torch.cuda.synchronize(self.device)
             return block
 
-    def matrices(self, key: ExpertKey, bits: int) -> dict[str, PackedExpertMatrix]:
-        """`key` at `bits` bits as kernel inputs (w1, w3, w2). Call with `moving` held: the
-        planes are gathered from their level blocks into one tensor per matrix."""
+    def matrices(self, key: ExpertKey, bits: int) -> dict[str, PackedExpertMatrix | PlaneViews]:
+        """`key` at `bits` bits as kernel inputs (w1, w3, w2). Call with `moving` held. CUDA:
+        the planes are gathered from their level blocks into one tensor per matrix; CPU:
+        views of the blocks, no copy (`PlaneViews`)."""
+        if self.cpu:
+            return self._plane_views(key, bits)
         levels = self.blocks[key]
         parts: dict[str, dict[str, torch.Tensor]] = {t: {} for t in TENSORS}
         for b in range(self.layout.b1, bits + 1):
@@ -137,3 +169,42 @@ class ExpertPool:
                 planes=torch.stack([words(p[f"plane{j}"]) for j in range(bits)]),
                 scale=aux(p["scale"]), zero=aux(p["zero"]), plane_scale=pscale)
         return out
+
+    def _level_views(self, key: ExpertKey, bits: int) -> dict[str, dict[str, np.ndarray]]:
+        """Numpy views of one resident level's parts (CPU, row-major), cached per placement:
+        a compaction moves the block, and the offset check re-parses it."""
+        block = self.blocks[key][bits]
+        hit = self._views.get((key, bits))
+        if hit is not None and hit[0] == block.offset:
+            return hit[1]
+        views: dict[str, dict[str, np.ndarray]] = {t: {} for t in TENSORS}
+        offset = block.offset
+        for tensor, part, n in self.fmt.parts(bits):
+            g = self.fmt.geoms[tensor]
+            raw = self.host[offset:offset + n]
+            views[tensor][part] = (raw.view(np.int32).reshape(g.rows, g.words)
+                                   if part.startswith("plane") else
+                                   raw.view(np.float16).reshape(g.rows, g.groups))
+            offset += n
+        self._views[(key, bits)] = (block.offset, views)
+        return views
+
+    def _plane_views(self, key: ExpertKey, bits: int) -> dict[str, PlaneViews]:
+        """CPU kernel inputs: each matrix's planes as views of their level blocks."""
+        lay = self.layout
+        parts: dict[str, dict[str, np.ndarray]] = {t: {} for t in TENSORS}
+        for b in range(lay.b1, bits + 1):
+            for tensor, views in self._level_views(key, b).items():
+                parts[tensor].update(views)
+        n_ps = bits - lay.b1 if lay.kind == "mwq" else 0
+        return {t: PlaneViews(kind=lay.kind, b1=lay.b1, bK=lay.bK, group=lay.group,
+                              rows=g.rows, cols=g.cols,
+                              planes=tuple(parts[t][f"plane{j}"] for j in range(bits)),
+                              scale=parts[t]["scale"], zero=parts[t]["zero"],
+                              plane_scale=tuple(parts[t][f"pscale{i}"] for i in range(n_ps)))
+                for t, g in self.fmt.geoms.items()}
+
+
+def _copy_within(buffer: torch.Tensor, src: int, dst: int, nbytes: int) -> None:
+    """Copy `nbytes` of `buffer` from `src` to `dst` (non-overlapping: see chunked_move)."""
+    buffer[dst:dst + nbytes].copy_(buffer[src:src + nbytes])

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from d2moe.kernels.packed import PackedExpertMatrix
+    from d2moe.kernels.torch_fallback import PlaneViews
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -23,13 +24,18 @@ def _triton_usable(packed: PackedExpertMatrix) -> bool:
     return g >= 32 and not g & (g - 1)
 
 
-def expert_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
+def expert_matmul(x: torch.Tensor, packed: PackedExpertMatrix | PlaneViews, bits: int,
                   backend: str = "auto") -> torch.Tensor:
-    """y = x @ W^T, W = `packed` at `bits` bits; Triton on CUDA, torch elsewhere."""
+    """y = x @ W^T, W = `packed` at `bits` bits; Triton on CUDA, torch elsewhere (always for
+    `PlaneViews`, the CPU pool's per-plane views)."""
     if backend not in BACKENDS:
         raise UserError(f"unknown kernel backend {backend!r}", field="backend",
                         fix=f"use one of {', '.join(BACKENDS)}")
-    if backend == "auto":
+    from d2moe.kernels.packed import PackedExpertMatrix
+
+    if not isinstance(packed, PackedExpertMatrix):
+        backend = "torch"  # PlaneViews: CPU numpy views, the fallback's own input
+    elif backend == "auto":
         backend = "triton" if x.is_cuda and _triton_usable(packed) else "torch"
     if backend == "triton":
         from d2moe.kernels.triton_nested import nested_matmul
@@ -41,8 +47,9 @@ def expert_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
     return dequant_matmul(x, packed, bits)
 
 
-def expert_swiglu(x: torch.Tensor, w1: PackedExpertMatrix, w3: PackedExpertMatrix,
-                  w2: PackedExpertMatrix, bits: int, backend: str = "auto") -> torch.Tensor:
+def expert_swiglu(x: torch.Tensor, w1: PackedExpertMatrix | PlaneViews,
+                  w3: PackedExpertMatrix | PlaneViews, w2: PackedExpertMatrix | PlaneViews,
+                  bits: int, backend: str = "auto") -> torch.Tensor:
     """One SwiGLU expert (Mixtral): w2 @ (silu(w1 @ x) * (w3 @ x)), all at `bits` bits."""
     import torch.nn.functional as F
 

@@ -1,41 +1,273 @@
-"""The CPU path: dequantize in torch (uint8 codes, grouped broadcasts), then one matmul.
+"""The CPU path: dequantize nested planes with numpy byte lookup tables, in row chunks that
+stay in cache, and multiply each chunk in torch; a torch-op path for other devices.
 
-Bit-for-bit equal to `d2moe.quant.reference.dequantize_packed` (same float32 operations in
-the same order; tested), but unpacks with numpy's unpackbits on the CPU, builds codes in
-uint8 and applies scales by broadcasting over [rows, groups, group] instead of gathering
-per column. Also the
-"dequantize-then-matmul" baseline that the kernel benchmark measures on CUDA.
+Bit for bit equal to `d2moe.quant.reference.dequantize_packed` (tested): the codes are exact
+integers and the float32 operations are the reference's, in its order (bitplane:
+code * s_b + z_b; MWQ: code * s + z, then + (+-a) per residual plane; ties and signed zeros
+included, since -a and (-1) * a are the same float).
+
+How the CPU path is fast without a cache of dequantized weights (which would sit outside
+the byte budget):
+- Codes without unpacking bit by bit: one 256-entry table maps a plane's byte (8 columns)
+  to a uint64 holding those 8 bits in 8 byte lanes, pre-shifted to the plane's place in
+  the code, so a code row is nbase `np.take` + `|` over uint64 (8 columns per element);
+  viewed as uint8 the result is the code matrix (column 8k + t = byte t of element k).
+- Planes row-major ([rows, words], `PlaneViews`): no transpose per run. The executor's CPU
+  pool stores them so (executor/levels.py); a word-major `PackedExpertMatrix` is
+  transposed once per call (1/8 byte per weight and plane).
+- Row chunks of about `CHUNK_WEIGHTS` weights: codes, the float32 weights and the product
+  of one chunk stay in cache; a large matrix never materialises in DRAM (and never pays
+  first-touch page faults). Scratch buffers are per thread and reused: a fixed workspace
+  of about 10 bytes per chunk weight (`workspace_bytes`), whatever the number of experts.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import sys
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
+
+from d2moe.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
     from d2moe.kernels.packed import PackedExpertMatrix
 
+CHUNK_WEIGHTS = 1 << 18  # weights per row chunk: its float32 weights (1 MiB) stay in
+# L2/L3; measured on a Mixtral w1 (14336x4096) at 4 bits, one thread: 88 ms a matrix at
+# 2^18, 197 ms at 2^15 (Python and dispatch overhead per chunk), 119 ms at 2^20
+_SCRATCH = threading.local()
+
+
+@dataclass(frozen=True, eq=False)
+class PlaneViews:
+    """A [rows, cols] nested matrix on the CPU as per-plane numpy views (no stacking copy)."""
+
+    kind: str  # mwq | bitplane
+    b1: int
+    bK: int
+    group: int
+    rows: int
+    cols: int
+    planes: tuple[np.ndarray, ...]  # int32 [rows, words] each, C-contiguous; bit t of
+    # [n, w] is column 32w + t (row-major: the transpose of the kernels' word-major plane)
+    scale: np.ndarray  # float16 [rows, groups], any strides
+    zero: np.ndarray  # float16 [rows, groups]
+    plane_scale: tuple[np.ndarray, ...]  # float16 [rows, groups] per residual plane (mwq)
+
+    @property
+    def bits_held(self) -> int:
+        """Planes resident: the highest bit-width this object serves."""
+        return len(self.planes)
+
+    @property
+    def words(self) -> int:
+        """int32 words per row of one plane: ceil(cols / 32)."""
+        return math.ceil(self.cols / 32)
+
+    @property
+    def groups(self) -> int:
+        """Groups per row: ceil(cols / group)."""
+        return math.ceil(self.cols / self.group)
+
+    @property
+    def device(self) -> torch.device:
+        """Always the CPU."""
+        import torch
+
+        return torch.device("cpu")
+
+    def check_bits(self, bits: int) -> None:
+        """Raise a UserError unless b1 <= bits <= bits_held."""
+        if not self.b1 <= bits <= self.bits_held:
+            raise UserError(f"{bits} bits is outside {self.b1}..{self.bits_held} resident",
+                            field="bits", fix="load the missing planes first")
+
+    @classmethod
+    def from_packed(cls, p: PackedExpertMatrix) -> PlaneViews:
+        """Views of a CPU `PackedExpertMatrix` (its word-major planes transposed: a copy
+        unless they already are transposed views of row-major arrays)."""
+        if p.planes.device.type != "cpu":
+            raise UserError(f"PlaneViews are CPU views, got {p.planes.device}", field="device",
+                            fix="use the torch-op path (dequantize_fast) off the CPU")
+        planes = tuple(np.ascontiguousarray(p.planes[j].t().numpy()) for j in range(p.bits_held))
+        return cls(kind=p.kind, b1=p.b1, bK=p.bK, group=p.group, rows=p.rows, cols=p.cols,
+                   planes=planes, scale=p.scale.t().numpy(), zero=p.zero.t().numpy(),
+                   plane_scale=tuple(a.t().numpy() for a in p.plane_scale))
+
+
+@functools.cache
+def _spread_tables() -> np.ndarray:
+    """uint64 [8, 256]: [s, v] holds bit t of byte v at bit 8t + s (byte lane t, place s)."""
+    v = np.arange(256, dtype=np.uint64)
+    lanes = np.zeros(256, dtype=np.uint64)
+    for t in range(8):
+        lanes |= ((v >> np.uint64(t)) & np.uint64(1)) << np.uint64(8 * t)
+    return np.stack([lanes << np.uint64(s) for s in range(8)])
+
+
+@functools.cache
+def _sign_table() -> np.ndarray:
+    """uint64 [256]: byte lane t of [v] is int8 +1 where bit t of v is set, else -1 (0xFF)."""
+    v = np.arange(256, dtype=np.uint64)
+    out = np.zeros(256, dtype=np.uint64)
+    for t in range(8):
+        bit = (v >> np.uint64(t)) & np.uint64(1)
+        out |= np.where(bit == 1, np.uint64(1), np.uint64(0xFF)) << np.uint64(8 * t)
+    return out
+
+
+def chunk_rows(v: PlaneViews) -> int:
+    """Rows per chunk: about CHUNK_WEIGHTS weights (at least one row)."""
+    return max(1, min(v.rows, CHUNK_WEIGHTS // max(1, v.groups * v.group)))
+
+
+def workspace_bytes(v: PlaneViews) -> int:
+    """Scratch bytes one thread holds for `v`: codes and lanes (1 byte per weight each),
+    float32 weights and MWQ's +-a (4 each), per chunk; parameters for the whole matrix."""
+    width = max(v.words * 32, v.groups * v.group)
+    params = v.rows * v.groups * 4 * (2 + (len(v.plane_scale) if v.kind == "mwq" else 0))
+    return chunk_rows(v) * width * (1 + 1 + 4 + 4) + params
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A per-thread reusable buffer of at least `shape` (contents undefined)."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    need = math.prod(shape)
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.size < need:
+        buf = bufs[(name, dtype)] = np.empty(need, dtype=dtype)
+    return buf[:need].reshape(shape)
+
+
+class _Dequantizer:
+    """One matrix at one bit-width, chunk by chunk: the per-group float32 parameters are
+    prepared once per call, the codes and weights of a chunk go to per-thread scratch."""
+
+    def __init__(self, v: PlaneViews, bits: int) -> None:
+        import torch
+
+        if sys.byteorder != "little":
+            raise UserError("the CPU fallback reads int32 planes as little-endian bytes",
+                            field="byteorder", fix="run on a little-endian machine")
+        v.check_bits(bits)
+        self.v, self.bits = v, bits
+        self.step = chunk_rows(v)
+        self.nbase = bits if v.kind == "bitplane" else v.b1
+        self.nbytes, self.padded = v.words * 4, v.groups * v.group
+        width = max(self.nbytes * 8, self.padded)
+        shape = (self.step, width // 8 + (width % 8 > 0))
+        self.code64 = _scratch("code", shape, np.uint64)
+        self.lane64 = _scratch("lane", shape, np.uint64)
+        if self.nbytes < shape[1]:  # codes past the planes' words stay zero
+            self.code64[:, self.nbytes:] = 0
+            self.lane64[:, self.nbytes:] = 0
+        grouped = (self.step, v.groups, v.group)
+        self.code = torch.from_numpy(
+            self.code64.view(np.uint8)[:, :self.padded].reshape(grouped))
+        self.w = torch.from_numpy(_scratch("w", grouped, np.float32))
+        s = v.scale.astype(np.float32)[:, :, None]
+        z = v.zero.astype(np.float32)[:, :, None]
+        if v.kind == "bitplane":  # reference: s_b = s * 2^shift, z_b = z + s * (2^shift-1)/2
+            shift = v.bK - bits
+            s, z = s * np.float32(2 ** shift), z + s * np.float32((2 ** shift - 1) / 2)
+        self.s, self.z = torch.from_numpy(s), torch.from_numpy(z)
+        self.pscale = [torch.from_numpy(a.astype(np.float32)[:, :, None])
+                       for a in v.plane_scale[:bits - v.b1]] if v.kind == "mwq" else []
+        if self.pscale:
+            self.signs = torch.from_numpy(
+                self.lane64.view(np.int8)[:, :self.padded].reshape(grouped))
+            self.pm = torch.from_numpy(_scratch("pm", grouped, np.float32))
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """float32 [r1 - r0, cols] weights of rows r0..r1 (a view of scratch: valid until the
+        next call in this thread)."""
+        v, n, nb = self.v, r1 - r0, self.nbytes
+        spread = _spread_tables()
+        code_w, lane_w = self.code64[:n, :nb], self.lane64[:n, :nb]
+        for j in range(self.nbase):  # plane j is bit nbase-1-j of the code
+            plane = v.planes[j][r0:r1].view(np.uint8)
+            if j == 0:  # (the method, not np.take: one wrapper less per call)
+                spread[self.nbase - 1].take(plane, out=code_w, mode="clip")
+            else:
+                spread[self.nbase - 1 - j].take(plane, out=lane_w, mode="clip")
+                np.bitwise_or(code_w, lane_w, out=code_w)
+        # The float part in torch: its broadcast over [n, groups, group] runs ~2.5x faster
+        # than numpy's here (measured, one thread), and it uses torch's intra-op threads.
+        w = self.w[:n]
+        torch_mul(self.code[:n], self.s[r0:r1], out=w)  # uint8 -> float32 exact, one rounding
+        w.add_(self.z[r0:r1])
+        for q, a in enumerate(self.pscale):  # w = w + where(bit, a, -a), in plane order
+            _sign_table().take(v.planes[v.b1 + q][r0:r1].view(np.uint8), out=lane_w,
+                               mode="clip")
+            pm = self.pm[:n]
+            torch_mul(self.signs[:n], a[r0:r1], out=pm)  # +-1 * a == +-a exactly
+            w.add_(pm)
+        return w.view(n, self.padded)[:, :v.cols]
+
+
+def torch_mul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """torch.mul with `out` (imported lazily: this module imports no torch at load)."""
+    import torch
+
+    return torch.mul(a, b, out=out)
+
+
+def dequantize_views(v: PlaneViews, bits: int) -> np.ndarray:
+    """float32 [rows, cols] weights at `bits` bits (a new array); equal to the reference."""
+    deq = _Dequantizer(v, bits)
+    out = np.empty((v.rows, v.cols), dtype=np.float32)
+    for r0 in range(0, v.rows, deq.step):
+        r1 = min(v.rows, r0 + deq.step)
+        out[r0:r1] = deq.rows(r0, r1).numpy()
+    return out
+
+
+def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int) -> torch.Tensor:
+    """y = x @ W^T for CPU views, chunk by chunk; y in x.dtype. One chunk (a small matrix)
+    is exactly `x.float() @ W.t()` with W dense."""
+    import torch
+
+    deq = _Dequantizer(v, bits)
+    if x.device.type != "cpu":
+        raise UserError(f"the CPU fallback got an input on {x.device}", field="device",
+                        fix="keep x on the CPU with CPU-resident planes")
+    lead, cols = x.shape[:-1], x.shape[-1]
+    if cols != v.cols:
+        raise UserError(f"x has {cols} columns, the matrix {v.cols}", field="shape",
+                        fix="pass x with the matrix's input width")
+    x2 = x.reshape(-1, cols).float()
+    if deq.step >= v.rows:
+        return (x2 @ deq.rows(0, v.rows).t()).to(x.dtype).reshape(*lead, v.rows)
+    y = torch.empty(v.rows, x2.shape[0], dtype=torch.float32)  # y^T: each chunk contiguous
+    xt = x2.t()
+    for r0 in range(0, v.rows, deq.step):
+        r1 = min(v.rows, r0 + deq.step)
+        torch.mm(deq.rows(r0, r1), xt, out=y[r0:r1])
+    return y.t().to(x.dtype).reshape(*lead, v.rows)
+
 
 def _plane_bits(words: torch.Tensor, rows: int, cols_padded: int) -> torch.Tensor:
     """int32 [words, rows] plane -> uint8 0/1 [rows, cols_padded] (column 32w + t = bit t)."""
-    import numpy as np
     import torch
 
-    if words.device.type == "cpu":  # numpy's unpackbits is ~10x faster than torch ops here
-        as_bytes = words.t().contiguous().view(torch.uint8).numpy()  # little endian
-        bits = torch.from_numpy(np.unpackbits(as_bytes, axis=-1, bitorder="little"))
-    else:
-        shifts = torch.arange(32, device=words.device, dtype=torch.int32)
-        bits = ((words.t().unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(rows, -1)
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = ((words.t().unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(rows, -1)
     return bits[:, :cols_padded]
 
 
-def dequantize_fast(p: PackedExpertMatrix, bits: int) -> torch.Tensor:
-    """float32 [rows, cols] weights at `bits` bits; equal to the reference bit for bit."""
+def _dequantize_torch(p: PackedExpertMatrix, bits: int) -> torch.Tensor:
+    """float32 [rows, cols] in torch ops on p's device (CUDA tensors the kernel can't take)."""
     import torch
 
-    p.check_bits(bits)
     rows, g, groups = p.rows, p.group, p.groups
     padded = groups * g  # whole groups; may exceed words*32 when group > 32
     nbase = bits if p.kind == "bitplane" else p.b1
@@ -62,11 +294,29 @@ def dequantize_fast(p: PackedExpertMatrix, bits: int) -> torch.Tensor:
     return w.reshape(rows, padded)[:, :p.cols]
 
 
-def dequant_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> torch.Tensor:
-    """y = x @ W^T with W materialised at `bits` bits in x.dtype; y in x.dtype."""
+def dequantize_fast(p: PackedExpertMatrix | PlaneViews, bits: int) -> torch.Tensor:
+    """float32 [rows, cols] weights at `bits` bits; equal to the reference bit for bit."""
     import torch
 
-    w = dequantize_fast(packed, bits)
+    p.check_bits(bits)
+    if isinstance(p, PlaneViews):
+        return torch.from_numpy(dequantize_views(p, bits))
+    if p.device.type == "cpu":
+        return torch.from_numpy(dequantize_views(PlaneViews.from_packed(p), bits))
+    return _dequantize_torch(p, bits)
+
+
+def dequant_matmul(x: torch.Tensor, packed: PackedExpertMatrix | PlaneViews,
+                   bits: int) -> torch.Tensor:
+    """y = x @ W^T with W at `bits` bits; y in x.dtype (CPU: chunked, see the module doc)."""
+    import torch
+
+    packed.check_bits(bits)
+    if isinstance(packed, PlaneViews):
+        return matmul_views(x, packed, bits)
+    if packed.device.type == "cpu" and x.device.type == "cpu":
+        return matmul_views(x, PlaneViews.from_packed(packed), bits)
+    w = _dequantize_torch(packed, bits)
     if x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda:
         return x @ w.to(x.dtype).t()
     return (x.float() @ w.t()).to(x.dtype)

@@ -1,0 +1,90 @@
+"""The CPU pool's row-major levels: converted straight into their blocks, read back as
+per-plane views that dequantize to the store's matrices bit for bit, also after the arena
+moved them; the word-major (CUDA) layout holds the same bytes transposed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from d2moe.core.jobs import Evict, ExpertKey, Load
+from d2moe.core.sizes import QuantLayout, expert_bytes
+from d2moe.core.spec import ModelSpec
+from d2moe.executor.levels import LevelFormat
+from d2moe.executor.pool import ExpertPool
+from d2moe.kernels.torch_fallback import PlaneViews, dequantize_fast
+from d2moe.quant.nested import quantize_matrix
+from d2moe.quant.reference import dequantize
+from d2moe.quant.store import StoreReader, StoreWriter, tensor_shapes
+
+# hidden 40: w1/w3 rows of 40 columns (a partial int32 word, a partial group)
+SPEC = ModelSpec(name="small", layers=1, experts=3, top_k=1, hidden=40, ffn=96, heads=1,
+                 kv_heads=1, vocab=16)
+
+
+@pytest.fixture(scope="module", params=["mwq", "bitplane"])
+def store(request, tmp_path_factory):
+    layout = QuantLayout(kind=request.param, b1=2, bK=5, group=32)
+    path = tmp_path_factory.mktemp(request.param) / "store"
+    rng = np.random.default_rng(0)
+    writer = StoreWriter(path, SPEC, layout)
+    writer.write_layer(0, ((e, {t: quantize_matrix(rng.standard_normal(s).astype(np.float32),
+                                                   layout)
+                                for t, s in tensor_shapes(SPEC).items()})
+                           for e in range(SPEC.experts)))
+    writer.close()
+    return StoreReader(path)
+
+
+def _check_views(pool: ExpertPool, store: StoreReader, expert: int, bits: int) -> None:
+    want = store.read_expert(0, expert, bits)
+    with pool.moving:
+        got = pool.matrices(ExpertKey(0, expert), bits)
+        for t, v in got.items():
+            assert isinstance(v, PlaneViews)
+            w = dequantize_fast(v, bits)
+            assert torch.equal(w.view(torch.int32), dequantize(want[t], bits).view(torch.int32))
+
+
+def test_cpu_pool_views_equal_the_store_and_survive_compaction(store):
+    layout = store.layout
+    budget = 2 * expert_bytes(SPEC, layout.bK, layout)
+    pool = ExpertPool(SPEC, layout, budget, torch.device("cpu"))
+    assert pool.fmt.row_major
+    for e in (0, 1):
+        pool.admit_stored(Load(ExpertKey(0, e), 0, 4), store.read_planes(0, e, 0, 4))
+    _check_views(pool, store, 0, 4)
+    _check_views(pool, store, 1, 3)
+    pool.evict(Evict(ExpertKey(0, 0), 4, 0))  # a hole at the front ...
+    moved = pool.blocks[ExpertKey(0, 1)][layout.b1].offset
+    with pool.moving:
+        pool.arena.compact()  # ... closed: expert 1 moves, its cached views must not be used
+    assert pool.blocks[ExpertKey(0, 1)][layout.b1].offset < moved
+    pool.admit_stored(Load(ExpertKey(0, 2), 0, 5), store.read_planes(0, 2, 0, 5))
+    _check_views(pool, store, 1, 4)
+    _check_views(pool, store, 2, 5)
+    pool.admit_stored(Load(ExpertKey(0, 1), 4, 5), store.read_planes(0, 1, 4, 5))
+    _check_views(pool, store, 1, 5)
+    assert pool.accounting.peak_bytes <= budget
+
+
+def test_convert_into_a_block_equals_convert_and_layouts_are_transposes(store):
+    layout = store.layout
+    row, word = LevelFormat(SPEC, layout, row_major=True), LevelFormat(SPEC, layout)
+    for bits in range(layout.b1, layout.bK + 1):
+        raw = store.read_planes(0, 1, 0 if bits == layout.b1 else bits - 1, bits)[bits]
+        a = row.convert(bits, raw)
+        out = np.full(row.nbytes(bits), 7, np.uint8)
+        assert row.convert(bits, raw, out=out) is out and np.array_equal(out, a)
+        b = word.convert(bits, raw)
+        assert a.size == b.size == row.nbytes(bits)
+        pos = 0
+        for tensor, part, n in row.parts(bits):
+            g = row.geoms[tensor]
+            dtype, shape = (np.int32, (g.rows, g.words)) if part.startswith("plane") else \
+                (np.float16, (g.rows, g.groups))
+            mine = a[pos:pos + n].view(dtype).reshape(shape)
+            theirs = b[pos:pos + n].view(dtype).reshape(shape[::-1])
+            assert np.array_equal(mine, theirs.T, equal_nan=True), (bits, tensor, part)
+            pos += n
