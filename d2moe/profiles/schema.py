@@ -12,6 +12,9 @@ or a measured table over (shape, bits, tokens), interpolated linearly, extrapola
 in `Profile.extrapolations`.
 Non-expert part of a layer (`Profile.non_expert_us`): layer_overhead_us + roofline over the
 spec's non-expert weights (at dtype_bytes) and flops, or a measured table over tokens.
+Executor lane costs (`Profile.executor`, optional, measured by `d2moe profile`): the fixed
+costs of the real executor's lanes beyond the disk and the kernels (per layer, per load, per
+byte loaded, per run, per hand-off between the lanes); the simulator adds them when present.
 Every cost is memoized per profile: a cached call is one dict lookup.
 """
 
@@ -31,7 +34,10 @@ from d2moe.core.spec import ModelSpec
 from d2moe.profiles.cost import Table1D, Table2D, dequant_us, roofline_us, transfer_us
 
 PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory_bytes",
-                "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert")
+                "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
+                "executor")
+EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "run_us", "wake_us", "overlap_io_speed",
+                 "overlap_compute_speed")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 _DEFAULT_LAYOUT = QuantLayout()
@@ -108,11 +114,38 @@ class NonExpertTable:
     rows: tuple[NonExpertRow, ...]
 
 
+@dataclass(frozen=True)
+class ExecutorCosts:
+    """Fixed costs of the real executor's lanes, beyond the disk reads and the expert kernels.
+
+    A load issues one read request per stored level (each pays the disk's `latency_us`) and
+    then pays `load_us` + bytes / `load_GBps` on the I/O lane (checksum, layout conversion,
+    placement in the pool); a layer with expert work pays `layer_us` on the compute lane
+    before its first run (grouping tokens, planning, handing loads to the I/O lane); a run
+    pays `run_us` beyond its expert; a lane blocked on the other resumes `wake_us` after the
+    signal. While both lanes are busy they share the CPU: the I/O lane runs at
+    `overlap_io_speed` and the compute lane at `overlap_compute_speed` of their own speed
+    (1: no contention, as with a DMA engine and a GPU).
+    """
+
+    layer_us: float = 0.0
+    load_us: float = 0.0
+    load_GBps: float = math.inf  # inf: no per-byte cost beyond the read
+    run_us: float = 0.0
+    wake_us: float = 0.0
+    overlap_io_speed: float = 1.0
+    overlap_compute_speed: float = 1.0
+
+    def load_extra_us(self, nbytes: int) -> float:
+        """What a load of `nbytes` costs the I/O lane beyond its reads."""
+        return 0.0 if nbytes <= 0 else self.load_us + nbytes / (self.load_GBps * 1e3)
+
+
 class _Memo:
     """Mutable caches behind a frozen Profile (keys use id(); `keep` holds those objects alive)."""
 
     def __init__(self) -> None:
-        self.load: dict[tuple[int, str], float] = {}
+        self.load: dict[tuple[int, str, int], float] = {}
         self.run: dict[tuple[int, int, int, int], float] = {}
         self.non_expert: dict[tuple[int, int], float] = {}
         self.tables: dict[tuple[str, int], Any] = {}
@@ -140,6 +173,7 @@ class Profile:
     shared_bandwidth: bool = True  # concurrent io lanes split the path's bandwidth
     expert: ExpertRoofline | ExpertTable
     non_expert: NonExpertRoofline | NonExpertTable
+    executor: ExecutorCosts | None = None  # None: the simulator adds no executor lane costs
     _memo: _Memo = field(default_factory=_Memo, init=False, compare=False, repr=False)
 
     @property
@@ -152,12 +186,16 @@ class Profile:
         """Distinct table queries outside the measured range: (kind, model, bits, tokens)."""
         return tuple(self._memo.extrapolations)
 
-    def load_us(self, nbytes: int, tier: str = "disk") -> float:
-        """Time to move `nbytes` from `tier` into device memory (one request)."""
-        key = (nbytes, tier)
+    def load_us(self, nbytes: int, tier: str = "disk", requests: int = 1) -> float:
+        """Time to move `nbytes` from `tier` into device memory in `requests` requests
+        (each pays every hop's fixed latency; the bytes stream at the slowest bandwidth)."""
+        key = (nbytes, tier, requests)
         cached = self._memo.load.get(key)
         if cached is None:
-            cached = self._memo.load[key] = transfer_us(nbytes, self._hops(tier))
+            hops = self._hops(tier)
+            if requests > 1 and nbytes > 0:
+                hops = [(bw, lat * requests) for bw, lat in hops]
+            cached = self._memo.load[key] = transfer_us(nbytes, hops)
         return cached
 
     def _hops(self, tier: str) -> list[tuple[float, float]]:
@@ -271,6 +309,9 @@ class Profile:
                          else {"table": [_fields(r) for r in e.rows]})
         out["non_expert"] = ({"roofline": _fields(n)} if isinstance(n, NonExpertRoofline)
                              else {"table": [_fields(r) for r in n.rows]})
+        if self.executor is not None:
+            out["executor"] = {k: v for k, v in _fields(self.executor).items()
+                               if math.isfinite(v)}
         return out
 
 
@@ -377,7 +418,19 @@ def profile_from_dict(data: Any, *, path: str) -> Profile:
                    unified_memory=unified,
                    device_memory_bytes=r.size(d, "device_memory_bytes", "", low=1),
                    host_memory_bytes=host, io_lanes=lanes, shared_bandwidth=shared,
-                   expert=_expert(r, d["expert"]), non_expert=_non_expert(r, d["non_expert"]))
+                   expert=_expert(r, d["expert"]), non_expert=_non_expert(r, d["non_expert"]),
+                   executor=None if d.get("executor") is None else _executor(r, d["executor"]))
+
+
+def _executor(r: _Reader, data: Any) -> ExecutorCosts:
+    d = r.keys(data, EXECUTOR_KEYS, "executor", ())
+    costs = {k: r.number(d, k, "executor", positive=k == "load_GBps" or "speed" in k)
+             for k in d}
+    for k in ("overlap_io_speed", "overlap_compute_speed"):
+        if costs.get(k, 1.0) > 1.0:
+            raise r.fail(f"executor.{k}", f"must be in (0, 1], got {costs[k]}",
+                         "write the fraction of its own speed the lane keeps (1: no contention)")
+    return ExecutorCosts(**costs)
 
 
 def _link(r: _Reader, data: Any, where: str) -> Link:

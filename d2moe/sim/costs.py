@@ -1,4 +1,12 @@
-"""Durations from a hardware profile, memoized: the simulator asks for one per job."""
+"""Durations from a hardware profile, memoized: the simulator asks for one per job.
+
+When the profile carries executor lane costs (`Profile.executor`, measured by `d2moe
+profile`), a load pays one disk request per stored level it moves plus the I/O lane's work
+beyond the reads, a run pays the compute lane's fixed cost beyond its expert, a layer with
+expert work pays `layer_us` before its plan starts and a lane blocked on the other resumes
+`wake_us` after the signal (`sim/lanes.py`), and each lane slows to its measured overlap
+speed while the other is busy (`sim/contention.py`). Without them these terms are zero.
+"""
 
 from __future__ import annotations
 
@@ -16,29 +24,52 @@ class ProfileCosts:
 
     def __init__(self, profile: Any, spec: ModelSpec, sizes: Sizes, layout: QuantLayout) -> None:
         self.profile, self.spec, self.sizes, self.layout = profile, spec, sizes, layout
-        self._load: dict[tuple[int, str], float] = {}
+        self.lane_costs = getattr(profile, "executor", None)
+        lc = self.lane_costs
+        self.layer_us = float(lc.layer_us) if lc is not None else 0.0
+        self.wake_us = float(lc.wake_us) if lc is not None else 0.0
+        self.io_speed = float(lc.overlap_io_speed) if lc is not None else 1.0
+        self.compute_speed = float(lc.overlap_compute_speed) if lc is not None else 1.0
+        self._run_fixed_us = float(lc.run_us) if lc is not None else 0.0
+        self._load: dict[tuple[int, str, int], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}
 
-    def bytes_us(self, nbytes: int, tier: str = "disk") -> float:
-        key = (nbytes, tier)
+    def bytes_us(self, nbytes: int, tier: str = "disk", requests: int = 1) -> float:
+        """A load of `nbytes` from `tier` in `requests` reads, with the lane's own costs."""
+        key = (nbytes, tier, requests)
         us = self._load.get(key)
         if us is None:
-            us = self._load[key] = float(self.profile.load_us(nbytes, tier))
+            lc = self.lane_costs
+            if lc is None:
+                us = float(self.profile.load_us(nbytes, tier))
+            else:
+                us = float(self.profile.load_us(nbytes, tier, requests)
+                           + lc.load_extra_us(nbytes))
+            self._load[key] = us
         return us
+
+    def requests(self, bits_from: int, bits_to: int) -> int:
+        """Read requests of a raise: one per stored level moved (nested), else one copy."""
+        if self.lane_costs is None or not self.layout.nested:
+            return 1
+        return max(1, bits_to - (self.layout.b1 - 1 if bits_from == 0 else bits_from))
 
     def load_us_of(self, ld: Load, nbytes: int, host: HostCache) -> float:
         """Duration of `ld` moving `nbytes`, from host RAM when the host tier holds it."""
-        return self.bytes_us(nbytes, host.tier_for(ld) if host.capacity_bytes > 0 else "disk")
+        return self.bytes_us(nbytes, host.tier_for(ld) if host.capacity_bytes > 0 else "disk",
+                             self.requests(ld.bits_from, ld.bits_to))
 
     def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
-        return self.bytes_us(self.sizes.load(bits_from, bits_to))
+        return self.bytes_us(self.sizes.load(bits_from, bits_to), "disk",
+                             self.requests(bits_from, bits_to))
 
     def run_us(self, key: ExpertKey, bits: int, tokens: int) -> float:
         k = (bits, tokens)
         us = self._run.get(k)
         if us is None:
-            us = self._run[k] = float(self.profile.run_us(self.spec, bits, tokens, self.layout))
+            us = self._run[k] = float(self.profile.run_us(self.spec, bits, tokens, self.layout)
+                                      + (self._run_fixed_us if tokens > 0 else 0.0))
         return us
 
     def run_us_of(self, run: Run) -> float:

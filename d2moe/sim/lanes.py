@@ -5,7 +5,12 @@ Both engines follow the same rules (see `core.jobs.run_waits/load_waits`):
   its evictions wait for have ended; it takes `load_us(bytes)`;
 - the compute lane runs in plan order; a run starts when the lane is free and its load has
   ended; waiting shows as a `stall` row;
-- evictions happen at their load's start.
+- evictions happen at their load's start;
+- a lane that had to wait for the other resumes `wake_us` after the signal (the real
+  executor's thread hand-off; 0 unless the profile measured it), and the I/O lane takes a
+  layer's first load `wake_us` after the plan is handed to it;
+- with lane contention (speeds < 1 in the profile) both engines time the plan with the fluid
+  model of `sim/contention.py`.
 Both write identical Event rows; tests cross-check them on random plans.
 """
 
@@ -18,6 +23,7 @@ from typing import Any
 from d2moe.core.events import Event
 from d2moe.core.jobs import Load, Plan, Run, load_waits, run_waits
 from d2moe.policies.view import ResidentSet
+from d2moe.sim.contention import execute_contended
 
 
 @dataclass
@@ -30,6 +36,19 @@ class LayerCtx:
     events: list[Event]
     load_us: Callable[[Load, int], float]  # (load, bytes) -> duration
     run_us: Callable[[Run], float]
+    wake_us: float = 0.0  # a lane blocked on the other resumes this long after the signal
+    io_speed: float = 1.0  # the I/O lane's speed while the compute lane is busy (contention)
+    compute_speed: float = 1.0  # the compute lane's speed while the I/O lane is busy
+
+    @property
+    def contended(self) -> bool:
+        """Whether the lanes slow each other down (then `sim/contention.py` times the plan)."""
+        return self.io_speed < 1.0 or self.compute_speed < 1.0
+
+
+def _after(free: float, ready: float, wake_us: float) -> float:
+    """When a lane free at `free` starts a job whose dependency ends at `ready`."""
+    return free if ready <= free else ready + wake_us
 
 
 def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
@@ -49,11 +68,10 @@ def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
 def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float) -> float:
     """Record a run starting at max(free, ready), with a stall row if it waited."""
     rows = ctx.events
-    start = free
-    if ready > free:
+    start = _after(free, ready, ctx.wake_us)
+    if start > free:
         rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0, 0, 0,
-                          free, ready))
-        start = ready
+                          free, start))
     end = start + ctx.run_us(run)
     rows.append(Event("compute", "run", ctx.step, ctx.layer, run.key.expert, run.bits, run.bits,
                       run.tokens, 0, start, end))
@@ -66,6 +84,8 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
     load i starts at max(io_free, end of run load_waits[i]);
     run j starts at max(cpu_free, end of load run_waits[j]).
     """
+    if ctx.contended:
+        return execute_contended(ctx, plan, t0)
     loads, runs = plan.loads, plan.runs
     rw = run_waits(plan)
     lw = load_waits(plan)
@@ -73,13 +93,14 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
         lw = None  # the I/O lane never waits on compute in this plan
     load_end = [0.0] * len(loads)
     run_end = [0.0] * len(runs)
-    io = cpu = t0
+    io = t0 + ctx.wake_us if loads else t0
+    cpu = t0
     i = j = 0
     n_l, n_r = len(loads), len(runs)
     while i < n_l or j < n_r:
         moved = False
         if i < n_l and (lw is None or lw[i] < j):
-            start = io if lw is None or lw[i] < 0 else max(io, run_end[lw[i]])
+            start = io if lw is None or lw[i] < 0 else _after(io, run_end[lw[i]], ctx.wake_us)
             io = load_end[i] = _do_load(ctx, loads[i], start)
             i += 1
             moved = True
@@ -99,6 +120,10 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
     Times are carried in the processes' own variables (SimPy orders the waits), so both
     engines do the same float arithmetic and their rows match exactly.
     """
+    if ctx.contended:
+        end = execute_contended(ctx, plan, t0)
+        yield env.timeout(max(0.0, end - env.now))
+        return end
     loads, runs = plan.loads, plan.runs
     rw, lw = run_waits(plan), load_waits(plan)
     load_done = [env.event() for _ in loads]
@@ -107,12 +132,12 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
     run_end = [0.0] * len(runs)
 
     def io_lane() -> Generator[Any, Any, None]:
-        io = t0
+        io = t0 + ctx.wake_us
         for i, ld in enumerate(loads):
             if lw[i] >= 0:
                 if not run_done[lw[i]].triggered:
                     yield run_done[lw[i]]
-                io = max(io, run_end[lw[i]])
+                io = _after(io, run_end[lw[i]], ctx.wake_us)
             io = load_end[i] = _do_load(ctx, ld, io)
             yield env.timeout(max(0.0, io - env.now))
             load_done[i].succeed()

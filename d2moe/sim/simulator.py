@@ -98,7 +98,8 @@ def _simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Tim
     run_us = costs.run_us_of
     if setup.engine == "fast":
         t = 0.0
-        ctx = LayerCtx(0, 0, pool, events, load_us, run_us)
+        ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
+                       costs.compute_speed)
         for s, step in enumerate(steps):
             t = _step_fast(s, step, t, policy, ctx, costs)
     else:
@@ -127,7 +128,7 @@ def _step_fast(s: int, step: StepWork, t: float, policy: Policy, ctx: LayerCtx,
         if demands:
             plan = policy.plan(layer, demands, view, costs)
             ctx.layer = layer
-            t = execute_fast(ctx, plan, t)
+            t = execute_fast(ctx, plan, t + costs.layer_us)
     events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
     return t
 
@@ -146,6 +147,7 @@ def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: Resi
             yield env.timeout(max(0.0, t - env.now))
             if demands:
                 plan = policy.plan(layer, demands, pool.view, costs)
-                ctx = LayerCtx(s, layer, pool, events, load_us, run_us)
-                t = yield env.process(simpy_layer(env, ctx, plan, t))
+                ctx = LayerCtx(s, layer, pool, events, load_us, run_us, costs.wake_us,
+                               costs.io_speed, costs.compute_speed)
+                t = yield env.process(simpy_layer(env, ctx, plan, t + costs.layer_us))
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))

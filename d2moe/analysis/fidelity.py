@@ -1,0 +1,180 @@
+"""Simulator against real run: per (policy, budget) metrics side by side with the error in %,
+the summary (mean and worst |tokens/s error|, same policy ranking per budget) and the
+side-by-side timeline figure. Reads Event rows only (through `compute_metrics`).
+
+Besides tokens/s (tokens over the summed step time), each row carries the median decode step
+time of both timelines: on a machine shared with other work, a few steps stretched by
+preemption move the mean a lot and the median little, so the error of the median step shows
+what the cost model gets wrong apart from that noise."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from d2moe.analysis.metrics import Metrics, compute_metrics
+from d2moe.core.events import Timeline
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    """One (policy, budget): the real run's and the simulation's metrics."""
+
+    policy: str
+    budget: str
+    real: Metrics
+    sim: Metrics
+    real_step_us: float = math.nan  # median decode step
+    sim_step_us: float = math.nan
+    real_spread_pct: float = math.nan  # (max - min) / median tokens/s of repeated real runs
+
+    @staticmethod
+    def speed(m: Metrics) -> float:
+        """Decode tokens/s (prefill tokens/s when there is no decode step)."""
+        return m.decode_tokens_per_s if m.decode_steps else m.prefill_tokens_per_s
+
+    @property
+    def error_pct(self) -> float:
+        """Simulated against real tokens/s: 100 (sim - real) / real."""
+        real = self.speed(self.real)
+        return 100.0 * (self.speed(self.sim) - real) / real if real > 0 else math.inf
+
+    @property
+    def step_error_pct(self) -> float:
+        """Simulated against real tokens/s of the median decode step (noise-robust)."""
+        return 100.0 * (self.real_step_us - self.sim_step_us) / self.sim_step_us \
+            if self.sim_step_us > 0 else math.nan
+
+    def as_table_row(self) -> dict[str, object]:
+        """The columns of `format_table`: tokens/s, lane busy and bubble time, hit rate."""
+        r, s = self.real, self.sim
+        return {
+            "policy": self.policy, "budget": self.budget,
+            "real tok/s": self.speed(r), "sim tok/s": self.speed(s), "error %": self.error_pct,
+            "real step ms": self.real_step_us / 1e3, "sim step ms": self.sim_step_us / 1e3,
+            "step error %": self.step_error_pct,
+            "real spread %": None if math.isnan(self.real_spread_pct) else self.real_spread_pct,
+            "real io busy ms": r.io_busy_us / 1e3, "sim io busy ms": s.io_busy_us / 1e3,
+            "real cpu busy ms": r.compute_busy_us / 1e3,
+            "sim cpu busy ms": s.compute_busy_us / 1e3,
+            "real io bubble %": r.io_bubble_pct, "sim io bubble %": s.io_bubble_pct,
+            "real cpu bubble %": r.compute_bubble_pct, "sim cpu bubble %": s.compute_bubble_pct,
+            "real stall ms": r.exposed_io_us / 1e3, "sim stall ms": s.exposed_io_us / 1e3,
+            "real hit %": 100.0 * r.hit_rate, "sim hit %": 100.0 * s.hit_rate,
+        }
+
+
+def fidelity_row(policy: str, budget: str, real: Timeline, sim: Timeline,
+                 repeats: Sequence[Timeline] = ()) -> FidelityRow:
+    """Compare one real timeline with its simulation; `repeats` (the real run's repetitions,
+    itself included) give the spread of real tokens/s, the noise an error is judged by."""
+    spread = math.nan
+    if len(repeats) > 1:
+        speeds = [FidelityRow.speed(compute_metrics(t)) for t in repeats]
+        spread = 100.0 * (max(speeds) - min(speeds)) / statistics.median(speeds)
+    return FidelityRow(policy, budget, compute_metrics(real), compute_metrics(sim),
+                       median_step_us(real), median_step_us(sim), spread)
+
+
+def median_step_us(timeline: Timeline) -> float:
+    """Median duration of the decode steps (of all steps when there is no decode step)."""
+    steps = [e for e in timeline.events if e.lane == "step"]
+    decode = [e.end_us - e.start_us for e in steps if e.kind == "decode"]
+    spans = decode or [e.end_us - e.start_us for e in steps]
+    return statistics.median(spans) if spans else math.nan
+
+
+def _ranking(rows: Sequence[FidelityRow], budget: str, sim: bool) -> list[str]:
+    mine = [r for r in rows if r.budget == budget]
+    return [r.policy for r in sorted(mine, key=lambda r: -r.speed(r.sim if sim else r.real))]
+
+
+TIE_PCT = 1.0  # two policies within 1% of each other are tied: either order agrees
+
+
+def _sign(a: float, b: float) -> int:
+    if abs(a - b) <= TIE_PCT / 100.0 * max(abs(a), abs(b)):
+        return 0
+    return 1 if a > b else -1
+
+
+def _same_order(rows: Sequence[FidelityRow]) -> bool:
+    """No two policies ordered one way for real and the other way in simulation (ties,
+    within TIE_PCT, agree with either order)."""
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            real = _sign(a.speed(a.real), b.speed(b.real))
+            sim = _sign(a.speed(a.sim), b.speed(b.sim))
+            if real * sim < 0:
+                return False
+    return True
+
+
+def summarize(rows: Sequence[FidelityRow]) -> dict[str, object]:
+    """Mean and worst |tokens/s error| in %, and per budget whether both rank the policies
+    the same (by tokens/s, fastest first; ties within TIE_PCT agree with either order)."""
+    errors = [abs(r.error_pct) for r in rows]
+    step_errors = [abs(r.step_error_pct) for r in rows if not math.isnan(r.step_error_pct)]
+    budgets = list(dict.fromkeys(r.budget for r in rows))
+    ranking = {b: {"real": _ranking(rows, b, False), "sim": _ranking(rows, b, True)}
+               for b in budgets}
+    return {
+        "mean_abs_error_pct": sum(errors) / len(errors) if errors else math.nan,
+        "worst_abs_error_pct": max(errors, default=math.nan),
+        "mean_abs_step_error_pct": (sum(step_errors) / len(step_errors) if step_errors
+                                    else math.nan),
+        "worst_abs_step_error_pct": max(step_errors, default=math.nan),
+        "same_ranking": {b: _same_order([r for r in rows if r.budget == b]) for b in budgets},
+        "ranking": ranking,
+    }
+
+
+SHORT_COLUMNS = ("policy", "budget", "real tok/s", "sim tok/s", "error %", "step error %",
+                 "real hit %", "sim hit %")
+
+
+def short_table(rows: Sequence[FidelityRow]) -> str:
+    """The comparison's key columns only (for the demo)."""
+    from d2moe.analysis.tables import format_table
+
+    return format_table([{k: v for k, v in r.as_table_row().items() if k in SHORT_COLUMNS}
+                         for r in rows])
+
+
+def summary_line(summary: dict[str, object]) -> str:
+    """One line: mean and worst |error| and whether every budget ranks the policies alike."""
+    same = summary["same_ranking"]
+    assert isinstance(same, dict)
+    differ = [b for b, ok in same.items() if not ok]
+    rank = "same policy ranking at every budget" if not differ else \
+        f"ranking differs at {', '.join(differ)}"
+    return (f"tokens/s error: mean |{summary['mean_abs_error_pct']:.1f}|%, worst "
+            f"|{summary['worst_abs_error_pct']:.1f}|%; median-step error: mean "
+            f"|{summary['mean_abs_step_error_pct']:.1f}|%, worst "
+            f"|{summary['worst_abs_step_error_pct']:.1f}|%; {rank}")
+
+
+def from_step(timeline: Timeline, first: int, count: int) -> Timeline:
+    """The rows of steps first..first+count-1, shifted so that step `first` starts at 0."""
+    rows = [e for e in timeline.events if first <= e.step < first + count]
+    t0 = min((e.start_us for e in rows if e.lane == "step"), default=0.0)
+    return Timeline([e._replace(start_us=e.start_us - t0, end_us=e.end_us - t0) for e in rows],
+                    dict(timeline.meta))
+
+
+def plot_side_by_side(pairs: Sequence[tuple[str, Timeline, Timeline]], path: str | Path, *,
+                      title: str = "", first_step: int = 1, steps: int = 2) -> Path:
+    """Real above simulated for each (label, real, sim): `steps` steps from `first_step`
+    (default: the first two decode steps), each timeline shifted to start them at 0, on one
+    time axis. Captions give the metrics of the steps shown."""
+    from d2moe.analysis.timeline_plot import plot_bubbles
+
+    timelines, labels = [], []
+    for label, real, sim in pairs:
+        timelines += [from_step(real, first_step, steps), from_step(sim, first_step, steps)]
+        labels += [f"{label} real", f"{label} simulated"]
+    end = max((e.end_us for t in timelines for e in t.events), default=1.0) or 1.0
+    return plot_bubbles(timelines, path, labels=labels, title=title or None, window=(0.0, end))

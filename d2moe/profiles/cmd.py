@@ -1,0 +1,63 @@
+"""`d2moe profile`: measure this machine and write a `source: measured` hardware profile."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from typing import Any
+
+from d2moe.core.cliargs import add_fields, from_args, require_modules
+from d2moe.profiles.measure import ProfileConfig
+
+
+def register(subparsers: Any) -> None:
+    """Add the `profile` verb (needs torch: registered as an optional command)."""
+    require_modules("torch", "tqdm", verb="profile")
+    p = subparsers.add_parser(
+        "profile", help="measure this machine's disk, link, kernels and executor lanes",
+        description="Measure what the simulator needs on this machine, through the executor's "
+                    "own code: cold disk reads (O_DIRECT) and pinned host-to-device copies "
+                    "against size, expert runs per (bits, tokens) for the spec's shapes, "
+                    "non-expert time per layer and the executor lanes' fixed costs. Writes a "
+                    "profile YAML with source: measured (device, date, command); see "
+                    "docs/profiling.md.")
+    add_fields(p, ProfileConfig)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from d2moe.profiles.measure import measure_profile
+    from d2moe.profiles.schema import load_profile, save_profile
+
+    cfg = from_args(ProfileConfig, args)
+    t0 = time.perf_counter()
+    command = "d2moe profile " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "profile" else "d2moe profile"
+    profile = measure_profile(cfg, command=command)
+    save_profile(cfg.out, profile)
+    load_profile(cfg.out)  # what was written loads back
+    print(summary(profile))
+    print(f"wrote {cfg.out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def summary(profile: Any) -> str:
+    """A few lines naming the fitted figures of a measured profile."""
+    lines = [f"{profile.name}: {profile.source.device} (measured {profile.source.date})",
+             f"disk: {profile.disk.read_GBps:.3g} GB/s, {profile.disk.latency_us:.1f} us per "
+             f"request"]
+    if profile.link is not None:
+        lines.append(f"link: {profile.link.read_GBps:.3g} GB/s, {profile.link.latency_us:.1f} "
+                     f"us per copy")
+    ex = profile.executor
+    if ex is not None:
+        lines.append(f"executor lanes: layer {ex.layer_us:.0f} us, load {ex.load_us:.0f} us + "
+                     f"bytes at {ex.load_GBps:.3g} GB/s, run {ex.run_us:.0f} us, hand-off "
+                     f"{ex.wake_us:.0f} us")
+    rows = getattr(profile.expert, "rows", ())
+    if rows:
+        lines.append(f"expert runs: {len(rows)} points, {min(r.latency_us for r in rows):.0f}-"
+                     f"{max(r.latency_us for r in rows):.0f} us")
+    return "\n".join(lines)

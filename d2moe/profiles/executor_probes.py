@@ -1,0 +1,316 @@
+"""The probes of `d2moe profile` that run the executor's own code: whole loads through the
+I/O lane's steps, the compute lane's run body, the non-expert rows and the lanes' fixed costs
+of the real backend, and the two lanes' speeds while both are busy."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2moe.core.sizes import QuantLayout
+from d2moe.core.spec import ModelSpec
+from d2moe.profiles.timing import Bar, interleaved_means
+
+
+def measure_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
+                  raises: Sequence[tuple[int, int]], repeats: int, sync: Callable[[], None],
+                  bar: Bar) -> list[tuple[int, int, float]]:
+    """(levels, bytes, us) of the I/O lane's whole load: read, convert, place."""
+    from d2moe.core.jobs import ExpertKey, Load
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.pool import ExpertPool
+
+    pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
+    keys = [ExpertKey(0, e) for e in range(probe.experts)]
+
+    def loader(bits_from: int, bits_to: int) -> Callable[[int], float]:
+        def load(i: int) -> float:
+            key = keys[i % len(keys)]
+            _drop(pool, key)
+            if bits_from:
+                base = Load(key, 0, bits_from)
+                load_into(reader, pool, base)
+            sync()
+            t0 = time.perf_counter()
+            ld = Load(key, bits_from, bits_to)
+            load_into(reader, pool, ld)
+            sync()
+            return (time.perf_counter() - t0) * 1e6
+
+        return load
+
+    means = interleaved_means([loader(a, b) for a, b in raises], repeats, sync, bar, "load")
+    for key in list(pool.blocks):
+        _drop(pool, key)
+    return [(b - (layout.b1 - 1 if a == 0 else a), reader.expert_nbytes(0, 0, a, b), us)
+            for (a, b), us in zip(raises, means, strict=True)]
+
+
+def _drop(pool: Any, key: Any) -> None:
+    from d2moe.core.jobs import Evict
+
+    have = pool.view.bits.get(key, 0)
+    if have:
+        pool.evict(Evict(key, have, 0))
+
+
+def load_into(reader: Any, pool: Any, ld: Any) -> int:
+    """What the I/O lane does for one load (`executor/lanes.py`): read the levels, then place
+    them in the pool (on the CPU converted straight into it where the pool can; otherwise
+    converted, then placed); returns the bytes."""
+    raw = reader.read_planes(ld.key.layer, ld.key.expert, ld.bits_from, ld.bits_to)
+    if pool.device.type != "cuda" and hasattr(pool, "admit_stored"):
+        return int(pool.admit_stored(ld, raw))
+    return int(pool.admit(ld, {bits: pool.fmt.convert(bits, raw[bits])
+                               for bits in pool.levels_of(ld)}))
+
+
+def run_bodies(probe: ModelSpec, layout: QuantLayout, device: Any,
+               points: Sequence[tuple[int, int]]) -> list[Callable[[int], None]]:
+    """The compute lane's run body (gather the resident planes, the expert, the weighted
+    add) on one resident random expert, one closure per (bits, tokens)."""
+    import torch
+
+    from d2moe.core.jobs import ExpertKey, Load
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.pool import ExpertPool
+    from d2moe.kernels.dispatch import expert_swiglu
+    from d2moe.profiles.probe_store import random_matrix
+    from d2moe.quant.nested import encode_level
+    from d2moe.quant.store import TENSORS, tensor_shapes
+
+    one = dataclasses.replace(probe, experts=1, top_k=1)
+    pool = ExpertPool(one, layout, all_experts_bytes(one, layout.bK, layout), device)
+    rng = np.random.default_rng(2)
+    mats = {t: random_matrix(rng, *shape, layout) for t, shape in tensor_shapes(one).items()}
+    key = ExpertKey(0, 0)
+    ld = Load(key, 0, layout.bK)
+    data = {b: pool.fmt.convert(b, {t: np.frombuffer(encode_level(mats[t], b), np.uint8)
+                                    for t in TENSORS}) for b in pool.levels_of(ld)}
+    pool.admit(ld, data)
+    gen = torch.Generator().manual_seed(3)
+
+    def runner(b: int, n: int) -> Callable[[int], None]:
+        x = torch.randn(n, probe.hidden, generator=gen).to(device)
+        tok = torch.arange(n, device=device)
+        w = torch.full((n,), 0.5, device=device)
+        y = torch.zeros_like(x)
+
+        def run(i: int) -> None:
+            with torch.no_grad():
+                with pool.moving:
+                    m = pool.matrices(key, b)
+                    o = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], b)
+                y.index_add_(0, tok, o * w[:, None].to(o.dtype))
+
+        return run
+
+    return [runner(b, n) for b, n in points]
+
+
+def measure_runs(probe: ModelSpec, layout: QuantLayout, device: Any, bits: Sequence[int],
+                 tokens: Sequence[int], repeats: int, sync: Callable[[], None],
+                 bar: Bar) -> list[tuple[int, int, float]]:
+    """(bits, tokens, us) of the compute lane's run body on a resident expert."""
+    points = [(b, n) for b in bits for n in tokens]
+    means = interleaved_means(run_bodies(probe, layout, device, points), repeats, sync,
+                                  bar, "runs")
+    return [(b, n, us) for (b, n), us in zip(points, means, strict=True)]
+
+
+def measure_overlap(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
+                    bits: int, repeats: int, sync: Callable[[], None],
+                    window_s: float = 0.2) -> dict[str, float]:
+    """Each lane's speed while the other is busy, a fraction in (0, 1]: runs per second
+    while a second thread loads experts in a loop, over runs per second alone (and loads
+    likewise); alone and together alternate for a few rounds and the means are kept."""
+    import threading
+
+    from d2moe.core.jobs import ExpertKey, Load
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.pool import ExpertPool
+
+    run = run_bodies(probe, layout, device, [(bits, 1)])[0]
+    pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
+    keys = [ExpertKey(0, e) for e in range(probe.experts)]
+
+    def load(i: int) -> float:
+        key = keys[i % len(keys)]
+        _drop(pool, key)
+        t0 = time.perf_counter()
+        ld = Load(key, 0, bits)
+        load_into(reader, pool, ld)
+        sync()
+        return (time.perf_counter() - t0) * 1e6
+
+    def rates(bodies: Sequence[Callable[[int], Any]], seconds: float) -> list[float]:
+        """Calls per second of each body, all looping in their own threads for `seconds`."""
+        stop, out = threading.Event(), [0.0] * len(bodies)
+
+        def loop(k: int) -> None:
+            n, t0 = 0, time.perf_counter()
+            while not stop.is_set():
+                bodies[k](n)
+                sync()
+                n += 1
+            out[k] = n / (time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=loop, args=(k,), daemon=True)
+                   for k in range(len(bodies))]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        return out
+
+    t0 = time.perf_counter()
+    run(-1)
+    load(-1)
+    window_s = max(window_s, 4 * (time.perf_counter() - t0))  # several calls per window
+    compute_speed, io_speed = [], []
+    for _ in range(max(3, repeats // 2)):  # alone and together in turn: load drifts alike
+        (alone_run,), (alone_load,) = rates([run], window_s), rates([load], window_s)
+        both_run, both_load = rates([run, load], window_s)
+        compute_speed.append(both_run / alone_run if alone_run else 1.0)
+        io_speed.append(both_load / alone_load if alone_load else 1.0)
+    for key in list(pool.blocks):
+        _drop(pool, key)
+
+    def clamp(xs: list[float]) -> float:
+        return round(min(1.0, max(0.05, statistics.fmean(xs))), 3)
+
+    return {"overlap_compute_speed": clamp(compute_speed), "overlap_io_speed": clamp(io_speed)}
+
+
+def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
+                       tokens: Sequence[int], repeats: int, scratch: Path,
+                       bar: Bar) -> list[tuple[int, float]]:
+    """(tokens, us per layer) of the non-expert rows the executor itself records.
+
+    A random-weight copy of the model cut to 2 layers (and at most 4 experts) runs through
+    `StreamingExperts` with every expert resident, so the rows hold what a real run's do:
+    attention, router, the backend's bookkeeping; layer 0's row also holds the step's head
+    (LM head, sampling, embedding), spread here over the spec's layers as in a full model.
+    One token: decode steps; more: one prefill per generation.
+    """
+    import torch
+
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.backend import StreamingExperts
+    from d2moe.executor.pool import ExpertPool
+    from d2moe.model.generate import generate
+    from d2moe.model.transformer import Transformer
+    from d2moe.policies import make_policy
+    from d2moe.profiles.probe_store import write_random_store
+    from d2moe.quant.store import StoreReader
+
+    small = dataclasses.replace(spec, layers=2, experts=min(spec.experts, 4),
+                                top_k=min(spec.top_k, 2, min(spec.experts, 4)))
+    bits = min(layout.b1 + 2, layout.bK)
+    reader = StoreReader(write_random_store(scratch / "d2moe-probe-model", small, layout),
+                         direct=True)
+    model = Transformer(small, with_experts=False)
+    model.init_weights(seed=0)
+    model.to(device)
+    pool = ExpertPool(small, layout, all_experts_bytes(small, bits, layout), device)
+    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=bits)
+    gen = torch.Generator().manual_seed(5)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, spec.vocab, (n,), generator=gen).tolist()
+
+    generate(model, prompt(8), 2 + small.layers, backend=backend)  # warm: every expert in
+    first = backend.step + 1
+    for _ in range(repeats):
+        for n in tokens:
+            if n == 1:
+                generate(model, prompt(2), 3, backend=backend)  # two decode steps
+            else:
+                generate(model, prompt(n), 1, backend=backend)
+            bar.step("non-expert")
+    timeline = backend.finish()
+    reader.close()
+    rows: dict[tuple[int, int], list[float]] = {}
+    for e in timeline.events:
+        if e.kind == "non_expert" and e.step >= first:
+            rows.setdefault((e.tokens, e.layer), []).append(e.end_us - e.start_us)
+    out = []
+    for n in tokens:
+        per_layer = statistics.fmean(rows[(n, 1)])
+        head = max(statistics.fmean(rows[(n, 0)]) - per_layer, 0.0)
+        out.append((n, round(per_layer + head / spec.layers, 2)))
+    return out
+
+
+def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
+                  layers: int, sync: Callable[[], None]) -> dict[str, float]:
+    """The executor lanes' fixed costs, read from the rows of the real backend run on the
+    probe store (FIFO, a budget of two experts, one token per layer, random routing)."""
+    import torch
+
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.backend import StreamingExperts
+    from d2moe.executor.pool import ExpertPool
+    from d2moe.policies import make_policy
+
+    bits = min(layout.b1 + 2, layout.bK)
+    budget = 2 * all_experts_bytes(probe, bits, layout) // probe.experts
+    pool = ExpertPool(probe, layout, budget, device)
+    backend = StreamingExperts(reader, make_policy("fifo"), pool, bits=bits)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(layers):
+            x = torch.randn(1, probe.hidden, generator=gen).to(device)
+            ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k][None].to(device)
+            weights = torch.full((1, probe.top_k), 1.0 / probe.top_k, device=device)
+            backend.run_layer(0, x, ids, weights)
+            sync()
+    timeline = backend.finish()
+    return lane_costs_from_rows(timeline.events)
+
+
+def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
+    """layer_us, run_us and wake_us from a real timeline's rows (means; 0 when unseen).
+
+    layer_us: from a layer's non-expert end to its first compute row, plus from its last run
+    to the next non-expert start; run_us: the gap between consecutive runs with no stall
+    between; wake_us: from a load's end to the end of the stall waiting for it."""
+    by_layer: dict[tuple[int, int], list[Any]] = {}
+    for e in events:
+        if e.lane in ("compute", "io"):
+            by_layer.setdefault((e.step, e.layer), []).append(e)
+    ne_start = {k: r.start_us for k, rs in by_layer.items() for r in rs if r.kind == "non_expert"}
+    heads, tails, gaps, wakes = [], [], [], []
+    order = sorted(by_layer)
+    for idx, k in enumerate(order):
+        rows = sorted(by_layer[k], key=lambda e: e.start_us)
+        ne = [r for r in rows if r.kind == "non_expert"]
+        comp = [r for r in rows if r.kind in ("run", "stall")]
+        if not ne or not comp:
+            continue
+        heads.append(comp[0].start_us - ne[0].end_us)
+        runs = [r for r in comp if r.kind == "run"]
+        nxt = ne_start.get(order[idx + 1]) if idx + 1 < len(order) else None
+        if nxt is not None and runs:
+            tails.append(nxt - runs[-1].end_us)
+        for a, b in zip(comp, comp[1:], strict=False):
+            if a.kind == "run" and b.kind == "run":
+                gaps.append(b.start_us - a.end_us)
+        loads = {r.expert: r for r in rows if r.kind == "load"}
+        for r in comp:
+            if r.kind == "stall" and r.expert in loads:
+                wakes.append(r.end_us - loads[r.expert].end_us)
+
+    def med(xs: list[float]) -> float:
+        return round(max(statistics.fmean(xs), 0.0), 2) if xs else 0.0
+
+    return {"layer_us": round(med(heads) + med(tails), 2), "run_us": med(gaps),
+            "wake_us": med(wakes)}

@@ -1,0 +1,327 @@
+"""`d2moe profile`: measure this machine as the simulator needs it and build a Profile.
+
+What is measured (each point the mean of at least `repeats` timings and 0.1 s, through the
+executor's code; a mean, not a median, because on a CPU shared with other work the
+preemptions that some timings catch are part of what a long run pays):
+- disk: cold reads of growing size through the store reader (O_DIRECT where the file system
+  allows, else the page cache is dropped before each read); fit latency_us + bytes / read_GBps;
+- link (cuda only): pinned host -> device copies of growing size; same fit;
+- expert runs per (bits, tokens) for the spec's expert shapes: the compute lane's run body
+  (gather the resident planes, `kernels.dispatch.expert_swiglu`, weighted add);
+- non-expert time per layer per token count: the non-expert rows of the real backend running
+  a random-weight 2-layer copy of the model with every expert resident; the per-step head
+  (embedding, LM head, sampling) is spread over the spec's layers;
+- the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus the
+  disk fit gives `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
+  store gives the per-layer dispatch (`layer_us`), the per-run bookkeeping (`run_us`) and the
+  hand-off between the lanes (`wake_us`), read from its timeline rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import QuantLayout, parse_bytes
+from d2moe.core.spec import ModelSpec, load_spec
+from d2moe.profiles.executor_probes import (
+    measure_lanes,
+    measure_loads,
+    measure_non_expert,
+    measure_overlap,
+    measure_runs,
+)
+from d2moe.profiles.schema import (
+    ExecutorCosts,
+    ExpertRow,
+    ExpertTable,
+    Link,
+    NonExpertRow,
+    NonExpertTable,
+    Profile,
+    Source,
+    expert_shape_key,
+)
+from d2moe.profiles.timing import Bar, fit_latency_bandwidth, interleaved_means
+
+PROBE_FILE = "probe.bin"
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """Options of `d2moe profile` (the CLI is built from these fields)."""
+
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (cuda:N)"})
+    threads: int = field(default=1, metadata={
+        "help": "torch intra-op threads while measuring (0: torch's default); use the count "
+                "the executor runs with (d2moe validate --threads)"})
+    model_spec: str = field(default="tiny", metadata={
+        "help": "spec whose expert shapes and non-expert layers are measured (shipped name, "
+                "spec YAML or HF config.json)", "metavar": "SPEC"})
+    out: str = field(default="out/profile.yaml", metadata={"help": "profile YAML to write"})
+    name: str = field(default="", metadata={
+        "help": "profile name (default: the file name without .yaml)"})
+    tokens: str = field(default="1,2,4,8,16", metadata={
+        "help": "token counts of the expert-run and non-expert tables"})
+    bits: str = field(default="", metadata={
+        "help": "bit-widths of the expert table (default: every one from b1 to bK)"})
+    disk_sizes: str = field(default="4KiB,16KiB,64KiB,256KiB,1MiB,4MiB", metadata={
+        "help": "read (and copy) sizes of the disk and link fits"})
+    repeats: int = field(default=15, metadata={
+        "help": "timings per point at least (their mean is kept; short ones repeat for "
+                "0.1 s)"})
+    probe_experts: int = field(default=4, metadata={
+        "help": "experts in the random probe store (loads and the lane probe)"})
+    lane_layers: int = field(default=24, metadata={
+        "help": "layers the lane probe runs through the real backend"})
+    layout: str = field(default="bitplane", metadata={"help": "store layout: bitplane or mwq"})
+    b1: int = field(default=2, metadata={"help": "lowest stored bit-width"})
+    bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
+    group: int = field(default=64, metadata={"help": "quantization group size"})
+    dir: str = field(default="", metadata={
+        "help": "scratch directory on the disk to measure (default: a temporary directory "
+                "under the d2moe cache directory)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    @property
+    def quant_layout(self) -> QuantLayout:
+        return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
+
+
+def _ints(text: str, where: str) -> list[int]:
+    try:
+        out = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise UserError(f"not a list of integers: {text!r}", field=where,
+                        fix="e.g. 1,2,4,8") from None
+    if not out or out[0] < 1:
+        raise UserError(f"needs positive integers, got {text!r}", field=where, fix="e.g. 1,2,4")
+    return out
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with `n` torch intra-op threads (0: leave torch's setting), restored afterwards.
+
+    On a small CPU shared with the I/O lane (and other processes), one compute thread keeps
+    the two lanes on separate cores; two threads make every kernel wait for a preempted
+    partner thread, and timings jump by 10-100x under load."""
+    import torch
+
+    if n < 0:
+        raise UserError(f"must be >= 0, got {n}", field="threads", fix="pass 1, or 0 for default")
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def _scratch(cfg: ProfileConfig) -> Iterator[Path]:
+    if cfg.dir:
+        path = Path(cfg.dir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    from d2moe.executor.cmd import cache_dir
+
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="profile-", dir=root) as tmp:
+        yield Path(tmp)
+
+
+def measure_profile(cfg: ProfileConfig, command: str = "",
+                    spec: ModelSpec | None = None) -> Profile:
+    """Run every measurement of `cfg` on this machine; returns the measured Profile.
+    `spec` replaces `cfg.model_spec` (e.g. a model cut to fewer layers)."""
+    with torch_threads(cfg.threads):
+        return _measure_profile(cfg, command, spec or load_spec(cfg.model_spec))
+
+
+def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profile:
+    import torch
+
+    device = _device(cfg.device)
+    layout = cfg.quant_layout
+    if not layout.nested:
+        raise UserError(f"cannot measure layout {layout.kind!r}", field="layout",
+                        fix="use bitplane or mwq")
+    tokens = _ints(cfg.tokens, "tokens")
+    bits = _ints(cfg.bits, "bits") if cfg.bits else list(range(layout.b1, layout.bK + 1))
+    for b in bits:
+        layout.check_bits(b)
+    sizes = sorted({parse_bytes(s.strip(), field="disk-sizes")
+                    for s in cfg.disk_sizes.split(",") if s.strip()})
+    if not sizes or sizes[0] < 1:
+        raise UserError("needs at least one read size", field="disk-sizes", fix="e.g. 4KiB,1MiB")
+    if cfg.repeats < 1 or cfg.probe_experts < 2 or cfg.lane_layers < 2:
+        raise UserError("repeats must be >= 1, probe-experts and lane-layers >= 2",
+                        field="repeats", fix="use larger values")
+    probe = dataclasses.replace(spec, layers=1, experts=min(spec.experts, cfg.probe_experts),
+                                top_k=min(spec.top_k, 2, cfg.probe_experts - 1))
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    raises = [(0, b) for b in range(layout.b1, layout.bK + 1)] + \
+        [(b, b + 1) for b in range(layout.b1, layout.bK)]
+    total = cfg.repeats * (len(sizes) * (2 if cuda else 1) + len(raises)
+                           + len(bits) * len(tokens) + len(tokens)) + 1
+    bar = Bar(total, cfg.progress)
+    try:
+        with _scratch(cfg) as scratch:
+            from d2moe.profiles.probe_store import write_random_store
+            from d2moe.quant.store import StoreReader
+
+            store_dir = write_random_store(scratch / "d2moe-probe-store", probe, layout)
+            reader = StoreReader(store_dir, direct=True)
+            try:
+                disk_points = measure_disk(reader, sizes, cfg.repeats, bar)
+                disk = _fit_link(disk_points)
+                link = _fit_link(measure_link(device, sizes, cfg.repeats, bar)) if cuda else None
+                loads = measure_loads(reader, probe, layout, device, raises, cfg.repeats,
+                                      sync, bar)
+                runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
+                non_expert = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
+                                                scratch, bar)
+                lanes = measure_lanes(reader, probe, layout, device, cfg.lane_layers, sync)
+                overlap = measure_overlap(reader, probe, layout, device,
+                                          min(layout.b1 + 2, layout.bK), cfg.repeats, sync)
+                bar.step("lanes")
+            finally:
+                reader.close()
+    finally:
+        bar.close()
+    extra = [(n, us - (levels * disk.latency_us + n / (disk.read_GBps * 1e3)))
+             for levels, n, us in loads]
+    load_us, load_gbps = fit_latency_bandwidth(extra)
+    executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
+                             load_GBps=_sig(load_gbps),
+                             run_us=lanes["run_us"], wake_us=lanes["wake_us"], **overlap)
+    shape = expert_shape_key(spec)
+    name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
+    return Profile(
+        name=name,
+        source=Source("measured", device=_device_name(device),
+                      date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                      command=command or "d2moe profile"),
+        disk=disk, link=link, unified_memory=not cuda,
+        device_memory_bytes=(torch.cuda.get_device_properties(device).total_memory if cuda
+                             else _host_memory_bytes()),
+        expert=ExpertTable(tuple(ExpertRow(shape, b, t, round(us, 2)) for b, t, us in runs)),
+        non_expert=NonExpertTable(tuple(NonExpertRow(spec.name, t, round(us, 2))
+                                        for t, us in non_expert)),
+        executor=executor)
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    if text != "cpu" and not text.startswith("cuda"):
+        raise UserError(f"unknown device {text!r}", field="device", fix="use cpu or cuda")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("CUDA was asked for but torch sees no CUDA device", field="device",
+                        fix="use --device cpu")
+    return torch.device(text)
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {platform.node() or 'host'}"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+def measure_disk(reader: Any, sizes: Sequence[int], repeats: int,
+                 bar: Bar) -> list[tuple[int, float]]:
+    """(bytes, us) of cold reads through `reader.read_range` at random aligned offsets."""
+    from d2moe.quant.store import ALIGN_BYTES, ByteRange
+
+    span = max(64 * 2**20, 8 * max(sizes))
+    span = -(-span // ALIGN_BYTES) * ALIGN_BYTES
+    path = reader.path / PROBE_FILE
+    rng = np.random.default_rng(1)
+    with open(path, "wb") as f:
+        chunk = rng.integers(0, 256, 2**20, dtype=np.uint8).tobytes()
+        for _ in range(span // len(chunk) + 1):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = reader._fd(PROBE_FILE)  # noqa: SLF001 (the reader's own descriptor, O_DIRECT or not)
+    def reader_of(n: int) -> Callable[[int], float]:
+        slots = max(1, (span - n) // ALIGN_BYTES)
+
+        def read(i: int) -> float:
+            offset = int(rng.integers(0, slots)) * ALIGN_BYTES
+            if not reader.direct_io and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            reader.read_range(ByteRange(PROBE_FILE, offset, n, 0))
+            return (time.perf_counter() - t0) * 1e6
+
+        return read
+
+    means = interleaved_means([reader_of(n) for n in sizes], repeats, lambda: None, bar,
+                                  "disk")
+    return list(zip(sizes, means, strict=True))
+
+
+def measure_link(device: Any, sizes: Sequence[int], repeats: int,
+                 bar: Bar) -> list[tuple[int, float]]:
+    """(bytes, us) of pinned host -> device copies (cuda)."""
+    import torch
+
+    def copier(n: int) -> Callable[[int], None]:
+        src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(n, dtype=torch.uint8, device=device)
+        def copy(i: int) -> None:
+            dst.copy_(src, non_blocking=True)
+
+        return copy
+
+    means = interleaved_means([copier(n) for n in sizes], repeats,
+                                  lambda: torch.cuda.synchronize(device), bar, "link")
+    return list(zip(sizes, means, strict=True))
+
+
+def _fit_link(points: list[tuple[int, float]]) -> Link:
+    latency, gbps = fit_latency_bandwidth(points)
+    return Link(read_GBps=_sig(gbps) if math.isfinite(gbps) else 1e3,
+                latency_us=round(latency, 2))
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    """`x` rounded to `digits` significant digits (inf stays inf)."""
+    return x if not math.isfinite(x) or x == 0 else round(x, digits - 1 - int(math.floor(
+        math.log10(abs(x)))))

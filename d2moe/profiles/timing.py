@@ -1,0 +1,84 @@
+"""Timing helpers of `d2moe profile`: robust means over interleaved rounds, the latency +
+bandwidth fit, and the progress bar."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+
+def fit_latency_bandwidth(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Fit t_us = latency_us + bytes / (GBps * 1e3) to (bytes, us): (latency_us, GBps).
+
+    Least squares on the relative error (each point weighted by 1/t), so small requests,
+    the ones an expert's planes make, fit as well as large ones. The latency is clamped at
+    0; a flat or falling slope gives an infinite bandwidth.
+    """
+    x = np.array([p[0] for p in points], float)
+    y = np.array([p[1] for p in points], float)
+    if len(points) < 2 or np.ptp(x) == 0:
+        return max(float(np.median(y)), 0.0), math.inf
+    w = 1.0 / np.maximum(np.abs(y), 1e-9)
+    slope, intercept = np.polyfit(x, y, 1, w=w)
+    if slope <= 0:
+        return max(float(np.median(y)), 0.0), math.inf
+    if intercept < 0:  # refit through the origin
+        slope = float((w * w * x * y).sum() / (w * w * x * x).sum())
+        intercept = 0.0
+    return float(intercept), 1.0 / (float(slope) * 1e3)
+
+
+def interleaved_means(fns: Sequence[Callable[[int], float | None]], repeats: int,
+                      sync: Callable[[], None], bar: Bar | None = None, what: str = "",
+                      min_s: float = 0.1, max_rounds: int = 2000) -> list[float]:
+    """Mean time in us of each fn: at least `repeats` rounds, and more until every fn has
+    spent `min_s` seconds (at most `max_rounds`), after a warm-up round.
+
+    Each round calls every fn once, in its own shuffled order (seeded: reproducible), so a
+    burst of load from another process spreads over the points instead of slowing a few
+    neighbours. A plain mean over enough time, because on a CPU shared with other work a
+    long run pays the preemptions that only some short timings catch (a median or a trimmed
+    mean of short timings leaves them out and came out 1.5-2x optimistic on the development
+    VM). A fn returning a number reports its own time (it times only part of what it does);
+    otherwise its wall time is taken (with `sync` after it)."""
+    times: list[list[float]] = [[] for _ in fns]
+    spent_s = [0.0] * len(fns)
+    rng = np.random.default_rng(0)
+    r = -1
+    while r < repeats or (min(spent_s, default=min_s) < min_s and r < max_rounds):
+        for i in rng.permutation(len(fns)).tolist():
+            t0 = time.perf_counter()
+            own = fns[i](r)
+            sync()
+            spent = (time.perf_counter() - t0) * 1e6 if own is None else own
+            if r >= 0:
+                times[i].append(spent)
+                spent_s[i] += spent / 1e6
+                if bar is not None and r < repeats:
+                    bar.step(what)
+        r += 1
+    return [statistics.fmean(t) for t in times]
+
+
+class Bar:
+    """A tqdm bar (or nothing) advanced by measurement points."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="profile", unit="point")
+
+    def step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,56 @@
+"""Sim-versus-real comparison from Event rows: errors, summary and ranking by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from d2moe.analysis.fidelity import fidelity_row, from_step, summarize, summary_line
+from d2moe.core.events import Event, Timeline
+
+
+def _timeline(step_us: float, steps: int = 3) -> Timeline:
+    """A prefill then decode steps of one token, each `step_us` long, one run each."""
+    rows = []
+    for s in range(steps):
+        t = s * step_us
+        rows.append(Event("step", "prefill" if s == 0 else "decode", s, -1, -1, 0, 0, 1, 0, t,
+                          t + step_us))
+        rows.append(Event("compute", "run", s, 0, 0, 4, 4, 1, 0, t, t + step_us / 2))
+    return Timeline(rows, {})
+
+
+def test_error_is_relative_to_the_real_run() -> None:
+    row = fidelity_row("fifo", "50%", _timeline(1000.0), _timeline(800.0))
+    # decode: 2 tokens in 2 ms real (1000 tok/s), 1.6 ms simulated (1250 tok/s): +25%
+    assert row.speed(row.real) == pytest.approx(1000.0)
+    assert row.error_pct == pytest.approx(25.0)
+    cells = row.as_table_row()
+    assert cells["real cpu busy ms"] == pytest.approx(1.5) and cells["sim hit %"] == 100.0
+
+
+def test_summary_and_ranking() -> None:
+    rows = [fidelity_row("fifo", "25%", _timeline(1000.0), _timeline(900.0)),
+            fidelity_row("hebf", "25%", _timeline(500.0), _timeline(550.0)),
+            fidelity_row("fifo", "100%", _timeline(500.0), _timeline(500.0)),
+            fidelity_row("hebf", "100%", _timeline(400.0), _timeline(600.0))]
+    s = summarize(rows)
+    errors = [100 / 0.9 - 100, 100 / 1.1 - 100, 0.0, 100 * 400 / 600 - 100]
+    assert s["mean_abs_error_pct"] == pytest.approx(sum(abs(e) for e in errors) / 4)
+    assert s["worst_abs_error_pct"] == pytest.approx(abs(errors[3]))
+    assert s["same_ranking"] == {"25%": True, "100%": False}
+    assert s["ranking"]["100%"] == {"real": ["hebf", "fifo"], "sim": ["fifo", "hebf"]}
+    assert "ranking differs at 100%" in summary_line(s)
+    assert math.isnan(summarize([])["mean_abs_error_pct"])
+    # a tie in the simulation (within 1%) agrees with either real order
+    tie = [fidelity_row("fifo", "b", _timeline(500.0), _timeline(600.0)),
+           fidelity_row("hebf", "b", _timeline(400.0), _timeline(603.0))]
+    assert summarize(tie)["same_ranking"] == {"b": True}
+
+
+def test_from_step_keeps_the_asked_steps_starting_at_zero() -> None:
+    tl = from_step(_timeline(800.0, steps=4), 1, 2)
+    assert sorted({e.step for e in tl.events}) == [1, 2]
+    assert min(e.start_us for e in tl.events) == 0.0
+    assert max(e.end_us for e in tl.events) == 1600.0

@@ -1,0 +1,152 @@
+"""`d2moe profile`: the fits by hand, the lane costs read from rows, and a tiny end-to-end
+measurement that writes a profile which loads and drives the simulator (no timing asserted)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from d2moe.cli import main
+from d2moe.core.errors import UserError
+from d2moe.core.events import Event
+from d2moe.core.spec import load_spec
+from d2moe.profiles.executor_probes import lane_costs_from_rows
+from d2moe.profiles.measure import ProfileConfig, measure_profile
+from d2moe.profiles.schema import (
+    ExecutorCosts,
+    ExpertTable,
+    NonExpertTable,
+    load_profile,
+    profile_from_dict,
+    save_profile,
+)
+from d2moe.profiles.timing import fit_latency_bandwidth, interleaved_means
+from tests.profiles.test_profiles import hand
+
+TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
+            lane_layers=3, progress=False)
+
+
+def test_fit_recovers_a_line() -> None:
+    # 50 us + bytes at 2 GB/s (2000 B/us)
+    pts = [(n, 50.0 + n / 2000.0) for n in (4096, 65536, 1 << 20)]
+    latency, gbps = fit_latency_bandwidth(pts)
+    assert latency == pytest.approx(50.0)
+    assert gbps == pytest.approx(2.0)
+
+
+def test_interleaved_means_average_reported_times_over_enough_rounds() -> None:
+    calls: dict[str, list[int]] = {"a": [], "b": []}
+
+    def reporter(name: str, us: float):
+        def fn(i: int) -> float:
+            calls[name].append(i)
+            return us if i >= 0 else 1e9  # the warm-up round is not counted
+        return fn
+
+    means = interleaved_means([reporter("a", 10.0), reporter("b", 30.0)], 3, lambda: None,
+                              min_s=0.0)
+    assert means == [10.0, 30.0] and calls["a"] == [-1, 0, 1, 2]
+    # short timings repeat until each has spent min_s: 50 us x 200 rounds = 0.01 s
+    means = interleaved_means([reporter("a", 50.0)], 1, lambda: None, min_s=0.01)
+    timed = len(calls["a"]) - 4 - 1  # less the first call's rounds and this warm-up
+    assert means == [50.0] and 200 <= timed <= 201  # float sums may need one more
+
+
+def test_fit_flat_or_single_point_has_no_bandwidth_term() -> None:
+    assert fit_latency_bandwidth([(4096, 10.0), (8192, 9.0)]) == (pytest.approx(9.5), math.inf)
+    assert fit_latency_bandwidth([(4096, 7.0)]) == (7.0, math.inf)
+    latency, gbps = fit_latency_bandwidth([(1000, 1.0), (2000, 3.0)])  # intercept < 0
+    assert latency == 0.0 and 0 < gbps < math.inf
+
+
+def _row(kind: str, layer: int, expert: int, start: float, end: float) -> Event:
+    lane = {"load": "io", "step": "step"}.get(kind, "compute")
+    return Event(lane, kind, 0, layer, expert, 0, 4, 1, 0, start, end)
+
+
+def test_lane_costs_from_rows_by_hand() -> None:
+    rows = [
+        _row("non_expert", 0, -1, 0, 10),
+        _row("load", 0, 1, 12, 40),  # the stall on it ends 5 us after the load: wake 5
+        _row("run", 0, 0, 14, 20),   # head: 14 - 10 = 4
+        _row("stall", 0, 1, 22, 45),
+        _row("run", 0, 1, 46, 50),
+        _row("non_expert", 1, -1, 53, 60),  # tail: 53 - 50 = 3
+        _row("run", 1, 2, 64, 70),  # head 4
+        _row("run", 1, 3, 72, 80),  # gap between runs 2 (also 20 -> 22 is no run pair)
+    ]
+    costs = lane_costs_from_rows(rows)
+    assert costs == {"layer_us": 4 + 3, "run_us": 2.0, "wake_us": 5.0}
+    assert lane_costs_from_rows([]) == {"layer_us": 0.0, "run_us": 0.0, "wake_us": 0.0}
+
+
+def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
+    d = hand()
+    d["executor"] = {"layer_us": 300.0, "load_us": 100.0, "load_GBps": 0.5, "run_us": 10.0,
+                     "wake_us": 80.0}
+    p = profile_from_dict(d, path="hand.yaml")
+    assert p.executor == ExecutorCosts(300.0, 100.0, 0.5, 10.0, 80.0)
+    assert p.executor.load_extra_us(1000) == pytest.approx(100.0 + 1000 / 500.0)
+    assert p.executor.load_extra_us(0) == 0.0
+    save_profile(tmp_path / "p.yaml", p)
+    assert load_profile(tmp_path / "p.yaml") == p
+    # per-request latency: 3 requests pay the disk and link latencies three times
+    assert p.load_us(1_000_000, requests=3) == pytest.approx(3 * (100 + 10) + 1_000_000 / 500)
+    d["executor"] = {"load_GBps": 0}
+    with pytest.raises(UserError, match="executor.load_GBps"):
+        profile_from_dict(d, path="hand.yaml")
+    d["executor"] = {"launch_us": 1.0}
+    with pytest.raises(UserError, match="launch_us"):
+        profile_from_dict(d, path="hand.yaml")
+
+
+def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path) -> None:
+    from d2moe.policies import make_policy
+    from d2moe.sim import SimSetup, simulate
+    from d2moe.sim.workload import steps_from_trace
+    from d2moe.traces import synth_trace
+    from d2moe.traces.synth import SynthConfig
+
+    cfg = ProfileConfig(out=str(tmp_path / "cpu.yaml"), dir=str(tmp_path / "scratch"), **TINY)
+    p = measure_profile(cfg, command="pytest")
+    save_profile(cfg.out, p)
+    q = load_profile(cfg.out)
+    assert q == p and q.name == "cpu" and q.source.kind == "measured"
+    assert q.source.command == "pytest" and q.source.device and q.source.date
+    assert q.unified_memory and q.link is None and q.disk.read_GBps > 0
+    assert isinstance(q.expert, ExpertTable) and isinstance(q.non_expert, NonExpertTable)
+    assert {(r.bits, r.tokens) for r in q.expert.rows} == {(2, 1), (2, 3), (4, 1), (4, 3)}
+    assert all(r.shape == "192x192" and r.latency_us > 0 for r in q.expert.rows)
+    assert {r.tokens for r in q.non_expert.rows} == {1, 3}
+    assert q.executor is not None and q.executor.layer_us >= 0
+    spec = load_spec("tiny")
+    trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))
+    tl = simulate(SimSetup(spec, q, budget_bytes=10**6), steps_from_trace(trace, 4),
+                  make_policy("hebf"))
+    assert any(e.kind == "run" for e in tl.events)
+
+
+def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "p.yaml"
+    args = ["profile", "--out", str(out), "--dir", str(tmp_path / "s"), "--tokens", "1",
+            "--bits", "4", "--disk-sizes", "4KiB,8KiB", "--repeats", "1", "--probe-experts", "2",
+            "--lane-layers", "2", "--no-progress"]
+    assert main(args) == 0
+    assert load_profile(out).source.kind == "measured"
+    assert "wrote" in capsys.readouterr().out
+    assert main(args[:-1] + ["--tokens", "0,x", "--no-progress"]) == 2
+    assert main(["profile", "--device", "tpu", "--out", str(out)]) == 2
+
+
+def test_shipped_cpu_profile_is_measured_and_covers_the_tiny_model() -> None:
+    p = load_profile("cpu-2core")
+    assert p.source.kind == "measured" and "cores" in p.source.device
+    assert p.unified_memory and p.executor is not None
+    assert 0 < p.executor.overlap_io_speed <= 1 and 0 < p.executor.overlap_compute_speed <= 1
+    tiny = load_spec("tiny")
+    for bits in range(2, 9):
+        assert p.run_us(tiny, bits, 1) > 0
+    assert p.non_expert_us(tiny, 1) > 0 and not p.extrapolations

@@ -1,0 +1,142 @@
+"""Executor lane costs in the simulator (a profile's `executor` section): per-level read
+requests, per-load/run/layer fixed costs and the hand-off between lanes, by hand and on random
+plans where both engines must write identical rows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d2moe.core.jobs import Demand, ExpertKey
+from d2moe.core.sizes import QuantLayout
+from d2moe.policies import POLICIES, Sizes, make_policy
+from d2moe.profiles.schema import ExecutorCosts
+from d2moe.sim import SimSetup, StepWork, simulate
+from tests.sim.workloads import SPEC, LinearProfile, step_lists
+
+LAYOUT = QuantLayout(kind="mwq", b1=2, bK=4)
+SIZES = Sizes.of(SPEC, LAYOUT)
+ALL_BYTES = SPEC.layers * SPEC.experts * SIZES.by_bits[4]
+
+
+@dataclass(frozen=True)
+class LaneProfile(LinearProfile):
+    """LinearProfile whose load pays `latency_us` per request, plus executor lane costs."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0))
+
+    def load_us(self, nbytes: int, tier: str = "disk", requests: int = 1) -> float:
+        if tier == "host":
+            return 1.0 + nbytes / 10000.0
+        return self.latency_us * requests + nbytes / self.read_Bpus
+
+
+def _rows(engine: str, profile=None):
+    steps = [StepWork("prefill", 2, [[Demand(ExpertKey(0, 1), 2, 2, 0.8)]]),
+             StepWork("decode", 2, [[Demand(ExpertKey(0, 0), 4, 1, 0.9),
+                                     Demand(ExpertKey(0, 1), 2, 2, 0.8)]])]
+    tl = simulate(SimSetup(SPEC, profile or LaneProfile(), LAYOUT, 10**6, engine=engine), steps,
+                  make_policy("fifo"))
+    return sorted(((e.step, e.kind, e.expert, round(e.start_us, 6), round(e.end_us, 6))
+                   for e in tl.events if e.lane != "memory"), key=lambda r: (r[0], r[3], r[1]))
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_lane_costs_by_hand(engine: str) -> None:
+    # load E1 0->2: 1 request: 5 + 7680/1000 + 0.5 = 13.18; run E1: 2 + 2*2 + 0.25 = 6.25
+    # load E0 0->4: 3 requests (levels 2, 3, 4): 15 + 15360/1000 + 0.5 = 30.86; run E0 6.25
+    # non-expert 3, then the plan starts after layer_us 1; the I/O lane 2 later (wake);
+    # a run that waited on its load starts wake (2) after the load's end.
+    assert _rows(engine) == [
+        (0, "non_expert", -1, 0.0, 3.0),
+        (0, "prefill", -1, 0.0, 27.43),
+        (0, "stall", 1, 4.0, 21.18),
+        (0, "load", 1, 6.0, 19.18),
+        (0, "run", 1, 21.18, 27.43),
+        (1, "decode", -1, 27.43, 78.79),
+        (1, "non_expert", -1, 27.43, 30.43),
+        (1, "stall", 0, 31.43, 66.29),
+        (1, "load", 0, 33.43, 64.29),
+        (1, "run", 0, 66.29, 72.54),
+        (1, "run", 1, 72.54, 78.79),
+    ]
+
+
+def test_without_lane_costs_a_load_is_one_request() -> None:
+    plain = _rows("fast", LinearProfile())
+    assert (1, "load", 0, 24.68, 45.04) in plain  # the golden test's numbers
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=step_lists(), frac=st.floats(0.0, 1.2), name=st.sampled_from(POLICIES.names()))
+def test_engines_match_exactly_with_lane_costs(steps, frac, name) -> None:
+    budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
+    layout = QuantLayout(b1=2, bK=4)
+    fast = simulate(SimSetup(SPEC, LaneProfile(), layout, budget, engine="fast"), steps,
+                    make_policy(name))
+    slow = simulate(SimSetup(SPEC, LaneProfile(), layout, budget, engine="simpy"), steps,
+                    make_policy(name))
+    key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
+    assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
+
+
+def test_fluid_schedule_by_hand() -> None:
+    from d2moe.sim.contention import fluid_schedule
+
+    # a load of 10 us and a resident run of 10 us start together at 0
+    assert fluid_schedule([10.0], [10.0], [-1], [-1], 0.0, 0.0, 0.5, 0.5) == \
+        ([0.0], [20.0], [0.0], [20.0])
+    # the run keeps a quarter of its speed: by the load's end (20) it has done 5 of 10 us,
+    # then runs alone for 5
+    assert fluid_schedule([10.0], [10.0], [-1], [-1], 0.0, 0.0, 0.5, 0.25) == \
+        ([0.0], [20.0], [0.0], [25.0])
+    # a run waiting on its load runs alone afterwards (stalls are not busy), hand-off 1 us;
+    # the second load overlaps that run: both at half speed
+    ls, le, rs, re = fluid_schedule([4.0, 6.0], [2.0, 3.0], [0, 1], [-1, -1], 0.0, 1.0,
+                                    0.5, 0.5)
+    # I/O starts at 1 (wake): load 0 [1, 5]; load 1 from 5, alone until run 0 starts at 6
+    # (5 + wake); both busy from 6: run 0 needs 2 us at 0.5 -> ends 10; load 1 did 1 us by
+    # 6 and 2 more by 10, then 3 alone -> ends 13; run 1 starts at 14 (13 + wake), ends 17
+    assert (ls, le, rs, re) == ([1.0, 5.0], [5.0, 13.0], [6.0, 14.0], [10.0, 17.0])
+
+
+@dataclass(frozen=True)
+class ContendedProfile(LaneProfile):
+    """LaneProfile whose lanes slow each other down."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        overlap_io_speed=0.6, overlap_compute_speed=0.4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=step_lists(), frac=st.floats(0.0, 1.2), name=st.sampled_from(POLICIES.names()))
+def test_contended_engines_match_and_full_speed_equals_the_recurrence(steps, frac, name) -> None:
+    import d2moe.sim.lanes as lanes
+
+    budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
+    layout = QuantLayout(b1=2, bK=4)
+    key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
+
+    def run(profile, engine):
+        tl = simulate(SimSetup(SPEC, profile, layout, budget, engine=engine), steps,
+                      make_policy(name))
+        return sorted(tl.events, key=key)
+
+    contended = run(ContendedProfile(), "fast")
+    assert contended == run(ContendedProfile(), "simpy")
+    plain = run(LaneProfile(), "fast")
+    end = lambda rows: max(e.end_us for e in rows)  # noqa: E731
+    assert end(contended) >= end(plain) - 1e-9  # contention never helps
+    # the fluid solver at full speed is the exact recurrence
+    original = lanes.LayerCtx.contended
+    lanes.LayerCtx.contended = property(lambda self: True)
+    try:
+        assert run(LaneProfile(), "fast") == plain
+    finally:
+        lanes.LayerCtx.contended = original
