@@ -23,6 +23,9 @@ OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when
     "d2moe.model.cmd",
     "d2moe.executor.cmd",
     "d2moe.eval.cmd",
+    "d2moe.router.cmd",
+    "d2moe.profiles.cmd",
+    "d2moe.executor.validate",
 )
 
 

@@ -22,7 +22,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
         if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + f" (default: {default})"
+        shown = str(default).replace("%", "%%")  # argparse %-formats help strings
+        help_text = f.metadata.get("help", "") + f" (default: {shown})"
         if isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
                                 help=help_text)

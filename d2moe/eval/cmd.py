@@ -33,9 +33,19 @@ def _ppl(args: argparse.Namespace) -> int:
     from d2moe.eval.ppl import PplConfig, eval_ppl
 
     cfg = from_args(PplConfig, args)
+    routed: list[str] = []
+    if cfg.router:  # first, so a mismatched router fails before the table's work
+        from d2moe.router.evaluate import router_report
+
+        routed = router_report(cfg.model, cfg.store, cfg.router, heldout_kib=cfg.heldout_kib,
+                               ctx=cfg.ctx, batch=cfg.batch)
     table = eval_ppl(cfg)
     print(f"held-out perplexity per token of {table.model} on {table.tokens_scored:,d} scored "
           f"tokens ({cfg.heldout_kib} KiB, windows of {cfg.ctx}); experts from {table.source}; "
           "measured, % above fp in brackets")
     print(table.render())
+    if routed:
+        print("per-token bit-widths (measured, same tokens):")
+        for line in routed:
+            print("  " + line)
     return 0

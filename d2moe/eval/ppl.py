@@ -60,6 +60,9 @@ class PplConfig:
     ctx: int = field(default=256, metadata={"help": "tokens per scoring window"})
     batch: int = field(default=16, metadata={"help": "windows per forward"})
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
+    router: str = field(default="", metadata={
+        "help": "also score a trained bit-width router (DIR, or auto: <store>/router) against "
+                "random allocation at its shares and its uniform widths"})
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ class RunConfig:
     direct_io: bool = field(default=True, metadata={
         "help": "read the store with O_DIRECT so the page cache does not hide the disk"})
     out: str = field(default="out/run", metadata={"help": "output directory"})
+    router: str = field(default="", metadata={
+        "help": "trained bit-width router (d2moe router train): DIR, or auto for "
+                "<store>/router; each token's bits then come from it (--bits sizes the budget)"})
 
 
 def register(subparsers: Any) -> None:
@@ -113,19 +116,28 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     store.layout.check_bits(cfg.bits)
     total = all_experts_bytes(spec, cfg.bits, store.layout)
     budget = parse_budget(cfg.budget, total)
-    one = all_experts_bytes(spec, cfg.bits, store.layout) // (spec.layers * spec.experts)
+    router = None
+    if cfg.router:
+        from d2moe.router.store import load_router
+
+        router = load_router(cfg.router, spec=spec, store=store_path, device=str(device),
+                             store_bits=(store.layout.b1, store.bits_stored))
+    widest = max(router.bits) if router is not None else cfg.bits
+    one = all_experts_bytes(spec, widest, store.layout) // (spec.layers * spec.experts)
     if budget < one:
-        raise UserError(f"budget {fmt_bytes(budget)} is smaller than one expert at {cfg.bits} "
+        raise UserError(f"budget {fmt_bytes(budget)} is smaller than one expert at {widest} "
                         f"bits ({fmt_bytes(one)})", field="budget",
                         fix=f"give at least {one} bytes")
     model.to(device)
     pool = ExpertPool(spec, store.layout, budget, device)
-    backend = StreamingExperts(store, policy, pool, bits=cfg.bits)
+    backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router)
     try:
         gen = generate(model, list(encode(cfg.prompt)), cfg.max_new_tokens, backend=backend)
     finally:
         timeline = backend.finish()
     timeline.meta.update({"prompt": cfg.prompt, "bits": cfg.bits, "store": str(store_path)})
+    if router is not None:
+        timeline.meta["router"] = router.meta["path"]
     m = compute_metrics(timeline)
     out = Path(cfg.out)
     save_timeline(out / "events.npz", timeline)

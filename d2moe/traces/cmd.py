@@ -47,6 +47,11 @@ def register(subparsers: Any) -> None:
                      help="one-token steps after it (default: 128)")
     rec.add_argument("--bits", type=int, default=0,
                      help="label every slot with this bit-width (default: 0, unknown)")
+    rec.add_argument("--router", default="", metavar="DIR|auto",
+                     help="a trained bit-width router: the experts run at its per-token "
+                          "widths (dequantized from --store) and the trace carries them")
+    rec.add_argument("--store", default="", metavar="DIR",
+                     help="nested store for --router (default: the router's own store)")
     rec.add_argument("--out", default="trace.npz", metavar="FILE.npz",
                      help="where to write the trace (default: trace.npz)")
     rec.set_defaults(func=_record)
@@ -85,8 +90,17 @@ def _record(args: argparse.Namespace) -> int:
 
         data, source = load_corpus(1, 64 * 1024).heldout, "tiny held-out split"
     model, spec = load_model(args.model)
+    routed: dict[str, Any] = {}
+    if args.router:
+        from d2moe.router.evaluate import routed_backend
+
+        backend = routed_backend(args.model, spec, args.store, args.router)
+        routed = {"backend": backend, "token_bits": backend.token_bits}
     trace = record_trace(model, spec, encode(data), prefill_tokens=args.prefill_tokens,
-                         decode_steps=args.decode_steps, bits=args.bits, source=source)
+                         decode_steps=args.decode_steps, bits=args.bits, source=source,
+                         **routed)
+    if args.router:
+        trace.meta["router"] = backend.chooser.meta["path"]
     save_trace(args.out, trace)
     print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
           f"{spec.name} routing from {source}")

@@ -3,6 +3,7 @@ steps over the text that follows, with every layer's top-k ids and router weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,14 @@ from d2moe.traces.schema import DECODE, PREFILL, Trace
 
 
 def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens: int,
-                 decode_steps: int, bits: int = 0, source: str = "") -> Trace:
+                 decode_steps: int, bits: int = 0, source: str = "", backend: Any = None,
+                 token_bits: Callable[[], Any] | None = None) -> Trace:
     """Run `model` on `token_ids`: `prefill_tokens` at once, then `decode_steps` single
-    tokens through the KV cache; `bits` > 0 labels every slot with that bit-width."""
+    tokens through the KV cache; `bits` > 0 labels every slot with that bit-width.
+
+    `backend` runs the experts (default: the model's own); `token_bits()`, called after each
+    forward, gives that forward's bits [T, L] (the bit-width router's live choices), which
+    label every slot of the token in that layer."""
     import torch
 
     if prefill_tokens < 1:
@@ -38,10 +44,14 @@ def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens:
         chunks = [token_ids[:prefill_tokens]] + [[t] for t in token_ids[prefill_tokens:need]]
         for i, chunk in enumerate(chunks):
             layers.clear()
-            model(torch.tensor([chunk], device=device), cache, observer=observe)
+            model(torch.tensor([chunk], device=device), cache, backend=backend,
+                  observer=observe)
             experts = np.stack([ids for ids, _ in layers], axis=1)  # [T, L, k]
             weights = np.stack([w for _, w in layers], axis=1)  # [T, L, k]
             b = np.full(experts.shape, bits, np.int8) if bits else None
+            if token_bits is not None:  # [T, L] -> every slot of the token in the layer
+                tb = np.asarray(token_bits(), dtype=np.int8)
+                b = np.broadcast_to(tb[:, :, None], experts.shape).copy()
             steps.append((PREFILL if i == 0 else DECODE, experts, weights, b))
     meta = {"source": "record", "model": spec.name, "text": source,
             "prefill_tokens": prefill_tokens, "decode_steps": decode_steps, "bits": bits}

@@ -1,0 +1,202 @@
+"""Resident expert backends that run every token at its chosen bit-width.
+
+`WidthWeights` holds each expert dequantized at each candidate width (the store's nested
+levels read once and dequantized with `d2moe.quant.reference`: for the tiny model 3.5 M
+weights x K widths, small). `BitRoutedExperts` is the inference backend (any chooser: the
+trained router, one uniform width, random allocation) and the reference the executor is
+tested against; `MixExperts` is the training backend: every token runs at all K widths and the
+outputs are mixed by the straight-through one-hot of `gate.relaxed_choice`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from d2moe.model.moe import swiglu
+from d2moe.router.capacity import CapacityWindow, assign, capacity_counts
+from d2moe.router.gate import BitGate, relaxed_choice
+
+TENSORS = ("w1", "w3", "w2")
+_CACHE: dict[tuple, WidthWeights] = {}  # WidthWeights.from_store, newest last
+
+
+@dataclass(frozen=True)
+class WidthWeights:
+    """w1, w3 [K, L, E, F, D] and w2 [K, L, E, D, F]: every expert at every width in `bits`."""
+
+    bits: tuple[int, ...]
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+
+    @classmethod
+    def from_nested(cls, nested: dict, spec: Any, bits: Sequence[int]) -> WidthWeights:
+        """From {(layer, expert, tensor): NestedMatrix} (the store's or in-memory)."""
+        from d2moe.quant.reference import dequantize
+
+        out = {}
+        for t in TENSORS:
+            mats = [[[dequantize(nested[(layer, e, t)], b) for e in range(spec.experts)]
+                     for layer in range(spec.layers)] for b in bits]
+            out[t] = torch.stack([torch.stack([torch.stack(row) for row in per_layer])
+                                  for per_layer in mats])  # [K, L, E, out, in]
+        return cls(tuple(bits), out["w1"], out["w3"], out["w2"])
+
+    @classmethod
+    def from_store(cls, reader: Any, bits: Sequence[int]) -> WidthWeights:
+        """From an open `StoreReader` (every expert read once at its highest width); the last
+        two results are kept per (store, index mtime, widths): dequantizing costs seconds."""
+        index = Path(reader.path) / "index.json"
+        key = (str(Path(reader.path).resolve()), index.stat().st_mtime_ns, tuple(bits))
+        hit = _CACHE.get(key)
+        if hit is None:
+            from d2moe.eval.ppl import store_matrices
+
+            hit = cls.from_nested(store_matrices(reader), reader.spec, bits)
+            _CACHE[key] = hit
+            while len(_CACHE) > 2:
+                _CACHE.pop(next(iter(_CACHE)))
+        return hit
+
+    def expert(self, k: int, layer: int, e: int) -> tuple[torch.Tensor, ...]:
+        """(w1, w3, w2) of expert e of `layer` at width index k."""
+        return self.w1[k, layer, e], self.w3[k, layer, e], self.w2[k, layer, e]
+
+    def to(self, device: torch.device | str) -> WidthWeights:
+        """A copy on `device`."""
+        return WidthWeights(self.bits, self.w1.to(device), self.w3.to(device),
+                            self.w2.to(device))
+
+
+class Chooser(Protocol):
+    """Picks a width index per token of one layer's call."""
+
+    def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> index [T] into the widths."""
+        ...
+
+
+class UniformChooser:
+    """Every token at width index `k`."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """All tokens at `k`."""
+        return torch.full((x.shape[0],), self.k, dtype=torch.long, device=x.device)
+
+    def reset(self) -> None:
+        """Stateless."""
+
+
+class RandomChooser:
+    """Random allocation with exact per-width shares (per layer), seeded: the baseline at
+    the same average bits as a router whose measured shares are `shares[layer]`."""
+
+    def __init__(self, shares: Sequence[Sequence[float]], seed: int = 0, window: int = 64) -> None:
+        self.shares = [tuple(s) for s in shares]
+        self.seed, self.window = seed, window
+        self.reset()
+
+    def reset(self) -> None:
+        """Restart the random stream and the decode windows."""
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.windows = [CapacityWindow(s, self.window) for s in self.shares]
+
+    def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """A random preference order per token, placed under the layer's shares."""
+        t, k = x.shape[0], len(self.shares[layer])
+        noise = torch.rand((t, k), generator=self.gen)  # [T, K] random preferences
+        return self.windows[layer].place(layer, noise).to(x.device)
+
+
+class BitRoutedExperts:
+    """Inference backend: each token's experts at the width its chooser picks (resident)."""
+
+    def __init__(self, weights: WidthWeights, chooser: Any) -> None:
+        self.weights, self.chooser = weights, chooser
+        self.last_index: dict[int, torch.Tensor] = {}  # layer -> width index [T] of last call
+        self.counts = torch.zeros(len(weights.bits), dtype=torch.long)  # token-layers per width
+
+    def reset(self) -> None:
+        """Reset the chooser's state and the counts."""
+        if hasattr(self.chooser, "reset"):
+            self.chooser.reset()
+        self.counts.zero_()
+        self.last_index.clear()
+
+    def token_bits(self) -> torch.Tensor:
+        """Bits [T, L] of the last forward's tokens (for trace recording)."""
+        bits = torch.tensor(self.weights.bits)
+        return torch.stack([bits[self.last_index[layer].cpu()]
+                            for layer in sorted(self.last_index)], dim=1)
+
+    def average_bits(self) -> float:
+        """Mean bits over every (token, layer) run so far."""
+        bits = torch.tensor(self.weights.bits, dtype=torch.float64)
+        return float((self.counts * bits).sum() / self.counts.sum())
+
+    def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], ids/weights [T, k] -> Σ_k weights · expert_k at each token's width."""
+        idx = self.chooser.choose_index(layer, x)  # [T]
+        self.last_index[layer] = idx
+        self.counts += torch.bincount(idx.cpu(), minlength=len(self.weights.bits))
+        out = torch.zeros_like(x)  # [T, D]
+        slot_w = idx[:, None].expand_as(ids)  # [T, k] width of each slot
+        key = ids * len(self.weights.bits) + slot_w  # [T, k] (expert, width)
+        for kk in torch.unique(key).tolist():
+            e, w = divmod(kk, len(self.weights.bits))
+            tok, slot = (key == kk).nonzero(as_tuple=True)
+            y = swiglu(x[tok], *self.weights.expert(w, layer, e))  # [n, D]
+            out.index_add_(0, tok, y * weights[tok, slot, None].to(y.dtype))
+        return out
+
+
+class MixExperts:
+    """Training backend: all K widths per routed token, mixed by the straight-through one-hot
+    of the capacity-constrained choice; keeps each layer's gate probabilities for the loss."""
+
+    def __init__(self, weights: WidthWeights, gate: BitGate, capacities: Sequence[float], *,
+                 tau: float = 1.0, relax: str = "st", generator: torch.Generator | None = None
+                 ) -> None:
+        self.weights, self.gate, self.capacities = weights, gate, tuple(capacities)
+        self.tau, self.relax, self.gen = tau, relax, generator
+        self.probs: list[torch.Tensor] = []  # per layer [T, K], this forward
+        self.index: list[torch.Tensor] = []  # per layer [T], this forward
+
+    def clear(self) -> None:
+        """Forget the last forward's probabilities."""
+        self.probs, self.index = [], []
+
+    def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D] -> Σ_k weights · Σ_w z[t, w] · expert_k^w(x) [T, D]."""
+        logits = self.gate(layer, x)  # [T, K]
+        noisy = logits
+        if self.relax == "gumbel":
+            u = torch.rand(logits.shape, generator=self.gen).clamp_(1e-9, 1 - 1e-9)
+            noisy = logits - torch.log(-torch.log(u)).to(logits.device)  # + Gumbel(0, 1)
+        idx = assign(torch.softmax(noisy.detach(), -1), capacity_counts(self.capacities,
+                                                                         x.shape[0]))  # [T]
+        z = relaxed_choice(noisy, idx, self.tau)  # [T, K] one-hot forward, soft backward
+        self.probs.append(torch.softmax(logits, dim=-1))  # p_k^l(x) of the bit-cost term
+        self.index.append(idx)
+        ww = self.weights
+        out = torch.zeros_like(x)  # [T, D]
+        for e in torch.unique(ids).tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            xe = x[tok]  # [n, D]
+            w1, w3, w2 = ww.w1[:, layer, e], ww.w3[:, layer, e], ww.w2[:, layer, e]
+            h = torch.nn.functional.silu(torch.einsum("nd,kfd->knf", xe, w1)) \
+                * torch.einsum("nd,kfd->knf", xe, w3)  # [K, n, F]
+            y = torch.einsum("knf,kdf->knd", h, w2)  # [K, n, D]
+            mix = torch.einsum("nk,knd->nd", z[tok].to(y.dtype), y)  # [n, D]
+            out = out.index_add(0, tok, mix * weights[tok, slot, None].to(y.dtype))
+        return out

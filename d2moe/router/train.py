@@ -1,0 +1,236 @@
+"""`d2moe router train`: train the bit-width gate offline with the base model frozen.
+
+Per step: a batch of random windows of the model's training split; the frozen model gives the
+target q (its full-precision distribution, or the next token); the same model with
+`MixExperts` (every expert dequantized at each candidate width from the nested store, mixed by
+the straight-through one-hot of the capacity-constrained choice) gives p; the loss is
+`loss.router_loss` (method.md part 1); Adam updates the gate only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+
+
+@dataclass(frozen=True)
+class RouterTrainConfig:
+    """Options of `d2moe router train` (the CLI is built from these fields)."""
+
+    model: str = field(default="tiny", metadata={
+        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    store: str = field(default="", metadata={
+        "help": "nested store of this model (d2moe quantize); empty: for tiny, the cached one"})
+    bits: str = field(default="2,3,4", metadata={"help": "candidate bit-widths, increasing"})
+    capacity: str = field(default="0.3,0.4,0.3", metadata={
+        "help": "capacity per width: the largest share of a batch's tokens (sum >= 1)"})
+    alpha: float = field(default=0.01, metadata={"help": "weight of the bit-cost term"})
+    target: str = field(default="distill", metadata={
+        "help": "distill (the frozen fp model's distribution) or next (the next token)"})
+    relax: str = field(default="st", metadata={
+        "help": "st (straight-through) or gumbel (straight-through Gumbel-softmax)"})
+    gate_width: int = field(default=0, metadata={
+        "help": "gate hidden width: 0 = linear hidden -> K, else a two-layer MLP"})
+    tau: float = field(default=1.0, metadata={"help": "softmax temperature of the backward"})
+    window: int = field(default=64, metadata={
+        "help": "tokens per capacity window for calls smaller than it (decode)"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch: int = field(default=8, metadata={"help": "windows per step"})
+    ctx: int = field(default=128, metadata={"help": "tokens per window"})
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the gate"})
+    train_kib: int = field(default=1024, metadata={"help": "KiB of the training split to use"})
+    seed: int = field(default=0, metadata={"help": "seed of gate init, batches and noise"})
+    threads: int = field(default=1, metadata={
+        "help": "torch threads (0: torch's default; 1 is fastest on a shared 2-core VM)"})
+    out: str = field(default="", metadata={
+        "help": "output directory (default: <store>/router)", "metavar": "DIR"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
+
+    def __post_init__(self) -> None:
+        from d2moe.router.gate import RELAXATIONS
+        from d2moe.router.loss import TARGETS
+
+        if self.gate_width < 0:
+            raise UserError(f"must be >= 0, got {self.gate_width}", field="gate-width",
+                            fix="0 (linear) or e.g. 32")
+        for name in ("steps", "batch", "window", "train_kib"):
+            if getattr(self, name) < 1:
+                raise UserError(f"must be positive, got {getattr(self, name)}",
+                                field=name.replace("_", "-"), fix="pass a positive value")
+        if self.ctx < 2:
+            raise UserError(f"need ctx >= 2, got {self.ctx}", field="ctx", fix="e.g. --ctx 128")
+        if self.alpha < 0 or self.lr <= 0 or self.tau <= 0:
+            raise UserError("alpha must be >= 0, lr and tau > 0", field="alpha",
+                            fix="e.g. --alpha 0.01 --lr 0.01 --tau 1")
+        if self.target not in TARGETS:
+            raise UserError(f"unknown target {self.target!r}", field="target",
+                            fix=f"use {' or '.join(TARGETS)}")
+        if self.relax not in RELAXATIONS:
+            raise UserError(f"unknown relaxation {self.relax!r}", field="relax",
+                            fix=f"use {' or '.join(RELAXATIONS)}")
+
+
+@dataclass(frozen=True)
+class RouterTrainResult:
+    """What a run measured and where it wrote the router."""
+
+    out_dir: Path
+    ce: tuple[float, ...]  # per step
+    mean_bits: tuple[float, ...]  # per step: mean chosen bits over tokens and layers
+    expected_bits: tuple[float, ...]  # per step: (1/L) Σ_l Σ_k p_k^l b_k
+    preferred_bits: float  # last step: mean bits of each token's top gate choice
+    seconds: float
+
+
+def open_store(model: str, store: str) -> tuple[Any, Path]:
+    """The StoreReader for `store`, or for tiny the cached store (built once)."""
+    from d2moe.quant.store import StoreReader
+
+    if store:
+        path = Path(store)
+    elif model == "tiny":
+        from d2moe.core.sizes import QuantLayout
+        from d2moe.executor.cmd import tiny_store
+
+        path = tiny_store(QuantLayout())
+    else:
+        raise UserError("no store given for this model", field="store",
+                        fix=f"d2moe quantize --model {model} --out STORE, then --store STORE")
+    return StoreReader(path), path
+
+
+def check_store(reader: Any, spec: Any, bits: tuple[int, ...], path: Path) -> None:
+    """UserError unless the store is this model's and serves every width in `bits`."""
+    for name in ("layers", "experts", "hidden", "ffn"):
+        if getattr(spec, name) != getattr(reader.spec, name):
+            raise UserError(f"store has {name}={getattr(reader.spec, name)}, the model has "
+                            f"{getattr(spec, name)}", path=str(path), field=f"spec.{name}",
+                            fix="pass the store of this model")
+    lo, hi = reader.layout.b1, reader.bits_stored
+    bad = [b for b in bits if not lo <= b <= hi]
+    if bad:
+        raise UserError(f"{','.join(map(str, bad))} bits is outside the store's {lo}..{hi}",
+                        path=str(path), field="bits",
+                        fix="choose widths the store serves or re-quantize with --bits LOW:HIGH")
+
+
+def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
+    """Train the gate per `cfg` and save it (store.save_router)."""
+    import torch
+
+    from d2moe.model.corpus import load_corpus
+    from d2moe.model.load import load_model
+    from d2moe.router.capacity import check_capacities, parse_bits, parse_floats
+    from d2moe.router.experts import MixExperts, WidthWeights
+    from d2moe.router.gate import BitGate
+    from d2moe.router.loss import router_loss
+    from d2moe.router.store import DEFAULT_DIR, save_router
+
+    bits = parse_bits(cfg.bits)
+    caps = check_capacities(parse_floats(cfg.capacity, "capacity"), len(bits))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, spec = load_model(cfg.model)
+    if spec.vocab != 256 and cfg.model != "tiny":
+        raise UserError("router training reads the byte-level corpus", field="model",
+                        fix="train on the tiny model (byte vocabulary)")
+    reader, store_path = open_store(cfg.model, cfg.store)
+    try:
+        check_store(reader, spec, bits, store_path)
+        weights = WidthWeights.from_store(reader, bits)
+        layout = dataclasses.asdict(reader.layout)
+    finally:
+        reader.close()
+    model.eval().requires_grad_(False)
+    data = torch.frombuffer(bytearray(load_corpus(cfg.train_kib * 1024, 1024).train),
+                            dtype=torch.uint8)
+    if len(data) <= cfg.ctx + 1:
+        raise UserError("training text shorter than one window", field="train-kib",
+                        fix="raise --train-kib or lower --ctx")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    gate = BitGate(spec.layers, spec.hidden, len(bits), seed=cfg.seed, width=cfg.gate_width)
+    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
+    mix = MixExperts(weights, gate, caps, tau=cfg.tau, relax=cfg.relax, generator=gen)
+    offsets = torch.arange(cfg.ctx + 1)
+    bits_t = torch.tensor(bits, dtype=torch.float32)
+    steps: Any = range(cfg.steps)
+    bar = _bar(cfg.steps, cfg.progress)
+    ce_l, mean_l, exp_l = [], [], []
+    t0 = time.perf_counter()
+    for _ in steps:
+        starts = torch.randint(0, len(data) - cfg.ctx - 1, (cfg.batch,), generator=gen)
+        batch = data[starts[:, None] + offsets].long()  # [B, ctx+1]
+        inp = batch[:, :-1]  # [B, ctx]
+        if cfg.target == "distill":
+            with torch.no_grad():
+                target = model(inp).reshape(-1, spec.vocab)  # [N, V] teacher logits
+        else:
+            target = batch[:, 1:].reshape(-1)  # [N]
+        mix.clear()
+        logits = model(inp, backend=mix).reshape(-1, spec.vocab)  # [N, V]
+        parts = router_loss(logits, target, mix.probs, bits, cfg.alpha)
+        opt.zero_grad(set_to_none=True)
+        parts.total.backward()
+        opt.step()
+        chosen = torch.stack([bits_t[i] for i in mix.index]).mean().item()
+        ce_l.append(parts.ce.item())
+        mean_l.append(chosen)
+        exp_l.append(parts.bit_cost.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(ce=f"{ce_l[-1]:.4f}", bits=f"{chosen:.2f}", exp=f"{exp_l[-1]:.2f}")
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    preferred = torch.stack([bits_t[p.argmax(-1)] for p in mix.probs]).mean().item()
+    out = Path(cfg.out) if cfg.out else store_path / DEFAULT_DIR
+    tail = max(1, min(20, len(ce_l)))
+    meta = {
+        "bits": list(bits), "capacities": list(caps), "alpha": cfg.alpha,
+        "window": cfg.window, "layers": spec.layers, "hidden": spec.hidden,
+        "gate_width": cfg.gate_width,
+        "model": cfg.model, "spec": spec.name, "store": str(store_path), "layout": layout,
+        "target": cfg.target, "relax": cfg.relax, "tau": cfg.tau,
+        "train": {"source": "measured", "command": _command(cfg),
+                  "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                              "torch_threads": torch.get_num_threads(),
+                              "python": sys.version.split()[0], "torch": torch.__version__},
+                  "config": asdict(cfg), "seconds": round(seconds, 1),
+                  "final_ce": round(sum(ce_l[-tail:]) / tail, 5),
+                  "final_mean_bits": round(sum(mean_l[-tail:]) / tail, 4),
+                  "final_expected_bits": round(sum(exp_l[-tail:]) / tail, 4),
+                  "final_preferred_bits": round(preferred, 4)},
+    }
+    save_router(out, gate, meta)
+    return RouterTrainResult(out_dir=out, ce=tuple(ce_l), mean_bits=tuple(mean_l),
+                             expected_bits=tuple(exp_l), preferred_bits=preferred,
+                             seconds=seconds)
+
+
+def _command(cfg: RouterTrainConfig) -> str:
+    defaults = RouterTrainConfig()
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items()
+             if v != getattr(defaults, k) and k != "progress"]
+    return " ".join(["d2moe router train", *flags])
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar on a terminal, else None."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="router train", unit="step")

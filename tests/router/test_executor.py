@@ -1,0 +1,108 @@
+"""The executor asks the router live: same tokens as the resident model at the same per-token
+widths, several widths of one expert in one step, and recorded traces carry the widths."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from d2moe.core.errors import UserError  # noqa: E402
+from d2moe.core.sizes import all_experts_bytes  # noqa: E402
+from d2moe.executor.backend import StreamingExperts  # noqa: E402
+from d2moe.executor.cmd import RunConfig, run  # noqa: E402
+from d2moe.executor.pool import ExpertPool  # noqa: E402
+from d2moe.model.generate import generate  # noqa: E402
+from d2moe.model.load import load_tiny  # noqa: E402
+from d2moe.model.tokenizer import encode  # noqa: E402
+from d2moe.policies import make_policy  # noqa: E402
+from d2moe.quant.store import StoreReader  # noqa: E402
+from d2moe.router.experts import BitRoutedExperts  # noqa: E402
+from d2moe.router.gate import BitGate  # noqa: E402
+from d2moe.router.store import load_router, save_router  # noqa: E402
+from d2moe.traces.record import record_trace  # noqa: E402
+
+PROMPT = list(encode("def fib(n):\n    return "))
+NEW = 6
+
+
+@pytest.fixture(scope="module")
+def setup(store, widths, tmp_path_factory):
+    """An (untrained, seeded) router over 2,3,4 bits beside the store; the resident run."""
+    model, spec = load_tiny()
+    path = tmp_path_factory.mktemp("router") / "r"
+    save_router(path, BitGate(spec.layers, spec.hidden, 3, seed=5),
+                {"bits": [2, 3, 4], "capacities": [0.3, 0.4, 0.3], "alpha": 0.0, "window": 4,
+                 "layers": spec.layers, "hidden": spec.hidden, "store": str(store)})
+    resident = BitRoutedExperts(widths, load_router(path, spec=spec))
+    resident.reset()
+    want = generate(model, PROMPT, NEW, backend=resident)
+    return model, spec, path, want
+
+
+@pytest.mark.parametrize("policy,share", [("hebf", 0.3)])
+def test_executor_with_router_gives_the_resident_models_tokens(store, setup, policy, share):
+    model, spec, path, want = setup
+    reader = StoreReader(store)
+    router = load_router(path, spec=spec, store_bits=(2, 4))
+    budget = int(all_experts_bytes(spec, 4, reader.layout) * share)
+    pool = ExpertPool(spec, reader.layout, budget, torch.device("cpu"))
+    backend = StreamingExperts(reader, make_policy(policy), pool, bits=4, router=router)
+    got = generate(model, PROMPT, NEW, backend=backend)
+    tl = backend.finish()
+    assert got.new_ids == want.new_ids
+    runs = [e for e in tl.events if e.kind == "run"]
+    assert {e.bits_to for e in runs} == {2, 3, 4}
+    # prefill: one expert demanded at several widths in one step and layer
+    widths: dict[tuple[int, int], set[int]] = {}
+    for e in runs:
+        if e.step == 0:
+            widths.setdefault((e.layer, e.expert), set()).add(e.bits_to)
+    assert max(len(w) for w in widths.values()) >= 2
+    assert pool.accounting.peak_bytes <= budget
+
+
+def test_recorded_trace_carries_the_routers_widths_for_the_simulator(widths, setup):
+    model, spec, path, _ = setup
+    backend = BitRoutedExperts(widths, load_router(path, spec=spec))
+    backend.reset()
+    ids = list(encode("import os\nimport sys\n\ndef main():\n    pass\n" * 2))
+    trace = record_trace(model, spec, ids, prefill_tokens=16, decode_steps=8,
+                         backend=backend, token_bits=backend.token_bits)
+    assert set(trace.bits.ravel().tolist()) <= {2, 3, 4}
+    lo, hi = trace.token_range(0)
+    for layer in range(spec.layers):  # prefill (16 tokens >= window 4): exact shares
+        per_token = trace.bits[lo:hi, layer, 0]
+        assert sorted(per_token.tolist()).count(2) == 5  # floor(0.3 * 16) = 4, +1 remainder
+        assert (trace.bits[lo:hi, layer, :] == per_token[:, None]).all()  # per token
+    demands = trace.demands(8)  # the default (8) never applies: every slot is labelled
+    assert {d.bits for step in demands for layer in step for d in layer} <= {2, 3, 4}
+
+
+def test_run_command_loads_the_router_and_refuses_a_mismatched_one(store, setup, tmp_path):
+    _, spec, path, _ = setup
+    result = run(RunConfig(store=str(store), router=str(path), max_new_tokens=2,
+                           out=str(tmp_path / "o"), budget="50%"))
+    assert result["timeline"].meta["router"] == str(path)
+    bad = tmp_path / "bad"
+    save_router(bad, BitGate(spec.layers, spec.hidden, 2), {
+        "bits": [4, 6], "capacities": [1, 1], "alpha": 0.0, "layers": spec.layers,
+        "hidden": spec.hidden})
+    with pytest.raises(UserError, match="chooses 6 bits, the store serves 2..4"):
+        run(RunConfig(store=str(store), router=str(bad), out=str(tmp_path / "o2")))
+
+
+def test_trace_record_cli_with_router_writes_the_widths(store, setup, tmp_path):
+    from d2moe.cli import main
+    from d2moe.traces.schema import load_trace
+
+    _, _, path, _ = setup
+    text = tmp_path / "t.py"
+    text.write_text("def f(x):\n    return x + 1\n" * 4)
+    out = tmp_path / "t.npz"
+    assert main(["trace", "record", "--text", str(text), "--prefill-tokens", "12",
+                 "--decode-steps", "3", "--router", str(path), "--out", str(out)]) == 0
+    trace = load_trace(out)
+    assert set(trace.bits.ravel().tolist()) <= {2, 3, 4} and trace.meta["router"] == str(path)
+    assert main(["trace", "record", "--text", str(text), "--router", str(tmp_path)]) == 2

@@ -1,0 +1,144 @@
+"""The bit-width router: gradients reach the gate, alpha moves the preferred bits, inference
+is deterministic, the saved router round-trips and a mismatched one is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from d2moe.core.errors import UserError  # noqa: E402
+from d2moe.model.load import load_tiny  # noqa: E402
+from d2moe.router.experts import BitRoutedExperts, MixExperts  # noqa: E402
+from d2moe.router.gate import BitGate, BitRouter  # noqa: E402
+from d2moe.router.loss import router_loss  # noqa: E402
+from d2moe.router.store import load_router, save_router  # noqa: E402
+from d2moe.router.train import RouterTrainConfig, train_router  # noqa: E402
+
+BITS = (2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, spec = load_tiny()
+    return model.eval().requires_grad_(False), spec
+
+
+def _batch(seed=0, b=2, t=48):
+    return torch.randint(0, 256, (b, t + 1), generator=torch.Generator().manual_seed(seed))
+
+
+def test_gradients_reach_every_layers_gate_through_the_quantized_experts(tiny, widths):
+    model, spec = tiny
+    gate = BitGate(spec.layers, spec.hidden, len(BITS))
+    mix = MixExperts(widths, gate, (0.3, 0.4, 0.3))
+    batch = _batch()
+    with torch.no_grad():
+        teacher = model(batch[:, :-1]).reshape(-1, spec.vocab)
+    logits = model(batch[:, :-1], backend=mix).reshape(-1, spec.vocab)
+    parts = router_loss(logits, teacher, mix.probs, BITS, alpha=0.0)  # CE alone
+    parts.total.backward()
+    for lin in gate.proj:
+        assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+        assert lin.weight.grad.abs().sum() > 0
+    # forward is the hard choice: counts match the capacities exactly in every layer
+    for idx in mix.index:
+        assert torch.bincount(idx, minlength=3).tolist() == [29, 38, 29]  # 96 tokens
+    # the one-hot forward equals the resident backend at the same widths
+    chosen = iter(mix.index)
+
+    class Replay:
+        def choose_index(self, layer, x):
+            return next(chosen)
+
+    with torch.no_grad():
+        again = model(batch[:, :-1], backend=BitRoutedExperts(widths, Replay()))
+    assert torch.allclose(again.reshape(-1, spec.vocab), logits.detach(), atol=1e-4)
+
+
+def _train(store, tmp_path, alpha, **kw):
+    cfg = RouterTrainConfig(store=str(store), bits="2,3,4", capacity="1,1,1", alpha=alpha,
+                            steps=5, batch=2, ctx=48, lr=0.05, train_kib=64,
+                            out=str(tmp_path / f"r{alpha}"), progress=False, **kw)
+    return train_router(cfg)
+
+
+def test_alpha_zero_prefers_the_most_bits_and_a_large_alpha_the_fewest(store, tmp_path):
+    free = _train(store, tmp_path, 0.0)
+    cheap = _train(store, tmp_path, 2.0)
+    assert free.preferred_bits >= 3.5 and free.mean_bits[-1] > free.mean_bits[0]
+    assert cheap.preferred_bits <= 2.2 and cheap.mean_bits[-1] < 2.5
+    assert cheap.expected_bits[-1] < free.expected_bits[-1]
+    meta = json.loads((free.out_dir / "router.json").read_text())
+    assert meta["bits"] == [2, 3, 4] and meta["alpha"] == 0.0 and len(meta["sha256"]) == 64
+    assert meta["train"]["source"] == "measured"
+
+
+def test_inference_is_deterministic_and_respects_capacities(tiny, widths, tmp_path, store):
+    model, spec = tiny
+    save_router(tmp_path / "r", BitGate(spec.layers, spec.hidden, 3, seed=3),
+                {"bits": list(BITS), "capacities": [0.3, 0.4, 0.3], "alpha": 0.0,
+                 "window": 8, "layers": spec.layers, "hidden": spec.hidden})
+    runs = []
+    for _ in range(2):
+        router = load_router(tmp_path / "r", spec=spec, store_bits=(2, 4))
+        backend = BitRoutedExperts(widths, router)
+        backend.reset()
+        with torch.no_grad():
+            logits = model(_batch(1, b=2, t=50)[:, :-1], backend=backend)
+        runs.append((logits, backend.token_bits()))
+        assert torch.bincount(backend.last_index[0], minlength=3).tolist() == [30, 40, 30]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert set(runs[0][1].unique().tolist()) == set(BITS)
+
+
+def _save(tmp_path, spec, bits=BITS, hidden=None, layers=None):
+    path = tmp_path / "bad"
+    save_router(path, BitGate(layers or spec.layers, hidden or spec.hidden, len(bits)),
+                {"bits": list(bits), "capacities": [1.0] * len(bits), "alpha": 0.0,
+                 "layers": layers or spec.layers, "hidden": hidden or spec.hidden})
+    return path
+
+
+def test_a_mismatched_or_damaged_router_is_refused(tiny, tmp_path):
+    _, spec = tiny
+    with pytest.raises(UserError, match="chooses 5 bits, the store serves 2..4"):
+        load_router(_save(tmp_path, spec, bits=(3, 4, 5)), spec=spec, store_bits=(2, 4))
+    with pytest.raises(UserError, match="hidden=128, the model 'tiny' has 192"):
+        load_router(_save(tmp_path, spec, hidden=128), spec=spec)
+    with pytest.raises(UserError, match="layers=2"):
+        load_router(_save(tmp_path, spec, layers=2), spec=spec)
+    path = _save(tmp_path, spec)
+    (path / "gate.safetensors").write_bytes((path / "gate.safetensors").read_bytes()[:-4] + b"xxxx")
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_router(path)
+    with pytest.raises(UserError, match="no trained router"):
+        load_router(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="needs a store"):
+        load_router("auto")
+    with pytest.raises(UserError, match="sum to >= 1"):
+        BitRouter(BitGate(1, 4, 2), (2, 3), (0.2, 0.2))
+    with pytest.raises(UserError, match="target"):
+        RouterTrainConfig(target="soft")
+
+
+def test_training_refuses_widths_the_store_cannot_serve(store, tmp_path):
+    with pytest.raises(UserError, match="5 bits is outside the store's 2..4"):
+        train_router(RouterTrainConfig(store=str(store), bits="3,4,5", capacity="1,1,1",
+                                       steps=1, out=str(tmp_path / "x"), progress=False))
+
+
+def test_router_cli_trains_one_step_and_describes_it(store, tmp_path, capsys):
+    from d2moe.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["router", "train", "--store", str(store), "--steps", "1", "--batch", "1",
+                 "--ctx", "16", "--train-kib", "16", "--out", str(out), "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["router", "info", str(out)]) == 0
+    assert '"capacities": [\n  0.3,' in capsys.readouterr().out
+    assert main(["router", "train", "--store", str(store), "--capacity", "0.5,0.5",
+                 "--out", str(out)]) == 2
