@@ -21,26 +21,18 @@ import numpy as np
 
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
-from d2moe.kernels.packed import plane_words
+from d2moe.kernels.packed import Geometry, plane_words
 from d2moe.quant.nested import level_nbytes
 from d2moe.quant.store import TENSORS
 
 
 @dataclass(frozen=True)
-class MatrixGeom:
+class MatrixGeom(Geometry):
     """One expert matrix [rows, cols]: word-major plane and per-group array byte sizes."""
 
     rows: int
     cols: int
     group: int
-
-    @property
-    def words(self) -> int:
-        return math.ceil(self.cols / 32)
-
-    @property
-    def groups(self) -> int:
-        return math.ceil(self.cols / self.group)
 
     @property
     def plane_nbytes(self) -> int:

@@ -26,8 +26,42 @@ if TYPE_CHECKING:
     from d2moe.quant.nested import NestedMatrix
 
 
+class Geometry:
+    """Mixin: a [rows, cols] matrix in 32-column words and `group`-column scale groups
+    (the class provides `cols` and `group`)."""
+
+    cols: int
+    group: int
+
+    @property
+    def words(self) -> int:
+        """int32 words per row of one plane: ceil(cols / 32)."""
+        return math.ceil(self.cols / 32)
+
+    @property
+    def groups(self) -> int:
+        """Groups per row: ceil(cols / group)."""
+        return math.ceil(self.cols / self.group)
+
+
+class NestedGeometry(Geometry):
+    """Mixin: Geometry plus the bit-width check of a matrix holding planes b1..bits_held."""
+
+    b1: int
+
+    @property
+    def bits_held(self) -> int:
+        raise NotImplementedError
+
+    def check_bits(self, bits: int) -> None:
+        """Raise a UserError unless b1 <= bits <= bits_held."""
+        if not self.b1 <= bits <= self.bits_held:
+            raise UserError(f"{bits} bits is outside {self.b1}..{self.bits_held} resident",
+                            field="bits", fix="load the missing planes first")
+
+
 @dataclass(frozen=True, eq=False)
-class PackedExpertMatrix:
+class PackedExpertMatrix(NestedGeometry):
     """A [rows, cols] nested matrix resident at `bits_held` bits, ready for the kernels."""
 
     kind: str  # mwq | bitplane
@@ -47,25 +81,9 @@ class PackedExpertMatrix:
         return int(self.planes.shape[0])
 
     @property
-    def words(self) -> int:
-        """int32 words per row of one plane: ceil(cols / 32)."""
-        return math.ceil(self.cols / 32)
-
-    @property
-    def groups(self) -> int:
-        """Groups per row: ceil(cols / group)."""
-        return math.ceil(self.cols / self.group)
-
-    @property
     def device(self) -> torch.device:
         """Where the tensors live."""
         return self.planes.device
-
-    def check_bits(self, bits: int) -> None:
-        """Raise a UserError unless b1 <= bits <= bits_held."""
-        if not self.b1 <= bits <= self.bits_held:
-            raise UserError(f"{bits} bits is outside {self.b1}..{self.bits_held} resident",
-                            field="bits", fix="load the missing planes first")
 
     def nbytes_at(self, bits: int) -> int:
         """Bytes the kernels read from this matrix at `bits` (planes + scales)."""

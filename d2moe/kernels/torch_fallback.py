@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from d2moe.core.errors import UserError
+from d2moe.kernels.packed import NestedGeometry
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,7 @@ _SCRATCH = threading.local()
 
 
 @dataclass(frozen=True, eq=False)
-class PlaneViews:
+class PlaneViews(NestedGeometry):
     """A [rows, cols] nested matrix on the CPU as per-plane numpy views (no stacking copy)."""
 
     kind: str  # mwq | bitplane
@@ -67,27 +68,11 @@ class PlaneViews:
         return len(self.planes)
 
     @property
-    def words(self) -> int:
-        """int32 words per row of one plane: ceil(cols / 32)."""
-        return math.ceil(self.cols / 32)
-
-    @property
-    def groups(self) -> int:
-        """Groups per row: ceil(cols / group)."""
-        return math.ceil(self.cols / self.group)
-
-    @property
     def device(self) -> torch.device:
         """Always the CPU."""
         import torch
 
         return torch.device("cpu")
-
-    def check_bits(self, bits: int) -> None:
-        """Raise a UserError unless b1 <= bits <= bits_held."""
-        if not self.b1 <= bits <= self.bits_held:
-            raise UserError(f"{bits} bits is outside {self.b1}..{self.bits_held} resident",
-                            field="bits", fix="load the missing planes first")
 
     @classmethod
     def from_packed(cls, p: PackedExpertMatrix) -> PlaneViews:

@@ -80,6 +80,25 @@ def _load_plane(ptrs, j: tl.constexpr, plane_stride, mask, NB: tl.constexpr,
 
 
 @triton.jit
+def _load_tile(planes_ptr, scale_ptr, zero_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_stride,
+               NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
+    """Plane words (8, zeros past NB), scales and zeros of the tile at words `offs_w`."""
+    mask = (offs_w[:, None] < w_hi) & n_ok
+    ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
+    g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
+    return (_load_plane(ptrs, 0, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 1, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 2, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 3, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 4, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 5, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 6, plane_stride, mask, NB, EVEN),
+            _load_plane(ptrs, 7, plane_stride, mask, NB, EVEN),
+            tl.load(scale_ptr + g_off, mask=mask, other=0.0),
+            tl.load(zero_ptr + g_off, mask=mask, other=0.0))
+
+
+@triton.jit
 def _gather(c, p, j: tl.constexpr, t: tl.constexpr, NB: tl.constexpr):
     """OR bit 8l + t of plane word p into bit 8l + (NB-1-j) of c, for the 4 byte lanes l.
 
@@ -193,39 +212,17 @@ def _nested_gemv_kernel(
     arange_w = tl.arange(0, BLOCK_W)
 
     # the first tile, loaded before the loop
-    offs_w = w_lo + arange_w
-    tile_mask = (offs_w[:, None] < w_hi) & n_ok
-    p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
-    g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
-    p0 = _load_plane(p_ptrs, 0, plane_stride, tile_mask, NB, EVEN)
-    p1 = _load_plane(p_ptrs, 1, plane_stride, tile_mask, NB, EVEN)
-    p2 = _load_plane(p_ptrs, 2, plane_stride, tile_mask, NB, EVEN)
-    p3 = _load_plane(p_ptrs, 3, plane_stride, tile_mask, NB, EVEN)
-    p4 = _load_plane(p_ptrs, 4, plane_stride, tile_mask, NB, EVEN)
-    p5 = _load_plane(p_ptrs, 5, plane_stride, tile_mask, NB, EVEN)
-    p6 = _load_plane(p_ptrs, 6, plane_stride, tile_mask, NB, EVEN)
-    p7 = _load_plane(p_ptrs, 7, plane_stride, tile_mask, NB, EVEN)
-    s = tl.load(scale_ptr + g_off, mask=tile_mask, other=0.0)
-    z = tl.load(zero_ptr + g_off, mask=tile_mask, other=0.0)
+    p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
+        planes_ptr, scale_ptr, zero_ptr, w_lo + arange_w, offs_n, n_ok, w_hi, N,
+        plane_stride, NB, WPG, EVEN)
 
     magic = tl.zeros([BLOCK_W, BLOCK_N], tl.int32) + magic_bits
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for w0 in range(w_lo, w_hi, BLOCK_W):
         # prefetch the next tile (masked off past the slice)
-        nxt_w = w0 + BLOCK_W + arange_w
-        nxt_mask = (nxt_w[:, None] < w_hi) & n_ok
-        nxt_ptrs = planes_ptr + nxt_w[:, None] * N + offs_n[None, :]
-        nxt_g = (nxt_w // WPG)[:, None] * N + offs_n[None, :]
-        q0 = _load_plane(nxt_ptrs, 0, plane_stride, nxt_mask, NB, False)
-        q1 = _load_plane(nxt_ptrs, 1, plane_stride, nxt_mask, NB, False)
-        q2 = _load_plane(nxt_ptrs, 2, plane_stride, nxt_mask, NB, False)
-        q3 = _load_plane(nxt_ptrs, 3, plane_stride, nxt_mask, NB, False)
-        q4 = _load_plane(nxt_ptrs, 4, plane_stride, nxt_mask, NB, False)
-        q5 = _load_plane(nxt_ptrs, 5, plane_stride, nxt_mask, NB, False)
-        q6 = _load_plane(nxt_ptrs, 6, plane_stride, nxt_mask, NB, False)
-        q7 = _load_plane(nxt_ptrs, 7, plane_stride, nxt_mask, NB, False)
-        s_next = tl.load(scale_ptr + nxt_g, mask=nxt_mask, other=0.0)
-        z_next = tl.load(zero_ptr + nxt_g, mask=nxt_mask, other=0.0)
+        q0, q1, q2, q3, q4, q5, q6, q7, s_next, z_next = _load_tile(
+            planes_ptr, scale_ptr, zero_ptr, w0 + BLOCK_W + arange_w, offs_n, n_ok, w_hi, N,
+            plane_stride, NB, WPG, False)
 
         # decode the current tile: sum_k q x per (token, word, row), then scale and zero
         offs_w = w0 + arange_w
