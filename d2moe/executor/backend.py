@@ -56,12 +56,22 @@ class StreamingExperts:
     """An ExpertBackend that streams nested experts from a store under a byte budget."""
 
     def __init__(self, store: StoreReader, policy: Policy, pool: ExpertPool, *,
-                 bits: int, kernel_backend: str = "auto", router: Any = None) -> None:
+                 bits: int, kernel_backend: str = "auto", router: Any = None,
+                 capacity: Any = None) -> None:
         self.store, self.policy, self.pool, self.bits = store, policy, pool, bits
         # router: a d2moe.router BitRouter; asked live for each token's bits (else `bits`)
         self.router = router
         if router is not None:
             router.reset()
+        # capacity: a d2moe.router.adaptive.AdaptiveCapacity fed each decode step's Event
+        # rows; its shares become the router's capacities from the next step on
+        self.capacity = capacity
+        self._scan = 0  # events before this index belong to observed steps
+        if capacity is not None:
+            if router is None:
+                raise ValueError("adaptive capacity needs a bit-width router")
+            capacity.reset()
+            router.set_capacities(capacity.shares, window=capacity.window_steps)
         self.kernel_backend = kernel_backend
         self.events: list[Event] = []
         self.t0 = time.perf_counter()
@@ -81,6 +91,15 @@ class StreamingExperts:
             phase = "prefill" if self.step == 0 else "decode"
             self.events.append(Event("step", phase, self.step, -1, -1, 0, 0, self._step_tokens,
                                      0, self._step_start, end))
+            if self.capacity is not None and self.step >= 1:  # decode steps only
+                from d2moe.router.adaptive import step_observation
+
+                obs = step_observation(self.events[self._scan:], self.step, self._step_start,
+                                       end)
+                shares = self.capacity.observe(obs)
+                if shares is not None:
+                    self.router.set_capacities(shares)
+            self._scan = len(self.events)
 
     def finish(self) -> Timeline:
         """Close the last step, stop the I/O lane, return the timeline."""
@@ -99,14 +118,14 @@ class StreamingExperts:
     def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids [T, k], weights [T, k] -> Σ_k weights · expert(x) [T, D]."""
-        token_bits = self.router.choose(layer, x).tolist() if self.router is not None \
-            else None  # [T] bits per token (non-expert time: before `now`)
-        now = self.clock()
-        if layer == 0:  # a new forward step begins
+        if layer == 0:  # a new forward step begins (closed before the router is asked)
             self._close_step(self._last_end if self.step >= 0 else 0.0)
             self.step += 1
             self._step_start = self._last_end if self.step > 0 else 0.0
             self._step_tokens = int(x.shape[0])
+        token_bits = self.router.choose(layer, x).tolist() if self.router is not None \
+            else None  # [T] bits per token (non-expert time: before `now`)
+        now = self.clock()
         self.events.append(Event("compute", "non_expert", self.step, layer, -1, 0, 0,
                                  int(x.shape[0]), 0, self._last_end, now))
         groups = _group(ids, weights, self.bits, token_bits)  # (expert, bits) -> (tok, w)

@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
                     "policy objects). Writes events.npz (the simulator's timeline format), "
                     "metrics.json and bubbles.png to --out.")
     add_fields(p, RunConfig)
+    from d2moe.router.adaptive import CapacityConfig
+
+    add_fields(p, CapacityConfig)  # --capacity-mode fixed|adaptive and its knobs (with --router)
     p.set_defaults(func=_main)
 
 
@@ -71,15 +74,18 @@ def tiny_store(layout: Any) -> Path:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from d2moe.router.adaptive import CapacityConfig
+
     cfg = from_args(RunConfig, args)
-    result = run(cfg)
+    result = run(cfg, capacity=from_args(CapacityConfig, args))
     print(result["text"])
     print(result["summary"])
     return 0
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Load model and store, generate under the budget, write and return the results."""
+def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
+    """Load model and store, generate under the budget, write and return the results;
+    `capacity` (a d2moe.router.adaptive.CapacityConfig) sets the router's capacity mode."""
     import torch
 
     from d2moe.analysis import compute_metrics, format_table, metrics_row, plot_bubbles
@@ -92,6 +98,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     from d2moe.model.tokenizer import decode, encode
     from d2moe.policies import make_policy
     from d2moe.quant.store import StoreReader
+    from d2moe.router.adaptive import describe as describe_capacity
+    from d2moe.router.adaptive import run_bits
 
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise UserError(f"unknown device {cfg.device!r}", field="device",
@@ -122,6 +130,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         router = load_router(cfg.router, spec=spec, store=store_path, device=str(device),
                              store_bits=(store.layout.b1, store.bits_stored))
+    controller = _capacity(capacity, router)
     widest = max(router.bits) if router is not None else cfg.bits
     one = all_experts_bytes(spec, widest, store.layout) // (spec.layers * spec.experts)
     if budget < one:
@@ -130,7 +139,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         fix=f"give at least {one} bytes")
     model.to(device)
     pool = ExpertPool(spec, store.layout, budget, device)
-    backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router)
+    backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router,
+                               capacity=controller)
     try:
         gen = generate(model, list(encode(cfg.prompt)), cfg.max_new_tokens, backend=backend)
     finally:
@@ -138,6 +148,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     timeline.meta.update({"prompt": cfg.prompt, "bits": cfg.bits, "store": str(store_path)})
     if router is not None:
         timeline.meta["router"] = router.meta["path"]
+        timeline.meta["capacity"] = (controller.record() if controller is not None else
+                                     {"mode": "fixed", "shares": list(router.capacities),
+                                      "window": router.window.window})
     m = compute_metrics(timeline)
     out = Path(cfg.out)
     save_timeline(out / "events.npz", timeline)
@@ -156,11 +169,31 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         f"{spec.name} on {device} ({io_note}), policy {policy.name}, budget {cfg.budget} = "
         f"{fmt_bytes(budget)} of {fmt_bytes(total)} of experts at {cfg.bits} bits (measured)",
         format_table([metrics_row(policy.name, m)]),
-        memory,
+        memory] + ([describe_capacity(timeline.meta["capacity"],
+                                      run_bits(timeline.events, first_step=1))]
+                   if router is not None else []) + [
         f"generation: {gen.decode_tokens_per_s:.1f} decode tokens/s; "
         f"wrote {out}/events.npz, metrics.json, bubbles.png"])
     return {"text": cfg.prompt + decode(list(gen.new_ids)), "summary": summary,
             "timeline": timeline, "metrics": m, "generation": gen}
+
+
+def _capacity(capacity: Any, router: Any) -> Any:
+    """The adaptive controller (None in fixed mode); fixed mode applies --capacity-window."""
+    if capacity is None:
+        return None
+    if router is None:
+        if capacity.capacity_mode == "adaptive":
+            raise UserError("adaptive capacity needs a bit-width router", field="capacity-mode",
+                            fix="pass --router DIR (d2moe router train) or drop the option")
+        return None
+    window = capacity.window_for(router.window.window)
+    if capacity.capacity_mode == "fixed":
+        router.set_capacities(router.capacities, window=window)
+        return None
+    from d2moe.router.adaptive import AdaptiveCapacity
+
+    return AdaptiveCapacity(router.capacities, capacity, window)
 
 
 def _check_match(spec: Any, store: Any, path: Path) -> None:

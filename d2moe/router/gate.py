@@ -87,6 +87,11 @@ class BitRouter:
         """Start a new sequence: forget the decode windows."""
         self.window.reset()
 
+    def set_capacities(self, caps: Sequence[float], window: int | None = None) -> None:
+        """New capacities (and window size) from the next call on; every window restarts."""
+        self.capacities = check_capacities(caps, len(self.bits))
+        self.window = CapacityWindow(self.capacities, window or self.window.window)
+
     def probs(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """x [T, D] -> gate probabilities [T, K]."""
         with torch.no_grad():

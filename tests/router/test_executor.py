@@ -106,3 +106,81 @@ def test_trace_record_cli_with_router_writes_the_widths(store, setup, tmp_path):
     trace = load_trace(out)
     assert set(trace.bits.ravel().tolist()) <= {2, 3, 4} and trace.meta["router"] == str(path)
     assert main(["trace", "record", "--text", str(text), "--router", str(tmp_path)]) == 2
+
+
+class _Replay:
+    """Resident chooser replaying an adaptive run: the same shares from the same steps."""
+
+    def __init__(self, router, schedule: dict[int, tuple[float, ...]], window: int) -> None:
+        self.router, self.schedule, self.window = router, schedule, window
+
+    def reset(self) -> None:
+        self.step = -1
+        self.router.set_capacities(self.router.capacities, window=self.window)
+
+    def choose_index(self, layer, x):
+        if layer == 0:
+            self.step += 1
+            if self.step in self.schedule:
+                self.router.set_capacities(self.schedule[self.step])
+        return self.router.choose_index(layer, x)
+
+
+def test_executor_with_adaptive_capacity_gives_the_resident_tokens_at_the_same_widths(
+        store, widths, setup):
+    from d2moe.router.adaptive import AdaptiveCapacity, CapacityConfig
+    from d2moe.router.capacity import capacity_counts
+
+    model, spec, path, _ = setup
+    # stall fraction < 1 always: an up move (ceiling "bounds") at every window, timing-free
+    cfg = CapacityConfig(capacity_mode="adaptive", stall_low=1.0, stall_high=1.0,
+                         share_step=0.25, share_ceiling="bounds")
+    window, new = 4, 13  # 12 decode steps: 3 windows
+    reader = StoreReader(store)
+    router = load_router(path, spec=spec, store_bits=(2, 4))
+    trained = router.capacities
+    ctl = AdaptiveCapacity(trained, cfg, window)
+    budget = int(all_experts_bytes(spec, 4, reader.layout) * 0.3)
+    pool = ExpertPool(spec, reader.layout, budget, torch.device("cpu"))
+    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=4, router=router,
+                               capacity=ctl)
+    got = generate(model, PROMPT, new, backend=backend)
+    tl = backend.finish()
+    shares = [d.shares for d in ctl.decisions]
+    assert [d.step for d in ctl.decisions] == [4, 8, 12]
+    assert shares[0] == pytest.approx((0.05, 0.65, 0.3)) and shares[1] == pytest.approx(
+        (0.0, 0.7, 0.3))
+    # each window of decode steps holds exactly the counts of the shares decided before it
+    per_window = [trained, shares[0], shares[1]]
+    for layer in range(spec.layers):
+        got_bits = {e.step: e.bits_to for e in tl.events
+                    if e.kind == "run" and e.layer == layer and e.step >= 1}
+        for w, sh in enumerate(per_window):
+            chosen = [got_bits[s] for s in range(1 + w * window, 1 + (w + 1) * window)]
+            assert [chosen.count(b) for b in (2, 3, 4)] == capacity_counts(sh, window)
+    replay = _Replay(load_router(path, spec=spec), {5: shares[0], 9: shares[1]}, window)
+    resident = BitRoutedExperts(widths, replay)
+    resident.reset()
+    want = generate(model, PROMPT, new, backend=resident)
+    assert got.new_ids == want.new_ids
+    assert pool.accounting.peak_bytes <= budget
+
+
+def test_run_command_adaptive_mode_records_its_decisions(store, setup, tmp_path):
+    from d2moe.cli import main
+    from d2moe.router.adaptive import CapacityConfig
+
+    _, _, path, _ = setup
+    result = run(RunConfig(store=str(store), router=str(path), max_new_tokens=6,
+                           out=str(tmp_path / "o"), budget="50%"),
+                 capacity=CapacityConfig(capacity_mode="adaptive", capacity_window=2))
+    cap = result["timeline"].meta["capacity"]
+    assert cap["window_steps"] == 2 and len(cap["decisions"]) >= 2
+    assert all(sum(d["shares"]) == pytest.approx(1) for d in cap["decisions"])
+    assert "adaptive capacities" in result["summary"]
+    fixed = run(RunConfig(store=str(store), router=str(path), max_new_tokens=2,
+                          out=str(tmp_path / "f")), capacity=CapacityConfig(capacity_window=8))
+    assert fixed["timeline"].meta["capacity"] == {"mode": "fixed", "shares": [0.3, 0.4, 0.3],
+                                                  "window": 8}
+    assert main(["run", "--store", str(store), "--capacity-mode", "adaptive",
+                 "--out", str(tmp_path / "x")]) == 2  # no router
