@@ -62,6 +62,7 @@ LANES = tl.constexpr(0x01010101)  # bit 0 of each byte: columns t, t+8, t+16, t+
 # over a word stays accurate; the kernel subtracts 0.5 sum x once per word). NB = 8 needs
 # bit 23 too: the byte becomes bits 0..7 of 2^23, and 2^23 is subtracted per weight.
 HALF = tl.constexpr(0x3F000000)  # bits of 0.5
+ONE = tl.constexpr(0x3F800000)  # bits of 1.0
 MAGIC = tl.constexpr(0x4B000000)  # bits of 2^23
 MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 
@@ -173,6 +174,20 @@ def _lane_code(c, magic, lane: tl.constexpr, NB: tl.constexpr, ASM: tl.constexpr
 
 
 @triton.jit
+def _lane_bit(c, lane: tl.constexpr):
+    """1 + b/2 for the bit b at bit 8 * lane of c: the bit becomes the top mantissa bit of 1.0,
+    exact in the sum over a word (MWQ's residual planes, one scale each: their products
+    are summed per plane, so the byte-move form's lost precision would add up per plane)."""
+    SH: tl.constexpr = 22 - 8 * lane
+    if SH >= 0:  # noqa: SIM108 (constexpr branch; a shift count must be non-negative)
+        v = c << SH
+    else:
+        v = c >> (-SH)
+    v = (v & (1 << 22)) | ONE
+    return v.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _nested_gemv_kernel(
     # Activations x [M, K] and output y [M, N]
     x_ptr, y_ptr, M, stride_xm, stride_ym,
@@ -267,11 +282,10 @@ def _nested_gemv_kernel(
                     for lane in tl.static_range(4):
                         col = 8 * lane + t
                         xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
-                        part += _lane_code(c, magic, lane, 1, ASM)[None, :, :] * \
-                            xv.to(tl.float32)[:, :, None]
-                # part = sum (0.5 + bit/256) x  =>  sum bit x = 256 part - 128 sum x
-                acc += tl.sum(a[None, :, :] * (512.0 * part - 257.0 * xsum[:, :, None]),
-                              axis=1)
+                        part += _lane_bit(c, lane)[None, :, :] * xv.to(tl.float32)[:, :, None]
+                # part = sum (1 + bit/2) x  =>  sum bit x = 2 (part - sum x), so
+                # alpha (2 sum bit x - sum x) = alpha (4 part - 5 sum x)
+                acc += tl.sum(a[None, :, :] * (4.0 * part - 5.0 * xsum[:, :, None]), axis=1)
         p0, p1, p2, p3, p4, p5, p6, p7 = q0, q1, q2, q3, q4, q5, q6, q7
         s, z = s_next, z_next
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]

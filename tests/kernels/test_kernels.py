@@ -24,9 +24,10 @@ needs_triton_device = pytest.mark.skipif(not (CUDA or INTERPRET),
 
 
 # The GEMV decodes codes of <= 7 bits as 0.5 + q/256 (triton_nested.py), which leaves ~17
-# bits for the sum over a word: a few 1e-5 relative with fp32 activations, far below the fp16
-# rounding of a real run's output (5e-4). A wrong plane, shift or scale errs by > 1e-2.
-GEMV_TOL = 1e-4
+# bits for the sum over a word: up to ~6e-5 relative with fp32 activations in a 36-case check
+# (MWQ at 8 bits worst: its base and six residual sums), below the fp16 rounding of a real
+# run's output (5e-4). A wrong plane, shift or scale errs by > 1e-2.
+GEMV_TOL = 5e-4
 
 
 def _packed(kind: str, rows: int, cols: int, group: int, bK: int = 8, device: str = "cpu"):
