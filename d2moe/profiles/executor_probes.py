@@ -126,10 +126,18 @@ def measure_runs(probe: ModelSpec, layout: QuantLayout, device: Any, bits: Seque
 
 def measure_overlap(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
                     bits: int, repeats: int, sync: Callable[[], None],
-                    window_s: float = 0.2) -> dict[str, float]:
-    """Each lane's speed while the other is busy, a fraction in (0, 1]: runs per second
-    while a second thread loads experts in a loop, over runs per second alone (and loads
-    likewise); alone and together alternate for a few rounds and the means are kept."""
+                    window_s: float = 0.15, runs_per_load: int = 2) -> dict[str, float]:
+    """Each lane's speed while the other is busy, a fraction in (0, 1], in the situation of a
+    real run: the compute lane (this thread) runs experts back to back and hands one load to
+    an I/O thread (woken through a queue, as `executor/lanes.py`) every `runs_per_load` runs.
+
+    compute speed = 1 - (compute time lost) / (time a load was in flight), where the time
+    lost is the window minus the runs done over the run rate alone: so the hand-offs, the
+    interpreter lock and the caches that each load costs the compute lane are charged to the
+    overlap, as the simulator's fluid model does. I/O speed = a load's mean time when the
+    compute lane idles (sleeps) between the hand-offs over its mean time beside the runs.
+    Alone and together alternate for a few rounds and the means are kept."""
+    import queue
     import threading
 
     from d2moe.core.jobs import ExpertKey, Load
@@ -139,55 +147,136 @@ def measure_overlap(reader: Any, probe: ModelSpec, layout: QuantLayout, device: 
     run = run_bodies(probe, layout, device, [(bits, 1)])[0]
     pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
     keys = [ExpertKey(0, e) for e in range(probe.experts)]
+    todo: queue.Queue[int | None] = queue.Queue()
+    spans: list[float] = []  # durations of the loads done, us
 
-    def load(i: int) -> float:
-        key = keys[i % len(keys)]
-        _drop(pool, key)
-        t0 = time.perf_counter()
-        ld = Load(key, 0, bits)
-        load_into(reader, pool, ld)
-        sync()
-        return (time.perf_counter() - t0) * 1e6
+    def io_lane() -> None:
+        while (i := todo.get()) is not None:
+            key = keys[i % len(keys)]
+            _drop(pool, key)
+            t0 = time.perf_counter()
+            load_into(reader, pool, Load(key, 0, bits))
+            sync()
+            spans.append((time.perf_counter() - t0) * 1e6)
 
-    def rates(bodies: Sequence[Callable[[int], Any]], seconds: float) -> list[float]:
-        """Calls per second of each body, all looping in their own threads for `seconds`."""
-        stop, out = threading.Event(), [0.0] * len(bodies)
+    thread = threading.Thread(target=io_lane, daemon=True)
+    thread.start()
 
-        def loop(k: int) -> None:
-            n, t0 = 0, time.perf_counter()
-            while not stop.is_set():
-                bodies[k](n)
+    def window(seconds: float, loads: bool, compute: bool, run_s: float) -> tuple[int, float]:
+        """(runs done, seconds) of a window; a load is handed over every runs_per_load runs
+        (or, with compute off, every runs_per_load run times of sleep)."""
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            if loads and n % runs_per_load == 0:
+                todo.put(n)
+            if compute:
+                run(n)
                 sync()
-                n += 1
-            out[k] = n / (time.perf_counter() - t0)
-
-        threads = [threading.Thread(target=loop, args=(k,), daemon=True)
-                   for k in range(len(bodies))]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join()
-        return out
+            else:
+                time.sleep(run_s)
+            n += 1
+        elapsed = time.perf_counter() - t0
+        while not todo.empty():  # let the last load finish outside the next window
+            time.sleep(0.001)
+        time.sleep(0.005)
+        return n, elapsed
 
     t0 = time.perf_counter()
-    run(-1)
-    load(-1)
-    window_s = max(window_s, 4 * (time.perf_counter() - t0))  # several calls per window
+    for _ in range(3):
+        run(-1)
+    run_s = (time.perf_counter() - t0) / 3
+    window_s = max(window_s, 40 * run_s)  # many runs per window
     compute_speed, io_speed = [], []
-    for _ in range(max(3, repeats // 2)):  # alone and together in turn: load drifts alike
-        (alone_run,), (alone_load,) = rates([run], window_s), rates([load], window_s)
-        both_run, both_load = rates([run, load], window_s)
-        compute_speed.append(both_run / alone_run if alone_run else 1.0)
-        io_speed.append(both_load / alone_load if alone_load else 1.0)
+    try:
+        for _ in range(max(4, repeats)):  # alone and together in turn: load drifts alike
+            n_alone, s_alone = window(window_s, False, True, run_s)
+            rate = n_alone / s_alone
+            spans.clear()
+            window(window_s, True, False, run_s)
+            load_alone = statistics.fmean(spans) if spans else 0.0
+            spans.clear()
+            n_both, s_both = window(window_s, True, True, run_s)
+            busy_s = sum(spans) / 1e6
+            lost_s = s_both - n_both / rate
+            if busy_s > 0:
+                compute_speed.append(1.0 - lost_s / busy_s)
+            if spans and load_alone:
+                io_speed.append(load_alone / statistics.fmean(spans))
+    finally:
+        todo.put(None)
+        thread.join()
     for key in list(pool.blocks):
         _drop(pool, key)
 
     def clamp(xs: list[float]) -> float:
-        return round(min(1.0, max(0.05, statistics.fmean(xs))), 3)
+        return round(min(1.0, max(0.05, statistics.fmean(xs))), 3) if xs else 1.0
 
     return {"overlap_compute_speed": clamp(compute_speed), "overlap_io_speed": clamp(io_speed)}
+
+
+def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
+                       bits: int, rounds: int, sync: Callable[[], None]) -> float:
+    """How much longer (us, at least 0) an expert's first run after its load takes than the
+    run right after it: an I/O thread (woken through a queue, as `executor/lanes.py`) loads
+    the expert while this thread waits, then this thread runs it twice; mean of the
+    differences over `rounds` loads."""
+    import queue
+    import threading
+
+    import torch
+
+    from d2moe.core.jobs import ExpertKey, Load
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.pool import ExpertPool
+    from d2moe.kernels.dispatch import expert_swiglu
+
+    pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
+    keys = [ExpertKey(0, e) for e in range(probe.experts)]
+    todo: queue.Queue[int | None] = queue.Queue()
+    done = threading.Event()
+
+    def io_lane() -> None:
+        while (i := todo.get()) is not None:
+            key = keys[i % len(keys)]
+            _drop(pool, key)
+            load_into(reader, pool, Load(key, 0, bits))
+            sync()
+            done.set()
+
+    x = torch.randn(1, probe.hidden, generator=torch.Generator().manual_seed(7)).to(device)
+    tok = torch.arange(1, device=device)
+    w = torch.full((1,), 0.5, device=device)
+    y = torch.zeros_like(x)
+
+    def run(key: Any) -> float:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            with pool.moving:
+                m = pool.matrices(key, bits)
+                o = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], bits)
+            y.index_add_(0, tok, o * w[:, None].to(o.dtype))
+        sync()
+        return (time.perf_counter() - t0) * 1e6
+
+    thread = threading.Thread(target=io_lane, daemon=True)
+    thread.start()
+    diffs = []
+    try:
+        for i in range(rounds + 1):  # round 0 warms up
+            done.clear()
+            todo.put(i)
+            done.wait()
+            key = keys[i % len(keys)]
+            first = run(key)
+            second = run(key)
+            if i:
+                diffs.append(first - second)
+    finally:
+        todo.put(None)
+        thread.join()
+    for key in list(pool.blocks):
+        _drop(pool, key)
+    return max(0.0, statistics.fmean(diffs)) if diffs else 0.0
 
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,

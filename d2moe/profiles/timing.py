@@ -32,6 +32,26 @@ def fit_latency_bandwidth(points: Sequence[tuple[int, float]]) -> tuple[float, f
     return float(intercept), 1.0 / (float(slope) * 1e3)
 
 
+def fit_ramp(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Fit extra_us = full_us * min(1, idle_us / ramp_us) to (idle_us, extra_us) points:
+    (full_us, ramp_us), least squares; ramp_us from the points' idle times and a grid between
+    them (0: the full amount after any idle time). A fit below 0 gives (0, 0): no cost."""
+    idle = np.array([p[0] for p in points], float)
+    extra = np.array([p[1] for p in points], float)
+    top = float(idle.max(initial=0.0))
+    if top <= 0:
+        return 0.0, 0.0
+    best = (math.inf, 0.0, 0.0)
+    for ramp in sorted({*np.linspace(top / 64, top, 64).tolist(), *idle[idle > 0].tolist()}):
+        x = np.minimum(1.0, idle / ramp)
+        full = float((x * extra).sum() / (x * x).sum())
+        err = float(((full * x - extra) ** 2).sum())
+        if err < best[0]:
+            best = (err, full, ramp)
+    _, full, ramp = best
+    return (0.0, 0.0) if full <= 0 else (full, ramp)
+
+
 def interleaved_means(fns: Sequence[Callable[[int], float | None]], repeats: int,
                       sync: Callable[[], None], bar: Bar | None = None, what: str = "",
                       min_s: float = 0.1, max_rounds: int = 2000) -> list[float]:

@@ -5,7 +5,8 @@ Model (fluid): a job has its nominal duration from the profile; while both lanes
 job, the I/O job progresses at `io_speed` and the compute job at `compute_speed` (fractions
 of nominal speed, measured by `d2moe profile`); otherwise at full speed. A stalled lane is not
 busy. The dependency rules are the plan's (`core.jobs.run_waits/load_waits`) with the same
-hand-off (`wake_us`) as the uncontended engines. Both simulator engines take a contended
+hand-off (`wake_us`) and cold loads (`cold_us`: extra nominal work of a load that starts
+after the I/O lane sat idle) as the uncontended engines. Both simulator engines take a contended
 layer's times from `fluid_schedule`, so their rows stay identical; with both speeds 1 the
 engines use their own exact recurrences instead.
 """
@@ -13,7 +14,7 @@ engines use their own exact recurrences instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from d2moe.core.events import Event
 from d2moe.core.jobs import Evict, Plan, load_waits, run_waits
@@ -45,13 +46,16 @@ def _after(free: float, ready: float, wake_us: float) -> float:
 
 def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequence[int],
                    lw: Sequence[int], t0: float, wake_us: float, io_speed: float,
-                   compute_speed: float) -> tuple[list[float], list[float], list[float],
-                                                  list[float]]:
+                   compute_speed: float, cold_us: Callable[[float], float] | None = None,
+                   io_last_end: float = -INF) -> tuple[list[float], list[float], list[float],
+                                                       list[float]]:
     """(load starts, load ends, run starts, run ends) of one layer's plan under contention.
 
     Loads run in order on the I/O lane (load i after the run lw[i], if any), runs in order on
     the compute lane (run j after the load rw[j], if any); the I/O lane takes its first load
     `wake_us` after t0, and a lane that waited on the other starts `wake_us` after the signal.
+    A load starting `idle` us after the previous one ended (`io_last_end` before this layer)
+    has `cold_us(idle)` more nominal work.
     """
     nl, nr = len(load_us), len(run_us)
     ls, le, rs, re = [0.0] * nl, [0.0] * nl, [0.0] * nr, [0.0] * nr
@@ -86,7 +90,10 @@ def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequen
             cpu = None
         if io is None and io_next == t:
             ls[i] = t
-            io = _Job(i, load_us[i], t, 1.0)
+            work = load_us[i]
+            if cold_us is not None:
+                work += cold_us(t - (le[i - 1] if i else io_last_end))
+            io = _Job(i, work, t, 1.0)
             i += 1
         if cpu is None and cpu_next == t:
             rs[j] = t
@@ -103,7 +110,7 @@ def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequen
 def execute_contended(ctx: object, plan: Plan, t0: float) -> float:
     """Apply the plan to the pool, time it with `fluid_schedule`, write the rows (the same
     rows as `lanes.execute_fast` would, at the contended times); returns the compute end."""
-    from d2moe.sim.lanes import LayerCtx
+    from d2moe.sim.lanes import LayerCtx, first_runs
 
     assert isinstance(ctx, LayerCtx)
     pool, rows = ctx.pool, ctx.events
@@ -115,9 +122,13 @@ def execute_contended(ctx: object, plan: Plan, t0: float) -> float:
         n = pool.apply_load(ld)
         nbytes.append(n)
         durations.append(ctx.load_us(ld, n))
-    ls, le, rs, re = fluid_schedule(durations, [ctx.run_us(r) for r in plan.runs],
-                                    run_waits(plan), load_waits(plan), t0, ctx.wake_us,
-                                    ctx.io_speed, ctx.compute_speed)
+    rw = run_waits(plan)
+    runs_us = [ctx.run_us(r) + (ctx.first_run_us if first else 0.0)
+               for r, first in zip(plan.runs, first_runs(rw), strict=True)]
+    ls, le, rs, re = fluid_schedule(durations, runs_us, rw, load_waits(plan), t0, ctx.wake_us,
+                                    ctx.io_speed, ctx.compute_speed, ctx.cold_us, ctx.io_last_end)
+    if le:
+        ctx.io_last_end = le[-1]
     for k, ld in enumerate(plan.loads):
         for ev, freed in freed_by[k]:
             rows.append(Event("memory", "evict", ctx.step, ev.key.layer, ev.key.expert,

@@ -4,8 +4,10 @@ When the profile carries executor lane costs (`Profile.executor`, measured by `d
 profile`), a load pays one disk request per stored level it moves plus the I/O lane's work
 beyond the reads, a run pays the compute lane's fixed cost beyond its expert, a layer with
 expert work pays `layer_us` before its plan starts and a lane blocked on the other resumes
-`wake_us` after the signal (`sim/lanes.py`), and each lane slows to its measured overlap
-speed while the other is busy (`sim/contention.py`). Without them these terms are zero.
+`wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays the
+disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`, and
+each lane slows to its measured overlap speed while the other is busy (`sim/contention.py`).
+Without them these terms are zero.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class ProfileCosts:
         self.io_speed = float(lc.overlap_io_speed) if lc is not None else 1.0
         self.compute_speed = float(lc.overlap_compute_speed) if lc is not None else 1.0
         self._run_fixed_us = float(lc.run_us) if lc is not None else 0.0
+        self.cold_us = lc.cold_us if lc is not None and getattr(lc, "cold_read_us", 0.0) > 0 \
+            else None  # (idle us) -> extra us of a load, or None: loads are never cold
+        self.first_run_us = float(getattr(lc, "first_run_us", 0.0)) if lc is not None else 0.0
         self._load: dict[tuple[int, str, int], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}

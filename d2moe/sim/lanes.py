@@ -9,6 +9,10 @@ Both engines follow the same rules (see `core.jobs.run_waits/load_waits`):
 - a lane that had to wait for the other resumes `wake_us` after the signal (the real
   executor's thread hand-off; 0 unless the profile measured it), and the I/O lane takes a
   layer's first load `wake_us` after the plan is handed to it;
+- a load that starts `idle` us after the I/O lane's previous load ended (in any layer) takes
+  `cold_us(idle)` longer (the disk's first request after a pause; none unless measured);
+- the first run waiting on a load takes `first_run_us` longer (its planes come from the I/O
+  lane's core; 0 unless measured);
 - with lane contention (speeds < 1 in the profile) both engines time the plan with the fluid
   model of `sim/contention.py`.
 Both write identical Event rows; tests cross-check them on random plans.
@@ -16,6 +20,7 @@ Both write identical Event rows; tests cross-check them on random plans.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +44,9 @@ class LayerCtx:
     wake_us: float = 0.0  # a lane blocked on the other resumes this long after the signal
     io_speed: float = 1.0  # the I/O lane's speed while the compute lane is busy (contention)
     compute_speed: float = 1.0  # the compute lane's speed while the I/O lane is busy
+    cold_us: Callable[[float], float] | None = None  # (idle us) -> a cold load's extra us
+    io_last_end: float = -math.inf  # when the I/O lane's last load ended (across layers)
+    first_run_us: float = 0.0  # extra time of the first run after its expert's load
 
     @property
     def contended(self) -> bool:
@@ -60,19 +68,33 @@ def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
                              ev.bits_from, ev.bits_to, 0, freed, start, start))
     nbytes = pool.apply_load(ld)
     end = start + ctx.load_us(ld, nbytes)
+    if ctx.cold_us is not None:
+        end += ctx.cold_us(start - ctx.io_last_end)
+    ctx.io_last_end = end
     ev_rows.append(Event("io", "prefetch" if ld.prefetch else "load", ctx.step, layer,
                          ld.key.expert, ld.bits_from, ld.bits_to, 0, nbytes, start, end))
     return end
 
 
-def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float) -> float:
-    """Record a run starting at max(free, ready), with a stall row if it waited."""
+def first_runs(rw: list[int]) -> list[bool]:
+    """Per run: whether it is the first run waiting on its load (rw: `run_waits`)."""
+    seen: set[int] = set()
+    out = []
+    for d in rw:
+        out.append(d >= 0 and d not in seen)
+        seen.add(d)
+    return out
+
+
+def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float, first: bool = False) -> float:
+    """Record a run starting at max(free, ready), with a stall row if it waited; `first`: the
+    first run after its expert's load (pays `ctx.first_run_us`)."""
     rows = ctx.events
     start = _after(free, ready, ctx.wake_us)
     if start > free:
         rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0, 0, 0,
                           free, start))
-    end = start + ctx.run_us(run)
+    end = start + ctx.run_us(run) + (ctx.first_run_us if first else 0.0)
     rows.append(Event("compute", "run", ctx.step, ctx.layer, run.key.expert, run.bits, run.bits,
                       run.tokens, 0, start, end))
     return end
@@ -88,6 +110,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
         return execute_contended(ctx, plan, t0)
     loads, runs = plan.loads, plan.runs
     rw = run_waits(plan)
+    first = first_runs(rw)
     lw = load_waits(plan)
     if max(lw, default=-1) < 0:
         lw = None  # the I/O lane never waits on compute in this plan
@@ -106,7 +129,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
             moved = True
         if j < n_r and rw[j] < i:
             ready = load_end[rw[j]] if rw[j] >= 0 else t0
-            cpu = run_end[j] = _do_run(ctx, runs[j], cpu, ready)
+            cpu = run_end[j] = _do_run(ctx, runs[j], cpu, ready, first[j])
             j += 1
             moved = True
         if not moved:
@@ -126,6 +149,7 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
         return end
     loads, runs = plan.loads, plan.runs
     rw, lw = run_waits(plan), load_waits(plan)
+    first = first_runs(rw)
     load_done = [env.event() for _ in loads]
     run_done = [env.event() for _ in runs]
     load_end = [0.0] * len(loads)
@@ -150,7 +174,7 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
             if not load_done[rw[j]].triggered:
                 yield load_done[rw[j]]
             ready = load_end[rw[j]]
-        cpu = run_end[j] = _do_run(ctx, run, cpu, ready)
+        cpu = run_end[j] = _do_run(ctx, run, cpu, ready, first[j])
         yield env.timeout(max(0.0, cpu - env.now))
         run_done[j].succeed()
     yield io_proc

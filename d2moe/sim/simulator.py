@@ -99,7 +99,8 @@ def _simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Tim
     if setup.engine == "fast":
         t = 0.0
         ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
-                       costs.compute_speed)
+                       costs.compute_speed, costs.cold_us,
+                       first_run_us=costs.first_run_us)
         for s, step in enumerate(steps):
             t = _step_fast(s, step, t, policy, ctx, costs)
     else:
@@ -137,6 +138,9 @@ def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: Resi
                  costs: ProfileCosts, events: list[Event], load_us: Any, run_us: Any) -> Any:
     """The driver process: each layer's non-expert slice, then its plan on both lanes."""
     t = 0.0
+    ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
+                   costs.compute_speed, costs.cold_us,
+                   first_run_us=costs.first_run_us)  # one context: the I/O lane's state
     for s, step in enumerate(steps):
         t_step = t
         ne = costs.non_expert_us(step.tokens)
@@ -147,7 +151,6 @@ def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: Resi
             yield env.timeout(max(0.0, t - env.now))
             if demands:
                 plan = policy.plan(layer, demands, pool.view, costs)
-                ctx = LayerCtx(s, layer, pool, events, load_us, run_us, costs.wake_us,
-                               costs.io_speed, costs.compute_speed)
+                ctx.step, ctx.layer = s, layer
                 t = yield env.process(simpy_layer(env, ctx, plan, t + costs.layer_us))
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))

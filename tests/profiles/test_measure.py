@@ -22,7 +22,7 @@ from d2moe.profiles.schema import (
     profile_from_dict,
     save_profile,
 )
-from d2moe.profiles.timing import fit_latency_bandwidth, interleaved_means
+from d2moe.profiles.timing import fit_latency_bandwidth, fit_ramp, interleaved_means
 from tests.profiles.test_profiles import hand
 
 TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
@@ -83,6 +83,18 @@ def test_lane_costs_from_rows_by_hand() -> None:
     assert lane_costs_from_rows([]) == {"layer_us": 0.0, "run_us": 0.0, "wake_us": 0.0}
 
 
+def test_fit_ramp_by_hand() -> None:
+    # an exact ramp to 300 us at 4 ms of idle time, flat after: recovered exactly
+    pts = [(0.0, 0.0), (1000.0, 75.0), (2000.0, 150.0), (4000.0, 300.0), (8000.0, 300.0)]
+    full, ramp = fit_ramp(pts)
+    assert full == pytest.approx(300.0) and ramp == pytest.approx(4000.0)
+    # flat from the first idle point on: the ramp is as short as the grid allows
+    full, ramp = fit_ramp([(0.0, 0.0), (500.0, 40.0), (5000.0, 40.0)])
+    assert full == pytest.approx(40.0) and ramp <= 500.0
+    assert fit_ramp([(0.0, 0.0), (1000.0, -5.0)]) == (0.0, 0.0)  # warm is as fast: no cost
+    assert fit_ramp([(0.0, 3.0)]) == (0.0, 0.0)
+
+
 def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     d = hand()
     d["executor"] = {"layer_us": 300.0, "load_us": 100.0, "load_GBps": 0.5, "run_us": 10.0,
@@ -95,6 +107,15 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     assert load_profile(tmp_path / "p.yaml") == p
     # per-request latency: 3 requests pay the disk and link latencies three times
     assert p.load_us(1_000_000, requests=3) == pytest.approx(3 * (100 + 10) + 1_000_000 / 500)
+    d["executor"] = {"layer_us": 1.0, "cold_read_us": 250.0, "cold_ramp_us": 5000.0,
+                     "first_run_us": 80.0}
+    cold = profile_from_dict(d, path="hand.yaml")
+    assert cold.executor.cold_us(2500.0) == pytest.approx(125.0)
+    save_profile(tmp_path / "c.yaml", cold)
+    assert load_profile(tmp_path / "c.yaml") == cold
+    d["executor"] = {"cold_read_us": -1.0}
+    with pytest.raises(UserError, match="executor.cold_read_us"):
+        profile_from_dict(d, path="hand.yaml")
     d["executor"] = {"load_GBps": 0}
     with pytest.raises(UserError, match="executor.load_GBps"):
         profile_from_dict(d, path="hand.yaml")
@@ -122,6 +143,9 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert all(r.shape == "192x192" and r.latency_us > 0 for r in q.expert.rows)
     assert {r.tokens for r in q.non_expert.rows} == {1, 3}
     assert q.executor is not None and q.executor.layer_us >= 0
+    assert q.executor.cold_read_us >= 0 and q.executor.cold_ramp_us >= 0
+    assert q.executor.first_run_us >= 0
+    assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
     spec = load_spec("tiny")
     trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))
     tl = simulate(SimSetup(spec, q, budget_bytes=10**6), steps_from_trace(trace, 4),

@@ -140,3 +140,127 @@ def test_contended_engines_match_and_full_speed_equals_the_recurrence(steps, fra
         assert run(LaneProfile(), "fast") == plain
     finally:
         lanes.LayerCtx.contended = original
+
+
+@dataclass(frozen=True)
+class ColdProfile(LaneProfile):
+    """LaneProfile whose loads after an idle I/O lane pay up to 8 us more (full after 40 us)."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        cold_read_us=8.0, cold_ramp_us=40.0))
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_cold_loads_by_hand(engine: str) -> None:
+    # as test_lane_costs_by_hand, plus the cold first request: the run's first load (never an
+    # earlier one) pays the full 8: 6 + 13.18 + 8 = 27.18; the stall ends 2 later (wake).
+    # Step 1's load starts at 41.43, 14.25 after the last load ended: 8 * 14.25 / 40 = 2.85
+    # more, so 41.43 + 30.86 + 2.85 = 75.14; runs 77.14 .. 83.39 .. 89.64.
+    assert _rows(engine, ColdProfile()) == [
+        (0, "non_expert", -1, 0.0, 3.0),
+        (0, "prefill", -1, 0.0, 35.43),
+        (0, "stall", 1, 4.0, 29.18),
+        (0, "load", 1, 6.0, 27.18),
+        (0, "run", 1, 29.18, 35.43),
+        (1, "decode", -1, 35.43, 89.64),
+        (1, "non_expert", -1, 35.43, 38.43),
+        (1, "stall", 0, 39.43, 77.14),
+        (1, "load", 0, 41.43, 75.14),
+        (1, "run", 0, 77.14, 83.39),
+        (1, "run", 1, 83.39, 89.64),
+    ]
+
+
+def test_cold_cost_ramps_then_saturates() -> None:
+    c = ExecutorCosts(cold_read_us=300.0, cold_ramp_us=6000.0)
+    assert [c.cold_us(t) for t in (-1.0, 0.0, 1500.0, 6000.0, 60000.0, math.inf)] == \
+        [0.0, 0.0, 75.0, 300.0, 300.0, 300.0]
+    assert ExecutorCosts(cold_read_us=50.0).cold_us(1.0) == 50.0  # no ramp: any idle time
+    assert ExecutorCosts().cold_us(math.inf) == 0.0
+
+
+def test_fluid_schedule_with_cold_loads_by_hand() -> None:
+    from d2moe.sim.contention import fluid_schedule
+
+    def cold(idle: float) -> float:
+        return min(4.0, idle)
+
+    # the I/O lane's last load ended at -2: load 0 starts at 0 with 2 us more work (12); the
+    # resident run (10) beside it, both at half speed: the run ends at 20, the load has done
+    # 10 of 12 by then and ends at 22; load 1 follows at once (idle 0): 10 alone, ends 32
+    assert fluid_schedule([10.0, 10.0], [10.0], [-1], [-1, -1], 0.0, 0.0, 0.5, 0.5,
+                          cold, -2.0) == ([0.0, 22.0], [22.0, 32.0], [0.0], [20.0])
+
+
+@dataclass(frozen=True)
+class ColdContendedProfile(LaneProfile):
+    """Cold loads and contended lanes together."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_read_us=8.0, cold_ramp_us=40.0,
+        first_run_us=0.75))
+
+
+@dataclass(frozen=True)
+class ColdFirstProfile(LaneProfile):
+    """Cold loads and first runs, no contention."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        cold_read_us=8.0, cold_ramp_us=40.0, first_run_us=0.75))
+
+
+@dataclass(frozen=True)
+class FirstRunProfile(LaneProfile):
+    """LaneProfile whose first run after a load pays 1.5 us more."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        first_run_us=1.5))
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_first_runs_by_hand(engine: str) -> None:
+    # as test_lane_costs_by_hand, plus 1.5 us for a run waiting on its load: step 0's run of
+    # E1 21.18 + 6.25 + 1.5 = 28.93; step 1: plan at 32.93, load E0 34.93 .. 65.79, E0's run
+    # (first after its load) 67.79 .. 75.54, E1's run (resident, no load) 75.54 .. 81.79
+    assert _rows(engine, FirstRunProfile()) == [
+        (0, "non_expert", -1, 0.0, 3.0),
+        (0, "prefill", -1, 0.0, 28.93),
+        (0, "stall", 1, 4.0, 21.18),
+        (0, "load", 1, 6.0, 19.18),
+        (0, "run", 1, 21.18, 28.93),
+        (1, "decode", -1, 28.93, 81.79),
+        (1, "non_expert", -1, 28.93, 31.93),
+        (1, "stall", 0, 32.93, 67.79),
+        (1, "load", 0, 34.93, 65.79),
+        (1, "run", 0, 67.79, 75.54),
+        (1, "run", 1, 75.54, 81.79),
+    ]
+
+
+def test_first_runs_marks_the_first_run_after_each_load() -> None:
+    from d2moe.sim.lanes import first_runs
+
+    assert first_runs([-1, 0, 0, 1, -1, 1]) == [False, True, False, True, False, False]
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=step_lists(), frac=st.floats(0.0, 1.2), name=st.sampled_from(POLICIES.names()),
+       contended=st.booleans())
+def test_engines_match_exactly_with_cold_loads_and_first_runs(steps, frac, name, contended) -> None:
+    budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
+    layout = QuantLayout(b1=2, bK=4)
+    profile = ColdContendedProfile() if contended else ColdFirstProfile()
+    key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
+    fast = simulate(SimSetup(SPEC, profile, layout, budget, engine="fast"), steps,
+                    make_policy(name))
+    slow = simulate(SimSetup(SPEC, profile, layout, budget, engine="simpy"), steps,
+                    make_policy(name))
+    assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
+    warm = simulate(SimSetup(SPEC, ContendedProfile() if contended else LaneProfile(), layout,
+                             budget, engine="fast"), steps, make_policy(name))
+    end = lambda tl: max((e.end_us for e in tl.events), default=0.0)  # noqa: E731
+    assert end(fast) >= end(warm) - 1e-9  # a cold disk or a cold cache never helps
