@@ -176,5 +176,5 @@ def plot_side_by_side(pairs: Sequence[tuple[str, Timeline, Timeline]], path: str
     for label, real, sim in pairs:
         timelines += [from_step(real, first_step, steps), from_step(sim, first_step, steps)]
         labels += [f"{label} real", f"{label} simulated"]
-    end = max((e.end_us for t in timelines for e in t.events), default=1.0) or 1.0
-    return plot_bubbles(timelines, path, labels=labels, title=title or None, window=(0.0, end))
+    # no window: the cropped timelines are the whole plot, so captions are the shown steps'
+    return plot_bubbles(timelines, path, labels=labels, title=title or None)

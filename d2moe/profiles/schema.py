@@ -526,7 +526,7 @@ def shipped_profiles() -> tuple[str, ...]:
 
 
 def load_profile(ref: str | Path) -> Profile:
-    """A shipped profile name (`rtx3060-laptop`, `jetson-agx-orin`) or a profile YAML path."""
+    """A shipped profile name (`shipped_profiles()`) or a profile YAML path."""
     ref_s = str(ref)
     if ref_s in shipped_profiles():
         import yaml
