@@ -5,13 +5,14 @@ y[M, N] = x[M, K] @ W[N, K]^T where W is a `PackedExpertMatrix` (word-major plan
 plane words of its [BLOCK_W words, BLOCK_N rows] tile, rebuilds codes in registers,
 applies the per-group fp16 scale/zero and multiplies: the unpacked matrix never touches
 memory. Two paths:
-  * GEMV (1..4 tokens): SWAR decode. For bit t of a word, (plane >> t) & 0x01010101 puts
-    the bits of columns t, t+8, t+16, t+24 in the four byte lanes; shifting in the planes
-    builds four codes per int32 op. A code q becomes the float 1 + q/2^NB by moving it to
-    the top of the mantissa and OR-ing the bits of 1.0 (two integer ops, no int->float
-    conversion); the per-word sum of (1 + q/2^NB) x, minus sum x, times 2^NB, is sum q x,
-    and the group's scale and zero are applied once per word. Per weight: ~3 ops + 0.75
-    per plane, plus one FMA per token. Split-K (fp32 atomics) fills the SMs when N is small.
+  * GEMV (1..4 tokens): SWAR decode. For bit t of a word, shifting plane j so that bits
+    t, t+8, t+16, t+24 land on bit NB-1-j of the four byte lanes and and-or-ing it in (one
+    shift + one LOP3 per plane) builds four codes per int32. One PRMT per weight then moves
+    a code byte into the mantissa of a constant (no int->float conversion): 0.5 + q/256 for
+    codes of <= 7 bits, 2^23 + q (minus 2^23) at 8; sums over a word are rescaled and the
+    group's scale and zero applied once per word, one FMA per weight and token. The next
+    tile's loads are issued before the current tile is decoded. Split-K fills the SMs when N
+    is small; partials meet in a self-cleaning fp32 accumulator (one launch).
   * dot (> 4 tokens): the dequantized [BLOCK_W*32, BLOCK_N] tile goes to tl.dot.
 GROUP must be a power of two >= 32 (a word never straddles two groups).
 Style follows the Triton matmul tutorial: grouped, commented kernel arguments; a wrapper
@@ -42,13 +43,14 @@ class KernelConfig:
     block_n: int = 128
     block_w: int = 8
     block_m: int = 1  # tokens per program (GEMV path: 1..16; dot path: >= 16)
-    split_k: int = 0  # GEMV path: programs along K (fp32 atomics); 0 = enough to fill the SMs
+    split_k: int = 0  # GEMV path: programs along K; 0 = about four programs per SM
     num_warps: int = 4
     num_stages: int = 2
 
 
-# Defaults chosen offline from ptxas reports (registers, no spills) and SASS per weight:
-# more rows per thread amortise each activation load over more weights (docs/results/kernels.md).
+# GEMV defaults: from SASS counts per weight (benchmarks/kernels_sass.py) and an H100 sweep
+# (docs/results/kernels.md; 8 tile shapes x 3 split factors): 512 rows x 1 word x 4 warps
+# was among the three fastest in five of the six Mixtral (shape, 2/4/8-bit) cases.
 GEMV_CONFIG = KernelConfig(block_n=512, block_w=1, block_m=1, num_warps=4)
 GEMV_FEW_CONFIG = KernelConfig(block_n=256, block_w=1, block_m=4, num_warps=4)
 DOT_CONFIG = KernelConfig(block_n=64, block_w=4, block_m=16, split_k=1, num_warps=4,
