@@ -11,7 +11,6 @@ corpus. `fp` is the model's own experts (no backend passed), so it equals `perpl
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from d2moe.core.errors import UserError
+from d2moe.core.progress import progress_bar
 from d2moe.core.sizes import QuantLayout
 from d2moe.quant.mwq import PLANE_FITS, check_bits_range
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix
@@ -245,17 +245,6 @@ def dense_backend(spec: ModelSpec, weight_of: Callable[[Key], torch.Tensor]) -> 
     return backend.eval().requires_grad_(False)
 
 
-def _bar(total: int, enabled: bool) -> Any:
-    """A tqdm bar on a terminal, else None."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="eval ppl", unit="run")
-
-
 def eval_ppl(cfg: PplConfig) -> PplTable:
     """Score the model at every requested (format, bit-width), plus fp."""
     from d2moe.model.load import load_model
@@ -300,7 +289,7 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
         ids = heldout_ids(cfg.model, spec, cfg.heldout_kib)
         weights = expert_weights(model)
         quant = [f for f in fmts if f != "fp"]
-        bar = _bar(1 + len(quant) * len(bits), cfg.progress)
+        bar = progress_bar(1 + len(quant) * len(bits), cfg.progress, "eval ppl", "run")
 
         def score(backend: Any) -> Any:
             p = perplexity(model, ids, ctx=cfg.ctx, batch=cfg.batch, backend=backend)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
+from d2moe.core.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
     offsets = torch.arange(cfg.ctx + 1)
     bits_t = torch.tensor(bits, dtype=torch.float32)
     steps: Any = range(cfg.steps)
-    bar = _bar(cfg.steps, cfg.progress)
+    bar = progress_bar(cfg.steps, cfg.progress, "router train", "step")
     ce_l, mean_l, exp_l = [], [], []
     t0 = time.perf_counter()
     for _ in steps:
@@ -225,12 +226,3 @@ def _command(cfg: RouterTrainConfig) -> str:
     return " ".join(["d2moe router train", *flags])
 
 
-def _bar(total: int, enabled: bool) -> Any:
-    """A tqdm bar on a terminal, else None."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="router train", unit="step")
