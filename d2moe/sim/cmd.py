@@ -89,19 +89,24 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
-    """Simulate every policy of `cfg` on one trace; write the outputs; return table and files."""
-    from d2moe.analysis import (
-        compute_metrics,
-        export_chrome,
-        format_table,
-        metrics_row,
-        plot_bubbles,
-        plot_resident,
-    )
-    from d2moe.policies import make_policy
+@dataclass(frozen=True)
+class Prepared:
+    """What every policy of one simulation shares: spec, profile, trace, steps, budget."""
+
+    cfg: SimulateConfig
+    spec: Any
+    profile: Any
+    trace: Any
+    trace_name: str
+    steps: list
+    layout: QuantLayout
+    budget_bytes: int
+    host_bytes: int
+
+
+def prepare(cfg: SimulateConfig) -> Prepared:
+    """Load the spec, profile and trace of `cfg` and fix the budget in bytes."""
     from d2moe.profiles import load_profile
-    from d2moe.sim.simulator import SimSetup, simulate
     from d2moe.sim.workload import budget_bytes, max_bits, steps_from_trace
     from d2moe.traces import load_trace, synth_trace
     from d2moe.traces.synth import SynthConfig
@@ -109,10 +114,6 @@ def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
     spec = load_spec(cfg.model_spec)
     profile = load_profile(cfg.profile)
     layout = cfg.quant_layout
-    names = [n.strip() for n in cfg.policy.split(",") if n.strip()]
-    if not names:
-        raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
-    policies = [make_policy(n) for n in names]  # unknown names fail before any work
     if cfg.trace:
         trace = load_trace(cfg.trace)
         trace.check_spec(spec)
@@ -124,17 +125,49 @@ def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
     top = max_bits(steps, cfg.bits)
     budget = budget_bytes(cfg.budget, spec, layout, top)
     host = budget_bytes(cfg.host_cache, spec, layout, top) if cfg.host_cache != "0" else 0
-    setup = SimSetup(spec, profile, layout, budget, host_cache_bytes=host, engine=cfg.engine,
-                     meta={"trace": trace_name, "budget": cfg.budget})
+    return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host)
+
+
+def simulate_policy(prep: Prepared, policy: Any) -> Timeline:
+    """Simulate one policy object on a prepared workload; the timeline's meta has the wall
+    time the simulation took (`sim_wall_s`)."""
+    from d2moe.sim.simulator import SimSetup, simulate
+
+    cfg = prep.cfg
+    setup = SimSetup(prep.spec, prep.profile, prep.layout, prep.budget_bytes,
+                     host_cache_bytes=prep.host_bytes, engine=cfg.engine,
+                     meta={"trace": prep.trace_name, "budget": cfg.budget})
+    t0 = time.perf_counter()
+    tl = simulate(setup, prep.steps, policy)
+    tl.meta["sim_wall_s"] = time.perf_counter() - t0
+    return tl
+
+
+def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
+    """Simulate every policy of `cfg` on one trace; write the outputs; return table and files."""
+    from d2moe.analysis import (
+        compute_metrics,
+        export_chrome,
+        format_table,
+        metrics_row,
+        plot_bubbles,
+        plot_resident,
+    )
+    from d2moe.policies import make_policy
+
+    names = [n.strip() for n in cfg.policy.split(",") if n.strip()]
+    if not names:
+        raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
+    policies = [make_policy(n) for n in names]  # unknown names fail before any work
+    prep = prepare(cfg)
+    spec, profile, layout, budget = prep.spec, prep.profile, prep.layout, prep.budget_bytes
+    steps, trace_name = prep.steps, prep.trace_name
     out = Path(cfg.out)
     timelines: list[Timeline] = []
     rows = []
     files = []
     for policy in policies:
-        t0 = time.perf_counter()
-        tl = simulate(setup, steps, policy)
-        wall = time.perf_counter() - t0
-        tl.meta["sim_wall_s"] = wall
+        tl = simulate_policy(prep, policy)
         timelines.append(tl)
         path = out / f"events-{policy.name}.npz"
         save_timeline(path, tl)

@@ -79,59 +79,78 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
+class SimSession:
+    """The fast engine's state across steps: the pool, the lanes' context, the costs.
+
+    `simulate` drives one over a fixed list of steps; a serving loop (concurrent requests)
+    drives one step at a time, deciding each step's work from the clock.
+    """
+
+    def __init__(self, setup: SimSetup, policy: Policy) -> None:
+        self.setup, self.policy = setup, policy
+        self.sizes = Sizes.of(setup.spec, setup.layout)
+        self.costs = ProfileCosts(setup.profile, setup.spec, self.sizes, setup.layout)
+        self.pool = ResidentSet(self.sizes, setup.budget_bytes)
+        self.host = HostCache(setup.host_cache_bytes, self.sizes)
+        self.events: list[Event] = []
+        policy.reset()
+        costs = self.costs
+        self.ctx = LayerCtx(0, 0, self.pool, self.events, self.load_us, costs.run_us_of,
+                            costs.wake_us, costs.io_speed, costs.compute_speed, costs.cold_us,
+                            first_run_us=costs.first_run_us)
+
+    def load_us(self, ld: Load, nbytes: int) -> float:
+        return self.costs.load_us_of(ld, nbytes, self.host)
+
+    def run_step(self, s: int, step: StepWork, t: float) -> float:
+        """Simulate step `s` starting at `t` (us); returns when it ends."""
+        costs, policy, ctx = self.costs, self.policy, self.ctx
+        t_step = t
+        ne = costs.non_expert_us(step.tokens)
+        events, view = ctx.events, ctx.pool.view
+        ctx.step = s
+        for layer, demands in enumerate(step.layers):
+            events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0, t,
+                                t + ne))
+            t += ne
+            if demands:
+                plan = policy.plan(layer, demands, view, costs)
+                ctx.layer = layer
+                t = execute_fast(ctx, plan, t + costs.layer_us)
+        events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
+        return t
+
+    def timeline(self, **meta: Any) -> Timeline:
+        """The rows so far, with the run's metadata."""
+        return Timeline(self.events, _meta(self.setup, self.policy, self.pool, **meta))
+
+
+def _meta(setup: SimSetup, policy: Policy, pool: ResidentSet, **extra: Any) -> dict[str, Any]:
+    return {"backend": "sim", "engine": setup.engine, "policy": policy.name,
+            "model": setup.spec.name, "profile": getattr(setup.profile, "name", "?"),
+            "layout": setup.layout.kind, "budget_bytes": setup.budget_bytes,
+            "peak_resident_bytes": pool.peak_bytes, **setup.meta, **extra}
+
+
 def _simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Timeline:
     if setup.engine not in ENGINES:
         raise UserError(f"unknown engine {setup.engine!r}", field="engine",
                         fix=f"use one of {', '.join(ENGINES)}")
     max_bits = max((d.bits for s in steps for ds in s.layers for d in ds), default=setup.layout.b1)
     check_budget(setup, max_bits)
-    sizes = Sizes.of(setup.spec, setup.layout)
-    costs = ProfileCosts(setup.profile, setup.spec, sizes, setup.layout)
-    pool = ResidentSet(sizes, setup.budget_bytes)
-    host = HostCache(setup.host_cache_bytes, sizes)
-    events: list[Event] = []
-    policy.reset()
-
-    def load_us(ld: Load, nbytes: int) -> float:
-        return costs.load_us_of(ld, nbytes, host)
-
-    run_us = costs.run_us_of
+    session = SimSession(setup, policy)
     if setup.engine == "fast":
         t = 0.0
-        ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
-                       costs.compute_speed, costs.cold_us,
-                       first_run_us=costs.first_run_us)
         for s, step in enumerate(steps):
-            t = _step_fast(s, step, t, policy, ctx, costs)
+            t = session.run_step(s, step, t)
     else:
         import simpy
 
         env = simpy.Environment()
-        env.process(_steps_simpy(env, steps, policy, pool, costs, events, load_us, run_us))
+        env.process(_steps_simpy(env, steps, policy, session.pool, session.costs,
+                                 session.events, session.load_us, session.costs.run_us_of))
         env.run()
-    meta = {"backend": "sim", "engine": setup.engine, "policy": policy.name,
-            "model": setup.spec.name, "profile": getattr(setup.profile, "name", "?"),
-            "layout": setup.layout.kind, "budget_bytes": setup.budget_bytes,
-            "peak_resident_bytes": pool.peak_bytes, **setup.meta}
-    return Timeline(events, meta)
-
-
-def _step_fast(s: int, step: StepWork, t: float, policy: Policy, ctx: LayerCtx,
-               costs: ProfileCosts) -> float:
-    t_step = t
-    ne = costs.non_expert_us(step.tokens)
-    events, view = ctx.events, ctx.pool.view
-    ctx.step = s
-    for layer, demands in enumerate(step.layers):
-        events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0, t,
-                            t + ne))
-        t += ne
-        if demands:
-            plan = policy.plan(layer, demands, view, costs)
-            ctx.layer = layer
-            t = execute_fast(ctx, plan, t + costs.layer_us)
-    events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
-    return t
+    return session.timeline()
 
 
 def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: ResidentSet,
