@@ -21,12 +21,17 @@ TIMELINE_FORMAT = "d2moe.timeline"
 TIMELINE_VERSION = 1
 
 # Lanes and the kinds each carries. Evictions are instants on the memory lane;
-# a stall is the compute lane waiting on a load (its `expert` is the awaited one).
+# a stall is the compute lane waiting on a load (its `expert` is the awaited one); a
+# `substitute` is a run whose tokens were routed to `expert` but ran on a similar resident
+# expert (System 2). Request rows (concurrent serving) use `step` for the request id:
+# `request` spans arrival to last token (`tokens` = output tokens, `bytes` = prompt
+# tokens), `first_token` spans arrival to the first output token.
 LANES = {
     "io": ("load", "prefetch"),
-    "compute": ("run", "non_expert", "stall"),
+    "compute": ("run", "non_expert", "stall", "substitute"),
     "memory": ("evict",),
     "step": ("prefill", "decode"),
+    "request": ("request", "first_token"),
 }
 KINDS = {kind: lane for lane, kinds in LANES.items() for kind in kinds}
 
