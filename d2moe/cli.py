@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "d2moe.sim.cmd",
     "d2moe.traces.cmd",
     "d2moe.demo",
+    "d2moe.sweep.cmd",
 )
 OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when it is missing
     "d2moe.quant.cmd",

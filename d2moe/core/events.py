@@ -10,12 +10,15 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from d2moe.core.jobs import Load, Run
 
 TIMELINE_FORMAT = "d2moe.timeline"
 TIMELINE_VERSION = 1
@@ -56,6 +59,20 @@ class Event(NamedTuple):
     @property
     def dur_us(self) -> float:
         return self.end_us - self.start_us
+
+
+def run_event(step: int, layer: int, run: Run, start_us: float, end_us: float) -> Event:
+    """The compute row of one run (both backends): `substitute` when another expert's
+    weights served it; bits_from = the bits its tokens were routed at, bits_to = run bits."""
+    kind = "run" if run.served_by is None else "substitute"
+    return Event("compute", kind, step, layer, run.key.expert, run.routed_bits, run.bits,
+                 run.tokens, 0, start_us, end_us)
+
+
+def load_event(step: int, load: Load, nbytes: int, start_us: float, end_us: float) -> Event:
+    """The I/O row of one load or prefetch (both backends); `layer` is the loaded expert's."""
+    return Event("io", "prefetch" if load.prefetch else "load", step, load.key.layer,
+                 load.key.expert, load.bits_from, load.bits_to, 0, nbytes, start_us, end_us)
 
 
 FIELDS = Event._fields

@@ -36,6 +36,7 @@ class Demand(NamedTuple):
     bits: int
     tokens: int
     importance: float = 1.0
+    asked: int = 0  # the bits its tokens were routed at, when a policy changed `bits` (0: same)
 
 
 class Evict(NamedTuple):
@@ -69,12 +70,21 @@ class Run(NamedTuple):
 
     `served_by` names the resident expert that stands in for `key` when a policy
     substitutes a low-importance miss (System 2); None means the expert itself runs.
+    `asked` is the bit-width its tokens were routed at when the policy runs them at other
+    bits (a static or uniform bit rule, or a miss served at the bits already resident);
+    0 means `bits`. The executor finds the run's tokens by (key, asked or bits).
     """
 
     key: ExpertKey
     bits: int
     tokens: int
     served_by: ExpertKey | None = None
+    asked: int = 0
+
+    @property
+    def routed_bits(self) -> int:
+        """The bit-width the run's tokens were routed at."""
+        return self.asked or self.bits
 
     @property
     def source(self) -> ExpertKey:

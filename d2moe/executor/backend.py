@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from d2moe.core.events import Event, Timeline
+from d2moe.core.errors import UserError
+from d2moe.core.events import Event, Timeline, run_event
 from d2moe.core.jobs import Demand, ExpertKey, Load, run_waits
 from d2moe.executor.lanes import IOLane, LayerWork, now_us_since
 from d2moe.executor.pool import ExpertPool
@@ -79,16 +80,46 @@ class StreamingExperts:
         self.costs = ObservedCosts(pool)
         self.io = IOLane(store, pool, self.events, self.clock, observe=self.costs.observe_load)
         self.step = -1
+        self.step_phase: str | None = None  # set by a serving loop before each forward;
+        self._phase: str | None = None  # None: step 0 is the prefill, later steps decode
+        self.initial_bytes = self._preload()
         self._step_start = 0.0
         self._last_end = 0.0  # when the compute lane last finished expert work
         self._step_tokens = 0
-        policy.reset()
+
+    def _preload(self) -> int:
+        """Carry out the policy's preload (Hold-in-Memory: every expert) before the clock
+        starts; returns the resident bytes. Refused when it exceeds the budget."""
+        spec, pool = self.pool.spec, self.pool
+        experts = [ExpertKey(layer, e) for layer in range(spec.layers)
+                   for e in range(spec.experts)]
+        self.policy.reset()
+        loads = self.policy.preload(experts, pool.view)
+        sizes = pool.accounting.sizes
+        need = pool.accounting.used_bytes + sum(sizes.load(ld.bits_from, ld.bits_to)
+                                                for ld in loads)
+        if need > pool.accounting.budget_bytes:
+            self.io.close()
+            raise UserError(f"policy {self.policy.name} holds every expert in memory: that "
+                            f"needs {need} B, the budget is {pool.accounting.budget_bytes} B",
+                            field="budget",
+                            fix=f"give a budget of at least {need} bytes, or an on-demand policy")
+        for ld in loads:
+            raw = self.store.read_planes(ld.key.layer, ld.key.expert, ld.bits_from, ld.bits_to)
+            if pool.cpu:
+                pool.admit_stored(ld, raw)
+            else:
+                pool.admit(ld, {b: pool.fmt.convert(b, raw[b]) for b in pool.levels_of(ld)})
+        self.t0 = time.perf_counter()  # the clock starts after the preload
+        self.clock = now_us_since(self.t0)
+        self.io.clock_us = self.clock
+        return pool.accounting.used_bytes
 
     # -- steps --------------------------------------------------------------------------
 
     def _close_step(self, end: float) -> None:
         if self.step >= 0:
-            phase = "prefill" if self.step == 0 else "decode"
+            phase = self._phase or ("prefill" if self.step == 0 else "decode")
             self.events.append(Event("step", phase, self.step, -1, -1, 0, 0, self._step_tokens,
                                      0, self._step_start, end))
             if self.capacity is not None and self.step >= 1:  # decode steps only
@@ -108,6 +139,7 @@ class StreamingExperts:
         meta = {"backend": "real", "policy": self.policy.name, "model": self.pool.spec.name,
                 "layout": self.pool.layout.kind, "budget_bytes": self.pool.accounting.budget_bytes,
                 "peak_resident_bytes": self.pool.accounting.peak_bytes,
+                "initial_resident_bytes": self.initial_bytes,
                 "arena_bytes": self.pool.capacity_bytes,
                 "arena_compactions": self.pool.arena.compactions,
                 "device": str(self.pool.device), "direct_io": self.store.direct_io}
@@ -120,6 +152,7 @@ class StreamingExperts:
         """x [T, D], ids [T, k], weights [T, k] -> Σ_k weights · expert(x) [T, D]."""
         if layer == 0:  # a new forward step begins (closed before the router is asked)
             self._close_step(self._last_end if self.step >= 0 else 0.0)
+            self._phase = self.step_phase
             self.step += 1
             self._step_start = self._last_end if self.step > 0 else 0.0
             self._step_tokens = int(x.shape[0])
@@ -166,7 +199,7 @@ class StreamingExperts:
             if work.error is not None:
                 raise work.error
             start = self.clock()
-            tok, w = groups[(run.key.expert, run.bits)]
+            tok, w = groups[(run.key.expert, run.routed_bits)]
             with self.pool.moving:
                 m = self.pool.matrices(run.source, run.bits)
                 out = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], run.bits,
@@ -174,8 +207,7 @@ class StreamingExperts:
             y.index_add_(0, tok, out * w[:, None].to(out.dtype))
             free = end = self.clock()
             self.costs.observe_run(run.bits, run.tokens, end - start)
-            self.events.append(Event("compute", "run", self.step, layer, run.key.expert,
-                                     run.bits, run.bits, run.tokens, 0, start, end))
+            self.events.append(run_event(self.step, layer, run, start, end))
             work.run_done[j].set()
         return y
 

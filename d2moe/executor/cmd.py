@@ -39,6 +39,10 @@ class RunConfig:
     router: str = field(default="", metadata={
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
                 "<store>/router; each token's bits then come from it (--bits sizes the budget)"})
+    expert_stats: str = field(default="auto", metadata={
+        "help": "expert importance and similarity (d2moe experts stats) for the policies "
+                "that use them (edgemoe, sub-similar): FILE, or auto: beside the store, "
+                "computed once for tiny"})
 
 
 def register(subparsers: Any) -> None:
@@ -96,7 +100,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     from d2moe.model.generate import generate
     from d2moe.model.load import load_model
     from d2moe.model.tokenizer import decode, encode
-    from d2moe.policies import make_policy
+    from d2moe.policies import make_policy, policy_config
     from d2moe.quant.store import StoreReader
     from d2moe.router.adaptive import describe as describe_capacity
     from d2moe.router.adaptive import run_bits
@@ -109,11 +113,11 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
                         fix="use --device cpu (or auto)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
-    policy = make_policy(cfg.policy)
+    pcfg = policy_config(cfg.policy)  # unknown names fail before any work
     if cfg.store:
         store_path = Path(cfg.store)
     elif cfg.model == "tiny":
-        store_path = tiny_store(QuantLayout())
+        store_path = tiny_store(store_layout(pcfg, QuantLayout()))
     else:
         raise UserError("no store given for this model", field="store",
                         fix=f"quantize it first: d2moe quantize --model {cfg.model} --out STORE, "
@@ -122,6 +126,9 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     model, spec = load_model(cfg.model, with_experts=False)
     _check_match(spec, store, store_path)
     store.layout.check_bits(cfg.bits)
+    copies = check_store_layout(pcfg, cfg.policy, store.layout, store_path)
+    policy = make_policy(cfg.policy, stats=expert_stats(pcfg, cfg.expert_stats, cfg.model,
+                                                        store_path))
     total = all_experts_bytes(spec, cfg.bits, store.layout)
     budget = parse_budget(cfg.budget, total)
     router = None
@@ -131,14 +138,15 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
         router = load_router(cfg.router, spec=spec, store=store_path, device=str(device),
                              store_bits=(store.layout.b1, store.bits_stored))
     controller = _capacity(capacity, router)
-    widest = max(router.bits) if router is not None else cfg.bits
+    widest = policy.max_bits(max(router.bits) if router is not None else cfg.bits)
+    store.layout.check_bits(widest)
     one = all_experts_bytes(spec, widest, store.layout) // (spec.layers * spec.experts)
     if budget < one:
         raise UserError(f"budget {fmt_bytes(budget)} is smaller than one expert at {widest} "
                         f"bits ({fmt_bytes(one)})", field="budget",
                         fix=f"give at least {one} bytes")
     model.to(device)
-    pool = ExpertPool(spec, store.layout, budget, device)
+    pool = ExpertPool(spec, store.layout, budget, device, copies=copies)
     backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router,
                                capacity=controller)
     try:
@@ -176,6 +184,44 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
         f"wrote {out}/events.npz, metrics.json, bubbles.png"])
     return {"text": cfg.prompt + decode(list(gen.new_ids)), "summary": summary,
             "timeline": timeline, "metrics": m, "generation": gen}
+
+
+def store_layout(pcfg: Any, run: Any) -> Any:
+    """The nested store a policy runs on: its own nested kind, or bitplane for the layouts
+    of separate copies (emulated on a bitplane store: see `check_store_layout`)."""
+    from dataclasses import replace
+
+    layout = pcfg.quant_layout(run)
+    return layout if layout.nested else replace(run, kind="bitplane")
+
+
+def check_store_layout(pcfg: Any, name: str, layout: Any, path: Path) -> bool:
+    """Whether the policy's layout is separate copies, checking the store can serve it.
+
+    Copies are emulated on a bitplane store: its b-bit prefix is a b-bit asymmetric code
+    with the bytes of a b-bit RTN copy; without nesting, raising an expert reloads it whole.
+    """
+    want = pcfg.quant_layout(layout)
+    if want.nested:
+        if want.kind != layout.kind:
+            raise UserError(f"policy {name} runs on a {want.kind} store, this one is "
+                            f"{layout.kind}", path=str(path), field="layout",
+                            fix=f"quantize with --layout {want.kind}, or pick another policy")
+        return False
+    if layout.kind != "bitplane":
+        raise UserError(f"policy {name} keeps separate copies per bit-width, which the executor "
+                        f"emulates on a bitplane store; this one is {layout.kind}",
+                        path=str(path), field="layout", fix="quantize with --layout bitplane")
+    return True
+
+
+def expert_stats(pcfg: Any, option: str, model: str, store_path: Path) -> Any:
+    """The expert statistics a policy needs (None when it needs none)."""
+    if not pcfg.needs_stats:
+        return None
+    from d2moe.experts.store import find_or_build_stats
+
+    return find_or_build_stats(option, model=model, store=store_path)
 
 
 def _capacity(capacity: Any, router: Any) -> Any:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from d2moe.core.events import Event
+from d2moe.core.events import Event, load_event
 from d2moe.core.jobs import Load, Plan, load_waits
 from d2moe.executor.pool import ExpertPool
 from d2moe.quant.store import StoreReader
@@ -90,9 +90,7 @@ class IOLane:
                 data = {bits: pool.fmt.convert(bits, raw[bits]) for bits in pool.levels_of(ld)}
                 nbytes = self._admit_cuda(ld, data)
             end = self.clock_us()
-            rows.append(Event("io", "prefetch" if ld.prefetch else "load", work.step,
-                              work.layer, ld.key.expert, ld.bits_from, ld.bits_to, 0, nbytes,
-                              start, end))
+            rows.append(load_event(work.step, ld, nbytes, start, end))
             if self.observe is not None:
                 self.observe(ld, end - start)
             work.load_done[i].set()

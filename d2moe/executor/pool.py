@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -29,11 +30,17 @@ class ExpertPool:
     """Expert levels resident on `device`; `moving` guards compaction against readers."""
 
     def __init__(self, spec: ModelSpec, layout: QuantLayout, budget_bytes: int,
-                 device: torch.device) -> None:
+                 device: torch.device, *, copies: bool = False) -> None:
         self.spec, self.layout, self.device = spec, layout, device
         self.cpu = device.type == "cpu"  # CPU: row-major levels read as numpy views
         self.fmt = LevelFormat(spec, layout, row_major=self.cpu)
-        self.accounting = ResidentSet(Sizes.of(spec, layout), budget_bytes)
+        sizes = Sizes.of(spec, layout)
+        if copies:
+            # Separate copies per bit-width (Matryoshka-Free, Hold-in-Memory, ...) emulated on
+            # the nested store: the b-bit prefix of a bitplane code has the bytes of a b-bit
+            # RTN copy; without nesting, raising an expert evicts it and reloads it whole.
+            sizes = replace(sizes, nested=False)
+        self.accounting = ResidentSet(sizes, budget_bytes)
         levels = range(layout.b1, layout.bK + 1)
         # The pool's level may be a little larger than the store's (rows padded to whole
         # int32 words) and every block is aligned: size the arena for the worst case of

@@ -8,21 +8,29 @@ from d2moe.core.jobs import Demand, Plan, load_waits, run_waits
 from d2moe.policies.view import PlanError, ResidentSet
 
 
-def check_plan(plan: Plan, demands: Sequence[Demand], pool: ResidentSet) -> None:
+def check_plan(plan: Plan, demands: Sequence[Demand], pool: ResidentSet, *,
+               substitute_below: float = float("inf")) -> None:
     """Apply `plan` to a copy of `pool` in dependency order and raise PlanError on a breach.
 
     Checks: loads and evictions match the resident bits; the budget holds after every
-    load; every demand runs exactly once at >= its bits; each run's expert is resident at
-    >= its bits when it runs; an eviction of an expert that runs in this plan comes after
-    the runs that still need those bits (`core.jobs.load_waits`).
+    load; every demand runs exactly once (its tokens at the bits they were routed at, run
+    at the bits the policy chose); each run's source is resident at >= its bits when it
+    runs; an eviction of an expert that runs in this plan comes after the runs that still
+    need those bits (`core.jobs.load_waits`); a substituted run's demand has importance
+    below `substitute_below` (System 2 never substitutes a high-importance expert).
     """
     sim = ResidentSet(pool.sizes, pool.budget_bytes)
     sim.bits = dict(pool.bits)
     sim.used_bytes = pool.used_bytes
-    wanted = sorted((d.key, d.bits, d.tokens) for d in demands)
-    got = sorted((r.key, r.bits, r.tokens) for r in plan.runs)
+    wanted = sorted((d.key, d.asked or d.bits, d.tokens) for d in demands)
+    got = sorted((r.key, r.routed_bits, r.tokens) for r in plan.runs)
     if wanted != got:
         raise PlanError(f"runs {got} do not match demands {wanted}")
+    importance = {(d.key, d.asked or d.bits): d.importance for d in demands}
+    for r in plan.runs:
+        if r.served_by is not None and importance[(r.key, r.routed_bits)] >= substitute_below:
+            raise PlanError(f"{r} substitutes a demand of importance "
+                            f"{importance[(r.key, r.routed_bits)]} >= {substitute_below}")
     lw, rw = load_waits(plan), run_waits(plan)
     # Walk both queues as the backends do: a run needs its last load done; a load's
     # evictions of experts that still run in this plan need those runs done.

@@ -90,8 +90,48 @@ class Planner:
                 have[job.key] = job.need  # queued already: observe() pushed its new score
             done.append(job.key)
         self._expect = resident.version + ops
-        runs = tuple([Run(d.key, d.bits, d.tokens) for j in order for d in j.demands])
+        runs = tuple([Run(d.key, d.bits, d.tokens, None if d.key == j.key else j.key, d.asked)
+                      for j in order for d in j.demands])
         return Plan(loads=tuple(loads), runs=runs)
+
+    def prefetch(self, plan: Plan, wanted: Sequence[tuple[ExpertKey, int]],
+                 resident: ResidentView) -> Plan:
+        """`plan` with prefetch loads for `wanted` (key, bits) appended to its I/O queue.
+
+        Call right after `plan`. A prefetch may only evict experts that neither this layer
+        nor another prefetch needs (coldest first); one that cannot fit so is skipped.
+        """
+        sizes, budget, have, by_bits = resident.sizes, resident.budget_bytes, self._have, \
+            self._by_bits
+        protect = set(self._in_layer) | {k for k, _ in wanted}
+        self._in_layer = protect  # _free_cold skips these
+        # bytes that evictions could free at most (every unprotected expert, whole)
+        freeable = sum(by_bits[b] for k, b in have.items() if k not in protect)
+        loads = list(plan.loads)
+        ops = 0
+        for key, bits in wanted:
+            cur = have.get(key, 0)
+            if cur >= bits or (cur and not sizes.nested):
+                continue
+            need = sizes.load(cur, bits)
+            if budget - self._used + freeable < need:
+                continue
+            evicts: list[Evict] = []
+            before = self._used
+            self._free_cold(budget - need, evicts)
+            if self._used > budget - need:  # every unprotected expert is in the cold index
+                raise PlanError(f"prefetch of {key} found {freeable} B freeable but freed "
+                                f"{before - self._used} B")
+            freeable -= before - self._used
+            loads.append(Load(key, cur, bits, tuple(evicts), prefetch=True))
+            self.cold.push((key,), self.residency.scores)
+            ops += len(evicts) + 1
+            self._used += need
+            have[key] = bits
+        if not ops:
+            return plan
+        self._expect += ops
+        return Plan(loads=tuple(loads), runs=plan.runs)
 
     def _victim_floor(self, vb: int, short: int) -> int:
         """Bits to leave a victim at: b1 when its planes cover `short` bytes, else 0."""

@@ -27,11 +27,15 @@ class Registry(Generic[T]):
             return factory
         return deco
 
-    def create(self, name: str, **kwargs: object) -> T:
+    def factory(self, name: str) -> Callable[..., T]:
+        """The factory registered as `name` (UserError naming the choices if unknown)."""
         if name not in self._items:
             raise UserError(f"unknown {self.family} {name!r}", field=self.family,
                             fix=f"choose one of: {', '.join(self.names())}")
-        return self._items[name](**kwargs)
+        return self._items[name]
+
+    def create(self, name: str, **kwargs: object) -> T:
+        return self.factory(name)(**kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from d2moe.core.events import Event
+from d2moe.core.events import Event, load_event, run_event
 from d2moe.core.jobs import Evict, Plan, load_waits, run_waits
 
 INF = math.inf
@@ -133,14 +133,12 @@ def execute_contended(ctx: object, plan: Plan, t0: float) -> float:
         for ev, freed in freed_by[k]:
             rows.append(Event("memory", "evict", ctx.step, ev.key.layer, ev.key.expert,
                               ev.bits_from, ev.bits_to, 0, freed, ls[k], ls[k]))
-        rows.append(Event("io", "prefetch" if ld.prefetch else "load", ctx.step, ctx.layer,
-                          ld.key.expert, ld.bits_from, ld.bits_to, 0, nbytes[k], ls[k], le[k]))
+        rows.append(load_event(ctx.step, ld, nbytes[k], ls[k], le[k]))
     free = t0
     for j, run in enumerate(plan.runs):
         if rs[j] > free:
             rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0,
                               0, 0, free, rs[j]))
-        rows.append(Event("compute", "run", ctx.step, ctx.layer, run.key.expert, run.bits,
-                          run.bits, run.tokens, 0, rs[j], re[j]))
+        rows.append(run_event(ctx.step, ctx.layer, run, rs[j], re[j]))
         free = re[j]
-    return re[-1] if re else t0
+    return max(re[-1] if re else t0, le[-1] if le else t0)

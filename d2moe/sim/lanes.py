@@ -13,6 +13,8 @@ Both engines follow the same rules (see `core.jobs.run_waits/load_waits`):
   `cold_us(idle)` longer (the disk's first request after a pause; none unless measured);
 - the first run waiting on a load takes `first_run_us` longer (its planes come from the I/O
   lane's core; 0 unless measured);
+- the layer ends when both lanes are done (a prefetch for the next layer may outlast the
+  runs; the executor waits for it too);
 - with lane contention (speeds < 1 in the profile) both engines time the plan with the fluid
   model of `sim/contention.py`.
 Both write identical Event rows; tests cross-check them on random plans.
@@ -25,7 +27,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from d2moe.core.events import Event
+from d2moe.core.events import Event, load_event, run_event
 from d2moe.core.jobs import Load, Plan, Run, load_waits, run_waits
 from d2moe.policies.view import ResidentSet
 from d2moe.sim.contention import execute_contended
@@ -61,7 +63,7 @@ def _after(free: float, ready: float, wake_us: float) -> float:
 
 def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
     """Apply a load's evictions and the load itself to the pool; record rows; return its end."""
-    ev_rows, pool, layer = ctx.events, ctx.pool, ctx.layer
+    ev_rows, pool = ctx.events, ctx.pool
     for ev in ld.evict:
         freed = pool.apply_evict(ev)
         ev_rows.append(Event("memory", "evict", ctx.step, ev.key.layer, ev.key.expert,
@@ -71,8 +73,7 @@ def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
     if ctx.cold_us is not None:
         end += ctx.cold_us(start - ctx.io_last_end)
     ctx.io_last_end = end
-    ev_rows.append(Event("io", "prefetch" if ld.prefetch else "load", ctx.step, layer,
-                         ld.key.expert, ld.bits_from, ld.bits_to, 0, nbytes, start, end))
+    ev_rows.append(load_event(ctx.step, ld, nbytes, start, end))
     return end
 
 
@@ -95,8 +96,7 @@ def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float, first: bool = Fa
         rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0, 0, 0,
                           free, start))
     end = start + ctx.run_us(run) + (ctx.first_run_us if first else 0.0)
-    rows.append(Event("compute", "run", ctx.step, ctx.layer, run.key.expert, run.bits, run.bits,
-                      run.tokens, 0, start, end))
+    rows.append(run_event(ctx.step, ctx.layer, run, start, end))
     return end
 
 
@@ -134,7 +134,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
             moved = True
         if not moved:
             raise RuntimeError(f"plan deadlocks at load {i}, run {j}: {plan}")
-    return cpu
+    return max(cpu, io)  # prefetches may outlast the runs: the layer ends when both lanes do
 
 
 def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any, Any, float]:
@@ -178,4 +178,4 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
         yield env.timeout(max(0.0, cpu - env.now))
         run_done[j].succeed()
     yield io_proc
-    return cpu
+    return max(cpu, load_end[-1]) if loads else cpu

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from d2moe.core.errors import UserError
 from d2moe.core.events import Event, Timeline
-from d2moe.core.jobs import Demand, Load
+from d2moe.core.jobs import Demand, ExpertKey, Load
 from d2moe.core.sizes import QuantLayout, fmt_bytes
 from d2moe.core.spec import ModelSpec
 from d2moe.policies.presets import Policy
@@ -98,6 +98,7 @@ class SimSession:
         self.ctx = LayerCtx(0, 0, self.pool, self.events, self.load_us, costs.run_us_of,
                             costs.wake_us, costs.io_speed, costs.compute_speed, costs.cold_us,
                             first_run_us=costs.first_run_us)
+        self.initial_bytes = preload(policy, setup.spec, self.pool)
 
     def load_us(self, ld: Load, nbytes: int) -> float:
         return self.costs.load_us_of(ld, nbytes, self.host)
@@ -122,7 +123,24 @@ class SimSession:
 
     def timeline(self, **meta: Any) -> Timeline:
         """The rows so far, with the run's metadata."""
-        return Timeline(self.events, _meta(self.setup, self.policy, self.pool, **meta))
+        return Timeline(self.events, _meta(self.setup, self.policy, self.pool,
+                                           initial_resident_bytes=self.initial_bytes, **meta))
+
+
+def preload(policy: Policy, spec: ModelSpec, pool: ResidentSet) -> int:
+    """Apply the policy's `preload` loads (untimed: before the first step); returns the bytes.
+    A pinned policy whose experts exceed the budget is a user error, with the bytes it needs."""
+    experts = [ExpertKey(layer, e) for layer in range(spec.layers) for e in range(spec.experts)]
+    loads = policy.preload(experts, pool.view)
+    need = pool.used_bytes + sum(pool.sizes.load(ld.bits_from, ld.bits_to) for ld in loads)
+    if need > pool.budget_bytes:
+        raise UserError(f"policy {policy.name} holds every expert in memory: that needs "
+                        f"{fmt_bytes(need)} ({need} B), the budget is "
+                        f"{fmt_bytes(pool.budget_bytes)}", field="budget",
+                        fix=f"give a budget of at least {need} bytes, or an on-demand policy")
+    for ld in loads:
+        pool.apply_load(ld)
+    return pool.used_bytes
 
 
 def _meta(setup: SimSetup, policy: Policy, pool: ResidentSet, **extra: Any) -> dict[str, Any]:
@@ -132,12 +150,28 @@ def _meta(setup: SimSetup, policy: Policy, pool: ResidentSet, **extra: Any) -> d
             "peak_resident_bytes": pool.peak_bytes, **setup.meta, **extra}
 
 
+def policy_setup(setup: SimSetup, policy: Policy, asked_max: int) -> SimSetup:
+    """`setup` in the policy's own storage layout (a baseline may imply one), checked: the
+    bits the policy runs at are stored and the budget holds the largest expert."""
+    layout = policy.config.quant_layout(setup.layout)
+    bits = policy.max_bits(asked_max)
+    if layout.kind != "dense" and not layout.b1 <= bits <= layout.bK:
+        raise UserError(f"policy {policy.name} runs experts at up to {bits} bits but its "
+                        f"{layout.kind} layout stores {layout.b1}..{layout.bK}", field="bits",
+                        fix=f"give a workload of {layout.b1}..{layout.bK} bits (--bits) or "
+                            f"another policy")
+    out = replace(setup, layout=layout)
+    check_budget(out, bits)
+    return out
+
+
 def _simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Timeline:
     if setup.engine not in ENGINES:
         raise UserError(f"unknown engine {setup.engine!r}", field="engine",
                         fix=f"use one of {', '.join(ENGINES)}")
-    max_bits = max((d.bits for s in steps for ds in s.layers for d in ds), default=setup.layout.b1)
-    check_budget(setup, max_bits)
+    asked_max = max((d.bits for s in steps for ds in s.layers for d in ds),
+                    default=setup.layout.b1)
+    setup = policy_setup(setup, policy, asked_max)
     session = SimSession(setup, policy)
     if setup.engine == "fast":
         t = 0.0

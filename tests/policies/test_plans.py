@@ -17,10 +17,11 @@ from d2moe.policies import (
     ResidentSet,
     Sizes,
     make_policy,
+    policy_config,
 )
 from d2moe.policies.check import check_plan
 from d2moe.policies.residency import Hottest, Lfu, Lru
-from tests.sim.workloads import SPEC, LinearProfile
+from tests.sim.workloads import SPEC, LinearProfile, random_stats
 
 SIZES = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
 COPIES = Sizes.of(SPEC, QuantLayout(kind="copies", b1=2, bK=4))
@@ -38,31 +39,58 @@ class Costs:
 
 
 @st.composite
-def scenarios(draw):
-    sizes = draw(st.sampled_from([SIZES, COPIES]))
-    experts = draw(st.lists(st.integers(0, 11), min_size=1, max_size=6, unique=True))
-    demands = []
-    for e in sorted(experts):
-        for b in sorted(draw(st.sets(st.integers(2, 4), min_size=1, max_size=2))):
-            demands.append(Demand(ExpertKey(0, e), b, draw(st.integers(1, 5)), 0.5))
-    budget = draw(st.integers(sizes.by_bits[4], 12 * sizes.by_bits[4]))
+def scenarios(draw, name):
+    """A pool in the policy's own layout, warm or cold, and 2 steps of 2 layers of demands."""
+    run_layout = draw(st.sampled_from([QuantLayout(b1=2, bK=4),
+                                       QuantLayout(kind="copies", b1=2, bK=4)]))
+    layout = policy_config(name).quant_layout(run_layout)
+    sizes = Sizes.of(SPEC, layout)
+    top = make_policy(name, stats=random_stats(2, 12, 0)).max_bits(4)
+    budget = draw(st.integers(sizes.by_bits[top], 12 * sizes.by_bits[top]))
     pool = ResidentSet(sizes, budget)
-    # resident experts of this layer and of another, as long as they fit
     for e in draw(st.lists(st.integers(0, 11), max_size=8, unique=True)):
         key = ExpertKey(draw(st.integers(0, 1)), e)
-        b = draw(st.integers(2, 4))
+        b = draw(st.integers(layout.b1, layout.bK))
         if pool.used_bytes + sizes.by_bits[b] <= budget and key not in pool.bits:
             pool.apply_load(Load(key, 0, b))
-    return demands, pool
+    layers = []
+    for _ in range(4):  # step 0 layers 0, 1; step 1 layers 0, 1
+        experts = draw(st.lists(st.integers(0, 11), min_size=1, max_size=4, unique=True))
+        demands = []
+        for e in sorted(experts):
+            for b in sorted(draw(st.sets(st.integers(2, 4), min_size=1, max_size=2))):
+                demands.append(Demand(ExpertKey(len(layers) % 2, e), b, draw(st.integers(1, 5)),
+                                      draw(st.sampled_from([0.1, 0.5, 0.9]))))
+        layers.append(demands)
+    return pool, layers, draw(st.integers(0, 3))
 
 
-@settings(max_examples=200, deadline=None)
-@given(sc=scenarios(), name=st.sampled_from(POLICIES.names()))
-def test_every_policy_makes_feasible_plans(sc, name):
-    demands, pool = sc
-    policy = make_policy(name)
-    plan = policy.plan(0, demands, pool.view, Costs())
-    check_plan(plan, demands, pool)
+def apply_plan(plan: Plan, pool: ResidentSet) -> None:
+    for ld in plan.loads:
+        for ev in ld.evict:
+            pool.apply_evict(ev)
+        pool.apply_load(ld)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), name=st.sampled_from(POLICIES.names()))
+def test_every_policy_makes_feasible_plans(data, name):
+    """Over consecutive layers (so prefetching policies prefetch), from any pool and budget
+    that holds one expert: every plan passes check_plan, substitutions included."""
+    pool, layers, seed = data.draw(scenarios(name))
+    policy = make_policy(name, stats=random_stats(2, 12, seed))
+    experts = [ExpertKey(layer, e) for layer in range(2) for e in range(12)]
+    pre = policy.preload(experts, pool.view)
+    if sum(pool.sizes.load(ld.bits_from, ld.bits_to) for ld in pre) + pool.used_bytes \
+            > pool.budget_bytes:
+        return  # a pinned policy that cannot hold every expert: the backends refuse it
+    for ld in pre:
+        pool.apply_load(ld)
+    below = policy.config.substitute_below if policy.config.substitute != "none" else 0.0
+    for i, demands in enumerate(layers):
+        plan = policy.plan(i % 2, demands, pool.view, Costs())
+        check_plan(plan, demands, pool, substitute_below=below)
+        apply_plan(plan, pool)
 
 
 def test_check_plan_catches_a_run_before_its_bits_exist():

@@ -16,7 +16,7 @@ from d2moe.core.sizes import QuantLayout
 from d2moe.policies import POLICIES, Sizes, make_policy
 from d2moe.profiles.schema import ExecutorCosts
 from d2moe.sim import SimSetup, StepWork, simulate
-from tests.sim.workloads import SPEC, LinearProfile, step_lists
+from tests.sim.workloads import SPEC, LinearProfile, simulate_or_skip, step_lists
 
 LAYOUT = QuantLayout(kind="mwq", b1=2, bK=4)
 SIZES = Sizes.of(SPEC, LAYOUT)
@@ -77,10 +77,10 @@ def test_without_lane_costs_a_load_is_one_request() -> None:
 def test_engines_match_exactly_with_lane_costs(steps, frac, name) -> None:
     budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
     layout = QuantLayout(b1=2, bK=4)
-    fast = simulate(SimSetup(SPEC, LaneProfile(), layout, budget, engine="fast"), steps,
-                    make_policy(name))
-    slow = simulate(SimSetup(SPEC, LaneProfile(), layout, budget, engine="simpy"), steps,
-                    make_policy(name))
+    fast = simulate_or_skip(SimSetup(SPEC, LaneProfile(), layout, budget, engine="fast"), steps,
+                            name)
+    slow = simulate_or_skip(SimSetup(SPEC, LaneProfile(), layout, budget, engine="simpy"), steps,
+                            name)
     key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
     assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
 
@@ -124,8 +124,7 @@ def test_contended_engines_match_and_full_speed_equals_the_recurrence(steps, fra
     key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
 
     def run(profile, engine):
-        tl = simulate(SimSetup(SPEC, profile, layout, budget, engine=engine), steps,
-                      make_policy(name))
+        tl = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine=engine), steps, name)
         return sorted(tl.events, key=key)
 
     contended = run(ContendedProfile(), "fast")
@@ -255,12 +254,11 @@ def test_engines_match_exactly_with_cold_loads_and_first_runs(steps, frac, name,
     layout = QuantLayout(b1=2, bK=4)
     profile = ColdContendedProfile() if contended else ColdFirstProfile()
     key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
-    fast = simulate(SimSetup(SPEC, profile, layout, budget, engine="fast"), steps,
-                    make_policy(name))
-    slow = simulate(SimSetup(SPEC, profile, layout, budget, engine="simpy"), steps,
-                    make_policy(name))
+    fast = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="fast"), steps, name)
+    slow = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="simpy"), steps, name)
     assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
-    warm = simulate(SimSetup(SPEC, ContendedProfile() if contended else LaneProfile(), layout,
-                             budget, engine="fast"), steps, make_policy(name))
+    warm_profile = ContendedProfile() if contended else LaneProfile()
+    warm = simulate_or_skip(SimSetup(SPEC, warm_profile, layout, budget, engine="fast"), steps,
+                            name)
     end = lambda tl: max((e.end_us for e in tl.events), default=0.0)  # noqa: E731
     assert end(fast) >= end(warm) - 1e-9  # a cold disk or a cold cache never helps

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
+from d2moe.core.errors import UserError
+from d2moe.core.events import Timeline
 from d2moe.core.jobs import Demand, ExpertKey
 from d2moe.core.spec import ModelSpec
-from d2moe.sim import StepWork
+from d2moe.policies import ExpertStats, Policy, make_policy
+from d2moe.sim import SimSetup, StepWork, simulate
 
 SPEC = ModelSpec(name="t", layers=3, experts=6, top_k=3, hidden=64, ffn=128, heads=2,
                  kv_heads=1, vocab=16)
@@ -56,3 +60,35 @@ def step_lists(draw: st.DrawFn, max_steps: int = 4) -> list[StepWork]:
                            for (e, b), n in sorted(count.items())])
         steps.append(StepWork("prefill" if s == 0 else "decode", tokens, layers))
     return steps
+
+
+def random_stats(layers: int, experts: int, seed: int) -> ExpertStats:
+    """Importance and a symmetric similarity with 1 on the diagonal, from a seed."""
+    import random
+
+    rng = random.Random(seed)
+    imp = [[rng.random() for _ in range(experts)] for _ in range(layers)]
+    sim = []
+    for _ in range(layers):
+        m = [[1.0 if e == f else 0.0 for f in range(experts)] for e in range(experts)]
+        for e in range(experts):
+            for f in range(e + 1, experts):
+                m[e][f] = m[f][e] = rng.uniform(-1, 1)
+        sim.append(m)
+    return ExpertStats.from_lists(imp, sim, "random")
+
+
+def any_policy(name: str, seed: int = 0) -> Policy:
+    """A registered policy over SPEC, with random expert statistics for those that need them."""
+    return make_policy(name, stats=random_stats(SPEC.layers, SPEC.experts, seed))
+
+
+def simulate_or_skip(setup: SimSetup, steps: list[StepWork], name: str) -> Timeline:
+    """Simulate a registered policy; a pinned baseline whose experts do not fit the budget
+    is refused with a UserError (then the hypothesis example is skipped)."""
+    try:
+        return simulate(setup, steps, any_policy(name))
+    except UserError as exc:
+        assert "holds every expert" in str(exc) or "smaller than one expert" in str(exc)
+        assume(False)
+        raise

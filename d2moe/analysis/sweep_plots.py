@@ -1,0 +1,289 @@
+"""Figures from a sweep table (`d2moe plot`): budget curves, ablation bars, latency vs quality.
+
+Each figure says where its numbers come from: `simulated (profile X, estimated|measured)` or
+`measured`, read from the rows (`run_kind`, `profile`, `profile_source`). matplotlib is
+imported inside the plotting functions only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+
+ABLATION_DEFAULT = ("ablate-base", "ablate+router", "ablate+mwq", "ablate+hebf", "d2moe")
+QUALITY_COLUMNS = ("policy", "budget", "decode_tokens_per_s", "ppl")
+GIB = 2**30
+MIB = 2**20
+
+
+def load_table(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a table: JSON lines (a torn last line is skipped) or CSV (numbers parsed).
+
+    With a `cell_id` column, the last row per cell id wins (a resumed sweep's rerun)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("no such file", path=str(path), fix="give table.jsonl or table.csv")
+    text = path.read_text()
+    if path.suffix == ".csv":
+        rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(text.splitlines())]
+    else:
+        rows = []
+        lines = text.split("\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i >= len(lines) - 2:  # the last line, torn by a killed run
+                    break
+                raise UserError(f"line {i + 1} is not JSON", path=str(path),
+                                fix="delete the line") from None
+            if isinstance(row, dict):
+                rows.append(row)
+    if any("cell_id" in r for r in rows):
+        rows = list({str(r.get("cell_id", i)): r for i, r in enumerate(rows)}.values())
+    if not rows:
+        raise UserError("the table has no rows", path=str(path), fix="run `d2moe sweep` first")
+    return rows
+
+
+def _number(text: str | None) -> Any:
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def source_label(row: dict[str, Any]) -> str | None:
+    """`measured`, `simulated (profile X, estimated|measured)`, or None when unknown."""
+    kind = row.get("run_kind") or row.get("source")
+    if kind == "measured":
+        return "measured"
+    profile = row.get("profile")
+    if not profile:
+        return None
+    source = row.get("profile_source") or "source unknown"
+    return f"simulated (profile {Path(str(profile)).stem}, {source})"
+
+
+def _label(rows: Sequence[dict[str, Any]], override: str = "") -> str:
+    if override:
+        return override
+    labels = sorted({lab for r in rows if (lab := source_label(r))})
+    if not labels:
+        raise UserError("the rows do not say whether they are simulated or measured",
+                        field="label", fix="add profile + profile_source (or run_kind: "
+                                           "measured) columns, or pass --label")
+    return "; ".join(labels)
+
+
+def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that ran (no status column counts as ran) and have a decode rate."""
+    return [r for r in rows if r.get("status", "ok") == "ok"
+            and _finite(r.get("decode_tokens_per_s"))]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def _style(ax: Any) -> None:
+    ax.grid(alpha=0.3, linewidth=0.5)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _budget_unit(rows: Sequence[dict[str, Any]]) -> tuple[str, int]:
+    """GiB, or MiB when every budget is under 0.1 GiB (a small model stays readable)."""
+    top = max((r["budget_bytes"] for r in rows if _finite(r.get("budget_bytes"))), default=0)
+    return ("GiB", GIB) if top >= 0.1 * GIB else ("MiB", MIB)
+
+
+def _groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[(str(r.get("model") or "model"), str(r.get("profile") or "measured"))].append(r)
+    return dict(sorted(out.items()))
+
+
+def _mean_by(rows: Sequence[dict[str, Any]], xkey: str, ykey: str) -> tuple[list, list]:
+    """(x, mean y) per distinct x, sorted: traces of one model averaged."""
+    acc: dict[float, list[float]] = defaultdict(list)
+    for r in rows:
+        if _finite(r.get(xkey)) and _finite(r.get(ykey)):
+            acc[float(r[xkey])].append(float(r[ykey]))
+    xs = sorted(acc)
+    return xs, [sum(acc[x]) / len(acc[x]) for x in xs]
+
+
+def _policies(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r.get("policy")) for r in rows))
+
+
+def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
+                dpi: int = 150) -> list[Path]:
+    """Decode tokens/s against the memory budget per policy: one PNG per (model, profile),
+    plus a hit-rate panel (each policy against Belady's oracle) where the table has it."""
+    from matplotlib.figure import Figure
+
+    from d2moe.analysis.timeline_plot import save_png
+
+    ok = [r for r in _ok(rows) if _finite(r.get("budget_bytes"))]
+    if not ok:
+        raise UserError("no finished cell with a budget and a decode rate to plot",
+                        field="status", fix="check the table's status and message columns")
+    paths = []
+    for (model, profile), group in _groups(ok).items():
+        unit, scale = _budget_unit(group)
+        oracle = [r for r in group if _finite(r.get("oracle_hit_rate"))]
+        fig = Figure(figsize=(7.5, 6.4 if oracle else 3.8), layout="constrained")
+        axes = fig.subplots(2 if oracle else 1, 1, squeeze=False)[:, 0]
+        for policy in sorted(_policies(group)):
+            mine = [r for r in group if r.get("policy") == policy]
+            xs, ys = _mean_by(mine, "budget_bytes", "decode_tokens_per_s")
+            axes[0].plot([x / scale for x in xs], ys, marker="o", linewidth=1.4, label=policy)
+            if oracle:
+                xs, ys = _mean_by(mine, "budget_bytes", "hit_rate")
+                axes[1].plot([x / scale for x in xs], [100 * y for y in ys], marker="o",
+                             linewidth=1.4, label=policy)
+        axes[0].set_ylabel("decode tokens/s")
+        axes[0].set_ylim(bottom=0)
+        if oracle:
+            xs, ys = _mean_by(oracle, "budget_bytes", "oracle_hit_rate")
+            axes[1].plot([x / scale for x in xs], [100 * y for y in ys], color="black",
+                         linestyle="--", marker="s", linewidth=1.2, label="Belady oracle")
+            axes[1].set_ylabel("expert hit rate (%)")
+            axes[1].set_ylim(0, 100)
+        for ax in axes:
+            ax.set_xlabel(f"expert memory budget ({unit})")
+            ax.set_xlim(left=0)
+            _style(ax)
+            ax.legend(fontsize=8, frameon=False)
+        traces = len({r.get("trace") for r in group})
+        note = f", mean over {traces} traces" if traces > 1 else ""
+        axes[0].set_title(f"{model}: decode tokens/s against memory budget{note}\n"
+                          f"{_label(group, label)}", fontsize=10)
+        name = f"budget-{_slug(model)}-{_slug(Path(profile).stem)}.png"
+        paths.append(save_png(fig, Path(out) / name, dpi=dpi))
+    return paths
+
+
+def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,
+                  policies: Sequence[str] = ABLATION_DEFAULT, label: str = "",
+                  dpi: int = 150) -> Path:
+    """Bars of decode tokens/s for `policies` in order, grouped by budget; one panel per
+    (model, profile), all in one figure (ablation.png). Missing policies are left out."""
+    from matplotlib.figure import Figure
+
+    from d2moe.analysis.timeline_plot import save_png
+
+    wanted = [p for p in policies if p]
+    present = [p for p in wanted if any(r.get("policy") == p for r in rows)]
+    if not present:
+        raise UserError(f"none of {', '.join(wanted)} is in the table (it has: "
+                        f"{', '.join(_policies(rows))})", field="policies",
+                        fix="pass --policies naming policies the sweep ran")
+    rows = [r for r in rows if r.get("policy") in present]
+    groups = {k: g for k, g in _groups(rows).items() if _ok(g)}
+    if not groups:
+        raise UserError(f"no cell of {', '.join(present)} finished with a decode rate",
+                        field="status", fix="check the table's status and message columns")
+    fig = Figure(figsize=(max(6.0, 1.2 + 0.45 * len(present) * _max_budgets(groups)),
+                          3.4 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
+    colors = {p: f"C{i % 10}" for i, p in enumerate(present)}
+    width = 0.8 / len(present)
+    for ax, ((model, _profile), group) in zip(axes, groups.items(), strict=True):
+        budgets = sorted({r.get("budget") for r in group},
+                         key=lambda b: _budget_key(group, b))
+        labelled: set[str] = set()
+        for j, policy in enumerate(present):
+            for i, budget in enumerate(budgets):
+                cell = [r for r in group if r.get("policy") == policy and r.get("budget") == budget]
+                x = i + (j - (len(present) - 1) / 2) * width
+                ran = _ok(cell)
+                if ran:
+                    y = sum(r["decode_tokens_per_s"] for r in ran) / len(ran)
+                    ax.bar(x, y, width, color=colors[policy],
+                           label=None if policy in labelled else policy)
+                    labelled.add(policy)
+                    ax.annotate(f"{y:,.3g}", (x, y), ha="center", va="bottom", fontsize=7)
+                elif cell:
+                    fit = any(r.get("status") == "does-not-fit" for r in cell)
+                    ax.annotate("n/f" if fit else "err", (x, 0), ha="center", va="bottom",
+                                fontsize=7, color="#c62828")
+        ax.set_xticks(range(len(budgets)), [f"budget {b}" for b in budgets])
+        ax.set_xlim(-0.5, len(budgets) - 0.5)
+        ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(bottom=0)
+        _style(ax)
+        ax.legend(fontsize=8, frameon=False, ncols=min(len(present), 5))
+        ax.set_title(f"{model}: ablation (n/f: did not fit, err: error)\n"
+                     f"{_label(group, label)}",
+                     fontsize=10)
+    return save_png(fig, Path(out) / "ablation.png", dpi=dpi)
+
+
+def _max_budgets(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> int:
+    return max(len({r.get("budget") for r in g}) for g in groups.values())
+
+
+def _budget_key(rows: Sequence[dict[str, Any]], budget: Any) -> tuple[float, str]:
+    sizes = [r["budget_bytes"] for r in rows
+             if r.get("budget") == budget and _finite(r.get("budget_bytes"))]
+    return (min(sizes) if sizes else math.inf, str(budget))
+
+
+def plot_quality(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
+                 dpi: int = 150) -> Path:
+    """Latency (ms per decode token) against perplexity, one line per policy, each point
+    marked with its budget (quality.png)."""
+    from matplotlib.figure import Figure
+
+    from d2moe.analysis.timeline_plot import save_png
+
+    missing = [c for c in QUALITY_COLUMNS if not any(c in r for r in rows)]
+    if missing:
+        raise UserError(f"the table lacks column(s) {', '.join(missing)}", field=missing[0],
+                        fix=f"give a table with columns {', '.join(QUALITY_COLUMNS)}")
+    good = [r for r in _ok(rows) if r["decode_tokens_per_s"] > 0 and _finite(r.get("ppl"))]
+    if not good:
+        raise UserError("no row has a positive decode rate and a perplexity", field="ppl",
+                        fix="check the table's values")
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for policy in _policies(good):
+        pts = sorted((1e3 / r["decode_tokens_per_s"], float(r["ppl"]), r.get("budget"))
+                     for r in good if r.get("policy") == policy)
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linewidth=1.2,
+                       label=policy)[0]
+        for x, y, budget in pts:
+            ax.annotate(str(budget), (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=line.get_color())
+    ax.set_xlabel("latency (ms per decode token)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_xlim(left=0)
+    _style(ax)
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(f"latency against quality (points: budget)\n{_label(good, label)}",
+                 fontsize=10)
+    return save_png(fig, Path(out) / "quality.png", dpi=dpi)

@@ -1,0 +1,69 @@
+"""Prefetch by predicted heat: guess the next layer's experts from the transitions seen so far.
+
+Beyond D2MoE (which loads on demand): after planning layer l, the policy queues loads for the
+experts layer l+1 will probably need, behind l's own loads, so they stream while l computes.
+The predictor counts, per layer pair (l, l+1), how often expert e at l is followed by f at
+l+1 (token-weighted: a step's co-occurrence t_e * t_f / T, exact for one token per step), and
+predicts P(f | layer l's demands) = sum_e t_e * P(f | e) / sum_e t_e. Experts with a predicted
+probability of at least `min_prob` are prefetched, most likely first, at most as many as
+layer l needed. After the last layer it predicts layer 0 of the next step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from d2moe.core.jobs import Demand, ExpertKey
+
+
+class HeatPredictor:
+    """Online first-order transition counts between consecutive layers."""
+
+    def __init__(self, min_prob: float = 0.3) -> None:
+        self.min_prob = min_prob
+        # (layer, e) -> {f: weight of e at `layer` followed by f at the next layer}
+        self.counts: dict[tuple[int, int], dict[int, float]] = defaultdict(
+            lambda: defaultdict(float))
+        self.layers = 0  # learned: highest layer seen + 1
+        self._prev: tuple[int, dict[int, int]] | None = None  # last layer's (layer, tokens)
+
+    def observe(self, layer: int, demands: Sequence[Demand]) -> None:
+        """Record layer `layer`'s demands (call in execution order)."""
+        now: dict[int, int] = defaultdict(int)
+        for d in demands:
+            now[d.key.expert] += d.tokens
+        self.layers = max(self.layers, layer + 1)
+        if self._prev is not None and self._follows(self._prev[0], layer):
+            prev = self._prev[1]
+            total = sum(now.values()) or 1
+            for e, te in prev.items():
+                row = self.counts[(self._prev[0], e)]
+                for f, tf in now.items():
+                    row[f] += te * tf / total
+        self._prev = (layer, dict(now))
+
+    def _follows(self, a: int, b: int) -> bool:
+        return b == a + 1 or (b == 0 and a == self.layers - 1)
+
+    def predict(self, layer: int, demands: Sequence[Demand]) -> list[tuple[ExpertKey, float]]:
+        """Likely experts of the layer after `layer` as (key, probability), most likely first."""
+        if self.layers < 2:
+            return []
+        nxt = 0 if layer == self.layers - 1 else layer + 1
+        score: dict[int, float] = defaultdict(float)
+        total = 0
+        for d in demands:
+            row = self.counts.get((layer, d.key.expert))
+            total += d.tokens
+            if not row:
+                continue
+            norm = sum(row.values())
+            for f, w in row.items():
+                score[f] += d.tokens * w / norm
+        if not total:
+            return []
+        limit = len({d.key.expert for d in demands})
+        ranked = sorted(((p / total, f) for f, p in score.items() if p / total >= self.min_prob),
+                        key=lambda t: (-t[0], t[1]))[:limit]
+        return [(ExpertKey(nxt, f), p) for p, f in ranked]

@@ -1,0 +1,259 @@
+"""The sweep grid: policies x budgets x profiles x traces plus shared simulate options.
+
+A grid is a YAML file read strictly (unknown keys are errors). Every error names the grid
+file and the field, e.g. `traces[1].decode_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+from d2moe.core.fileio import check_keys, read_yaml
+from d2moe.sim.cmd import SimulateConfig
+
+LISTS = ("policies", "budgets", "profiles", "traces")
+# Shared simulate options a grid may set; defaults are SimulateConfig's.
+SHARED = ("bits", "layout", "b1", "bK", "group", "host_cache", "steps", "engine")
+INT_OPTIONS = ("bits", "b1", "bK", "group", "steps")
+SYNTH_PREFIX = "synth:"
+
+_DEFAULTS = SimulateConfig()
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One trace of the grid: a .npz file, or a synthetic trace of a model spec."""
+
+    text: str  # canonical form: `synth:SPEC[:k=v,...]` (keys sorted) or the resolved path
+    spec: str  # model spec name or YAML path
+    path: str = ""  # the .npz file; empty for synthetic traces
+    synth: tuple[tuple[str, Any], ...] = ()  # SynthConfig overrides, sorted by key
+
+    @property
+    def is_synth(self) -> bool:
+        """Whether the trace is generated rather than read from a file."""
+        return not self.path
+
+    def synth_config(self) -> Any:
+        """The SynthConfig of a synthetic entry."""
+        from d2moe.traces.synth import SynthConfig
+
+        return SynthConfig(**dict(self.synth))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed, validated sweep grid (`d2moe sweep GRID.yaml`)."""
+
+    path: str
+    policies: tuple[str, ...]
+    budgets: tuple[str, ...]
+    profiles: tuple[str, ...]
+    traces: tuple[TraceEntry, ...]
+    bits: int = _DEFAULTS.bits
+    layout: str = _DEFAULTS.layout
+    b1: int = _DEFAULTS.b1
+    bK: int = _DEFAULTS.bK
+    group: int = _DEFAULTS.group
+    host_cache: str = _DEFAULTS.host_cache
+    steps: int = _DEFAULTS.steps
+    engine: str = _DEFAULTS.engine
+    model_spec: str = ""  # spec for .npz traces; empty: the name in the trace's header
+
+    @property
+    def size(self) -> int:
+        """Number of cells: traces x profiles x budgets x policies."""
+        return len(self.traces) * len(self.profiles) * len(self.budgets) * len(self.policies)
+
+    def shared(self) -> dict[str, Any]:
+        """The shared simulate options as SimulateConfig keyword arguments."""
+        return {name: getattr(self, name) for name in SHARED}
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid YAML; raises UserError naming the file and the field."""
+    path_s = str(path)
+    data = read_yaml(path)
+    allowed = (*LISTS, *SHARED, "model_spec")
+    check_keys(data, allowed, path=path_s, required=("policies", "budgets", "traces"))
+    base = Path(path).resolve().parent
+    lists = {name: _string_list(data, name, path_s) for name in LISTS if name in data}
+    lists.setdefault("profiles", (_DEFAULTS.profile,))
+    options = {name: _option(data, name, path_s) for name in (*SHARED, "model_spec")
+               if name in data}
+    model_spec = str(options.get("model_spec", ""))
+    traces = tuple(_trace_entry(t, i, base, path_s, model_spec)
+                   for i, t in enumerate(lists["traces"]))
+    profiles = tuple(_profile_ref(p, base) for p in lists["profiles"])
+    grid = Grid(path=path_s, policies=lists["policies"], budgets=lists["budgets"],
+                profiles=profiles, traces=traces, **options)
+    _check(grid)
+    return grid
+
+
+def _string_list(data: dict, name: str, path: str) -> tuple[str, ...]:
+    value = data[name]
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise UserError("expected a non-empty list", path=path, field=name,
+                        fix=f"e.g. {name}: [a, b]")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)) or not str(item):
+            raise UserError(f"expected a string, got {item!r}", path=path, field=f"{name}[{i}]",
+                            fix="write a plain name or value")
+        out.append(str(item).strip())
+    dup = next((x for i, x in enumerate(out) if x in out[:i]), None)
+    if dup is not None:
+        raise UserError(f"{dup!r} is listed twice", path=path, field=name,
+                        fix="list each entry once")
+    return tuple(out)
+
+
+def _option(data: dict, name: str, path: str) -> Any:
+    value = data[name]
+    if name in INT_OPTIONS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"expected an integer, got {value!r}", path=path, field=name,
+                            fix="write a whole number")
+        if value < 0:
+            raise UserError(f"must be >= 0, got {value}", path=path, field=name,
+                            fix="write a non-negative number")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UserError(f"expected a string, got {value!r}", path=path, field=name,
+                        fix="write a plain value")
+    return str(value)
+
+
+def _trace_entry(text: str, i: int, base: Path, path: str, model_spec: str) -> TraceEntry:
+    where = f"traces[{i}]"
+    if text.startswith(SYNTH_PREFIX):
+        return parse_synth(text, path=path, where=where)
+    file = Path(text) if Path(text).is_absolute() else base / text
+    if not file.is_file():
+        raise UserError(f"no such trace file {str(file)!r}", path=path, field=where,
+                        fix="give a trace .npz (paths are relative to the grid file) or "
+                            "synth:SPEC")
+    from d2moe.traces import load_trace
+
+    try:
+        spec = model_spec or load_trace(file).spec_name
+    except UserError as exc:
+        raise UserError(f"cannot read the trace: {exc}", path=path, field=where,
+                        fix="give a trace .npz from `d2moe trace`") from None
+    return TraceEntry(text=str(file), spec=spec, path=str(file))
+
+
+def parse_synth(text: str, *, path: str = "", where: str = "trace") -> TraceEntry:
+    """`synth:SPEC` or `synth:SPEC:seed=1,decode_steps=16` (SynthConfig fields)."""
+    from d2moe.traces.synth import SynthConfig
+
+    rest = text[len(SYNTH_PREFIX):]
+    spec, _, opts = rest.partition(":")
+    if not spec.strip():
+        raise UserError(f"no model spec in {text!r}", path=path, field=where,
+                        fix="write synth:SPEC, e.g. synth:tiny")
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(SynthConfig)}
+    overrides: dict[str, Any] = {}
+    key = ""
+    for part in (p.strip() for p in opts.split(",") if p.strip()):
+        if "=" not in part and kinds.get(key) is str:  # bits=2,3,4: the list goes on
+            overrides[key] += "," + part
+            continue
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or key not in kinds:
+            raise UserError(f"cannot read {part!r} (keys: {', '.join(kinds)})", path=path,
+                            field=where, fix="write key=value, e.g. synth:tiny:seed=1")
+        try:
+            overrides[key] = value.strip() if kinds[key] is str else kinds[key](value)
+        except ValueError:
+            raise UserError(f"{key}={value!r} is not a {kinds[key].__name__}", path=path,
+                            field=f"{where}.{key}", fix="write a number") from None
+    try:
+        SynthConfig(**overrides)
+    except UserError as exc:
+        raise UserError(bare(exc), path=path, field=f"{where}.{exc.field or 'synth'}",
+                        fix=exc.fix) from None
+    items = tuple(sorted(overrides.items()))
+    canon = SYNTH_PREFIX + spec.strip()
+    if items:
+        canon += ":" + ",".join(f"{k}={v}" for k, v in items)
+    return TraceEntry(text=canon, spec=spec.strip(), synth=items)
+
+
+def _profile_ref(ref: str, base: Path) -> str:
+    from d2moe.profiles.schema import shipped_profiles
+
+    if ref in shipped_profiles() or Path(ref).is_absolute():
+        return ref
+    return str(base / ref)
+
+
+def _check(grid: Grid) -> None:
+    """Fail before any work on names, options and files that cannot run at all."""
+    from d2moe.core.sizes import QuantLayout, parse_budget
+    from d2moe.core.spec import load_spec
+    from d2moe.policies import POLICIES
+    from d2moe.profiles import load_profile
+    from d2moe.sim.simulator import ENGINES
+
+    path = grid.path
+    for i, name in enumerate(grid.policies):
+        if name not in POLICIES.names():
+            raise UserError(f"unknown policy {name!r}", path=path, field=f"policies[{i}]",
+                            fix=f"choose from: {', '.join(POLICIES.names())}")
+    for i, text in enumerate(grid.budgets):
+        try:
+            parse_budget(text, 1)
+        except UserError:
+            raise UserError(f"cannot read {text!r} as a budget", path=path,
+                            field=f"budgets[{i}]", fix="write 6GiB, 40% or 0.4") from None
+    try:
+        parse_budget(grid.host_cache, 1)
+    except UserError:
+        raise UserError(f"cannot read {grid.host_cache!r} as bytes", path=path,
+                        field="host_cache", fix="write 0, 4GiB or 50%") from None
+    if grid.engine not in ENGINES:
+        raise UserError(f"unknown engine {grid.engine!r}", path=path, field="engine",
+                        fix=f"use one of: {', '.join(ENGINES)}")
+    try:
+        QuantLayout(kind=grid.layout, b1=grid.b1, bK=grid.bK, group=grid.group)
+    except UserError as exc:
+        field = "layout" if exc.field == "kind" else "b1"
+        raise UserError(bare(exc), path=path, field=field, fix=exc.fix) from None
+    if grid.bits < 1:
+        raise UserError("must be >= 1", path=path, field="bits", fix="e.g. 4")
+    for i, ref in enumerate(grid.profiles):
+        try:
+            load_profile(ref)
+        except UserError as exc:
+            raise UserError(str(exc), path=path, field=f"profiles[{i}]",
+                            fix="name a shipped profile or a profile YAML") from None
+    for i, entry in enumerate(grid.traces):
+        try:
+            load_spec(entry.spec)
+        except UserError as exc:
+            raise UserError(str(exc), path=path, field=f"traces[{i}]",
+                            fix="name a shipped model spec or a spec YAML") from None
+    texts = [t.text for t in grid.traces]
+    dup = next((t for i, t in enumerate(texts) if t in texts[:i]), None)
+    if dup is not None:
+        raise UserError(f"{dup!r} is listed twice", path=path, field="traces",
+                        fix="list each trace once")
+
+
+def bare(exc: UserError) -> str:
+    """The message of `exc` without its path, field and fix (to re-raise it elsewhere)."""
+    text = str(exc)
+    prefix = str(UserError("", path=exc.path, field=exc.field)) if exc.path or exc.field else ""
+    suffix = f" (fix: {exc.fix})" if exc.fix else ""
+    if text.startswith(prefix) and text.endswith(suffix):
+        return text[len(prefix):len(text) - len(suffix)] or text
+    return text

@@ -1,0 +1,151 @@
+"""The sweep's results table: JSON lines appended one complete, fsynced line at a time.
+
+A killed run can leave at most one torn line, the last; reading ignores it and
+`TableWriter` cuts it off before appending, so the file stays one row per line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from d2moe.core.errors import UserError
+from d2moe.core.fileio import atomic_write
+
+TABLE_NAME = "table.jsonl"
+CSV_NAME = "table.csv"
+LOCK_NAME = ".sweep.lock"
+# Statuses: `ok`, `does-not-fit` (the budget cannot hold what the cell needs) and `error`
+# (other bad input). A resumed sweep skips `ok` and `does-not-fit` cells, reruns `error` ones.
+FINISHED = ("ok", "does-not-fit")
+# The cell's own columns, first in the CSV; the metrics follow.
+CELL_COLUMNS = ("cell_id", "status", "message", "trace", "model", "profile", "profile_source",
+                "run_kind", "budget", "budget_bytes", "policy", "bits", "layout", "b1", "bK",
+                "group", "host_cache", "step_limit", "engine", "wall_s", "sim_wall_s",
+                "finished_at", "oracle_hit_rate")
+
+
+def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The complete rows of a table and the byte length they span (a torn last line,
+    from a killed run, is left out). A bad line elsewhere is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        return [], 0
+    *complete, _torn = path.read_bytes().split(b"\n")  # after the last newline: torn or b""
+    rows: list[dict[str, Any]] = []
+    good = 0
+    for i, line in enumerate(complete):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict):
+            if i == len(complete) - 1:  # the last line, garbled by a crash: torn as well
+                break
+            raise UserError(f"line {i + 1} is not a JSON object", path=str(path),
+                            fix="delete the line (the sweep then reruns its cell)")
+        if row:
+            rows.append(row)
+        good += len(line) + 1
+    return rows, good
+
+
+def latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The last row per cell id (a rerun `error` cell supersedes its earlier row)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        out[str(row.get("cell_id", len(out)))] = row
+    return out
+
+
+def finished_ids(rows: Iterable[dict[str, Any]]) -> set[str]:
+    """Cell ids whose latest row is finished (`ok` or `does-not-fit`): skipped on resume."""
+    return {cid for cid, row in latest(rows).items() if row.get("status") in FINISHED}
+
+
+class TableWriter:
+    """Appends rows to a table: one json.dumps line each, flushed and fsynced."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rows, good = read_rows(self.path)
+        self._f: IO[str] = open(self.path, "a+")  # noqa: SIM115 (closed in close())
+        if self.path.stat().st_size > good:  # cut a torn last line off before appending
+            self._f.truncate(good)
+            self._sync()
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Write one row as one complete line, then flush and fsync."""
+        line = json.dumps(row, default=_plain, allow_nan=True)
+        if "\n" in line:
+            raise ValueError("a table row must serialize to one line")
+        self._f.write(line + "\n")
+        self._sync()
+        self.rows.append(row)
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        """Close the file (rows written so far are already on disk)."""
+        self._f.close()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and other number-likes as plain Python numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    return float(value)
+
+
+def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The CSV's columns: the cell's own first, then the rest in first-seen order."""
+    seen: dict[str, None] = dict.fromkeys(CELL_COLUMNS)
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    """(Re)write `rows` as CSV atomically."""
+    cols = columns(rows)
+    with atomic_write(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="", extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if v is None else v for k, v in row.items()})
+    return Path(path)
+
+
+@contextlib.contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold a lock on `out` so two sweeps never append to one table at once."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError("another sweep is writing to this directory", path=str(out),
+                            fix="wait for it, or pass another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,109 @@
+"""`d2moe plot`: figures from a small table, each labelled with where its numbers come from."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from d2moe.analysis.sweep_plots import (
+    load_table,
+    plot_ablation,
+    plot_budget,
+    plot_quality,
+    source_label,
+)
+from d2moe.cli import main
+from d2moe.core.errors import UserError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rows(oracle: bool = True) -> list[dict]:
+    out = []
+    for i, budget in enumerate(("20%", "40%", "60%")):
+        for j, policy in enumerate(("fifo", "hebf", "fifo-lfu")):
+            out.append({
+                "cell_id": f"{i}{j}", "status": "ok", "model": "tiny", "profile": "cpu-2core",
+                "profile_source": "measured", "run_kind": "simulated", "trace": "synth:tiny",
+                "budget": budget, "budget_bytes": (i + 1) * 2**19, "policy": policy,
+                "decode_tokens_per_s": 40.0 + 5 * i + j, "hit_rate": 0.2 * i + 0.05 * j,
+                "oracle_hit_rate": 0.3 + 0.2 * i if oracle else None})
+    out.append({**out[0], "cell_id": "x", "budget": "1KiB", "budget_bytes": 1024,
+                "status": "does-not-fit", "decode_tokens_per_s": None})
+    return out
+
+
+def write_jsonl(path, table: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in table))
+    return path
+
+
+def test_budget_plot_writes_one_png_per_model_and_profile(tmp_path):
+    table = rows() + [{**r, "profile": "rtx3060-laptop", "profile_source": "estimated",
+                       "cell_id": r["cell_id"] + "b"} for r in rows(oracle=False)]
+    paths = plot_budget(table, tmp_path, dpi=50)
+    assert sorted(p.name for p in paths) == ["budget-tiny-cpu-2core.png",
+                                             "budget-tiny-rtx3060-laptop.png"]
+    assert all(p.read_bytes()[:8] == PNG for p in paths)
+
+
+def test_ablation_plot_keeps_the_given_order_and_skips_missing_policies(tmp_path):
+    path = plot_ablation(rows(), tmp_path, policies=["hebf", "fifo", "absent", "fifo-lfu"],
+                         dpi=50)
+    assert path.name == "ablation.png" and path.read_bytes()[:8] == PNG
+    with pytest.raises(UserError) as err:
+        plot_ablation(rows(), tmp_path)  # the default ablation presets are not in this table
+    assert err.value.field == "policies" and "fifo" in str(err.value)
+
+
+def test_quality_plot_reads_a_csv_with_policy_budget_rate_ppl(tmp_path):
+    path = tmp_path / "quality.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["policy", "budget", "decode_tokens_per_s", "ppl", "run_kind"])
+        for policy, ppl in (("hebf", 9.0), ("rtn2", 12.0)):
+            for budget, rate in (("20%", 40.0), ("60%", 55.0)):
+                w.writerow([policy, budget, rate, ppl - rate / 100, "measured"])
+    table = load_table(path)
+    assert table[0]["decode_tokens_per_s"] == 40.0 and table[0]["policy"] == "hebf"
+    out = plot_quality(table, tmp_path / "figs", dpi=50)
+    assert out.read_bytes()[:8] == PNG
+    with pytest.raises(UserError, match="ppl"):
+        plot_quality([{k: v for k, v in r.items() if k != "ppl"} for r in table], tmp_path)
+
+
+def test_every_figure_says_simulated_or_measured():
+    assert source_label(rows()[0]) == "simulated (profile cpu-2core, measured)"
+    assert source_label({"profile": "/p/my-box.yaml", "profile_source": "estimated"}) == \
+        "simulated (profile my-box, estimated)"
+    assert source_label({"run_kind": "measured", "profile": "x"}) == "measured"
+    assert source_label({"policy": "fifo"}) is None
+
+
+def test_a_table_that_does_not_say_its_source_needs_a_label(tmp_path):
+    table = [{"policy": "a", "budget": "1", "decode_tokens_per_s": 10.0, "ppl": 5.0}]
+    with pytest.raises(UserError, match="--label"):
+        plot_quality(table, tmp_path)
+    assert plot_quality(table, tmp_path, label="measured", dpi=50).exists()
+
+
+def test_load_table_skips_a_torn_line_and_keeps_the_latest_row_per_cell(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", rows())
+    with open(path, "a") as f:
+        f.write(json.dumps({**rows()[0], "decode_tokens_per_s": 99.0}) + "\n" + '{"cell_')
+    table = load_table(path)
+    assert len(table) == len(rows())
+    assert next(r for r in table if r["cell_id"] == "00")["decode_tokens_per_s"] == 99.0
+
+
+def test_the_plot_verb_writes_next_to_the_table(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "table.jsonl", rows())
+    assert main(["plot", "budget", str(path)]) == 0
+    assert (tmp_path / "budget-tiny-cpu-2core.png").exists()
+    assert main(["plot", "ablation", str(path), "--policies", "fifo,hebf,fifo-lfu",
+                 "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "ablation.png").exists()
+    assert main(["plot", "quality", str(path)]) == 2  # no ppl column: one-line error
+    assert "ppl" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""Grid files: parsed strictly; every bad field is a UserError naming the file and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.sweep.cells import expand
+from d2moe.sweep.grid import load_grid, parse_synth
+from d2moe.traces import save_trace, synth_trace
+from d2moe.traces.synth import SynthConfig
+
+GOOD = """
+policies: [fifo, hebf]
+budgets: ["20%", 0.5, 1MiB]
+profiles: [cpu-2core]
+traces: ["synth:tiny:seed=1,decode_steps=4"]
+steps: 3
+engine: simpy
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_grid_parses_with_defaults_and_canonical_traces(tmp_path):
+    grid = load_grid(write(tmp_path, GOOD))
+    assert grid.policies == ("fifo", "hebf")
+    assert grid.budgets == ("20%", "0.5", "1MiB")
+    assert grid.steps == 3 and grid.engine == "simpy" and grid.layout == "bitplane"
+    (trace,) = grid.traces
+    assert trace.text == "synth:tiny:decode_steps=4,seed=1" and trace.spec == "tiny"
+    assert trace.synth_config() == SynthConfig(seed=1, decode_steps=4)
+    cells = expand(grid, tmp_path / "out")
+    assert len(cells) == grid.size == 6
+    assert len({c.cell_id for c in cells}) == 6
+
+
+def test_cell_ids_are_stable_and_depend_on_shared_options(tmp_path):
+    a = [c.cell_id for c in expand(load_grid(write(tmp_path, GOOD)), tmp_path)]
+    assert a == [c.cell_id for c in expand(load_grid(write(tmp_path, GOOD)), tmp_path / "x")]
+    b = [c.cell_id for c in expand(load_grid(write(tmp_path, GOOD + "bits: 3\n")), tmp_path)]
+    assert not set(a) & set(b)
+
+
+def test_a_trace_file_is_relative_to_the_grid_and_takes_its_spec_from_the_header(tmp_path):
+    save_trace(tmp_path / "t.npz", synth_trace(_tiny(), SynthConfig(decode_steps=2)))
+    grid = load_grid(write(tmp_path, "policies: [fifo]\nbudgets: [50%]\ntraces: [t.npz]\n"))
+    (trace,) = grid.traces
+    assert trace.path == str(tmp_path / "t.npz") and trace.spec == "tiny"
+    assert not trace.is_synth
+
+
+def _tiny():
+    from d2moe.core.spec import load_spec
+
+    return load_spec("tiny")
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nbogus: 1\n", "bogus"),
+    ("policies: [fifo]\ntraces: [synth:tiny]\n", "budgets"),
+    ("policies: [nope]\nbudgets: [50%]\ntraces: [synth:tiny]\n", "policies[0]"),
+    ("policies: []\nbudgets: [50%]\ntraces: [synth:tiny]\n", "policies"),
+    ("policies: [fifo, fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\n", "policies"),
+    ("policies: [fifo]\nbudgets: [50%, lots]\ntraces: [synth:tiny]\n", "budgets[1]"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny:decode_steps=-1]\n",
+     "traces[0].decode_steps"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny, synth:tiny:color=red]\n",
+     "traces[1]"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny:seed=x]\n", "traces[0].seed"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:nomodel]\n", "traces[0]"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [missing.npz]\n", "traces[0]"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nprofiles: [nope]\n",
+     "profiles[0]"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nengine: warp\n", "engine"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nlayout: zip\n", "layout"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nbits: four\n", "bits"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nsteps: -2\n", "steps"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [{a: 1}]\n", "traces[0]"),
+])
+def test_a_bad_field_is_named(tmp_path, text, field):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as err:
+        load_grid(path)
+    assert err.value.field == field
+    assert str(path) in str(err.value)
+
+
+def test_malformed_yaml_and_missing_file_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="malformed YAML"):
+        load_grid(write(tmp_path, "policies: [fifo\n"))
+    with pytest.raises(UserError, match="no such file"):
+        load_grid(tmp_path / "none.yaml")
+
+
+def test_parse_synth_sorts_keys_and_reads_list_values():
+    entry = parse_synth("synth:tiny:zipf=1.2,capacities=0.5,0.5,bits=2,4")
+    assert entry.text == "synth:tiny:bits=2,4,capacities=0.5,0.5,zipf=1.2"
+    assert entry.synth_config().bit_choices == (2, 4)
+    assert parse_synth(entry.text) == entry
+    with pytest.raises(UserError) as err:
+        parse_synth("synth:tiny:bits=2", path="g.yaml", where="traces[3]")
+    assert err.value.field == "traces[3].capacities"
+    assert str(err.value).count("capacities") == 2  # the field once, the message once
