@@ -45,6 +45,9 @@ class SimulateConfig:
     b1: int = field(default=2, metadata={"help": "lowest stored bit-width"})
     bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
     group: int = field(default=64, metadata={"help": "quantization group size (weights)"})
+    expert_stats: str = field(default="", metadata={
+        "help": "expert importance and similarity (d2moe experts stats) for the policies that "
+                "use them (edgemoe, sub-similar); empty: derived from the trace's routing"},)
     host_cache: str = field(default="0", metadata={
         "help": "host-RAM tier for experts read once from disk (bytes; 0: none)"})
     engine: str = field(default="fast", metadata={
@@ -128,6 +131,22 @@ def prepare(cfg: SimulateConfig) -> Prepared:
     return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host)
 
 
+def build_policy(prep: Prepared, name: str) -> Any:
+    """The registered policy `name`, with expert statistics when it uses them: from
+    --expert-stats, else from the trace's routing (a proxy: d2moe/experts/from_trace.py)."""
+    from d2moe.policies import make_policy, policy_config
+
+    if not policy_config(name).needs_stats:
+        return make_policy(name)
+    from d2moe.experts import load_stats, stats_from_trace
+
+    if prep.cfg.expert_stats:
+        stats = load_stats(prep.cfg.expert_stats, spec=prep.spec)
+    else:
+        stats = stats_from_trace(prep.trace)
+    return make_policy(name, stats=stats)
+
+
 def simulate_policy(prep: Prepared, policy: Any) -> Timeline:
     """Simulate one policy object on a prepared workload; the timeline's meta has the wall
     time the simulation took (`sim_wall_s`)."""
@@ -153,13 +172,15 @@ def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
         plot_bubbles,
         plot_resident,
     )
-    from d2moe.policies import make_policy
+    from d2moe.policies import policy_config
 
     names = [n.strip() for n in cfg.policy.split(",") if n.strip()]
     if not names:
         raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
-    policies = [make_policy(n) for n in names]  # unknown names fail before any work
+    for n in names:  # unknown names fail before any work
+        policy_config(n)
     prep = prepare(cfg)
+    policies = [build_policy(prep, n) for n in names]
     spec, profile, layout, budget = prep.spec, prep.profile, prep.layout, prep.budget_bytes
     steps, trace_name = prep.steps, prep.trace_name
     out = Path(cfg.out)

@@ -118,8 +118,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     expert) or `error`, with the message; anything else is a bug and propagates.
     """
     from d2moe.analysis import compute_metrics
-    from d2moe.policies import make_policy
-    from d2moe.sim.cmd import simulate_policy
+    from d2moe.sim.cmd import build_policy, simulate_policy
 
     t0 = time.perf_counter()
     row = cell.fields()
@@ -129,7 +128,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         prep = prepared(cell.simulate_config())
         row.update(model=prep.spec.name, profile_source=prep.profile.source.kind,
                    budget_bytes=prep.budget_bytes)
-        timeline = simulate_policy(prep, make_policy(cell.policy))
+        timeline = simulate_policy(prep, build_policy(prep, cell.policy))
         row["sim_wall_s"] = timeline.meta.get("sim_wall_s")
         row.update(compute_metrics(timeline).as_dict())
     except UserError as exc:

@@ -1,0 +1,123 @@
+"""The evaluation's baselines and the project's additions: bit rules, substitution, prefetch."""
+
+from __future__ import annotations
+
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.core.jobs import Demand, ExpertKey, Load
+from d2moe.core.sizes import QuantLayout
+from d2moe.policies import POLICIES, ExpertStats, ResidentSet, Sizes, make_policy, policy_config
+from d2moe.policies.bitrules import Static
+from d2moe.policies.check import check_plan
+from d2moe.policies.prefetch import HeatPredictor
+from tests.policies.test_plans import Costs
+from tests.sim.workloads import SPEC
+
+K = [ExpertKey(0, e) for e in range(10)]
+
+
+def test_static_bits_fill_the_shares_by_importance():
+    imp = [[0.1 * e for e in range(10)]]  # expert 9 most important
+    stats = ExpertStats.from_lists(imp, [[[1.0 if i == j else 0.0 for j in range(10)]
+                                          for i in range(10)]])
+    rule = Static(stats, (4, 3, 2), (0.3, 0.4, 0.3))
+    assert [rule.bits(k, 8) for k in K] == [2, 2, 2, 3, 3, 3, 3, 4, 4, 4]
+    d = rule.apply([Demand(K[0], 4, 1), Demand(K[9], 4, 1)])
+    assert d == [Demand(K[0], 2, 1, asked=4), Demand(K[9], 4, 1)]
+
+
+def test_policies_that_need_statistics_say_so_without_them():
+    for name in POLICIES.names():
+        if policy_config(name).needs_stats:
+            with pytest.raises(UserError, match="expert-stats"):
+                make_policy(name)
+        else:
+            make_policy(name)
+
+
+def _similarity(pairs: dict[tuple[int, int], float]) -> ExpertStats:
+    sim = [[1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]
+    for (i, j), v in pairs.items():
+        sim[i][j] = sim[j][i] = v
+    return ExpertStats.from_lists([[1.0] * 4], [sim])
+
+
+def test_sub_similar_serves_a_low_importance_miss_by_the_most_similar_resident_expert():
+    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+    pool = ResidentSet(sizes, 10 * sizes.by_bits[4])
+    for e in (1, 2):
+        pool.apply_load(Load(ExpertKey(0, e), 0, 4))
+    policy = make_policy("sub-similar", stats=_similarity({(0, 1): 0.2, (0, 2): 0.7,
+                                                           (3, 1): 0.9}))
+    low = Demand(ExpertKey(0, 0), 4, 2, importance=0.1)  # missing, low: served by 2
+    high = Demand(ExpertKey(0, 3), 4, 1, importance=0.8)  # missing, high: loaded
+    plan = policy.plan(0, [low, high], pool.view, Costs())
+    check_plan(plan, [low, high], pool, substitute_below=policy.config.substitute_below)
+    by_key = {r.key: r for r in plan.runs}
+    assert by_key[low.key].served_by == ExpertKey(0, 2)
+    assert by_key[high.key].served_by is None
+    assert [ld.key for ld in plan.loads] == [high.key]
+
+
+def test_sub_lower_serves_a_low_importance_miss_at_the_resident_bits():
+    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+    pool = ResidentSet(sizes, 10 * sizes.by_bits[4])
+    pool.apply_load(Load(K[0], 0, 2))
+    pool.apply_load(Load(K[1], 0, 2))
+    policy = make_policy("sub-lower")
+    low, high = Demand(K[0], 4, 1, 0.1), Demand(K[1], 4, 1, 0.9)
+    plan = policy.plan(0, [low, high], pool.view, Costs())
+    check_plan(plan, [low, high], pool, substitute_below=policy.config.substitute_below)
+    runs = {r.key: r for r in plan.runs}
+    assert (runs[K[0]].bits, runs[K[0]].asked) == (2, 4)  # no load: the base planes serve
+    assert (runs[K[1]].bits, runs[K[1]].asked) == (4, 0)
+    assert [(ld.key, ld.bits_from, ld.bits_to) for ld in plan.loads] == [(K[1], 2, 4)]
+
+
+def test_heat_predictor_learns_a_fixed_layer_to_layer_map():
+    p = HeatPredictor(min_prob=0.5)
+    for _ in range(3):  # three steps: expert e at layer 0 is always followed by e+1 at 1
+        for e in (0, 2):
+            p.observe(0, [Demand(ExpertKey(0, e), 4, 1)])
+            p.observe(1, [Demand(ExpertKey(1, e + 1), 4, 1)])
+    assert p.predict(0, [Demand(ExpertKey(0, 2), 4, 1)]) == [(ExpertKey(1, 3), 1.0)]
+    assert p.predict(0, [Demand(ExpertKey(0, 0), 4, 1)]) == [(ExpertKey(1, 1), 1.0)]
+    assert p.predict(0, [Demand(ExpertKey(0, 5), 4, 1)]) == []  # never seen: no guess
+
+
+def test_hebf_prefetch_queues_the_predicted_expert_behind_the_layers_own_loads():
+    """Two slots; steps alternate expert 0 -> 1 and 2 -> 3 over two layers: once the map is
+    learned, layer 0's plan prefetches the layer-1 expert its demand predicts."""
+    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+    pool = ResidentSet(sizes, 2 * sizes.by_bits[4])
+    policy = make_policy("hebf-prefetch")
+    plans = []
+    for step in range(6):
+        e = 0 if step % 2 == 0 else 2
+        for layer, expert in ((0, e), (1, e + 1)):
+            d = [Demand(ExpertKey(layer, expert), 4, 1)]
+            plan = policy.plan(layer, d, pool.view, Costs())
+            check_plan(plan, d, pool)
+            for ld in plan.loads:
+                for ev in ld.evict:
+                    pool.apply_evict(ev)
+                pool.apply_load(ld)
+            plans.append((step, layer, plan))
+    prefetched = {(step, ld.key) for step, layer, p in plans if layer == 0
+                  for ld in p.loads if ld.prefetch}
+    assert {(4, ExpertKey(1, 1)), (5, ExpertKey(1, 3))} <= prefetched
+    assert all(not ld.prefetch for step, _, p in plans if step == 0 for ld in p.loads)
+    # the prefetched expert is then a hit: layer 1 of those steps loads nothing on demand
+    assert not [ld for step, layer, p in plans if step >= 4 and layer == 1
+                for ld in p.loads if not ld.prefetch]
+
+
+def test_pinned_baselines_preload_every_expert_at_their_bits():
+    sizes = Sizes.of(SPEC, QuantLayout(kind="copies", b1=8, bK=8))
+    pool = ResidentSet(sizes, 10**9)
+    policy = make_policy("hold-in-memory")
+    keys = [ExpertKey(layer, e) for layer in range(SPEC.layers) for e in range(SPEC.experts)]
+    loads = policy.preload(keys, pool.view)
+    assert [(ld.key, ld.bits_to) for ld in loads] == [(k, 8) for k in keys]
+    assert make_policy("fifo").preload(keys, pool.view) == []

@@ -1,0 +1,34 @@
+"""Every registered preset runs in the simulator through `d2moe simulate`'s own path (policy
+statistics derived from the trace), and the pinned baselines refuse budgets they exceed."""
+
+from __future__ import annotations
+
+import pytest
+
+from d2moe.analysis import compute_metrics
+from d2moe.core.errors import UserError
+from d2moe.policies import POLICIES, policy_config
+from d2moe.sim.cmd import SimulateConfig, build_policy, prepare, simulate_policy
+
+
+@pytest.fixture(scope="module")
+def roomy():
+    return prepare(SimulateConfig(model_spec="tiny", profile="cpu-2core", budget="300%",
+                                  steps=12))
+
+
+@pytest.mark.parametrize("name", POLICIES.names())
+def test_each_preset_simulates(roomy, name):
+    m = compute_metrics(simulate_policy(roomy, build_policy(roomy, name)))
+    assert m.decode_steps == 11 and m.decode_tokens_per_s > 0
+    if policy_config(name).pin:
+        assert m.loads == 0 and m.hit_rate == 1.0 and m.initial_resident_bytes > 0
+    else:
+        assert m.loads > 0 and m.initial_resident_bytes == 0
+
+
+def test_pinned_presets_refuse_a_budget_they_exceed():
+    tight = prepare(SimulateConfig(model_spec="tiny", profile="cpu-2core", budget="50%",
+                                   steps=4))
+    with pytest.raises(UserError, match="holds every expert"):
+        simulate_policy(tight, build_policy(tight, "hold-in-memory"))
