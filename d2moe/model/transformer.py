@@ -95,6 +95,35 @@ class Transformer(nn.Module):
             cache.length = start + t
         return self.lm_head(self.norm(x)), router_logits  # [B, T, V]
 
+    def forward_ragged(self, seqs: list[torch.Tensor], caches: list[KVCache], *,
+                       backend: ExpertBackend | None = None,
+                       observer: RouterObserver | None = None) -> list[torch.Tensor]:
+        """Continuous batching of sequences of different lengths and positions: per layer,
+        attention for each sequence on its own cache, then one MoE call over all their tokens
+        concatenated (so the experts are shared across sequences). seqs[i]: token ids [T_i],
+        continuing at caches[i].length -> logits [T_i, V] per sequence."""
+        backend = backend if backend is not None else self.experts
+        if backend is None:
+            raise UserError("this model was built without expert weights",
+                            field="backend", fix="pass an ExpertBackend")
+        if len(seqs) != len(caches) or not seqs:
+            raise ValueError("need one cache per sequence, and at least one sequence")
+        lens = [int(s.shape[0]) for s in seqs]
+        starts = [c.length for c in caches]
+        tables = [rope_tables(torch.arange(p, p + t, device=s.device), self.spec.dim_head,
+                              self.cfg.rope_theta, self.embed_tokens.weight.dtype)
+                  for s, p, t in zip(seqs, starts, lens, strict=True)]
+        xs = [self.embed_tokens(s)[None] for s in seqs]  # [1, T_i, D] each
+        for block in self.layers:
+            hs = [x + block.self_attn(block.input_layernorm(x), cos, sin, c)
+                  for x, (cos, sin), c in zip(xs, tables, caches, strict=True)]
+            h = torch.cat([x[0] for x in hs])  # [ΣT, D]
+            y, _ = block.moe(block.post_attention_layernorm(h), backend, observer)
+            xs = [part[None] for part in torch.split(h + y, lens)]
+        for c, p, t in zip(caches, starts, lens, strict=True):
+            c.length = p + t
+        return [self.lm_head(self.norm(x[0])) for x in xs]  # [T_i, V] each
+
     def init_weights(self, seed: int, std: float = 0.02) -> None:
         """Normal(0, std) weights (output projections scaled by 1/sqrt(2L), GPT-2), unit norms."""
         gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,105 @@
+"""Serving on the real executor: requests arrive by the wall clock, the batcher decides each
+step, and one ragged forward runs it (attention per request on its own KV cache, one MoE call
+over every request's tokens: `Transformer.forward_ragged`). Greedy decoding."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from d2moe.core.events import Event
+from d2moe.serve.arrivals import Request
+from d2moe.serve.batching import PREFILL, ContinuousBatcher
+
+# Prompt text for the byte-level tiny model: request i reads from offset 7i, cycling.
+PROMPT_TEXT = ("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
+               "\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
+               "    def push(self, item):\n        self.items.append(item)\n\n"
+               "import os\nimport sys\n\nfor line in sys.stdin:\n    print(line.strip())\n")
+
+
+def make_prompts(requests: Sequence[Request], text: str = PROMPT_TEXT) -> dict[int, list[int]]:
+    """Byte token ids of each request's prompt, `prompt_tokens` long, cut from `text`."""
+    data = text.encode()
+    return {r.id: [data[(7 * r.id + i) % len(data)] for i in range(r.prompt_tokens)]
+            for r in requests}
+
+
+@dataclass
+class Served:
+    """What a real serving run produced: request rows, each request's tokens, each forward
+    step's phase, and when the waits for arrivals ended."""
+
+    rows: list[Event]
+    outputs: dict[int, list[int]]
+    phases: list[str]  # per forward step, in order
+    idle_before: dict[int, float]  # step index -> when the wait before it ended (us); step 0
+    # always has one (the serving loop's start), so no step spans time before serving began
+
+
+def serve_model(model: Any, backend: Any, requests: Sequence[Request],
+                prompts: dict[int, list[int]], *, max_batch: int,
+                clock: Callable[[], float], progress: Any = None) -> Served:
+    """Serve `requests` on `model` with `backend` (any ExpertBackend) by the clock `clock`
+    (microseconds); arrivals are waited for in real time. `progress` (a bar from
+    d2moe.core.progress, or None) advances by each finished request."""
+    batcher = ContinuousBatcher(requests, max_batch)
+    device = next(model.parameters()).device
+    model.eval()
+    caches: dict[int, Any] = {}
+    outputs: dict[int, list[int]] = {r.id: [] for r in requests}
+    idle: dict[int, float] = {}
+    phases: list[str] = []
+    with torch.no_grad():
+        while not batcher.done:
+            now = clock()
+            step = batcher.next_step(now)
+            if step is not None and not phases:  # the first step starts now, not at time 0
+                idle.setdefault(0, now)
+            if step is None:  # nothing active: wait for the next arrival
+                wait = batcher.next_arrival_us() - clock()  # type: ignore[operator]
+                if wait > 0:
+                    time.sleep(wait / 1e6)
+                idle[len(phases)] = clock()
+                continue
+            if step.phase == PREFILL:
+                for rid, n in zip(step.requests, step.tokens, strict=True):
+                    out = batcher.states[rid].request.output_tokens
+                    caches[rid] = model.new_cache(batch=1, max_len=n + out)
+                seqs = [torch.tensor(prompts[rid], device=device) for rid in step.requests]
+            else:
+                seqs = [torch.tensor(outputs[rid][-1:], device=device) for rid in step.requests]
+            if hasattr(backend, "step_phase"):
+                backend.step_phase = step.phase
+            logits = model.forward_ragged(seqs, [caches[rid] for rid in step.requests],
+                                          backend=backend)
+            for rid, lg in zip(step.requests, logits, strict=True):
+                outputs[rid].append(int(lg[-1].argmax()))
+            phases.append(step.phase)
+            done = batcher.complete(step, clock())
+            for rid in done:
+                del caches[rid]
+            if progress and done:
+                progress.update(len(done))
+    return Served(batcher.rows(), outputs, phases, idle)
+
+
+def fix_steps(events: list[Event], served: Served) -> list[Event]:
+    """The backend's rows with each step row labelled by the batcher's phase (the backend
+    alone calls only its first step a prefill), and step rows and their first non-expert
+    slice starting no earlier than the end of a wait for an arrival: idle belongs to no step.
+    Assumes the backend ran only `served`'s forward steps, numbered from 0."""
+    out = []
+    for e in events:
+        if e.lane == "step" and 0 <= e.step < len(served.phases):
+            e = e._replace(kind=served.phases[e.step])
+        woke = served.idle_before.get(e.step)
+        if woke is not None and e.start_us < woke and (
+                e.lane == "step" or (e.kind == "non_expert" and e.layer == 0)):
+            e = e._replace(start_us=min(woke, e.end_us))
+        out.append(e)
+    return out
