@@ -139,45 +139,76 @@ def _policies(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(str(r.get("policy")) for r in rows))
 
 
+# 20 distinguishable colours: matplotlib's default ten, then ten darker ones
+COLORS = tuple(f"C{i}" for i in range(10)) + (
+    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#e6550d",
+    "#756bb1", "#636363")
+
+
+def line_style(i: int) -> dict[str, Any]:
+    """A distinct (colour, marker, dash) per line index."""
+    markers = "osD^vP*Xh<>"
+    return {"color": COLORS[i % len(COLORS)], "marker": markers[i % len(markers)],
+            "linestyle": ("-", "--", ":", "-.")[(i // len(COLORS)) % 4]}
+
+
+def _series(row: dict[str, Any]) -> str:
+    """A line's name: the policy, marked `(real)` for measured rows among simulated ones."""
+    real = (row.get("run_kind") or row.get("source")) == "measured"
+    return f"{row.get('policy')}{' (real)' if real else ''}"
+
+
 def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
-                dpi: int = 150) -> list[Path]:
+                policies: Sequence[str] = (), log_y: bool = True, dpi: int = 150
+                ) -> list[Path]:
     """Decode tokens/s against the memory budget per policy: one PNG per (model, profile),
-    plus a hit-rate panel (each policy against Belady's oracle) where the table has it."""
+    plus a hit-rate panel (each policy against Belady's oracle) where the table has it.
+    `policies` picks and orders the lines (empty: all); measured rows get their own lines."""
     from matplotlib.figure import Figure
 
     from d2moe.analysis.timeline_plot import save_png
 
-    ok = [r for r in _ok(rows) if _finite(r.get("budget_bytes"))]
+    ok = [r for r in _ok(rows) if _finite(r.get("budget_bytes"))
+          and (not policies or r.get("policy") in policies)]
     if not ok:
         raise UserError("no finished cell with a budget and a decode rate to plot",
-                        field="status", fix="check the table's status and message columns")
+                        field="status", fix="check the table's status and message columns "
+                                            "(and --policies)")
     paths = []
     for (model, profile), group in _groups(ok).items():
         unit, scale = _budget_unit(group)
         oracle = [r for r in group if _finite(r.get("oracle_hit_rate"))]
-        fig = Figure(figsize=(7.5, 6.4 if oracle else 3.8), layout="constrained")
+        fig = Figure(figsize=(9.0, 6.4 if oracle else 3.8), layout="constrained")
         axes = fig.subplots(2 if oracle else 1, 1, squeeze=False)[:, 0]
-        for policy in sorted(_policies(group)):
-            mine = [r for r in group if r.get("policy") == policy]
+        names = list(dict.fromkeys(_series(r) for r in group))
+        order = {p: i for i, p in enumerate(policies)}
+        names.sort(key=lambda n: (order.get(n.split(" ")[0], len(order)), n))
+        for i, series in enumerate(names):
+            mine = [r for r in group if _series(r) == series]
+            style = line_style(i)
             xs, ys = _mean_by(mine, "budget_bytes", "decode_tokens_per_s")
-            axes[0].plot([x / scale for x in xs], ys, marker="o", linewidth=1.4, label=policy)
+            axes[0].plot([x / scale for x in xs], ys, linewidth=1.3, markersize=4,
+                         label=series, **style)
             if oracle:
                 xs, ys = _mean_by(mine, "budget_bytes", "hit_rate")
-                axes[1].plot([x / scale for x in xs], [100 * y for y in ys], marker="o",
-                             linewidth=1.4, label=policy)
-        axes[0].set_ylabel("decode tokens/s")
-        axes[0].set_ylim(bottom=0)
+                axes[1].plot([x / scale for x in xs], [100 * y for y in ys], linewidth=1.3,
+                             markersize=4, **style)
+        axes[0].set_ylabel("decode tokens/s" + (" (log)" if log_y else ""))
+        if log_y:
+            axes[0].set_yscale("log")
+        else:
+            axes[0].set_ylim(bottom=0)
         if oracle:
             xs, ys = _mean_by(oracle, "budget_bytes", "oracle_hit_rate")
             axes[1].plot([x / scale for x in xs], [100 * y for y in ys], color="black",
-                         linestyle="--", marker="s", linewidth=1.2, label="Belady oracle")
+                         linestyle="--", marker="s", linewidth=1.6, label="Belady oracle")
             axes[1].set_ylabel("expert hit rate (%)")
-            axes[1].set_ylim(0, 100)
+            axes[1].set_ylim(0, 101)
         for ax in axes:
             ax.set_xlabel(f"expert memory budget ({unit})")
             ax.set_xlim(left=0)
             _style(ax)
-            ax.legend(fontsize=8, frameon=False)
+        fig.legend(loc="outside right upper", fontsize=8, frameon=False)
         traces = len({r.get("trace") for r in group})
         note = f", mean over {traces} traces" if traces > 1 else ""
         axes[0].set_title(f"{model}: decode tokens/s against memory budget{note}\n"
@@ -210,7 +241,7 @@ def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,
     fig = Figure(figsize=(max(6.0, 1.2 + 0.45 * len(present) * _max_budgets(groups)),
                           3.4 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
-    colors = {p: f"C{i % 10}" for i, p in enumerate(present)}
+    colors = {p: COLORS[i % len(COLORS)] for i, p in enumerate(present)}
     width = 0.8 / len(present)
     for ax, ((model, _profile), group) in zip(axes, groups.items(), strict=True):
         budgets = sorted({r.get("budget") for r in group},

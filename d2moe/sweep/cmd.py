@@ -20,8 +20,13 @@ class PlotConfig:
 
     out: str = field(default="", metadata={
         "help": "output directory (empty: the table's directory)", "metavar": "DIR"})
-    policies: str = field(default=",".join(ABLATION_DEFAULT), metadata={
-        "help": "ablation: the policies' bars, in order", "metavar": "P1,P2"})
+    policies: str = field(default="", metadata={
+        "help": "the policies to draw, in order (empty: budget and quality draw every policy, "
+                "ablation the chain " + ",".join(ABLATION_DEFAULT) + ")", "metavar": "P1,P2"})
+    budgets: str = field(default="", metadata={
+        "help": "only these budgets, as written in the grid (empty: all)", "metavar": "B1,B2"})
+    linear: bool = field(default=False, metadata={
+        "help": "budget: a linear tokens/s axis (default: logarithmic, so low budgets show)"})
     label: str = field(default="", metadata={
         "help": "where the numbers come from, when the table does not say (e.g. measured)"})
 
@@ -70,10 +75,13 @@ def make_plots(kind: str, table: str | Path, cfg: PlotConfig) -> list[Path]:
     from d2moe.analysis.sweep_plots import load_table, plot_ablation, plot_budget, plot_quality
 
     rows = load_table(table)
+    keep = {b.strip() for b in cfg.budgets.split(",") if b.strip()}
+    if keep:
+        rows = [r for r in rows if str(r.get("budget")) in keep]
     out = Path(cfg.out) if cfg.out else Path(table).parent
+    names = [n.strip() for n in cfg.policies.split(",") if n.strip()]
     if kind == "budget":
-        return plot_budget(rows, out, label=cfg.label)
+        return plot_budget(rows, out, label=cfg.label, policies=names, log_y=not cfg.linear)
     if kind == "ablation":
-        names = [n.strip() for n in cfg.policies.split(",") if n.strip()]
-        return [plot_ablation(rows, out, policies=names, label=cfg.label)]
+        return [plot_ablation(rows, out, policies=names or ABLATION_DEFAULT, label=cfg.label)]
     return [plot_quality(rows, out, label=cfg.label)]
