@@ -27,6 +27,7 @@ OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when
     "d2moe.router.cmd",
     "d2moe.profiles.cmd",
     "d2moe.executor.validate",
+    "d2moe.experts.cmd",
     "d2moe.serve.cmd",
 )
 

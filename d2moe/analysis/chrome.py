@@ -35,6 +35,8 @@ def _name(e: Event) -> str:
         return f"L{e.layer} non-expert"
     if e.kind == "run":
         return f"{where} {e.bits_to}b"
+    if e.kind == "substitute":
+        return f"{where} by a similar expert, {e.bits_to}b"
     if e.kind == "stall":
         return f"stall on {where}"
     return f"{e.kind} {where} {e.bits_from}->{e.bits_to}b"

@@ -19,6 +19,7 @@ KIND_CODES: dict[str, int] = {k: i for i, k in enumerate(KIND_NAMES)}
 PREFILL, DECODE = KIND_CODES["prefill"], KIND_CODES["decode"]
 RUN, NON_EXPERT, STALL = KIND_CODES["run"], KIND_CODES["non_expert"], KIND_CODES["stall"]
 LOAD, PREFETCH, EVICT = KIND_CODES["load"], KIND_CODES["prefetch"], KIND_CODES["evict"]
+SUBSTITUTE = KIND_CODES["substitute"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,17 +3,19 @@
 Definitions (times in µs; the span is first step start to last step end):
 - tokens/s per phase: Σ tokens of that phase's step rows / Σ their durations.
 - busy time of a lane: length of the union of its intervals inside the span (compute counts
-  `run` and `non_expert`, not `stall`; I/O counts `load` and `prefetch`); idle = span - busy.
+  `run`, `substitute` and `non_expert`, not `stall`; I/O counts `load` and `prefetch`);
+  idle = span - busy.
 - exposed I/O: Σ `stall` durations, the load time that compute could not hide.
 - a demand is a (step, layer, expert) with at least one `run`; it is a hit when no `load`
-  row has the same (step, layer, expert) (a prefetched expert counts as a hit).
+  row has the same (step, layer, expert) (a prefetched expert counts as a hit). A demand
+  served only by a `substitute` row (System 2) is neither: `substituted_runs` counts them.
 - resident bytes: `meta["initial_resident_bytes"]` (default 0), + bytes at each load or
   prefetch start, - bytes at each evict.
 - lower bound (method.md part 4, two-machine flow shop): per (step, layer),
-  non_expert + max(Σ load, Σ run); summed over all (step, layer). Only on-demand `load`
-  rows enter it: prefetches are issued ahead, to hide behind earlier layers. It bounds the
-  total from below when one I/O lane serves the loads and a layer's loads start after its
-  router (its non_expert) has run, as both backends do.
+  non_expert + max(Σ load, Σ run) (runs include substitutes); summed over all (step,
+  layer). Only on-demand `load` rows enter it: prefetches are issued ahead, to hide behind
+  earlier layers. It bounds the total from below when one I/O lane serves the loads and a
+  layer's loads start after its router (its non_expert) has run, as both backends do.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from d2moe.analysis.columns import (
     PREFILL,
     RUN,
     STALL,
+    SUBSTITUTE,
     EventColumns,
     clip,
     event_columns,
@@ -77,6 +80,7 @@ class Metrics:
     evicts: int
     stalls: int
     degraded_runs: int  # runs at fewer bits than their demand asked (bits_to < bits_from)
+    substituted_runs: int  # runs served by another resident expert (System 2)
     mean_run_bits: float  # token-weighted bit-width of the runs
     bound_us: float
     gap_to_bound: float  # total_us / bound_us - 1
@@ -106,7 +110,7 @@ def _keys(c: EventColumns, rows: np.ndarray) -> np.ndarray:
 def _bound(c: EventColumns, decode_steps: np.ndarray,
            with_per_step: bool) -> tuple[float, float, np.ndarray | None]:
     """(bound over all (step, layer), bound over decode steps, per-step bound or None)."""
-    rows = c.mask("non_expert", "run", "load")
+    rows = c.mask("non_expert", "run", "substitute", "load")
     if not rows.any():
         return 0.0, 0.0, None
     width_l = int(c.layer[rows].max()) + 2
@@ -115,7 +119,8 @@ def _bound(c: EventColumns, decode_steps: np.ndarray,
     kind, dur = c.kind[rows], c.dur_us[rows]
     n = uniq.size
     ne = np.bincount(inv, weights=np.where(kind == NON_EXPERT, dur, 0.0), minlength=n)
-    run = np.bincount(inv, weights=np.where(kind == RUN, dur, 0.0), minlength=n)
+    run = np.bincount(inv, weights=np.where((kind == RUN) | (kind == SUBSTITUTE), dur, 0.0),
+                      minlength=n)
     load = np.bincount(inv, weights=np.where(kind == LOAD, dur, 0.0), minlength=n)
     per_group = ne + np.maximum(load, run)
     group_step = uniq // width_l
@@ -173,7 +178,7 @@ def compute_metrics(timeline: Timeline, *, per_step: bool = False) -> Metrics:
     dec_us, pre_us = float(dur[is_dec].sum()), float(dur[is_pre].sum())
 
     io = (kind == LOAD) | (kind == PREFETCH)
-    comp = (kind == RUN) | (kind == NON_EXPERT)
+    comp = (kind == RUN) | (kind == SUBSTITUTE) | (kind == NON_EXPERT)
     io_busy = union_length_us(*clip(c.start_us[io], c.end_us[io], t0, t1))
     comp_busy = union_length_us(*clip(c.start_us[comp], c.end_us[comp], t0, t1))
 
@@ -225,6 +230,7 @@ def compute_metrics(timeline: Timeline, *, per_step: bool = False) -> Metrics:
         evicts=int((kind == EVICT).sum()),
         stalls=int(is_stall.sum()),
         degraded_runs=int((c.bits_to[is_run] < c.bits_from[is_run]).sum()),
+        substituted_runs=int((kind == SUBSTITUTE).sum()),
         mean_run_bits=_ratio(float((c.bits_to[is_run] * run_tokens).sum()),
                              float(run_tokens.sum())),
         bound_us=bound,

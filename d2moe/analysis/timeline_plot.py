@@ -22,6 +22,7 @@ from d2moe.analysis.columns import (
     PREFILL,
     RUN,
     STALL,
+    SUBSTITUTE,
     EventColumns,
     event_columns,
 )
@@ -137,6 +138,8 @@ def _draw_panel(ax: Any, c: EventColumns, colors: dict[int, Any], lw: float,
     for bits, color in colors.items():
         has = c.bits_to == bits
         ax.broken_barh(_bars(c, (kind == RUN) & has), COMPUTE_Y, facecolors=color, **edge)
+        ax.broken_barh(_bars(c, (kind == SUBSTITUTE) & has), COMPUTE_Y, facecolors=color,
+                       hatch="xx", edgecolor="white", linewidth=lw)
         ax.broken_barh(_bars(c, (kind == LOAD) & has), IO_Y, facecolors=color, **edge)
         ax.broken_barh(_bars(c, (kind == PREFETCH) & has), IO_Y, facecolors=color,
                        hatch="....", edgecolor="white", linewidth=lw)

@@ -220,19 +220,23 @@ def _median_run(runs: list[tuple[Timeline, Any]]) -> tuple[Timeline, Any]:
 
 
 def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int, bits: int,
-               prompt_ids: list[int], max_new_tokens: int) -> tuple[Timeline, Any]:
-    """One real generation under the budget: (its timeline, the routing trace it took)."""
+               prompt_ids: list[int], max_new_tokens: int, stats: Any = None
+               ) -> tuple[Timeline, Any]:
+    """One real generation under the budget: (its timeline, the routing trace it took);
+    `stats`: expert statistics for the policies that use them."""
     import numpy as np
 
     from d2moe.executor.backend import StreamingExperts
+    from d2moe.executor.cmd import check_store_layout
     from d2moe.executor.pool import ExpertPool
     from d2moe.model.generate import generate
-    from d2moe.policies import make_policy
+    from d2moe.policies import make_policy, policy_config
     from d2moe.traces.schema import DECODE, PREFILL, Trace
 
     device = next(model.parameters()).device
-    pool = ExpertPool(spec, store.layout, budget_bytes, device)
-    backend = StreamingExperts(store, make_policy(policy), pool, bits=bits)
+    copies = check_store_layout(policy_config(policy), policy, store.layout, store.path)
+    pool = ExpertPool(spec, store.layout, budget_bytes, device, copies=copies)
+    backend = StreamingExperts(store, make_policy(policy, stats=stats), pool, bits=bits)
     steps: list[list[tuple[Any, Any]]] = []
 
     def observe(layer: int, ids: Any, weights: Any) -> None:
@@ -262,11 +266,12 @@ def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int
 
 
 def simulate_trace(trace: Any, spec: Any, layout: Any, profile: Any, policy: str,
-                   budget_bytes: int, bits: int) -> Timeline:
-    """The simulator on a recorded trace, at the real run's budget in bytes."""
+                   budget_bytes: int, bits: int, stats: Any = None) -> Timeline:
+    """The simulator on a recorded trace, at the real run's budget in bytes (the same
+    expert statistics as the real run, for the policies that use them)."""
     from d2moe.policies import make_policy
     from d2moe.sim.simulator import SimSetup, simulate
     from d2moe.sim.workload import steps_from_trace
 
     setup = SimSetup(spec, profile, layout, budget_bytes, meta={"trace": "recorded"})
-    return simulate(setup, steps_from_trace(trace, bits), make_policy(policy))
+    return simulate(setup, steps_from_trace(trace, bits), make_policy(policy, stats=stats))

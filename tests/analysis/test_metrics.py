@@ -215,3 +215,13 @@ def test_many_events():
     assert len(tl.events) > 90_000
     m = compute_metrics(tl)
     assert m.runs == 100 * 32 * 8
+
+
+def test_substitute_rows_are_compute_but_neither_hit_nor_miss():
+    rows = [Event("step", "decode", 0, -1, -1, 0, 0, 1, 0, 0.0, 10.0),
+            Event("compute", "run", 0, 0, 1, 4, 4, 1, 0, 0.0, 4.0),
+            Event("compute", "substitute", 0, 0, 2, 4, 3, 1, 0, 4.0, 7.0)]
+    m = compute_metrics(Timeline(rows, {}))
+    assert m.substituted_runs == 1
+    assert m.compute_busy_us == 7.0  # the substitute's 3 us count as compute
+    assert (m.demands, m.hits) == (1, 1)  # expert 2 ran nowhere itself

@@ -1,0 +1,157 @@
+"""`d2moe experts stats`: offline expert importance and similarity for System 2 policies.
+
+With a model (default `tiny`): calibration text through the model, similarity of the experts'
+outputs (`calibration.py`), written beside the store. With `--trace FILE`: the routing proxy
+for models without weights (`from_trace.py`). Prints per layer the most and least important
+expert and the mean off-diagonal similarity.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.errors import UserError
+from d2moe.experts.measures import off_diagonal_mean
+from d2moe.experts.store import STATS_FILE, save_stats
+from d2moe.policies.stats import ExpertStats
+
+WEIGHTS = ("store", "model")
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Options of `d2moe experts stats` (the CLI is built from these fields)."""
+
+    model: str = field(default="tiny", metadata={
+        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    store: str = field(default="", metadata={
+        "help": "nested store whose experts (at its highest bits) are compared, and beside "
+                "which the statistics are written; empty: for tiny, the store `d2moe run` "
+                "builds into the cache directory"})
+    weights: str = field(default="store", metadata={
+        "help": "store (dequantized at the store's highest bits, what the executor serves) "
+                "or model (the checkpoint's own float experts)"})
+    trace: str = field(default="", metadata={
+        "help": "a trace .npz instead of a model: importance from its routing and the "
+                "routing proxy of similarity (for specs without weights)", "metavar": "FILE"})
+    calib_kib: int = field(default=32, metadata={
+        "help": "KiB of the corpus's training split to calibrate on"})
+    sample_tokens: int = field(default=1024, metadata={
+        "help": "tokens per layer every expert runs on to compare outputs"})
+    ctx: int = field(default=256, metadata={"help": "tokens per calibration window"})
+    batch: int = field(default=8, metadata={"help": "windows per forward"})
+    out: str = field(default="", metadata={
+        "help": "output file; empty: <store>/expert_stats.json (with --trace: "
+                "<trace>.expert_stats.json)", "metavar": "FILE"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
+
+
+def register(subparsers: Any) -> None:
+    """Add the `experts` verb with its `stats` action."""
+    parser = subparsers.add_parser(
+        "experts", help="offline expert statistics (importance, similarity)",
+        description="Offline knowledge about experts that System 2 policies use.")
+    actions = parser.add_subparsers(dest="experts_action", metavar="ACTION")
+    parser.set_defaults(func=lambda _args: (parser.print_help(), 2)[1])
+    p = actions.add_parser(
+        "stats", help="compute expert importance and similarity",
+        description="Importance (routed-token share x mean router weight, per layer max 1) "
+                    "and similarity (mean per-token cosine of the experts' outputs on "
+                    "calibration text from the corpus's training split; with --trace, the "
+                    "cosine of the experts' router-weight columns, a proxy). Writes "
+                    "expert_stats.json (checksummed) and prints a per-layer summary.")
+    add_fields(p, StatsConfig)
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    stats, path = compute_stats(from_args(StatsConfig, args))
+    print(summarize(stats))
+    print(f"wrote {path}")
+    return 0
+
+
+def compute_stats(cfg: StatsConfig) -> tuple[ExpertStats, Path]:
+    """Compute the statistics `cfg` asks for and write them; returns them and the file."""
+    if cfg.trace:
+        from d2moe.experts.from_trace import stats_from_trace
+        from d2moe.traces import load_trace
+
+        stats = stats_from_trace(load_trace(cfg.trace))
+        trace = Path(cfg.trace)
+        out = Path(cfg.out) if cfg.out else trace.with_name(f"{trace.stem}.{STATS_FILE}")
+        return stats, save_stats(out, stats)
+    if cfg.weights not in WEIGHTS:
+        raise UserError(f"unknown weights {cfg.weights!r}", field="weights",
+                        fix=f"use {' or '.join(WEIGHTS)}")
+    store = _store_path(cfg)
+    if not cfg.out and store is None:
+        raise UserError("nowhere to write: no store to write beside", field="out",
+                        fix="pass --out FILE or --store DIR")
+    stats = _from_model(cfg, store)
+    return stats, save_stats(Path(cfg.out) if cfg.out else store / STATS_FILE, stats)
+
+
+def _store_path(cfg: StatsConfig) -> Path | None:
+    if cfg.store:
+        return Path(cfg.store)
+    if cfg.model == "tiny":
+        from d2moe.core.sizes import QuantLayout
+        from d2moe.executor.cmd import tiny_store
+
+        return tiny_store(QuantLayout())
+    if cfg.weights == "store":
+        raise UserError("no store given for this model", field="store",
+                        fix=f"d2moe quantize --model {cfg.model} --out STORE, then --store "
+                            "STORE (or --weights model --out FILE)")
+    return None
+
+
+def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
+    from d2moe.experts.calibration import calibration_ids, stats_from_model
+    from d2moe.model.load import load_model
+
+    model, spec = load_model(cfg.model, with_experts=cfg.weights == "model")
+    ids = calibration_ids(cfg.model, spec, cfg.calib_kib)
+    meta: dict[str, Any] = {"model": cfg.model, "calib_kib": cfg.calib_kib,
+                            "weights": cfg.weights}
+    if cfg.weights == "model":
+        experts = model.experts
+    else:
+        from d2moe.eval.ppl import dense_backend, store_matrices
+        from d2moe.executor.cmd import _check_match
+        from d2moe.quant.reference import dequantize
+        from d2moe.quant.store import StoreReader
+
+        assert store is not None
+        with StoreReader(store) as reader:
+            _check_match(spec, reader, store)
+            nested = store_matrices(reader)
+            top = reader.bits_stored
+            meta.update({"store": str(store), "bits": top, "layout": reader.layout.kind})
+        experts = dense_backend(spec, lambda key: dequantize(nested[key], top))
+    return stats_from_model(model, spec, ids, experts, ctx=cfg.ctx, batch=cfg.batch,
+                            sample_tokens=cfg.sample_tokens, progress=cfg.progress, meta=meta)
+
+
+def summarize(stats: ExpertStats) -> str:
+    """Per layer: the most and least important expert and the mean off-diagonal similarity."""
+    lines = [f"expert statistics ({stats.source}): {stats.layers} layers x {stats.experts} "
+             "experts", "| layer | most important | least important | mean similarity "
+             "(off-diagonal) | most similar pair |", "|---|---|---|---|---|"]
+    for layer in range(stats.layers):
+        imp = np.asarray(stats.importance[layer])
+        sim = np.asarray(stats.similarity[layer])
+        hi, lo = int(imp.argmax()), int(imp.argmin())
+        off = sim - 2 * np.eye(len(imp))  # the diagonal can never be the largest
+        e, f = np.unravel_index(int(off.argmax()), off.shape)
+        pair = f"{e}~{f} ({sim[e, f]:.3f})" if len(imp) > 1 else "-"
+        lines.append(f"| {layer} | {hi} ({imp[hi]:.3f}) | {lo} ({imp[lo]:.3f}) | "
+                     f"{off_diagonal_mean(sim):.3f} | {pair} |")
+    return "\n".join(lines)
