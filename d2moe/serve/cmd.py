@@ -100,13 +100,15 @@ def _main(args: argparse.Namespace) -> int:
 def serve(cfg: ServeConfig, arrivals: ArrivalConfig) -> dict[str, Any]:
     """Serve the arrival process under every policy of `cfg`; write and return the results."""
     from d2moe.core.progress import progress_bar
-    from d2moe.policies import make_policy
+    from d2moe.policies import policy_config
     from d2moe.serve.metrics import format_serve_table, serve_metrics
 
-    policies = [make_policy(n) for n in cfg.policies]  # unknown names fail before any work
+    for name in cfg.policies:  # unknown names fail before any work
+        policy_config(name)
     requests = make_requests(arrivals)
-    run = (_sim_runner(cfg, requests, arrivals.seed) if cfg.backend == "sim"
-           else _real_runner(cfg, requests))
+    run, build = (_sim_runner(cfg, requests, arrivals.seed) if cfg.backend == "sim"
+                  else _real_runner(cfg, requests))
+    policies = [build(n) for n in cfg.policies]
     out = Path(cfg.out)
     rows, files, timelines = [], [], []
     for policy in policies:
@@ -168,7 +170,19 @@ def _sim_runner(cfg: ServeConfig, requests: list[Request], seed: int) -> Any:
         return serve_sim(setup, policy, requests, source, max_batch=cfg.max_batch,
                          bits=cfg.bits, progress=bar)
 
-    return run
+    def build(name: str) -> Any:
+        """The policy, with expert statistics from the routing source when it uses them."""
+        from d2moe.policies import make_policy, policy_config
+
+        if not policy_config(name).needs_stats:
+            return make_policy(name)
+        from d2moe.experts import stats_from_trace
+        from d2moe.traces import synth_trace
+
+        calib = trace if cfg.trace else synth_trace(spec, SynthConfig(seed=seed))
+        return make_policy(name, stats=stats_from_trace(calib))
+
+    return run, build
 
 
 def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
@@ -176,7 +190,7 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
     policy)."""
     from d2moe.core.sizes import QuantLayout, all_experts_bytes, fmt_bytes, parse_budget
     from d2moe.executor.backend import StreamingExperts
-    from d2moe.executor.cmd import _check_match, tiny_store
+    from d2moe.executor.cmd import _check_match, check_store_layout, expert_stats, tiny_store
     from d2moe.executor.pool import ExpertPool
     from d2moe.model.load import load_model
     from d2moe.quant.store import StoreReader
@@ -205,8 +219,16 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
     model.to(device)
     prompts = make_prompts(requests)
 
+    def build(name: str) -> Any:
+        """The policy, with the store's expert statistics when it uses them."""
+        from d2moe.policies import make_policy, policy_config
+
+        pcfg = policy_config(name)
+        return make_policy(name, stats=expert_stats(pcfg, "auto", cfg.model, store_path))
+
     def run(policy: Any, bar: Any) -> Timeline:
-        pool = ExpertPool(spec, store.layout, budget, device)
+        copies = check_store_layout(policy.config, policy.name, store.layout, store_path)
+        pool = ExpertPool(spec, store.layout, budget, device, copies=copies)
         backend = StreamingExperts(store, policy, pool, bits=cfg.bits)
         threads = torch.get_num_threads()
         if cfg.threads > 0:
@@ -223,4 +245,4 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
                                                         served.outputs.items()})
         return tl
 
-    return run
+    return run, build

@@ -11,7 +11,7 @@ from d2moe.policies.presets import Policy
 from d2moe.serve.arrivals import Request
 from d2moe.serve.batching import PREFILL, BatchStep, ContinuousBatcher
 from d2moe.serve.routing import RoutingSource, TokenRouting, step_demands
-from d2moe.sim.simulator import SimSession, SimSetup, StepWork, check_budget
+from d2moe.sim.simulator import SimSession, SimSetup, StepWork, policy_setup
 
 
 def step_parts(step: BatchStep, batcher: ContinuousBatcher,
@@ -37,7 +37,7 @@ def serve_sim(setup: SimSetup, policy: Policy, requests: Sequence[Request],
     from d2moe.core.progress, or None) advances by each finished request."""
     routing = {r.id: source.for_request(r) for r in requests}
     top = max((int(r.bits.max()) for r in routing.values() if r.bits.size), default=0)
-    check_budget(setup, max(top, bits))
+    setup = policy_setup(setup, policy, max(top, bits))  # the policy's layout, checked
     session = SimSession(setup, policy)
     batcher = ContinuousBatcher(requests, max_batch)
     t, s = 0.0, 0
