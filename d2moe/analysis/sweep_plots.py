@@ -152,10 +152,10 @@ def line_style(i: int) -> dict[str, Any]:
             "linestyle": ("-", "--", ":", "-.")[(i // len(COLORS)) % 4]}
 
 
-def _series(row: dict[str, Any]) -> str:
-    """A line's name: the policy, marked `(real)` for measured rows among simulated ones."""
-    real = (row.get("run_kind") or row.get("source")) == "measured"
-    return f"{row.get('policy')}{' (real)' if real else ''}"
+def _kind(row: dict[str, Any]) -> str:
+    """`measured` or `simulated` (rows without run_kind are simulated sweep rows)."""
+    return "measured" if (row.get("run_kind") or row.get("source")) == "measured" \
+        else "simulated"
 
 
 def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
@@ -163,7 +163,8 @@ def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str =
                 ) -> list[Path]:
     """Decode tokens/s against the memory budget per policy: one PNG per (model, profile),
     plus a hit-rate panel (each policy against Belady's oracle) where the table has it.
-    `policies` picks and orders the lines (empty: all); measured rows get their own lines."""
+    `policies` picks and orders the lines (empty: all). A table with measured and simulated
+    rows gets one column of panels each, a policy in the same style in both."""
     from matplotlib.figure import Figure
 
     from d2moe.analysis.timeline_plot import save_png
@@ -177,45 +178,63 @@ def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str =
     paths = []
     for (model, profile), group in _groups(ok).items():
         unit, scale = _budget_unit(group)
-        oracle = [r for r in group if _finite(r.get("oracle_hit_rate"))]
-        fig = Figure(figsize=(9.0, 6.4 if oracle else 3.8), layout="constrained")
-        axes = fig.subplots(2 if oracle else 1, 1, squeeze=False)[:, 0]
-        names = list(dict.fromkeys(_series(r) for r in group))
+        kinds = sorted({_kind(r) for r in group})  # measured before simulated
+        names = _policies(group)
         order = {p: i for i, p in enumerate(policies)}
-        names.sort(key=lambda n: (order.get(n.split(" ")[0], len(order)), n))
-        for i, series in enumerate(names):
-            mine = [r for r in group if _series(r) == series]
-            style = line_style(i)
-            xs, ys = _mean_by(mine, "budget_bytes", "decode_tokens_per_s")
-            axes[0].plot([x / scale for x in xs], ys, linewidth=1.3, markersize=4,
-                         label=series, **style)
-            if oracle:
-                xs, ys = _mean_by(mine, "budget_bytes", "hit_rate")
-                axes[1].plot([x / scale for x in xs], [100 * y for y in ys], linewidth=1.3,
-                             markersize=4, **style)
-        axes[0].set_ylabel("decode tokens/s" + (" (log)" if log_y else ""))
-        if log_y:
-            axes[0].set_yscale("log")
-        else:
-            axes[0].set_ylim(bottom=0)
-        if oracle:
-            xs, ys = _mean_by(oracle, "budget_bytes", "oracle_hit_rate")
-            axes[1].plot([x / scale for x in xs], [100 * y for y in ys], color="black",
-                         linestyle="--", marker="s", linewidth=1.6, label="Belady oracle")
-            axes[1].set_ylabel("expert hit rate (%)")
-            axes[1].set_ylim(0, 101)
-        for ax in axes:
-            ax.set_xlabel(f"expert memory budget ({unit})")
-            ax.set_xlim(left=0)
-            _style(ax)
+        names.sort(key=lambda n: (order.get(n, len(order)), n))
+        styles = {n: line_style(i) for i, n in enumerate(names)}
+        oracle = any(_finite(r.get("oracle_hit_rate")) for r in group)
+        fig = Figure(figsize=(5.0 * len(kinds) + 2.5, 6.4 if oracle else 3.8),
+                     layout="constrained")
+        grid = fig.subplots(2 if oracle else 1, len(kinds), squeeze=False, sharey="row")
+        for col, kind in enumerate(kinds):
+            mine = [r for r in group if _kind(r) == kind]
+            _budget_panels(grid[:, col], mine, names, styles, scale, unit, log_y,
+                           label=col == 0)
+            if len(kinds) > 1:
+                grid[0, col].set_title(_label(mine, label), fontsize=9)
         fig.legend(loc="outside right upper", fontsize=8, frameon=False)
         traces = len({r.get("trace") for r in group})
         note = f", mean over {traces} traces" if traces > 1 else ""
-        axes[0].set_title(f"{model}: decode tokens/s against memory budget{note}\n"
-                          f"{_label(group, label)}", fontsize=10)
+        fig.suptitle(f"{model}: decode tokens/s against memory budget{note}"
+                     + ("" if len(kinds) > 1 else f"\n{_label(group, label)}"), fontsize=10)
         name = f"budget-{_slug(model)}-{_slug(Path(profile).stem)}.png"
         paths.append(save_png(fig, Path(out) / name, dpi=dpi))
     return paths
+
+
+def _budget_panels(axes: Any, rows: Sequence[dict[str, Any]], names: Sequence[str],
+                   styles: dict[str, dict[str, Any]], scale: int, unit: str, log_y: bool, *,
+                   label: bool) -> None:
+    """tokens/s (and hit rate against the oracle, when a second axis is given) per policy."""
+    for name in names:
+        mine = [r for r in rows if r.get("policy") == name]
+        if not mine:
+            continue
+        xs, ys = _mean_by(mine, "budget_bytes", "decode_tokens_per_s")
+        axes[0].plot([x / scale for x in xs], ys, linewidth=1.3, markersize=4,
+                     label=name if label else None, **styles[name])
+        if len(axes) > 1:
+            xs, ys = _mean_by(mine, "budget_bytes", "hit_rate")
+            axes[1].plot([x / scale for x in xs], [100 * y for y in ys], linewidth=1.3,
+                         markersize=4, **styles[name])
+    axes[0].set_ylabel("decode tokens/s" + (" (log)" if log_y else ""))
+    if log_y:
+        axes[0].set_yscale("log")
+    else:
+        axes[0].set_ylim(bottom=0)
+    if len(axes) > 1:
+        oracle = [r for r in rows if _finite(r.get("oracle_hit_rate"))]
+        xs, ys = _mean_by(oracle, "budget_bytes", "oracle_hit_rate")
+        axes[1].plot([x / scale for x in xs], [100 * y for y in ys], color="black",
+                     linestyle="--", marker="s", linewidth=1.6,
+                     label="Belady oracle" if label else None)
+        axes[1].set_ylabel("expert hit rate (%)")
+        axes[1].set_ylim(0, 101)
+    for ax in axes:
+        ax.set_xlabel(f"expert memory budget ({unit})")
+        ax.set_xlim(left=0)
+        _style(ax)
 
 
 def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,

@@ -99,7 +99,7 @@ class Planner:
         """`plan` with prefetch loads for `wanted` (key, bits) appended to its I/O queue.
 
         Call right after `plan`. A prefetch may only evict experts that neither this layer
-        nor another prefetch needs (coldest first); one that cannot fit so is skipped.
+        nor another prefetch needs (coldest first); a prefetch that cannot fit so is skipped.
         """
         sizes, budget, have, by_bits = resident.sizes, resident.budget_bytes, self._have, \
             self._by_bits
