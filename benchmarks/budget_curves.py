@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -29,7 +30,7 @@ from d2moe.analysis import compute_metrics
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout, all_experts_bytes, parse_budget
-from d2moe.executor.cmd import expert_stats, store_layout, tiny_store
+from d2moe.executor.setup import expert_stats, store_layout, tiny_store
 from d2moe.executor.validate import record_run, simulate_trace
 from d2moe.model.load import load_model
 from d2moe.model.tokenizer import encode
@@ -93,11 +94,11 @@ def main() -> None:
     for i, (name, budget, nbytes, store, stats) in enumerate(cells):
         rows += _rows(spec, store, profile, name, budget, nbytes, args, runs[i],
                       refused.get(i), stats)
-    header = {"machine": f"{platform.node()} ({torch.get_num_threads()} torch threads used: "
-                         f"{args.threads})",
+    header = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs, {args.threads} torch "
+                         f"thread(s), torch {torch.__version__}",
               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python benchmarks/budget_curves.py " + " ".join(
-                  f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+                  f"--{k} {v!r}" for k, v in vars(args).items() if k != "out"),
               "wall_s": round(time.perf_counter() - t0, 1)}
     with atomic_write(Path(args.out)) as f:
         for row in rows:

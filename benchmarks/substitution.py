@@ -45,10 +45,12 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.analysis import compute_metrics
+from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout
 from d2moe.eval.policy_ppl import PolicyPplConfig, budget_bytes, open_served, score, stats_for
-from d2moe.executor.cmd import RunConfig, run, store_layout, tiny_store
+from d2moe.executor.cmd import RunConfig, run
+from d2moe.executor.setup import store_layout, tiny_store
 from d2moe.executor.validate import record_run, simulate_trace
 from d2moe.experts.cmd import summarize
 from d2moe.model.tokenizer import encode
@@ -103,12 +105,19 @@ def main() -> None:
         _, trace = record_run(served.model, served.spec, served.store, "fifo", full, BITS,
                               prompt, args.tokens)
     cells = [(budget, name) for budget in budgets for name in names]
-    quality, simulated = {}, {}
-    for budget, name in cells:
+    quality, simulated, refused = {}, {}, []
+    for budget, name in list(cells):
         print(f"[{time.perf_counter() - t0:6.0f}s] perplexity: {name} at {budget}",
               file=sys.stderr)
-        q = score(served, name, budget, bits=BITS, stats=stats[name], ctx=args.ctx,
-                  threads=args.threads)
+        try:
+            q = score(served, name, budget, bits=BITS, stats=stats[name], ctx=args.ctx,
+                      threads=args.threads)
+        except UserError as exc:  # a pinned preset over budget: left out, and said so
+            if exc.field != "budget":
+                raise
+            cells.remove((budget, name))
+            refused.append(f"{name} at {budget}: {exc}")
+            continue
         quality[(budget, name)] = q
         simulated[(budget, name)] = _simulated(served, trace, profile, name, q.budget_bytes,
                                                stats[name])
@@ -146,7 +155,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpu_count": _cpus(),
                     "python": platform.python_version(), "torch_threads": args.threads,
                     "git": _git()},
-        "config": vars(args), "skipped_policies": skipped, "profile": profile.name,
+        "config": vars(args), "skipped_policies": skipped, "does_not_fit": refused,
+        "profile": profile.name,
         "stats": None if used is None else {"source": used.source, "meta": used.meta,
                                             "summary": summarize(used)},
         "trace": {"source": "record_run, fifo at 100%", "steps": trace.num_steps,

@@ -107,21 +107,12 @@ def open_served(cfg: PolicyPplConfig) -> Served:
     """Load the model (no experts), open and check the store, take the held-out slice."""
     from d2moe.core.sizes import QuantLayout
     from d2moe.eval.ppl import heldout_ids
-    from d2moe.executor.cmd import _check_match, store_layout, tiny_store
-    from d2moe.model.load import load_model
+    from d2moe.executor.setup import open_model, resolve_store, store_layout
     from d2moe.policies import policy_config
-    from d2moe.quant.store import StoreReader
 
-    if cfg.store:
-        store_path = Path(cfg.store)
-    elif cfg.model == "tiny":
-        store_path = tiny_store(store_layout(policy_config(cfg.policy), QuantLayout()))
-    else:
-        raise UserError("no store given for this model", field="store",
-                        fix=f"d2moe quantize --model {cfg.model} --out STORE, then --store STORE")
-    store = StoreReader(store_path, direct=cfg.direct_io)
-    model, spec = load_model(cfg.model, with_experts=False)
-    _check_match(spec, store, store_path)
+    store_path = resolve_store(cfg.model, cfg.store,
+                               store_layout(policy_config(cfg.policy), QuantLayout()))
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
     return Served(model.eval(), spec, store, store_path, heldout_ids(cfg.model, spec,
                                                                      cfg.heldout_kib))
 
@@ -130,7 +121,7 @@ def stats_for(served: Served, policy: str, option: str = "auto",
               model: str = "tiny") -> ExpertStats | None:
     """The expert statistics `policy` needs (None when it needs none), found as `d2moe run`
     finds them: FILE, or `auto` (beside the store, computed once when missing)."""
-    from d2moe.executor.cmd import expert_stats
+    from d2moe.executor.setup import expert_stats
     from d2moe.policies import policy_config
 
     return expert_stats(policy_config(policy), option, model, served.store_path)
@@ -140,19 +131,9 @@ def budget_bytes(spec: ModelSpec, store: StoreReader, budget: str, bits: int,
                  widest: int | None = None) -> int:
     """The budget in bytes (a share of all experts at `bits`), at least one expert at
     `widest` bits (the most a run of the policy can use; default `bits`)."""
-    from d2moe.core.sizes import all_experts_bytes, fmt_bytes, parse_budget
+    from d2moe.executor.setup import expert_budget
 
-    store.layout.check_bits(bits)
-    total = all_experts_bytes(spec, bits, store.layout)
-    nbytes = parse_budget(budget, total)
-    widest = widest or bits
-    store.layout.check_bits(widest)
-    one = all_experts_bytes(spec, widest, store.layout) // (spec.layers * spec.experts)
-    if nbytes < one:
-        raise UserError(f"budget {budget} = {fmt_bytes(nbytes)} is smaller than one expert at "
-                        f"{widest} bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes")
-    return nbytes
+    return expert_budget(spec, store.layout, budget, bits, widest)
 
 
 def score(served: Served, policy: str, budget: str, *, bits: int = 4,
@@ -177,8 +158,8 @@ def _score(served: Served, policy: str, budget: str, bits: int, stats: ExpertSta
 
     from d2moe.analysis import compute_metrics
     from d2moe.executor.backend import StreamingExperts
-    from d2moe.executor.cmd import check_store_layout
     from d2moe.executor.pool import ExpertPool
+    from d2moe.executor.setup import check_store_layout
     from d2moe.policies import make_policy, policy_config
 
     pcfg = policy_config(policy)

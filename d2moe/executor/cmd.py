@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,14 @@ from typing import Any
 from d2moe.core.cliargs import add_fields, from_args, require_modules
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
+from d2moe.executor.setup import (
+    check_store_layout,
+    expert_budget,
+    expert_stats,
+    open_model,
+    resolve_store,
+    store_layout,
+)
 
 
 @dataclass(frozen=True)
@@ -61,22 +68,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_main)
 
 
-def cache_dir() -> Path:
-    """Where built-in artefacts are built once: $D2MOE_CACHE or ~/.cache/d2moe."""
-    return Path(os.environ.get("D2MOE_CACHE") or Path.home() / ".cache" / "d2moe")
-
-
-def tiny_store(layout: Any) -> Path:
-    """The tiny model's nested store, quantized once into the cache directory."""
-    from d2moe.model.load import tiny_dir
-    from d2moe.quant.cmd import quantize_checkpoint
-
-    path = cache_dir() / f"tiny-{layout.kind}-{layout.b1}-{layout.bK}-g{layout.group}"
-    if not (path / "index.json").is_file():
-        quantize_checkpoint(tiny_dir(), path, layout, progress=False)
-    return path
-
-
 def _main(args: argparse.Namespace) -> int:
     from d2moe.router.adaptive import CapacityConfig
 
@@ -94,14 +85,12 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
 
     from d2moe.analysis import compute_metrics, format_table, metrics_row, plot_bubbles
     from d2moe.core.events import save_timeline
-    from d2moe.core.sizes import QuantLayout, all_experts_bytes, fmt_bytes, parse_budget
+    from d2moe.core.sizes import QuantLayout, all_experts_bytes, fmt_bytes
     from d2moe.executor.backend import StreamingExperts
     from d2moe.executor.pool import ExpertPool
     from d2moe.model.generate import generate
-    from d2moe.model.load import load_model
     from d2moe.model.tokenizer import decode, encode
     from d2moe.policies import make_policy, policy_config
-    from d2moe.quant.store import StoreReader
     from d2moe.router.adaptive import describe as describe_capacity
     from d2moe.router.adaptive import run_bits
 
@@ -114,23 +103,12 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else "cpu" if cfg.device == "auto" else cfg.device)
     pcfg = policy_config(cfg.policy)  # unknown names fail before any work
-    if cfg.store:
-        store_path = Path(cfg.store)
-    elif cfg.model == "tiny":
-        store_path = tiny_store(store_layout(pcfg, QuantLayout()))
-    else:
-        raise UserError("no store given for this model", field="store",
-                        fix=f"quantize it first: d2moe quantize --model {cfg.model} --out STORE, "
-                            "then pass --store STORE")
-    store = StoreReader(store_path, direct=cfg.direct_io)
-    model, spec = load_model(cfg.model, with_experts=False)
-    _check_match(spec, store, store_path)
+    store_path = resolve_store(cfg.model, cfg.store, store_layout(pcfg, QuantLayout()))
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
     store.layout.check_bits(cfg.bits)
     copies = check_store_layout(pcfg, cfg.policy, store.layout, store_path)
     policy = make_policy(cfg.policy, stats=expert_stats(pcfg, cfg.expert_stats, cfg.model,
                                                         store_path))
-    total = all_experts_bytes(spec, cfg.bits, store.layout)
-    budget = parse_budget(cfg.budget, total)
     router = None
     if cfg.router:
         from d2moe.router.store import load_router
@@ -139,12 +117,8 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
                              store_bits=(store.layout.b1, store.bits_stored))
     controller = _capacity(capacity, router)
     widest = policy.max_bits(max(router.bits) if router is not None else cfg.bits)
-    store.layout.check_bits(widest)
-    one = all_experts_bytes(spec, widest, store.layout) // (spec.layers * spec.experts)
-    if budget < one:
-        raise UserError(f"budget {fmt_bytes(budget)} is smaller than one expert at {widest} "
-                        f"bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes")
+    budget = expert_budget(spec, store.layout, cfg.budget, cfg.bits, widest)
+    total = all_experts_bytes(spec, cfg.bits, store.layout)
     model.to(device)
     pool = ExpertPool(spec, store.layout, budget, device, copies=copies)
     backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router,
@@ -186,44 +160,6 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
             "timeline": timeline, "metrics": m, "generation": gen}
 
 
-def store_layout(pcfg: Any, run: Any) -> Any:
-    """The nested store a policy runs on: its own nested kind, or bitplane for the layouts
-    of separate copies (emulated on a bitplane store: see `check_store_layout`)."""
-    from dataclasses import replace
-
-    layout = pcfg.quant_layout(run)
-    return layout if layout.nested else replace(run, kind="bitplane")
-
-
-def check_store_layout(pcfg: Any, name: str, layout: Any, path: Path) -> bool:
-    """Whether the policy's layout is separate copies, checking the store can serve it.
-
-    Copies are emulated on a bitplane store: its b-bit prefix is a b-bit asymmetric code
-    with the bytes of a b-bit RTN copy; without nesting, raising an expert reloads it whole.
-    """
-    want = pcfg.quant_layout(layout)
-    if want.nested:
-        if want.kind != layout.kind:
-            raise UserError(f"policy {name} runs on a {want.kind} store, this one is "
-                            f"{layout.kind}", path=str(path), field="layout",
-                            fix=f"quantize with --layout {want.kind}, or pick another policy")
-        return False
-    if layout.kind != "bitplane":
-        raise UserError(f"policy {name} keeps separate copies per bit-width, which the executor "
-                        f"emulates on a bitplane store; this one is {layout.kind}",
-                        path=str(path), field="layout", fix="quantize with --layout bitplane")
-    return True
-
-
-def expert_stats(pcfg: Any, option: str, model: str, store_path: Path) -> Any:
-    """The expert statistics a policy needs (None when it needs none)."""
-    if not pcfg.needs_stats:
-        return None
-    from d2moe.experts.store import find_or_build_stats
-
-    return find_or_build_stats(option, model=model, store=store_path)
-
-
 def _capacity(capacity: Any, router: Any) -> Any:
     """The adaptive controller (None in fixed mode); fixed mode applies --capacity-window."""
     if capacity is None:
@@ -242,10 +178,3 @@ def _capacity(capacity: Any, router: Any) -> Any:
     return AdaptiveCapacity(router.capacities, capacity, window)
 
 
-def _check_match(spec: Any, store: Any, path: Path) -> None:
-    for name in ("layers", "experts", "hidden", "ffn"):
-        mine, theirs = getattr(spec, name), getattr(store.spec, name)
-        if mine != theirs:
-            raise UserError(f"store has {name}={theirs}, the model has {mine}",
-                            path=str(path), field=f"spec.{name}",
-                            fix="quantize this model: d2moe quantize --model ... --out STORE")

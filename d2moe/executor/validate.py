@@ -87,12 +87,9 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
     """Load model, store and profile; run and simulate every (policy, budget); write results."""
     import torch
 
-    from d2moe.core.sizes import QuantLayout
-    from d2moe.executor.cmd import tiny_store
-    from d2moe.model.load import load_model
+    from d2moe.executor.setup import open_model, resolve_store
     from d2moe.model.tokenizer import encode
     from d2moe.profiles import load_profile
-    from d2moe.quant.store import StoreReader
 
     profile = load_profile(cfg.profile)
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
@@ -100,15 +97,8 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but torch sees no CUDA device", field="device",
                         fix="use --device cpu")
-    if cfg.store:
-        store_path = Path(cfg.store)
-    elif cfg.model == "tiny":
-        store_path = tiny_store(QuantLayout())
-    else:
-        raise UserError("no store given for this model", field="store",
-                        fix=f"d2moe quantize --model {cfg.model} --out STORE, then --store STORE")
-    store = StoreReader(store_path, direct=cfg.direct_io)
-    model, spec = load_model(cfg.model, with_experts=False)
+    store_path = resolve_store(cfg.model, cfg.store)
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
     device = torch.device(cfg.device)
     model.to(device)
     return validate_model(model, spec, store, profile, cfg, list(encode(cfg.prompt)))
@@ -227,8 +217,8 @@ def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int
     import numpy as np
 
     from d2moe.executor.backend import StreamingExperts
-    from d2moe.executor.cmd import check_store_layout
     from d2moe.executor.pool import ExpertPool
+    from d2moe.executor.setup import check_store_layout
     from d2moe.model.generate import generate
     from d2moe.policies import make_policy, policy_config
     from d2moe.traces.schema import DECODE, PREFILL, Trace

@@ -103,7 +103,7 @@ def _store_path(cfg: StatsConfig) -> Path | None:
         return Path(cfg.store)
     if cfg.model == "tiny":
         from d2moe.core.sizes import QuantLayout
-        from d2moe.executor.cmd import tiny_store
+        from d2moe.executor.setup import tiny_store
 
         return tiny_store(QuantLayout())
     if cfg.weights == "store":
@@ -125,13 +125,13 @@ def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
         experts = model.experts
     else:
         from d2moe.eval.ppl import dense_backend, store_matrices
-        from d2moe.executor.cmd import _check_match
+        from d2moe.executor.setup import check_match
         from d2moe.quant.reference import dequantize
         from d2moe.quant.store import StoreReader
 
         assert store is not None
         with StoreReader(store) as reader:
-            _check_match(spec, reader, store)
+            check_match(spec, reader, store)
             nested = store_matrices(reader)
             top = reader.bits_stored
             meta.update({"store": str(store), "bits": top, "layout": reader.layout.kind})

@@ -146,7 +146,7 @@ def _scratch(cfg: ProfileConfig) -> Iterator[Path]:
         path.mkdir(parents=True, exist_ok=True)
         yield path
         return
-    from d2moe.executor.cmd import cache_dir
+    from d2moe.executor.setup import cache_dir
 
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)

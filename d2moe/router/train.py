@@ -100,7 +100,7 @@ def open_store(model: str, store: str) -> tuple[Any, Path]:
         path = Path(store)
     elif model == "tiny":
         from d2moe.core.sizes import QuantLayout
-        from d2moe.executor.cmd import tiny_store
+        from d2moe.executor.setup import tiny_store
 
         path = tiny_store(QuantLayout())
     else:

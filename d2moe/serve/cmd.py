@@ -188,31 +188,20 @@ def _sim_runner(cfg: ServeConfig, requests: list[Request], seed: int) -> Any:
 def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
     """(policy, progress bar) -> Timeline on the real executor (a fresh pool and backend per
     policy)."""
-    from d2moe.core.sizes import QuantLayout, all_experts_bytes, fmt_bytes, parse_budget
     from d2moe.executor.backend import StreamingExperts
-    from d2moe.executor.cmd import _check_match, check_store_layout, expert_stats, tiny_store
     from d2moe.executor.pool import ExpertPool
-    from d2moe.model.load import load_model
-    from d2moe.quant.store import StoreReader
+    from d2moe.executor.setup import (
+        check_store_layout,
+        expert_budget,
+        expert_stats,
+        open_model,
+        resolve_store,
+    )
     from d2moe.serve.real import fix_steps, make_prompts, serve_model
 
-    if cfg.store:
-        store_path = Path(cfg.store)
-    elif cfg.model == "tiny":
-        store_path = tiny_store(QuantLayout())
-    else:
-        raise UserError("no store given for this model", field="store",
-                        fix=f"quantize it first: d2moe quantize --model {cfg.model} --out STORE")
-    store = StoreReader(store_path, direct=cfg.direct_io)
-    model, spec = load_model(cfg.model, with_experts=False)
-    _check_match(spec, store, store_path)
-    store.layout.check_bits(cfg.bits)
-    budget = parse_budget(cfg.budget, all_experts_bytes(spec, cfg.bits, store.layout))
-    one = all_experts_bytes(spec, cfg.bits, store.layout) // (spec.layers * spec.experts)
-    if budget < one:
-        raise UserError(f"budget {fmt_bytes(budget)} is smaller than one expert at {cfg.bits} "
-                        f"bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes")
+    store_path = resolve_store(cfg.model, cfg.store)
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    budget = expert_budget(spec, store.layout, cfg.budget, cfg.bits)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

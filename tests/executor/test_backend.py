@@ -11,8 +11,9 @@ from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, all_experts_bytes, expert_bytes
 from d2moe.eval.ppl import dense_backend, store_matrices
 from d2moe.executor.backend import StreamingExperts
-from d2moe.executor.cmd import RunConfig, check_store_layout, run
+from d2moe.executor.cmd import RunConfig, run
 from d2moe.executor.pool import ExpertPool
+from d2moe.executor.setup import check_store_layout
 from d2moe.model.generate import generate
 from d2moe.model.load import load_tiny, tiny_dir
 from d2moe.model.tokenizer import encode

@@ -1,0 +1,116 @@
+"""What every command that runs a real model under a budget sets up the same way: the store
+(given, or the tiny model's built once), the model without its experts matched against it,
+the policy's storage on that store, its expert statistics, and the budget in bytes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+from d2moe.core.sizes import QuantLayout
+
+
+def cache_dir() -> Path:
+    """Where built-in artefacts are built once: $D2MOE_CACHE or ~/.cache/d2moe."""
+    return Path(os.environ.get("D2MOE_CACHE") or Path.home() / ".cache" / "d2moe")
+
+
+def tiny_store(layout: Any) -> Path:
+    """The tiny model's nested store, quantized once into the cache directory."""
+    from d2moe.model.load import tiny_dir
+    from d2moe.quant.cmd import quantize_checkpoint
+
+    path = cache_dir() / f"tiny-{layout.kind}-{layout.b1}-{layout.bK}-g{layout.group}"
+    if not (path / "index.json").is_file():
+        quantize_checkpoint(tiny_dir(), path, layout, progress=False)
+    return path
+
+
+def resolve_store(model: str, store: str, layout: QuantLayout | None = None) -> Path:
+    """`store` when given; for the tiny model its cached store in `layout` (default: the
+    default layout), built once."""
+    if store:
+        return Path(store)
+    if model == "tiny":
+        return tiny_store(layout or QuantLayout())
+    raise UserError("no store given for this model", field="store",
+                    fix=f"quantize it first: d2moe quantize --model {model} --out STORE, then "
+                        "pass --store STORE")
+
+
+def open_model(model: str, store_path: Path, *, direct_io: bool) -> tuple[Any, Any, Any]:
+    """(model without its experts, its spec, the store's reader), checked to match."""
+    from d2moe.model.load import load_model
+    from d2moe.quant.store import StoreReader
+
+    reader = StoreReader(store_path, direct=direct_io)
+    net, spec = load_model(model, with_experts=False)
+    check_match(spec, reader, store_path)
+    return net, spec, reader
+
+
+def check_match(spec: Any, store: Any, path: Path) -> None:
+    """The store must hold this model's experts (layers, experts and shapes)."""
+    for name in ("layers", "experts", "hidden", "ffn"):
+        mine, theirs = getattr(spec, name), getattr(store.spec, name)
+        if mine != theirs:
+            raise UserError(f"store has {name}={theirs}, the model has {mine}",
+                            path=str(path), field=f"spec.{name}",
+                            fix="quantize this model: d2moe quantize --model ... --out STORE")
+
+
+def expert_budget(spec: Any, layout: QuantLayout, budget: str, bits: int,
+                  widest: int | None = None) -> int:
+    """`budget` (bytes, % or fraction of every expert at `bits`) in bytes; it must hold one
+    expert at `widest` bits (the most a run can use; default `bits`)."""
+    from d2moe.core.sizes import all_experts_bytes, fmt_bytes, parse_budget
+
+    layout.check_bits(bits)
+    nbytes = parse_budget(budget, all_experts_bytes(spec, bits, layout))
+    widest = widest or bits
+    layout.check_bits(widest)
+    one = all_experts_bytes(spec, widest, layout) // (spec.layers * spec.experts)
+    if nbytes < one:
+        raise UserError(f"budget {budget} = {fmt_bytes(nbytes)} is smaller than one expert at "
+                        f"{widest} bits ({fmt_bytes(one)})", field="budget",
+                        fix=f"give at least {one} bytes")
+    return nbytes
+
+
+def store_layout(pcfg: Any, run: QuantLayout) -> QuantLayout:
+    """The nested store a policy runs on: its own nested kind, or bitplane for the layouts
+    of separate copies (emulated on a bitplane store: see `check_store_layout`)."""
+    layout = pcfg.quant_layout(run)
+    return layout if layout.nested else replace(run, kind="bitplane")
+
+
+def check_store_layout(pcfg: Any, name: str, layout: QuantLayout, path: Path) -> bool:
+    """Whether the policy's layout is separate copies, checking the store can serve it.
+
+    Copies are emulated on a bitplane store: its b-bit prefix is a b-bit asymmetric code
+    with the bytes of a b-bit RTN copy; without nesting, raising an expert reloads it whole.
+    """
+    want = pcfg.quant_layout(layout)
+    if want.nested:
+        if want.kind != layout.kind:
+            raise UserError(f"policy {name} runs on a {want.kind} store, this one is "
+                            f"{layout.kind}", path=str(path), field="layout",
+                            fix=f"quantize with --layout {want.kind}, or pick another policy")
+        return False
+    if layout.kind != "bitplane":
+        raise UserError(f"policy {name} keeps separate copies per bit-width, which the executor "
+                        f"emulates on a bitplane store; this one is {layout.kind}",
+                        path=str(path), field="layout", fix="quantize with --layout bitplane")
+    return True
+
+
+def expert_stats(pcfg: Any, option: str, model: str, store_path: Path) -> Any:
+    """The expert statistics a policy needs (None when it needs none)."""
+    if not pcfg.needs_stats:
+        return None
+    from d2moe.experts.store import find_or_build_stats
+
+    return find_or_build_stats(option, model=model, store=store_path)
