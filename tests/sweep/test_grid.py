@@ -106,3 +106,13 @@ def test_parse_synth_sorts_keys_and_reads_list_values():
         parse_synth("synth:tiny:bits=2", path="g.yaml", where="traces[3]")
     assert err.value.field == "traces[3].capacities"
     assert str(err.value).count("capacities") == 2  # the field once, the message once
+
+
+def test_the_shipped_paper_grid_is_valid_and_names_every_baseline(tmp_path):
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).parents[2] / "benchmarks" / "grids" / "paper.yaml")
+    for name in ("hold-in-memory", "matryoshka-free", "hold-in-memory-int4", "edgemoe",
+                 "moqe-dynaio", "fifo", "fifo-lfu", "d2moe"):
+        assert name in grid.policies
+    assert len(expand(grid, tmp_path)) == 640
