@@ -13,7 +13,7 @@ High-importance demands are never substituted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from d2moe.core.jobs import Demand, ExpertKey
@@ -75,15 +75,16 @@ class Substituter:
                 keep.append(d)
         return keep, subs
 
-    def _similar(self, d: Demand, have: object, nested: bool, used: set[int]
-                 ) -> Substitution | None:
+    def _similar(self, d: Demand, have: Mapping[ExpertKey, int], nested: bool,
+                 used: set[int]) -> Substitution | None:
+        """The most similar resident expert of `d`'s layer (ties: one already in use)."""
         assert self.stats is not None
         layer = d.key.layer
         best = None
         for sim, f in self.stats.ranked_substitutes(d.key):
             if sim < self.min_similarity or (best is not None and sim < best[0]):
                 break
-            bits = have.get(ExpertKey(layer, f), 0)  # type: ignore[attr-defined]
+            bits = have.get(ExpertKey(layer, f), 0)
             if bits and (best is None or (f in used and best[1] not in used)):
                 best = (sim, f, bits)
         if best is None:
