@@ -33,6 +33,13 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
                                 metavar=f.metadata.get("metavar"))
 
 
+def model_field(note: str = "") -> Any:
+    """The `--model` option every verb that loads a real model shares (`note`: what this
+    verb accepts beyond the built-in tiny model and a checkpoint directory)."""
+    help_text = "`tiny` (built in) or an HF checkpoint directory" + (f" ({note})" if note else "")
+    return dataclasses.field(default="tiny", metadata={"help": help_text})
+
+
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Instantiate `cls` from parsed args (fields missing from args keep their defaults)."""
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from d2moe.core.cliargs import model_field
 from d2moe.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -40,8 +41,7 @@ MODES = ("decode", "windows")
 class PolicyPplConfig:
     """What to score: model and store, policy, budget, held-out slice."""
 
-    model: str = field(default="tiny", metadata={
-        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    model: str = model_field()
     store: str = field(default="", metadata={
         "help": "nested store; empty: for tiny, the one `d2moe run` builds in the cache"})
     policy: str = field(default="hebf", metadata={"help": "policy name (d2moe simulate --list)"})

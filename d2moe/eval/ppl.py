@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from d2moe.core.cliargs import model_field
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
 from d2moe.core.sizes import QuantLayout
@@ -39,8 +40,7 @@ Key = tuple[int, int, str]  # (layer, expert, tensor)
 class PplConfig:
     """Options of `d2moe eval ppl` (the CLI is built from these fields)."""
 
-    model: str = field(default="tiny", metadata={
-        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    model: str = model_field()
     store: str = field(default="", metadata={
         "help": "nested store from `d2moe quantize` to read the planes from; empty: quantize "
                 "the model's experts in memory"})

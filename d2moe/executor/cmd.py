@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, require_modules
+from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.executor.setup import (
@@ -27,8 +27,7 @@ from d2moe.executor.setup import (
 class RunConfig:
     """Options of `d2moe run` (the CLI is built from these fields)."""
 
-    model: str = field(default="tiny", metadata={
-        "help": "`tiny` (built in) or an HF checkpoint directory (Mixtral, OLMoE, Qwen-MoE)"})
+    model: str = model_field("Mixtral, OLMoE, Qwen-MoE")
     store: str = field(default="", metadata={
         "help": "nested store from `d2moe quantize`; empty: for tiny, build it once into the "
                 "cache directory"})

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, require_modules
+from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
 from d2moe.core.fileio import atomic_write
@@ -26,8 +26,7 @@ from d2moe.core.fileio import atomic_write
 class ValidateConfig:
     """Options of `d2moe validate` (the CLI is built from these fields)."""
 
-    model: str = field(default="tiny", metadata={
-        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    model: str = model_field()
     store: str = field(default="", metadata={
         "help": "nested store from `d2moe quantize`; empty: for tiny, built once into the "
                 "cache directory"})

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, model_field
 from d2moe.core.errors import UserError
 from d2moe.experts.measures import off_diagonal_mean
 from d2moe.experts.store import STATS_FILE, save_stats
@@ -28,8 +28,7 @@ WEIGHTS = ("store", "model")
 class StatsConfig:
     """Options of `d2moe experts stats` (the CLI is built from these fields)."""
 
-    model: str = field(default="tiny", metadata={
-        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    model: str = model_field()
     store: str = field(default="", metadata={
         "help": "nested store whose experts (at its highest bits) are compared, and beside "
                 "which the statistics are written; empty: for tiny, the store `d2moe run` "

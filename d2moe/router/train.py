@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d2moe.core.cliargs import model_field
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
 
@@ -27,8 +28,7 @@ from d2moe.core.progress import progress_bar
 class RouterTrainConfig:
     """Options of `d2moe router train` (the CLI is built from these fields)."""
 
-    model: str = field(default="tiny", metadata={
-        "help": "`tiny` (built in) or an HF checkpoint directory"})
+    model: str = model_field()
     store: str = field(default="", metadata={
         "help": "nested store of this model (d2moe quantize); empty: for tiny, the cached one"})
     bits: str = field(default="2,3,4", metadata={"help": "candidate bit-widths, increasing"})

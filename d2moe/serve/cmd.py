@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, model_field
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
@@ -41,8 +41,7 @@ class ServeConfig:
     trace: str = field(default="", metadata={
         "help": "sim: a trace .npz whose token rows route the requests (cycling); empty: the "
                 "synthetic generator (seeded by --seed)", "metavar": "FILE"})
-    model: str = field(default="tiny", metadata={
-        "help": "real: `tiny` (built in) or an HF checkpoint directory"})
+    model: str = model_field("used by --backend real")
     store: str = field(default="", metadata={
         "help": "real: nested store (d2moe quantize); empty: for tiny, built once in the cache"})
     direct_io: bool = field(default=True, metadata={"help": "real: read the store with O_DIRECT"})
