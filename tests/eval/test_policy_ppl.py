@@ -11,7 +11,7 @@ from d2moe.core.errors import UserError
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from d2moe.core.sizes import QuantLayout, all_experts_bytes  # noqa: E402
+from d2moe.core.sizes import all_experts_bytes  # noqa: E402
 from d2moe.eval.policy_ppl import (  # noqa: E402
     PolicyPplConfig,
     Served,
@@ -26,13 +26,8 @@ CTX = 64  # 4 windows of 64 tokens: 252 scored tokens
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from d2moe.model.load import tiny_dir
-    from d2moe.quant.cmd import quantize_checkpoint
-
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
-    return path
+def store(tiny_store_path):
+    return tiny_store_path
 
 
 @pytest.fixture(scope="module")

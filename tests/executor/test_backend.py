@@ -15,10 +15,9 @@ from d2moe.executor.cmd import RunConfig, run
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import check_store_layout
 from d2moe.model.generate import generate
-from d2moe.model.load import load_tiny, tiny_dir
+from d2moe.model.load import load_tiny
 from d2moe.model.tokenizer import encode
 from d2moe.policies import POLICIES, make_policy, policy_config
-from d2moe.quant.cmd import quantize_checkpoint
 from d2moe.quant.reference import dequantize
 from d2moe.quant.store import StoreReader
 from tests.sim.workloads import random_stats
@@ -28,10 +27,8 @@ PROMPT = list(encode("def fib(n):\n    "))
 
 
 @pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
-    return path
+def store_path(tiny_store_path):
+    return tiny_store_path
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,13 @@ import pytest
 from d2moe.cli import main
 from d2moe.core.errors import UserError
 from d2moe.core.events import load_timeline
-from d2moe.core.sizes import QuantLayout
 from d2moe.executor.validate import ValidateConfig, validate
-from d2moe.model.load import tiny_dir
-from d2moe.quant.cmd import quantize_checkpoint
 from d2moe.traces import load_trace
 
 
 @pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
-    return path
+def store_path(tiny_store_path):
+    return tiny_store_path
 
 
 def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_path):

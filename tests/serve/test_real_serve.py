@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2moe.core.sizes import QuantLayout, all_experts_bytes
+from d2moe.core.sizes import all_experts_bytes
 from d2moe.eval.ppl import dense_backend, store_matrices
 from d2moe.executor.backend import StreamingExperts
 from d2moe.executor.pool import ExpertPool
 from d2moe.model.generate import generate
-from d2moe.model.load import load_tiny, tiny_dir
+from d2moe.model.load import load_tiny
 from d2moe.policies import make_policy
-from d2moe.quant.cmd import quantize_checkpoint
 from d2moe.quant.reference import dequantize
 from d2moe.quant.store import StoreReader
 from d2moe.serve.arrivals import ArrivalConfig, Request
@@ -34,10 +33,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def store_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("store") / "tiny"
-    quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
-    return path
+def store_path(tiny_store_path):
+    return tiny_store_path
 
 
 def _alone(model, ids, n_decode, feed):
