@@ -78,7 +78,7 @@ def one(model, spec, reader, router_dir: str, ids: list[int], prompt: int, frac:
     """One run at `frac` of all experts, fixed or adaptive capacities."""
     router = load_router(router_dir, spec=spec, store_bits=(reader.layout.b1,
                                                             reader.bits_stored))
-    window = cap_cfg.window_for(router.window.window)
+    window = cap_cfg.window_for(router.window_tokens)
     router.set_capacities(router.capacities, window=window)
     ctl = AdaptiveCapacity(router.capacities, cap_cfg, window) if mode == "adaptive" else None
     budget = int(frac * all_experts_bytes(spec, BITS, reader.layout))

@@ -26,16 +26,20 @@ from d2moe.eval.ppl import heldout_ids
 from d2moe.model.load import load_tiny
 from d2moe.router.evaluate import random_ppl, routed_ppl, uniform_ppl
 from d2moe.router.experts import WidthWeights
+from d2moe.router.gate import BitGate, BitRouter
 from d2moe.router.store import load_router
 from d2moe.router.train import RouterTrainConfig, open_store, train_router
 
-CONFIGS = {  # name: (bits, capacities, alphas[, gate width])
-    "V1": ("2,3,4", "0.3,0.4,0.3", (0.0, 0.003, 0.01)),
-    "V1-free": ("2,3,4", "1,1,1", (0.003, 0.01, 0.03)),
-    "V2": ("5,6,7,8", "0.25,0.25,0.25,0.25", (0.0, 0.01)),
-    "V1-hi": ("2,3,4", "0.3,0.4,0.3", (0.03, 0.1)),
-    "V1-mlp": ("2,3,4", "0.3,0.4,0.3", (0.01, 0.03), 64),
-    "smoke": ("2,3", "0.5,0.5", (0.01,)),
+CONFIGS = {  # name: (bits, capacities, alphas, gate width, granularity)
+    "V1": ("2,3,4", "0.3,0.4,0.3", (0.0, 0.003, 0.01), 0, "token"),
+    "V1-free": ("2,3,4", "1,1,1", (0.003, 0.01, 0.03), 0, "token"),
+    "V2": ("5,6,7,8", "0.25,0.25,0.25,0.25", (0.0, 0.01), 0, "token"),
+    "V1-hi": ("2,3,4", "0.3,0.4,0.3", (0.03, 0.1), 0, "token"),
+    "V1-mlp": ("2,3,4", "0.3,0.4,0.3", (0.01, 0.03), 64, "token"),
+    "V1-slot": ("2,3,4", "0.3,0.4,0.3", (0.0, 0.01, 0.03), 0, "slot"),
+    "V1-slot-free": ("2,3,4", "1,1,1", (0.003, 0.01, 0.03), 0, "slot"),
+    "V2-slot": ("5,6,7,8", "0.25,0.25,0.25,0.25", (0.0, 0.01), 0, "slot"),
+    "smoke": ("2,3", "0.5,0.5", (0.01,), 0, "slot"),
 }
 
 
@@ -65,11 +69,12 @@ def main() -> int:
     reader, store_path = open_store("tiny", "")
     sections = []
     for name in args.configs.split(","):
-        bits_s, caps_s, alphas, *width = CONFIGS[name]
-        gate_width = width[0] if width else 0
+        bits_s, caps_s, alphas, gate_width, granularity = CONFIGS[name]
         bits = tuple(int(b) for b in bits_s.split(","))
         weights = WidthWeights.from_store(reader, bits)
         uni = {b: uniform_ppl(model, ids, weights, k).ppl for k, b in enumerate(bits)}
+        order = weight_order_ppl(model, spec, ids, weights, caps_s) if granularity == "slot" \
+            else None
         rows = []
         for alpha in alphas:
             out = Path(args.work) / f"{name}-a{alpha:g}"
@@ -77,18 +82,21 @@ def main() -> int:
             t0 = time.perf_counter()
             res = train_router(RouterTrainConfig(bits=bits_s, capacity=caps_s, alpha=alpha,
                                                  steps=args.steps, out=str(out), lr=lr,
-                                                 gate_width=gate_width, progress=False))
+                                                 gate_width=gate_width, progress=False,
+                                                 granularity=granularity))
             router = load_router(out, spec=spec, store_bits=(reader.layout.b1,
                                                              reader.bits_stored))
             mine = routed_ppl(model, ids, weights, router, f"router a={alpha:g}")
-            rnd = [random_ppl(model, ids, weights, mine.shares, seed=s).ppl
+            rnd = [random_ppl(model, ids, weights, mine.shares, seed=s,
+                              per_slot=granularity == "slot").ppl
                    for s in range(args.random_seeds)]
             rows.append((alpha, mine, rnd, res.seconds, time.perf_counter() - t0))
             print(f"{name} alpha={alpha:g}: router {mine.ppl:.4f} at {mine.avg_bits:.3f} bits, "
                   f"random {sum(rnd) / len(rnd):.4f}, uniform {uniform_at(mine.avg_bits, uni):.4f}"
                   f" ({res.seconds:.0f} s training)", flush=True)
-        sections.append((name + (f" (MLP gate, width {gate_width}, lr 0.003)" if gate_width
-                                 else ""), bits, caps_s, uni, rows))
+        label = f"{name} (per {granularity}" + (f", MLP gate width {gate_width}, lr 0.003"
+                                                 if gate_width else "") + ")"
+        sections.append((label, bits, caps_s, uni, rows, order))
     reader.close()
     total = time.perf_counter() - t_start
     text = render(sections, args, total, len(ids))
@@ -96,6 +104,18 @@ def main() -> int:
         f.write(text)
     print(f"wrote {args.out} ({total:.0f} s)")
     return 0
+
+
+def weight_order_ppl(model: torch.nn.Module, spec: object, ids: list[int],
+                     weights: WidthWeights, caps_s: str) -> object:
+    """Perplexity of the per-slot gate's starting point: no hidden-state term, the slots
+    ordered by router weight alone (the ablation the trained gate must beat)."""
+    gate = BitGate(spec.layers, spec.hidden, len(weights.bits), slots=spec.top_k)
+    with torch.no_grad():
+        for p in gate.proj.parameters():
+            p.zero_()
+    caps = tuple(float(c) for c in caps_s.split(","))
+    return routed_ppl(model, ids, weights, BitRouter(gate, weights.bits, caps), "weight order")
 
 
 def render(sections: list, args: argparse.Namespace, total: float, n_ids: int) -> str:
@@ -112,16 +132,23 @@ def render(sections: list, args: argparse.Namespace, total: float, n_ids: int) -
         f"bitplane store (b1=2, bK=8, groups of 64). Held-out: the first {args.heldout_kib} KiB "
         f"of the held-out split ({n_ids:,d} bytes, windows of 256, 16 windows = 4,080 tokens "
         "per forward: the capacity batch).",
-        f"- Router: linear gate per layer, straight-through, distillation target, "
+        f"- Router: linear gate per layer (per token or per slot: the section says), "
+        "straight-through, distillation target, "
         f"{args.steps} steps of 8 x 128 tokens, Adam lr 0.01, seed 0 (the other settings: "
         "`d2moe router train` defaults); train s is wall time on the shared VM.",
         "- Baselines: every uniform width (and, at a fractional average, the linear "
         "interpolation between the two neighbouring uniform widths, marked interp.); random "
-        "allocation with the router's measured per-layer shares (exactly the same average "
-        f"bits; mean of {args.random_seeds} seeds, range in brackets).", ""]
-    for name, bits, caps, uni, rows in sections:
+        "allocation with the router's measured per-layer shares, per token or per slot like "
+        f"the router (exactly the same average bits; mean of {args.random_seeds} seeds, range "
+        "in brackets).", ""]
+    for name, bits, caps, uni, rows, order in sections:
         lines += [f"## {name}: bits {','.join(map(str, bits))}, capacities {caps}", "",
-                  "Uniform: " + ", ".join(f"{b} bits {p:.4f}" for b, p in uni.items()), "",
+                  "Uniform: " + ", ".join(f"{b} bits {p:.4f}" for b, p in uni.items()), ""]
+        if order is not None:
+            lines += [f"Router weights alone (an untrained per-slot gate: lighter slots to fewer "
+                      f"bits): {order.ppl:.4f} at {order.avg_bits:.3f} bits", ""]
+        lines += [
+
                   "| alpha | avg bits | shares (low..high) | router | random (same shares) | "
                   "uniform | router vs random | router vs uniform | train s |",
                   "|---|---|---|---|---|---|---|---|---|"]

@@ -156,12 +156,14 @@ class StreamingExperts:
             self.step += 1
             self._step_start = self._last_end if self.step > 0 else 0.0
             self._step_tokens = int(x.shape[0])
-        token_bits = self.router.choose(layer, x).tolist() if self.router is not None \
-            else None  # [T] bits per token (non-expert time: before `now`)
+        slot_bits = None  # [T, k] bits per (token, slot) from the router (non-expert time)
+        if self.router is not None:
+            chosen = self.router.choose(layer, x, weights)  # [T] or [T, k]
+            slot_bits = (chosen if chosen.dim() == 2 else chosen[:, None].expand_as(ids)).tolist()
         now = self.clock()
         self.events.append(Event("compute", "non_expert", self.step, layer, -1, 0, 0,
                                  int(x.shape[0]), 0, self._last_end, now))
-        groups = _group(ids, weights, self.bits, token_bits)  # (expert, bits) -> (tok, w)
+        groups = _group(ids, weights, self.bits, slot_bits)  # (expert, bits) -> (tok, w)
         demands = [Demand(ExpertKey(layer, e), b, len(tok), float(w.max()))
                    for (e, b), (tok, w) in sorted(groups.items())]
         plan = self.policy.plan(layer, demands, self.pool.view, self.costs)
@@ -213,15 +215,15 @@ class StreamingExperts:
 
 
 def _group(ids: torch.Tensor, weights: torch.Tensor, bits: int,
-           token_bits: list[int] | None = None
+           slot_bits: list[list[int]] | None = None
            ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """(expert, bits) -> (token indices, router weights) of the tokens routed there; each
-    token at `token_bits[t]` when given (the bit-width router), else at `bits`."""
+    (token, slot) at `slot_bits[t][j]` when given (the bit-width router), else at `bits`."""
     out: dict[tuple[int, int], list] = defaultdict(lambda: [[], []])
     ids_l, w_l = ids.tolist(), weights.float().tolist()
     for t, (row, wrow) in enumerate(zip(ids_l, w_l, strict=True)):
-        b = bits if token_bits is None else token_bits[t]
-        for e, w in zip(row, wrow, strict=True):
+        for j, (e, w) in enumerate(zip(row, wrow, strict=True)):
+            b = bits if slot_bits is None else slot_bits[t][j]
             slot = out[(e, b)]
             slot[0].append(t)
             slot[1].append(w)

@@ -131,7 +131,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
         timeline.meta["router"] = router.meta["path"]
         timeline.meta["capacity"] = (controller.record() if controller is not None else
                                      {"mode": "fixed", "shares": list(router.capacities),
-                                      "window": router.window.window})
+                                      "window": router.window_tokens})
     m = compute_metrics(timeline)
     out = Path(cfg.out)
     save_timeline(out / "events.npz", timeline)
@@ -168,7 +168,7 @@ def _capacity(capacity: Any, router: Any) -> Any:
             raise UserError("adaptive capacity needs a bit-width router", field="capacity-mode",
                             fix="pass --router DIR (d2moe router train) or drop the option")
         return None
-    window = capacity.window_for(router.window.window)
+    window = capacity.window_for(router.window_tokens)
     if capacity.capacity_mode == "fixed":
         router.set_capacities(router.capacities, window=window)
         return None

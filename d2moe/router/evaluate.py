@@ -34,9 +34,10 @@ def routed_ppl(model: Any, ids: list[int], weights: WidthWeights, chooser: Any, 
     inner = backend.chooser
 
     class _Counting:
-        def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-            idx = inner.choose_index(layer, x)
-            c = torch.bincount(idx.cpu(), minlength=len(weights.bits))
+        def choose_index(self, layer: int, x: torch.Tensor, slot_w: torch.Tensor
+                         ) -> torch.Tensor:
+            idx = inner.choose_index(layer, x, slot_w)  # [T] or [T, k]
+            c = torch.bincount(idx.flatten().cpu(), minlength=len(weights.bits))
             shares[layer] = shares.get(layer, torch.zeros_like(c)) + c
             return idx
 
@@ -53,9 +54,12 @@ def uniform_ppl(model: Any, ids: list[int], weights: WidthWeights, k: int, **kw:
 
 
 def random_ppl(model: Any, ids: list[int], weights: WidthWeights,
-               shares: tuple[tuple[float, ...], ...], seed: int = 0, **kw: Any) -> RoutedPpl:
-    """Random allocation with each layer's `shares` (exact counts per forward), seeded."""
-    return routed_ppl(model, ids, weights, RandomChooser(shares, seed=seed), "random", **kw)
+               shares: tuple[tuple[float, ...], ...], seed: int = 0, per_slot: bool = False,
+               **kw: Any) -> RoutedPpl:
+    """Random allocation with each layer's `shares` (exact counts per forward), seeded; per
+    (token, slot) or per token."""
+    chooser = RandomChooser(shares, seed=seed, per_slot=per_slot)
+    return routed_ppl(model, ids, weights, chooser, "random", **kw)
 
 
 def describe(r: RoutedPpl, bits: tuple[int, ...]) -> str:
@@ -112,6 +116,7 @@ def router_report(model_ref: str, store: str, router_ref: str, *, heldout_kib: i
     ids = heldout_ids(model_ref, spec, heldout_kib)
     kw = {"ctx": ctx, "batch": batch}
     mine = routed_ppl(model, ids, weights, router, f"router {router.meta['path']}", **kw)
-    rows = [mine, random_ppl(model, ids, weights, mine.shares, seed=seed, **kw)]
+    rows = [mine, random_ppl(model, ids, weights, mine.shares, seed=seed,
+                             per_slot=router.granularity == "slot", **kw)]
     rows += [uniform_ppl(model, ids, weights, k, **kw) for k in range(len(router.bits))]
     return [describe(r, router.bits) for r in rows]

@@ -74,10 +74,10 @@ class WidthWeights:
 
 
 class Chooser(Protocol):
-    """Picks a width index per token of one layer's call."""
+    """Picks a width index per token or per (token, slot) of one layer's call."""
 
-    def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> index [T] into the widths."""
+    def choose_index(self, layer: int, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], router weights [T, k] -> index [T] or [T, k] into the widths."""
         ...
 
 
@@ -87,7 +87,7 @@ class UniformChooser:
     def __init__(self, k: int) -> None:
         self.k = k
 
-    def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def choose_index(self, layer: int, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """All tokens at `k`."""
         return torch.full((x.shape[0],), self.k, dtype=torch.long, device=x.device)
 
@@ -97,11 +97,13 @@ class UniformChooser:
 
 class RandomChooser:
     """Random allocation with exact per-width shares (per layer), seeded: the baseline at
-    the same average bits as a router whose measured shares are `shares[layer]`."""
+    the same average bits as a router whose measured shares are `shares[layer]`; per slot
+    (`per_slot`) or per token, like the router it stands beside."""
 
-    def __init__(self, shares: Sequence[Sequence[float]], seed: int = 0, window: int = 64) -> None:
+    def __init__(self, shares: Sequence[Sequence[float]], seed: int = 0, window: int = 64,
+                 per_slot: bool = False) -> None:
         self.shares = [tuple(s) for s in shares]
-        self.seed, self.window = seed, window
+        self.seed, self.window, self.per_slot = seed, window, per_slot
         self.reset()
 
     def reset(self) -> None:
@@ -109,11 +111,12 @@ class RandomChooser:
         self.gen = torch.Generator().manual_seed(self.seed)
         self.windows = [CapacityWindow(s, self.window) for s in self.shares]
 
-    def choose_index(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """A random preference order per token, placed under the layer's shares."""
-        t, k = x.shape[0], len(self.shares[layer])
-        noise = torch.rand((t, k), generator=self.gen)  # [T, K] random preferences
-        return self.windows[layer].place(layer, noise).to(x.device)
+    def choose_index(self, layer: int, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """A random preference order per row, placed under the layer's shares."""
+        rows = weights.shape if self.per_slot else weights.shape[:1]  # [T, k] or [T]
+        noise = torch.rand((*rows, len(self.shares[layer])), generator=self.gen)  # [.., K]
+        idx = self.windows[layer].place(layer, noise.reshape(-1, noise.shape[-1]))
+        return idx.view(rows).to(x.device)
 
 
 class BitRoutedExperts:
@@ -122,7 +125,7 @@ class BitRoutedExperts:
     def __init__(self, weights: WidthWeights, chooser: Any) -> None:
         self.weights, self.chooser = weights, chooser
         self.last_index: dict[int, torch.Tensor] = {}  # layer -> width index [T] of last call
-        self.counts = torch.zeros(len(weights.bits), dtype=torch.long)  # token-layers per width
+        self.counts = torch.zeros(len(weights.bits), dtype=torch.long)  # expert runs per width
 
     def reset(self) -> None:
         """Reset the chooser's state and the counts."""
@@ -132,24 +135,24 @@ class BitRoutedExperts:
         self.last_index.clear()
 
     def token_bits(self) -> torch.Tensor:
-        """Bits [T, L] of the last forward's tokens (for trace recording)."""
+        """Bits [T, L, k] of the last forward's (token, slot) runs (for trace recording)."""
         bits = torch.tensor(self.weights.bits)
         return torch.stack([bits[self.last_index[layer].cpu()]
                             for layer in sorted(self.last_index)], dim=1)
 
     def average_bits(self) -> float:
-        """Mean bits over every (token, layer) run so far."""
+        """Mean bits over every (token, slot, layer) expert run so far."""
         bits = torch.tensor(self.weights.bits, dtype=torch.float64)
         return float((self.counts * bits).sum() / self.counts.sum())
 
     def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids/weights [T, k] -> Σ_k weights · expert_k at each token's width."""
-        idx = self.chooser.choose_index(layer, x)  # [T]
-        self.last_index[layer] = idx
-        self.counts += torch.bincount(idx.cpu(), minlength=len(self.weights.bits))
+        idx = self.chooser.choose_index(layer, x, weights)  # [T] or [T, k]
+        slot_w = idx if idx.dim() == 2 else idx[:, None].expand_as(ids)  # [T, k] slot widths
+        self.last_index[layer] = slot_w
+        self.counts += torch.bincount(slot_w.flatten().cpu(), minlength=len(self.weights.bits))
         out = torch.zeros_like(x)  # [T, D]
-        slot_w = idx[:, None].expand_as(ids)  # [T, k] width of each slot
         key = ids * len(self.weights.bits) + slot_w  # [T, k] (expert, width)
         for kk in torch.unique(key).tolist():
             e, w = divmod(kk, len(self.weights.bits))
@@ -160,16 +163,17 @@ class BitRoutedExperts:
 
 
 class MixExperts:
-    """Training backend: all K widths per routed token, mixed by the straight-through one-hot
-    of the capacity-constrained choice; keeps each layer's gate probabilities for the loss."""
+    """Training backend: all K widths per routed (token, slot), mixed by the straight-through
+    one-hot of the capacity-constrained choice; keeps each layer's gate probabilities (one row
+    per token or per slot, as the gate decides) for the loss."""
 
     def __init__(self, weights: WidthWeights, gate: BitGate, capacities: Sequence[float], *,
                  tau: float = 1.0, relax: str = "st", generator: torch.Generator | None = None
                  ) -> None:
         self.weights, self.gate, self.capacities = weights, gate, tuple(capacities)
         self.tau, self.relax, self.gen = tau, relax, generator
-        self.probs: list[torch.Tensor] = []  # per layer [T, K], this forward
-        self.index: list[torch.Tensor] = []  # per layer [T], this forward
+        self.probs: list[torch.Tensor] = []  # per layer [rows, K], this forward
+        self.index: list[torch.Tensor] = []  # per layer [T] or [T, k], this forward
 
     def clear(self) -> None:
         """Forget the last forward's probabilities."""
@@ -177,17 +181,20 @@ class MixExperts:
 
     def run_layer(self, layer: int, x: torch.Tensor, ids: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D] -> Σ_k weights · Σ_w z[t, w] · expert_k^w(x) [T, D]."""
-        logits = self.gate(layer, x)  # [T, K]
+        """x [T, D] -> Σ_k weights · Σ_w z[t, k, w] · expert_k^w(x) [T, D]."""
+        logits = self.gate(layer, x, weights)  # [T, K] or [T, k, K]
         noisy = logits
         if self.relax == "gumbel":
             u = torch.rand(logits.shape, generator=self.gen).clamp_(1e-9, 1 - 1e-9)
             noisy = logits - torch.log(-torch.log(u)).to(logits.device)  # + Gumbel(0, 1)
-        idx = assign(torch.softmax(noisy.detach(), -1), capacity_counts(self.capacities,
-                                                                         x.shape[0]))  # [T]
-        z = relaxed_choice(noisy, idx, self.tau)  # [T, K] one-hot forward, soft backward
-        self.probs.append(torch.softmax(logits, dim=-1))  # p_k^l(x) of the bit-cost term
-        self.index.append(idx)
+        rows = noisy.reshape(-1, noisy.shape[-1])  # [R, K], R = T or T*k
+        idx = assign(torch.softmax(rows.detach(), -1),
+                     capacity_counts(self.capacities, rows.shape[0]))  # [R]
+        z = relaxed_choice(rows, idx, self.tau).view(noisy.shape)  # one-hot fwd, soft bwd
+        if z.dim() == 2:  # per token: every slot of the token at its width
+            z = z[:, None, :].expand(*ids.shape, z.shape[-1])  # [T, k, K]
+        self.probs.append(torch.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1))
+        self.index.append(idx.view(noisy.shape[:-1]))
         ww = self.weights
         out = torch.zeros_like(x)  # [T, D]
         for e in torch.unique(ids).tolist():
@@ -197,6 +204,6 @@ class MixExperts:
             h = torch.nn.functional.silu(torch.einsum("nd,kfd->knf", xe, w1)) \
                 * torch.einsum("nd,kfd->knf", xe, w3)  # [K, n, F]
             y = torch.einsum("knf,kdf->knd", h, w2)  # [K, n, D]
-            mix = torch.einsum("nk,knd->nd", z[tok].to(y.dtype), y)  # [n, D]
+            mix = torch.einsum("nk,knd->nd", z[tok, slot].to(y.dtype), y)  # [n, D]
             out = out.index_add(0, tok, mix * weights[tok, slot, None].to(y.dtype))
         return out

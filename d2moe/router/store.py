@@ -1,7 +1,9 @@
 """A trained router on disk, beside the nested store: `gate.safetensors` + `router.json`.
 
 `router.json`: {"format": "d2moe.bit-router", "version": 1, "bits", "capacities", "alpha",
-"window", "layers", "hidden", "model", "layout" (the store's kind, b1, bK, group),
+"window", "layers", "hidden", "gate_width", "granularity" ("slot" | "token"; absent: token),
+"slots" (the model's top-k for a per-slot gate, else 0), "model", "layout" (the store's kind,
+b1, bK, group),
 "sha256" (of gate.safetensors), "train" (the run's record)}. Both files are written
 atomically; loading checks the format, the checksum, the tensor shapes and, against a model
 and a store, the layer and hidden sizes and that the store serves every width.
@@ -86,11 +88,13 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
         caps = tuple(float(c) for c in meta["capacities"])
         window = int(meta.get("window", 64))
         width = int(meta.get("gate_width", 0))
+        slots = int(meta.get("slots", 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"malformed router record ({exc})", path=where,
                         fix="re-run d2moe router train") from None
     if spec is not None:
-        for name, mine in (("layers", layers), ("hidden", hidden)):
+        checks = [("layers", layers), ("hidden", hidden)] + ([("top_k", slots)] if slots else [])
+        for name, mine in checks:
             if getattr(spec, name) != mine:
                 raise UserError(f"the router has {name}={mine}, the model {spec.name!r} has "
                                 f"{getattr(spec, name)}", path=where, field=name,
@@ -104,7 +108,7 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
                             f"serves {lo}..{hi}", path=where, field="bits",
                             fix="use a store quantized over these widths (d2moe quantize "
                                 "--bits LOW:HIGH) or train a router for this store's range")
-    gate = BitGate(layers, hidden, len(bits), width=width)
+    gate = BitGate(layers, hidden, len(bits), width=width, slots=slots)
     state = st_load(data)
     want = {k: tuple(v.shape) for k, v in gate.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

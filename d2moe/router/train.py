@@ -39,6 +39,8 @@ class RouterTrainConfig:
         "help": "distill (the frozen fp model's distribution) or next (the next token)"})
     relax: str = field(default="st", metadata={
         "help": "st (straight-through) or gumbel (straight-through Gumbel-softmax)"})
+    granularity: str = field(default="slot", metadata={
+        "help": "slot: one width per (token, expert slot); token: one per token (docs/router.md)"})
     gate_width: int = field(default=0, metadata={
         "help": "gate hidden width: 0 = linear hidden -> K, else a two-layer MLP"})
     tau: float = field(default=1.0, metadata={"help": "softmax temperature of the backward"})
@@ -57,7 +59,7 @@ class RouterTrainConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
 
     def __post_init__(self) -> None:
-        from d2moe.router.gate import RELAXATIONS
+        from d2moe.router.gate import GRANULARITIES, RELAXATIONS
         from d2moe.router.loss import TARGETS
 
         if self.gate_width < 0:
@@ -75,6 +77,9 @@ class RouterTrainConfig:
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}", field="target",
                             fix=f"use {' or '.join(TARGETS)}")
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"unknown granularity {self.granularity!r}", field="granularity",
+                            fix=f"use {' or '.join(GRANULARITIES)}")
         if self.relax not in RELAXATIONS:
             raise UserError(f"unknown relaxation {self.relax!r}", field="relax",
                             fix=f"use {' or '.join(RELAXATIONS)}")
@@ -86,9 +91,9 @@ class RouterTrainResult:
 
     out_dir: Path
     ce: tuple[float, ...]  # per step
-    mean_bits: tuple[float, ...]  # per step: mean chosen bits over tokens and layers
+    mean_bits: tuple[float, ...]  # per step: mean chosen bits over rows and layers
     expected_bits: tuple[float, ...]  # per step: (1/L) Σ_l Σ_k p_k^l b_k
-    preferred_bits: float  # last step: mean bits of each token's top gate choice
+    preferred_bits: float  # last step: mean bits of each row's top gate choice
     seconds: float
 
 
@@ -159,7 +164,9 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
                         fix="raise --train-kib or lower --ctx")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    gate = BitGate(spec.layers, spec.hidden, len(bits), seed=cfg.seed, width=cfg.gate_width)
+    slots = spec.top_k if cfg.granularity == "slot" else 0
+    gate = BitGate(spec.layers, spec.hidden, len(bits), seed=cfg.seed, width=cfg.gate_width,
+                   slots=slots)
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
     mix = MixExperts(weights, gate, caps, tau=cfg.tau, relax=cfg.relax, generator=gen)
     offsets = torch.arange(cfg.ctx + 1)
@@ -199,7 +206,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
     meta = {
         "bits": list(bits), "capacities": list(caps), "alpha": cfg.alpha,
         "window": cfg.window, "layers": spec.layers, "hidden": spec.hidden,
-        "gate_width": cfg.gate_width,
+        "gate_width": cfg.gate_width, "granularity": cfg.granularity, "slots": slots,
         "model": cfg.model, "spec": spec.name, "store": str(store_path), "layout": layout,
         "target": cfg.target, "relax": cfg.relax, "tau": cfg.tau,
         "train": {"source": "measured", "command": _command(cfg),

@@ -49,9 +49,9 @@ def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens:
             experts = np.stack([ids for ids, _ in layers], axis=1)  # [T, L, k]
             weights = np.stack([w for _, w in layers], axis=1)  # [T, L, k]
             b = np.full(experts.shape, bits, np.int8) if bits else None
-            if token_bits is not None:  # [T, L] -> every slot of the token in the layer
+            if token_bits is not None:  # [T, L, k], or [T, L]: every slot of the token
                 tb = np.asarray(token_bits(), dtype=np.int8)
-                b = np.broadcast_to(tb[:, :, None], experts.shape).copy()
+                b = np.broadcast_to(tb if tb.ndim == 3 else tb[:, :, None], experts.shape).copy()
             steps.append((PREFILL if i == 0 else DECODE, experts, weights, b))
     meta = {"source": "record", "model": spec.name, "text": source,
             "prefill_tokens": prefill_tokens, "decode_steps": decode_steps, "bits": bits}

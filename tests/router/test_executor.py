@@ -1,5 +1,6 @@
-"""The executor asks the router live: same tokens as the resident model at the same per-token
-widths, several widths of one expert in one step, and recorded traces carry the widths."""
+"""The executor asks the router live: same tokens as the resident model at the same widths
+(per token or per (token, slot)), several widths of one expert in one step, and recorded
+traces carry the widths."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from d2moe.model.load import load_tiny  # noqa: E402
 from d2moe.model.tokenizer import encode  # noqa: E402
 from d2moe.policies import make_policy  # noqa: E402
 from d2moe.quant.store import StoreReader  # noqa: E402
+from d2moe.router.capacity import capacity_counts  # noqa: E402
 from d2moe.router.experts import BitRoutedExperts  # noqa: E402
 from d2moe.router.gate import BitGate  # noqa: E402
 from d2moe.router.store import load_router, save_router  # noqa: E402
@@ -27,14 +29,16 @@ PROMPT = list(encode("def fib(n):\n    return "))
 NEW = 6
 
 
-@pytest.fixture(scope="module")
-def setup(store, widths, tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 2], ids=["per-token", "per-slot"])
+def setup(store, widths, tmp_path_factory, request):
     """An (untrained, seeded) router over 2,3,4 bits beside the store; the resident run."""
     model, spec = load_tiny()
+    slots = request.param
     path = tmp_path_factory.mktemp("router") / "r"
-    save_router(path, BitGate(spec.layers, spec.hidden, 3, seed=5),
+    save_router(path, BitGate(spec.layers, spec.hidden, 3, seed=5, slots=slots),
                 {"bits": [2, 3, 4], "capacities": [0.3, 0.4, 0.3], "alpha": 0.0, "window": 4,
-                 "layers": spec.layers, "hidden": spec.hidden, "store": str(store)})
+                 "layers": spec.layers, "hidden": spec.hidden, "store": str(store),
+                 "slots": slots})
     resident = BitRoutedExperts(widths, load_router(path, spec=spec))
     resident.reset()
     want = generate(model, PROMPT, NEW, backend=resident)
@@ -72,10 +76,14 @@ def test_recorded_trace_carries_the_routers_widths_for_the_simulator(widths, set
                          backend=backend, token_bits=backend.token_bits)
     assert set(trace.bits.ravel().tolist()) <= {2, 3, 4}
     lo, hi = trace.token_range(0)
+    per_slot = backend.chooser.granularity == "slot"
+    mixed = 0
     for layer in range(spec.layers):  # prefill (16 tokens >= window 4): exact shares
-        per_token = trace.bits[lo:hi, layer, 0]
-        assert sorted(per_token.tolist()).count(2) == 5  # floor(0.3 * 16) = 4, +1 remainder
-        assert (trace.bits[lo:hi, layer, :] == per_token[:, None]).all()  # per token
+        rows = trace.bits[lo:hi, layer, :] if per_slot else trace.bits[lo:hi, layer, 0]
+        counts = [int((rows == b).sum()) for b in (2, 3, 4)]
+        assert counts == capacity_counts((0.3, 0.4, 0.3), rows.size)
+        mixed += int((trace.bits[lo:hi, layer, 0] != trace.bits[lo:hi, layer, 1]).sum())
+    assert (mixed > 0) == per_slot  # per slot: a token's two experts at different widths
     demands = trace.demands(8)  # the default (8) never applies: every slot is labelled
     assert {d.bits for step in demands for layer in step for d in layer} <= {2, 3, 4}
 
@@ -118,18 +126,17 @@ class _Replay:
         self.step = -1
         self.router.set_capacities(self.router.capacities, window=self.window)
 
-    def choose_index(self, layer, x):
+    def choose_index(self, layer, x, weights):
         if layer == 0:
             self.step += 1
             if self.step in self.schedule:
                 self.router.set_capacities(self.schedule[self.step])
-        return self.router.choose_index(layer, x)
+        return self.router.choose_index(layer, x, weights)
 
 
 def test_executor_with_adaptive_capacity_gives_the_resident_tokens_at_the_same_widths(
         store, widths, setup):
     from d2moe.router.adaptive import AdaptiveCapacity, CapacityConfig
-    from d2moe.router.capacity import capacity_counts
 
     model, spec, path, _ = setup
     # stall fraction < 1 always: an up move (ceiling "bounds") at every window, timing-free
@@ -152,12 +159,15 @@ def test_executor_with_adaptive_capacity_gives_the_resident_tokens_at_the_same_w
         (0.0, 0.7, 0.3))
     # each window of decode steps holds exactly the counts of the shares decided before it
     per_window = [trained, shares[0], shares[1]]
+    k = spec.top_k  # runs per decode step and layer (one per slot)
     for layer in range(spec.layers):
-        got_bits = {e.step: e.bits_to for e in tl.events
-                    if e.kind == "run" and e.layer == layer and e.step >= 1}
         for w, sh in enumerate(per_window):
-            chosen = [got_bits[s] for s in range(1 + w * window, 1 + (w + 1) * window)]
-            assert [chosen.count(b) for b in (2, 3, 4)] == capacity_counts(sh, window)
+            steps = range(1 + w * window, 1 + (w + 1) * window)
+            chosen = [e.bits_to for e in tl.events
+                      if e.kind == "run" and e.layer == layer and e.step in steps]
+            want = capacity_counts(sh, window * k) if router.granularity == "slot" \
+                else [n * k for n in capacity_counts(sh, window)]  # a token's k runs
+            assert [chosen.count(b) for b in (2, 3, 4)] == want
     replay = _Replay(load_router(path, spec=spec), {5: shares[0], 9: shares[1]}, window)
     resident = BitRoutedExperts(widths, replay)
     resident.reset()

@@ -31,9 +31,10 @@ def _batch(seed=0, b=2, t=48):
     return torch.randint(0, 256, (b, t + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def test_gradients_reach_every_layers_gate_through_the_quantized_experts(tiny, widths):
+@pytest.mark.parametrize("slots", [0, 2])
+def test_gradients_reach_every_layers_gate_through_the_quantized_experts(tiny, widths, slots):
     model, spec = tiny
-    gate = BitGate(spec.layers, spec.hidden, len(BITS))
+    gate = BitGate(spec.layers, spec.hidden, len(BITS), slots=slots)
     mix = MixExperts(widths, gate, (0.3, 0.4, 0.3))
     batch = _batch()
     with torch.no_grad():
@@ -44,14 +45,18 @@ def test_gradients_reach_every_layers_gate_through_the_quantized_experts(tiny, w
     for lin in gate.proj:
         assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
         assert lin.weight.grad.abs().sum() > 0
+    if slots:
+        assert gate.slope.grad.abs().sum() > 0 and gate.rank_bias.grad.abs().sum() > 0
     # forward is the hard choice: counts match the capacities exactly in every layer
+    want = [58, 77, 57] if slots else [29, 38, 29]  # 192 slots or 96 tokens
     for idx in mix.index:
-        assert torch.bincount(idx, minlength=3).tolist() == [29, 38, 29]  # 96 tokens
+        assert idx.dim() == (2 if slots else 1)
+        assert torch.bincount(idx.flatten(), minlength=3).tolist() == want
     # the one-hot forward equals the resident backend at the same widths
     chosen = iter(mix.index)
 
     class Replay:
-        def choose_index(self, layer, x):
+        def choose_index(self, layer, x, weights):
             return next(chosen)
 
     with torch.no_grad():
@@ -77,11 +82,13 @@ def test_alpha_zero_prefers_the_most_bits_and_a_large_alpha_the_fewest(store, tm
     assert meta["train"]["source"] == "measured"
 
 
-def test_inference_is_deterministic_and_respects_capacities(tiny, widths, tmp_path, store):
+@pytest.mark.parametrize("slots", [0, 2])
+def test_inference_is_deterministic_and_respects_capacities(tiny, widths, tmp_path, store,
+                                                            slots):
     model, spec = tiny
-    save_router(tmp_path / "r", BitGate(spec.layers, spec.hidden, 3, seed=3),
+    save_router(tmp_path / "r", BitGate(spec.layers, spec.hidden, 3, seed=3, slots=slots),
                 {"bits": list(BITS), "capacities": [0.3, 0.4, 0.3], "alpha": 0.0,
-                 "window": 8, "layers": spec.layers, "hidden": spec.hidden})
+                 "window": 8, "layers": spec.layers, "hidden": spec.hidden, "slots": slots})
     runs = []
     for _ in range(2):
         router = load_router(tmp_path / "r", spec=spec, store_bits=(2, 4))
@@ -90,7 +97,10 @@ def test_inference_is_deterministic_and_respects_capacities(tiny, widths, tmp_pa
         with torch.no_grad():
             logits = model(_batch(1, b=2, t=50)[:, :-1], backend=backend)
         runs.append((logits, backend.token_bits()))
-        assert torch.bincount(backend.last_index[0], minlength=3).tolist() == [30, 40, 30]
+        assert router.granularity == ("slot" if slots else "token")
+        rows = backend.last_index[0] if slots else backend.last_index[0][:, 0]  # 100 tokens
+        want = [60, 80, 60] if slots else [30, 40, 30]
+        assert torch.bincount(rows.flatten(), minlength=3).tolist() == want
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert set(runs[0][1].unique().tolist()) == set(BITS)
 
@@ -142,3 +152,28 @@ def test_router_cli_trains_one_step_and_describes_it(store, tmp_path, capsys):
     assert '"capacities": [\n  0.3,' in capsys.readouterr().out
     assert main(["router", "train", "--store", str(store), "--capacity", "0.5,0.5",
                  "--out", str(out)]) == 2
+
+
+def test_a_fresh_per_slot_gate_sends_the_lightest_slots_to_the_fewest_bits(tiny, widths):
+    model, spec = tiny
+    gate = BitGate(spec.layers, spec.hidden, 3, slots=spec.top_k)
+    with torch.no_grad():  # no hidden-state term: the router weights alone decide
+        for p in gate.proj.parameters():
+            p.zero_()
+    router = BitRouter(gate, BITS, (0.3, 0.4, 0.3), window=50)  # one batch: exact counts
+    x = torch.randn(50, spec.hidden, generator=torch.Generator().manual_seed(1))
+    w = torch.softmax(torch.randn(50, spec.top_k, generator=torch.Generator().manual_seed(2)), -1)
+    bits = router.choose(0, x, w)  # [50, k]
+    assert bits.shape == (50, spec.top_k)
+    assert [int((bits == b).sum()) for b in BITS] == [30, 40, 30]
+    assert w[bits == 2].max() <= w[bits == 3].min() and w[bits == 3].max() <= w[bits == 4].min()
+
+
+def test_a_per_slot_router_for_another_top_k_is_refused(tiny, tmp_path):
+    _, spec = tiny
+    path = tmp_path / "k3"
+    save_router(path, BitGate(spec.layers, spec.hidden, 3, slots=3),
+                {"bits": list(BITS), "capacities": [1.0] * 3, "alpha": 0.0, "slots": 3,
+                 "layers": spec.layers, "hidden": spec.hidden})
+    with pytest.raises(UserError, match="top_k=3, the model 'tiny' has 2"):
+        load_router(path, spec=spec)
