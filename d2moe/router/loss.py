@@ -30,13 +30,18 @@ class LossParts:
 def router_loss(logits: torch.Tensor, target: torch.Tensor, probs: Sequence[torch.Tensor],
                 bits: Sequence[int], alpha: float) -> LossParts:
     """logits [N, V] of the quantized model; target: teacher logits [N, V] (distill) or token
-    ids [N] (next); probs: per layer gate probabilities [N, K]."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # [N, V]
-    if target.dim() == 2:  # CE(p, q) = -Σ_v q_v log p_v with q = softmax(teacher)
-        q = F.softmax(target.float(), dim=-1)  # [N, V]
-        ce = -(q * logp).sum(dim=-1).mean()
-    else:
-        ce = F.nll_loss(logp, target)
+    ids [N] (next); probs: per layer gate probabilities [rows, K]."""
+    ce = target_ce(logits, target)
     b = torch.tensor([float(x) for x in bits], device=logits.device)  # [K]
     bit_cost = torch.stack([(p * b).sum(dim=-1).mean() for p in probs]).mean()  # (1/L) Σ_l
     return LossParts(total=ce + alpha * bit_cost, ce=ce, bit_cost=bit_cost)
+
+
+def target_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean CE(p, q) over N positions: q the teacher's softmax (target [N, V]) or the next
+    token (target [N])."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # [N, V]
+    if target.dim() == 2:  # CE(p, q) = -Σ_v q_v log p_v with q = softmax(teacher)
+        q = F.softmax(target.float(), dim=-1)  # [N, V]
+        return -(q * logp).sum(dim=-1).mean()
+    return F.nll_loss(logp, target)

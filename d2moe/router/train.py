@@ -5,10 +5,19 @@ target q (its full-precision distribution, or the next token); the same model wi
 `MixExperts` (every expert dequantized at each candidate width from the nested store, mixed by
 the straight-through one-hot of the capacity-constrained choice) gives p; the loss is
 `loss.router_loss` (method.md part 1); Adam updates the gate only.
+
+Checkpoint selection: the last `val_kib` KiB of the training text are held back; at the start
+and every `val_every` steps the gate runs as inference runs it (`BitRouter`, hard widths under
+the capacities) over them, and the gate with the lowest CE + alpha x mean chosen bits is saved
+(the start counts: the per-slot gate's initial router-weight ordering is a candidate too).
+Why: the straight-through gradient is a first-order estimate of swapping widths and can make
+the hard choice worse (measured: training CE rising over 150 steps at fixed capacities,
+docs/results/router.md).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import os
@@ -51,6 +60,10 @@ class RouterTrainConfig:
     ctx: int = field(default=128, metadata={"help": "tokens per window"})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the gate"})
     train_kib: int = field(default=1024, metadata={"help": "KiB of the training split to use"})
+    val_kib: int = field(default=16, metadata={
+        "help": "KiB at the end of that text held back to pick the best checkpoint (0: keep "
+                "the last step's gate)"})
+    val_every: int = field(default=25, metadata={"help": "steps between validations"})
     seed: int = field(default=0, metadata={"help": "seed of gate init, batches and noise"})
     threads: int = field(default=1, metadata={
         "help": "torch threads (0: torch's default; 1 is fastest on a shared 2-core VM)"})
@@ -65,10 +78,13 @@ class RouterTrainConfig:
         if self.gate_width < 0:
             raise UserError(f"must be >= 0, got {self.gate_width}", field="gate-width",
                             fix="0 (linear) or e.g. 32")
-        for name in ("steps", "batch", "window", "train_kib"):
+        for name in ("steps", "batch", "window", "train_kib", "val_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"must be positive, got {getattr(self, name)}",
                                 field=name.replace("_", "-"), fix="pass a positive value")
+        if self.val_kib < 0:
+            raise UserError(f"must be >= 0, got {self.val_kib}", field="val-kib",
+                            fix="e.g. --val-kib 16 (0: no checkpoint selection)")
         if self.ctx < 2:
             raise UserError(f"need ctx >= 2, got {self.ctx}", field="ctx", fix="e.g. --ctx 128")
         if self.alpha < 0 or self.lr <= 0 or self.tau <= 0:
@@ -95,6 +111,8 @@ class RouterTrainResult:
     expected_bits: tuple[float, ...]  # per step: (1/L) Σ_l Σ_k p_k^l b_k
     preferred_bits: float  # last step: mean bits of each row's top gate choice
     seconds: float
+    val: tuple[tuple[int, float, float], ...] = ()  # (step, CE, mean bits) per validation
+    best_step: int = -1  # the saved gate's step (-1: the last, no validation)
 
 
 def open_store(model: str, store: str) -> tuple[Any, Path]:
@@ -159,9 +177,12 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
     model.eval().requires_grad_(False)
     data = torch.frombuffer(bytearray(load_corpus(cfg.train_kib * 1024, 1024).train),
                             dtype=torch.uint8)
-    if len(data) <= cfg.ctx + 1:
-        raise UserError("training text shorter than one window", field="train-kib",
-                        fix="raise --train-kib or lower --ctx")
+    n_val = cfg.val_kib * 1024
+    val_data, data = data[len(data) - n_val:], data[:len(data) - n_val]
+    if len(data) <= cfg.ctx + 1 or (n_val and len(val_data) <= cfg.ctx + 1):
+        raise UserError("training text shorter than one window after holding back "
+                        f"{cfg.val_kib} KiB for validation", field="train-kib",
+                        fix="raise --train-kib, or lower --val-kib or --ctx")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     slots = spec.top_k if cfg.granularity == "slot" else 0
@@ -169,13 +190,27 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
                    slots=slots)
     opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
     mix = MixExperts(weights, gate, caps, tau=cfg.tau, relax=cfg.relax, generator=gen)
+    val = _Validation(model, spec, val_data, cfg, weights, bits, caps) if n_val else None
+    best: tuple[float, int, dict] | None = None  # (score, step, gate state)
+    val_rows: list[tuple[int, float, float]] = []
+
+    def validate(step: int) -> None:
+        nonlocal best
+        ce, mean = val.score(gate)
+        val_rows.append((step, ce, mean))
+        score = ce + cfg.alpha * mean
+        if best is None or score < best[0]:
+            best = (score, step, copy.deepcopy(gate.state_dict()))
+
     offsets = torch.arange(cfg.ctx + 1)
     bits_t = torch.tensor(bits, dtype=torch.float32)
     steps: Any = range(cfg.steps)
     bar = progress_bar(cfg.steps, cfg.progress, "router train", "step")
     ce_l, mean_l, exp_l = [], [], []
     t0 = time.perf_counter()
-    for _ in steps:
+    for step in steps:
+        if val is not None and step % cfg.val_every == 0:
+            validate(step)
         starts = torch.randint(0, len(data) - cfg.ctx - 1, (cfg.batch,), generator=gen)
         batch = data[starts[:, None] + offsets].long()  # [B, ctx+1]
         inp = batch[:, :-1]  # [B, ctx]
@@ -197,10 +232,13 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(ce=f"{ce_l[-1]:.4f}", bits=f"{chosen:.2f}", exp=f"{exp_l[-1]:.2f}")
+    preferred = torch.stack([bits_t[p.argmax(-1)] for p in mix.probs]).mean().item()
+    if val is not None:
+        validate(cfg.steps)
+        gate.load_state_dict(best[2])
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    preferred = torch.stack([bits_t[p.argmax(-1)] for p in mix.probs]).mean().item()
     out = Path(cfg.out) if cfg.out else store_path / DEFAULT_DIR
     tail = max(1, min(20, len(ce_l)))
     meta = {
@@ -218,12 +256,54 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
                   "final_ce": round(sum(ce_l[-tail:]) / tail, 5),
                   "final_mean_bits": round(sum(mean_l[-tail:]) / tail, 4),
                   "final_expected_bits": round(sum(exp_l[-tail:]) / tail, 4),
-                  "final_preferred_bits": round(preferred, 4)},
+                  "final_preferred_bits": round(preferred, 4),
+                  "validation": {"kib": cfg.val_kib, "every": cfg.val_every,
+                                 "rows": [[s_, round(c, 5), round(b, 4)]
+                                          for s_, c, b in val_rows],
+                                 "saved_step": best[1] if best else cfg.steps}},
     }
     save_router(out, gate, meta)
     return RouterTrainResult(out_dir=out, ce=tuple(ce_l), mean_bits=tuple(mean_l),
                              expected_bits=tuple(exp_l), preferred_bits=preferred,
-                             seconds=seconds)
+                             seconds=seconds, val=tuple(val_rows),
+                             best_step=best[1] if best else -1)
+
+
+class _Validation:
+    """The held-back windows, their targets, and the score of a gate run as inference runs
+    it: hard widths under the capacities (`BitRouter`), every forward one capacity batch."""
+
+    def __init__(self, model: Any, spec: Any, text: Any, cfg: RouterTrainConfig,
+                 weights: Any, bits: tuple[int, ...], caps: tuple[float, ...]) -> None:
+        import torch
+
+        n = (len(text) - 1) // cfg.ctx
+        win = torch.stack([text[i * cfg.ctx:(i + 1) * cfg.ctx + 1] for i in range(n)]).long()
+        self.batches = list(torch.split(win, max(cfg.batch, 16)))  # [b, ctx+1] each
+        self.model, self.spec, self.cfg = model, spec, cfg
+        self.weights, self.bits, self.caps = weights, bits, caps
+        with torch.no_grad():
+            self.targets = [model(b[:, :-1]).reshape(-1, spec.vocab) if cfg.target == "distill"
+                            else b[:, 1:].reshape(-1) for b in self.batches]
+
+    def score(self, gate: Any) -> tuple[float, float]:
+        """(mean CE against the targets, mean chosen bits) of `gate` on the held-back text."""
+        import torch
+
+        from d2moe.router.experts import BitRoutedExperts
+        from d2moe.router.gate import BitRouter
+        from d2moe.router.loss import target_ce
+
+        router = BitRouter(copy.deepcopy(gate), self.bits, self.caps, window=self.cfg.window)
+        backend = BitRoutedExperts(self.weights, router)
+        backend.reset()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for batch, target in zip(self.batches, self.targets, strict=True):
+                logits = self.model(batch[:, :-1], backend=backend).reshape(-1, self.spec.vocab)
+                ce = target_ce(logits, target)
+                total, n = total + float(ce) * len(logits), n + len(logits)
+        return total / n, backend.average_bits()
 
 
 def _command(cfg: RouterTrainConfig) -> str:

@@ -66,7 +66,7 @@ def test_gradients_reach_every_layers_gate_through_the_quantized_experts(tiny, w
 
 def _train(store, tmp_path, alpha, **kw):
     cfg = RouterTrainConfig(store=str(store), bits="2,3,4", capacity="1,1,1", alpha=alpha,
-                            steps=5, batch=2, ctx=48, lr=0.05, train_kib=64,
+                            steps=5, batch=2, ctx=48, lr=0.05, train_kib=64, val_kib=0,
                             out=str(tmp_path / f"r{alpha}"), progress=False, **kw)
     return train_router(cfg)
 
@@ -146,7 +146,8 @@ def test_router_cli_trains_one_step_and_describes_it(store, tmp_path, capsys):
 
     out = tmp_path / "cli"
     assert main(["router", "train", "--store", str(store), "--steps", "1", "--batch", "1",
-                 "--ctx", "16", "--train-kib", "16", "--out", str(out), "--no-progress"]) == 0
+                 "--ctx", "16", "--train-kib", "16", "--val-kib", "1", "--out", str(out),
+                 "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert main(["router", "info", str(out)]) == 0
     assert '"capacities": [\n  0.3,' in capsys.readouterr().out
@@ -177,3 +178,26 @@ def test_a_per_slot_router_for_another_top_k_is_refused(tiny, tmp_path):
                  "layers": spec.layers, "hidden": spec.hidden})
     with pytest.raises(UserError, match="top_k=3, the model 'tiny' has 2"):
         load_router(path, spec=spec)
+
+
+def test_the_saved_gate_is_the_best_validated_checkpoint(store, tiny, widths, tmp_path):
+    from d2moe.model.corpus import load_corpus
+    from d2moe.router.train import _Validation
+
+    alpha = 0.05
+    cfg = RouterTrainConfig(store=str(store), bits="2,3,4", capacity="1,1,1", alpha=alpha,
+                            steps=4, batch=2, ctx=48, lr=0.2, train_kib=32, val_kib=2,
+                            val_every=2, out=str(tmp_path / "v"), progress=False)
+    res = train_router(cfg)
+    assert [row[0] for row in res.val] == [0, 2, 4]  # the start, every 2 steps, the end
+    scores = {step: ce + alpha * bits for step, ce, bits in res.val}
+    assert res.best_step == min(scores, key=lambda st: (scores[st], st))
+    meta = json.loads((res.out_dir / "router.json").read_text())
+    assert meta["train"]["validation"]["saved_step"] == res.best_step
+    # the saved gate scores exactly its validation row on the same held-back text
+    model, spec = tiny
+    text = torch.frombuffer(bytearray(load_corpus(32 * 1024, 1024).train), dtype=torch.uint8)
+    val = _Validation(model, spec, text[-2048:], cfg, widths, BITS, (1.0, 1.0, 1.0))
+    ce, bits = val.score(load_router(res.out_dir, spec=spec).gate)
+    _, want_ce, want_bits = next(row for row in res.val if row[0] == res.best_step)
+    assert ce == pytest.approx(want_ce, rel=1e-5) and bits == pytest.approx(want_bits)
