@@ -55,7 +55,8 @@ def summary(profile: Any) -> str:
     if ex is not None:
         lines.append(f"executor lanes: layer {ex.layer_us:.0f} us, load {ex.load_us:.0f} us + "
                      f"bytes at {ex.load_GBps:.3g} GB/s, run {ex.run_us:.0f} us, hand-off "
-                     f"{ex.wake_us:.0f} us")
+                     f"{ex.wake_us:.0f} us; first run +{ex.first_run_us:.0f} us after a load, "
+                     f"+{ex.layer_first_run_us:.0f} us in each layer")
     rows = getattr(profile.expert, "rows", ())
     if rows:
         lines.append(f"expert runs: {len(rows)} points, {min(r.latency_us for r in rows):.0f}-"

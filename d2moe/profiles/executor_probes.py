@@ -279,16 +279,46 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     return max(0.0, statistics.fmean(diffs)) if diffs else 0.0
 
 
+FULL_MODEL_PROBE_BYTES = 256 * 2**20  # a spec this small is probed whole, else cut
+
+
+def resident_probe_spec(spec: ModelSpec, layout: QuantLayout,
+                        cap_bytes: int = FULL_MODEL_PROBE_BYTES) -> ModelSpec:
+    """The spec that `measure_non_expert` runs: the spec itself when its weights (non-expert
+    and every expert at the widest bits) fit in `cap_bytes`, so that each layer finds the
+    caches as the other layers of a real run leave them; else cut to 2 layers of at most 4
+    experts (a Mixtral-sized model: each layer's weights exceed the caches anyway)."""
+    from d2moe.core.sizes import all_experts_bytes
+
+    if spec.non_expert_bytes + all_experts_bytes(spec, layout.bK, layout) <= cap_bytes:
+        return spec
+    experts = min(spec.experts, 4)
+    return dataclasses.replace(spec, layers=min(spec.layers, 2), experts=experts,
+                               top_k=min(spec.top_k, 2, experts))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidentRows:
+    """What `measure_non_expert` read from the real backend's rows (every expert resident):
+    (tokens, us per layer) of the non-expert rows, and how much longer (us) the first run of
+    a decode layer took than the layer's later runs (`executor.layer_first_run_us`)."""
+
+    non_expert: list[tuple[int, float]]
+    layer_first_run_us: float
+
+
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
                        tokens: Sequence[int], repeats: int, scratch: Path,
-                       bar: Bar) -> list[tuple[int, float]]:
-    """(tokens, us per layer) of the non-expert rows the executor itself records.
+                       bar: Bar) -> ResidentRows:
+    """The non-expert rows the executor itself records, and the first-run excess per layer.
 
-    A random-weight copy of the model cut to 2 layers (and at most 4 experts) runs through
+    A random-weight copy of the model (`resident_probe_spec`: whole where small) runs through
     `StreamingExperts` with every expert resident, so the rows hold what a real run's do:
     attention, router, the backend's bookkeeping; layer 0's row also holds the step's head
     (LM head, sampling, embedding), spread here over the spec's layers as in a full model.
-    One token: decode steps; more: one prefill per generation.
+    One token: decode steps; more: one prefill per generation. The expert table times runs
+    back to back; here the first run of each decode layer follows the layer's non-expert
+    slice, and what it takes beyond the layer's later runs is kept too.
     """
     import torch
 
@@ -301,8 +331,7 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     from d2moe.profiles.probe_store import write_random_store
     from d2moe.quant.store import StoreReader
 
-    small = dataclasses.replace(spec, layers=2, experts=min(spec.experts, 4),
-                                top_k=min(spec.top_k, 2, min(spec.experts, 4)))
+    small = resident_probe_spec(spec, layout)
     bits = min(layout.b1 + 2, layout.bK)
     reader = StoreReader(write_random_store(scratch / "d2moe-probe-model", small, layout),
                          direct=True)
@@ -327,16 +356,46 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
             bar.step("non-expert")
     timeline = backend.finish()
     reader.close()
-    rows: dict[tuple[int, int], list[float]] = {}
-    for e in timeline.events:
-        if e.kind == "non_expert" and e.step >= first:
-            rows.setdefault((e.tokens, e.layer), []).append(e.end_us - e.start_us)
+    events = [e for e in timeline.events if e.step >= first]
+    return ResidentRows(non_expert_per_layer(events, tokens, spec.layers),
+                        layer_first_run_excess(events))
+
+
+def non_expert_per_layer(events: Sequence[Any], tokens: Sequence[int],
+                         layers: int) -> list[tuple[int, float]]:
+    """(tokens, us) per token count: the mean non-expert row of layers >= 1, plus what layer
+    0's row takes beyond it (the step's head) spread over `layers` layers."""
+    rows: dict[tuple[int, bool], list[float]] = {}
+    for e in events:
+        if e.kind == "non_expert":
+            rows.setdefault((e.tokens, e.layer == 0), []).append(e.end_us - e.start_us)
     out = []
     for n in tokens:
-        per_layer = statistics.fmean(rows[(n, 1)])
-        head = max(statistics.fmean(rows[(n, 0)]) - per_layer, 0.0)
-        out.append((n, round(per_layer + head / spec.layers, 2)))
+        per_layer = statistics.fmean(rows[(n, False)])
+        head = max(statistics.fmean(rows[(n, True)]) - per_layer, 0.0)
+        out.append((n, round(per_layer + head / layers, 2)))
     return out
+
+
+def layer_first_run_excess(events: Sequence[Any]) -> float:
+    """Mean first-run duration minus mean later-run duration (us, at least 0) over the
+    layers of one-token (decode) steps with two runs or more and no stall (every expert
+    resident); 0 when there are none (top-1 models)."""
+    decode = {e.step for e in events if e.kind == "non_expert" and e.tokens == 1}
+    layers: dict[tuple[int, int], list[Any]] = {}
+    for e in events:
+        if e.lane == "compute" and e.kind in ("run", "stall") and e.step in decode:
+            layers.setdefault((e.step, e.layer), []).append(e)
+    firsts, laters = [], []
+    for rows in layers.values():
+        rows.sort(key=lambda e: e.start_us)
+        if len(rows) < 2 or any(r.kind == "stall" for r in rows):
+            continue
+        firsts.append(rows[0].end_us - rows[0].start_us)
+        laters += [r.end_us - r.start_us for r in rows[1:]]
+    if not firsts:
+        return 0.0
+    return round(max(statistics.fmean(firsts) - statistics.fmean(laters), 0.0), 2)
 
 
 def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
@@ -370,8 +429,10 @@ def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
     """layer_us, run_us and wake_us from a real timeline's rows (means; 0 when unseen).
 
     layer_us: from a layer's non-expert end to its first compute row, plus from its last run
-    to the next non-expert start; run_us: the gap between consecutive runs with no stall
-    between; wake_us: from a load's end to the end of the stall waiting for it."""
+    to the next non-expert start, less one run_us (the simulator charges run_us to every
+    run, the last one too, and the gap after the last run holds that run's bookkeeping);
+    run_us: the gap between consecutive runs with no stall between; wake_us: from a load's
+    end to the end of the stall waiting for it."""
     by_layer: dict[tuple[int, int], list[Any]] = {}
     for e in events:
         if e.lane in ("compute", "io"):
@@ -401,5 +462,6 @@ def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
     def med(xs: list[float]) -> float:
         return round(max(statistics.fmean(xs), 0.0), 2) if xs else 0.0
 
-    return {"layer_us": round(med(heads) + med(tails), 2), "run_us": med(gaps),
+    run_us = med(gaps)
+    return {"layer_us": round(max(med(heads) + med(tails) - run_us, 0.0), 2), "run_us": run_us,
             "wake_us": med(wakes)}

@@ -12,8 +12,10 @@ preemptions that some timings catch are part of what a long run pays):
 - expert runs per (bits, tokens) for the spec's expert shapes: the compute lane's run body
   (gather the resident planes, `kernels.dispatch.expert_swiglu`, weighted add);
 - non-expert time per layer per token count: the non-expert rows of the real backend running
-  a random-weight 2-layer copy of the model with every expert resident; the per-step head
-  (embedding, LM head, sampling) is spread over the spec's layers;
+  a random-weight copy of the model (whole where it is small, else cut to 2 layers) with
+  every expert resident; the per-step head (embedding, LM head, sampling) is spread over the
+  spec's layers; from the same rows, how much longer a decode layer's first run takes than
+  its later runs (`executor.layer_first_run_us`: the non-expert slice ran in between);
 - the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus the
   disk fit gives `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
   store gives the per-layer dispatch (`layer_us`), the per-run bookkeeping (`run_us`) and the
@@ -206,8 +208,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 loads = measure_loads(reader, probe, layout, device, raises, cfg.repeats,
                                       sync, bar)
                 runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
-                non_expert = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
-                                                scratch, bar)
+                resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
+                                              scratch, bar)
                 lanes = measure_lanes(reader, probe, layout, device, cfg.lane_layers, sync)
                 overlap = measure_overlap(reader, probe, layout, device,
                                           min(layout.b1 + 2, layout.bK), cfg.repeats, sync)
@@ -227,7 +229,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              run_us=lanes["run_us"], wake_us=lanes["wake_us"], **overlap,
                              cold_read_us=round(cold_read_us, 2),
                              cold_ramp_us=round(cold_ramp_us, 1),
-                             first_run_us=round(first_run_us, 2))
+                             first_run_us=round(first_run_us, 2),
+                             layer_first_run_us=resident.layer_first_run_us)
     shape = expert_shape_key(spec)
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
     return Profile(
@@ -240,7 +243,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              else _host_memory_bytes()),
         expert=ExpertTable(tuple(ExpertRow(shape, b, t, round(us, 2)) for b, t, us in runs)),
         non_expert=NonExpertTable(tuple(NonExpertRow(spec.name, t, round(us, 2))
-                                        for t, us in non_expert)),
+                                        for t, us in resident.non_expert)),
         executor=executor)
 
 

@@ -37,7 +37,8 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
                 "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
                 "executor")
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "run_us", "wake_us", "overlap_io_speed",
-                 "overlap_compute_speed", "cold_read_us", "cold_ramp_us", "first_run_us")
+                 "overlap_compute_speed", "cold_read_us", "cold_ramp_us", "first_run_us",
+                 "layer_first_run_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 _DEFAULT_LAYOUT = QuantLayout()
@@ -130,7 +131,9 @@ class ExecutorCosts:
     the disk's first request after a pause is slower than one right after another (measured
     on the development VM: +50 us after 0.5 ms idle, +300 us after 5 ms). The first run of an
     expert after its load pays `first_run_us` more (its planes were just written by the I/O
-    lane, on another core).
+    lane, on another core), and the first run of each layer's plan pays `layer_first_run_us`
+    more (the layer's non-expert slice ran in between and cycled the caches that back-to-back
+    runs, as the expert table times them, keep warm). Profiles without a field pay none of it.
     """
 
     layer_us: float = 0.0
@@ -143,6 +146,7 @@ class ExecutorCosts:
     cold_read_us: float = 0.0
     cold_ramp_us: float = 0.0  # 0: the whole cold_read_us after any idle time
     first_run_us: float = 0.0
+    layer_first_run_us: float = 0.0
 
     def cold_us(self, idle_us: float) -> float:
         """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`."""

@@ -110,7 +110,7 @@ def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequen
 def execute_contended(ctx: object, plan: Plan, t0: float) -> float:
     """Apply the plan to the pool, time it with `fluid_schedule`, write the rows (the same
     rows as `lanes.execute_fast` would, at the contended times); returns the compute end."""
-    from d2moe.sim.lanes import LayerCtx, first_runs
+    from d2moe.sim.lanes import LayerCtx, run_extras_us
 
     assert isinstance(ctx, LayerCtx)
     pool, rows = ctx.pool, ctx.events
@@ -123,8 +123,8 @@ def execute_contended(ctx: object, plan: Plan, t0: float) -> float:
         nbytes.append(n)
         durations.append(ctx.load_us(ld, n))
     rw = run_waits(plan)
-    runs_us = [ctx.run_us(r) + (ctx.first_run_us if first else 0.0)
-               for r, first in zip(plan.runs, first_runs(rw), strict=True)]
+    runs_us = [ctx.run_us(r) + extra
+               for r, extra in zip(plan.runs, run_extras_us(ctx, rw), strict=True)]
     ls, le, rs, re = fluid_schedule(durations, runs_us, rw, load_waits(plan), t0, ctx.wake_us,
                                     ctx.io_speed, ctx.compute_speed, ctx.cold_us, ctx.io_last_end)
     if le:

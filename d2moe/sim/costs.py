@@ -5,7 +5,8 @@ profile`), a load pays one disk request per stored level it moves plus the I/O l
 beyond the reads, a run pays the compute lane's fixed cost beyond its expert, a layer with
 expert work pays `layer_us` before its plan starts and a lane blocked on the other resumes
 `wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays the
-disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`, and
+disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`, the
+first run of each layer's plan `layer_first_run_us`, and
 each lane slows to its measured overlap speed while the other is busy (`sim/contention.py`).
 Without them these terms are zero.
 """
@@ -36,6 +37,8 @@ class ProfileCosts:
         self.cold_us = lc.cold_us if lc is not None and getattr(lc, "cold_read_us", 0.0) > 0 \
             else None  # (idle us) -> extra us of a load, or None: loads are never cold
         self.first_run_us = float(getattr(lc, "first_run_us", 0.0)) if lc is not None else 0.0
+        self.layer_first_run_us = float(getattr(lc, "layer_first_run_us", 0.0)) \
+            if lc is not None else 0.0
         self._load: dict[tuple[int, str, int], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}

@@ -12,7 +12,8 @@ Both engines follow the same rules (see `core.jobs.run_waits/load_waits`):
 - a load that starts `idle` us after the I/O lane's previous load ended (in any layer) takes
   `cold_us(idle)` longer (the disk's first request after a pause; none unless measured);
 - the first run waiting on a load takes `first_run_us` longer (its planes come from the I/O
-  lane's core; 0 unless measured);
+  lane's core; 0 unless measured), and the first run of the plan `layer_first_run_us` longer
+  (the layer's non-expert slice cycled the caches in between; 0 unless measured);
 - the layer ends when both lanes are done (a prefetch for the next layer may outlast the
   runs; the executor waits for it too);
 - with lane contention (speeds < 1 in the profile) both engines time the plan with the fluid
@@ -49,6 +50,7 @@ class LayerCtx:
     cold_us: Callable[[float], float] | None = None  # (idle us) -> a cold load's extra us
     io_last_end: float = -math.inf  # when the I/O lane's last load ended (across layers)
     first_run_us: float = 0.0  # extra time of the first run after its expert's load
+    layer_first_run_us: float = 0.0  # extra time of the plan's first run (after non-expert)
 
     @property
     def contended(self) -> bool:
@@ -87,15 +89,24 @@ def first_runs(rw: list[int]) -> list[bool]:
     return out
 
 
-def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float, first: bool = False) -> float:
-    """Record a run starting at max(free, ready), with a stall row if it waited; `first`: the
-    first run after its expert's load (pays `ctx.first_run_us`)."""
+def run_extras_us(ctx: LayerCtx, rw: list[int]) -> list[float]:
+    """Per run of a plan (rw: `run_waits`), what it takes beyond its expert's cost: the
+    first run after each load `first_run_us`, the plan's first run `layer_first_run_us`."""
+    out = [ctx.first_run_us if first else 0.0 for first in first_runs(rw)]
+    if out:
+        out[0] += ctx.layer_first_run_us
+    return out
+
+
+def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float, extra_us: float = 0.0) -> float:
+    """Record a run starting at max(free, ready), with a stall row if it waited; it takes its
+    cost plus `extra_us` (`run_extras_us`)."""
     rows = ctx.events
     start = _after(free, ready, ctx.wake_us)
     if start > free:
         rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0, 0, 0,
                           free, start))
-    end = start + ctx.run_us(run) + (ctx.first_run_us if first else 0.0)
+    end = start + ctx.run_us(run) + extra_us
     rows.append(run_event(ctx.step, ctx.layer, run, start, end))
     return end
 
@@ -110,7 +121,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
         return execute_contended(ctx, plan, t0)
     loads, runs = plan.loads, plan.runs
     rw = run_waits(plan)
-    first = first_runs(rw)
+    extra = run_extras_us(ctx, rw)
     lw = load_waits(plan)
     if max(lw, default=-1) < 0:
         lw = None  # the I/O lane never waits on compute in this plan
@@ -129,7 +140,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
             moved = True
         if j < n_r and rw[j] < i:
             ready = load_end[rw[j]] if rw[j] >= 0 else t0
-            cpu = run_end[j] = _do_run(ctx, runs[j], cpu, ready, first[j])
+            cpu = run_end[j] = _do_run(ctx, runs[j], cpu, ready, extra[j])
             j += 1
             moved = True
         if not moved:
@@ -149,7 +160,7 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
         return end
     loads, runs = plan.loads, plan.runs
     rw, lw = run_waits(plan), load_waits(plan)
-    first = first_runs(rw)
+    extra = run_extras_us(ctx, rw)
     load_done = [env.event() for _ in loads]
     run_done = [env.event() for _ in runs]
     load_end = [0.0] * len(loads)
@@ -174,7 +185,7 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
             if not load_done[rw[j]].triggered:
                 yield load_done[rw[j]]
             ready = load_end[rw[j]]
-        cpu = run_end[j] = _do_run(ctx, run, cpu, ready, first[j])
+        cpu = run_end[j] = _do_run(ctx, run, cpu, ready, extra[j])
         yield env.timeout(max(0.0, cpu - env.now))
         run_done[j].succeed()
     yield io_proc

@@ -97,7 +97,8 @@ class SimSession:
         costs = self.costs
         self.ctx = LayerCtx(0, 0, self.pool, self.events, self.load_us, costs.run_us_of,
                             costs.wake_us, costs.io_speed, costs.compute_speed, costs.cold_us,
-                            first_run_us=costs.first_run_us)
+                            first_run_us=costs.first_run_us,
+                            layer_first_run_us=costs.layer_first_run_us)
         self.initial_bytes = preload(policy, setup.spec, self.pool)
 
     def load_us(self, ld: Load, nbytes: int) -> float:
@@ -193,7 +194,8 @@ def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: Resi
     t = 0.0
     ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
                    costs.compute_speed, costs.cold_us,
-                   first_run_us=costs.first_run_us)  # one context: the I/O lane's state
+                   first_run_us=costs.first_run_us,
+                   layer_first_run_us=costs.layer_first_run_us)  # one context: the I/O lane
     for s, step in enumerate(steps):
         t_step = t
         ne = costs.non_expert_us(step.tokens)

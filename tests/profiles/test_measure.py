@@ -12,7 +12,12 @@ from d2moe.cli import main
 from d2moe.core.errors import UserError
 from d2moe.core.events import Event
 from d2moe.core.spec import load_spec
-from d2moe.profiles.executor_probes import lane_costs_from_rows
+from d2moe.profiles.executor_probes import (
+    lane_costs_from_rows,
+    layer_first_run_excess,
+    non_expert_per_layer,
+    resident_probe_spec,
+)
 from d2moe.profiles.measure import ProfileConfig, measure_profile
 from d2moe.profiles.schema import (
     ExecutorCosts,
@@ -79,8 +84,53 @@ def test_lane_costs_from_rows_by_hand() -> None:
         _row("run", 1, 3, 72, 80),  # gap between runs 2 (also 20 -> 22 is no run pair)
     ]
     costs = lane_costs_from_rows(rows)
-    assert costs == {"layer_us": 4 + 3, "run_us": 2.0, "wake_us": 5.0}
+    # layer_us: head 4 + tail 3 less the run_us that the simulator charges the last run too
+    assert costs == {"layer_us": 4 + 3 - 2, "run_us": 2.0, "wake_us": 5.0}
     assert lane_costs_from_rows([]) == {"layer_us": 0.0, "run_us": 0.0, "wake_us": 0.0}
+
+
+def _step_row(kind: str, step: int, layer: int, tokens: int, start: float, end: float) -> Event:
+    lane = "compute" if kind in ("run", "stall", "non_expert") else "io"
+    return Event(lane, kind, step, layer, 0, 0, 4, tokens, 0, start, end)
+
+
+def test_layer_first_run_excess_by_hand() -> None:
+    rows = [
+        _step_row("non_expert", 0, 0, 3, 0, 10),  # a prefill step (3 tokens): not counted
+        _step_row("run", 0, 0, 2, 10, 40), _step_row("run", 0, 0, 1, 40, 41),
+        _step_row("non_expert", 1, 0, 1, 50, 60),  # decode: runs of 12 then 8 us
+        _step_row("run", 1, 0, 1, 61, 73), _step_row("run", 1, 0, 1, 74, 82),
+        _step_row("non_expert", 1, 1, 1, 83, 90),  # runs of 14 then 10, 6 us
+        _step_row("run", 1, 1, 1, 91, 105), _step_row("run", 1, 1, 1, 106, 116),
+        _step_row("run", 1, 1, 1, 117, 123),
+        _step_row("non_expert", 2, 0, 1, 130, 140),  # a stall: not counted
+        _step_row("stall", 2, 0, 0, 141, 150), _step_row("run", 2, 0, 1, 150, 190),
+        _step_row("run", 2, 0, 1, 190, 191),
+        _step_row("non_expert", 2, 1, 1, 200, 210),  # one run: not counted
+        _step_row("run", 2, 1, 1, 211, 300),
+    ]
+    # firsts 12 and 14 (mean 13), laters 8, 10, 6 (mean 8): 5 us
+    assert layer_first_run_excess(rows) == 5.0
+    assert layer_first_run_excess(rows[:3]) == 0.0  # no decode layer with two runs
+    faster_first = [rows[3], _step_row("run", 1, 0, 1, 61, 69), _step_row("run", 1, 0, 1, 70, 82)]
+    assert layer_first_run_excess(faster_first) == 0.0  # never below 0
+
+
+def test_non_expert_per_layer_spreads_the_step_head() -> None:
+    rows = [_step_row("non_expert", s, layer, 1, 0, us)
+            for s in (1, 2) for layer, us in ((0, 30), (1, 10), (2, 12), (3, 8))]
+    # layers >= 1: 10; layer 0 takes 20 more (the step's head): spread over 4 layers
+    assert non_expert_per_layer(rows, [1], 4) == [(1, 15.0)]
+
+
+def test_resident_probe_spec_is_whole_when_small() -> None:
+    from d2moe.core.sizes import QuantLayout
+
+    tiny = load_spec("tiny")
+    assert resident_probe_spec(tiny, QuantLayout()) == tiny
+    cut = resident_probe_spec(load_spec("mixtral-8x7b"), QuantLayout(b1=2, bK=4))
+    assert (cut.layers, cut.experts, cut.top_k) == (2, 4, 2)
+    assert resident_probe_spec(tiny, QuantLayout(), cap_bytes=1).layers == 2
 
 
 def test_fit_ramp_by_hand() -> None:
@@ -108,9 +158,11 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     # per-request latency: 3 requests pay the disk and link latencies three times
     assert p.load_us(1_000_000, requests=3) == pytest.approx(3 * (100 + 10) + 1_000_000 / 500)
     d["executor"] = {"layer_us": 1.0, "cold_read_us": 250.0, "cold_ramp_us": 5000.0,
-                     "first_run_us": 80.0}
+                     "first_run_us": 80.0, "layer_first_run_us": 40.0}
     cold = profile_from_dict(d, path="hand.yaml")
     assert cold.executor.cold_us(2500.0) == pytest.approx(125.0)
+    assert cold.executor.layer_first_run_us == 40.0
+    assert p.executor.layer_first_run_us == 0.0  # a profile without it: none
     save_profile(tmp_path / "c.yaml", cold)
     assert load_profile(tmp_path / "c.yaml") == cold
     d["executor"] = {"cold_read_us": -1.0}
@@ -144,7 +196,7 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert {r.tokens for r in q.non_expert.rows} == {1, 3}
     assert q.executor is not None and q.executor.layer_us >= 0
     assert q.executor.cold_read_us >= 0 and q.executor.cold_ramp_us >= 0
-    assert q.executor.first_run_us >= 0
+    assert q.executor.first_run_us >= 0 and q.executor.layer_first_run_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
     spec = load_spec("tiny")
     trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))

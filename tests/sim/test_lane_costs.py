@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 
 import pytest
 from hypothesis import given, settings
@@ -199,7 +200,7 @@ class ColdContendedProfile(LaneProfile):
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
         overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_read_us=8.0, cold_ramp_us=40.0,
-        first_run_us=0.75))
+        first_run_us=0.75, layer_first_run_us=0.5))
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ class ColdFirstProfile(LaneProfile):
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        cold_read_us=8.0, cold_ramp_us=40.0, first_run_us=0.75))
+        cold_read_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5))
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,63 @@ def test_first_runs_by_hand(engine: str) -> None:
         (1, "run", 0, 67.79, 75.54),
         (1, "run", 1, 75.54, 81.79),
     ]
+
+
+@dataclass(frozen=True)
+class LayerFirstProfile(LaneProfile):
+    """LaneProfile whose first run after a load pays 1.5 us more and the first run of each
+    layer's plan 0.5 us more."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        first_run_us=1.5, layer_first_run_us=0.5))
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_layer_first_runs_by_hand(engine: str) -> None:
+    # as test_first_runs_by_hand, plus 0.5 us for each layer's first run: step 0's only run
+    # (first after its load and first of the layer) 21.18 + 6.25 + 1.5 + 0.5 = 29.43; step 1:
+    # plan at 33.43, load E0 35.43 .. 66.29, E0's run (first of the layer, first after its
+    # load) 68.29 .. 76.54, E1's run (neither) 76.54 .. 82.79: charged once per layer
+    assert _rows(engine, LayerFirstProfile()) == [
+        (0, "non_expert", -1, 0.0, 3.0),
+        (0, "prefill", -1, 0.0, 29.43),
+        (0, "stall", 1, 4.0, 21.18),
+        (0, "load", 1, 6.0, 19.18),
+        (0, "run", 1, 21.18, 29.43),
+        (1, "decode", -1, 29.43, 82.79),
+        (1, "non_expert", -1, 29.43, 32.43),
+        (1, "stall", 0, 33.43, 68.29),
+        (1, "load", 0, 35.43, 66.29),
+        (1, "run", 0, 68.29, 76.54),
+        (1, "run", 1, 76.54, 82.79),
+    ]
+
+
+def test_layer_first_run_in_the_fluid_model_by_hand() -> None:
+    # contended profile (the fluid engine): step 0 loads E0 and E1, step 1 finds both resident
+    # and runs them with no load beside: its first run pays layer_first_run_us (0.5), the
+    # second does not. A run is 2 + 2 * 1 + 0.25 = 4.25 (LinearProfile, 1 token at 2 bits);
+    # step 1 starts at t: non-expert 3, layer_us 1, runs t+4 .. t+8.75 .. t+13
+    demands = [Demand(ExpertKey(0, 0), 2, 1, 0.9), Demand(ExpertKey(0, 1), 2, 1, 0.8)]
+    steps = [StepWork("prefill", 1, [demands]), StepWork("decode", 1, [demands])]
+    profile = dataclass_replace(ContendedProfile(), executor=ExecutorCosts(
+        layer_us=1.0, run_us=0.25, overlap_io_speed=0.6, overlap_compute_speed=0.4,
+        layer_first_run_us=0.5))
+    for engine in ("fast", "simpy"):
+        tl = simulate(SimSetup(SPEC, profile, LAYOUT, ALL_BYTES, engine=engine), steps,
+                      make_policy("hebf"))
+        t = next(e.start_us for e in tl.events if e.kind == "decode")
+        runs = [(e.expert, round(e.start_us - t, 6), round(e.end_us - t, 6))
+                for e in tl.events if e.kind == "run" and e.step == 1]
+        assert runs == [(0, 4.0, 8.75), (1, 8.75, 13.0)]
+
+
+def test_profiles_without_the_layer_field_charge_nothing() -> None:
+    assert ExecutorCosts().layer_first_run_us == 0.0
+    assert _rows("fast", FirstRunProfile()) == _rows(
+        "fast", dataclass_replace(LayerFirstProfile(), executor=dataclass_replace(
+            LayerFirstProfile().executor, layer_first_run_us=0.0)))
 
 
 def test_first_runs_marks_the_first_run_after_each_load() -> None:
