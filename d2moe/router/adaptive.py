@@ -235,12 +235,13 @@ def run_bits(events: Iterable, first_step: int = 0) -> float:
     return total / weight if weight else math.nan
 
 
-def describe(meta: dict, avg_bits: float) -> str:
-    """One summary line of a router run's capacities (timeline.meta['capacity'])."""
+def describe(meta: dict, avg_bits: float, source: str = "measured") -> str:
+    """One summary line of a router run's capacities (timeline.meta['capacity']); `source`
+    labels the average bits: measured (executor) or simulated."""
     if "decisions" not in meta:
         shares = "/".join(f"{s:.2f}" for s in meta["shares"])
         return (f"bit-width router: fixed capacities {shares} (window {meta['window']}); "
-                f"average bits {avg_bits:.3f} over decode runs (measured)")
+                f"average bits {avg_bits:.3f} over decode runs ({source})")
     ds = meta["decisions"]
     last = "/".join(f"{s:.2f}" for s in (ds[-1]["shares"] if ds else meta["trained"]))
     fracs = ", ".join(f"{d['stall_fraction']:.3f}" for d in ds[:8])
@@ -248,4 +249,4 @@ def describe(meta: dict, avg_bits: float) -> str:
     return (f"bit-width router: adaptive capacities, {len(ds)} decisions of "
             f"{meta['window_steps']} decode steps (stall fractions {fracs}{more}), shares now "
             f"{last} (trained {'/'.join(f'{s:.2f}' for s in meta['trained'])}); average bits "
-            f"{avg_bits:.3f} over decode runs (measured)")
+            f"{avg_bits:.3f} over decode runs ({source})")

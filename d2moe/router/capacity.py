@@ -19,6 +19,10 @@ Smaller calls (decode steps of one token) share a running window of `window` tok
 layer: their counts come from n_k(window) minus what the window has used, and a new window
 starts when the next call would not fit. This keeps the shares exact over every window of
 decode tokens, deterministically (the state depends only on the calls so far).
+
+numpy or torch: the rule runs in numpy (torch tensors are converted once per call and the
+result goes back to their device), so the simulator re-places a trace's recorded gate
+probabilities with this very code and no torch (d2moe/sim/adaptive.py).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
-import torch
+import numpy as np
 
 from d2moe.core.errors import UserError
 
@@ -85,29 +90,45 @@ def capacity_counts(caps: Sequence[float], tokens: int) -> list[int]:
     return counts
 
 
-def assign(probs: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """probs [T, K] (gate preferences) + room per width -> width index [T] (module doc)."""
-    t, k = probs.shape
+def assign(probs: Any, counts: Sequence[int]) -> Any:
+    """probs [T, K] (gate preferences) + room per width -> width index [T] (module doc):
+    numpy in, int64 numpy out; torch in, a long tensor on the same device out."""
+    p, back = _as_numpy(probs)
+    return back(_assign(p, counts))
+
+
+def _as_numpy(probs: Any) -> tuple[np.ndarray, Any]:
+    """probs as a numpy array, and the map of an index array back to the input's kind."""
+    if isinstance(probs, np.ndarray):
+        return probs, lambda idx: idx
+    import torch
+
+    p = probs.detach()
+    return p.float().cpu().numpy(), lambda idx: torch.from_numpy(idx).to(p.device)
+
+
+def _assign(p: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+    """The overflow rule on a numpy array p [T, K]: width index [T] int64."""
+    t, k = p.shape
     if sum(counts) < t:
         raise ValueError(f"room for {sum(counts)} tokens, {t} to place")
-    p = probs.detach()
-    pref = torch.argsort(-p, dim=1, stable=True)  # [T, K] widths, most preferred first
-    out = torch.full((t,), -1, dtype=torch.long, device=p.device)  # [T]
+    pref = np.argsort(-p, axis=1, kind="stable")  # [T, K] widths, most preferred first
+    out = np.full(t, -1, dtype=np.int64)  # [T]
     room = list(counts)
     for r in range(k):
         open_ = out < 0  # [T]
-        if not bool(open_.any()):
+        if not open_.any():
             break
         prop = pref[:, r]  # [T]
         for w in range(k):
-            cand = torch.nonzero(open_ & (prop == w)).flatten()  # [n] token ids, ascending
-            if cand.numel() == 0 or room[w] == 0:
+            cand = np.flatnonzero(open_ & (prop == w))  # [n] token ids, ascending
+            if cand.size == 0 or room[w] == 0:
                 continue
-            if cand.numel() > room[w]:  # over capacity: the most confident tokens stay
-                order = torch.argsort(-p[cand, w], stable=True)
+            if cand.size > room[w]:  # over capacity: the most confident tokens stay
+                order = np.argsort(-p[cand, w], kind="stable")
                 cand = cand[order[:room[w]]]
             out[cand] = w
-            room[w] -= int(cand.numel())
+            room[w] -= int(cand.size)
     return out
 
 
@@ -128,17 +149,19 @@ class CapacityWindow:
         self.used.clear()
         self.filled.clear()
 
-    def place(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
-        """probs [T, K] of one layer's call -> width index [T] under the capacities."""
-        t = probs.shape[0]
+    def place(self, layer: int, probs: Any) -> Any:
+        """probs [T, K] of one layer's call (numpy or torch) -> width index [T] (the same
+        kind, see `assign`) under the capacities."""
+        p, back = _as_numpy(probs)
+        t = p.shape[0]
         if t >= self.window:
-            return assign(probs, capacity_counts(self.caps, t))
+            return back(_assign(p, capacity_counts(self.caps, t)))
         used = self.used.setdefault(layer, [0] * len(self.caps))
         if self.filled.get(layer, 0) + t > self.window:  # next window
             used[:] = [0] * len(self.caps)
             self.filled[layer] = 0
-        idx = assign(probs, [n - u for n, u in zip(self.full, used, strict=True)])
-        for w, c in enumerate(torch.bincount(idx, minlength=len(self.caps)).tolist()):
+        idx = _assign(p, [n - u for n, u in zip(self.full, used, strict=True)])  # [T]
+        for w, c in enumerate(np.bincount(idx, minlength=len(self.caps)).tolist()):
             used[w] += c
         self.filled[layer] = self.filled.get(layer, 0) + t
-        return idx
+        return back(idx)

@@ -140,6 +140,19 @@ class BitRoutedExperts:
         return torch.stack([bits[self.last_index[layer].cpu()]
                             for layer in sorted(self.last_index)], dim=1)
 
+    def token_prefs(self) -> torch.Tensor:
+        """Gate probabilities [T, L, k, K] (fp32) of the last forward's (token, slot) rows,
+        for trace recording: the simulator re-places them under moved capacities. A per-token
+        router's row repeats over the token's k slots. Needs a chooser that keeps
+        `last_probs` (the `BitRouter`)."""
+        probs = getattr(self.chooser, "last_probs", None)
+        if not probs:
+            raise ValueError("the chooser keeps no gate probabilities (not a BitRouter)")
+        k = self.last_index[min(self.last_index)].shape[1]
+        per_layer = [probs[layer].float().cpu() for layer in sorted(probs)]
+        return torch.stack([p if p.dim() == 3 else p[:, None, :].expand(-1, k, -1)
+                            for p in per_layer], dim=1)  # [T, L, k, K]
+
     def average_bits(self) -> float:
         """Mean bits over every (token, slot, layer) expert run so far."""
         bits = torch.tensor(self.weights.bits, dtype=torch.float64)

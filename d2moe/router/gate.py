@@ -106,6 +106,8 @@ class BitRouter:
         self.window = CapacityWindow(self.capacities, window * self.rows_per_token)
         self.meta = dict(meta or {})
         self._bits_t = torch.tensor(self.bits, dtype=torch.long)
+        # layer -> the last call's gate probabilities [T, K] or [T, k, K] (trace recording)
+        self.last_probs: dict[int, torch.Tensor] = {}
 
     def to(self, device: torch.device | str) -> BitRouter:
         """Move the gate to `device`."""
@@ -116,6 +118,7 @@ class BitRouter:
     def reset(self) -> None:
         """Start a new sequence: forget the decode windows."""
         self.window.reset()
+        self.last_probs.clear()
 
     def set_capacities(self, caps: Sequence[float], window: int | None = None) -> None:
         """New capacities (and window size) from the next call on; every window restarts."""
@@ -128,6 +131,14 @@ class BitRouter:
         """'slot' or 'token' (the gate's)."""
         return self.gate.granularity
 
+    def describe(self) -> dict:
+        """JSON-ready: widths, capacities and window (tokens) it places under now, and the
+        granularity; what the simulator needs to re-place recorded preferences (trace meta
+        `router_config`)."""
+        return {"path": str(self.meta.get("path", "")), "bits": list(self.bits),
+                "capacities": list(self.capacities), "granularity": self.granularity,
+                "window": int(self.window_tokens)}
+
     def probs(self, layer: int, x: torch.Tensor, weights: torch.Tensor | None = None
               ) -> torch.Tensor:
         """x [T, D] (+ router weights [T, k]) -> gate probabilities [T, K] or [T, k, K]."""
@@ -139,6 +150,7 @@ class BitRouter:
         """x [T, D], router weights [T, k] -> width index [T] (per token) or [T, k] (per
         slot) into `bits`, capacities enforced over the window's rows."""
         p = self.probs(layer, x, weights)
+        self.last_probs[layer] = p
         idx = self.window.place(layer, p.reshape(-1, p.shape[-1]))  # [rows]
         return idx.view(p.shape[:-1])
 

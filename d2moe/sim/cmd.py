@@ -74,6 +74,10 @@ def register(subparsers: Any) -> None:
                     "chrome.json (open in ui.perfetto.dev) to --out.",
         epilog="policies: " + POLICIES.describe())
     add_fields(p, SimulateConfig)
+    from d2moe.router.adaptive import CapacityConfig
+
+    # --capacity-mode fixed|adaptive and its knobs: a trace recorded with a bit-width router
+    add_fields(p, CapacityConfig)
     p.add_argument("--list", action="store_true", help="list the policies and exit")
     p.set_defaults(func=_main)
 
@@ -85,8 +89,10 @@ def _main(args: argparse.Namespace) -> int:
         for name in POLICIES.names():
             print(f"{name:10s} {POLICIES.doc(name)}")
         return 0
+    from d2moe.router.adaptive import CapacityConfig
+
     cfg = from_args(SimulateConfig, args)
-    result = run_simulations(cfg)
+    result = run_simulations(cfg, capacity=from_args(CapacityConfig, args))
     print(result["table"])
     print(f"wrote {', '.join(result['files'])}")
     return 0
@@ -105,11 +111,16 @@ class Prepared:
     layout: QuantLayout
     budget_bytes: int
     host_bytes: int
+    capacity: Any = None  # d2moe.router.adaptive.CapacityConfig, or None: fixed
 
 
-def prepare(cfg: SimulateConfig) -> Prepared:
-    """Load the spec, profile and trace of `cfg` and fix the budget in bytes."""
+def prepare(cfg: SimulateConfig, capacity: Any = None) -> Prepared:
+    """Load the spec, profile and trace of `cfg` and fix the budget in bytes; `capacity` (a
+    CapacityConfig) re-places a router trace's widths (d2moe/sim/adaptive.py), checked here
+    before any work. With a router trace the budget's percentages are of all experts at the
+    router's widest width (any share may grow to it)."""
     from d2moe.profiles import load_profile
+    from d2moe.sim.adaptive import RecordedRouter, capacity_source
     from d2moe.sim.workload import budget_bytes, max_bits, steps_from_trace
     from d2moe.traces import load_trace, synth_trace
     from d2moe.traces.synth import SynthConfig
@@ -124,11 +135,14 @@ def prepare(cfg: SimulateConfig) -> Prepared:
     else:
         trace = synth_trace(spec, SynthConfig())
         trace_name = f"synth({spec.name}, defaults)"
+    capacity_source(trace, cfg.bits, capacity, cfg.steps)  # bad options fail here
     steps = steps_from_trace(trace, cfg.bits, cfg.steps)
-    top = max_bits(steps, cfg.bits)
+    router = RecordedRouter.of(trace)
+    top = max(max_bits(steps, cfg.bits), max(router.bits) if router else 0)
     budget = budget_bytes(cfg.budget, spec, layout, top)
     host = budget_bytes(cfg.host_cache, spec, layout, top) if cfg.host_cache != "0" else 0
-    return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host)
+    return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host,
+                    capacity)
 
 
 def build_policy(prep: Prepared, name: str) -> Any:
@@ -149,7 +163,9 @@ def build_policy(prep: Prepared, name: str) -> Any:
 
 def simulate_policy(prep: Prepared, policy: Any) -> Timeline:
     """Simulate one policy object on a prepared workload; the timeline's meta has the wall
-    time the simulation took (`sim_wall_s`)."""
+    time the simulation took (`sim_wall_s`) and, for a router trace, the router's
+    `capacity` (fixed shares, or the adaptive controller's decisions), as the executor's."""
+    from d2moe.sim.adaptive import capacity_source
     from d2moe.sim.simulator import SimSetup, simulate
 
     cfg = prep.cfg
@@ -157,13 +173,17 @@ def simulate_policy(prep: Prepared, policy: Any) -> Timeline:
                      host_cache_bytes=prep.host_bytes, engine=cfg.engine,
                      meta={"trace": prep.trace_name, "budget": cfg.budget})
     t0 = time.perf_counter()
-    tl = simulate(setup, prep.steps, policy)
+    source = capacity_source(prep.trace, cfg.bits, prep.capacity, cfg.steps)  # fresh state
+    tl = simulate(setup, source, policy)
     tl.meta["sim_wall_s"] = time.perf_counter() - t0
+    if source.record() is not None:
+        tl.meta["capacity"] = source.record()
     return tl
 
 
-def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
-    """Simulate every policy of `cfg` on one trace; write the outputs; return table and files."""
+def run_simulations(cfg: SimulateConfig, capacity: Any = None) -> dict[str, Any]:
+    """Simulate every policy of `cfg` on one trace; write the outputs; return table and files.
+    `capacity` (a d2moe.router.adaptive.CapacityConfig) applies to a router trace."""
     from d2moe.analysis import (
         compute_metrics,
         export_chrome,
@@ -179,7 +199,7 @@ def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
         raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
     for n in names:  # unknown names fail before any work
         policy_config(n)
-    prep = prepare(cfg)
+    prep = prepare(cfg, capacity)
     policies = [build_policy(prep, n) for n in names]
     spec, profile, layout, budget = prep.spec, prep.profile, prep.layout, prep.budget_bytes
     steps, trace_name = prep.steps, prep.trace_name
@@ -204,9 +224,16 @@ def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
               f"{len(steps)} steps\nbudget {cfg.budget} = {fmt_bytes(budget)}, "
               f"layout {layout.kind} {layout.b1}..{layout.bK} bits, default {cfg.bits} bits, "
               f"simulated")
+    table += _capacity_lines(prep, timelines)
     metrics = {"config": asdict(cfg), "budget_bytes": budget, "model": spec.name,
                "profile": profile.name, "profile_source": profile.source.kind,
                "policies": {name: m.as_dict() for name, m, _ in rows}}
+    if capacity is not None:
+        metrics["capacity_config"] = asdict(capacity)
+    capacity_meta = {tl.meta["policy"]: tl.meta["capacity"] for tl in timelines
+                     if "capacity" in tl.meta}
+    if capacity_meta:
+        metrics["capacity"] = capacity_meta
     with atomic_write(out / "metrics.json") as f:
         json.dump(metrics, f, indent=1, default=float)
     files.append(str(out / "metrics.json"))
@@ -218,6 +245,20 @@ def run_simulations(cfg: SimulateConfig) -> dict[str, Any]:
     files.append(str(export_chrome(timelines, out / "chrome.json", labels=names)))
     return {"table": header + "\n" + table, "files": files, "timelines": timelines,
             "metrics": {name: m for name, m, _ in rows}}
+
+
+def _capacity_lines(prep: Prepared, timelines: list[Timeline]) -> str:
+    """Per policy, the router's capacities and the decode runs' average bits (simulated)."""
+    import numpy as np
+
+    from d2moe.router.adaptive import describe, run_bits
+    from d2moe.traces.schema import DECODE
+
+    decode = np.flatnonzero(prep.trace.phase_codes == DECODE)
+    first = int(decode[0]) if decode.size else prep.trace.num_steps
+    return "".join(f"\n{tl.meta['policy']}: "
+                   f"{describe(tl.meta['capacity'], run_bits(tl.events, first), 'simulated')}"
+                   for tl in timelines if "capacity" in tl.meta)
 
 
 def _window(timelines: list[Timeline], n_steps: int) -> tuple[float, float] | None:

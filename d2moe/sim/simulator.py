@@ -35,6 +35,33 @@ class StepWork:
     layers: Sequence[Sequence[Demand]]
 
 
+class StepSource:
+    """The steps a simulation runs, asked for one at a time; this base replays a fixed list.
+
+    A subclass may decide a step's work from what the simulated steps before it did (the
+    adaptive capacity controller re-places widths: d2moe/sim/adaptive.py): `work(s)` is
+    asked right before step s runs, `observe` right after, with the step's Event rows.
+    """
+
+    def __init__(self, steps: Sequence[StepWork] = ()) -> None:
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def max_bits(self, default: int) -> int:
+        """The most bits any demand can ask for (sizes the storage check and the budget)."""
+        return max((d.bits for s in self.steps for ds in s.layers for d in ds), default=default)
+
+    def work(self, s: int) -> StepWork:
+        """Step s's work, asked right before it runs."""
+        return self.steps[s]
+
+    def observe(self, s: int, events: Sequence[Event], start_us: float, end_us: float) -> None:
+        """Step s ran from `start_us` to `end_us`; `events` holds its rows (a fixed list
+        ignores them)."""
+
+
 @dataclass(frozen=True)
 class SimSetup:
     """Everything fixed across the policies compared on one trace."""
@@ -57,8 +84,10 @@ def check_budget(setup: SimSetup, max_bits: int) -> None:
                         fix=f"give at least {one} bytes, e.g. a larger percentage")
 
 
-def simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Timeline:
-    """Run `policy` over `steps`; returns the Timeline (events + meta).
+def simulate(setup: SimSetup, steps: Sequence[StepWork] | StepSource, policy: Policy
+             ) -> Timeline:
+    """Run `policy` over `steps` (a list, or a `StepSource` deciding them as it goes);
+    returns the Timeline (events + meta).
 
     The cyclic garbage collector is paused meanwhile: the loop makes no reference cycles
     (refcounting frees everything), and each collection would rescan every event created so
@@ -166,29 +195,32 @@ def policy_setup(setup: SimSetup, policy: Policy, asked_max: int) -> SimSetup:
     return out
 
 
-def _simulate(setup: SimSetup, steps: Sequence[StepWork], policy: Policy) -> Timeline:
+def _simulate(setup: SimSetup, steps: Sequence[StepWork] | StepSource, policy: Policy
+              ) -> Timeline:
     if setup.engine not in ENGINES:
         raise UserError(f"unknown engine {setup.engine!r}", field="engine",
                         fix=f"use one of {', '.join(ENGINES)}")
-    asked_max = max((d.bits for s in steps for ds in s.layers for d in ds),
-                    default=setup.layout.b1)
-    setup = policy_setup(setup, policy, asked_max)
+    source = steps if isinstance(steps, StepSource) else StepSource(steps)
+    setup = policy_setup(setup, policy, source.max_bits(setup.layout.b1))
     session = SimSession(setup, policy)
     if setup.engine == "fast":
         t = 0.0
-        for s, step in enumerate(steps):
-            t = session.run_step(s, step, t)
+        for s in range(len(source)):
+            first = len(session.events)
+            t_end = session.run_step(s, source.work(s), t)
+            source.observe(s, session.events[first:], t, t_end)
+            t = t_end
     else:
         import simpy
 
         env = simpy.Environment()
-        env.process(_steps_simpy(env, steps, policy, session.pool, session.costs,
+        env.process(_steps_simpy(env, source, policy, session.pool, session.costs,
                                  session.events, session.load_us, session.costs.run_us_of))
         env.run()
     return session.timeline()
 
 
-def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: ResidentSet,
+def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet,
                  costs: ProfileCosts, events: list[Event], load_us: Any, run_us: Any) -> Any:
     """The driver process: each layer's non-expert slice, then its plan on both lanes."""
     t = 0.0
@@ -196,8 +228,8 @@ def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: Resi
                    costs.compute_speed, costs.cold_us,
                    first_run_us=costs.first_run_us,
                    layer_first_run_us=costs.layer_first_run_us)  # one context: the I/O lane
-    for s, step in enumerate(steps):
-        t_step = t
+    for s in range(len(source)):
+        step, t_step, first = source.work(s), t, len(events)
         ne = costs.non_expert_us(step.tokens)
         for layer, demands in enumerate(step.layers):
             events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0,
@@ -209,3 +241,4 @@ def _steps_simpy(env: Any, steps: Sequence[StepWork], policy: Policy, pool: Resi
                 ctx.step, ctx.layer = s, layer
                 t = yield env.process(simpy_layer(env, ctx, plan, t + costs.layer_us))
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
+        source.observe(s, events[first:], t_step, t)

@@ -48,8 +48,10 @@ def register(subparsers: Any) -> None:
     rec.add_argument("--bits", type=int, default=0,
                      help="label every slot with this bit-width (default: 0, unknown)")
     rec.add_argument("--router", default="", metavar="DIR|auto",
-                     help="a trained bit-width router: the experts run at its per-token "
-                          "widths (dequantized from --store) and the trace carries them")
+                     help="a trained bit-width router: the experts run at its widths "
+                          "(dequantized from --store) and the trace carries them, with its "
+                          "gate probabilities (`prefs`: d2moe simulate --capacity-mode "
+                          "adaptive re-places them)")
     rec.add_argument("--store", default="", metavar="DIR",
                      help="nested store for --router (default: the router's own store)")
     rec.add_argument("--out", default="trace.npz", metavar="FILE.npz",
@@ -95,7 +97,9 @@ def _record(args: argparse.Namespace) -> int:
         from d2moe.router.evaluate import routed_backend
 
         backend = routed_backend(args.model, spec, args.store, args.router)
-        routed = {"backend": backend, "token_bits": backend.token_bits}
+        routed = {"backend": backend, "token_bits": backend.token_bits,
+                  "token_prefs": backend.token_prefs,
+                  "router_config": backend.chooser.describe()}
     trace = record_trace(model, spec, encode(data), prefill_tokens=args.prefill_tokens,
                          decode_steps=args.decode_steps, bits=args.bits, source=source,
                          **routed)
@@ -171,4 +175,9 @@ def format_info(trace: Trace) -> str:
     hist = ", ".join(f"{'unknown' if v == 0 else f'{v} bits'}: {c / trace.bits.size:.1%}"
                      for v, c in zip(values.tolist(), freq.tolist(), strict=True))
     lines.append(f"bits: {hist}")
+    if trace.prefs is not None:
+        cfg = trace.meta["router_config"]
+        lines.append(f"router preferences: {cfg['granularity']} rows over "
+                     f"{'/'.join(map(str, cfg['bits']))} bits (d2moe simulate "
+                     f"--capacity-mode adaptive re-places them)")
     return "\n".join(lines)

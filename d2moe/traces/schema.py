@@ -8,6 +8,10 @@ File: one `.npz` with the arrays below plus `header`, a JSON string
   experts      int16   [N, L, k]  expert ids, distinct within a token's top-k
   weights      float32 [N, L, k]  router weights (finite, >= 0)
   bits         int8    [N, L, k]  chosen bit-width, 0 = unknown (the replayer's default applies)
+  prefs        float32 [N, L, k, K]  optional: the bit-width router's gate probabilities per
+                                  (token, slot) over its K widths, with meta `router_config`
+                                  (bits, capacities, granularity, window); lets the simulator
+                                  re-place widths under moved capacities (d2moe/sim/adaptive.py)
 
 Everything is validated on construction and on load; errors name the file, field and fix.
 """
@@ -33,6 +37,8 @@ PHASES = ("prefill", "decode")  # index = phase code
 PREFILL, DECODE = 0, 1
 MAX_BITS = 16
 ARRAYS = ("phase", "step_offsets", "experts", "weights", "bits")
+OPTIONAL_ARRAYS = ("prefs",)
+GRANULARITIES = ("slot", "token")  # the bit-width router's (d2moe/router/gate.py)
 _FIX_RECREATE = "re-create the trace with `d2moe trace synth` or the executor's recorder"
 
 
@@ -41,7 +47,7 @@ class Trace:
 
     def __init__(self, spec_name: str, num_experts: int, phase: Any, step_offsets: Any,
                  experts: Any, weights: Any, bits: Any = None, meta: dict[str, Any] | None = None,
-                 *, path: str | None = None) -> None:
+                 *, path: str | None = None, prefs: Any = None) -> None:
         experts_a = np.asarray(experts)
         if bits is None:
             bits = np.zeros(experts_a.shape, dtype=np.int8)
@@ -49,6 +55,8 @@ class Trace:
             {"phase": np.asarray(phase), "step_offsets": np.asarray(step_offsets),
              "experts": experts_a, "weights": np.asarray(weights), "bits": np.asarray(bits)},
             num_experts=num_experts, path=path)
+        if prefs is not None:
+            arrays["prefs"] = _validate_prefs(np.asarray(prefs), arrays["bits"], meta or {}, path)
         for a in arrays.values():
             a.flags.writeable = False
         self.spec_name = str(spec_name)
@@ -60,13 +68,15 @@ class Trace:
         self.experts: np.ndarray = arrays["experts"]
         self.weights: np.ndarray = arrays["weights"]
         self.bits: np.ndarray = arrays["bits"]
+        self.prefs: np.ndarray | None = arrays.get("prefs")  # [N, L, k, K] or None
         self._demands: dict[int, list[list[list[Demand]]]] = {}
 
     @classmethod
     def from_steps(cls, spec_name: str, num_experts: int,
                    steps: Sequence[tuple[int, Any, Any, Any]],
-                   meta: dict[str, Any] | None = None) -> Trace:
-        """Build from per-step (phase code, experts [n,L,k], weights [n,L,k], bits or None)."""
+                   meta: dict[str, Any] | None = None, *, prefs: Any = None) -> Trace:
+        """Build from per-step (phase code, experts [n,L,k], weights [n,L,k], bits or None);
+        `prefs` [N, L, k, K] over all steps' tokens, or None."""
         if not steps:
             raise UserError("a trace needs at least one step", field="steps",
                             fix="record at least one forward step")
@@ -77,7 +87,7 @@ class Trace:
         bits = np.concatenate([np.zeros(np.shape(e), np.int8) if b is None else np.asarray(b)
                                for _, e, _, b in steps])
         return cls(spec_name, num_experts, [p for p, _, _, _ in steps], offsets, experts,
-                   weights, bits, meta)
+                   weights, bits, meta, prefs=prefs)
 
     # -- shape ---------------------------------------------------------------------------
     @property
@@ -133,7 +143,8 @@ class Trace:
         meta = dict(self.meta, sliced_from_steps=[rng.start, rng.stop])
         return Trace(self.spec_name, self.num_experts, self.phase_codes[rng.start:rng.stop],
                      self.step_offsets[rng.start:rng.stop + 1] - lo, self.experts[lo:hi],
-                     self.weights[lo:hi], self.bits[lo:hi], meta)
+                     self.weights[lo:hi], self.bits[lo:hi], meta,
+                     prefs=None if self.prefs is None else self.prefs[lo:hi])
 
     # -- replay ----------------------------------------------------------------------------
     def demands(self, default_bits: int) -> list[list[list[Demand]]]:
@@ -161,19 +172,31 @@ class Trace:
 
 
 def _group_demands(trace: Trace, default_bits: int) -> list[list[list[Demand]]]:
-    """Bulk grouping with numpy: one sort over (step, layer, expert, bits) keys."""
+    """The whole trace's demands [step][layer] (`group_demands` over every step)."""
+    return group_demands(trace.experts, trace.weights, trace.bits, trace.step_offsets,
+                         trace.num_experts, default_bits)
+
+
+def group_demands(experts: np.ndarray, weights: np.ndarray, bits: np.ndarray,
+                  step_offsets: np.ndarray, num_experts: int, default_bits: int
+                  ) -> list[list[list[Demand]]]:
+    """Demands [step][layer] of the tokens' experts, weights and bits [N, L, k] (bits 0:
+    `default_bits`): per (layer, expert, bits) one Demand, tokens = count, importance = the
+    largest router weight, sorted by (expert, bits). Bulk numpy: one sort over (step, layer,
+    expert, bits) keys. The simulator's adaptive capacity calls it per step with the
+    widths it re-placed (d2moe/sim/adaptive.py)."""
     if not 1 <= default_bits <= MAX_BITS:
         raise UserError(f"default bits must be in 1..{MAX_BITS}, got {default_bits}",
                         field="default_bits", fix="pass e.g. 4")
-    n, L, k = trace.experts.shape
-    S, E, B = trace.num_steps, trace.num_experts, MAX_BITS + 1
-    step_of_token = np.repeat(np.arange(S, dtype=np.int64), np.diff(trace.step_offsets))
+    n, L, k = experts.shape
+    S, E, B = len(step_offsets) - 1, num_experts, MAX_BITS + 1
+    step_of_token = np.repeat(np.arange(S, dtype=np.int64), np.diff(step_offsets))
     step = np.broadcast_to(step_of_token[:, None, None], (n, L, k)).ravel()
     layer = np.broadcast_to(np.arange(L, dtype=np.int64)[None, :, None], (n, L, k)).ravel()
-    expert = trace.experts.ravel().astype(np.int64)
-    bits = trace.bits.ravel().astype(np.int64)
+    expert = experts.ravel().astype(np.int64)
+    bits = bits.ravel().astype(np.int64)
     bits = np.where(bits == 0, default_bits, bits)
-    weight = trace.weights.ravel()
+    weight = weights.ravel()
     # key order = (step, layer, expert, bits): the demand order the API promises
     key = ((step * L + layer) * E + expert) * B + bits
     order = np.argsort(key, kind="stable")
@@ -265,9 +288,74 @@ def _validate(arrays: dict[str, np.ndarray], *, num_experts: int,
             "bits": bits}
 
 
+_FIX_PREFS = "re-record with `d2moe trace record --router DIR`"
+
+
+def _validate_prefs(prefs: np.ndarray, bits: np.ndarray, meta: dict[str, Any],
+                    path: str | None) -> np.ndarray:
+    """The router's gate probabilities [N, L, k, K] and meta `router_config`: a float32 copy."""
+    cfg = _router_config(meta, path)
+    widths = cfg["bits"]
+    want = (*bits.shape, len(widths))
+    if prefs.shape != want:
+        raise _fail(path, "prefs", f"shape {list(prefs.shape)} must be [tokens, layers, top_k, "
+                                   f"widths] = {list(want)} (meta.router_config.bits has "
+                                   f"{len(widths)} widths)", fix=_FIX_PREFS)
+    if prefs.dtype.kind != "f":
+        raise _fail(path, "prefs", f"must hold floats, got dtype {prefs.dtype}", fix=_FIX_PREFS)
+    prefs = prefs.astype(np.float32, copy=True)
+    if not np.isfinite(prefs).all() or (prefs < 0).any() or (prefs > 1).any():
+        raise _fail(path, "prefs", "gate probabilities must be finite and in [0, 1]",
+                    fix=_FIX_PREFS)
+    worst = float(np.abs(prefs.sum(axis=-1) - 1).max()) if prefs.size else 0.0
+    if worst > 1e-3:
+        raise _fail(path, "prefs", f"each row must sum to 1 (a softmax), off by up to {worst:.3g}",
+                    fix=_FIX_PREFS)
+    if cfg["granularity"] == "token" and not (prefs == prefs[:, :, :1]).all():
+        raise _fail(path, "prefs", "a per-token router's row must repeat over the token's slots",
+                    fix=_FIX_PREFS)
+    stray = sorted(set(np.unique(bits).tolist()) - set(widths) - {0})
+    if stray:
+        raise _fail(path, "bits", f"widths {stray} are not the router's {widths} "
+                                  f"(meta.router_config.bits)", fix=_FIX_PREFS)
+    return prefs
+
+
+def _router_config(meta: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """meta `router_config` (required beside `prefs`), checked field by field."""
+    cfg = meta.get("router_config")
+    field = "meta.router_config"
+    if not isinstance(cfg, dict):
+        raise _fail(path, field, "missing or not a mapping: `prefs` needs the router's bits, "
+                                 "capacities, granularity and window", fix=_FIX_PREFS)
+    widths, caps = cfg.get("bits"), cfg.get("capacities")
+    if (not isinstance(widths, list) or len(widths) < 2
+            or not all(isinstance(b, int) and 1 <= b <= MAX_BITS for b in widths)
+            or any(b >= c for b, c in zip(widths, widths[1:], strict=False))):
+        raise _fail(path, f"{field}.bits", f"must be at least two increasing bit-widths in "
+                                           f"1..{MAX_BITS}, got {widths!r}", fix=_FIX_PREFS)
+    if (not isinstance(caps, list) or len(caps) != len(widths)
+            or not all(isinstance(c, int | float) and 0 <= c <= 1 for c in caps)
+            or sum(caps) < 1 - 1e-9):
+        raise _fail(path, f"{field}.capacities", f"must be one share in [0, 1] per width, "
+                                                 f"summing to >= 1, got {caps!r}",
+                    fix=_FIX_PREFS)
+    if cfg.get("granularity") not in GRANULARITIES:
+        raise _fail(path, f"{field}.granularity", f"must be one of {', '.join(GRANULARITIES)}, "
+                                                  f"got {cfg.get('granularity')!r}",
+                    fix=_FIX_PREFS)
+    window = cfg.get("window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise _fail(path, f"{field}.window", f"must be a positive token count, got {window!r}",
+                    fix=_FIX_PREFS)
+    return cfg
+
+
 def save_trace(path: str | Path, trace: Trace) -> None:
     """Write `trace` as a compressed .npz with its JSON header, atomically."""
     arrays = {name: getattr(trace, "phase_codes" if name == "phase" else name) for name in ARRAYS}
+    if trace.prefs is not None:
+        arrays["prefs"] = trace.prefs
     with atomic_write(Path(path), "wb") as f:
         np.savez_compressed(f, header=np.array(json.dumps(trace.to_header())), **arrays)
 
@@ -304,8 +392,9 @@ def load_trace(path: str | Path) -> Trace:
     meta = header.get("meta") or {}
     if not isinstance(meta, dict):
         raise _fail(where, "meta", "must be a mapping")
-    for name in sorted(set(arrays) - set(ARRAYS)):
-        raise _fail(where, name, f"unknown array (allowed: {', '.join(ARRAYS)})")
+    for name in sorted(set(arrays) - set(ARRAYS) - set(OPTIONAL_ARRAYS)):
+        raise _fail(where, name, f"unknown array (allowed: "
+                                 f"{', '.join(ARRAYS + OPTIONAL_ARRAYS)})")
     for name in ARRAYS:
         if name not in arrays:
             raise _fail(where, name, "missing array")
@@ -314,4 +403,4 @@ def load_trace(path: str | Path) -> Trace:
         raise _fail(where, "experts", f"shape {list(ex.shape)} disagrees with header spec "
                                       f"layers={spec['layers']}, top_k={spec['top_k']}")
     return Trace(spec["name"], spec["experts"], arrays["phase"], arrays["step_offsets"], ex,
-                 arrays["weights"], arrays["bits"], meta, path=where)
+                 arrays["weights"], arrays["bits"], meta, path=where, prefs=arrays.get("prefs"))

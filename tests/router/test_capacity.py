@@ -72,3 +72,21 @@ def test_bad_capacities_and_bits_are_user_errors():
     with pytest.raises(UserError, match="increasing"):
         parse_bits("4,3")
     assert parse_bits("5-8") == (5, 6, 7, 8)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_numpy_and_torch_inputs_run_the_same_rule(seed):
+    """The simulator re-places recorded preferences (numpy) with the router's code (torch)."""
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(300, 3, generator=gen), -1)
+    probs[::7] = probs[0]  # ties: the earlier token wins in both
+    counts = capacity_counts((0.3, 0.4, 0.3), 300)
+    idx_t = assign(probs, counts)
+    idx_n = assign(probs.numpy(), counts)
+    assert idx_t.dtype == torch.long and isinstance(idx_n, np.ndarray)
+    assert idx_n.tolist() == idx_t.tolist()
+    wt, wn = CapacityWindow((0.3, 0.4, 0.3), 8), CapacityWindow((0.3, 0.4, 0.3), 8)
+    for t in range(0, 300, 3):  # calls of 3 rows share the running window
+        assert wt.place(1, probs[t:t + 3]).tolist() == wn.place(1, probs[t:t + 3].numpy()).tolist()

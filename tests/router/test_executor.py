@@ -4,6 +4,7 @@ traces carry the widths."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -23,7 +24,9 @@ from d2moe.router.capacity import capacity_counts  # noqa: E402
 from d2moe.router.experts import BitRoutedExperts  # noqa: E402
 from d2moe.router.gate import BitGate  # noqa: E402
 from d2moe.router.store import load_router, save_router  # noqa: E402
+from d2moe.sim.adaptive import RecordedRouter, RoutedSteps, capacity_source  # noqa: E402
 from d2moe.traces.record import record_trace  # noqa: E402
+from d2moe.traces.schema import load_trace, save_trace  # noqa: E402
 
 PROMPT = list(encode("def fib(n):\n    return "))
 NEW = 6
@@ -67,14 +70,27 @@ def test_executor_with_router_gives_the_resident_models_tokens(store, setup, pol
     assert pool.accounting.peak_bytes <= budget
 
 
-def test_recorded_trace_carries_the_routers_widths_for_the_simulator(widths, setup):
+def test_recorded_trace_carries_the_routers_widths_for_the_simulator(widths, setup, tmp_path):
     model, spec, path, _ = setup
     backend = BitRoutedExperts(widths, load_router(path, spec=spec))
     backend.reset()
     ids = list(encode("import os\nimport sys\n\ndef main():\n    pass\n" * 2))
     trace = record_trace(model, spec, ids, prefill_tokens=16, decode_steps=8,
-                         backend=backend, token_bits=backend.token_bits)
+                         backend=backend, token_bits=backend.token_bits,
+                         token_prefs=backend.token_prefs,
+                         router_config=backend.chooser.describe())
     assert set(trace.bits.ravel().tolist()) <= {2, 3, 4}
+    # the gate's probabilities per (token, slot): re-placed under the recorded capacities
+    # and window (the simulator's code), they give exactly the recorded widths
+    assert trace.prefs.shape == (*trace.bits.shape, 3) and trace.prefs.dtype == np.float32
+    assert trace.meta["router_config"] == {"path": str(path), "bits": [2, 3, 4],
+                                           "capacities": [0.3, 0.4, 0.3], "window": 4,
+                                           "granularity": backend.chooser.granularity}
+    placed = RoutedSteps(trace, 4, RecordedRouter.of(trace), 4)
+    assert np.array_equal(np.concatenate([placed.step_bits(s) for s in range(len(placed))]),
+                          trace.bits)
+    save_trace(tmp_path / "t.npz", trace)
+    assert np.array_equal(load_trace(tmp_path / "t.npz").prefs, trace.prefs)
     lo, hi = trace.token_range(0)
     per_slot = backend.chooser.granularity == "slot"
     mixed = 0
@@ -103,9 +119,8 @@ def test_run_command_loads_the_router_and_refuses_a_mismatched_one(store, setup,
 
 def test_trace_record_cli_with_router_writes_the_widths(store, setup, tmp_path):
     from d2moe.cli import main
-    from d2moe.traces.schema import load_trace
 
-    _, _, path, _ = setup
+    _, spec, path, _ = setup
     text = tmp_path / "t.py"
     text.write_text("def f(x):\n    return x + 1\n" * 4)
     out = tmp_path / "t.npz"
@@ -113,6 +128,8 @@ def test_trace_record_cli_with_router_writes_the_widths(store, setup, tmp_path):
                  "--decode-steps", "3", "--router", str(path), "--out", str(out)]) == 0
     trace = load_trace(out)
     assert set(trace.bits.ravel().tolist()) <= {2, 3, 4} and trace.meta["router"] == str(path)
+    assert trace.prefs.shape == (15, spec.layers, spec.top_k, 3)
+    assert trace.meta["router_config"]["capacities"] == [0.3, 0.4, 0.3]
     assert main(["trace", "record", "--text", str(text), "--router", str(tmp_path)]) == 2
 
 
@@ -194,3 +211,49 @@ def test_run_command_adaptive_mode_records_its_decisions(store, setup, tmp_path)
                                                   "window": 8}
     assert main(["run", "--store", str(store), "--capacity-mode", "adaptive",
                  "--out", str(tmp_path / "x")]) == 2  # no router
+
+
+def _run_rows(tl, layer: int, steps: range) -> list[int]:
+    """(token, slot) rows run at 2, 3 and 4 bits in `steps` of `layer`."""
+    return [sum(e.tokens for e in tl.events if e.kind == "run" and e.layer == layer
+                and e.step in steps and e.bits_to == b) for b in (2, 3, 4)]
+
+
+def test_simulator_on_the_recorded_trace_makes_the_executors_adaptive_decisions(
+        store, widths, setup):
+    """The executor with adaptive capacity, then the simulator on a trace of the same tokens
+    recorded with the router: the same decisions at the same steps with the same shares,
+    and the same rows per width in every window (timing-free: forced up moves)."""
+    from d2moe.profiles import load_profile
+    from d2moe.router.adaptive import AdaptiveCapacity, CapacityConfig
+    from d2moe.sim.simulator import SimSetup, simulate
+
+    model, spec, path, _ = setup
+    window, new = 4, 13  # 12 decode steps: 3 windows
+    cfg = CapacityConfig(capacity_mode="adaptive", capacity_window=window, stall_low=1.0,
+                         stall_high=1.0, share_step=0.25, share_ceiling="bounds")
+    reader = StoreReader(store)
+    router = load_router(path, spec=spec, store_bits=(2, 4))
+    ctl = AdaptiveCapacity(router.capacities, cfg, window)
+    budget = int(all_experts_bytes(spec, 4, reader.layout) * 0.3)
+    pool = ExpertPool(spec, reader.layout, budget, torch.device("cpu"))
+    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=4, router=router,
+                               capacity=ctl)
+    got = generate(model, PROMPT, new, backend=backend)
+    real = backend.finish()
+    resident = BitRoutedExperts(widths, load_router(path, spec=spec))
+    resident.reset()
+    trace = record_trace(model, spec, PROMPT + list(got.new_ids), prefill_tokens=len(PROMPT),
+                         decode_steps=new - 1, backend=resident,
+                         token_bits=resident.token_bits, token_prefs=resident.token_prefs,
+                         router_config=resident.chooser.describe())
+    source = capacity_source(trace, 4, cfg)
+    sim = simulate(SimSetup(spec, load_profile("cpu-2core"), reader.layout, budget), source,
+                   make_policy("hebf"))
+    decisions = source.record()["decisions"]
+    assert [d["step"] for d in decisions] == [d.step for d in ctl.decisions] == [4, 8, 12]
+    assert [tuple(d["shares"]) for d in decisions] == [d.shares for d in ctl.decisions]
+    for layer in range(spec.layers):
+        for steps in [range(1)] + [range(1 + w * window, 1 + (w + 1) * window)
+                                   for w in range(3)]:
+            assert _run_rows(sim, layer, steps) == _run_rows(real, layer, steps)

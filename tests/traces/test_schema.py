@@ -161,3 +161,70 @@ def test_demands_of_a_long_decode_trace() -> None:
     d = t.demands(4)
     assert len(d) == 2000 and sum(x.tokens for x in d[5][0]) == 2
     assert t.demands(4) is d
+
+
+ROUTER = {"path": "r", "bits": [2, 3, 4], "capacities": [0.3, 0.4, 0.3],
+          "granularity": "slot", "window": 16}
+
+
+def _prefs_trace(granularity: str = "slot") -> Trace:
+    """The hand trace with a router's gate probabilities [N, L, k, K] and its config."""
+    t = _hand_trace()
+    rng = np.random.default_rng(0)
+    p = rng.random((4, 1, 2 if granularity == "slot" else 1, 3)).astype(np.float32)
+    p = np.broadcast_to(p / p.sum(-1, keepdims=True), (4, 1, 2, 3))
+    bits = np.where(t.bits == 0, 4, t.bits)
+    return Trace("hand", 4, t.phase_codes, t.step_offsets, t.experts, t.weights, bits,
+                 {"router_config": dict(ROUTER, granularity=granularity)}, prefs=p)
+
+
+def test_router_prefs_round_trip_and_slice(tmp_path: Path) -> None:
+    t = _prefs_trace()
+    assert t.prefs is not None and t.prefs.dtype == np.float32 and t.prefs.shape == (4, 1, 2, 3)
+    save_trace(tmp_path / "p.npz", t)
+    back = load_trace(tmp_path / "p.npz")
+    assert np.array_equal(back.prefs, t.prefs) and back.meta == t.meta
+    assert np.array_equal(t.slice(slice(1, 2)).prefs, t.prefs[3:])
+    assert _hand_trace().prefs is None  # old traces: no prefs, still valid
+    save_trace(tmp_path / "old.npz", _hand_trace())
+    assert load_trace(tmp_path / "old.npz").prefs is None
+
+
+PREFS_BAD = [  # (field named in the error, id, change of (prefs, meta))
+    ("prefs", "two-widths", lambda p, m: (p[..., :2], m)),  # the router has three
+    ("prefs", "not-probabilities", lambda p, m: (p * 2, m)),
+    ("prefs", "integers", lambda p, m: (p.astype(np.int8), m)),
+    ("meta.router_config", "missing", lambda p, m: (p, {})),
+    ("meta.router_config.bits", "decreasing",
+     lambda p, m: (p, {"router_config": dict(ROUTER, bits=[4, 3, 2])})),
+    ("meta.router_config.capacities", "sum-below-1",
+     lambda p, m: (p, {"router_config": dict(ROUTER, capacities=[0.1, 0.1, 0.1])})),
+    ("meta.router_config.granularity", "unknown",
+     lambda p, m: (p, {"router_config": dict(ROUTER, granularity="expert")})),
+    ("meta.router_config.window", "zero",
+     lambda p, m: (p, {"router_config": dict(ROUTER, window=0)})),
+]
+
+
+@pytest.mark.parametrize("field,change", [pytest.param(f, c, id=i) for f, i, c in PREFS_BAD])
+def test_bad_router_prefs_name_the_field(trace_file: Path, tmp_path: Path, field: str,
+                                         change) -> None:
+    t = _prefs_trace()
+    save_trace(trace_file, t)
+    prefs, meta = change(np.array(t.prefs), t.meta)
+    bad = _rewrite(trace_file, tmp_path / "bad.npz", prefs=prefs, header={"meta": meta})
+    with pytest.raises(UserError) as err:
+        load_trace(bad)
+    msg = str(err.value)
+    assert f"field '{field}'" in msg and str(bad) in msg
+    assert "trace record --router" in msg
+
+
+def test_a_per_token_routers_prefs_repeat_over_slots_and_bits_are_its_widths() -> None:
+    t = _prefs_trace("token")
+    with pytest.raises(UserError, match="repeat over the token's slots"):
+        Trace("hand", 4, t.phase_codes, t.step_offsets, t.experts, t.weights, t.bits,
+              t.meta, prefs=_prefs_trace("slot").prefs)
+    with pytest.raises(UserError, match="field 'bits'"):
+        Trace("hand", 4, t.phase_codes, t.step_offsets, t.experts, t.weights,
+              np.full(t.bits.shape, 8), t.meta, prefs=t.prefs)
