@@ -151,25 +151,33 @@ class _Replay:
         return self.router.choose_index(layer, x, weights)
 
 
+def _adaptive_run(store, model, spec, path, cfg, window: int, new: int):
+    """The executor (HEBF, 30% budget) generating `new` tokens with adaptive capacity:
+    (router, controller, pool, generated, timeline)."""
+    from d2moe.router.adaptive import AdaptiveCapacity
+
+    reader = StoreReader(store)
+    router = load_router(path, spec=spec, store_bits=(2, 4))
+    ctl = AdaptiveCapacity(router.capacities, cfg, window)
+    budget = int(all_experts_bytes(spec, 4, reader.layout) * 0.3)
+    pool = ExpertPool(spec, reader.layout, budget, torch.device("cpu"))
+    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=4, router=router,
+                               capacity=ctl)
+    got = generate(model, PROMPT, new, backend=backend)
+    return router, ctl, pool, got, backend.finish()
+
+
 def test_executor_with_adaptive_capacity_gives_the_resident_tokens_at_the_same_widths(
         store, widths, setup):
-    from d2moe.router.adaptive import AdaptiveCapacity, CapacityConfig
+    from d2moe.router.adaptive import CapacityConfig
 
     model, spec, path, _ = setup
     # stall fraction < 1 always: an up move (ceiling "bounds") at every window, timing-free
     cfg = CapacityConfig(capacity_mode="adaptive", stall_low=1.0, stall_high=1.0,
                          share_step=0.25, share_ceiling="bounds")
     window, new = 4, 13  # 12 decode steps: 3 windows
-    reader = StoreReader(store)
-    router = load_router(path, spec=spec, store_bits=(2, 4))
-    trained = router.capacities
-    ctl = AdaptiveCapacity(trained, cfg, window)
-    budget = int(all_experts_bytes(spec, 4, reader.layout) * 0.3)
-    pool = ExpertPool(spec, reader.layout, budget, torch.device("cpu"))
-    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=4, router=router,
-                               capacity=ctl)
-    got = generate(model, PROMPT, new, backend=backend)
-    tl = backend.finish()
+    router, ctl, pool, got, tl = _adaptive_run(store, model, spec, path, cfg, window, new)
+    trained, budget = ctl.trained, pool.accounting.budget_bytes
     shares = [d.shares for d in ctl.decisions]
     assert [d.step for d in ctl.decisions] == [4, 8, 12]
     assert shares[0] == pytest.approx((0.05, 0.65, 0.3)) and shares[1] == pytest.approx(
@@ -225,22 +233,15 @@ def test_simulator_on_the_recorded_trace_makes_the_executors_adaptive_decisions(
     recorded with the router: the same decisions at the same steps with the same shares,
     and the same rows per width in every window (timing-free: forced up moves)."""
     from d2moe.profiles import load_profile
-    from d2moe.router.adaptive import AdaptiveCapacity, CapacityConfig
+    from d2moe.router.adaptive import CapacityConfig
     from d2moe.sim.simulator import SimSetup, simulate
 
     model, spec, path, _ = setup
     window, new = 4, 13  # 12 decode steps: 3 windows
     cfg = CapacityConfig(capacity_mode="adaptive", capacity_window=window, stall_low=1.0,
                          stall_high=1.0, share_step=0.25, share_ceiling="bounds")
-    reader = StoreReader(store)
-    router = load_router(path, spec=spec, store_bits=(2, 4))
-    ctl = AdaptiveCapacity(router.capacities, cfg, window)
-    budget = int(all_experts_bytes(spec, 4, reader.layout) * 0.3)
-    pool = ExpertPool(spec, reader.layout, budget, torch.device("cpu"))
-    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=4, router=router,
-                               capacity=ctl)
-    got = generate(model, PROMPT, new, backend=backend)
-    real = backend.finish()
+    _, ctl, pool, got, real = _adaptive_run(store, model, spec, path, cfg, window, new)
+    budget = pool.accounting.budget_bytes
     resident = BitRoutedExperts(widths, load_router(path, spec=spec))
     resident.reset()
     trace = record_trace(model, spec, PROMPT + list(got.new_ids), prefill_tokens=len(PROMPT),
@@ -248,7 +249,7 @@ def test_simulator_on_the_recorded_trace_makes_the_executors_adaptive_decisions(
                          token_bits=resident.token_bits, token_prefs=resident.token_prefs,
                          router_config=resident.chooser.describe())
     source = capacity_source(trace, 4, cfg)
-    sim = simulate(SimSetup(spec, load_profile("cpu-2core"), reader.layout, budget), source,
+    sim = simulate(SimSetup(spec, load_profile("cpu-2core"), pool.layout, budget), source,
                    make_policy("hebf"))
     decisions = source.record()["decisions"]
     assert [d["step"] for d in decisions] == [d.step for d in ctl.decisions] == [4, 8, 12]
