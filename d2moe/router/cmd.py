@@ -42,6 +42,11 @@ def _train(args: argparse.Namespace) -> int:
           f"{sum(r.mean_bits[-tail:]) / tail:.3f} (capacities {cfg.capacity} over {cfg.bits}), "
           f"expected bits {sum(r.expected_bits[-tail:]) / tail:.3f}, gate's first choice "
           f"{r.preferred_bits:.3f} bits")
+    if r.val:
+        step, ce, bits = next(row for row in r.val if row[0] == r.best_step)
+        print(f"saved the gate of step {step}: validation CE {ce:.4f} at {bits:.3f} bits, the "
+              f"lowest CE + alpha x bits of {len(r.val)} validations on {cfg.val_kib} KiB "
+              "held back")
     return 0
 
 
@@ -52,7 +57,10 @@ def _info(args: argparse.Namespace) -> int:
     meta = {k: v for k, v in router.meta.items() if k != "train"}
     print(json.dumps(meta, indent=1))
     train = router.meta.get("train", {})
+    val = train.get("validation") or {}
+    saved = f", saved step {val['saved_step']}" if val.get("rows") else ""
     print(f"trained: {train.get('command')} at {train.get('date_utc')} in "
           f"{train.get('seconds')} s; final CE {train.get('final_ce')}, chosen bits "
-          f"{train.get('final_mean_bits')}")
+          f"{train.get('final_mean_bits')}{saved}; granularity "
+          f"{router.granularity}")
     return 0
