@@ -54,12 +54,22 @@ class ObservedCosts:
 
 
 class StreamingExperts:
-    """An ExpertBackend that streams nested experts from a store under a byte budget."""
+    """An ExpertBackend that streams nested experts from a store under a byte budget.
+
+    A layer's plan goes to the I/O lane only when it has loads (evictions ride on loads, so
+    a plan without loads gives that lane nothing to do): waking the lane's thread cost the
+    compute lane 50-75 us per layer on a quiet 2-core CPU (in the layer's dispatch and its
+    first run, where the woken thread takes the interpreter lock), hundreds under load.
+    `handoff_empty=True` hands every plan over, loads or not (the behaviour before
+    2026-11-23, kept only so benchmarks and probes can measure what skipping it saves).
+    """
 
     def __init__(self, store: StoreReader, policy: Policy, pool: ExpertPool, *,
                  bits: int, kernel_backend: str = "auto", router: Any = None,
-                 capacity: Any = None) -> None:
+                 capacity: Any = None, handoff_empty: bool = False) -> None:
         self.store, self.policy, self.pool, self.bits = store, policy, pool, bits
+        self.handoff_empty = handoff_empty
+        self.io_submits = 0  # layers handed to the I/O lane (tests count them)
         # router: a d2moe.router BitRouter; asked live for each token's bits (else `bits`)
         self.router = router
         if router is not None:
@@ -168,7 +178,7 @@ class StreamingExperts:
                    for (e, b), (tok, w) in sorted(groups.items())]
         plan = self.policy.plan(layer, demands, self.pool.view, self.costs)
         work = LayerWork(self.step, layer, plan)
-        self.io.submit(work)
+        self._hand_over(work)
         try:
             y = self._run_plan(work, x, groups)
         except BaseException:
@@ -181,6 +191,13 @@ class StreamingExperts:
             raise work.error
         self._last_end = self.clock()
         return y
+
+    def _hand_over(self, work: LayerWork) -> None:
+        """Queue the layer's loads on the I/O lane; a plan without loads stays here (its
+        `load_done` is empty, so nothing below waits on the lane) unless `handoff_empty`."""
+        if work.plan.loads or self.handoff_empty:
+            self.io.submit(work)
+            self.io_submits += 1
 
     def _run_plan(self, work: LayerWork, x: torch.Tensor,
                   groups: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]

@@ -401,7 +401,10 @@ def layer_first_run_excess(events: Sequence[Any]) -> float:
 def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
                   layers: int, sync: Callable[[], None]) -> dict[str, float]:
     """The executor lanes' fixed costs, read from the rows of the real backend run on the
-    probe store (FIFO, a budget of two experts, one token per layer, random routing)."""
+    probe store (FIFO, a budget of two experts, one token per layer). Layers alternate: one
+    routed to the experts the last one left resident (no loads: the plan stays on the compute
+    lane), one routed at random to a different set (loads, handed to the I/O lane), so both
+    kinds see the machine alike and `handoff_us` is their difference."""
     import torch
 
     from d2moe.core.sizes import all_experts_bytes
@@ -414,31 +417,39 @@ def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: An
     pool = ExpertPool(probe, layout, budget, device)
     backend = StreamingExperts(reader, make_policy("fifo"), pool, bits=bits)
     gen = torch.Generator().manual_seed(4)
+    ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k]
     with torch.no_grad():
-        for _ in range(layers):
+        for i in range(layers):
+            if i % 2:  # a different set: at least one load
+                old = set(ids.tolist())
+                while set(ids.tolist()) == old:
+                    ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k]
             x = torch.randn(1, probe.hidden, generator=gen).to(device)
-            ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k][None].to(device)
             weights = torch.full((1, probe.top_k), 1.0 / probe.top_k, device=device)
-            backend.run_layer(0, x, ids, weights)
+            backend.run_layer(0, x, ids[None].to(device), weights)
             sync()
     timeline = backend.finish()
     return lane_costs_from_rows(timeline.events)
 
 
 def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
-    """layer_us, run_us and wake_us from a real timeline's rows (means; 0 when unseen).
+    """layer_us, run_us, wake_us and handoff_us from a real timeline's rows (means; 0 when
+    unseen).
 
-    layer_us: from a layer's non-expert end to its first compute row, plus from its last run
-    to the next non-expert start, less one run_us (the simulator charges run_us to every
-    run, the last one too, and the gap after the last run holds that run's bookkeeping);
-    run_us: the gap between consecutive runs with no stall between; wake_us: from a load's
-    end to the end of the stall waiting for it."""
+    A layer's dispatch is from its non-expert end to its first compute row, plus from its
+    last run to the next non-expert start. layer_us: the mean dispatch of the layers without
+    loads (of all layers when every one loads), less one run_us (the simulator charges
+    run_us to every run, the last one too, and the gap after the last run holds that run's
+    bookkeeping); handoff_us: the mean dispatch of the layers with loads less that of the
+    layers without (both seen, else 0); run_us: the gap between consecutive runs with no
+    stall between; wake_us: from a load's end to the end of the stall waiting for it."""
     by_layer: dict[tuple[int, int], list[Any]] = {}
     for e in events:
         if e.lane in ("compute", "io"):
             by_layer.setdefault((e.step, e.layer), []).append(e)
     ne_start = {k: r.start_us for k, rs in by_layer.items() for r in rs if r.kind == "non_expert"}
-    heads, tails, gaps, wakes = [], [], [], []
+    dispatch: dict[bool, list[float]] = {False: [], True: []}  # has loads -> head + tail
+    gaps, wakes = [], []
     order = sorted(by_layer)
     for idx, k in enumerate(order):
         rows = sorted(by_layer[k], key=lambda e: e.start_us)
@@ -446,22 +457,23 @@ def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
         comp = [r for r in rows if r.kind in ("run", "stall")]
         if not ne or not comp:
             continue
-        heads.append(comp[0].start_us - ne[0].end_us)
         runs = [r for r in comp if r.kind == "run"]
         nxt = ne_start.get(order[idx + 1]) if idx + 1 < len(order) else None
+        loads = {r.expert: r for r in rows if r.kind == "load"}
         if nxt is not None and runs:
-            tails.append(nxt - runs[-1].end_us)
+            dispatch[bool(loads)].append(comp[0].start_us - ne[0].end_us + nxt - runs[-1].end_us)
         for a, b in zip(comp, comp[1:], strict=False):
             if a.kind == "run" and b.kind == "run":
                 gaps.append(b.start_us - a.end_us)
-        loads = {r.expert: r for r in rows if r.kind == "load"}
         for r in comp:
             if r.kind == "stall" and r.expert in loads:
                 wakes.append(r.end_us - loads[r.expert].end_us)
 
-    def med(xs: list[float]) -> float:
-        return round(max(statistics.fmean(xs), 0.0), 2) if xs else 0.0
+    def mean(xs: list[float]) -> float:
+        return max(statistics.fmean(xs), 0.0) if xs else 0.0
 
-    run_us = med(gaps)
-    return {"layer_us": round(max(med(heads) + med(tails) - run_us, 0.0), 2), "run_us": run_us,
-            "wake_us": med(wakes)}
+    run_us = round(mean(gaps), 2)
+    free = dispatch[False] or dispatch[True]
+    handoff = mean(dispatch[True]) - mean(free) if dispatch[False] and dispatch[True] else 0.0
+    return {"layer_us": round(max(mean(free) - run_us, 0.0), 2), "run_us": run_us,
+            "wake_us": round(mean(wakes), 2), "handoff_us": round(max(handoff, 0.0), 2)}

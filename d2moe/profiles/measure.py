@@ -18,8 +18,10 @@ preemptions that some timings catch are part of what a long run pays):
   its later runs (`executor.layer_first_run_us`: the non-expert slice ran in between);
 - the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus the
   disk fit gives `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
-  store gives the per-layer dispatch (`layer_us`), the per-run bookkeeping (`run_us`) and the
-  hand-off between the lanes (`wake_us`), read from its timeline rows; an expert's first run
+  store gives the per-layer dispatch (`layer_us`, layers without loads), what a layer with
+  loads pays beyond it (`handoff_us`: planning them, handing them to the I/O lane's thread),
+  the per-run bookkeeping (`run_us`) and the wake-up of a lane blocked on the other
+  (`wake_us`), read from its timeline rows; an expert's first run
   after an I/O thread loaded it against the run right after (`first_run_us`).
 """
 
@@ -230,7 +232,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              cold_read_us=round(cold_read_us, 2),
                              cold_ramp_us=round(cold_ramp_us, 1),
                              first_run_us=round(first_run_us, 2),
-                             layer_first_run_us=resident.layer_first_run_us)
+                             layer_first_run_us=resident.layer_first_run_us,
+                             handoff_us=lanes["handoff_us"])
     shape = expert_shape_key(spec)
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
     return Profile(

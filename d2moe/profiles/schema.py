@@ -38,7 +38,7 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
                 "executor")
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "run_us", "wake_us", "overlap_io_speed",
                  "overlap_compute_speed", "cold_read_us", "cold_ramp_us", "first_run_us",
-                 "layer_first_run_us")
+                 "layer_first_run_us", "handoff_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 _DEFAULT_LAYOUT = QuantLayout()
@@ -122,7 +122,9 @@ class ExecutorCosts:
     A load issues one read request per stored level (each pays the disk's `latency_us`) and
     then pays `load_us` + bytes / `load_GBps` on the I/O lane (checksum, layout conversion,
     placement in the pool); a layer with expert work pays `layer_us` on the compute lane
-    before its first run (grouping tokens, planning, handing loads to the I/O lane); a run
+    before its first run (grouping tokens, planning), and a layer whose plan has loads
+    `handoff_us` more (planning the loads and evictions, waking the I/O lane's thread and
+    handing it the plan; the executor hands plans without loads to no one); a run
     pays `run_us` beyond its expert; a lane blocked on the other resumes `wake_us` after the
     signal. While both lanes are busy they share the CPU: the I/O lane runs at
     `overlap_io_speed` and the compute lane at `overlap_compute_speed` of their own speed
@@ -147,6 +149,7 @@ class ExecutorCosts:
     cold_ramp_us: float = 0.0  # 0: the whole cold_read_us after any idle time
     first_run_us: float = 0.0
     layer_first_run_us: float = 0.0
+    handoff_us: float = 0.0
 
     def cold_us(self, idle_us: float) -> float:
         """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`."""

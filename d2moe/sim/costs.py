@@ -3,11 +3,12 @@
 When the profile carries executor lane costs (`Profile.executor`, measured by `d2moe
 profile`), a load pays one disk request per stored level it moves plus the I/O lane's work
 beyond the reads, a run pays the compute lane's fixed cost beyond its expert, a layer with
-expert work pays `layer_us` before its plan starts and a lane blocked on the other resumes
-`wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays the
-disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`, the
-first run of each layer's plan `layer_first_run_us`, and
-each lane slows to its measured overlap speed while the other is busy (`sim/contention.py`).
+expert work pays `layer_us` before its plan starts (and `handoff_us` more when its plan has
+loads: the executor hands only those to the I/O lane's thread), a lane blocked on the other
+resumes `wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays
+the disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`,
+the first run of each layer's plan `layer_first_run_us`, and each lane slows to its measured
+overlap speed while the other is busy (`sim/contention.py`).
 Without them these terms are zero.
 """
 
@@ -39,6 +40,7 @@ class ProfileCosts:
         self.first_run_us = float(getattr(lc, "first_run_us", 0.0)) if lc is not None else 0.0
         self.layer_first_run_us = float(getattr(lc, "layer_first_run_us", 0.0)) \
             if lc is not None else 0.0
+        self.handoff_us = float(getattr(lc, "handoff_us", 0.0)) if lc is not None else 0.0
         self._load: dict[tuple[int, str, int], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}

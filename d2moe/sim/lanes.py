@@ -6,6 +6,8 @@ Both engines follow the same rules (see `core.jobs.run_waits/load_waits`):
 - the compute lane runs in plan order; a run starts when the lane is free and its load has
   ended; waiting shows as a `stall` row;
 - evictions happen at their load's start;
+- a plan with loads starts `handoff_us` later than one without (the real executor hands
+  only plans with loads to the I/O lane's thread; 0 unless the profile measured it);
 - a lane that had to wait for the other resumes `wake_us` after the signal (the real
   executor's thread hand-off; 0 unless the profile measured it), and the I/O lane takes a
   layer's first load `wake_us` after the plan is handed to it;
@@ -51,11 +53,18 @@ class LayerCtx:
     io_last_end: float = -math.inf  # when the I/O lane's last load ended (across layers)
     first_run_us: float = 0.0  # extra time of the first run after its expert's load
     layer_first_run_us: float = 0.0  # extra time of the plan's first run (after non-expert)
+    handoff_us: float = 0.0  # a plan with loads starts this much later (the I/O hand-off)
 
     @property
     def contended(self) -> bool:
         """Whether the lanes slow each other down (then `sim/contention.py` times the plan)."""
         return self.io_speed < 1.0 or self.compute_speed < 1.0
+
+
+def plan_start(ctx: LayerCtx, plan: Plan, t0: float) -> float:
+    """When a plan handed over at `t0` starts: `handoff_us` later when it has loads (the
+    executor wakes the I/O lane's thread only for those), else at once."""
+    return t0 + ctx.handoff_us if plan.loads else t0
 
 
 def _after(free: float, ready: float, wake_us: float) -> float:
@@ -117,6 +126,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
     load i starts at max(io_free, end of run load_waits[i]);
     run j starts at max(cpu_free, end of load run_waits[j]).
     """
+    t0 = plan_start(ctx, plan, t0)
     if ctx.contended:
         return execute_contended(ctx, plan, t0)
     loads, runs = plan.loads, plan.runs
@@ -154,6 +164,7 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
     Times are carried in the processes' own variables (SimPy orders the waits), so both
     engines do the same float arithmetic and their rows match exactly.
     """
+    t0 = plan_start(ctx, plan, t0)
     if ctx.contended:
         end = execute_contended(ctx, plan, t0)
         yield env.timeout(max(0.0, end - env.now))

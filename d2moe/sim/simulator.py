@@ -127,7 +127,8 @@ class SimSession:
         self.ctx = LayerCtx(0, 0, self.pool, self.events, self.load_us, costs.run_us_of,
                             costs.wake_us, costs.io_speed, costs.compute_speed, costs.cold_us,
                             first_run_us=costs.first_run_us,
-                            layer_first_run_us=costs.layer_first_run_us)
+                            layer_first_run_us=costs.layer_first_run_us,
+                            handoff_us=costs.handoff_us)
         self.initial_bytes = preload(policy, setup.spec, self.pool)
 
     def load_us(self, ld: Load, nbytes: int) -> float:
@@ -227,7 +228,8 @@ def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet
     ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
                    costs.compute_speed, costs.cold_us,
                    first_run_us=costs.first_run_us,
-                   layer_first_run_us=costs.layer_first_run_us)  # one context: the I/O lane
+                   layer_first_run_us=costs.layer_first_run_us,
+                   handoff_us=costs.handoff_us)  # one context: the I/O lane
     for s in range(len(source)):
         step, t_step, first = source.work(s), t, len(events)
         ne = costs.non_expert_us(step.tokens)

@@ -118,6 +118,42 @@ def test_rows_follow_the_simulators_rules(store_path, reference):
     assert tl.meta["backend"] == "real"
 
 
+def _resident_pool(spec, store):
+    """A 100% pool with every expert already placed at BITS (no layer has a load)."""
+    from d2moe.core.jobs import ExpertKey, Load
+
+    pool = ExpertPool(spec, store.layout, _budgets(spec, store.layout)["100%"],
+                      torch.device("cpu"))
+    for layer in range(spec.layers):
+        for e in range(spec.experts):
+            pool.admit_stored(Load(ExpertKey(layer, e), 0, BITS),
+                              store.read_planes(layer, e, 0, BITS))
+    return pool
+
+
+def test_plans_without_loads_are_not_handed_to_the_io_lane(store_path, reference):
+    model, spec, want = reference
+    store = StoreReader(store_path)
+    for handoff_empty in (False, True):
+        backend = StreamingExperts(store, make_policy("fifo"), _resident_pool(spec, store),
+                                   bits=BITS, handoff_empty=handoff_empty)
+        got = generate(model, PROMPT, 8, backend=backend)
+        tl = backend.finish()
+        assert got.new_ids == want.new_ids, handoff_empty
+        assert not any(e.lane == "io" for e in tl.events)
+        # the old behaviour (the benchmarks' baseline) hands every layer of the 8 steps over
+        assert backend.io_submits == (8 * spec.layers if handoff_empty else 0)
+    # under a binding budget exactly the layers with loads are handed over
+    pool = ExpertPool(spec, store.layout, _budgets(spec, store.layout)["25%"],
+                      torch.device("cpu"))
+    backend = StreamingExperts(store, make_policy("hebf"), pool, bits=BITS)
+    got = generate(model, PROMPT, 8, backend=backend)
+    tl = backend.finish()
+    assert got.new_ids == want.new_ids
+    loaded = {(e.step, e.layer) for e in tl.events if e.kind == "load"}
+    assert backend.io_submits == len(loaded) > 0
+
+
 def test_run_command_and_its_errors(store_path, tmp_path):
     cfg = RunConfig(store=str(store_path), max_new_tokens=4, out=str(tmp_path), budget="30%")
     result = run(cfg)

@@ -85,8 +85,27 @@ def test_lane_costs_from_rows_by_hand() -> None:
     ]
     costs = lane_costs_from_rows(rows)
     # layer_us: head 4 + tail 3 less the run_us that the simulator charges the last run too
-    assert costs == {"layer_us": 4 + 3 - 2, "run_us": 2.0, "wake_us": 5.0}
-    assert lane_costs_from_rows([]) == {"layer_us": 0.0, "run_us": 0.0, "wake_us": 0.0}
+    # only layer 0 has a next non-expert row and it loads: layer_us from it, no hand-off
+    assert costs == {"layer_us": 4 + 3 - 2, "run_us": 2.0, "wake_us": 5.0, "handoff_us": 0.0}
+    assert lane_costs_from_rows([]) == {"layer_us": 0.0, "run_us": 0.0, "wake_us": 0.0,
+                                        "handoff_us": 0.0}
+
+
+def test_lane_costs_split_layers_with_and_without_loads_by_hand() -> None:
+    rows = [
+        _row("non_expert", 0, -1, 0, 10),
+        _row("run", 0, 0, 13, 20),   # no loads: head 3
+        _row("run", 0, 1, 22, 30),   # gap 2
+        _row("non_expert", 1, -1, 34, 40),  # tail 4: dispatch 7
+        _row("load", 1, 2, 50, 60),
+        _row("stall", 1, 2, 49, 62),  # loads: head 9
+        _row("run", 1, 2, 62, 70),
+        _row("non_expert", 2, -1, 75, 80),  # tail 5: dispatch 14
+        _row("run", 2, 0, 81, 90),  # the last layer: no next non-expert row, not counted
+    ]
+    costs = lane_costs_from_rows(rows)
+    # layer_us from the layer without loads (7 less run_us 2); the one with loads pays 7 more
+    assert costs == {"layer_us": 5.0, "run_us": 2.0, "wake_us": 2.0, "handoff_us": 7.0}
 
 
 def _step_row(kind: str, step: int, layer: int, tokens: int, start: float, end: float) -> Event:
@@ -163,6 +182,12 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     assert cold.executor.cold_us(2500.0) == pytest.approx(125.0)
     assert cold.executor.layer_first_run_us == 40.0
     assert p.executor.layer_first_run_us == 0.0  # a profile without it: none
+    assert p.executor.handoff_us == 0.0
+    d["executor"] = {"layer_us": 1.0, "handoff_us": 30.0}
+    handoff = profile_from_dict(d, path="hand.yaml")
+    assert handoff.executor.handoff_us == 30.0
+    save_profile(tmp_path / "h.yaml", handoff)
+    assert load_profile(tmp_path / "h.yaml") == handoff
     save_profile(tmp_path / "c.yaml", cold)
     assert load_profile(tmp_path / "c.yaml") == cold
     d["executor"] = {"cold_read_us": -1.0}
@@ -197,6 +222,7 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert q.executor is not None and q.executor.layer_us >= 0
     assert q.executor.cold_read_us >= 0 and q.executor.cold_ramp_us >= 0
     assert q.executor.first_run_us >= 0 and q.executor.layer_first_run_us >= 0
+    assert q.executor.handoff_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
     spec = load_spec("tiny")
     trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))

@@ -200,7 +200,7 @@ class ColdContendedProfile(LaneProfile):
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
         overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_read_us=8.0, cold_ramp_us=40.0,
-        first_run_us=0.75, layer_first_run_us=0.5))
+        first_run_us=0.75, layer_first_run_us=0.5, handoff_us=1.25))
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,8 @@ class ColdFirstProfile(LaneProfile):
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        cold_read_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5))
+        cold_read_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5,
+        handoff_us=1.25))
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,53 @@ def test_profiles_without_the_layer_field_charge_nothing() -> None:
     assert _rows("fast", FirstRunProfile()) == _rows(
         "fast", dataclass_replace(LayerFirstProfile(), executor=dataclass_replace(
             LayerFirstProfile().executor, layer_first_run_us=0.0)))
+
+
+HANDOFF_COSTS = ExecutorCosts(layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25,
+                              wake_us=2.0, handoff_us=1.5)
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+@pytest.mark.parametrize("contended", [False, True])
+def test_handoff_only_for_plans_with_loads_by_hand(engine: str, contended: bool) -> None:
+    # as test_lane_costs_by_hand plus a third step that finds both experts resident; a plan
+    # with loads starts handoff_us (1.5) after layer_us, one without at layer_us.
+    # Step 0: plan at 3 + 1 + 1.5 = 5.5, I/O at 7.5 (wake), load E1 7.5 .. 20.68, run 22.68 ..
+    # 28.93. Step 1: plan at 31.93 + 2.5 = 34.43, load E0 36.43 .. 67.29, runs 69.29 .. 75.54
+    # .. 81.79. Step 2 (no loads): plan at 84.79 + 1 = 85.79, runs .. 92.04 .. 98.29. With
+    # contention (the fluid engine) the same: no run overlaps a load in these plans.
+    decode = [Demand(ExpertKey(0, 0), 4, 1, 0.9), Demand(ExpertKey(0, 1), 2, 2, 0.8)]
+    steps = [StepWork("prefill", 2, [[Demand(ExpertKey(0, 1), 2, 2, 0.8)]]),
+             StepWork("decode", 2, [decode]), StepWork("decode", 2, [list(decode)])]
+    costs = dataclass_replace(HANDOFF_COSTS, overlap_compute_speed=0.4) if contended \
+        else HANDOFF_COSTS
+    tl = simulate(SimSetup(SPEC, LaneProfile(executor=costs), LAYOUT, 10**6, engine=engine),
+                  steps, make_policy("fifo"))
+    rows = sorted(((e.step, e.kind, e.expert, round(e.start_us, 6), round(e.end_us, 6))
+                   for e in tl.events if e.lane != "memory"), key=lambda r: (r[0], r[3], r[1]))
+    assert rows == [
+        (0, "non_expert", -1, 0.0, 3.0),
+        (0, "prefill", -1, 0.0, 28.93),
+        (0, "stall", 1, 5.5, 22.68),
+        (0, "load", 1, 7.5, 20.68),
+        (0, "run", 1, 22.68, 28.93),
+        (1, "decode", -1, 28.93, 81.79),
+        (1, "non_expert", -1, 28.93, 31.93),
+        (1, "stall", 0, 34.43, 69.29),
+        (1, "load", 0, 36.43, 67.29),
+        (1, "run", 0, 69.29, 75.54),
+        (1, "run", 1, 75.54, 81.79),
+        (2, "decode", -1, 81.79, 98.29),
+        (2, "non_expert", -1, 81.79, 84.79),
+        (2, "run", 0, 85.79, 92.04),
+        (2, "run", 1, 92.04, 98.29),
+    ]
+
+
+def test_profiles_without_the_handoff_field_charge_nothing() -> None:
+    assert ExecutorCosts().handoff_us == 0.0
+    assert _rows("fast", LaneProfile(executor=dataclass_replace(HANDOFF_COSTS, handoff_us=0.0))
+                 ) == _rows("fast")
 
 
 def test_first_runs_marks_the_first_run_after_each_load() -> None:
