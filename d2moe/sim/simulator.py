@@ -123,12 +123,7 @@ class SimSession:
         self.host = HostCache(setup.host_cache_bytes, self.sizes)
         self.events: list[Event] = []
         policy.reset()
-        costs = self.costs
-        self.ctx = LayerCtx(0, 0, self.pool, self.events, self.load_us, costs.run_us_of,
-                            costs.wake_us, costs.io_speed, costs.compute_speed, costs.cold_us,
-                            first_run_us=costs.first_run_us,
-                            layer_first_run_us=costs.layer_first_run_us,
-                            handoff_us=costs.handoff_us)
+        self.ctx = layer_ctx(self.costs, self.pool, self.events, self.load_us)
         self.initial_bytes = preload(policy, setup.spec, self.pool)
 
     def load_us(self, ld: Load, nbytes: int) -> float:
@@ -216,20 +211,25 @@ def _simulate(setup: SimSetup, steps: Sequence[StepWork] | StepSource, policy: P
 
         env = simpy.Environment()
         env.process(_steps_simpy(env, source, policy, session.pool, session.costs,
-                                 session.events, session.load_us, session.costs.run_us_of))
+                                 session.events, session.load_us))
         env.run()
     return session.timeline()
 
 
+def layer_ctx(costs: ProfileCosts, pool: ResidentSet, events: list[Event], load_us: Any
+              ) -> LayerCtx:
+    """The lanes' context over a run: the profile's lane costs, the pool, the event list."""
+    return LayerCtx(0, 0, pool, events, load_us, costs.run_us_of, costs.wake_us,
+                    costs.io_speed, costs.compute_speed, costs.cold_us,
+                    first_run_us=costs.first_run_us,
+                    layer_first_run_us=costs.layer_first_run_us, handoff_us=costs.handoff_us)
+
+
 def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet,
-                 costs: ProfileCosts, events: list[Event], load_us: Any, run_us: Any) -> Any:
+                 costs: ProfileCosts, events: list[Event], load_us: Any) -> Any:
     """The driver process: each layer's non-expert slice, then its plan on both lanes."""
     t = 0.0
-    ctx = LayerCtx(0, 0, pool, events, load_us, run_us, costs.wake_us, costs.io_speed,
-                   costs.compute_speed, costs.cold_us,
-                   first_run_us=costs.first_run_us,
-                   layer_first_run_us=costs.layer_first_run_us,
-                   handoff_us=costs.handoff_us)  # one context: the I/O lane
+    ctx = layer_ctx(costs, pool, events, load_us)  # one context: the I/O lane's state
     for s in range(len(source)):
         step, t_step, first = source.work(s), t, len(events)
         ne = costs.non_expert_us(step.tokens)
