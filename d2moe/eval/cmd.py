@@ -45,7 +45,7 @@ def _ppl(args: argparse.Namespace) -> int:
           "measured, % above fp in brackets")
     print(table.render())
     if routed:
-        print("per-token bit-widths (measured, same tokens):")
+        print("bit-widths chosen per token or per expert slot (measured, same tokens):")
         for line in routed:
             print("  " + line)
     return 0

@@ -1,5 +1,5 @@
-"""Perplexity with per-token bit-widths: the trained router, one uniform width, or random
-allocation at the router's measured shares (the same average bits), all through
+"""Perplexity with per-token or per-slot bit-widths: the trained router, one uniform width,
+or random allocation at the router's measured shares (the same average bits), all through
 `BitRoutedExperts` and `d2moe.model.perplexity.perplexity` (the code of `d2moe eval ppl`)."""
 
 from __future__ import annotations
