@@ -114,7 +114,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
 
         router = load_router(cfg.router, spec=spec, store=store_path, device=str(device),
                              store_bits=(store.layout.b1, store.bits_stored))
-    controller = _capacity(capacity, router)
+    controller = capacity_controller(capacity, router)
     widest = policy.max_bits(max(router.bits) if router is not None else cfg.bits)
     budget = expert_budget(spec, store.layout, cfg.budget, cfg.bits, widest)
     total = all_experts_bytes(spec, cfg.bits, store.layout)
@@ -159,8 +159,13 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
             "timeline": timeline, "metrics": m, "generation": gen}
 
 
-def _capacity(capacity: Any, router: Any) -> Any:
-    """The adaptive controller (None in fixed mode); fixed mode applies --capacity-window."""
+def capacity_controller(capacity: Any, router: Any) -> Any:
+    """What `StreamingExperts(..., capacity=...)` takes for the options `capacity` (a
+    d2moe.router.adaptive.CapacityConfig, or None: the router as trained) and the loaded
+    `router` (a BitRouter, or None): a fresh AdaptiveCapacity over the router's current
+    capacities in adaptive mode, else None. Fixed mode applies --capacity-window to the
+    router; adaptive mode without a router is a UserError (field capacity-mode). Build one
+    per run: the controller carries its decisions."""
     if capacity is None:
         return None
     if router is None:

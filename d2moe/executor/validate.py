@@ -3,6 +3,9 @@ with a hardware profile, and report per (policy, budget) real against simulated 
 busy and bubble time and hit rate, with the error in %, plus side-by-side timelines.
 
 Everything compared is read from the two timelines' Event rows (`analysis/fidelity.py`).
+With a bit-width router (`--router`) both sides run its widths under the same
+`CapacityConfig`: the real run asks it live, the simulator goes through
+`d2moe.sim.adaptive.capacity_source` on the recorded widths and gate probabilities.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class ValidateConfig:
         "help": "policy names, comma-separated", "metavar": "P1,P2"})
     budgets: str = field(default="25%,50%,100%", metadata={
         "help": "expert memory budgets, comma-separated (bytes, %% or fractions of all "
-                "experts at --bits)"})
+                "experts at --bits, or at the router's widest width with --router)"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert runs at"})
     prompt: str = field(default="def fib(n):\n    return", metadata={"help": "prompt text"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per run"})
@@ -51,6 +54,11 @@ class ValidateConfig:
     plot_steps: int = field(default=2, metadata={
         "help": "decode steps shown in the side-by-side timelines"})
     out: str = field(default="out/validate", metadata={"help": "output directory"})
+    router: str = field(default="", metadata={
+        "help": "trained bit-width router (d2moe router train): DIR, or auto for "
+                "<store>/router; each token's bits then come from it, live in the real run "
+                "and from its recorded gate probabilities in the simulation (with the "
+                "--capacity-mode options)"})
 
 
 def register(subparsers: Any) -> None:
@@ -62,13 +70,20 @@ def register(subparsers: Any) -> None:
                     "from the store), record its routing trace, simulate that trace on "
                     "--profile, and compare tokens/s, lane busy and bubble time and hit rate. "
                     "Writes table.txt, fidelity.json, timeline-BUDGET.png (real above "
-                    "simulated), the trace and both timelines to --out.")
+                    "simulated), the trace and both timelines to --out. With --router the "
+                    "bit-width router chooses the widths on both sides, under its fixed or "
+                    "adaptive capacities (--capacity-mode).")
     add_fields(p, ValidateConfig)
+    from d2moe.router.adaptive import CapacityConfig
+
+    add_fields(p, CapacityConfig)  # --capacity-mode fixed|adaptive and its knobs (--router)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    result = validate(from_args(ValidateConfig, args))
+    from d2moe.router.adaptive import CapacityConfig
+
+    result = validate(from_args(ValidateConfig, args), capacity=from_args(CapacityConfig, args))
     print(result["report"])
     print(f"wrote {', '.join(result['files'])}")
     return 0
@@ -82,8 +97,9 @@ def split_names(text: str, what: str) -> list[str]:
     return names
 
 
-def validate(cfg: ValidateConfig) -> dict[str, Any]:
-    """Load model, store and profile; run and simulate every (policy, budget); write results."""
+def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
+    """Load model, store and profile; run and simulate every (policy, budget); write results.
+    `capacity` (a d2moe.router.adaptive.CapacityConfig) sets the router's capacity mode."""
     import torch
 
     from d2moe.executor.setup import open_model, resolve_store
@@ -91,6 +107,7 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
     from d2moe.profiles import load_profile
 
     profile = load_profile(cfg.profile)
+    _check_capacity(cfg, capacity)
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise UserError(f"unknown device {cfg.device!r}", field="device", fix="use cpu or cuda")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -100,24 +117,50 @@ def validate(cfg: ValidateConfig) -> dict[str, Any]:
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
     device = torch.device(cfg.device)
     model.to(device)
-    return validate_model(model, spec, store, profile, cfg, list(encode(cfg.prompt)))
+    return validate_model(model, spec, store, profile, cfg, list(encode(cfg.prompt)),
+                          capacity=capacity)
+
+
+def _check_capacity(cfg: ValidateConfig, capacity: Any) -> None:
+    """Capacity options without a router fail before any work."""
+    from d2moe.executor.cmd import capacity_controller
+
+    if not cfg.router:
+        capacity_controller(capacity, None)  # adaptive mode
+        if capacity is not None and capacity.capacity_window:
+            raise UserError("--capacity-window sets the bit-width router's window",
+                            field="capacity-window",
+                            fix="pass --router DIR (d2moe router train) or drop the option")
 
 
 def validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                   prompt_ids: list[int]) -> dict[str, Any]:
-    """The comparison for an already loaded model and store (benchmarks pass their own)."""
+                   prompt_ids: list[int], capacity: Any = None) -> dict[str, Any]:
+    """The comparison for an already loaded model and store (benchmarks pass their own);
+    `capacity` (a CapacityConfig) applies with `cfg.router`."""
     from d2moe.profiles.measure import torch_threads
 
+    _check_capacity(cfg, capacity)
     with torch_threads(cfg.threads):
-        return _validate_model(model, spec, store, profile, cfg, prompt_ids)
+        return _validate_model(model, spec, store, profile, cfg, prompt_ids, capacity)
+
+
+def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any:
+    """The BitRouter of `cfg.router` checked against the model and the store (None: none)."""
+    if not cfg.router:
+        return None
+    from d2moe.router.store import load_router
+
+    return load_router(cfg.router, spec=spec, store=store.path, device=device,
+                       store_bits=(store.layout.b1, store.bits_stored))
 
 
 def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                    prompt_ids: list[int]) -> dict[str, Any]:
+                    prompt_ids: list[int], capacity: Any) -> dict[str, Any]:
     from d2moe.analysis import format_table
     from d2moe.analysis.fidelity import fidelity_row, plot_side_by_side, summarize, summary_line
     from d2moe.core.events import save_timeline
     from d2moe.core.sizes import all_experts_bytes, fmt_bytes, parse_budget
+    from d2moe.executor.cmd import capacity_controller
     from d2moe.policies import make_policy
     from d2moe.traces import save_trace
 
@@ -125,7 +168,13 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     for name in policies:
         make_policy(name)  # unknown names fail before any work
     store.layout.check_bits(cfg.bits)
-    total = all_experts_bytes(spec, cfg.bits, store.layout)
+    router = _load_router(cfg, spec, store, _device_of(model))
+    if router is not None:  # bad capacity options fail before any work
+        caps, window = router.capacities, router.window_tokens
+        capacity_controller(capacity, router)
+        router.set_capacities(caps, window=window)
+    top = max(router.bits) if router is not None else cfg.bits  # % of experts at this width
+    total = all_experts_bytes(spec, top, store.layout)
     one = total // (spec.layers * spec.experts)
     budgets = []
     for text in split_names(cfg.budgets, "budgets"):
@@ -139,19 +188,24 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     out = Path(cfg.out)
     t0 = time.perf_counter()
     record_run(model, spec, store, policies[0], total, cfg.bits, prompt_ids,
-               min(4, cfg.max_new_tokens))  # warm-up, discarded
+               min(4, cfg.max_new_tokens), router=router,
+               capacity=capacity)  # warm-up, discarded
     runs: dict[tuple[str, str], list[tuple[Timeline, Any]]] = {}
     for _ in range(cfg.repeats):
         for label, nbytes in budgets:
             for name in policies:
                 runs.setdefault((name, label), []).append(record_run(
-                    model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens))
-    rows, files, pairs = [], [], {}
+                    model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens,
+                    router=router, capacity=capacity))
+    rows, files, pairs, routed = [], [], {}, []
     for label, nbytes in budgets:
         for name in policies:
             real, trace = _median_run(runs[(name, label)])
-            sim = simulate_trace(trace, spec, store.layout, profile, name, nbytes, cfg.bits)
+            sim = simulate_trace(trace, spec, store.layout, profile, name, nbytes, cfg.bits,
+                                 capacity=capacity)
             rows.append(fidelity_row(name, label, real, sim, [t for t, _ in runs[(name, label)]]))
+            if router is not None:
+                routed.append(router_row(name, label, real, sim))
             pairs.setdefault(label, []).append((name, real, sim))
             tag = f"{name}-{_slug(label)}"
             for kind, tl in (("real", real), ("sim", sim)):
@@ -162,19 +216,31 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
                 save_trace(out / "trace.npz", trace)
                 files.append(str(out / "trace.npz"))
     summary = summarize(rows)
+    table = [r.as_table_row() for r in rows]
+    if routed:  # decode average bits of both sides as columns
+        table = [t | {"real bits": b["real_bits"], "sim bits": b["sim_bits"]}
+                 for t, b in zip(table, routed, strict=True)]
+    widths = (f"{cfg.bits} bits" if router is None else
+              f"the widths of router {router.meta['path']} ({'/'.join(map(str, router.bits))} "
+              f"bits, {(capacity.capacity_mode if capacity is not None else 'fixed')} "
+              f"capacities)")
     header = (f"{spec.name} on {_device_of(model)}: real executor against the simulator on "
               f"{profile.name} ({profile.source.kind}); {cfg.max_new_tokens} tokens at "
-              f"{cfg.bits} bits, {_threads()} torch thread(s), O_DIRECT "
+              f"{widths}, {_threads()} torch thread(s), O_DIRECT "
               f"{'on' if store.direct_io else 'off'}, "
               f"{cfg.repeats} real run(s) per row (median kept, spread = (max - min) / median); "
               f"error = (sim - real) / real")
-    report = "\n".join([header, format_table([r.as_table_row() for r in rows]),
-                        summary_line(summary)])
+    report = "\n".join([header, format_table(table)]
+                       + [router_line(b) for b in routed if "same_decisions" in b]
+                       + [summary_line(summary)])
     with atomic_write(out / "table.txt") as f:
         f.write(report + "\n")
+    data = {"config": asdict(cfg), "profile": profile.name, "summary": summary, "rows": table}
+    if router is not None:
+        data |= {"capacity_config": asdict(capacity) if capacity is not None else None,
+                 "router_config": router.describe(), "router_rows": routed}
     with atomic_write(out / "fidelity.json") as f:
-        json.dump({"config": asdict(cfg), "profile": profile.name, "summary": summary,
-                   "rows": [r.as_table_row() for r in rows]}, f, indent=1, default=float)
+        json.dump(data, f, indent=1, default=float)
     files += [str(out / "table.txt"), str(out / "fidelity.json")]
     for label, pair in pairs.items():
         files.append(str(plot_side_by_side(
@@ -183,7 +249,40 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
                   f"({profile.name}), decode steps 1-{cfg.plot_steps}, each from its "
                   f"start")))
     return {"report": report, "rows": rows, "summary": summary, "files": files,
-            "wall_s": time.perf_counter() - t0}
+            "router_rows": routed, "wall_s": time.perf_counter() - t0}
+
+
+def router_row(policy: str, budget: str, real: Timeline, sim: Timeline) -> dict[str, Any]:
+    """Real against simulated bit-width router of one (policy, budget): the decode runs'
+    average bits and, in adaptive mode, the number of decisions and the final shares."""
+    from d2moe.router.adaptive import run_bits
+
+    row: dict[str, Any] = {"policy": policy, "budget": budget,
+                           "real_bits": run_bits(real.events, first_step=1),
+                           "sim_bits": run_bits(sim.events, first_step=1)}
+    cap_real, cap_sim = real.meta.get("capacity", {}), sim.meta.get("capacity", {})
+    if "decisions" in cap_real:
+        def final(cap: dict) -> list[float]:
+            return list(cap["decisions"][-1]["shares"] if cap["decisions"] else cap["trained"])
+
+        dr, ds = cap_real["decisions"], cap_sim.get("decisions", [])
+        row |= {"real_decisions": len(dr), "sim_decisions": len(ds),
+                "same_decisions": len(dr) == len(ds), "real_shares": final(cap_real),
+                "sim_shares": final(cap_sim) if "decisions" in cap_sim else None,
+                "real_decision_steps": [d["step"] for d in dr],
+                "sim_decision_steps": [d["step"] for d in ds]}
+    return row
+
+
+def router_line(row: dict[str, Any]) -> str:
+    """One report line of an adaptive row (`router_row`)."""
+    def shares(s: list[float] | None) -> str:
+        return "-" if s is None else "/".join(f"{x:.2f}" for x in s)
+
+    return (f"{row['policy']} {row['budget']}: adaptive capacity, "
+            f"{row['real_decisions']} real / {row['sim_decisions']} simulated decisions "
+            f"({'same count' if row['same_decisions'] else 'DIFFERENT counts'}), final shares "
+            f"real {shares(row['real_shares'])}, simulated {shares(row['sim_shares'])}")
 
 
 def _slug(label: str) -> str:
@@ -209,13 +308,21 @@ def _median_run(runs: list[tuple[Timeline, Any]]) -> tuple[Timeline, Any]:
 
 
 def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int, bits: int,
-               prompt_ids: list[int], max_new_tokens: int, stats: Any = None
-               ) -> tuple[Timeline, Any]:
+               prompt_ids: list[int], max_new_tokens: int, stats: Any = None, *,
+               router: Any = None, capacity: Any = None) -> tuple[Timeline, Any]:
     """One real generation under the budget: (its timeline, the routing trace it took);
-    `stats`: expert statistics for the policies that use them."""
+    `stats`: expert statistics for the policies that use them.
+
+    `router` (a BitRouter on the model's device) chooses every (token, slot)'s bits live,
+    under `capacity` (a CapacityConfig: fixed, or adaptive with a fresh controller for this
+    run); the trace then carries the widths it chose, its gate probabilities (`prefs`) and
+    meta `router_config` (its trained capacities and window), and the timeline's meta
+    `capacity` (as `d2moe run` writes it). The router is left with the capacities and window
+    it had."""
     import numpy as np
 
     from d2moe.executor.backend import StreamingExperts
+    from d2moe.executor.cmd import capacity_controller
     from d2moe.executor.pool import ExpertPool
     from d2moe.executor.setup import check_store_layout
     from d2moe.model.generate import generate
@@ -225,42 +332,103 @@ def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int
     device = next(model.parameters()).device
     copies = check_store_layout(policy_config(policy), policy, store.layout, store.path)
     pool = ExpertPool(spec, store.layout, budget_bytes, device, copies=copies)
-    backend = StreamingExperts(store, make_policy(policy, stats=stats), pool, bits=bits)
+    trained = None if router is None else (router.capacities, router.window_tokens)
+    controller = capacity_controller(capacity, router)  # fixed: applies --capacity-window
+    router_config = None if router is None else router.describe()  # before any move
     steps: list[list[tuple[Any, Any]]] = []
+    chosen: list[dict[int, tuple[Any, Any]]] = []  # per forward: layer -> (probs, index)
 
     def observe(layer: int, ids: Any, weights: Any) -> None:
         # keep the tensors (fresh per forward) and convert after the run, so recording the
-        # trace adds next to nothing to the non-expert time being measured
+        # trace adds next to nothing to the non-expert time being measured; the router is
+        # asked after the observer, so a forward's choices are taken at the next one's start
         if layer == 0:
+            if router is not None and steps:
+                chosen.append(_router_choices(router))
             steps.append([])
         steps[-1].append((ids, weights))
 
     try:
-        generate(model, prompt_ids, max_new_tokens, backend=backend, observer=observe)
+        backend = StreamingExperts(store, make_policy(policy, stats=stats), pool, bits=bits,
+                                   router=router, capacity=controller)
+        try:
+            generate(model, prompt_ids, max_new_tokens, backend=backend, observer=observe)
+        finally:
+            timeline = backend.finish()
+        if router is not None:
+            chosen.append(_router_choices(router))
     finally:
-        timeline = backend.finish()
-    trace_steps = []
+        if trained is not None:
+            router.set_capacities(trained[0], window=trained[1])
+    trace_steps, prefs = [], []
     for i, layers in enumerate(steps):
         experts = np.stack([ids.cpu().numpy().astype(np.int16) for ids, _ in layers],
                            axis=1)  # [T, L, k]
         weights = np.stack([w.float().cpu().numpy().astype(np.float32) for _, w in layers],
                            axis=1)
-        trace_steps.append((PREFILL if i == 0 else DECODE, experts, weights,
-                            np.full(experts.shape, bits, np.int8)))
-    trace = Trace.from_steps(spec.name, spec.experts, trace_steps,
-                             {"source": "record", "model": spec.name, "policy": policy,
-                              "bits": bits, "budget_bytes": budget_bytes})
+        widths = np.full(experts.shape, bits, np.int8)
+        if router is not None:
+            widths, p = _step_widths(router.bits, chosen[i], experts.shape)
+            prefs.append(p)
+        trace_steps.append((PREFILL if i == 0 else DECODE, experts, weights, widths))
+    meta = {"source": "record", "model": spec.name, "policy": policy, "bits": bits,
+            "budget_bytes": budget_bytes}
+    if router is not None:
+        meta |= {"router": router_config["path"], "router_config": router_config}
+    trace = Trace.from_steps(spec.name, spec.experts, trace_steps, meta,
+                             prefs=np.concatenate(prefs) if prefs else None)
     timeline.meta.update({"bits": bits, "budget_bytes": budget_bytes})
+    if router is not None:
+        timeline.meta["router"] = router_config["path"]
+        timeline.meta["capacity"] = (controller.record() if controller is not None else
+                                     {"mode": "fixed", "shares": router_config["capacities"],
+                                      "window": router_config["window"]})
     return timeline, trace
 
 
+def _router_choices(router: Any) -> dict[int, tuple[Any, Any]]:
+    """The router's last forward: layer -> (gate probabilities, width index)."""
+    return {layer: (router.last_probs[layer], router.last_index[layer])
+            for layer in router.last_index}
+
+
+def _step_widths(widths: Any, choices: dict[int, tuple[Any, Any]], shape: tuple[int, ...]
+                 ) -> tuple[Any, Any]:
+    """One forward's bits [T, L, k] (int8) and gate probabilities [T, L, k, K] (float32) per
+    (token, slot); a per-token router's choice repeats over the token's slots (as
+    `BitRoutedExperts.token_bits` and `token_prefs`)."""
+    import numpy as np
+
+    t, n_layers, k = shape
+    if sorted(choices) != list(range(n_layers)):
+        raise RuntimeError(f"the router answered layers {sorted(choices)} of a forward, "
+                           f"not all {n_layers}")
+    table = np.asarray(widths, dtype=np.int8)
+    bits = np.empty(shape, dtype=np.int8)
+    prefs = np.empty((*shape, len(table)), dtype=np.float32)
+    for layer, (p, idx) in choices.items():
+        p = p.float().cpu().numpy()  # [T, K] or [T, k, K]
+        idx = idx.cpu().numpy()  # [T] or [T, k]
+        bits[:, layer, :] = table[idx] if idx.ndim == 2 else table[idx][:, None]
+        prefs[:, layer] = p if p.ndim == 3 else p[:, None, :]
+    return bits, prefs
+
+
 def simulate_trace(trace: Any, spec: Any, layout: Any, profile: Any, policy: str,
-                   budget_bytes: int, bits: int, stats: Any = None) -> Timeline:
+                   budget_bytes: int, bits: int, stats: Any = None, *,
+                   capacity: Any = None) -> Timeline:
     """The simulator on a recorded trace, at the real run's budget in bytes (the same
-    expert statistics as the real run, for the policies that use them)."""
+    expert statistics as the real run, for the policies that use them). A trace recorded
+    with a router goes through `capacity_source` under `capacity` (a CapacityConfig: fixed
+    replays the recorded widths, adaptive re-places the gate's probabilities under the
+    controller's shares); the timeline's meta `capacity` is then set as the executor's."""
     from d2moe.policies import make_policy
+    from d2moe.sim.adaptive import capacity_source
     from d2moe.sim.simulator import SimSetup, simulate
-    from d2moe.sim.workload import steps_from_trace
 
     setup = SimSetup(spec, profile, layout, budget_bytes, meta={"trace": "recorded"})
-    return simulate(setup, steps_from_trace(trace, bits), make_policy(policy, stats=stats))
+    source = capacity_source(trace, bits, capacity)
+    tl = simulate(setup, source, make_policy(policy, stats=stats))
+    if source.record() is not None:
+        tl.meta["capacity"] = source.record()
+    return tl

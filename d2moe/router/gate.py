@@ -108,6 +108,8 @@ class BitRouter:
         self._bits_t = torch.tensor(self.bits, dtype=torch.long)
         # layer -> the last call's gate probabilities [T, K] or [T, k, K] (trace recording)
         self.last_probs: dict[int, torch.Tensor] = {}
+        # layer -> the last call's width index [T] or [T, k] into `bits` (trace recording)
+        self.last_index: dict[int, torch.Tensor] = {}
 
     def to(self, device: torch.device | str) -> BitRouter:
         """Move the gate to `device`."""
@@ -119,6 +121,7 @@ class BitRouter:
         """Start a new sequence: forget the decode windows."""
         self.window.reset()
         self.last_probs.clear()
+        self.last_index.clear()
 
     def set_capacities(self, caps: Sequence[float], window: int | None = None) -> None:
         """New capacities (and window size) from the next call on; every window restarts."""
@@ -151,8 +154,9 @@ class BitRouter:
         slot) into `bits`, capacities enforced over the window's rows."""
         p = self.probs(layer, x, weights)
         self.last_probs[layer] = p
-        idx = self.window.place(layer, p.reshape(-1, p.shape[-1]))  # [rows]
-        return idx.view(p.shape[:-1])
+        idx = self.window.place(layer, p.reshape(-1, p.shape[-1])).view(p.shape[:-1])
+        self.last_index[layer] = idx  # [T] or [T, k]
+        return idx
 
     def choose(self, layer: int, x: torch.Tensor, weights: torch.Tensor | None = None
                ) -> torch.Tensor:

@@ -8,7 +8,7 @@ preferences with the router's own capacity code (`d2moe.router.capacity.Capacity
 numpy path of the very rule `BitRouter` runs) under the current shares, and builds each
 step's demands from the widths it gets (`group_demands`, the grouping `Trace.demands` uses).
 
-It mirrors `d2moe/executor/backend.py` (and `executor/cmd.py: _capacity`) step for step:
+It mirrors `d2moe/executor/backend.py` (and `executor/cmd.py: capacity_controller`) step for step:
 
 - one running window per layer of W tokens x rows per token (k for a per-slot router), W =
   `CapacityConfig.window_for(router window)`, starting at the trained capacities; the
