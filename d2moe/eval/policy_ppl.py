@@ -216,7 +216,7 @@ def _decode_nll(model: Transformer, ids: list[int], ctx: int, batch: int,
     device = next(model.parameters()).device
     windows = torch.tensor(ids[: n_win * ctx], dtype=torch.long, device=device).view(n_win, ctx)
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.inference_mode():
         for s in range(0, n_win, batch):
             w = windows[s:s + batch]  # [b, ctx]
             cache = model.new_cache(batch=w.shape[0], max_len=ctx)

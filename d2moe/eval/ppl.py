@@ -236,7 +236,7 @@ def dense_backend(spec: ModelSpec, weight_of: Callable[[Key], torch.Tensor]) -> 
     from d2moe.model.moe import DenseExperts
 
     backend = DenseExperts(spec)
-    with torch.no_grad():
+    with torch.inference_mode():
         for t in TENSORS:
             param = getattr(backend, t)
             for layer in range(spec.layers):

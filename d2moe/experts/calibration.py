@@ -83,7 +83,7 @@ def expert_outputs(experts: DenseExperts, layer: int, x: torch.Tensor) -> np.nda
 
     from d2moe.model.moe import swiglu
 
-    with torch.no_grad():
+    with torch.inference_mode():
         outs = [swiglu(x.float(), *(w.float() for w in experts.expert(layer, e)))
                 for e in range(experts.w1.shape[1])]
     return torch.stack(outs).double().cpu().numpy()
@@ -117,7 +117,7 @@ def stats_from_model(model: Transformer, spec: ModelSpec, ids: list[int],
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for s in starts:
                 model(windows[s:s + batch].to(device), backend=capture)
                 if bar is not None:

@@ -40,7 +40,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
     device = next(model.parameters()).device
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
     new: list[int] = []
-    with torch.no_grad():
+    with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(torch.tensor([prompt_ids], device=device), cache, backend=backend,
                        observer=observer)  # [1, T, V]

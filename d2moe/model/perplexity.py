@@ -53,7 +53,7 @@ def perplexity(model: Transformer, data: bytes | list[int], *, ctx: int = 256, b
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for s in starts:
                 w = windows[s:s + batch]  # [b, ctx]
                 logits = model(w[:, :-1], backend=backend)  # [b, ctx-1, V]

@@ -103,7 +103,7 @@ def run_bodies(probe: ModelSpec, layout: QuantLayout, device: Any,
         y = torch.zeros_like(x)
 
         def run(i: int) -> None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 with pool.moving:
                     m = pool.matrices(key, b)
                     o = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], b)
@@ -250,7 +250,7 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
 
     def run(key: Any) -> float:
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.inference_mode():
             with pool.moving:
                 m = pool.matrices(key, bits)
                 o = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], bits)
@@ -418,7 +418,7 @@ def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: An
     backend = StreamingExperts(reader, make_policy("fifo"), pool, bits=bits)
     gen = torch.Generator().manual_seed(4)
     ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k]
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(layers):
             if i % 2:  # a different set: at least one load
                 old = set(ids.tolist())

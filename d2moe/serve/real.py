@@ -54,7 +54,7 @@ def serve_model(model: Any, backend: Any, requests: Sequence[Request],
     outputs: dict[int, list[int]] = {r.id: [] for r in requests}
     idle: dict[int, float] = {}
     phases: list[str] = []
-    with torch.no_grad():
+    with torch.inference_mode():
         while not batcher.done:
             now = clock()
             step = batcher.next_step(now)

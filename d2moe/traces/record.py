@@ -46,7 +46,7 @@ def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens:
     steps = []
     prefs: list[np.ndarray] = []  # per step [T, L, k, K]
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         chunks = [token_ids[:prefill_tokens]] + [[t] for t in token_ids[prefill_tokens:need]]
         for i, chunk in enumerate(chunks):
             layers.clear()
