@@ -157,15 +157,32 @@ def check_cuda(device: str) -> float:
     return worst
 
 
-def _configs(tokens: int, rows: int, cols: int, device: str) -> list:
-    """Candidate (KernelConfig, path) pairs for one case; split-K from the automatic choice up."""
-    from d2moe.kernels.triton_nested import KernelConfig, auto_split
+def _configs(tokens: int, rows: int, cols: int, device: str, which: str = "all") -> list:
+    """Candidate (KernelConfig, path) pairs for one case; split-K from the automatic choice up.
+    which="pipeline": the default launch and its Triton-pipelined variants only."""
+    from d2moe.kernels.triton_nested import (
+        GEMV_CONFIG,
+        GEMV_FEW_CONFIG,
+        GEMV_MAX_TOKENS,
+        KernelConfig,
+        auto_split,
+    )
 
+    if which == "pipeline" and tokens <= GEMV_MAX_TOKENS:
+        d = GEMV_CONFIG if tokens == 1 else GEMV_FEW_CONFIG
+        auto = auto_split(-(-rows // d.block_n), -(-cols // 32), d, torch.device(device))
+        words = -(-cols // 32)
+        return [(dataclasses.replace(d, split_k=k, pipeline=st), "gemv")
+                for k in sorted({auto, 2 * auto, 4 * auto}) if k <= words for st in (0, 2, 3)]
     if tokens == 1:
         out = []
-        for bn, bw, nw in ((512, 1, 4), (512, 1, 2), (256, 1, 2), (256, 1, 1), (1024, 1, 4),
-                           (512, 2, 4), (256, 2, 2), (128, 1, 1)):
-            cfg = KernelConfig(block_n=bn, block_w=bw, num_warps=nw)
+        shapes = [(bn, bw, nw, 0) for bn, bw, nw in (
+            (512, 1, 4), (512, 1, 2), (256, 1, 2), (256, 1, 1), (1024, 1, 4), (512, 2, 4),
+            (256, 2, 2), (128, 1, 1))]
+        # Triton's pipeliner instead of the one-tile prefetch by hand
+        shapes += [(bn, 1, nw, st) for bn, nw in ((512, 4), (256, 2)) for st in (2, 3, 4)]
+        for bn, bw, nw, stages in shapes:
+            cfg = KernelConfig(block_n=bn, block_w=bw, num_warps=nw, pipeline=stages)
             auto = auto_split(-(-rows // bn), -(-cols // 32), cfg, torch.device(device))
             out += [(dataclasses.replace(cfg, split_k=k), "gemv")
                     for k in sorted({auto, 2 * auto, 4 * auto}) if k <= -(-cols // 32) // bw]
@@ -175,6 +192,21 @@ def _configs(tokens: int, rows: int, cols: int, device: str) -> list:
                 for bn in (128, 256, 512) for nw in (2, 4)]
     return [(KernelConfig(block_n=bn, block_w=bw, block_m=16, num_warps=nw, num_stages=3), "dot")
             for bn in (64, 128) for bw in (2, 4) for nw in (4, 8)]
+
+
+def _is_default(cfg, tokens: int, rows: int, cols: int, device: str) -> bool:
+    """Whether `cfg` launches as nested_matmul's own choice for this case does."""
+    from d2moe.kernels import triton_nested as tn
+
+    base = (tn.GEMV_CONFIG if tokens == 1 else tn.GEMV_FEW_CONFIG
+            if tokens <= tn.GEMV_MAX_TOKENS else tn.DOT_CONFIG)
+    same = (cfg.block_n, cfg.block_w, cfg.num_warps, cfg.pipeline) == (
+        base.block_n, base.block_w, base.num_warps, base.pipeline)
+    if tokens <= tn.GEMV_MAX_TOKENS:  # split-K: the automatic choice unless pinned
+        split = base.split_k or tn.auto_split(-(-rows // base.block_n), -(-cols // 32), base,
+                                             torch.device(device))
+        same = same and cfg.split_k == split
+    return same
 
 
 def _case_inputs(kind: str, rows: int, cols: int, tokens: int, layout: QuantLayout,
@@ -217,42 +249,55 @@ def precompile(jobs: list, workers: int) -> None:
           f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def tune_jobs(kinds: list[str], tokens_list: list[int], device: str) -> list:
+def tune_jobs(kinds: list[str], tokens_list: list[int], device: str, models: list[str],
+              which: str) -> list:
     return [(kind, rows, cols, tokens, bits, cfg, path)
             for kind in kinds for (model, tensor), (rows, cols) in SHAPES.items()
-            for tokens in tokens_list for bits in TUNE_BITS
-            for cfg, path in _configs(tokens, rows, cols, device)]
+            if model in models for tokens in tokens_list for bits in TUNE_BITS
+            for cfg, path in _configs(tokens, rows, cols, device, which)]
 
 
 TUNE_BITS = (2, 4, 8)
 
 
 def tune(device: str, kinds: list[str], tokens_list: list[int], layout: QuantLayout,
-         out_lines: list[str]) -> None:
-    """Graph-time every candidate config per shape, bit-width and token count; print the best."""
+         out_lines: list[str], models: list[str], which: str = "all") -> None:
+    """Graph-time every candidate config per shape, bit-width and token count; print the best
+    three (every one with which="pipeline"), each against the default launch's time. Each
+    config's output must match the default's (relative error < 1e-2) or the run stops."""
     from d2moe.kernels.triton_nested import nested_matmul
 
     for kind in kinds:
         for (model, tensor), (rows, cols) in SHAPES.items():
+            if model not in models:
+                continue
             for bits in TUNE_BITS:
                 for tokens in tokens_list:
                     probe = random_packed(kind, rows, cols, layout, device)
                     ps, xs = _case_inputs(kind, rows, cols, tokens, layout, device,
                                           copies_for(probe.nbytes_at(bits)))
                     del probe
+                    ref = nested_matmul(xs[0], ps[0], bits).float()
                     results = []
-                    for cfg, path in _configs(tokens, rows, cols, device):
+                    for cfg, path in _configs(tokens, rows, cols, device, which):
                         calls = [lambda x=x, p=p, b=bits, c=cfg, pa=path: nested_matmul(
                             x, p, b, config=c, path=pa) for x, p in zip(xs, ps, strict=True)]
                         try:
+                            err = float((calls[0]().float() - ref).norm() / ref.norm())
+                            if not err < 1e-2:
+                                raise SystemExit(f"FAIL {kind} {model} {tensor} b={bits} "
+                                                 f"M={tokens} {cfg}: rel err {err:.2e}")
                             results.append((graph_us(calls), cfg, path))
                         except Exception as exc:  # a config that does not compile: report
                             out_lines.append(f"tune {kind} {model} {tensor} b={bits} "
                                              f"M={tokens} {cfg}: {type(exc).__name__}")
+                    default = next((us for us, cfg, path in results if _is_default(
+                        cfg, tokens, rows, cols, device)), float("nan"))
                     results.sort(key=lambda r: r[0])
-                    for us, cfg, path in results[:3]:
+                    for us, cfg, path in results if which == "pipeline" else results[:3]:
                         line = (f"tune {kind:8s} {model:14s} {tensor} b={bits} M={tokens:2d} "
-                                f"{path:5s} {us:8.1f} us  {cfg}")
+                                f"{path:5s} {us:8.1f} us  x{default / us:4.2f} vs default "
+                                f"({default:.1f} us)  {cfg}")
                         print(line, flush=True)
                         out_lines.append(line)
 
@@ -348,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", default="1,4,16")
     ap.add_argument("--check", action="store_true", help="check correctness first (CUDA)")
     ap.add_argument("--tune", action="store_true", help="time candidate launch configs")
+    ap.add_argument("--tune-set", default="all", choices=("all", "pipeline"),
+                    help="pipeline: the default GEMV launch against its pipelined variants")
+    ap.add_argument("--models", default=",".join(sorted({m for m, _ in SHAPES})),
+                    help="models whose expert shapes are tuned")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--json", help="write rows and context here")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes first")
@@ -371,11 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         context["copy_GBps"] = copy_GBps
         print(f"{context['device']}: device-to-device copy {copy_GBps:.0f} GB/s "
               f"(read + write), measured in this run")
-        precompile((tune_jobs(kinds, tokens_list, device) if args.tune else [])
+        models = args.models.split(",")
+        precompile((tune_jobs(kinds, tokens_list, device, models, args.tune_set)
+                    if args.tune else [])
                    + ([] if args.no_table else bench_jobs(kinds, bits_list, tokens_list)),
                    args.jobs)
         if args.tune:
-            tune(device, kinds, tokens_list, layout, lines)
+            tune(device, kinds, tokens_list, layout, lines, models, args.tune_set)
         rows = [] if args.no_table else bench_cuda(device, kinds, bits_list, tokens_list,
                                                    layout, copy_GBps)
     else:

@@ -10,9 +10,10 @@ memory. Two paths:
     shift + one LOP3 per plane) builds four codes per int32. One PRMT per weight then moves
     a code byte into the mantissa of a constant (no int->float conversion): 0.5 + q/256 for
     codes of <= 7 bits, 2^23 + q (minus 2^23) at 8; sums over a word are rescaled and the
-    group's scale and zero applied once per word, one FMA per weight and token. The next
-    tile's loads are issued before the current tile is decoded. Split-K fills the SMs when N
-    is small; partials meet in a self-cleaning fp32 accumulator (one launch).
+    group's scale and zero applied once per word, one FMA per weight and token. The K loop
+    runs under Triton's software pipeliner (or, `pipeline=0`, prefetches one tile by hand).
+    Split-K puts about 16 programs on each SM (the GEMV is latency-bound); partials meet in
+    a self-cleaning fp32 accumulator (one launch).
   * dot (> 4 tokens): the dequantized [BLOCK_W*32, BLOCK_N] tile goes to tl.dot.
 GROUP must be a power of two >= 32 (a word never straddles two groups).
 Style follows the Triton matmul tutorial: grouped, commented kernel arguments; a wrapper
@@ -43,16 +44,19 @@ class KernelConfig:
     block_n: int = 128
     block_w: int = 8
     block_m: int = 1  # tokens per program (GEMV path: 1..16; dot path: >= 16)
-    split_k: int = 0  # GEMV path: programs along K; 0 = about four programs per SM
+    split_k: int = 0  # GEMV path: programs along K; 0 = auto_split (about 16 per SM)
     num_warps: int = 4
     num_stages: int = 2
+    pipeline: int = 0  # GEMV path: 0 = prefetch one tile by hand; >= 2 = tl.range stages
 
 
-# GEMV defaults: from SASS counts per weight (benchmarks/kernels_sass.py) and an H100 sweep
-# (docs/results/kernels.md; 8 tile shapes x 3 split factors): 512 rows x 1 word x 4 warps
-# was among the three fastest in five of the six Mixtral (shape, 2/4/8-bit) cases.
-GEMV_CONFIG = KernelConfig(block_n=512, block_w=1, block_m=1, num_warps=4)
-GEMV_FEW_CONFIG = KernelConfig(block_n=256, block_w=1, block_m=4, num_warps=4)
+# GEMV defaults: from SASS counts per weight (benchmarks/kernels_sass.py) and H100 sweeps
+# (docs/results/kernels.md): 512 rows x 1 word x 4 warps was among the three fastest in five
+# of the six Mixtral (shape, 2/4/8-bit) cases; Triton's pipeliner at 2 stages with the
+# split of auto_split beat the one-tile prefetch by hand, 1.39x geomean at 1 token and
+# 1.28x at 4 over 12 cases each (0.95x at worst: Mixtral w2 at 4 bits).
+GEMV_CONFIG = KernelConfig(block_n=512, block_w=1, block_m=1, num_warps=4, pipeline=2)
+GEMV_FEW_CONFIG = KernelConfig(block_n=256, block_w=1, block_m=4, num_warps=4, pipeline=2)
 DOT_CONFIG = KernelConfig(block_n=64, block_w=4, block_m=16, split_k=1, num_warps=4,
                           num_stages=3)
 GEMV_MAX_TOKENS = 4  # up to this many tokens: decode once per tile, one FMA per token
@@ -190,6 +194,63 @@ def _lane_bit(c, lane: tl.constexpr):
 
 
 @triton.jit
+def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
+                 p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
+                 planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                 KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
+                 NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr,
+                 EVEN_M: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + this tile's products: sum_k q x per (token, word, row), then scale and zero."""
+    xk = (offs_w * 32)[None, :]  # first column of each word, [1, BLOCK_W]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + xk
+    x_mask = (offs_m[:, None] < M) & (offs_w[None, :] < w_hi)
+    part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
+    xsum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
+    for t in tl.static_range(8):
+        c = _codes(p0, p1, p2, p3, p4, p5, p6, p7, t, NB)
+        for lane in tl.static_range(4):
+            col = 8 * lane + t
+            if EVEN and EVEN_M:
+                xv = tl.load(x_ptrs + col)
+            elif EVEN:
+                xv = tl.load(x_ptrs + col, mask=offs_m[:, None] < M, other=0.0)
+            else:
+                xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
+            xv = xv.to(tl.float32)
+            xsum += xv
+            part += _lane_code(c, magic, lane, NB, ASM)[None, :, :] * xv[:, :, None]
+    sf = s.to(tl.float32)
+    zf = z.to(tl.float32)
+    if KIND == 1:  # bitplane.py: s_b = s 2^(BK-BITS), z_b = z + s (2^(BK-BITS) - 1) / 2
+        zf = zf + sf * (((1 << (BK - BITS)) - 1) * 0.5)
+        sf = sf * (1 << (BK - BITS))
+    if NB <= 7:  # part = sum (0.5 + q/256) x  =>  sum q x = 256 part - 128 sum x
+        zf = zf - 128.0 * sf
+        sf = 256.0 * sf
+    acc += tl.sum(sf[None, :, :] * part + zf[None, :, :] * xsum[:, :, None], axis=1)
+    if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
+        p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
+        g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
+        tile_mask = (offs_w[:, None] < w_hi) & n_ok
+        for pl in tl.static_range(BITS - B1):
+            q = tl.load(p_ptrs + (B1 + pl) * plane_stride, mask=tile_mask, other=0)
+            a = tl.load(pscale_ptr + pl * pscale_stride + g_off, mask=tile_mask,
+                        other=0.0).to(tl.float32)
+            part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
+            for t in tl.static_range(8):
+                c = (q >> t) & LANES
+                for lane in tl.static_range(4):
+                    col = 8 * lane + t
+                    xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
+                    part += _lane_bit(c, lane)[None, :, :] * xv.to(tl.float32)[:, :, None]
+            # part = sum (1 + bit/2) x  =>  sum bit x = 2 (part - sum x), so
+            # alpha (2 sum bit x - sum x) = alpha (4 part - 5 sum x)
+            acc += tl.sum(a[None, :, :] * (4.0 * part - 5.0 * xsum[:, :, None]), axis=1)
+    return acc
+
+
+@triton.jit
 def _nested_gemv_kernel(
     # Activations x [M, K] and output y [M, N]
     x_ptr, y_ptr, M, stride_xm, stride_ym,
@@ -207,6 +268,8 @@ def _nested_gemv_kernel(
     # K slice holds a whole number of BLOCK_W tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN: tl.constexpr, EVEN_M: tl.constexpr,  # M % BLOCK_M == 0
+    # Loads in flight: 0 = the next tile, issued by hand; >= 2: Triton's pipeliner stages
+    PIPELINE: tl.constexpr,
     # ASM: PTX inline assembly allowed (CUDA; off under the interpreter). magic_bits is
     # MAGIC, passed at run time: a constant would be folded into PRMT's immediate slot by
     # ptxas, pushing the four byte selectors into registers rebuilt on every use
@@ -215,7 +278,8 @@ def _nested_gemv_kernel(
     """One program: BLOCK_M tokens x BLOCK_N rows x one K slice; W decoded once per tile.
 
     The next tile's plane words, scales and zeros are loaded before the current tile is
-    decoded (software pipelining by hand), so one HBM latency overlaps one tile of work."""
+    decoded (software pipelining by hand, PIPELINE = 0), so one HBM latency overlaps one tile
+    of work; PIPELINE >= 2 hands the loop to Triton's pipeliner, PIPELINE - 1 tiles ahead."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -228,68 +292,33 @@ def _nested_gemv_kernel(
     w_hi = tl.minimum(w_lo + words_per_split, KW)
     arange_w = tl.arange(0, BLOCK_W)
 
-    # the first tile, loaded before the loop
-    p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
-        planes_ptr, scale_ptr, zero_ptr, w_lo + arange_w, offs_n, n_ok, w_hi, N,
-        plane_stride, NB, WPG, EVEN)
-
     magic = tl.zeros([BLOCK_W, BLOCK_N], tl.int32) + magic_bits
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for w0 in range(w_lo, w_hi, BLOCK_W):
-        # prefetch the next tile (masked off past the slice)
-        q0, q1, q2, q3, q4, q5, q6, q7, s_next, z_next = _load_tile(
-            planes_ptr, scale_ptr, zero_ptr, w0 + BLOCK_W + arange_w, offs_n, n_ok, w_hi, N,
-            plane_stride, NB, WPG, False)
-
-        # decode the current tile: sum_k q x per (token, word, row), then scale and zero
-        offs_w = w0 + arange_w
-        xk = (offs_w * 32)[None, :]  # first column of each word, [1, BLOCK_W]
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + xk
-        x_mask = (offs_m[:, None] < M) & (offs_w[None, :] < w_hi)
-        part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_M, BLOCK_W], dtype=tl.float32)
-        for t in tl.static_range(8):
-            c = _codes(p0, p1, p2, p3, p4, p5, p6, p7, t, NB)
-            for lane in tl.static_range(4):
-                col = 8 * lane + t
-                if EVEN and EVEN_M:
-                    xv = tl.load(x_ptrs + col)
-                elif EVEN:
-                    xv = tl.load(x_ptrs + col, mask=offs_m[:, None] < M, other=0.0)
-                else:
-                    xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
-                xv = xv.to(tl.float32)
-                xsum += xv
-                part += _lane_code(c, magic, lane, NB, ASM)[None, :, :] * xv[:, :, None]
-        sf = s.to(tl.float32)
-        zf = z.to(tl.float32)
-        if KIND == 1:  # bitplane.py: s_b = s 2^(BK-BITS), z_b = z + s (2^(BK-BITS) - 1) / 2
-            zf = zf + sf * (((1 << (BK - BITS)) - 1) * 0.5)
-            sf = sf * (1 << (BK - BITS))
-        if NB <= 7:  # part = sum (0.5 + q/256) x  =>  sum q x = 256 part - 128 sum x
-            zf = zf - 128.0 * sf
-            sf = 256.0 * sf
-        acc += tl.sum(sf[None, :, :] * part + zf[None, :, :] * xsum[:, :, None], axis=1)
-        if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
-            p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
-            g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
-            tile_mask = (offs_w[:, None] < w_hi) & n_ok
-            for pl in tl.static_range(BITS - B1):
-                q = tl.load(p_ptrs + (B1 + pl) * plane_stride, mask=tile_mask, other=0)
-                a = tl.load(pscale_ptr + pl * pscale_stride + g_off, mask=tile_mask,
-                            other=0.0).to(tl.float32)
-                part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
-                for t in tl.static_range(8):
-                    c = (q >> t) & LANES
-                    for lane in tl.static_range(4):
-                        col = 8 * lane + t
-                        xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
-                        part += _lane_bit(c, lane)[None, :, :] * xv.to(tl.float32)[:, :, None]
-                # part = sum (1 + bit/2) x  =>  sum bit x = 2 (part - sum x), so
-                # alpha (2 sum bit x - sum x) = alpha (4 part - 5 sum x)
-                acc += tl.sum(a[None, :, :] * (4.0 * part - 5.0 * xsum[:, :, None]), axis=1)
-        p0, p1, p2, p3, p4, p5, p6, p7 = q0, q1, q2, q3, q4, q5, q6, q7
-        s, z = s_next, z_next
+    if PIPELINE == 0:  # by hand: the next tile's loads are issued before this one decodes
+        p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
+            planes_ptr, scale_ptr, zero_ptr, w_lo + arange_w, offs_n, n_ok, w_hi, N,
+            plane_stride, NB, WPG, EVEN)
+        for w0 in range(w_lo, w_hi, BLOCK_W):
+            q0, q1, q2, q3, q4, q5, q6, q7, s_next, z_next = _load_tile(
+                planes_ptr, scale_ptr, zero_ptr, w0 + BLOCK_W + arange_w, offs_n, n_ok, w_hi,
+                N, plane_stride, NB, WPG, False)  # masked off past the slice
+            acc = _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
+                               w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
+                               planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                               KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
+                               BLOCK_M, BLOCK_W, BLOCK_N)
+            p0, p1, p2, p3, p4, p5, p6, p7 = q0, q1, q2, q3, q4, q5, q6, q7
+            s, z = s_next, z_next
+    else:  # Triton's software pipeliner keeps PIPELINE - 1 tiles of loads in flight
+        for w0 in tl.range(w_lo, w_hi, BLOCK_W, num_stages=PIPELINE):
+            p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
+                planes_ptr, scale_ptr, zero_ptr, w0 + arange_w, offs_n, n_ok, w_hi, N,
+                plane_stride, NB, WPG, EVEN)
+            acc = _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
+                               w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
+                               planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                               KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
+                               BLOCK_M, BLOCK_W, BLOCK_N)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -388,12 +417,15 @@ def _sm_count(device: torch.device) -> int:
 
 
 def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.device) -> int:
-    """K slices so that about four programs per SM run, each keeping >= 4 tiles of work
-    (measured on an H100: twice the slices of a two-per-SM target were 10-20% faster)."""
+    """K slices so that about 16 programs per SM run, each keeping >= 2 tiles of work.
+
+    Measured on an H100 (docs/results/kernels.md, `--tune-set pipeline`): against four
+    programs per SM with >= 4 tiles each, 1.29x geomean over Mixtral and LLaMA-MoE shapes at
+    1 token (1.39x with the pipelined loop): the GEMV is latency-bound, not issue-bound."""
     if cfg.split_k:
         return cfg.split_k
-    want = triton.cdiv(4 * _sm_count(device), programs)
-    return max(1, min(want, words // (4 * cfg.block_w)))
+    want = triton.cdiv(16 * _sm_count(device), programs)
+    return max(1, min(want, words // (2 * cfg.block_w)))
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -455,6 +487,7 @@ def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
             planes, packed.scale, packed.zero, pscale_arg,
             n, k, kw, planes.stride(0), pscale_stride, words_per_split,
             BLOCK_M=block_m, SPLIT_K=split, EVEN=even, EVEN_M=m_tokens % block_m == 0,
+            PIPELINE=cfg.pipeline,
             ASM=x.is_cuda,
             magic_bits=(HALF if bits_code(packed, bits) <= 7 else MAGIC).value, **common)
         return out

@@ -78,6 +78,8 @@ def test_split_k_and_block_configs():
     for cfg, path in ((KernelConfig(block_n=16, block_w=2, split_k=3), "gemv"),
                       (KernelConfig(block_n=32, block_w=4, block_m=2, split_k=1), "gemv"),
                       (KernelConfig(block_n=16, block_w=2, split_k=0), "gemv"),
+                      (KernelConfig(block_n=16, block_w=1, split_k=3, pipeline=3), "gemv"),
+                      (KernelConfig(block_n=32, block_w=2, block_m=2, pipeline=2), "gemv"),
                       (KernelConfig(block_n=16, block_w=1, block_m=16), "dot")):
         out = torch.full((2, 24), float("nan"))
         assert _rel(nested_matmul(x, p, 6, out=out, config=cfg, path=path), ref) < GEMV_TOL
@@ -146,6 +148,11 @@ def test_cuda_fp16(kind):
             y = expert_matmul(x, p, bits)
             ref = x.double() @ dequantize(m, bits, device="cuda").double().t()
             assert not torch.isnan(y).any() and _rel(y, ref) < 3e-3
+            if tokens <= 4:  # the GEMV path under Triton's pipeliner
+                from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+                cfg = KernelConfig(block_n=256, block_w=1, block_m=tokens, pipeline=3)
+                y = nested_matmul(x, p, bits, config=cfg, path="gemv")
+                assert not torch.isnan(y).any() and _rel(y, ref) < 3e-3
 
 
 @pytest.mark.parametrize("kind", ["mwq", "bitplane"])
