@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from dataclasses import replace
 
 import numpy as np
@@ -21,9 +22,15 @@ from d2moe.core.spec import ModelSpec
 from d2moe.executor.arena import ALIGN, Arena, Block, chunked_move
 from d2moe.executor.levels import LevelFormat
 from d2moe.kernels.packed import PackedExpertMatrix
-from d2moe.kernels.torch_fallback import PlaneViews
+from d2moe.kernels.torch_fallback import PlaneViews, prepared_nbytes
 from d2moe.policies.view import ResidentSet, Sizes
 from d2moe.quant.store import TENSORS
+
+# Host bytes the CPU pool may hold in prepared kernel parameters (float32 scale and zero per
+# group: a quarter of a 4-bit level's bytes) beyond the budget. The tiny model's experts fit
+# whole (about 0.5 MiB at 4 bits); one Mixtral-sized matrix (7 MiB) does not, and there the
+# parameters cost about 1% of the run they are rebuilt in.
+PREPARED_CAP_BYTES = 4 << 20
 
 
 class ExpertPool:
@@ -56,6 +63,13 @@ class ExpertPool:
         # CPU: numpy views of each resident level's parts, parsed once per placement:
         # (key, level bits) -> (block offset they were taken at, {tensor: {part: array}})
         self._views: dict[tuple[ExpertKey, int], tuple[int, dict[str, dict[str, np.ndarray]]]] = {}
+        # CPU: kernel inputs per (key, bits), kept with the offsets of the levels they view, so
+        # the fallback's float32 parameters prepared on them (PlaneViews.prepared) outlive one
+        # run; least recently used first, their parameter bytes held under a fixed cap
+        self._inputs: OrderedDict[tuple[ExpertKey, int],
+                                  tuple[tuple[int, ...], dict[str, PlaneViews]]] = OrderedDict()
+        self._inputs_bytes = 0
+        self._inputs_lock = threading.Lock()  # the I/O lane evicts while the compute lane runs
         # The mover holds the buffer, not the pool: no reference cycle, so a dropped pool
         # frees its (committed) buffer at once instead of at the next cyclic collection.
         self.arena = Arena(self.capacity_bytes,
@@ -75,6 +89,8 @@ class ExpertPool:
         for bits in [b for b in levels if b > ev.bits_to or ev.bits_to == 0]:
             self.arena.free(levels.pop(bits))
             self._views.pop((ev.key, bits), None)
+            with self._inputs_lock:
+                self._drop_inputs((ev.key, bits))
         if not levels:
             del self.blocks[ev.key]
         return freed
@@ -201,7 +217,36 @@ class ExpertPool:
         return views
 
     def _plane_views(self, key: ExpertKey, bits: int) -> dict[str, PlaneViews]:
-        """CPU kernel inputs: each matrix's planes as views of their level blocks."""
+        """CPU kernel inputs: each matrix's planes as views of their level blocks, reused
+        while every level they view stays where it was (a moved or replaced level has
+        another offset; a level evicted and loaded again holds the same store bytes). Kept
+        only while their parameters fit PREPARED_CAP_BYTES with the others kept: host
+        memory outside the budget, so fixed like the fallback's scratch."""
+        levels = self.blocks[key]
+        offsets = tuple(levels[b].offset for b in range(self.layout.b1, bits + 1))
+        with self._inputs_lock:
+            hit = self._inputs.get((key, bits))
+            if hit is not None and hit[0] == offsets:
+                self._inputs.move_to_end((key, bits))
+                return hit[1]
+            self._drop_inputs((key, bits))
+        inputs = self._build_plane_views(key, bits)
+        nbytes = sum(prepared_nbytes(v, bits) for v in inputs.values())
+        if nbytes <= PREPARED_CAP_BYTES:
+            with self._inputs_lock:
+                while self._inputs and self._inputs_bytes + nbytes > PREPARED_CAP_BYTES:
+                    self._drop_inputs(next(iter(self._inputs)))
+                self._inputs[(key, bits)] = (offsets, inputs)
+                self._inputs_bytes += nbytes
+        return inputs
+
+    def _drop_inputs(self, kb: tuple[ExpertKey, int]) -> None:
+        """Forget the kept inputs of (key, bits). Call with `_inputs_lock` held."""
+        hit = self._inputs.pop(kb, None)
+        if hit is not None:
+            self._inputs_bytes -= sum(prepared_nbytes(v, kb[1]) for v in hit[1].values())
+
+    def _build_plane_views(self, key: ExpertKey, bits: int) -> dict[str, PlaneViews]:
         lay = self.layout
         parts: dict[str, dict[str, np.ndarray]] = {t: {} for t in TENSORS}
         for b in range(lay.b1, bits + 1):

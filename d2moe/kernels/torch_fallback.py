@@ -19,6 +19,8 @@ the byte budget):
   of one chunk stay in cache; a large matrix never materialises in DRAM (and never pays
   first-touch page faults). Scratch buffers are per thread and reused: a fixed workspace
   of about 10 bytes per chunk weight (`workspace_bytes`), whatever the number of experts.
+- Per-matrix float32 scale and zero prepared once per `PlaneViews` and bit-width
+  (`PlaneViews.prepared`; the CPU pool keeps views across runs under a fixed byte cap).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import functools
 import math
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -61,6 +63,9 @@ class PlaneViews(NestedGeometry):
     scale: np.ndarray  # float16 [rows, groups], any strides
     zero: np.ndarray  # float16 [rows, groups]
     plane_scale: tuple[np.ndarray, ...]  # float16 [rows, groups] per residual plane (mwq)
+    # bits -> its float32 parameters, built on first use. Valid while this object lives: its
+    # views' bytes do not change under it (the pool makes a new one when a level moves).
+    prepared: dict[int, _Params] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def bits_held(self) -> int:
@@ -108,6 +113,11 @@ def _sign_table() -> np.ndarray:
     return out
 
 
+def prepared_nbytes(v: PlaneViews, bits: int) -> int:
+    """Bytes of v's float32 parameters at `bits` (`PlaneViews.prepared`)."""
+    return v.rows * v.groups * 4 * (2 + (bits - v.b1 if v.kind == "mwq" else 0))
+
+
 def chunk_rows(v: PlaneViews) -> int:
     """Rows per chunk: about CHUNK_WEIGHTS weights (at least one row)."""
     return max(1, min(v.rows, CHUNK_WEIGHTS // max(1, v.groups * v.group)))
@@ -133,13 +143,72 @@ def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return buf[:need].reshape(shape)
 
 
-class _Dequantizer:
-    """One matrix at one bit-width, chunk by chunk: the per-group float32 parameters are
-    prepared once per call, the codes and weights of a chunk go to per-thread scratch."""
+@dataclass(frozen=True)
+class _Params:
+    """One matrix's per-group float32 parameters at one bit-width, [rows, groups, 1] each."""
 
-    def __init__(self, v: PlaneViews, bits: int) -> None:
+    s: torch.Tensor  # code scale (bitplane: of the b-bit prefix)
+    z: torch.Tensor  # zero point
+    pscale: tuple[torch.Tensor, ...]  # MWQ: the residual planes' scales up to `bits`
+
+    @classmethod
+    def of(cls, v: PlaneViews, bits: int) -> _Params:
+        """Built from v's float16 parameters (reference: s_b = s 2^shift, z_b = z + s
+        (2^shift - 1) / 2 for bitplane)."""
         import torch
 
+        s = v.scale.astype(np.float32)[:, :, None]
+        z = v.zero.astype(np.float32)[:, :, None]
+        if v.kind == "bitplane":
+            shift = v.bK - bits
+            s, z = s * np.float32(2 ** shift), z + s * np.float32((2 ** shift - 1) / 2)
+        pscale = tuple(torch.from_numpy(a.astype(np.float32)[:, :, None])
+                       for a in v.plane_scale[:bits - v.b1]) if v.kind == "mwq" else ()
+        return cls(torch.from_numpy(s), torch.from_numpy(z), pscale)
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """This thread's scratch for one chunk geometry, as numpy and torch views (reused)."""
+
+    code64: np.ndarray  # uint64 [step, width/8]: codes, 8 columns per element
+    lane64: np.ndarray  # uint64, same shape: one plane's spread bits (MWQ: its +-1 signs)
+    code: torch.Tensor  # uint8 [step, groups, group] view of code64
+    w: torch.Tensor  # float32 [step, groups, group]
+    signs: torch.Tensor | None  # int8 [step, groups, group] view of lane64 (MWQ)
+    pm: torch.Tensor | None  # float32 [step, groups, group]: +-a of one plane (MWQ)
+
+    @classmethod
+    def get(cls, step: int, width: int, groups: int, group: int, mwq: bool) -> _Scratch:
+        """Cached per thread and geometry; the buffers behind are shared between geometries
+        (contents undefined on entry)."""
+        import torch
+
+        cache = getattr(_SCRATCH, "views", None)
+        if cache is None:
+            cache = _SCRATCH.views = {}
+        key = (step, width, groups, group, mwq)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        shape = (step, width // 8 + (width % 8 > 0))
+        code64, lane64 = _scratch("code", shape, np.uint64), _scratch("lane", shape, np.uint64)
+        grouped, padded = (step, groups, group), groups * group
+        out = cache[key] = cls(
+            code64, lane64, torch.from_numpy(code64.view(np.uint8)[:, :padded].reshape(grouped)),
+            torch.from_numpy(_scratch("w", grouped, np.float32)),
+            torch.from_numpy(lane64.view(np.int8)[:, :padded].reshape(grouped)) if mwq else None,
+            torch.from_numpy(_scratch("pm", grouped, np.float32)) if mwq else None)
+        return out
+
+
+class _Dequantizer:
+    """One matrix at one bit-width, chunk by chunk: the per-group float32 parameters are
+    built once per `PlaneViews` and bit-width, the codes and weights of a chunk go to
+    per-thread scratch (measured on a 192x192 expert matrix, one token: rebuilding both on
+    every call was about a quarter of the call)."""
+
+    def __init__(self, v: PlaneViews, bits: int) -> None:
         if sys.byteorder != "little":
             raise UserError("the CPU fallback reads int32 planes as little-endian bytes",
                             field="byteorder", fix="run on a little-endian machine")
@@ -148,29 +217,17 @@ class _Dequantizer:
         self.step = chunk_rows(v)
         self.nbase = bits if v.kind == "bitplane" else v.b1
         self.nbytes, self.padded = v.words * 4, v.groups * v.group
-        width = max(self.nbytes * 8, self.padded)
-        shape = (self.step, width // 8 + (width % 8 > 0))
-        self.code64 = _scratch("code", shape, np.uint64)
-        self.lane64 = _scratch("lane", shape, np.uint64)
-        if self.nbytes < shape[1]:  # codes past the planes' words stay zero
-            self.code64[:, self.nbytes:] = 0
+        mwq = v.kind == "mwq" and bits > v.b1
+        sc = _Scratch.get(self.step, max(self.nbytes * 8, self.padded), v.groups, v.group, mwq)
+        self.code64, self.lane64, self.code, self.w = sc.code64, sc.lane64, sc.code, sc.w
+        self.signs, self.pm = sc.signs, sc.pm
+        if self.nbytes < sc.code64.shape[1]:  # codes past the planes' words stay zero (the
+            self.code64[:, self.nbytes:] = 0  # buffers are shared with other geometries)
             self.lane64[:, self.nbytes:] = 0
-        grouped = (self.step, v.groups, v.group)
-        self.code = torch.from_numpy(
-            self.code64.view(np.uint8)[:, :self.padded].reshape(grouped))
-        self.w = torch.from_numpy(_scratch("w", grouped, np.float32))
-        s = v.scale.astype(np.float32)[:, :, None]
-        z = v.zero.astype(np.float32)[:, :, None]
-        if v.kind == "bitplane":  # reference: s_b = s * 2^shift, z_b = z + s * (2^shift-1)/2
-            shift = v.bK - bits
-            s, z = s * np.float32(2 ** shift), z + s * np.float32((2 ** shift - 1) / 2)
-        self.s, self.z = torch.from_numpy(s), torch.from_numpy(z)
-        self.pscale = [torch.from_numpy(a.astype(np.float32)[:, :, None])
-                       for a in v.plane_scale[:bits - v.b1]] if v.kind == "mwq" else []
-        if self.pscale:
-            self.signs = torch.from_numpy(
-                self.lane64.view(np.int8)[:, :self.padded].reshape(grouped))
-            self.pm = torch.from_numpy(_scratch("pm", grouped, np.float32))
+        params = v.prepared.get(bits)
+        if params is None:
+            params = v.prepared[bits] = _Params.of(v, bits)
+        self.s, self.z, self.pscale = params.s, params.z, params.pscale
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """float32 [r1 - r0, cols] weights of rows r0..r1 (a view of scratch: valid until the

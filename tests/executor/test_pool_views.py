@@ -88,3 +88,38 @@ def test_convert_into_a_block_equals_convert_and_layouts_are_transposes(store):
             theirs = b[pos:pos + n].view(dtype).reshape(shape[::-1])
             assert np.array_equal(mine, theirs.T, equal_nan=True), (bits, tensor, part)
             pos += n
+
+
+def test_cpu_pool_keeps_kernel_inputs_until_a_level_moves_or_goes(store, monkeypatch):
+    from d2moe.executor import pool as pool_mod
+
+    layout = store.layout
+    pool = ExpertPool(SPEC, layout, 3 * expert_bytes(SPEC, layout.bK, layout),
+                      torch.device("cpu"))
+    for e in (0, 1):
+        pool.admit_stored(Load(ExpertKey(0, e), 0, 4), store.read_planes(0, e, 0, 4))
+    with pool.moving:
+        first = pool.matrices(ExpertKey(0, 1), 4)
+        assert pool.matrices(ExpertKey(0, 1), 4) is first  # kept: same objects, same params
+        assert pool.matrices(ExpertKey(0, 1), 3) is not first
+    _check_views(pool, store, 1, 4)  # prepares parameters on the kept views
+    assert first["w1"].prepared
+    pool.evict(Evict(ExpertKey(0, 0), 4, 0))
+    with pool.moving:
+        pool.arena.compact()  # expert 1 moves: its kept inputs must not be returned
+        assert pool.matrices(ExpertKey(0, 1), 4) is not first
+    _check_views(pool, store, 1, 4)
+    pool.evict(Evict(ExpertKey(0, 1), 4, 3))  # level 4 gone: (1, 4) forgotten, (1, 3) kept
+    assert (ExpertKey(0, 1), 4) not in pool._inputs  # noqa: SLF001
+    _check_views(pool, store, 1, 3)
+    # the kept parameters' bytes stay under the cap: least recently used go first
+    one = sum(pool_mod.prepared_nbytes(v, 3) for v in pool.matrices(ExpertKey(0, 1), 3).values())
+    monkeypatch.setattr(pool_mod, "PREPARED_CAP_BYTES", one)
+    pool.admit_stored(Load(ExpertKey(0, 2), 0, 3), store.read_planes(0, 2, 0, 3))
+    _check_views(pool, store, 2, 3)
+    assert list(pool._inputs) == [(ExpertKey(0, 2), 3)]  # noqa: SLF001
+    assert pool._inputs_bytes == one  # noqa: SLF001
+    _check_views(pool, store, 1, 3)
+    monkeypatch.setattr(pool_mod, "PREPARED_CAP_BYTES", one - 1)  # too big to keep: rebuilt
+    with pool.moving:
+        assert pool.matrices(ExpertKey(0, 2), 3) is not pool.matrices(ExpertKey(0, 2), 3)

@@ -108,3 +108,22 @@ def test_workspace_is_bounded_by_the_chunk_not_the_matrix():
     assert tf.workspace_bytes(big) == per_chunk + 14336 * 64 * 4 * 2
     assert tf.workspace_bytes(big) < 14336 * 4096 * 4 // 10  # far below a dense fp32 matrix
     assert 0 < small < 4 * 64 * 10 + 4 * 2 * 4 * 2 + 1
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_kept_parameters_and_shared_scratch_stay_exact_across_interleaved_calls(kind):
+    # one PlaneViews called at several bit-widths, interleaved with matrices of other
+    # geometries that share this thread's scratch (a wide one writes codes past a narrow
+    # one's words): every call still equals the reference bit for bit
+    mats = [_matrix(kind, rows, cols, group, 2, 6, seed=i)
+            for i, (rows, cols, group) in enumerate([(9, 130, 40), (5, 33, 32), (17, 257, 96)])]
+    views = [_row_major_views(m) for m in mats]
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        for i in rng.permutation(len(mats)):
+            for b in rng.permutation(np.arange(2, 7)):
+                b = int(b)
+                assert _same_bits(tf.dequantize_fast(views[i], b), dequantize(mats[i], b))
+    assert all(sorted(v.prepared) == [2, 3, 4, 5, 6] for v in views)
+    assert all(tf.prepared_nbytes(v, 6) == v.rows * v.groups * 4 * (6 if kind == "mwq" else 2)
+               for v in views)
