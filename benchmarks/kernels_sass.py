@@ -3,8 +3,9 @@
 For each configuration: registers, spills, shared memory, and the SASS instruction mix of the
 main loop per weight (integer, float, load, shared-memory, barrier). Costs no device time:
 Triton's bundled ptxas and cuobjdump do the work. Usage:
-    python benchmarks/kernels_sass.py --bits 2,4,8 --configs 512x1x4,256x2x4
-A config is BLOCK_N x BLOCK_W x num_warps.
+    python benchmarks/kernels_sass.py --bits 2,4,8 --configs 512x1x4,512x1x4x0
+A config is BLOCK_N x BLOCK_W x num_warps [x pipeline stages: 0 = the prefetch by hand;
+default the shipped GEMV_CONFIG's].
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from d2moe.kernels.triton_nested import _nested_gemv_kernel  # noqa: E402
+from d2moe.kernels.triton_nested import GEMV_CONFIG, _nested_gemv_kernel  # noqa: E402
 
 SIGNATURE = {
     "x_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "stride_xm": "i32", "stride_ym": "i32",
@@ -43,10 +44,11 @@ ALU_PER_CLK, FMA_PER_CLK, ISSUE_PER_CLK = 64, 128, 128
 
 
 def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
-                 arch: int = 90) -> tuple[triton.compiler.CompiledKernel, str]:
+                 arch: int = 90, pipeline: int = GEMV_CONFIG.pipeline,
+                 ) -> tuple[triton.compiler.CompiledKernel, str]:
     """Compile one variant for sm_<arch>; return the kernel and its SASS text."""
     constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=1, BLOCK_N=block_n,
-                      BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True,
+                      BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True, PIPELINE=pipeline,
                       ASM=True)
     src = ASTSource(fn=_nested_gemv_kernel, signature={**SIGNATURE, **{
         k: "constexpr" for k in constexprs}}, constexprs=constexprs)
@@ -108,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", type=int, default=1, help="1 bitplane, 0 mwq")
     ap.add_argument("--dump", help="write the SASS of the last variant here")
     args = ap.parse_args(argv)
-    print("| bits | BLOCK_N x BLOCK_W x warps | regs | stack B | smem B | loop instr/weight "
-          "| alu | fma | ldg | lds+sts | bar | weights/clk/SM bound |")
+    print("| bits | BLOCK_N x BLOCK_W x warps [x stages] | regs | stack B | smem B "
+          "| loop instr/weight | alu | fma | ldg | lds+sts | bar | weights/clk/SM bound |")
     print("|" + "---|" * 12)
     for bits in (int(b) for b in args.bits.split(",")):
         for cfg in args.configs.split(","):
-            bn, bw, nw = (int(v) for v in cfg.split("x"))
-            k, sass = compile_sass(bits, bn, bw, nw, args.kind)
+            bn, bw, nw, *stages = (int(v) for v in cfg.split("x"))
+            k, sass = compile_sass(bits, bn, bw, nw, args.kind,
+                                   pipeline=stages[0] if stages else GEMV_CONFIG.pipeline)
             mix = loop_mix(sass)
             weights = bn * bw * 32 / (32 * nw)  # weights per thread per loop iteration
             per = {c: mix[c] / weights for c in ("total", "alu", "fma", "ldg", "bar")}
