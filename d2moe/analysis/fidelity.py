@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2moe.analysis.metrics import Metrics, compute_metrics
@@ -30,6 +30,8 @@ class FidelityRow:
     real_step_us: float = math.nan  # median decode step
     sim_step_us: float = math.nan
     real_spread_pct: float = math.nan  # (max - min) / median tokens/s of repeated real runs
+    # real over simulated total time per cost in the decode steps (COSTS): which cost moved
+    cost_ratios: dict[str, float] = field(default_factory=dict)
 
     @staticmethod
     def speed(m: Metrics) -> float:
@@ -76,7 +78,32 @@ def fidelity_row(policy: str, budget: str, real: Timeline, sim: Timeline,
         speeds = [FidelityRow.speed(compute_metrics(t)) for t in repeats]
         spread = 100.0 * (max(speeds) - min(speeds)) / statistics.median(speeds)
     return FidelityRow(policy, budget, compute_metrics(real), compute_metrics(sim),
-                       median_step_us(real), median_step_us(sim), spread)
+                       median_step_us(real), median_step_us(sim), spread,
+                       cost_ratios(real, sim))
+
+
+# The costs a step is made of, by the event kinds that carry them
+COSTS = {"loads": ("load", "prefetch"), "expert runs": ("run", "substitute"),
+         "non-expert": ("non_expert",)}
+
+
+def cost_time_us(timeline: Timeline, kinds: Sequence[str]) -> float:
+    """Total duration of the `kinds` events in decode steps (all steps when none decodes)."""
+    decode = {e.step for e in timeline.events if e.lane == "step" and e.kind == "decode"}
+    return sum(e.end_us - e.start_us for e in timeline.events
+               if e.kind in kinds and (not decode or e.step in decode))
+
+
+def cost_ratios(real: Timeline, sim: Timeline) -> dict[str, float]:
+    """Real over simulated time per cost (COSTS) where the simulation spent any: the same
+    trace and policy make the same loads and runs, so a ratio away from 1 names the cost the
+    profile got wrong for this run (or that moved since it was measured)."""
+    out = {}
+    for name, kinds in COSTS.items():
+        s = cost_time_us(sim, kinds)
+        if s > 0:
+            out[name] = cost_time_us(real, kinds) / s
+    return out
 
 
 def median_step_us(timeline: Timeline) -> float:
@@ -114,8 +141,9 @@ def _same_order(rows: Sequence[FidelityRow]) -> bool:
 
 
 def summarize(rows: Sequence[FidelityRow]) -> dict[str, object]:
-    """Mean and worst |tokens/s error| in %, and per budget whether both rank the policies
-    the same (by tokens/s, fastest first; ties within TIE_PCT agree with either order)."""
+    """Mean and worst |tokens/s error| in %, per budget whether both rank the policies the
+    same (by tokens/s, fastest first; ties within TIE_PCT agree with either order), and the
+    geomean over rows of each cost's real / simulated time."""
     errors = [abs(r.error_pct) for r in rows]
     step_errors = [abs(r.step_error_pct) for r in rows if not math.isnan(r.step_error_pct)]
     budgets = list(dict.fromkeys(r.budget for r in rows))
@@ -129,7 +157,13 @@ def summarize(rows: Sequence[FidelityRow]) -> dict[str, object]:
         "worst_abs_step_error_pct": max(step_errors, default=math.nan),
         "same_ranking": {b: _same_order([r for r in rows if r.budget == b]) for b in budgets},
         "ranking": ranking,
+        "cost_ratios": {c: _geomean([r.cost_ratios[c] for r in rows if c in r.cost_ratios])
+                        for c in COSTS if any(c in r.cost_ratios for r in rows)},
     }
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs and min(xs) > 0 else math.nan
 
 
 SHORT_COLUMNS = ("policy", "budget", "real tok/s", "sim tok/s", "error %", "step error %",
@@ -151,10 +185,15 @@ def summary_line(summary: dict[str, object]) -> str:
     differ = [b for b, ok in same.items() if not ok]
     rank = "same policy ranking at every budget" if not differ else \
         f"ranking differs at {', '.join(differ)}"
+    ratios = summary.get("cost_ratios") or {}
+    assert isinstance(ratios, dict)
+    costs = ", ".join(f"{c} {r:.2f}x" for c, r in ratios.items())
     return (f"tokens/s error: mean |{summary['mean_abs_error_pct']:.1f}|%, worst "
             f"|{summary['worst_abs_error_pct']:.1f}|%; median-step error: mean "
             f"|{summary['mean_abs_step_error_pct']:.1f}|%, worst "
-            f"|{summary['worst_abs_step_error_pct']:.1f}|%; {rank}")
+            f"|{summary['worst_abs_step_error_pct']:.1f}|%; {rank}"
+            + (f"\nreal / simulated time in decode steps (geomean over rows): {costs}"
+               if costs else ""))
 
 
 def from_step(timeline: Timeline, first: int, count: int) -> Timeline:

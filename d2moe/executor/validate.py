@@ -235,7 +235,9 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
                        + [summary_line(summary)])
     with atomic_write(out / "table.txt") as f:
         f.write(report + "\n")
-    data = {"config": asdict(cfg), "profile": profile.name, "summary": summary, "rows": table}
+    data = {"config": asdict(cfg), "profile": profile.name, "summary": summary,
+            "rows": [t | {"real / sim time": r.cost_ratios} for t, r in zip(table, rows,
+                                                                              strict=True)]}
     if router is not None:
         data |= {"capacity_config": asdict(capacity) if capacity is not None else None,
                  "router_config": router.describe(), "router_rows": routed}

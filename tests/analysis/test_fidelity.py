@@ -54,3 +54,21 @@ def test_from_step_keeps_the_asked_steps_starting_at_zero() -> None:
     assert sorted({e.step for e in tl.events}) == [1, 2]
     assert min(e.start_us for e in tl.events) == 0.0
     assert max(e.end_us for e in tl.events) == 1600.0
+
+
+def test_cost_ratios_name_the_cost_that_moved() -> None:
+    def tl(load_us: float, run_us: float) -> Timeline:
+        rows = [Event("step", "prefill", 0, -1, -1, 0, 0, 1, 0, 0.0, 5000.0),
+                Event("io", "load", 0, 0, 1, 0, 4, 0, 100, 0.0, 4000.0),  # prefill: not counted
+                Event("step", "decode", 1, -1, -1, 0, 0, 1, 0, 5000.0, 9000.0),
+                Event("io", "load", 1, 0, 2, 0, 4, 0, 100, 5000.0, 5000.0 + load_us),
+                Event("compute", "run", 1, 0, 2, 4, 4, 1, 0, 7000.0, 7000.0 + run_us),
+                Event("compute", "non_expert", 1, 0, -1, 0, 0, 1, 0, 8000.0, 8100.0)]
+        return Timeline(rows, {})
+
+    row = fidelity_row("fifo", "50%", tl(1500.0, 400.0), tl(1000.0, 500.0))
+    assert row.cost_ratios == pytest.approx({"loads": 1.5, "expert runs": 0.8,
+                                             "non-expert": 1.0})
+    s = summarize([row, fidelity_row("hebf", "50%", tl(1000.0, 500.0), tl(1000.0, 500.0))])
+    assert s["cost_ratios"]["loads"] == pytest.approx(1.5 ** 0.5)
+    assert "loads 1.22x, expert runs 0.89x, non-expert 1.00x" in summary_line(s)

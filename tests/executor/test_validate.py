@@ -29,7 +29,11 @@ def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_
     assert pairs == [("fifo", "25%"), ("hebf", "25%"), ("fifo", "100%"), ("hebf", "100%")]
     table = (out / "table.txt").read_text().splitlines()
     assert sum(1 for line in table if line.startswith(("fifo ", "hebf "))) == 4
-    assert "tokens/s error" in table[-1]
+    assert "tokens/s error" in table[-2]
+    assert table[-1].startswith("real / simulated time in decode steps") and "loads" in table[-1]
+    rows = json.loads((out / "fidelity.json").read_text())["rows"]
+    assert all(set(r["real / sim time"]) <= {"loads", "expert runs", "non-expert"}
+               and r["real / sim time"]["expert runs"] > 0 for r in rows)
     data = json.loads((out / "fidelity.json").read_text())
     assert len(data["rows"]) == 4 and set(data["summary"]["same_ranking"]) == {"25%", "100%"}
     for name in ("timeline-25pct.png", "timeline-100pct.png", "trace.npz"):
