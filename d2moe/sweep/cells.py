@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,15 @@ class Cell:
     host_cache: str
     steps: int
     engine: str
+    capacity: Any = None  # CapacityConfig for router traces, or None (the recorded widths)
 
     @property
     def cell_id(self) -> str:
         """A stable id: a hash of the trace, profile, budget, policy and shared options."""
         key = [self.trace.text, self.profile, self.budget, self.policy, self.bits, self.layout,
                self.b1, self.bK, self.group, self.host_cache, self.steps, self.engine]
+        if self.capacity is not None:  # (grids without one keep their earlier ids)
+            key.append(asdict(self.capacity))
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
     @property
@@ -67,6 +70,7 @@ class Cell:
                 "budget": self.budget, "policy": self.policy, "bits": self.bits,
                 "layout": self.layout, "b1": self.b1, "bK": self.bK, "group": self.group,
                 "host_cache": self.host_cache, "step_limit": self.steps, "engine": self.engine,
+                "capacity_mode": self.capacity.capacity_mode if self.capacity else None,
                 "run_kind": "simulated"}
 
 
@@ -79,7 +83,7 @@ def expand(grid: Grid, out: str | Path) -> list[Cell]:
             for budget in grid.budgets:
                 cells.extend(Cell(entry, file, profile, budget, policy, grid.bits, grid.layout,
                                   grid.b1, grid.bK, grid.group, grid.host_cache, grid.steps,
-                                  grid.engine) for policy in grid.policies)
+                                  grid.engine, grid.capacity) for policy in grid.policies)
     return cells
 
 
@@ -104,11 +108,11 @@ def ensure_trace(cell: Cell) -> None:
 
 
 @lru_cache(maxsize=4)
-def prepared(cfg: SimulateConfig) -> Prepared:
+def prepared(cfg: SimulateConfig, capacity: Any = None) -> Prepared:
     """`d2moe.sim.cmd.prepare`, cached per worker (a few workloads: they can be large)."""
     from d2moe.sim.cmd import prepare
 
-    return prepare(cfg)
+    return prepare(cfg, capacity)
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
@@ -125,7 +129,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     row.update(status="ok", message="", model=None, profile_source=None, budget_bytes=None)
     try:
         ensure_trace(cell)
-        prep = prepared(cell.simulate_config())
+        prep = prepared(cell.simulate_config(), cell.capacity)
         row.update(model=prep.spec.name, profile_source=prep.profile.source.kind,
                    budget_bytes=prep.budget_bytes)
         timeline = simulate_policy(prep, build_policy(prep, cell.policy))

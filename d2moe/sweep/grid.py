@@ -1,7 +1,9 @@
 """The sweep grid: policies x budgets x profiles x traces plus shared simulate options.
 
 A grid is a YAML file read strictly (unknown keys are errors). Every error names the grid
-file and the field, e.g. `traces[1].decode_steps`.
+file and the field, e.g. `traces[1].decode_steps`. An optional `capacity` mapping (the
+`d2moe simulate` capacity options: capacity_mode, capacity_window, stall_high, ...) applies
+to every trace recorded with a bit-width router (`d2moe trace record --router`).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Grid:
     steps: int = _DEFAULTS.steps
     engine: str = _DEFAULTS.engine
     model_spec: str = ""  # spec for .npz traces; empty: the name in the trace's header
+    capacity: Any = None  # d2moe.router.adaptive.CapacityConfig for router traces, or None
 
     @property
     def size(self) -> int:
@@ -78,7 +81,7 @@ def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid YAML; raises UserError naming the file and the field."""
     path_s = str(path)
     data = read_yaml(path)
-    allowed = (*LISTS, *SHARED, "model_spec")
+    allowed = (*LISTS, *SHARED, "model_spec", "capacity")
     check_keys(data, allowed, path=path_s, required=("policies", "budgets", "traces"))
     base = Path(path).resolve().parent
     lists = {name: _string_list(data, name, path_s) for name in LISTS if name in data}
@@ -89,10 +92,35 @@ def load_grid(path: str | Path) -> Grid:
     traces = tuple(_trace_entry(t, i, base, path_s, model_spec)
                    for i, t in enumerate(lists["traces"]))
     profiles = tuple(_profile_ref(p, base) for p in lists["profiles"])
+    capacity = _capacity(data["capacity"], path_s) if "capacity" in data else None
     grid = Grid(path=path_s, policies=lists["policies"], budgets=lists["budgets"],
-                profiles=profiles, traces=traces, **options)
+                profiles=profiles, traces=traces, capacity=capacity, **options)
     _check(grid)
     return grid
+
+
+def _capacity(data: Any, path: str) -> Any:
+    """The `capacity` mapping as a CapacityConfig (its fields, its checks), errors named
+    `capacity.FIELD`."""
+    from d2moe.router.adaptive import CapacityConfig
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(CapacityConfig)}
+    check_keys(data, tuple(kinds), path=path, where="capacity")
+    values = {}
+    for key, value in data.items():
+        want = kinds[key]
+        ok = (isinstance(value, str) if want is str else
+              isinstance(value, int) and not isinstance(value, bool) if want is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            raise UserError(f"expected a {want.__name__}, got {value!r}", path=path,
+                            field=f"capacity.{key}", fix=f"write a {want.__name__}")
+        values[key] = want(value)
+    try:
+        return CapacityConfig(**values)
+    except UserError as exc:
+        field = (exc.field or "capacity").replace("-", "_")
+        raise UserError(bare(exc), path=path, field=f"capacity.{field}", fix=exc.fix) from None
 
 
 def _string_list(data: dict, name: str, path: str) -> tuple[str, ...]:

@@ -116,3 +116,32 @@ def test_the_shipped_paper_grid_is_valid_and_names_every_baseline(tmp_path):
                  "moqe-dynaio", "fifo", "fifo-lfu", "d2moe"):
         assert name in grid.policies
     assert len(expand(grid, tmp_path)) == 640
+
+
+@pytest.mark.parametrize(("capacity", "field"), [
+    ("{bogus: 1}", "capacity.bogus"),
+    ("{capacity_mode: sometimes}", "capacity.capacity_mode"),
+    ("{stall_high: high}", "capacity.stall_high"),
+    ("{capacity_window: -4}", "capacity.capacity_window"),
+    ("[adaptive]", "capacity"),
+])
+def test_a_bad_capacity_field_is_named(tmp_path, capacity, field):
+    path = write(tmp_path, GOOD + f"capacity: {capacity}\n")
+    with pytest.raises(UserError) as err:
+        load_grid(path)
+    assert err.value.field == field and str(path) in str(err.value)
+
+
+def test_capacity_options_reach_every_cell_and_its_id(tmp_path):
+    from d2moe.router.adaptive import CapacityConfig
+
+    plain = expand(load_grid(write(tmp_path, GOOD)), tmp_path)
+    grid = load_grid(write(tmp_path, GOOD + "capacity: {capacity_mode: adaptive, "
+                                            "capacity_window: 4, stall_high: 0.1}\n"))
+    assert grid.capacity == CapacityConfig(capacity_mode="adaptive", capacity_window=4,
+                                           stall_high=0.1)
+    cells = expand(grid, tmp_path)
+    assert all(c.capacity == grid.capacity for c in cells)
+    assert all(c.fields()["capacity_mode"] == "adaptive" for c in cells)
+    assert not {c.cell_id for c in cells} & {c.cell_id for c in plain}
+    assert all(c.fields()["capacity_mode"] is None for c in plain)

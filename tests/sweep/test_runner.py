@@ -214,3 +214,29 @@ def test_the_cli_reports_a_bad_grid_in_one_line(tmp_path, capsys):
     assert main(["sweep", str(grid), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "policies[1]" in err and str(grid) in err and "Traceback" not in err
+
+
+def test_capacity_options_re_place_a_router_trace(tmp_path):
+    from d2moe.traces.schema import save_trace
+    from tests.sim.test_adaptive import router_trace
+
+    save_trace(tmp_path / "router.npz", router_trace())
+    base = "policies: [hebf]\nbudgets: [\"60%\"]\nprofiles: [cpu-2core]\ntraces: [router.npz]\n"
+    # forced up moves (stall never above 1, ceiling at the bounds): more bits than trained
+    forced = ("capacity: {capacity_mode: adaptive, capacity_window: 4, stall_low: 1.0, "
+              "stall_high: 1.0, share_step: 0.25, share_ceiling: bounds}\n")
+    bits = {}
+    for name, text in (("fixed", base), ("adaptive", base + forced)):
+        out = tmp_path / name
+        run_sweep(grid_file(tmp_path, text), SweepConfig(out=str(out), jobs=1, progress=False))
+        (row,) = rows_of(out)
+        assert row["status"] == "ok", row["message"]
+        assert row["capacity_mode"] == (None if name == "fixed" else "adaptive")
+        bits[name] = row["mean_run_bits"]
+    assert bits["adaptive"] > bits["fixed"]
+    # adaptive capacities on a trace without a router: an error row naming the option
+    out = tmp_path / "plain"
+    run_sweep(grid_file(tmp_path, GRID + forced), SweepConfig(out=str(out), jobs=1,
+                                                            progress=False))
+    assert {r["status"] for r in rows_of(out)} == {"error"}
+    assert all("capacity" in r["message"] for r in rows_of(out))
