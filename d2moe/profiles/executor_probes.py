@@ -364,15 +364,17 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
 def non_expert_per_layer(events: Sequence[Any], tokens: Sequence[int],
                          layers: int) -> list[tuple[int, float]]:
     """(tokens, us) per token count: the mean non-expert row of layers >= 1, plus what layer
-    0's row takes beyond it (the step's head) spread over `layers` layers."""
+    0's row takes beyond it (the step's head) spread over `layers` layers (a one-layer model:
+    its one row, head included)."""
     rows: dict[tuple[int, bool], list[float]] = {}
     for e in events:
         if e.kind == "non_expert":
             rows.setdefault((e.tokens, e.layer == 0), []).append(e.end_us - e.start_us)
     out = []
     for n in tokens:
-        per_layer = statistics.fmean(rows[(n, False)])
-        head = max(statistics.fmean(rows[(n, True)]) - per_layer, 0.0)
+        first = statistics.fmean(rows[(n, True)])
+        per_layer = statistics.fmean(rows[(n, False)]) if (n, False) in rows else first
+        head = max(first - per_layer, 0.0)
         out.append((n, round(per_layer + head / layers, 2)))
     return out
 
