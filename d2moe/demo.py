@@ -63,8 +63,10 @@ def _real_side(out: str) -> None:
 
     print("\nreal side: the tiny model on this CPU (experts streamed from disk) against the "
           "simulator replaying its routing on the measured cpu-2core profile")
+    # the median of three real runs per row: one short run on a shared machine moves by
+    # 10-20% from one to the next (docs/results/fidelity.md)
     result = validate(ValidateConfig(policies="fifo,hebf", budgets="50%", max_new_tokens=24,
-                                     profile="cpu-2core", out=f"{out}/real"))
+                                     profile="cpu-2core", repeats=3, out=f"{out}/real"))
     from d2moe.analysis.fidelity import short_table, summary_line
 
     print(short_table(result["rows"]))
