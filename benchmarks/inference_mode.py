@@ -5,7 +5,7 @@ The tiny model decodes `--tokens` tokens at 4 bits with its experts streamed fro
 store (O_DIRECT), HEBF, at each budget; per repeat both modes run back to back in this one
 process, alternating which goes first, with the same decode loop as `generate` (greedy, KV
 cache). Prints decode tok/s (median, min-max) of each and the median of the per-repeat ratios
-inference_mode / no_grad: the baseline is measured in the same run.
+inference_mode / no_grad: the baseline is measured in the same run (benchmarks/decode_ab.py).
 
 Usage: python benchmarks/inference_mode.py [--repeats 20] [--budgets 100%,50%,25%]
 Run with one torch thread (the default) on a quiet machine: timings drift.
@@ -13,94 +13,9 @@ Run with one torch thread (the default) on a quiet machine: timings drift.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import statistics
-import tempfile
-import time
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
-
-from d2moe.core.sizes import QuantLayout, all_experts_bytes
-from d2moe.executor.backend import StreamingExperts
-from d2moe.executor.pool import ExpertPool
-from d2moe.model.load import load_tiny, tiny_dir
-from d2moe.model.tokenizer import encode
-from d2moe.policies import make_policy
-from d2moe.quant.cmd import quantize_checkpoint
-from d2moe.quant.store import StoreReader
-
-BITS = 4
-PROMPT = "def fib(n):\n    return"
-MODES: dict[str, Callable] = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
-
-
-def decode_tok_s(model, spec, store: StoreReader, budget_bytes: int, prompt: list[int],
-                 tokens: int, mode: Callable) -> float:
-    """Prefill, then `tokens - 1` greedy decode steps under `mode`: decode tokens/s."""
-    pool = ExpertPool(spec, store.layout, budget_bytes, torch.device("cpu"))
-    backend = StreamingExperts(store, make_policy("hebf"), pool, bits=BITS)
-    cache = model.new_cache(batch=1, max_len=len(prompt) + tokens)
-    with mode():
-        logits = model(torch.tensor([prompt]), cache, backend=backend)  # [1, T, V]
-        nxt = int(logits[0, -1].argmax())
-        t0 = time.perf_counter()
-        for _ in range(tokens - 1):
-            logits = model(torch.tensor([[nxt]]), cache, backend=backend)  # [1, 1, V]
-            nxt = int(logits[0, -1].argmax())
-        seconds = time.perf_counter() - t0
-    backend.finish()
-    return (tokens - 1) / seconds
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--budgets", default="100%,50%,25%")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {platform.node()}, {os.cpu_count()} cores; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} thread(s); HEBF, {BITS} bits, "
-          f"{args.tokens} tokens; start {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
-          f", load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "store"
-        quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
-        store = StoreReader(path, direct=True)
-        model, spec = load_tiny()
-        model.eval()
-        prompt = list(encode(PROMPT))
-        total = all_experts_bytes(spec, BITS, store.layout)
-        runs: dict[tuple[str, str], list[float]] = {}
-        for r in range(args.repeats):
-            for label in budgets:
-                nbytes = int(float(label.rstrip("%")) / 100 * total)
-                order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
-                for name in order:
-                    runs.setdefault((label, name), []).append(
-                        decode_tok_s(model, spec, store, nbytes, prompt, args.tokens,
-                                     MODES[name]))
-        store.close()
-    print(f"end {time.strftime('%H:%M:%S UTC', time.gmtime())}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"\n{'budget':>6s} {'no_grad tok/s':>22s} {'inference_mode tok/s':>22s} "
-          f"{'inference_mode / no_grad':>26s}")
-    for label in budgets:
-        old, new = runs[(label, "no_grad")], runs[(label, "inference_mode")]
-        ratios = [n / o for n, o in zip(new, old, strict=True)]
-
-        def tps(xs: list[float]) -> str:
-            return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
-
-        print(f"{label:>6s} {tps(old):>22s} {tps(new):>22s} "
-              f"{f'{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})':>26s}")
-
+from decode_ab import run_ab
 
 if __name__ == "__main__":
-    main()
+    run_ab(__doc__, ("no_grad", lambda pool: torch.no_grad()),
+           ("inference_mode", lambda pool: torch.inference_mode()), repeats=20)
