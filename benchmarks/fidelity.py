@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +27,8 @@ import torch
 
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import load_spec
-from d2moe.executor.validate import ValidateConfig, validate_model
-from d2moe.profiles import load_profile, save_profile
-from d2moe.profiles.measure import ProfileConfig, measure_profile
+from d2moe.executor.validate import ValidateConfig, measure_here, validate_model
+from d2moe.profiles import load_profile
 from d2moe.quant.store import StoreReader
 
 MIXTRAL_LAYOUT = QuantLayout(kind="bitplane", b1=2, bK=4)
@@ -61,23 +59,17 @@ def main() -> None:
             model, spec, store, prompt = _tiny(Path(tmp))
             tokens, budgets = args.tokens or 32, args.budgets or "25%,50%,100%"
         model.to(device)
-        if args.measure:
-            pcfg = ProfileConfig(
-                device=args.device, threads=args.threads, out=f"{args.out}/profile.yaml",
-                name=f"measured-{platform.node() or 'here'}", progress=sys.stderr.isatty(),
-                layout=store.layout.kind, b1=store.layout.b1, bK=store.layout.bK,
-                group=store.layout.group, dir=tmp,
-                **({"tokens": "1,8", "bits": "4", "repeats": 3, "lane_layers": 6,
-                    "probe_experts": 3} if args.mixtral else {}))
-            profile = measure_profile(pcfg, command="benchmarks/fidelity.py --measure",
-                                      spec=spec)
-            save_profile(pcfg.out, profile)
-            print(f"measured a fresh profile in {time.perf_counter() - t0:.0f} s: {pcfg.out}")
-        else:
-            profile = load_profile(args.profile)
         cfg = ValidateConfig(policies=args.policies, budgets=budgets, max_new_tokens=tokens,
                              device=args.device, threads=args.threads, repeats=args.repeats,
                              out=args.out)
+        if args.measure:
+            profile = measure_here(spec, store, cfg, "benchmarks/fidelity.py --measure", **(
+                {"tokens": "1,8", "bits": "4", "repeats": 3, "lane_layers": 6,
+                 "probe_experts": 3} if args.mixtral else {}))
+            print(f"measured a fresh profile in {time.perf_counter() - t0:.0f} s: "
+                  f"{args.out}/profile.yaml")
+        else:
+            profile = load_profile(args.profile)
         print(f"machine: {platform.machine()}, {platform.node()}; torch {torch.__version__}; "
               f"profile {profile.name} ({profile.source.kind}, {profile.source.date or ''})")
         result = validate_model(model, spec, store, profile, cfg, prompt)

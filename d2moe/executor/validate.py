@@ -34,7 +34,10 @@ class ValidateConfig:
         "help": "nested store from `d2moe quantize`; empty: for tiny, built once into the "
                 "cache directory"})
     profile: str = field(default="cpu-2core", metadata={
-        "help": "shipped profile name or profile YAML (measure one with `d2moe profile`)",
+        "help": "shipped profile name or profile YAML (measure one with `d2moe profile`); "
+                "`measure`: measure this machine first, in this invocation, with the "
+                "model's spec, the store's layout and --device/--threads (written to "
+                "OUT/profile.yaml): the profile and the runs then see the same load",
         "metavar": "PROFILE"})
     policies: str = field(default="fifo,hebf", metadata={
         "help": "policy names, comma-separated", "metavar": "P1,P2"})
@@ -106,7 +109,7 @@ def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
     from d2moe.model.tokenizer import encode
     from d2moe.profiles import load_profile
 
-    profile = load_profile(cfg.profile)
+    profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
     _check_capacity(cfg, capacity)
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise UserError(f"unknown device {cfg.device!r}", field="device", fix="use cpu or cuda")
@@ -117,8 +120,41 @@ def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
     device = torch.device(cfg.device)
     model.to(device)
+    if profile is None:
+        profile = measure_here(spec, store, cfg)
     return validate_model(model, spec, store, profile, cfg, list(encode(cfg.prompt)),
                           capacity=capacity)
+
+
+MEASURE = "measure"  # --profile value: measure this machine in this invocation
+
+
+def measure_here(spec: Any, store: Any, cfg: ValidateConfig, command: str = "",
+                 **overrides: Any) -> Any:
+    """A profile of this machine for `spec` and `store`'s layout, with cfg's device and
+    threads, written to OUT/profile.yaml; `overrides` are ProfileConfig fields (fewer points
+    for a large model, say). Measured beside the runs it is compared with, it drifts with
+    them on a shared machine (docs/results/fidelity.md)."""
+    import os
+    import platform
+    import sys
+    import tempfile
+
+    from d2moe.profiles import save_profile
+    from d2moe.profiles.measure import ProfileConfig, measure_profile
+
+    lay = store.layout
+    near = Path(store.path).resolve().parent  # measure the disk the store is on
+    with tempfile.TemporaryDirectory(dir=near if os.access(near, os.W_OK) else None) as scratch:
+        pcfg = ProfileConfig(device=cfg.device, threads=cfg.threads,
+                             out=str(Path(cfg.out) / "profile.yaml"),
+                             name=f"measured-{platform.node() or 'here'}",
+                             progress=sys.stderr.isatty(), layout=lay.kind, b1=lay.b1,
+                             bK=lay.bK, group=lay.group, dir=scratch, **overrides)
+        profile = measure_profile(pcfg, command=command or "d2moe validate --profile measure",
+                                  spec=spec)
+    save_profile(pcfg.out, profile)
+    return profile
 
 
 def _check_capacity(cfg: ValidateConfig, capacity: Any) -> None:

@@ -58,3 +58,26 @@ def test_validate_errors(store_path, tmp_path):
         validate(ValidateConfig(budgets="1KiB", **base))
     assert main(["validate", "--profile", "no-such-profile", "--out", str(tmp_path)]) == 2
     assert not Path(tmp_path / "v" / "table.txt").exists()
+
+
+def test_validate_can_measure_its_profile_first(tmp_path, store_path, monkeypatch):
+    # a measured profile with few points (the real probes, kept small), written to OUT
+    from d2moe.executor import validate as v
+    from d2moe.profiles import load_profile
+
+    real_measure = v.measure_here
+
+    def small(spec, store, cfg, command="", **overrides):
+        return real_measure(spec, store, cfg, command, tokens="1", bits="4", repeats=1,
+                            disk_sizes="4KiB,64KiB", lane_layers=4, probe_experts=2)
+
+    monkeypatch.setattr(v, "measure_here", small)
+    out = tmp_path / "m"
+    result = validate(ValidateConfig(store=str(store_path), profile="measure",
+                                     policies="fifo", budgets="100%", max_new_tokens=3,
+                                     out=str(out)))
+    profile = load_profile(str(out / "profile.yaml"))
+    assert profile.source.kind == "measured"
+    assert profile.source.command == "d2moe validate --profile measure"
+    assert [(r.policy, r.budget) for r in result["rows"]] == [("fifo", "100%")]
+    assert json.loads((out / "fidelity.json").read_text())["profile"] == profile.name
