@@ -43,15 +43,41 @@ CLASSES = (  # SASS opcode prefix -> the pipe that runs it on sm_80/sm_90
 ALU_PER_CLK, FMA_PER_CLK, ISSUE_PER_CLK = 64, 128, 128
 
 
+def launch_ints(rows: int, cols: int, block_n: int, block_w: int, sms: int = 132) -> dict:
+    """The integer arguments of nested_matmul's 1-token launch on a [rows, cols] matrix (an
+    H100's 132 SMs for the split), bitplane, fp16 x and y."""
+    import triton as tr
+
+    from d2moe.kernels.triton_nested import KernelConfig, auto_split
+
+    kw = -(-cols // 32)
+    cfg = KernelConfig(block_n=block_n, block_w=block_w)
+    programs = -(-rows // block_n)
+    split = auto_split(programs, kw, cfg, "cpu") if sms == 4 else max(1, min(
+        tr.cdiv(16 * sms, programs), kw // (2 * block_w)))
+    per_split = tr.cdiv(tr.cdiv(kw, split), block_w) * block_w
+    return {"M": 1, "stride_xm": cols, "stride_ym": rows, "N": rows, "K": cols, "KW": kw,
+            "plane_stride": kw * rows, "pscale_stride": 0, "words_per_split": per_split,
+            "magic_bits": 0x3F000000}
+
+
 def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
                  arch: int = 90, pipeline: int = GEMV_CONFIG.pipeline,
+                 shape: tuple[int, int] = (14336, 4096),
                  ) -> tuple[triton.compiler.CompiledKernel, str]:
-    """Compile one variant for sm_<arch>; return the kernel and its SASS text."""
+    """Compile one variant for sm_<arch> as the JIT specializes a real launch on `shape`
+    (ints equal to 1 become constants, pointers and ints divisible by 16 carry that hint:
+    without it no load is vectorized); return the kernel and its SASS text."""
+    ints = launch_ints(*shape, block_n, block_w)
     constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=1, BLOCK_N=block_n,
                       BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True, PIPELINE=pipeline,
-                      ASM=True)
+                      ASM=True, **{k: v for k, v in ints.items() if v == 1})
+    names = _nested_gemv_kernel.arg_names
+    aligned = [k for k, t in SIGNATURE.items() if k not in constexprs and (
+        t.startswith("*") or ints[k] % 16 == 0)]
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
     src = ASTSource(fn=_nested_gemv_kernel, signature={**SIGNATURE, **{
-        k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+        k: "constexpr" for k in constexprs}}, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": warps, "num_stages": 1})
     return k, cuobjdump(k.asm["cubin"], "-sass")
