@@ -43,9 +43,10 @@ CLASSES = (  # SASS opcode prefix -> the pipe that runs it on sm_80/sm_90
 ALU_PER_CLK, FMA_PER_CLK, ISSUE_PER_CLK = 64, 128, 128
 
 
-def launch_ints(rows: int, cols: int, block_n: int, block_w: int, sms: int = 132) -> dict:
-    """The integer arguments of nested_matmul's 1-token launch on a [rows, cols] matrix (an
-    H100's 132 SMs for the split), bitplane, fp16 x and y."""
+def launch_ints(rows: int, cols: int, block_n: int, block_w: int, sms: int = 132,
+                tokens: int = 1) -> dict:
+    """The integer arguments of nested_matmul's launch for `tokens` tokens on a [rows, cols]
+    matrix (an H100's 132 SMs for the split), bitplane, fp16 x and y."""
     import triton as tr
 
     from d2moe.kernels.triton_nested import KernelConfig, auto_split
@@ -56,20 +57,21 @@ def launch_ints(rows: int, cols: int, block_n: int, block_w: int, sms: int = 132
     split = auto_split(programs, kw, cfg, "cpu") if sms == 4 else max(1, min(
         tr.cdiv(16 * sms, programs), kw // (2 * block_w)))
     per_split = tr.cdiv(tr.cdiv(kw, split), block_w) * block_w
-    return {"M": 1, "stride_xm": cols, "stride_ym": rows, "N": rows, "K": cols, "KW": kw,
+    return {"M": tokens, "stride_xm": cols, "stride_ym": rows, "N": rows, "K": cols, "KW": kw,
             "plane_stride": kw * rows, "pscale_stride": 0, "words_per_split": per_split,
             "magic_bits": 0x3F000000}
 
 
 def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
                  arch: int = 90, pipeline: int = GEMV_CONFIG.pipeline,
-                 shape: tuple[int, int] = (14336, 4096),
+                 shape: tuple[int, int] = (14336, 4096), tokens: int = 1,
                  ) -> tuple[triton.compiler.CompiledKernel, str]:
     """Compile one variant for sm_<arch> as the JIT specializes a real launch on `shape`
     (ints equal to 1 become constants, pointers and ints divisible by 16 carry that hint:
     without it no load is vectorized); return the kernel and its SASS text."""
-    ints = launch_ints(*shape, block_n, block_w)
-    constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=1, BLOCK_N=block_n,
+    ints = launch_ints(*shape, block_n, block_w, tokens=tokens)
+    constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=tokens,
+                      BLOCK_N=block_n,
                       BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True, PIPELINE=pipeline,
                       ASM=True, **{k: v for k, v in ints.items() if v == 1})
     names = _nested_gemv_kernel.arg_names
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--configs", default="512x1x4")
     ap.add_argument("--kind", type=int, default=1, help="1 bitplane, 0 mwq")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens = BLOCK_M (GEMV: 1..4)")
     ap.add_argument("--dump", help="write the SASS of the last variant here")
     args = ap.parse_args(argv)
     print("| bits | BLOCK_N x BLOCK_W x warps [x stages] | regs | stack B | smem B "
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         for cfg in args.configs.split(","):
             bn, bw, nw, *stages = (int(v) for v in cfg.split("x"))
             k, sass = compile_sass(bits, bn, bw, nw, args.kind,
-                                   pipeline=stages[0] if stages else GEMV_CONFIG.pipeline)
+                                   pipeline=stages[0] if stages else GEMV_CONFIG.pipeline,
+                                   tokens=args.tokens)
             mix = loop_mix(sass)
             weights = bn * bw * 32 / (32 * nw)  # weights per thread per loop iteration
             per = {c: mix[c] / weights for c in ("total", "alu", "fma", "ldg", "bar")}

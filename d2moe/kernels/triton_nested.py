@@ -194,28 +194,31 @@ def _lane_bit(c, lane: tl.constexpr):
 
 
 @triton.jit
-def _decode_row(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
-                p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
-                KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
-                NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr,
-                BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_decode_tile` for one token: acc [1, BLOCK_N], every tile tensor [BLOCK_W, BLOCK_N]."""
-    m0 = tl.sum(offs_m, axis=0)  # the token (BLOCK_M == 1)
-    xk = (offs_w * 32)[:, None]  # first column of each word, [BLOCK_W, 1]
-    x_ptrs = x_ptr + m0 * stride_xm + xk
-    x_mask = (m0 < M) & (offs_w[:, None] < w_hi)
-    part = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
-    xsum = tl.zeros([BLOCK_W, 1], dtype=tl.float32)
+def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
+               p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
+               planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+               KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
+               NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr, EVEN_M: tl.constexpr,
+               ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_decode_tile` for tiles one word wide: acc and every product [BLOCK_M, BLOCK_N], the
+    tile's words, scales and zeros [1, BLOCK_N]."""
+    xk = tl.sum(offs_w, axis=0) * 32  # the word's first column (BLOCK_W == 1)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + xk  # [BLOCK_M, 1]
+    m_ok = offs_m[:, None] < M
+    part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    xsum = tl.zeros([BLOCK_M, 1], dtype=tl.float32)
     for t in tl.static_range(8):
         c = _codes(p0, p1, p2, p3, p4, p5, p6, p7, t, NB)
         for lane in tl.static_range(4):
             col = 8 * lane + t
-            if EVEN:  # (M % 1 == 0: the token always exists)
+            if EVEN and EVEN_M:
                 xv = tl.load(x_ptrs + col)
+            elif EVEN:
+                xv = tl.load(x_ptrs + col, mask=m_ok, other=0.0)
             else:
-                xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
-            xv = xv.to(tl.float32)  # [BLOCK_W, 1]
+                xv = tl.load(x_ptrs + col, mask=m_ok & (xk + col < K) & (xk < w_hi * 32),
+                             other=0.0)
+            xv = xv.to(tl.float32)  # [BLOCK_M, 1]
             xsum += xv
             part += _lane_code(c, magic, lane, NB, ASM) * xv
     sf = s.to(tl.float32)
@@ -226,7 +229,7 @@ def _decode_row(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
     if NB <= 7:  # part = sum (0.5 + q/256) x  =>  sum q x = 256 part - 128 sum x
         zf = zf - 128.0 * sf
         sf = 256.0 * sf
-    acc += tl.sum(sf * part + zf * xsum, axis=0)[None, :]
+    acc += sf * part + zf * xsum
     if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
         p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
         g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
@@ -235,15 +238,16 @@ def _decode_row(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
             q = tl.load(p_ptrs + (B1 + pl) * plane_stride, mask=tile_mask, other=0)
             a = tl.load(pscale_ptr + pl * pscale_stride + g_off, mask=tile_mask,
                         other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for t in tl.static_range(8):
                 c = (q >> t) & LANES
                 for lane in tl.static_range(4):
                     col = 8 * lane + t
-                    xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
+                    xv = tl.load(x_ptrs + col, mask=m_ok & (xk + col < K) & (xk < w_hi * 32),
+                                 other=0.0)
                     part += _lane_bit(c, lane) * xv.to(tl.float32)
             # alpha (2 sum bit x - sum x) = alpha (4 part - 5 sum x), as in _decode_tile
-            acc += tl.sum(a * (4.0 * part - 5.0 * xsum), axis=0)[None, :]
+            acc += a * (4.0 * part - 5.0 * xsum)
     return acc
 
 
@@ -257,15 +261,15 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
                  BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc + this tile's products: sum_k q x per (token, word, row), then scale and zero.
 
-    One token (BLOCK_M == 1) keeps every tensor 2-D, [BLOCK_W, BLOCK_N] as the plane words
-    are loaded: with a [1, BLOCK_W, BLOCK_N] product the compiler converted each of the 32
-    decoded columns of a word between layouts through shared memory, a barrier each, from 4
-    bits up (benchmarks/kernels_sass.py: 0.5 barriers per weight)."""
-    if BLOCK_M == 1:
-        acc = _decode_row(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
-                          p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                          planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
-                          KIND, BITS, B1, BK, NB, WPG, EVEN, ASM, BLOCK_W, BLOCK_N)
+    Tiles one word wide (BLOCK_W == 1, every default) keep every tensor 2-D: with the
+    [BLOCK_M, 1, BLOCK_N] product the compiler converted each of the 32 decoded columns of a
+    word between layouts through shared memory, a barrier each (benchmarks/kernels_sass.py:
+    0.5 barriers per weight at 1 token from 4 bits up, 1 at 4 tokens)."""
+    if BLOCK_W == 1:
+        acc = _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
+                         p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
+                         planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                         KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM, BLOCK_M, BLOCK_N)
     else:
         xk = (offs_w * 32)[None, :]  # first column of each word, [1, BLOCK_W]
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + xk

@@ -87,20 +87,23 @@ def test_split_k_and_block_configs():
 
 @needs_triton_device
 @pytest.mark.parametrize("kind", ["mwq", "bitplane"])
-def test_one_token_rows_on_whole_tiles(kind):
-    # the one-token GEMV (BLOCK_M = 1, kept 2-D) on whole tiles (no masks): 2 tokens, one
-    # program each along M, split-K 2, by hand and under the pipeliner
+def test_gemv_one_word_tiles_without_masks(kind):
+    # the GEMV on tiles one word wide (kept 2-D) over whole tiles (no masks on the planes):
+    # one token per program, two (no mask on M either), four for three tokens (masked M);
+    # split-K 2, by hand and under the pipeliner
     from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
 
     m, p = _packed(kind, 16, 128, 64)
-    x = torch.randn(2, 128)
-    for bits in (3, 8):
-        ref = x.double() @ dequantize(m, bits).double().t()
-        for stages in (0, 2):
-            cfg = KernelConfig(block_n=16, block_w=1, block_m=1, split_k=2, pipeline=stages)
-            out = torch.full((2, 16), float("nan"))
-            assert _rel(nested_matmul(x, p, bits, out=out, config=cfg, path="gemv"),
-                        ref) < GEMV_TOL, (bits, stages)
+    for block_m, tokens, bit_widths in ((1, 2, (3, 8)), (2, 2, (5,)), (4, 3, (4,))):
+        x = torch.randn(tokens, 128)
+        for bits in bit_widths:
+            ref = x.double() @ dequantize(m, bits).double().t()
+            for stages in (0, 2):
+                cfg = KernelConfig(block_n=16, block_w=1, block_m=block_m, split_k=2,
+                                   pipeline=stages)
+                out = torch.full((tokens, 16), float("nan"))
+                y = nested_matmul(x, p, bits, out=out, config=cfg, path="gemv")
+                assert _rel(y, ref) < GEMV_TOL, (block_m, bits, stages)
 
 
 @needs_triton_device
