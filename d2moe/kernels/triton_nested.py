@@ -54,7 +54,9 @@ class KernelConfig:
 # (docs/results/kernels.md): 512 rows x 1 word x 4 warps was among the three fastest in five
 # of the six Mixtral (shape, 2/4/8-bit) cases; Triton's pipeliner at 2 stages with the
 # split of auto_split beat the one-tile prefetch by hand, 1.39x geomean at 1 token and
-# 1.28x at 4 over 12 cases each (0.95x at worst: Mixtral w2 at 4 bits).
+# 1.28x at 4 over 12 cases each (0.95x at worst: Mixtral w2 at 4 bits). Those timings came
+# before `_decode_w1`, which removed layout conversions from both variants' loops (compiler
+# output; the choice between them is to be re-timed with `--tune-set pipeline`).
 GEMV_CONFIG = KernelConfig(block_n=512, block_w=1, block_m=1, num_warps=4, pipeline=2)
 GEMV_FEW_CONFIG = KernelConfig(block_n=256, block_w=1, block_m=4, num_warps=4, pipeline=2)
 DOT_CONFIG = KernelConfig(block_n=64, block_w=4, block_m=16, split_k=1, num_warps=4,
