@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Everything this project measures on a CUDA machine, in two phases that each fit a 10-minute
+# call (times from an H100 of 2026-11-23: the Triton compiles are most of the kernel phase).
+# Usage, on the GPU machine, repo root, d2moe's dependencies importable (PYTHONPATH=.):
+#   OUT=dir bash benchmarks/gpu_session.sh kernels   # GPU tests, launch sweep, 1/4/16-token tables
+#   OUT=dir bash benchmarks/gpu_session.sh fidelity  # CUDA profile, validate, Mixtral-shaped fidelity
+# Each step has its own time limit, so one that runs long costs only itself; logs and JSON land
+# in $OUT (docs/reproduce.md says which result file each feeds).
+set -u -o pipefail
+phase=${1:?usage: gpu_session.sh kernels|fidelity}
+case "$phase" in kernels|fidelity) ;; *) echo "unknown phase $phase: kernels or fidelity" >&2
+  exit 2 ;; esac
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+PY=${PY:-python3}
+JOBS=${JOBS:-$(nproc)}
+D2MOE="$PY -m d2moe.cli"  # (a word list, so that `timeout` can run it)
+step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
+
+step device
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  $PY -c "import simpy" 2>/dev/null || echo "simpy missing: the fidelity phase needs it"
+} 2>&1 | tee "$OUT/device.txt"
+
+case "$phase" in
+kernels)
+  step "GPU tests (~90 s)"
+  timeout 180 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tail -3
+  step "launch sweep: the default against its split and pipeliner variants (~60 s)"
+  timeout 200 $PY benchmarks/kernels.py --tune --tune-set pipeline \
+    --models mixtral-8x7b,llama-moe-3.5b --no-table --kinds bitplane --tokens 1,4 \
+    --jobs "$JOBS" --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  grep "^tune" "$OUT/tune.log" | head -120
+  step "1-token table with the correctness check (~150 s)"
+  timeout 200 $PY benchmarks/kernels.py --check --kinds bitplane --tokens 1 --jobs "$JOBS" \
+    --json "$OUT/k1.json" 2>&1 | grep -v "resource_tracker\|warnings.warn" | tail -32
+  step "4 and 16 tokens (~60 s)"
+  timeout 120 $PY benchmarks/kernels.py --kinds bitplane --bits 2,4,8 --tokens 4,16 \
+    --jobs "$JOBS" --json "$OUT/k4-16.json" 2>&1 | grep -v "resource_tracker\|warnings.warn" \
+    | tail -26
+  ;;
+fidelity)
+  step "CUDA profile (~80 s)"
+  timeout 200 $D2MOE profile --device cuda --out "$OUT/h100.yaml" --no-progress 2>&1 | tail -8
+  step "validate, tiny model (~50 s with 3 repeats)"
+  timeout 150 $D2MOE validate --device cuda --profile "$OUT/h100.yaml" --repeats 3 \
+    --out /tmp/d2moe-validate 2>&1 | grep -v "^wrote" | tail -12
+  cp /tmp/d2moe-validate/fidelity.json "$OUT/validate-tiny.json" 2>/dev/null
+  step "Mixtral-shaped, 2 layers, profile measured in the run (~270 s)"
+  timeout 330 $PY benchmarks/fidelity.py --device cuda --mixtral --layers 2 --tokens 4 \
+    --measure --store /tmp/d2moe-mix --out /tmp/d2moe-fmix 2>&1 | grep -v "^wrote" | tail -12
+  cp /tmp/d2moe-fmix/fidelity.json "$OUT/fidelity-mixtral.json" 2>/dev/null
+  cp /tmp/d2moe-fmix/timeline-50pct.png "$OUT/fidelity-mixtral-50pct.png" 2>/dev/null
+  ;;
+esac
+step done
