@@ -159,7 +159,8 @@ def check_cuda(device: str) -> float:
 
 def _configs(tokens: int, rows: int, cols: int, device: str, which: str = "all") -> list:
     """Candidate (KernelConfig, path) pairs for one case; split-K from the automatic choice up.
-    which="pipeline": the default launch and its Triton-pipelined variants only."""
+    which="pipeline": the default launch, its split and pipeliner variants, and the 3-D
+    tiles (flat=False) it replaced."""
     from d2moe.kernels.triton_nested import (
         GEMV_CONFIG,
         GEMV_FEW_CONFIG,
@@ -173,7 +174,9 @@ def _configs(tokens: int, rows: int, cols: int, device: str, which: str = "all")
         auto = auto_split(-(-rows // d.block_n), -(-cols // 32), d, torch.device(device))
         words = -(-cols // 32)
         return [(dataclasses.replace(d, split_k=k, pipeline=st), "gemv")
-                for k in sorted({auto, 2 * auto, 4 * auto}) if k <= words for st in (0, 2, 3)]
+                for k in sorted({auto, 2 * auto, 4 * auto}) if k <= words for st in (0, 2, 3)
+                ] + [(dataclasses.replace(d, split_k=auto, pipeline=st, flat=False), "gemv")
+                     for st in (0, 2)]  # the 3-D tiles of before _decode_w1
     if tokens == 1:
         out = []
         shapes = [(bn, bw, nw, 0) for bn, bw, nw in (
@@ -200,8 +203,8 @@ def _is_default(cfg, tokens: int, rows: int, cols: int, device: str) -> bool:
 
     base = (tn.GEMV_CONFIG if tokens == 1 else tn.GEMV_FEW_CONFIG
             if tokens <= tn.GEMV_MAX_TOKENS else tn.DOT_CONFIG)
-    same = (cfg.block_n, cfg.block_w, cfg.num_warps, cfg.pipeline) == (
-        base.block_n, base.block_w, base.num_warps, base.pipeline)
+    same = (cfg.block_n, cfg.block_w, cfg.num_warps, cfg.pipeline, cfg.flat) == (
+        base.block_n, base.block_w, base.num_warps, base.pipeline, base.flat)
     if tokens <= tn.GEMV_MAX_TOKENS:  # split-K: the automatic choice unless pinned
         split = base.split_k or tn.auto_split(-(-rows // base.block_n), -(-cols // 32), base,
                                              torch.device(device))

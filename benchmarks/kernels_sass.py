@@ -64,7 +64,7 @@ def launch_ints(rows: int, cols: int, block_n: int, block_w: int, sms: int = 132
 
 def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
                  arch: int = 90, pipeline: int = GEMV_CONFIG.pipeline,
-                 shape: tuple[int, int] = (14336, 4096), tokens: int = 1,
+                 shape: tuple[int, int] = (14336, 4096), tokens: int = 1, flat: bool = True,
                  ) -> tuple[triton.compiler.CompiledKernel, str]:
     """Compile one variant for sm_<arch> as the JIT specializes a real launch on `shape`
     (ints equal to 1 become constants, pointers and ints divisible by 16 carry that hint:
@@ -73,6 +73,7 @@ def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 
     constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=tokens,
                       BLOCK_N=block_n,
                       BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True, PIPELINE=pipeline,
+                      FLAT=flat,
                       ASM=True, **{k: v for k, v in ints.items() if v == 1})
     names = _nested_gemv_kernel.arg_names
     aligned = [k for k, t in SIGNATURE.items() if k not in constexprs and (
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="512x1x4")
     ap.add_argument("--kind", type=int, default=1, help="1 bitplane, 0 mwq")
     ap.add_argument("--tokens", type=int, default=1, help="tokens = BLOCK_M (GEMV: 1..4)")
+    ap.add_argument("--no-flat", dest="flat", action="store_false",
+                    help="one-word tiles in the earlier 3-D form (KernelConfig.flat=False)")
     ap.add_argument("--dump", help="write the SASS of the last variant here")
     args = ap.parse_args(argv)
     print("| bits | BLOCK_N x BLOCK_W x warps [x stages] | regs | stack B | smem B "
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             bn, bw, nw, *stages = (int(v) for v in cfg.split("x"))
             k, sass = compile_sass(bits, bn, bw, nw, args.kind,
                                    pipeline=stages[0] if stages else GEMV_CONFIG.pipeline,
-                                   tokens=args.tokens)
+                                   tokens=args.tokens, flat=args.flat)
             mix = loop_mix(sass)
             weights = bn * bw * 32 / (32 * nw)  # weights per thread per loop iteration
             per = {c: mix[c] / weights for c in ("total", "alu", "fma", "ldg", "bar")}

@@ -48,6 +48,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     pipeline: int = 0  # GEMV path: 0 = prefetch one tile by hand; >= 2 = tl.range stages
+    flat: bool = True  # GEMV path, one-word tiles: 2-D tensors (False: the earlier 3-D form)
 
 
 # GEMV defaults: from SASS counts per weight (benchmarks/kernels_sass.py) and H100 sweeps
@@ -260,14 +261,15 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
                  KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
                  NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr,
                  EVEN_M: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr):
     """acc + this tile's products: sum_k q x per (token, word, row), then scale and zero.
 
-    Tiles one word wide (BLOCK_W == 1, every default) keep every tensor 2-D: with the
+    Tiles one word wide (BLOCK_W == 1, every default) keep every tensor 2-D (FLAT): with the
     [BLOCK_M, 1, BLOCK_N] product the compiler converted each of the 32 decoded columns of a
     word between layouts through shared memory, a barrier each (benchmarks/kernels_sass.py:
-    0.5 barriers per weight at 1 token from 4 bits up, 1 at 4 tokens)."""
-    if BLOCK_W == 1:
+    0.5 barriers per weight at 1 token from 4 bits up, 1 at 4 tokens). FLAT = False keeps
+    the 3-D form, the baseline to time the 2-D one against."""
+    if FLAT and BLOCK_W == 1:
         acc = _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
                          p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
                          planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
@@ -339,8 +341,9 @@ def _nested_gemv_kernel(
     # K slice holds a whole number of BLOCK_W tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN: tl.constexpr, EVEN_M: tl.constexpr,  # M % BLOCK_M == 0
-    # Loads in flight: 0 = the next tile, issued by hand; >= 2: Triton's pipeliner stages
-    PIPELINE: tl.constexpr,
+    # Loads in flight: 0 = the next tile, issued by hand; >= 2: Triton's pipeliner stages.
+    # FLAT: one-word tiles as 2-D tensors (`_decode_tile`)
+    PIPELINE: tl.constexpr, FLAT: tl.constexpr,
     # ASM: PTX inline assembly allowed (CUDA; off under the interpreter). magic_bits is
     # MAGIC, passed at run time: a constant would be folded into PRMT's immediate slot by
     # ptxas, pushing the four byte selectors into registers rebuilt on every use
@@ -377,7 +380,7 @@ def _nested_gemv_kernel(
                                w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
                                planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
                                KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
-                               BLOCK_M, BLOCK_W, BLOCK_N)
+                               BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
             p0, p1, p2, p3, p4, p5, p6, p7 = q0, q1, q2, q3, q4, q5, q6, q7
             s, z = s_next, z_next
     else:  # Triton's software pipeliner keeps PIPELINE - 1 tiles of loads in flight
@@ -389,7 +392,7 @@ def _nested_gemv_kernel(
                                w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
                                planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
                                KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
-                               BLOCK_M, BLOCK_W, BLOCK_N)
+                               BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -558,7 +561,7 @@ def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
             planes, packed.scale, packed.zero, pscale_arg,
             n, k, kw, planes.stride(0), pscale_stride, words_per_split,
             BLOCK_M=block_m, SPLIT_K=split, EVEN=even, EVEN_M=m_tokens % block_m == 0,
-            PIPELINE=cfg.pipeline,
+            PIPELINE=cfg.pipeline, FLAT=cfg.flat,
             ASM=x.is_cuda,
             magic_bits=(HALF if bits_code(packed, bits) <= 7 else MAGIC).value, **common)
         return out

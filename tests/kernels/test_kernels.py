@@ -90,7 +90,7 @@ def test_split_k_and_block_configs():
 def test_gemv_one_word_tiles_without_masks(kind):
     # the GEMV on tiles one word wide (kept 2-D) over whole tiles (no masks on the planes):
     # one token per program, two (no mask on M either), four for three tokens (masked M);
-    # split-K 2, by hand and under the pipeliner
+    # split-K 2, by hand and under the pipeliner, and in the earlier 3-D form
     from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
 
     m, p = _packed(kind, 16, 128, 64)
@@ -98,9 +98,9 @@ def test_gemv_one_word_tiles_without_masks(kind):
         x = torch.randn(tokens, 128)
         for bits in bit_widths:
             ref = x.double() @ dequantize(m, bits).double().t()
-            for stages in (0, 2):
+            for stages, flat in ((0, True), (2, True), (2, False)):  # False: 3-D tiles
                 cfg = KernelConfig(block_n=16, block_w=1, block_m=block_m, split_k=2,
-                                   pipeline=stages)
+                                   pipeline=stages, flat=flat)
                 out = torch.full((tokens, 16), float("nan"))
                 y = nested_matmul(x, p, bits, out=out, config=cfg, path="gemv")
                 assert _rel(y, ref) < GEMV_TOL, (block_m, bits, stages)
