@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="2,4,8")
     ap.add_argument("--configs", default="512x1x4")
     ap.add_argument("--kind", type=int, default=1, help="1 bitplane, 0 mwq")
-    ap.add_argument("--tokens", type=int, default=1, help="tokens = BLOCK_M (GEMV: 1..4)")
+    ap.add_argument("--tokens", type=int, default=1, choices=(1, 2, 4),
+                    help="tokens = BLOCK_M (the GEMV path: 1, 2 or 4)")
     ap.add_argument("--no-flat", dest="flat", action="store_false",
                     help="one-word tiles in the earlier 3-D form (KernelConfig.flat=False)")
     ap.add_argument("--dump", help="write the SASS of the last variant here")
