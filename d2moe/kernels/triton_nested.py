@@ -490,6 +490,17 @@ def _sm_count(device: torch.device) -> int:
     return 4  # the interpreter: a few programs are enough
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division in plain Python: `triton.cdiv` is a constexpr function whose call
+    from Python costs microseconds (nine of them were half of this wrapper's host time)."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain Python (see `_cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.device) -> int:
     """K slices so that about 16 programs per SM run, each keeping >= 2 tiles of work.
 
@@ -498,7 +509,7 @@ def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.devic
     1 token (1.39x with the pipelined loop): the GEMV is latency-bound, not issue-bound."""
     if cfg.split_k:
         return cfg.split_k
-    want = triton.cdiv(16 * _sm_count(device), programs)
+    want = _cdiv(16 * _sm_count(device), programs)
     return max(1, min(want, words // (2 * cfg.block_w)))
 
 
@@ -547,12 +558,12 @@ def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     kw = packed.words
     if gemv:
-        block_m = min(triton.next_power_of_2(m_tokens), max(cfg.block_m, 1), GEMV_MAX_TOKENS)
-        grid_nm = triton.cdiv(n, cfg.block_n) * triton.cdiv(m_tokens, block_m)
+        block_m = min(_pow2(m_tokens), max(cfg.block_m, 1), GEMV_MAX_TOKENS)
+        grid_nm = _cdiv(n, cfg.block_n) * _cdiv(m_tokens, block_m)
         split = auto_split(grid_nm, kw, cfg, x.device)
-        words_per_split = triton.cdiv(triton.cdiv(kw, split), cfg.block_w) * cfg.block_w
-        split = triton.cdiv(kw, words_per_split)
-        grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m_tokens, block_m))
+        words_per_split = _cdiv(_cdiv(kw, split), cfg.block_w) * cfg.block_w
+        split = _cdiv(kw, words_per_split)
+        grid = (_cdiv(n, cfg.block_n), split, _cdiv(m_tokens, block_m))
         ws, counts = _workspace(x.device, m_tokens * n, grid[0] * grid[2])
         even = (n % cfg.block_n == 0 and k % 32 == 0 and kw % words_per_split == 0
                 and words_per_split % cfg.block_w == 0)
@@ -566,7 +577,7 @@ def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
             magic_bits=(HALF if bits_code(packed, bits) <= 7 else MAGIC).value, **common)
         return out
     block_m = max(16, cfg.block_m)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m_tokens, block_m))
+    grid = (_cdiv(n, cfg.block_n), _cdiv(m_tokens, block_m))
     _nested_dot_kernel[grid](
         x, out, m_tokens, x.stride(0), out.stride(0),
         planes, packed.scale, packed.zero, pscale_arg,
