@@ -72,6 +72,11 @@ class PlaneViews(NestedGeometry):
         """Planes resident: the highest bit-width this object serves."""
         return len(self.planes)
 
+    @functools.cached_property
+    def planes_u8(self) -> tuple[np.ndarray, ...]:
+        """The planes as uint8 [rows, words * 4] views (the byte tables' indices)."""
+        return tuple(p.view(np.uint8) for p in self.planes)
+
     @property
     def device(self) -> torch.device:
         """Always the CPU."""
@@ -111,6 +116,12 @@ def _sign_table() -> np.ndarray:
         bit = (v >> np.uint64(t)) & np.uint64(1)
         out |= np.where(bit == 1, np.uint64(1), np.uint64(0xFF)) << np.uint64(8 * t)
     return out
+
+
+@functools.cache
+def _spread_rows(nbase: int) -> tuple[np.ndarray, ...]:
+    """The spread table of each plane of an nbase-bit code, plane 0 (the top bit) first."""
+    return tuple(_spread_tables()[nbase - 1 - j] for j in range(nbase))
 
 
 def prepared_nbytes(v: PlaneViews, bits: int) -> int:
@@ -232,35 +243,33 @@ class _Dequantizer:
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """float32 [r1 - r0, cols] weights of rows r0..r1 (a view of scratch: valid until the
         next call in this thread)."""
+        import torch
+
         v, n, nb = self.v, r1 - r0, self.nbytes
-        spread = _spread_tables()
+        whole = r0 == 0 and n == v.rows  # a one-chunk matrix: no slices (per-call overhead)
         code_w, lane_w = self.code64[:n, :nb], self.lane64[:n, :nb]
-        for j in range(self.nbase):  # plane j is bit nbase-1-j of the code
-            plane = v.planes[j][r0:r1].view(np.uint8)
+        u8 = v.planes_u8
+        for j, table in enumerate(_spread_rows(self.nbase)):  # plane j: bit nbase-1-j
+            plane = u8[j] if whole else u8[j][r0:r1]
             if j == 0:  # (the method, not np.take: one wrapper less per call)
-                spread[self.nbase - 1].take(plane, out=code_w, mode="clip")
+                table.take(plane, out=code_w, mode="clip")
             else:
-                spread[self.nbase - 1 - j].take(plane, out=lane_w, mode="clip")
+                table.take(plane, out=lane_w, mode="clip")
                 np.bitwise_or(code_w, lane_w, out=code_w)
         # The float part in torch: its broadcast over [n, groups, group] runs ~2.5x faster
         # than numpy's here (measured, one thread), and it uses torch's intra-op threads.
         w = self.w[:n]
-        torch_mul(self.code[:n], self.s[r0:r1], out=w)  # uint8 -> float32 exact, one rounding
-        w.add_(self.z[r0:r1])
+        s, z = (self.s, self.z) if whole else (self.s[r0:r1], self.z[r0:r1])
+        torch.mul(self.code[:n], s, out=w)  # uint8 -> float32 exact, one rounding
+        w.add_(z)
         for q, a in enumerate(self.pscale):  # w = w + where(bit, a, -a), in plane order
             _sign_table().take(v.planes[v.b1 + q][r0:r1].view(np.uint8), out=lane_w,
                                mode="clip")
             pm = self.pm[:n]
-            torch_mul(self.signs[:n], a[r0:r1], out=pm)  # +-1 * a == +-a exactly
+            torch.mul(self.signs[:n], a[r0:r1], out=pm)  # +-1 * a == +-a exactly
             w.add_(pm)
-        return w.view(n, self.padded)[:, :v.cols]
-
-
-def torch_mul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
-    """torch.mul with `out` (imported lazily: this module imports no torch at load)."""
-    import torch
-
-    return torch.mul(a, b, out=out)
+        out = w.view(n, self.padded)
+        return out if self.padded == v.cols else out[:, :v.cols]
 
 
 def dequantize_views(v: PlaneViews, bits: int) -> np.ndarray:
