@@ -197,6 +197,21 @@ def _lane_bit(c, lane: tl.constexpr):
 
 
 @triton.jit
+def _word_scale_zero(s, z, KIND: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr,
+                     NB: tl.constexpr):
+    """The group's float32 scale and zero applied to a word's sums (sum q x, sum x)."""
+    sf = s.to(tl.float32)
+    zf = z.to(tl.float32)
+    if KIND == 1:  # bitplane.py: s_b = s 2^(BK-BITS), z_b = z + s (2^(BK-BITS) - 1) / 2
+        zf = zf + sf * (((1 << (BK - BITS)) - 1) * 0.5)
+        sf = sf * (1 << (BK - BITS))
+    if NB <= 7:  # part = sum (0.5 + q/256) x  =>  sum q x = 256 part - 128 sum x
+        zf = zf - 128.0 * sf
+        sf = 256.0 * sf
+    return sf, zf
+
+
+@triton.jit
 def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
                p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
                planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
@@ -224,14 +239,7 @@ def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
             xv = xv.to(tl.float32)  # [BLOCK_M, 1]
             xsum += xv
             part += _lane_code(c, magic, lane, NB, ASM) * xv
-    sf = s.to(tl.float32)
-    zf = z.to(tl.float32)
-    if KIND == 1:  # bitplane.py: s_b = s 2^(BK-BITS), z_b = z + s (2^(BK-BITS) - 1) / 2
-        zf = zf + sf * (((1 << (BK - BITS)) - 1) * 0.5)
-        sf = sf * (1 << (BK - BITS))
-    if NB <= 7:  # part = sum (0.5 + q/256) x  =>  sum q x = 256 part - 128 sum x
-        zf = zf - 128.0 * sf
-        sf = 256.0 * sf
+    sf, zf = _word_scale_zero(s, z, KIND, BITS, BK, NB)
     acc += sf * part + zf * xsum
     if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
         p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
@@ -293,14 +301,7 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
                 xv = xv.to(tl.float32)
                 xsum += xv
                 part += _lane_code(c, magic, lane, NB, ASM)[None, :, :] * xv[:, :, None]
-        sf = s.to(tl.float32)
-        zf = z.to(tl.float32)
-        if KIND == 1:  # bitplane.py: s_b = s 2^(BK-BITS), z_b = z + s (2^(BK-BITS) - 1) / 2
-            zf = zf + sf * (((1 << (BK - BITS)) - 1) * 0.5)
-            sf = sf * (1 << (BK - BITS))
-        if NB <= 7:  # part = sum (0.5 + q/256) x  =>  sum q x = 256 part - 128 sum x
-            zf = zf - 128.0 * sf
-            sf = 256.0 * sf
+        sf, zf = _word_scale_zero(s, z, KIND, BITS, BK, NB)
         acc += tl.sum(sf[None, :, :] * part + zf[None, :, :] * xsum[:, :, None], axis=1)
         if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
             p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
