@@ -197,6 +197,18 @@ def _lane_bit(c, lane: tl.constexpr):
 
 
 @triton.jit
+def _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_stride,
+                    pscale_stride, j, pl, WPG: tl.constexpr):
+    """MWQ: the tile's words of plane j (residual plane pl) and that plane's float32 scales."""
+    tile_mask = (offs_w[:, None] < w_hi) & n_ok
+    q = tl.load(planes_ptr + offs_w[:, None] * N + offs_n[None, :] + j * plane_stride,
+                mask=tile_mask, other=0)
+    a = tl.load(pscale_ptr + pl * pscale_stride + (offs_w // WPG)[:, None] * N
+                + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+    return q, a
+
+
+@triton.jit
 def _word_scale_zero(s, z, KIND: tl.constexpr, BITS: tl.constexpr, BK: tl.constexpr,
                      NB: tl.constexpr):
     """The group's float32 scale and zero applied to a word's sums (sum q x, sum x)."""
@@ -242,13 +254,9 @@ def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
     sf, zf = _word_scale_zero(s, z, KIND, BITS, BK, NB)
     acc += sf * part + zf * xsum
     if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
-        p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
-        g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
-        tile_mask = (offs_w[:, None] < w_hi) & n_ok
         for pl in tl.static_range(BITS - B1):
-            q = tl.load(p_ptrs + (B1 + pl) * plane_stride, mask=tile_mask, other=0)
-            a = tl.load(pscale_ptr + pl * pscale_stride + g_off, mask=tile_mask,
-                        other=0.0).to(tl.float32)
+            q, a = _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N,
+                                   plane_stride, pscale_stride, B1 + pl, pl, WPG)
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for t in tl.static_range(8):
                 c = (q >> t) & LANES
@@ -304,13 +312,9 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
         sf, zf = _word_scale_zero(s, z, KIND, BITS, BK, NB)
         acc += tl.sum(sf[None, :, :] * part + zf[None, :, :] * xsum[:, :, None], axis=1)
         if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
-            p_ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
-            g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
-            tile_mask = (offs_w[:, None] < w_hi) & n_ok
             for pl in tl.static_range(BITS - B1):
-                q = tl.load(p_ptrs + (B1 + pl) * plane_stride, mask=tile_mask, other=0)
-                a = tl.load(pscale_ptr + pl * pscale_stride + g_off, mask=tile_mask,
-                            other=0.0).to(tl.float32)
+                q, a = _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N,
+                                       plane_stride, pscale_stride, B1 + pl, pl, WPG)
                 part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
                 for t in tl.static_range(8):
                     c = (q >> t) & LANES
