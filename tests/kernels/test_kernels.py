@@ -94,16 +94,17 @@ def test_gemv_one_word_tiles_without_masks(kind):
     from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
 
     m, p = _packed(kind, 16, 128, 64)
-    for block_m, tokens, bit_widths in ((1, 2, (3, 8)), (2, 2, (5,)), (4, 3, (4,))):
+    # (tokens per program, tokens, bits, pipeline stages, flat); flat=False: the 3-D tiles
+    cases = [(1, 2, 3, 0, True), (1, 2, 3, 2, True), (1, 2, 3, 2, False), (1, 2, 8, 2, True),
+             (2, 2, 5, 0, True), (4, 3, 4, 2, True)]
+    for block_m, tokens, bits, stages, flat in cases:
         x = torch.randn(tokens, 128)
-        for bits in bit_widths:
-            ref = x.double() @ dequantize(m, bits).double().t()
-            for stages, flat in ((0, True), (2, True), (2, False)):  # False: 3-D tiles
-                cfg = KernelConfig(block_n=16, block_w=1, block_m=block_m, split_k=2,
-                                   pipeline=stages, flat=flat)
-                out = torch.full((tokens, 16), float("nan"))
-                y = nested_matmul(x, p, bits, out=out, config=cfg, path="gemv")
-                assert _rel(y, ref) < GEMV_TOL, (block_m, bits, stages)
+        ref = x.double() @ dequantize(m, bits).double().t()
+        cfg = KernelConfig(block_n=16, block_w=1, block_m=block_m, split_k=2, pipeline=stages,
+                           flat=flat)
+        out = torch.full((tokens, 16), float("nan"))
+        y = nested_matmul(x, p, bits, out=out, config=cfg, path="gemv")
+        assert _rel(y, ref) < GEMV_TOL, (block_m, bits, stages, flat)
 
 
 @needs_triton_device
