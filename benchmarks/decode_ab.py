@@ -45,7 +45,8 @@ def decode_tok_s(model, spec, store: StoreReader, budget_bytes: int, prompt: lis
     backend = StreamingExperts(store, make_policy("hebf"), pool, bits=BITS)
     cache = model.new_cache(batch=1, max_len=len(prompt) + tokens)
     with mode:
-        logits = model(torch.tensor([prompt]), cache, backend=backend)  # [1, T, V]
+        logits = model(torch.tensor([prompt]), cache, backend=backend,
+                       last_only=True)  # [1, 1, V]
         nxt = int(logits[0, -1].argmax())
         t0 = time.perf_counter()
         for _ in range(tokens - 1):

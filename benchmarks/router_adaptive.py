@@ -64,7 +64,7 @@ def forced(model, ids: list[int], prompt: int, backend) -> tuple[float, float]:
     cache = model.new_cache(batch=1, max_len=len(ids))
     nll = 0.0
     with torch.no_grad():
-        model(torch.tensor([ids[:prompt]]), cache, backend=backend)
+        model(torch.tensor([ids[:prompt]]), cache, backend=backend, last_only=True)
         t0 = time.perf_counter()
         for i in range(prompt, len(ids) - 1):
             logits = model(torch.tensor([[ids[i]]]), cache, backend=backend)  # [1, 1, V]

@@ -43,7 +43,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
     with torch.inference_mode():
         t0 = time.perf_counter()
         logits = model(torch.tensor([prompt_ids], device=device), cache, backend=backend,
-                       observer=observer)  # [1, T, V]
+                       observer=observer, last_only=True)  # [1, 1, V]
         nxt = int(logits[0, -1].argmax())
         new.append(nxt)
         t1 = time.perf_counter()

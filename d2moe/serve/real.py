@@ -76,7 +76,7 @@ def serve_model(model: Any, backend: Any, requests: Sequence[Request],
             if hasattr(backend, "step_phase"):
                 backend.step_phase = step.phase
             logits = model.forward_ragged(seqs, [caches[rid] for rid in step.requests],
-                                          backend=backend)
+                                          backend=backend, last_only=True)
             for rid, lg in zip(step.requests, logits, strict=True):
                 outputs[rid].append(int(lg[-1].argmax()))
             phases.append(step.phase)

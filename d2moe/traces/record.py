@@ -51,7 +51,7 @@ def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens:
         for i, chunk in enumerate(chunks):
             layers.clear()
             model(torch.tensor([chunk], device=device), cache, backend=backend,
-                  observer=observe)
+                  observer=observe, last_only=True)  # (the logits are not read)
             experts = np.stack([ids for ids, _ in layers], axis=1)  # [T, L, k]
             weights = np.stack([w for _, w in layers], axis=1)  # [T, L, k]
             b = np.full(experts.shape, bits, np.int8) if bits else None

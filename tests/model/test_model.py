@@ -39,6 +39,22 @@ def test_cached_decode_equals_full_recompute(cfg: ModelConfig) -> None:
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+def test_last_only_logits_are_the_last_row_and_leave_the_cache_the_same() -> None:
+    m, x = _model(), _tokens(2, 9)
+    with torch.no_grad():
+        full_cache, last_cache = m.new_cache(batch=2, max_len=12), m.new_cache(batch=2, max_len=12)
+        full = m(x, full_cache)  # [2, 9, V]
+        last = m(x, last_cache, last_only=True)  # [2, 1, V]
+        assert last.shape == (2, 1, full.shape[-1])
+        assert torch.allclose(last[:, 0], full[:, -1], atol=1e-5)
+        nxt = _tokens(2, 1, seed=1)  # the caches continue alike
+        assert torch.allclose(m(nxt, last_cache), m(nxt, full_cache), atol=1e-5)
+        ragged = m.forward_ragged([x[0, :4], x[1]], [m.new_cache(max_len=9),
+                                                     m.new_cache(max_len=9)], last_only=True)
+        assert [r.shape[0] for r in ragged] == [1, 1]
+        assert torch.allclose(ragged[1][0], full[1, -1], atol=1e-5)
+
+
 def test_attention_is_causal() -> None:
     m, x = _model(), _tokens(1, 12)
     y = x.clone()
