@@ -57,6 +57,19 @@ def decode_tok_s(model, spec, store: StoreReader, budget_bytes: int, prompt: lis
     return (tokens - 1) / seconds
 
 
+def load_average() -> str:
+    """This machine's load averages (1, 5, 15 minutes)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def print_machine(what: str) -> None:
+    """The run's header: machine, torch and its threads, `what`, start time, load."""
+    print(f"machine: {platform.machine()}, {platform.node()}, {os.cpu_count()} cores; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} thread(s); {what}; start "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
+          f"{load_average()}", flush=True)
+
+
 def run_ab(doc: str, baseline: tuple[str, Variant], new: tuple[str, Variant],
            repeats: int = 16) -> None:
     """Parse the common options, run both variants interleaved and print the table."""
@@ -67,10 +80,7 @@ def run_ab(doc: str, baseline: tuple[str, Variant], new: tuple[str, Variant],
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {platform.node()}, {os.cpu_count()} cores; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} thread(s); HEBF, {BITS} bits, "
-          f"{args.tokens} tokens; start {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
-          f", load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print_machine(f"HEBF, {BITS} bits, {args.tokens} tokens")
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     variants = dict([baseline, new])
     runs: dict[tuple[str, str], list[float]] = {}
@@ -90,8 +100,7 @@ def run_ab(doc: str, baseline: tuple[str, Variant], new: tuple[str, Variant],
                     runs.setdefault((label, name), []).append(decode_tok_s(
                         model, spec, store, nbytes, prompt, args.tokens, variants[name]))
         store.close()
-    print(f"end {time.strftime('%H:%M:%S UTC', time.gmtime())}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"end {time.strftime('%H:%M:%S UTC', time.gmtime())}, load average {load_average()}")
     b, n = baseline[0], new[0]
     print(f"\n{'budget':>6s} {b + ' tok/s':>22s} {n + ' tok/s':>22s} {f'{n} / {b}':>26s}")
     for label in budgets:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from decode_ab import load_average, print_machine
 
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.executor.backend import StreamingExperts
@@ -128,11 +128,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {platform.node()}, {os.cpu_count()} cores; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} thread(s); policy {args.policy}, "
-          f"{BITS} bits, {args.tokens} tokens; start "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print_machine(f"policy {args.policy}, {BITS} bits, {args.tokens} tokens")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
         quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
@@ -140,8 +136,7 @@ def main() -> None:
         model, spec = load_tiny()
         runs = measure(args, model, spec, store, list(encode(PROMPT)))
     report(runs, [b.strip() for b in args.budgets.split(",") if b.strip()])
-    print(f"end {time.strftime('%H:%M:%S UTC', time.gmtime())}, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"end {time.strftime('%H:%M:%S UTC', time.gmtime())}, load average {load_average()}")
 
 
 if __name__ == "__main__":
