@@ -197,6 +197,19 @@ def _lane_bit(c, lane: tl.constexpr):
 
 
 @triton.jit
+def _x_column(ptrs, m_ok, ok, EVEN: tl.constexpr, EVEN_M: tl.constexpr):
+    """One column of x per word of the tile, as float32: no mask on whole tiles, the token
+    mask `m_ok` when only M is ragged, else `ok` (tokens, words and K)."""
+    if EVEN and EVEN_M:
+        xv = tl.load(ptrs)
+    elif EVEN:
+        xv = tl.load(ptrs, mask=m_ok, other=0.0)
+    else:
+        xv = tl.load(ptrs, mask=ok, other=0.0)
+    return xv.to(tl.float32)
+
+
+@triton.jit
 def _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_stride,
                     pscale_stride, j, pl, WPG: tl.constexpr):
     """MWQ: the tile's words of plane j (residual plane pl) and that plane's float32 scales."""
@@ -241,14 +254,8 @@ def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
         c = _codes(p0, p1, p2, p3, p4, p5, p6, p7, t, NB)
         for lane in tl.static_range(4):
             col = 8 * lane + t
-            if EVEN and EVEN_M:
-                xv = tl.load(x_ptrs + col)
-            elif EVEN:
-                xv = tl.load(x_ptrs + col, mask=m_ok, other=0.0)
-            else:
-                xv = tl.load(x_ptrs + col, mask=m_ok & (xk + col < K) & (xk < w_hi * 32),
-                             other=0.0)
-            xv = xv.to(tl.float32)  # [BLOCK_M, 1]
+            xv = _x_column(x_ptrs + col, m_ok, m_ok & (xk + col < K) & (xk < w_hi * 32),
+                           EVEN, EVEN_M)  # [BLOCK_M, 1]
             xsum += xv
             part += _lane_code(c, magic, lane, NB, ASM) * xv
     sf, zf = _word_scale_zero(s, z, KIND, BITS, BK, NB)
@@ -300,13 +307,8 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
             c = _codes(p0, p1, p2, p3, p4, p5, p6, p7, t, NB)
             for lane in tl.static_range(4):
                 col = 8 * lane + t
-                if EVEN and EVEN_M:
-                    xv = tl.load(x_ptrs + col)
-                elif EVEN:
-                    xv = tl.load(x_ptrs + col, mask=offs_m[:, None] < M, other=0.0)
-                else:
-                    xv = tl.load(x_ptrs + col, mask=x_mask & (xk + col < K), other=0.0)
-                xv = xv.to(tl.float32)
+                xv = _x_column(x_ptrs + col, offs_m[:, None] < M, x_mask & (xk + col < K),
+                               EVEN, EVEN_M)  # [BLOCK_M, BLOCK_W]
                 xsum += xv
                 part += _lane_code(c, magic, lane, NB, ASM)[None, :, :] * xv[:, :, None]
         sf, zf = _word_scale_zero(s, z, KIND, BITS, BK, NB)
