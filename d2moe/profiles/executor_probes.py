@@ -214,6 +214,76 @@ def measure_overlap(reader: Any, probe: ModelSpec, layout: QuantLayout, device: 
     return {"overlap_compute_speed": clamp(compute_speed), "overlap_io_speed": clamp(io_speed)}
 
 
+COLD_IDLE_MS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # I/O lane idle before a load
+
+
+def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
+                       bits: int, rounds: int, sync: Callable[[], None],
+                       bar: Bar) -> list[tuple[float, float]]:
+    """(idle us, extra us) of a whole load (read, checksum, convert, place) on an I/O thread
+    woken through a queue (as `executor/lanes.py`) after it sat idle, against a load right
+    behind another: the disk's first request after a pause and the lane's core and caches
+    gone cold. The extra is 2-4x what one read alone shows (development VM, 2026-11-23:
+    +75 us for a 16 KiB read after 2 ms idle, +216 us for a 62 KB three-level load), so the
+    whole load is probed. Each round takes every idle time once, shuffled; idle is measured
+    on the thread (last load's end to this load's start), bucketed by the nominal time."""
+    import queue
+    import threading
+
+    from d2moe.core.jobs import ExpertKey, Load
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.pool import ExpertPool
+
+    pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
+    keys = [ExpertKey(0, e) for e in range(probe.experts)]
+    todo: queue.Queue[list[int] | None] = queue.Queue()
+    done: queue.Queue[tuple[float, float]] = queue.Queue()  # (idle us, us) of the last load
+    last_end = [time.perf_counter()]
+
+    def io_lane() -> None:
+        while (batch := todo.get()) is not None:
+            for i in batch:
+                key = keys[i % len(keys)]
+                _drop(pool, key)
+                t0 = time.perf_counter()
+                load_into(reader, pool, Load(key, 0, bits))
+                sync()
+                t1 = time.perf_counter()
+                idle_us, us = (t0 - last_end[0]) * 1e6, (t1 - t0) * 1e6
+                last_end[0] = t1
+            done.put((idle_us, us))
+
+    thread = threading.Thread(target=io_lane, daemon=True)
+    thread.start()
+    rng = np.random.default_rng(6)
+    times: dict[float, list[tuple[float, float]]] = {g: [] for g in COLD_IDLE_MS}
+    n = 0
+    try:
+        for r in range(rounds + 1):  # round 0 warms up
+            for g in rng.permutation(len(COLD_IDLE_MS)).tolist():
+                idle_ms = COLD_IDLE_MS[g]
+                if idle_ms:
+                    time.sleep(idle_ms / 1e3)
+                    todo.put([n])
+                else:  # timed right behind another load, in the same hand-over
+                    todo.put([n, n + 1])
+                    n += 1
+                n += 1
+                got = done.get()
+                if r:
+                    times[idle_ms].append(got)
+            if r and r % 2 == 0:
+                bar.step("cold loads")
+    finally:
+        todo.put(None)
+        thread.join()
+    for key in list(pool.blocks):
+        _drop(pool, key)
+    warm = statistics.fmean(us for _, us in times[0.0])
+    return [(statistics.fmean(i for i, _ in ts), statistics.fmean(us for _, us in ts) - warm)
+            for g, ts in times.items() if g]
+
+
 def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
                        bits: int, rounds: int, sync: Callable[[], None]) -> float:
     """How much longer (us, at least 0) an expert's first run after its load takes than the

@@ -5,9 +5,6 @@ executor's code; a mean, not a median, because on a CPU shared with other work t
 preemptions that some timings catch are part of what a long run pays):
 - disk: cold reads of growing size through the store reader (O_DIRECT where the file system
   allows, else the page cache is dropped before each read); fit latency_us + bytes / read_GBps;
-  then reads after the disk sat idle for 0.5 .. 20 ms against reads right after another: the
-  first request after a pause costs more (`executor.cold_read_us`, reached after
-  `cold_ramp_us` of idle time, linearly before);
 - link (cuda only): pinned host -> device copies of growing size; same fit;
 - expert runs per (bits, tokens) for the spec's expert shapes: the compute lane's run body
   (gather the resident planes, `kernels.dispatch.expert_swiglu`, weighted add);
@@ -22,7 +19,10 @@ preemptions that some timings catch are part of what a long run pays):
   loads pays beyond it (`handoff_us`: planning them, handing them to the I/O lane's thread),
   the per-run bookkeeping (`run_us`) and the wake-up of a lane blocked on the other
   (`wake_us`), read from its timeline rows; an expert's first run
-  after an I/O thread loaded it against the run right after (`first_run_us`).
+  after an I/O thread loaded it against the run right after (`first_run_us`); a whole load
+  on an I/O thread after it sat idle for 0.5 .. 20 ms against one right behind another: the
+  first load after a pause costs more (`executor.cold_load_us`, reached after `cold_ramp_us`
+  of idle time, linearly before).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.executor_probes import (
+    measure_cold_loads,
     measure_first_runs,
     measure_lanes,
     measure_loads,
@@ -67,8 +68,6 @@ from d2moe.profiles.schema import (
 from d2moe.profiles.timing import Bar, fit_latency_bandwidth, fit_ramp, interleaved_means
 
 PROBE_FILE = "probe.bin"
-COLD_IDLE_MS = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # idle times before a read
-COLD_READ_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -204,8 +203,6 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
             try:
                 disk_points = measure_disk(reader, sizes, cfg.repeats, bar)
                 disk = _fit_link(disk_points)
-                cold_read_us, cold_ramp_us = fit_ramp(measure_cold_reads(
-                    reader, COLD_READ_BYTES, 2 * cfg.repeats, bar))
                 link = _fit_link(measure_link(device, sizes, cfg.repeats, bar)) if cuda else None
                 loads = measure_loads(reader, probe, layout, device, raises, cfg.repeats,
                                       sync, bar)
@@ -215,6 +212,9 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 lanes = measure_lanes(reader, probe, layout, device, cfg.lane_layers, sync)
                 overlap = measure_overlap(reader, probe, layout, device,
                                           min(layout.b1 + 2, layout.bK), cfg.repeats, sync)
+                cold_load_us, cold_ramp_us = fit_ramp(measure_cold_loads(
+                    reader, probe, layout, device, min(layout.b1 + 2, layout.bK),
+                    2 * cfg.repeats, sync, bar))
                 first_run_us = measure_first_runs(reader, probe, layout, device,
                                                   min(layout.b1 + 2, layout.bK),
                                                   4 * cfg.repeats, sync)
@@ -229,7 +229,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
                              load_GBps=_sig(load_gbps),
                              run_us=lanes["run_us"], wake_us=lanes["wake_us"], **overlap,
-                             cold_read_us=round(cold_read_us, 2),
+                             cold_load_us=round(cold_load_us, 2),
                              cold_ramp_us=round(cold_ramp_us, 1),
                              first_run_us=round(first_run_us, 2),
                              layer_first_run_us=resident.layer_first_run_us,
@@ -316,35 +316,6 @@ def measure_disk(reader: Any, sizes: Sequence[int], repeats: int,
     means = interleaved_means([reader_of(n) for n in sizes], repeats, lambda: None, bar,
                                   "disk")
     return list(zip(sizes, means, strict=True))
-
-
-def measure_cold_reads(reader: Any, nbytes: int, rounds: int,
-                       bar: Bar) -> list[tuple[float, float]]:
-    """(idle us, extra us) of a read of `nbytes` after the disk sat idle (the thread asleep,
-    as the I/O lane between layers) against one right after another, from the probe file that
-    `measure_disk` wrote; each round takes every idle time once, in shuffled order."""
-    from d2moe.quant.store import ALIGN_BYTES, ByteRange
-
-    fd = reader._fd(PROBE_FILE)  # noqa: SLF001
-    slots = max(1, (os.fstat(fd).st_size - nbytes) // ALIGN_BYTES)
-    rng = np.random.default_rng(6)
-    times: dict[float, list[float]] = {g: [] for g in COLD_IDLE_MS}
-    for r in range(rounds + 1):  # round 0 warms up
-        for g in rng.permutation(len(COLD_IDLE_MS)).tolist():
-            idle_ms = COLD_IDLE_MS[g]
-            offset = int(rng.integers(0, slots)) * ALIGN_BYTES
-            if not reader.direct_io and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if idle_ms:
-                time.sleep(idle_ms / 1e3)
-            t0 = time.perf_counter()
-            reader.read_range(ByteRange(PROBE_FILE, offset, nbytes, 0))
-            if r:
-                times[idle_ms].append((time.perf_counter() - t0) * 1e6)
-        if r and r % 2 == 0:
-            bar.step("cold reads")
-    warm = float(np.mean(times[0.0]))
-    return [(g * 1e3, float(np.mean(ts)) - warm) for g, ts in times.items()]
 
 
 def measure_link(device: Any, sizes: Sequence[int], repeats: int,

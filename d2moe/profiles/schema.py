@@ -37,7 +37,7 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
                 "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
                 "executor")
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "run_us", "wake_us", "overlap_io_speed",
-                 "overlap_compute_speed", "cold_read_us", "cold_ramp_us", "first_run_us",
+                 "overlap_compute_speed", "cold_load_us", "cold_ramp_us", "first_run_us",
                  "layer_first_run_us", "handoff_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
@@ -129,9 +129,10 @@ class ExecutorCosts:
     signal. While both lanes are busy they share the CPU: the I/O lane runs at
     `overlap_io_speed` and the compute lane at `overlap_compute_speed` of their own speed
     (1: no contention, as with a DMA engine and a GPU). A load that starts after the I/O
-    lane has been idle for `idle` us pays `cold_read_us * min(1, idle / cold_ramp_us)` more:
-    the disk's first request after a pause is slower than one right after another (measured
-    on the development VM: +50 us after 0.5 ms idle, +300 us after 5 ms). The first run of an
+    lane has been idle for `idle` us pays `cold_load_us * min(1, idle / cold_ramp_us)` more:
+    the first load after a pause is slower than one right behind another, in its disk
+    requests and in its CPU work on a core gone cold (measured on the development VM, whole
+    62 KB loads: +210 us after 0.5 ms idle, +430 us after 5 ms). The first run of an
     expert after its load pays `first_run_us` more (its planes were just written by the I/O
     lane, on another core), and the first run of each layer's plan pays `layer_first_run_us`
     more (the layer's non-expert slice ran in between and cycled the caches that back-to-back
@@ -145,19 +146,19 @@ class ExecutorCosts:
     wake_us: float = 0.0
     overlap_io_speed: float = 1.0
     overlap_compute_speed: float = 1.0
-    cold_read_us: float = 0.0
-    cold_ramp_us: float = 0.0  # 0: the whole cold_read_us after any idle time
+    cold_load_us: float = 0.0
+    cold_ramp_us: float = 0.0  # 0: the whole cold_load_us after any idle time
     first_run_us: float = 0.0
     layer_first_run_us: float = 0.0
     handoff_us: float = 0.0
 
     def cold_us(self, idle_us: float) -> float:
         """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`."""
-        if self.cold_read_us <= 0.0 or idle_us <= 0.0:
+        if self.cold_load_us <= 0.0 or idle_us <= 0.0:
             return 0.0
         if self.cold_ramp_us <= 0.0 or idle_us >= self.cold_ramp_us:
-            return self.cold_read_us
-        return self.cold_read_us * idle_us / self.cold_ramp_us
+            return self.cold_load_us
+        return self.cold_load_us * idle_us / self.cold_ramp_us
 
     def load_extra_us(self, nbytes: int) -> float:
         """What a load of `nbytes` costs the I/O lane beyond its reads."""
@@ -445,7 +446,12 @@ def profile_from_dict(data: Any, *, path: str) -> Profile:
                    executor=None if d.get("executor") is None else _executor(r, d["executor"]))
 
 
+OLD_EXECUTOR_KEYS = {"cold_read_us": "cold_load_us"}  # profiles measured before 2026-11-23
+
+
 def _executor(r: _Reader, data: Any) -> ExecutorCosts:
+    if isinstance(data, dict):
+        data = {OLD_EXECUTOR_KEYS.get(k, k): v for k, v in data.items()}
     d = r.keys(data, EXECUTOR_KEYS, "executor", ())
     costs = {k: r.number(d, k, "executor", positive=k == "load_GBps" or "speed" in k)
              for k in d}

@@ -13,8 +13,10 @@ from d2moe.core.errors import UserError
 from d2moe.core.events import Event
 from d2moe.core.spec import load_spec
 from d2moe.profiles.executor_probes import (
+    COLD_IDLE_MS,
     lane_costs_from_rows,
     layer_first_run_excess,
+    measure_cold_loads,
     non_expert_per_layer,
     resident_probe_spec,
 )
@@ -27,7 +29,7 @@ from d2moe.profiles.schema import (
     profile_from_dict,
     save_profile,
 )
-from d2moe.profiles.timing import fit_latency_bandwidth, fit_ramp, interleaved_means
+from d2moe.profiles.timing import Bar, fit_latency_bandwidth, fit_ramp, interleaved_means
 from tests.profiles.test_profiles import hand
 
 TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
@@ -167,6 +169,27 @@ def test_fit_ramp_by_hand() -> None:
     assert fit_ramp([(0.0, 3.0)]) == (0.0, 0.0)
 
 
+def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> None:
+    import dataclasses
+
+    import torch
+
+    from d2moe.core.sizes import QuantLayout
+    from d2moe.profiles.probe_store import write_random_store
+    from d2moe.quant.store import StoreReader
+
+    layout = QuantLayout()
+    probe = dataclasses.replace(load_spec("tiny"), layers=1, experts=2, top_k=1)
+    with StoreReader(write_random_store(tmp_path / "s", probe, layout), direct=True) as reader:
+        points = measure_cold_loads(reader, probe, layout, torch.device("cpu"), 4, 1,
+                                    lambda: None, Bar(1, False))
+    idle_ms = [ms for ms in COLD_IDLE_MS if ms]
+    assert len(points) == len(idle_ms)
+    for ms, (idle_us, extra_us) in zip(idle_ms, points, strict=True):
+        # the thread's own idle: the sleep and the hand-over, under a second more on any box
+        assert ms * 1e3 <= idle_us < ms * 1e3 + 1e6 and math.isfinite(extra_us)
+
+
 def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     d = hand()
     d["executor"] = {"layer_us": 300.0, "load_us": 100.0, "load_GBps": 0.5, "run_us": 10.0,
@@ -179,7 +202,7 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     assert load_profile(tmp_path / "p.yaml") == p
     # per-request latency: 3 requests pay the disk and link latencies three times
     assert p.load_us(1_000_000, requests=3) == pytest.approx(3 * (100 + 10) + 1_000_000 / 500)
-    d["executor"] = {"layer_us": 1.0, "cold_read_us": 250.0, "cold_ramp_us": 5000.0,
+    d["executor"] = {"layer_us": 1.0, "cold_load_us": 250.0, "cold_ramp_us": 5000.0,
                      "first_run_us": 80.0, "layer_first_run_us": 40.0}
     cold = profile_from_dict(d, path="hand.yaml")
     assert cold.executor.cold_us(2500.0) == pytest.approx(125.0)
@@ -193,8 +216,11 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     assert load_profile(tmp_path / "h.yaml") == handoff
     save_profile(tmp_path / "c.yaml", cold)
     assert load_profile(tmp_path / "c.yaml") == cold
-    d["executor"] = {"cold_read_us": -1.0}
-    with pytest.raises(UserError, match="executor.cold_read_us"):
+    d["executor"] = {"layer_us": 1.0, "cold_read_us": 250.0, "cold_ramp_us": 5000.0,
+                     "first_run_us": 80.0, "layer_first_run_us": 40.0}
+    assert profile_from_dict(d, path="old.yaml") == cold  # the key's name before 2026-11-23
+    d["executor"] = {"cold_load_us": -1.0}
+    with pytest.raises(UserError, match="executor.cold_load_us"):
         profile_from_dict(d, path="hand.yaml")
     d["executor"] = {"load_GBps": 0}
     with pytest.raises(UserError, match="executor.load_GBps"):
@@ -223,7 +249,7 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert all(r.shape == "192x192" and r.latency_us > 0 for r in q.expert.rows)
     assert {r.tokens for r in q.non_expert.rows} == {1, 3}
     assert q.executor is not None and q.executor.layer_us >= 0
-    assert q.executor.cold_read_us >= 0 and q.executor.cold_ramp_us >= 0
+    assert q.executor.cold_load_us >= 0 and q.executor.cold_ramp_us >= 0
     assert q.executor.first_run_us >= 0 and q.executor.layer_first_run_us >= 0
     assert q.executor.handoff_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1

@@ -148,7 +148,7 @@ class ColdProfile(LaneProfile):
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        cold_read_us=8.0, cold_ramp_us=40.0))
+        cold_load_us=8.0, cold_ramp_us=40.0))
 
 
 @pytest.mark.parametrize("engine", ["fast", "simpy"])
@@ -173,10 +173,10 @@ def test_cold_loads_by_hand(engine: str) -> None:
 
 
 def test_cold_cost_ramps_then_saturates() -> None:
-    c = ExecutorCosts(cold_read_us=300.0, cold_ramp_us=6000.0)
+    c = ExecutorCosts(cold_load_us=300.0, cold_ramp_us=6000.0)
     assert [c.cold_us(t) for t in (-1.0, 0.0, 1500.0, 6000.0, 60000.0, math.inf)] == \
         [0.0, 0.0, 75.0, 300.0, 300.0, 300.0]
-    assert ExecutorCosts(cold_read_us=50.0).cold_us(1.0) == 50.0  # no ramp: any idle time
+    assert ExecutorCosts(cold_load_us=50.0).cold_us(1.0) == 50.0  # no ramp: any idle time
     assert ExecutorCosts().cold_us(math.inf) == 0.0
 
 
@@ -199,7 +199,7 @@ class ColdContendedProfile(LaneProfile):
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_read_us=8.0, cold_ramp_us=40.0,
+        overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_load_us=8.0, cold_ramp_us=40.0,
         first_run_us=0.75, layer_first_run_us=0.5, handoff_us=1.25))
 
 
@@ -209,7 +209,7 @@ class ColdFirstProfile(LaneProfile):
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        cold_read_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5,
+        cold_load_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5,
         handoff_us=1.25))
 
 
