@@ -15,7 +15,7 @@ import numpy as np
 
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
-from d2moe.profiles.timing import Bar, interleaved_means
+from d2moe.profiles.timing import Bar, clear_excess, interleaved_means
 
 
 def measure_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
@@ -289,7 +289,7 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     """How much longer (us, at least 0) an expert's first run after its load takes than the
     run right after it: an I/O thread (woken through a queue, as `executor/lanes.py`) loads
     the expert while this thread waits, then this thread runs it twice; mean of the
-    differences over `rounds` loads."""
+    differences over `rounds` loads, 0 unless clear of their noise (`clear_excess`)."""
     import queue
     import threading
 
@@ -346,7 +346,7 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
         thread.join()
     for key in list(pool.blocks):
         _drop(pool, key)
-    return max(0.0, statistics.fmean(diffs)) if diffs else 0.0
+    return clear_excess(diffs)
 
 
 FULL_MODEL_PROBE_BYTES = 256 * 2**20  # a spec this small is probed whole, else cut
@@ -452,7 +452,8 @@ def non_expert_per_layer(events: Sequence[Any], tokens: Sequence[int],
 def layer_first_run_excess(events: Sequence[Any]) -> float:
     """Mean first-run duration minus mean later-run duration (us, at least 0) over the
     layers of one-token (decode) steps with two runs or more and no stall (every expert
-    resident); 0 when there are none (top-1 models)."""
+    resident); 0 when there are none (top-1 models) or the difference is not clear of the
+    runs' noise (`clear_excess`)."""
     decode = {e.step for e in events if e.kind == "non_expert" and e.tokens == 1}
     layers: dict[tuple[int, int], list[Any]] = {}
     for e in events:
@@ -465,9 +466,7 @@ def layer_first_run_excess(events: Sequence[Any]) -> float:
             continue
         firsts.append(rows[0].end_us - rows[0].start_us)
         laters += [r.end_us - r.start_us for r in rows[1:]]
-    if not firsts:
-        return 0.0
-    return round(max(statistics.fmean(firsts) - statistics.fmean(laters), 0.0), 2)
+    return round(clear_excess(firsts, laters), 2)
 
 
 def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,

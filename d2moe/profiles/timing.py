@@ -32,6 +32,22 @@ def fit_latency_bandwidth(points: Sequence[tuple[int, float]]) -> tuple[float, f
     return float(intercept), 1.0 / (float(slope) * 1e3)
 
 
+def clear_excess(a: Sequence[float], b: Sequence[float] = (), z: float = 2.0) -> float:
+    """mean(a) - mean(b) (b empty: a holds paired differences) when it stands above `z`
+    standard errors of that difference, else 0. A surcharge the probe cannot tell from its
+    own noise is not charged: a Mixtral-sized expert run (200+ ms on a CPU, drifting by tens
+    of ms) gave first-run "surcharges" of 5 and 40 ms in two profiles a few minutes apart,
+    while real runs right after a load took no longer than the others."""
+    def var_of_mean(xs: Sequence[float]) -> float:
+        return statistics.variance(xs) / len(xs) if len(xs) > 1 else math.inf
+
+    if not a:
+        return 0.0
+    diff = statistics.fmean(a) - (statistics.fmean(b) if b else 0.0)
+    se = math.sqrt(var_of_mean(a) + (var_of_mean(b) if b else 0.0))
+    return diff if diff > z * se else 0.0
+
+
 def fit_ramp(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """Fit extra_us = full_us * min(1, idle_us / ramp_us) to (idle_us, extra_us) points:
     (full_us, ramp_us), least squares; ramp_us from the points' idle times and a grid between

@@ -29,7 +29,13 @@ from d2moe.profiles.schema import (
     profile_from_dict,
     save_profile,
 )
-from d2moe.profiles.timing import Bar, fit_latency_bandwidth, fit_ramp, interleaved_means
+from d2moe.profiles.timing import (
+    Bar,
+    clear_excess,
+    fit_latency_bandwidth,
+    fit_ramp,
+    interleaved_means,
+)
 from tests.profiles.test_profiles import hand
 
 TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
@@ -135,6 +141,17 @@ def test_layer_first_run_excess_by_hand() -> None:
     assert layer_first_run_excess(rows[:3]) == 0.0  # no decode layer with two runs
     faster_first = [rows[3], _step_row("run", 1, 0, 1, 61, 69), _step_row("run", 1, 0, 1, 70, 82)]
     assert layer_first_run_excess(faster_first) == 0.0  # never below 0
+
+
+def test_clear_excess_charges_only_what_stands_above_the_noise() -> None:
+    assert clear_excess([10.0, 12.0, 11.0, 9.0]) == pytest.approx(10.5)  # se 0.65
+    assert clear_excess([30.0, -20.0, 25.0, -15.0]) == 0.0  # mean 5, se 13: noise
+    assert clear_excess([-5.0, -6.0, -4.0]) == 0.0  # a saving is not a surcharge
+    assert clear_excess([5.0]) == 0.0  # one difference: no noise estimate, no charge
+    assert clear_excess([]) == 0.0
+    # two samples: 13 - 8 = 5 against se sqrt(2/2 + 4/3) = 1.53
+    assert clear_excess([12.0, 14.0], [8.0, 10.0, 6.0]) == pytest.approx(5.0)
+    assert clear_excess([12.0, 14.0], [8.0, 10.0, 6.0], z=4.0) == 0.0
 
 
 def test_non_expert_per_layer_spreads_the_step_head() -> None:
