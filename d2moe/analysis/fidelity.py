@@ -196,6 +196,64 @@ def summary_line(summary: dict[str, object]) -> str:
                if costs else ""))
 
 
+def summarize_rounds(rounds: Sequence[Sequence[FidelityRow]]) -> dict[str, object]:
+    """Several whole comparisons (rounds, each its own real runs and profile) pooled: per
+    (policy, budget) the mean signed tokens/s error and two standard errors of it (the
+    simulator's bias on that row, with the machine's noise averaged out over rounds), each
+    round's mean and worst |error|, in how many rounds each budget ranked the policies the
+    same, and each cost's real / simulated time (geomean over every row of every round).
+    On a machine whose speed drifts between a profile and the runs after it, one round's
+    error mixes the drift in; the bias is what the cost model itself gets wrong."""
+    per_round = [summarize(rows) for rows in rounds]
+    cells: dict[tuple[str, str], list[float]] = {}
+    for rows in rounds:
+        for r in rows:
+            cells.setdefault((r.policy, r.budget), []).append(r.error_pct)
+    bias = []
+    for (policy, budget), errs in cells.items():
+        se = statistics.stdev(errs) / math.sqrt(len(errs)) if len(errs) > 1 else math.nan
+        bias.append({"policy": policy, "budget": budget, "rounds": len(errs),
+                     "mean_error_pct": statistics.fmean(errs), "two_se_pct": 2 * se})
+    budgets = list(dict.fromkeys(r.budget for rows in rounds for r in rows))
+    all_rows = [r for rows in rounds for r in rows]
+    return {
+        "rounds": len(rounds),
+        "bias": bias,
+        "mean_abs_bias_pct": statistics.fmean(abs(b["mean_error_pct"]) for b in bias)
+        if bias else math.nan,
+        "worst_abs_bias_pct": max((abs(b["mean_error_pct"]) for b in bias), default=math.nan),
+        "round_mean_abs_error_pct": [s["mean_abs_error_pct"] for s in per_round],
+        "round_worst_abs_error_pct": [s["worst_abs_error_pct"] for s in per_round],
+        "same_ranking_rounds": {b: sum(bool(s["same_ranking"].get(b)) for s in per_round)
+                                for b in budgets},
+        "cost_ratios": {c: _geomean([r.cost_ratios[c] for r in all_rows
+                                     if c in r.cost_ratios])
+                        for c in COSTS if any(c in r.cost_ratios for r in all_rows)},
+    }
+
+
+def rounds_report(summary: dict[str, object]) -> str:
+    """The pooled rounds as text: the bias table, then one line per other figure."""
+    from d2moe.analysis.tables import format_table
+
+    n = summary["rounds"]
+    table = format_table([{"policy": b["policy"], "budget": b["budget"],
+                           "mean error %": b["mean_error_pct"], "+- 2 se %": b["two_se_pct"]}
+                          for b in summary["bias"]])
+    rounds = ", ".join(f"{m:.1f}/{w:.1f}" for m, w in zip(
+        summary["round_mean_abs_error_pct"], summary["round_worst_abs_error_pct"], strict=True))
+    same = ", ".join(f"{b} {k}/{n}" for b, k in summary["same_ranking_rounds"].items())
+    costs = ", ".join(f"{c} {r:.2f}x" for c, r in summary["cost_ratios"].items())
+    return "\n".join([
+        f"{n} rounds pooled: per row the mean signed tokens/s error (sim - real) / real and "
+        f"two standard errors of it", table,
+        f"bias: mean |{summary['mean_abs_bias_pct']:.1f}|%, worst "
+        f"|{summary['worst_abs_bias_pct']:.1f}|%",
+        f"each round's mean/worst |error| %: {rounds}",
+        f"same policy ranking: {same} rounds",
+        f"real / simulated time in decode steps (geomean over all rows): {costs}"])
+
+
 def from_step(timeline: Timeline, first: int, count: int) -> Timeline:
     """The rows of steps first..first+count-1, shifted so that step `first` starts at 0."""
     rows = [e for e in timeline.events if first <= e.step < first + count]

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from d2moe.analysis.fidelity import fidelity_row, from_step, summarize, summary_line
+from d2moe.analysis.fidelity import (
+    fidelity_row,
+    from_step,
+    rounds_report,
+    summarize,
+    summarize_rounds,
+    summary_line,
+)
 from d2moe.core.events import Event, Timeline
 
 
@@ -47,6 +54,28 @@ def test_summary_and_ranking() -> None:
     tie = [fidelity_row("fifo", "b", _timeline(500.0), _timeline(600.0)),
            fidelity_row("hebf", "b", _timeline(400.0), _timeline(603.0))]
     assert summarize(tie)["same_ranking"] == {"b": True}
+
+
+def test_rounds_pool_the_signed_errors_per_row() -> None:
+    # fifo: +25% then -20% (the machine drifted both ways): bias +2.5%; hebf: +25% twice
+    one = [fidelity_row("fifo", "50%", _timeline(1000.0), _timeline(800.0)),
+           fidelity_row("hebf", "50%", _timeline(500.0), _timeline(400.0))]
+    two = [fidelity_row("fifo", "50%", _timeline(800.0), _timeline(1000.0)),
+           fidelity_row("hebf", "50%", _timeline(400.0), _timeline(320.0))]
+    s = summarize_rounds([one, two])
+    fifo, hebf = s["bias"]
+    assert (fifo["policy"], fifo["rounds"]) == ("fifo", 2)
+    assert fifo["mean_error_pct"] == pytest.approx(2.5)
+    assert fifo["two_se_pct"] == pytest.approx(2 * 45.0 / math.sqrt(2) / math.sqrt(2))
+    assert hebf["mean_error_pct"] == pytest.approx(25.0) and hebf["two_se_pct"] == 0.0
+    assert s["mean_abs_bias_pct"] == pytest.approx(13.75)
+    assert s["worst_abs_bias_pct"] == pytest.approx(25.0)
+    assert s["round_mean_abs_error_pct"] == pytest.approx([25.0, 22.5])
+    # round two ranks hebf first for real and in simulation; round one as well
+    assert s["same_ranking_rounds"] == {"50%": 2}
+    assert s["cost_ratios"]["expert runs"] == pytest.approx((1.25 ** 3 * 0.8) ** 0.25)
+    text = rounds_report(s)
+    assert "2 rounds pooled" in text and "worst |25.0|%" in text and "50% 2/2" in text
 
 
 def test_from_step_keeps_the_asked_steps_starting_at_zero() -> None:
