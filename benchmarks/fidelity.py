@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import tempfile
 import time
@@ -29,11 +28,9 @@ from pathlib import Path
 
 import torch
 
-from d2moe.analysis.fidelity import rounds_report, summarize_rounds
-from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import load_spec
-from d2moe.executor.validate import ValidateConfig, measure_here, validate_model
+from d2moe.executor.validate import ValidateConfig, validate_rounds
 from d2moe.profiles import load_profile
 from d2moe.quant.store import StoreReader
 
@@ -58,8 +55,6 @@ def main() -> None:
                          "--measure), pooled: the simulator's bias per row")
     ap.add_argument("--out", default="out/fidelity")
     args = ap.parse_args()
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
     t0 = time.perf_counter()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,40 +65,20 @@ def main() -> None:
             model, spec, store, prompt = _tiny(Path(tmp))
             tokens, budgets = args.tokens or 32, args.budgets or "25%,50%,100%"
         model.to(device)
-        rounds = []
-        for k in range(args.rounds):
-            out = args.out if args.rounds == 1 else f"{args.out}/round-{k + 1}"
-            cfg = ValidateConfig(policies=args.policies, budgets=budgets,
-                                 max_new_tokens=tokens, device=args.device,
-                                 threads=args.threads, repeats=args.repeats, out=out)
-            if args.rounds > 1:
-                now = time.strftime("%H:%M:%S UTC", time.gmtime())
-                print(f"round {k + 1}/{args.rounds} ({now})")
-            rounds.append(_round(args, model, spec, store, prompt, cfg))
-        if args.rounds > 1:
-            pooled = summarize_rounds(rounds)
-            with atomic_write(Path(args.out) / "rounds.json") as f:
-                json.dump(pooled, f, indent=1, default=float)
-            print(rounds_report(pooled))
+        cfg = ValidateConfig(policies=args.policies, budgets=budgets, max_new_tokens=tokens,
+                             device=args.device, threads=args.threads, repeats=args.repeats,
+                             rounds=args.rounds, out=args.out)
+        profile = None if args.measure else load_profile(args.profile)
+        print(f"machine: {platform.machine()}, {platform.node()}; torch {torch.__version__}; "
+              + (f"profile {profile.name} ({profile.source.kind}, {profile.source.date})"
+                 if profile else "a profile measured before each round (--measure)"))
+        result = validate_rounds(model, spec, store, profile, cfg, prompt,
+                                 command="benchmarks/fidelity.py --measure", **(
+                                     {"tokens": "1,8", "bits": "4", "repeats": 3,
+                                      "lane_layers": 6, "probe_experts": 3}
+                                     if args.mixtral else {}))
+        print(result["report"])
         print(f"figures and timelines in {args.out}; took {time.perf_counter() - t0:.0f} s")
-
-
-def _round(args, model, spec, store, prompt, cfg: ValidateConfig):
-    """One comparison: a fresh profile with --measure, the real runs, the simulations."""
-    if args.measure:
-        t1 = time.perf_counter()
-        profile = measure_here(spec, store, cfg, "benchmarks/fidelity.py --measure", **(
-            {"tokens": "1,8", "bits": "4", "repeats": 3, "lane_layers": 6,
-             "probe_experts": 3} if args.mixtral else {}))
-        print(f"measured a fresh profile in {time.perf_counter() - t1:.0f} s: "
-              f"{cfg.out}/profile.yaml")
-    else:
-        profile = load_profile(args.profile)
-    print(f"machine: {platform.machine()}, {platform.node()}; torch {torch.__version__}; "
-          f"profile {profile.name} ({profile.source.kind}, {profile.source.date or ''})")
-    result = validate_model(model, spec, store, profile, cfg, prompt)
-    print(result["report"])
-    return result["rows"]
 
 def _tiny(tmp: Path):
     from d2moe.model.load import load_tiny, tiny_dir

@@ -14,8 +14,9 @@ import argparse
 import json
 import re
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,11 @@ class ValidateConfig:
     direct_io: bool = field(default=True, metadata={"help": "read the store with O_DIRECT"})
     repeats: int = field(default=1, metadata={
         "help": "real runs per (policy, budget); the run with the median tokens/s is kept"})
+    rounds: int = field(default=1, metadata={
+        "help": "whole comparisons in a row (each measuring its own profile with --profile "
+                "measure), written to OUT/round-K and pooled in OUT/rounds.json: per "
+                "(policy, budget) the mean signed error with two standard errors, the "
+                "simulator's bias apart from the machine's drift"})
     plot_steps: int = field(default=2, metadata={
         "help": "decode steps shown in the side-by-side timelines"})
     out: str = field(default="out/validate", metadata={"help": "output directory"})
@@ -120,10 +126,39 @@ def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
     device = torch.device(cfg.device)
     model.to(device)
-    if profile is None:
-        profile = measure_here(spec, store, cfg)
-    return validate_model(model, spec, store, profile, cfg, list(encode(cfg.prompt)),
-                          capacity=capacity)
+    return validate_rounds(model, spec, store, profile, cfg, list(encode(cfg.prompt)),
+                           capacity=capacity)
+
+
+def validate_rounds(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
+                    prompt_ids: list[int], capacity: Any = None,
+                    **measure: Any) -> dict[str, Any]:
+    """`cfg.rounds` comparisons of `validate_model` in a row, each with a fresh profile of
+    this machine when `profile` is None (`measure`: its ProfileConfig overrides); with more
+    than one, each round writes to OUT/round-K and the result (the last round's) gains the
+    pooled summary (`analysis.fidelity.summarize_rounds`), in OUT/rounds.json and appended
+    to its report."""
+    from d2moe.analysis.fidelity import rounds_report, summarize_rounds, summary_line
+
+    if cfg.rounds < 1:
+        raise UserError("must be >= 1", field="rounds", fix="pass --rounds 1")
+    rows, result = [], {}
+    for k in range(cfg.rounds):
+        rcfg = cfg if cfg.rounds == 1 else replace(cfg, out=str(Path(cfg.out) / f"round-{k + 1}"))
+        here = profile if profile is not None else measure_here(spec, store, rcfg, **measure)
+        result = validate_model(model, spec, store, here, rcfg, prompt_ids, capacity=capacity)
+        rows.append(result["rows"])
+        if cfg.rounds > 1:
+            line = summary_line(result["summary"]).splitlines()[0]
+            print(f"round {k + 1}/{cfg.rounds}: {line}", file=sys.stderr, flush=True)
+    if cfg.rounds > 1:
+        pooled = summarize_rounds(rows)
+        path = Path(cfg.out) / "rounds.json"
+        with atomic_write(path) as f:
+            json.dump(pooled, f, indent=1, default=float)
+        result = result | {"pooled": pooled, "files": [*result["files"], str(path)],
+                           "report": result["report"] + "\n" + rounds_report(pooled)}
+    return result
 
 
 MEASURE = "measure"  # --profile value: measure this machine in this invocation
@@ -137,7 +172,6 @@ def measure_here(spec: Any, store: Any, cfg: ValidateConfig, command: str = "",
     them on a shared machine (docs/results/fidelity.md)."""
     import os
     import platform
-    import sys
     import tempfile
 
     from d2moe.profiles import save_profile

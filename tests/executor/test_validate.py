@@ -81,3 +81,19 @@ def test_validate_can_measure_its_profile_first(tmp_path, store_path, monkeypatc
     assert profile.source.command == "d2moe validate --profile measure"
     assert [(r.policy, r.budget) for r in result["rows"]] == [("fifo", "100%")]
     assert json.loads((out / "fidelity.json").read_text())["profile"] == profile.name
+
+
+def test_validate_rounds_write_each_round_and_pool_them(store_path, tmp_path):
+    out = tmp_path / "r"
+    result = validate(ValidateConfig(store=str(store_path), profile="cpu-2core",
+                                     policies="fifo,hebf", budgets="50%", max_new_tokens=2,
+                                     rounds=2, out=str(out)))
+    for k in (1, 2):
+        assert json.loads((out / f"round-{k}" / "fidelity.json").read_text())["rows"]
+    pooled = json.loads((out / "rounds.json").read_text())
+    assert pooled["rounds"] == 2 and len(pooled["round_mean_abs_error_pct"]) == 2
+    assert [(b["policy"], b["budget"], b["rounds"]) for b in pooled["bias"]] == [
+        ("fifo", "50%", 2), ("hebf", "50%", 2)]
+    assert result["pooled"]["rounds"] == 2 and "2 rounds pooled" in result["report"]
+    with pytest.raises(UserError, match="rounds"):
+        validate(ValidateConfig(store=str(store_path), rounds=0, out=str(tmp_path / "z")))
