@@ -2,7 +2,8 @@
 # Everything this project measures on a CUDA machine, in two phases that each fit a 10-minute
 # call (times from an H100 of 2026-11-23: the Triton compiles are most of the kernel phase).
 # Usage, on the GPU machine, repo root, d2moe's dependencies importable (PYTHONPATH=.):
-#   OUT=dir bash benchmarks/gpu_session.sh kernels   # GPU tests, launch sweep, 1/4/16-token tables
+#   OUT=dir bash benchmarks/gpu_session.sh kernels   # GPU tests, launch sweep, 1/4/16-token
+#                                                    # tables, planes in place vs stacked
 #   OUT=dir bash benchmarks/gpu_session.sh fidelity  # CUDA profile, validate, Mixtral-shaped fidelity
 # Each step has its own time limit, so one that runs long costs only itself; logs and JSON land
 # in $OUT (docs/reproduce.md says which result file each feeds).
@@ -36,6 +37,9 @@ kernels)
   step "1-token table with the correctness check (~150 s)"
   timeout 200 $PY benchmarks/kernels.py --check --kinds bitplane --tokens 1 --jobs "$JOBS" \
     --json "$OUT/k1.json" 2>&1 | grep -v "resource_tracker\|warnings.warn" | tail -32
+  step "planes in place against stacked per run, the pool's change of 2026-11-23 (~40 s)"
+  timeout 120 $PY benchmarks/plane_views.py --bits 2,4,8 2>&1 | tail -16 \
+    | tee "$OUT/plane_views.txt"
   step "4 and 16 tokens (~60 s)"
   timeout 120 $PY benchmarks/kernels.py --kinds bitplane --bits 2,4,8 --tokens 4,16 \
     --jobs "$JOBS" --json "$OUT/k4-16.json" 2>&1 | grep -v "resource_tracker\|warnings.warn" \

@@ -24,13 +24,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from d2moe.kernels.triton_nested import GEMV_CONFIG, _nested_gemv_kernel  # noqa: E402
 
-SIGNATURE = {
-    "x_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "stride_xm": "i32", "stride_ym": "i32",
-    "ws_ptr": "*fp32", "count_ptr": "*i32",
-    "planes_ptr": "*i32", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "pscale_ptr": "*fp16",
-    "N": "i32", "K": "i32", "KW": "i32", "plane_stride": "i32", "pscale_stride": "i32",
-    "words_per_split": "i32", "magic_bits": "i32",
-}
 CLASSES = (  # SASS opcode prefix -> the pipe that runs it on sm_80/sm_90
     ("FFMA", "fma"), ("FADD", "fma"), ("FMUL", "fma"), ("HADD2", "fma"), ("HFMA2", "fma"),
     ("IMAD", "fma"), ("LOP3", "alu"), ("SHF", "alu"), ("IADD3", "alu"), ("LEA", "alu"),
@@ -43,46 +36,45 @@ CLASSES = (  # SASS opcode prefix -> the pipe that runs it on sm_80/sm_90
 ALU_PER_CLK, FMA_PER_CLK, ISSUE_PER_CLK = 64, 128, 128
 
 
-def launch_ints(rows: int, cols: int, block_n: int, block_w: int, sms: int = 132,
-                tokens: int = 1) -> dict:
-    """The integer arguments of nested_matmul's launch for `tokens` tokens on a [rows, cols]
-    matrix (an H100's 132 SMs for the split), bitplane, fp16 x and y."""
-    import triton as tr
-
-    from d2moe.kernels.triton_nested import KernelConfig, auto_split
-
-    kw = -(-cols // 32)
-    cfg = KernelConfig(block_n=block_n, block_w=block_w)
-    programs = -(-rows // block_n)
-    split = auto_split(programs, kw, cfg, "cpu") if sms == 4 else max(1, min(
-        tr.cdiv(16 * sms, programs), kw // (2 * block_w)))
-    per_split = tr.cdiv(tr.cdiv(kw, split), block_w) * block_w
-    return {"M": tokens, "stride_xm": cols, "stride_ym": rows, "N": rows, "K": cols, "KW": kw,
-            "plane_stride": kw * rows, "pscale_stride": 0, "words_per_split": per_split,
-            "magic_bits": 0x3F000000}
-
-
 def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
                  arch: int = 90, pipeline: int = GEMV_CONFIG.pipeline,
                  shape: tuple[int, int] = (14336, 4096), tokens: int = 1, flat: bool = True,
-                 ) -> tuple[triton.compiler.CompiledKernel, str]:
-    """Compile one variant for sm_<arch> as the JIT specializes a real launch on `shape`
-    (ints equal to 1 become constants, pointers and ints divisible by 16 carry that hint:
-    without it no load is vectorized); return the kernel and its SASS text."""
-    ints = launch_ints(*shape, block_n, block_w, tokens=tokens)
-    constexprs = dict(KIND=kind, BITS=bits, B1=2, BK=8, GROUP=64, BLOCK_M=tokens,
-                      BLOCK_N=block_n,
-                      BLOCK_W=block_w, SPLIT_K=2, EVEN=True, EVEN_M=True, PIPELINE=pipeline,
-                      FLAT=flat,
-                      ASM=True, **{k: v for k, v in ints.items() if v == 1})
-    names = _nested_gemv_kernel.arg_names
-    aligned = [k for k, t in SIGNATURE.items() if k not in constexprs and (
-        t.startswith("*") or ints[k] % 16 == 0)]
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
-    src = ASTSource(fn=_nested_gemv_kernel, signature={**SIGNATURE, **{
-        k: "constexpr" for k in constexprs}}, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                       options={"num_warps": warps, "num_stages": 1})
+                 sms: int = 132) -> tuple[triton.compiler.CompiledKernel, str]:
+    """Compile one variant for sm_<arch> exactly as the JIT specializes `nested_matmul`'s
+    launch on `shape` (its `gemv_launch` arguments through Triton's own binder: ints equal
+    to 1 become constants, pointers and ints divisible by 16 carry that hint, without which
+    no load is vectorized; the split aims at `sms` SMs, an H100's 132); return the kernel
+    and its SASS text. Word-major planes stacked in one tensor, as the benchmarks time."""
+    import torch
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from d2moe.kernels.packed import PackedExpertMatrix
+    from d2moe.kernels.triton_nested import KernelConfig, gemv_launch
+
+    rows, cols = shape
+    words, groups, b1 = -(-cols // 32), -(-cols // 64), 2
+    aux = torch.zeros(groups, rows, dtype=torch.float16)
+    packed = PackedExpertMatrix(
+        kind="mwq" if kind == 0 else "bitplane", b1=b1, bK=8, group=64, rows=rows, cols=cols,
+        planes=torch.zeros(bits, words, rows, dtype=torch.int32), scale=aux, zero=aux,
+        plane_scale=torch.zeros(max(bits - b1, 0) if kind == 0 else 0, groups, rows,
+                                dtype=torch.float16))
+    x = torch.zeros(tokens, cols, dtype=torch.float16)
+    out = torch.zeros(tokens, rows, dtype=torch.float16)
+    cfg = KernelConfig(block_n=block_n, block_w=block_w, block_m=tokens, num_warps=warps,
+                       pipeline=pipeline, flat=flat)
+    _, args, kwargs = gemv_launch(x, packed, bits, out, cfg, sms=sms, asm=True)
+    kwargs["num_stages"] = 1
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    fn = _nested_gemv_kernel
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(  # noqa: SLF001 (the JIT's own)
+        backend, options, bound, specialization, options)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=target, options=options.__dict__)
     return k, cuobjdump(k.asm["cubin"], "-sass")
 
 

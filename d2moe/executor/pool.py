@@ -166,36 +166,12 @@ class ExpertPool:
 
     def matrices(self, key: ExpertKey, bits: int) -> dict[str, PackedExpertMatrix | PlaneViews]:
         """`key` at `bits` bits as kernel inputs (w1, w3, w2). Call with `moving` held. CUDA:
-        the planes are gathered from their level blocks into one tensor per matrix; CPU:
-        views of the blocks, no copy (`PlaneViews`)."""
+        views of each plane in its level block, which the kernels address where they lie
+        (until 2026-11-23 they were stacked into one tensor per matrix: a copy of every
+        plane on every run); CPU: views of the blocks, no copy (`PlaneViews`)."""
         if self.cpu:
             return self._plane_views(key, bits)
-        levels = self.blocks[key]
-        parts: dict[str, dict[str, torch.Tensor]] = {t: {} for t in TENSORS}
-        for b in range(self.layout.b1, bits + 1):
-            offset = levels[b].offset
-            for tensor, part, n in self.fmt.parts(b):
-                parts[tensor][part] = self.buffer[offset:offset + n]
-                offset += n
-        lay, out = self.layout, {}
-        for tensor, g in self.fmt.geoms.items():
-            p = parts[tensor]
-
-            def words(t: torch.Tensor, g=g) -> torch.Tensor:
-                return t.view(torch.int32).view(g.words, g.rows)
-
-            def aux(t: torch.Tensor, g=g) -> torch.Tensor:
-                return t.view(torch.float16).view(g.groups, g.rows)
-
-            n_ps = bits - lay.b1 if lay.kind == "mwq" else 0
-            pscale = (torch.stack([aux(p[f"pscale{i}"]) for i in range(n_ps)]) if n_ps
-                      else torch.zeros(0, g.groups, g.rows, dtype=torch.float16,
-                                       device=self.device))
-            out[tensor] = PackedExpertMatrix(
-                kind=lay.kind, b1=lay.b1, bK=lay.bK, group=lay.group, rows=g.rows, cols=g.cols,
-                planes=torch.stack([words(p[f"plane{j}"]) for j in range(bits)]),
-                scale=aux(p["scale"]), zero=aux(p["zero"]), plane_scale=pscale)
-        return out
+        return packed_views(self.buffer, self.fmt, self.layout, self.blocks[key], bits)
 
     def _level_views(self, key: ExpertKey, bits: int) -> dict[str, dict[str, np.ndarray]]:
         """Numpy views of one resident level's parts (CPU, row-major), cached per placement:
@@ -264,3 +240,32 @@ class ExpertPool:
 def _copy_within(buffer: torch.Tensor, src: int, dst: int, nbytes: int) -> None:
     """Copy `nbytes` of `buffer` from `src` to `dst` (non-overlapping: see chunked_move)."""
     buffer[dst:dst + nbytes].copy_(buffer[src:src + nbytes])
+
+
+def packed_views(buffer: torch.Tensor, fmt: LevelFormat, layout: QuantLayout,
+                 levels: dict[int, Block], bits: int) -> dict[str, PackedExpertMatrix]:
+    """The kernel inputs of one expert at `bits` from its word-major level blocks in
+    `buffer` (uint8): every plane, scale and plane scale a view where it lies, no copy."""
+    parts: dict[str, dict[str, torch.Tensor]] = {t: {} for t in TENSORS}
+    for b in range(layout.b1, bits + 1):
+        offset = levels[b].offset
+        for tensor, part, n in fmt.parts(b):
+            parts[tensor][part] = buffer[offset:offset + n]
+            offset += n
+    out = {}
+    for tensor, g in fmt.geoms.items():
+        p = parts[tensor]
+
+        def words(t: torch.Tensor, g=g) -> torch.Tensor:
+            return t.view(torch.int32).view(g.words, g.rows)
+
+        def aux(t: torch.Tensor, g=g) -> torch.Tensor:
+            return t.view(torch.float16).view(g.groups, g.rows)
+
+        n_ps = bits - layout.b1 if layout.kind == "mwq" else 0
+        out[tensor] = PackedExpertMatrix(
+            kind=layout.kind, b1=layout.b1, bK=layout.bK, group=layout.group, rows=g.rows,
+            cols=g.cols, planes=tuple(words(p[f"plane{j}"]) for j in range(bits)),
+            scale=aux(p["scale"]), zero=aux(p["zero"]),
+            plane_scale=tuple(aux(p[f"pscale{i}"]) for i in range(n_ps)))
+    return out

@@ -70,20 +70,23 @@ class PackedExpertMatrix(NestedGeometry):
     group: int
     rows: int
     cols: int
-    planes: torch.Tensor  # int32 [bits_held, words, rows]
+    # int32 [bits_held, words, rows], or one contiguous [words, rows] tensor per plane (the
+    # CUDA pool's views of its level blocks: no gathering copy; the kernels take either)
+    planes: torch.Tensor | tuple[torch.Tensor, ...]
     scale: torch.Tensor  # float16 [groups, rows]
     zero: torch.Tensor  # float16 [groups, rows]
-    plane_scale: torch.Tensor  # float16 [bits_held - b1, groups, rows] (mwq); [0, ...] else
+    # float16 [bits_held - b1, groups, rows] (mwq; [0, ...] else), or one [groups, rows] each
+    plane_scale: torch.Tensor | tuple[torch.Tensor, ...]
 
     @property
     def bits_held(self) -> int:
         """Planes resident: the highest bit-width this object serves."""
-        return int(self.planes.shape[0])
+        return len(self.planes)
 
     @property
     def device(self) -> torch.device:
         """Where the tensors live."""
-        return self.planes.device
+        return self.scale.device
 
     def nbytes_at(self, bits: int) -> int:
         """Bytes the kernels read from this matrix at `bits` (planes + scales)."""
@@ -97,8 +100,8 @@ class PackedExpertMatrix(NestedGeometry):
         """A copy on `device`."""
         return PackedExpertMatrix(
             kind=self.kind, b1=self.b1, bK=self.bK, group=self.group, rows=self.rows,
-            cols=self.cols, planes=self.planes.to(device), scale=self.scale.to(device),
-            zero=self.zero.to(device), plane_scale=self.plane_scale.to(device))
+            cols=self.cols, planes=_to(self.planes, device), scale=self.scale.to(device),
+            zero=self.zero.to(device), plane_scale=_to(self.plane_scale, device))
 
     @classmethod
     def from_nested(cls, m: NestedMatrix, bits: int | None = None,
@@ -116,6 +119,11 @@ class PackedExpertMatrix(NestedGeometry):
         return cls(kind=m.kind, b1=m.b1, bK=m.bK, group=m.group, rows=m.rows, cols=m.cols,
                    planes=t(planes), scale=t(m.scale.T), zero=t(m.zero.T),
                    plane_scale=t(m.plane_scale[:max(bits - m.b1, 0)].transpose(0, 2, 1)))
+
+
+def _to(t: torch.Tensor | tuple[torch.Tensor, ...],
+        device: str | torch.device) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    return tuple(a.to(device) for a in t) if isinstance(t, tuple) else t.to(device)
 
 
 def plane_words(stream: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -88,8 +88,8 @@ class PlaneViews(NestedGeometry):
     def from_packed(cls, p: PackedExpertMatrix) -> PlaneViews:
         """Views of a CPU `PackedExpertMatrix` (its word-major planes transposed: a copy
         unless they already are transposed views of row-major arrays)."""
-        if p.planes.device.type != "cpu":
-            raise UserError(f"PlaneViews are CPU views, got {p.planes.device}", field="device",
+        if p.device.type != "cpu":
+            raise UserError(f"PlaneViews are CPU views, got {p.device}", field="device",
                             fix="use the torch-op path (dequantize_fast) off the CPU")
         planes = tuple(np.ascontiguousarray(p.planes[j].t().numpy()) for j in range(p.bits_held))
         return cls(kind=p.kind, b1=p.b1, bK=p.bK, group=p.group, rows=p.rows, cols=p.cols,

@@ -77,33 +77,33 @@ MAGIC_F = tl.constexpr(8388608.0)  # 2^23
 
 
 @triton.jit
-def _load_plane(ptrs, j: tl.constexpr, plane_stride, mask, NB: tl.constexpr,
+def _load_plane(ptrs, j: tl.constexpr, plane_offs, mask, NB: tl.constexpr,
                 EVEN: tl.constexpr):
     """Words of plane j of the tile (zeros, no load, when j >= NB)."""
     if j >= NB:
         r = tl.zeros(ptrs.shape, tl.int32)
     elif EVEN:
-        r = tl.load(ptrs + j * plane_stride)
+        r = tl.load(ptrs + plane_offs[j])
     else:
-        r = tl.load(ptrs + j * plane_stride, mask=mask, other=0)
+        r = tl.load(ptrs + plane_offs[j], mask=mask, other=0)
     return r
 
 
 @triton.jit
-def _load_tile(planes_ptr, scale_ptr, zero_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_stride,
+def _load_tile(planes_ptr, scale_ptr, zero_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_offs,
                NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr):
     """Plane words (8, zeros past NB), scales and zeros of the tile at words `offs_w`."""
     mask = (offs_w[:, None] < w_hi) & n_ok
     ptrs = planes_ptr + offs_w[:, None] * N + offs_n[None, :]
     g_off = (offs_w // WPG)[:, None] * N + offs_n[None, :]
-    return (_load_plane(ptrs, 0, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 1, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 2, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 3, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 4, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 5, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 6, plane_stride, mask, NB, EVEN),
-            _load_plane(ptrs, 7, plane_stride, mask, NB, EVEN),
+    return (_load_plane(ptrs, 0, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 1, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 2, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 3, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 4, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 5, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 6, plane_offs, mask, NB, EVEN),
+            _load_plane(ptrs, 7, plane_offs, mask, NB, EVEN),
             tl.load(scale_ptr + g_off, mask=mask, other=0.0),
             tl.load(zero_ptr + g_off, mask=mask, other=0.0))
 
@@ -210,13 +210,13 @@ def _x_column(ptrs, m_ok, ok, EVEN: tl.constexpr, EVEN_M: tl.constexpr):
 
 
 @triton.jit
-def _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_stride,
-                    pscale_stride, j, pl, WPG: tl.constexpr):
+def _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_offs,
+                    pscale_offs, j: tl.constexpr, pl: tl.constexpr, WPG: tl.constexpr):
     """MWQ: the tile's words of plane j (residual plane pl) and that plane's float32 scales."""
     tile_mask = (offs_w[:, None] < w_hi) & n_ok
-    q = tl.load(planes_ptr + offs_w[:, None] * N + offs_n[None, :] + j * plane_stride,
+    q = tl.load(planes_ptr + offs_w[:, None] * N + offs_n[None, :] + plane_offs[j],
                 mask=tile_mask, other=0)
-    a = tl.load(pscale_ptr + pl * pscale_stride + (offs_w // WPG)[:, None] * N
+    a = tl.load(pscale_ptr + pscale_offs[pl] + (offs_w // WPG)[:, None] * N
                 + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     return q, a
 
@@ -239,7 +239,7 @@ def _word_scale_zero(s, z, KIND: tl.constexpr, BITS: tl.constexpr, BK: tl.conste
 @triton.jit
 def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
                p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-               planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+               planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
                KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
                NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr, EVEN_M: tl.constexpr,
                ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -263,7 +263,7 @@ def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
     if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
         for pl in tl.static_range(BITS - B1):
             q, a = _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N,
-                                   plane_stride, pscale_stride, B1 + pl, pl, WPG)
+                                   plane_offs, pscale_offs, B1 + pl, pl, WPG)
             part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for t in tl.static_range(8):
                 c = (q >> t) & LANES
@@ -280,7 +280,7 @@ def _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
 @triton.jit
 def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
                  p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                 planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                 planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
                  KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
                  NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr,
                  EVEN_M: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -295,7 +295,7 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
     if FLAT and BLOCK_W == 1:
         acc = _decode_w1(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
                          p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                         planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                         planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
                          KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM, BLOCK_M, BLOCK_N)
     else:
         xk = (offs_w * 32)[None, :]  # first column of each word, [1, BLOCK_W]
@@ -316,7 +316,7 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
         if KIND == 0:  # mwq.py: + sum_p alpha_p (2 sum bit_p x - sum x)
             for pl in tl.static_range(BITS - B1):
                 q, a = _residual_plane(planes_ptr, pscale_ptr, offs_w, offs_n, n_ok, w_hi, N,
-                                       plane_stride, pscale_stride, B1 + pl, pl, WPG)
+                                       plane_offs, pscale_offs, B1 + pl, pl, WPG)
                 part = tl.zeros([BLOCK_M, BLOCK_W, BLOCK_N], dtype=tl.float32)
                 for t in tl.static_range(8):
                     c = (q >> t) & LANES
@@ -337,10 +337,13 @@ def _nested_gemv_kernel(
     # Split-K workspace: an fp32 accumulator [M, N] and one arrival counter per output tile,
     # both zero between calls (the last program to arrive cleans them)
     ws_ptr, count_ptr,
-    # Packed matrix, word-major (PackedExpertMatrix fields)
-    planes_ptr, scale_ptr, zero_ptr, pscale_ptr,
-    # Sizes: rows, columns, words per row; strides between planes; words per K slice
-    N, K, KW, plane_stride, pscale_stride, words_per_split,
+    # Packed matrix, word-major (PackedExpertMatrix fields): planes_ptr is plane 0 and
+    # pscale_ptr MWQ's first plane scale; plane_offs[j] / pscale_offs[p] are the element
+    # offsets of plane j / plane scale p from them (stacked tensors: multiples of their
+    # stride; the CUDA pool's level blocks: wherever the arena placed them)
+    planes_ptr, scale_ptr, zero_ptr, pscale_ptr, plane_offs, pscale_offs,
+    # Sizes: rows, columns, words per row; words per K slice
+    N, K, KW, words_per_split,
     # Format: KIND 0 = mwq, 1 = bitplane; BITS read; B1 base bits; BK code bits
     KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
     GROUP: tl.constexpr,
@@ -378,14 +381,14 @@ def _nested_gemv_kernel(
     if PIPELINE == 0:  # by hand: the next tile's loads are issued before this one decodes
         p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
             planes_ptr, scale_ptr, zero_ptr, w_lo + arange_w, offs_n, n_ok, w_hi, N,
-            plane_stride, NB, WPG, EVEN)
+            plane_offs, NB, WPG, EVEN)
         for w0 in range(w_lo, w_hi, BLOCK_W):
             q0, q1, q2, q3, q4, q5, q6, q7, s_next, z_next = _load_tile(
                 planes_ptr, scale_ptr, zero_ptr, w0 + BLOCK_W + arange_w, offs_n, n_ok, w_hi,
-                N, plane_stride, NB, WPG, False)  # masked off past the slice
+                N, plane_offs, NB, WPG, False)  # masked off past the slice
             acc = _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
                                w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                               planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                               planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
                                KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
                                BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
             p0, p1, p2, p3, p4, p5, p6, p7 = q0, q1, q2, q3, q4, q5, q6, q7
@@ -394,10 +397,10 @@ def _nested_gemv_kernel(
         for w0 in tl.range(w_lo, w_hi, BLOCK_W, num_stages=PIPELINE):
             p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
                 planes_ptr, scale_ptr, zero_ptr, w0 + arange_w, offs_n, n_ok, w_hi, N,
-                plane_stride, NB, WPG, EVEN)
+                plane_offs, NB, WPG, EVEN)
             acc = _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
                                w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                               planes_ptr, pscale_ptr, N, plane_stride, pscale_stride,
+                               planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
                                KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
                                BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -421,10 +424,10 @@ def _nested_gemv_kernel(
 def _nested_dot_kernel(
     # Activations x [M, K] and output y [M, N]
     x_ptr, y_ptr, M, stride_xm, stride_ym,
-    # Packed matrix, word-major (PackedExpertMatrix fields)
-    planes_ptr, scale_ptr, zero_ptr, pscale_ptr,
-    # Sizes and strides
-    N, K, KW, plane_stride, pscale_stride,
+    # Packed matrix, word-major; offsets of planes and plane scales as in the GEMV kernel
+    planes_ptr, scale_ptr, zero_ptr, pscale_ptr, plane_offs, pscale_offs,
+    # Sizes
+    N, K, KW,
     # Format and tiling
     KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -451,13 +454,13 @@ def _nested_dot_kernel(
             s = s * (1 << (BK - BITS))
         code = tl.zeros([BLOCK_W, 32, BLOCK_N], dtype=tl.int32)
         for j in tl.static_range(NB):
-            words = tl.load(p_ptrs + j * plane_stride, mask=tile_mask, other=0)
+            words = tl.load(p_ptrs + plane_offs[j], mask=tile_mask, other=0)
             code = (code << 1) | ((words[:, None, :] >> shifts) & 1)
         w = code.to(tl.float32) * s[:, None, :] + z[:, None, :]
         if KIND == 0:
             for p in tl.static_range(BITS - B1):
-                words = tl.load(p_ptrs + (B1 + p) * plane_stride, mask=tile_mask, other=0)
-                a = tl.load(pscale_ptr + p * pscale_stride + g_off, mask=tile_mask,
+                words = tl.load(p_ptrs + plane_offs[B1 + p], mask=tile_mask, other=0)
+                a = tl.load(pscale_ptr + pscale_offs[p] + g_off, mask=tile_mask,
                             other=0.0).to(tl.float32)
                 bit = (words[:, None, :] >> shifts) & 1
                 w += tl.where(bit != 0, a[:, None, :], -a[:, None, :])
@@ -489,6 +492,17 @@ def _check(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> None:
     if g < 32 or g & (g - 1):
         raise UserError(f"the Triton kernels need a power-of-two group >= 32, got {g}",
                         field="group", fix="use --group 32, 64 or 128, or the torch backend")
+    if isinstance(packed.planes, tuple):  # separate planes: each a whole [words, rows] int32
+        want = (packed.words, packed.rows)
+        for j in range(bits):
+            plane = packed.planes[j]
+            if plane.dtype != torch.int32 or tuple(plane.shape) != want \
+                    or not plane.is_contiguous() or plane.device != x.device:
+                raise UserError(f"plane {j} is {plane.dtype} {tuple(plane.shape)} on "
+                                f"{plane.device}, expected contiguous int32 {want} on "
+                                f"{x.device}", field="planes",
+                                fix="pass word-major planes as PackedExpertMatrix.from_nested "
+                                    "builds them")
 
 
 def _sm_count(device: torch.device) -> int:
@@ -508,7 +522,8 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.device) -> int:
+def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.device,
+               sms: int | None = None) -> int:
     """K slices so that about 16 programs per SM run, each keeping >= 2 tiles of work.
 
     Measured on an H100 (docs/results/kernels.md, `--tune-set pipeline`): against four
@@ -516,7 +531,7 @@ def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.devic
     1 token (1.39x with the pipelined loop): the GEMV is latency-bound, not issue-bound."""
     if cfg.split_k:
         return cfg.split_k
-    want = _cdiv(16 * _sm_count(device), programs)
+    want = _cdiv(16 * (sms or _sm_count(device)), programs)
     return max(1, min(want, words // (2 * cfg.block_w)))
 
 
@@ -534,6 +549,55 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
         counts = torch.zeros(max(tiles, 1 << 12), device=device, dtype=torch.int32)
         _WORKSPACES[key] = ws, counts
     return ws, counts
+
+
+def _plane_args(planes: torch.Tensor | tuple[torch.Tensor, ...], count: int,
+                itemsize: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(the first plane, element offsets of planes 0..count-1 from it): of a stacked tensor
+    its stride; of separate tensors, their addresses (one allocation: the pool's arena)."""
+    if isinstance(planes, torch.Tensor):
+        return planes, tuple(j * planes.stride(0) for j in range(count))
+    base = planes[0].data_ptr()
+    return planes[0], tuple((planes[j].data_ptr() - base) // itemsize for j in range(count))
+
+
+def _pscale_args(packed: PackedExpertMatrix, bits: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """MWQ's plane scales as `_plane_args` gives planes (the scale tensor, never read, else)."""
+    if packed.kind == "mwq" and bits > packed.b1:
+        return _plane_args(packed.plane_scale, bits - packed.b1, 2)
+    return packed.scale, (0,)
+
+
+def gemv_launch(x: torch.Tensor, packed: PackedExpertMatrix, bits: int, out: torch.Tensor,
+                cfg: KernelConfig, *, sms: int | None = None,
+                asm: bool | None = None) -> tuple[tuple[int, int, int], tuple, dict]:
+    """The GEMV kernel's (grid, positional args, keyword args) for out = x @ W^T:
+    `nested_matmul` launches them, `benchmarks/kernels_sass.py` compiles them for a GPU
+    without one. `sms`: the SM count the split aims at (default: x's device's); `asm`: PTX
+    inline assembly (default: on CUDA)."""
+    m_tokens, (n, k), kw = x.shape[0], (packed.rows, packed.cols), packed.words
+    planes_arg, plane_offs = _plane_args(packed.planes, bits, 4)
+    pscale_arg, pscale_offs = _pscale_args(packed, bits)
+    block_m = min(_pow2(m_tokens), max(cfg.block_m, 1), GEMV_MAX_TOKENS)
+    grid_nm = _cdiv(n, cfg.block_n) * _cdiv(m_tokens, block_m)
+    split = auto_split(grid_nm, kw, cfg, x.device, sms)
+    words_per_split = _cdiv(_cdiv(kw, split), cfg.block_w) * cfg.block_w
+    split = _cdiv(kw, words_per_split)
+    grid = (_cdiv(n, cfg.block_n), split, _cdiv(m_tokens, block_m))
+    ws, counts = _workspace(x.device, m_tokens * n, grid[0] * grid[2])
+    even = (n % cfg.block_n == 0 and k % 32 == 0 and kw % words_per_split == 0
+            and words_per_split % cfg.block_w == 0)
+    args = (x, out, m_tokens, x.stride(0), out.stride(0), ws, counts,
+            planes_arg, packed.scale, packed.zero, pscale_arg, plane_offs, pscale_offs,
+            n, k, kw, words_per_split)
+    kwargs = dict(KIND=KIND_CODES[packed.kind], BITS=bits, B1=packed.b1, BK=packed.bK,
+                  GROUP=packed.group, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+                  BLOCK_W=cfg.block_w, SPLIT_K=split, EVEN=even,
+                  EVEN_M=m_tokens % block_m == 0, PIPELINE=cfg.pipeline, FLAT=cfg.flat,
+                  ASM=x.is_cuda if asm is None else asm,
+                  magic_bits=(HALF if bits_code(packed, bits) <= 7 else MAGIC).value,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grid, args, kwargs
 
 
 def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
@@ -557,37 +621,19 @@ def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
                         f"({m_tokens}, {n}) {x.dtype}", field="out", fix="pass a matching out")
     if m_tokens == 0:
         return out
-    planes, pscale = packed.planes, packed.plane_scale
-    pscale_arg = pscale if pscale.numel() else packed.scale  # never read when empty
-    pscale_stride = pscale.stride(0) if pscale.numel() else 0
-    common = dict(KIND=KIND_CODES[packed.kind], BITS=bits, B1=packed.b1, BK=packed.bK,
-                  GROUP=packed.group, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    kw = packed.words
     if gemv:
-        block_m = min(_pow2(m_tokens), max(cfg.block_m, 1), GEMV_MAX_TOKENS)
-        grid_nm = _cdiv(n, cfg.block_n) * _cdiv(m_tokens, block_m)
-        split = auto_split(grid_nm, kw, cfg, x.device)
-        words_per_split = _cdiv(_cdiv(kw, split), cfg.block_w) * cfg.block_w
-        split = _cdiv(kw, words_per_split)
-        grid = (_cdiv(n, cfg.block_n), split, _cdiv(m_tokens, block_m))
-        ws, counts = _workspace(x.device, m_tokens * n, grid[0] * grid[2])
-        even = (n % cfg.block_n == 0 and k % 32 == 0 and kw % words_per_split == 0
-                and words_per_split % cfg.block_w == 0)
-        _nested_gemv_kernel[grid](
-            x, out, m_tokens, x.stride(0), out.stride(0), ws, counts,
-            planes, packed.scale, packed.zero, pscale_arg,
-            n, k, kw, planes.stride(0), pscale_stride, words_per_split,
-            BLOCK_M=block_m, SPLIT_K=split, EVEN=even, EVEN_M=m_tokens % block_m == 0,
-            PIPELINE=cfg.pipeline, FLAT=cfg.flat,
-            ASM=x.is_cuda,
-            magic_bits=(HALF if bits_code(packed, bits) <= 7 else MAGIC).value, **common)
+        grid, args, kwargs = gemv_launch(x, packed, bits, out, cfg)
+        _nested_gemv_kernel[grid](*args, **kwargs)
         return out
+    planes_arg, plane_offs = _plane_args(packed.planes, bits, 4)
+    pscale_arg, pscale_offs = _pscale_args(packed, bits)
     block_m = max(16, cfg.block_m)
     grid = (_cdiv(n, cfg.block_n), _cdiv(m_tokens, block_m))
     _nested_dot_kernel[grid](
         x, out, m_tokens, x.stride(0), out.stride(0),
-        planes, packed.scale, packed.zero, pscale_arg,
-        n, k, kw, planes.stride(0), pscale_stride,
-        BLOCK_M=block_m, **common)
+        planes_arg, packed.scale, packed.zero, pscale_arg, plane_offs, pscale_offs,
+        n, k, packed.words,
+        KIND=KIND_CODES[packed.kind], BITS=bits, B1=packed.b1, BK=packed.bK,
+        GROUP=packed.group, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w, BLOCK_M=block_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

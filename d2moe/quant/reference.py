@@ -8,6 +8,7 @@ words, the kernels' form; also the CPU fallback's dequantizer). Formulas: `mwq.p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def _combine(bit_planes: list[torch.Tensor], scale: torch.Tensor, zero: torch.Tensor,
-             plane_scale: torch.Tensor, *, kind: str, b1: int, bK: int, group: int,
+             plane_scale: Sequence[torch.Tensor], *, kind: str, b1: int, bK: int, group: int,
              bits: int, cols: int) -> torch.Tensor:
     """Dequantize from 0/1 int32 planes [rows, cols] and fp16 per-group params."""
     import torch
@@ -73,5 +74,5 @@ def dequantize_packed(p: PackedExpertMatrix, bits: int) -> torch.Tensor:
     """float32 [rows, cols] weights of a PackedExpertMatrix at `bits` bits (on its device)."""
     p.check_bits(bits)
     planes = [unpack_words(p.planes[j], p.cols) for j in range(bits)]
-    return _combine(planes, p.scale.t(), p.zero.t(), p.plane_scale.transpose(1, 2),
+    return _combine(planes, p.scale.t(), p.zero.t(), [a.t() for a in p.plane_scale],
                     kind=p.kind, b1=p.b1, bK=p.bK, group=p.group, bits=bits, cols=p.cols)

@@ -123,3 +123,32 @@ def test_cpu_pool_keeps_kernel_inputs_until_a_level_moves_or_goes(store, monkeyp
     monkeypatch.setattr(pool_mod, "PREPARED_CAP_BYTES", one - 1)  # too big to keep: rebuilt
     with pool.moving:
         assert pool.matrices(ExpertKey(0, 2), 3) is not pool.matrices(ExpertKey(0, 2), 3)
+
+
+def test_word_major_views_are_the_store_where_the_blocks_lie(store):
+    # the CUDA pool's kernel inputs, built on the CPU: levels in word-major (CUDA) layout at
+    # shuffled places of one buffer, read as per-plane views (no stacking copy)
+    from d2moe.executor.arena import Block
+    from d2moe.executor.pool import packed_views
+    from d2moe.kernels.packed import PackedExpertMatrix
+    from d2moe.quant.reference import dequantize_packed
+
+    layout = store.layout
+    fmt = LevelFormat(SPEC, layout)
+    levels = list(range(layout.b1, layout.bK + 1))
+    slot = max(fmt.nbytes(b) for b in levels) + 256
+    buffer = torch.full((slot * len(levels),), 0xAB, dtype=torch.uint8)
+    blocks = {}
+    for bits, k in zip(levels, [2, 0, 3, 1][:len(levels)], strict=True):
+        data = fmt.convert(bits, store.read_planes(0, 1, 0 if bits == layout.b1 else bits - 1,
+                                                   bits)[bits])
+        buffer[k * slot:k * slot + data.size] = torch.from_numpy(data)
+        blocks[bits] = Block(k * slot, data.size, None)
+    want = store.read_expert(0, 1, layout.bK)
+    for bits in levels:
+        got = packed_views(buffer, fmt, layout, blocks, bits)
+        for t, p in got.items():
+            assert isinstance(p, PackedExpertMatrix) and p.bits_held == bits
+            lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+            assert all(lo <= v.data_ptr() < hi for v in p.planes)  # views, no copy
+            assert torch.equal(dequantize_packed(p, bits), dequantize(want[t], bits)), (t, bits)

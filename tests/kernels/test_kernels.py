@@ -68,6 +68,54 @@ def test_triton_matches_reference(kind, rows, cols, group, tokens, bits):
     assert _rel(y, ref) < GEMV_TOL
 
 
+def _scattered(p: PackedExpertMatrix) -> PackedExpertMatrix:
+    """p with every plane and plane scale copied to its own slot of one buffer, in shuffled
+    order (some before plane 0), as the CUDA pool's level blocks hold them."""
+    def scatter(parts, dtype):
+        n = parts[0].numel() if parts else 0
+        slot = -(-n // 64) * 64 + 64  # aligned slots with a gap between them
+        buf = torch.full((slot * (len(parts) + 1),), -1, dtype=dtype)
+        order = np.random.default_rng().permutation(len(parts) + 1)[:len(parts)]
+        views = []
+        for part, k in zip(parts, order, strict=True):
+            v = buf[k * slot:k * slot + n].view(part.shape)
+            v.copy_(part)
+            views.append(v)
+        return tuple(views)
+
+    return PackedExpertMatrix(
+        kind=p.kind, b1=p.b1, bK=p.bK, group=p.group, rows=p.rows, cols=p.cols,
+        planes=scatter([p.planes[j] for j in range(p.bits_held)], torch.int32),
+        scale=p.scale, zero=p.zero,
+        plane_scale=scatter([a for a in p.plane_scale], torch.float16))
+
+
+@needs_triton_device
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_separate_planes_give_the_stacked_result(kind):
+    from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+
+    m, p = _packed(kind, 37, 200, 64)
+    q = _scattered(p)
+    assert q.bits_held == p.bits_held and torch.equal(dequantize_packed(q, 6),
+                                                      dequantize_packed(p, 6))
+    # the defaults (pipelined, one-word tiles); hand prefetch, 3-D tiles and split-K; tl.dot
+    for tokens, bits, cfg in ((1, 3, None),
+                              (2, 8, KernelConfig(block_n=64, block_w=2, split_k=2)),
+                              (17, 6, None)):
+        x = torch.randn(tokens, 200)
+        want = nested_matmul(x, p, bits, config=cfg)
+        got = nested_matmul(x, q, bits, out=torch.full_like(want, float("nan")), config=cfg)
+        assert torch.equal(got, want), (tokens, bits)
+        ref = x.double() @ dequantize(m, bits).double().t()
+        assert _rel(got, ref) < GEMV_TOL
+    bad = PackedExpertMatrix(kind=q.kind, b1=q.b1, bK=q.bK, group=q.group, rows=q.rows,
+                             cols=q.cols, planes=(q.planes[0].t(), *q.planes[1:]),
+                             scale=q.scale, zero=q.zero, plane_scale=q.plane_scale)
+    with pytest.raises(UserError, match="plane 0"):
+        nested_matmul(torch.randn(1, 200), bad, 4)
+
+
 @needs_triton_device
 def test_split_k_and_block_configs():
     from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
