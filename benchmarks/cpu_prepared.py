@@ -21,7 +21,7 @@ from decode_ab import run_ab
 
 def rebuild(pool):
     """The earlier behaviour: fresh views (and parameters) for every expert run."""
-    pool._plane_views = pool._build_plane_views  # noqa: SLF001
+    pool._kernel_inputs = pool._build_plane_views  # noqa: SLF001
     return torch.inference_mode()
 
 

@@ -12,6 +12,7 @@ import functools
 import threading
 from collections import OrderedDict
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,11 +64,11 @@ class ExpertPool:
         # CPU: numpy views of each resident level's parts, parsed once per placement:
         # (key, level bits) -> (block offset they were taken at, {tensor: {part: array}})
         self._views: dict[tuple[ExpertKey, int], tuple[int, dict[str, dict[str, np.ndarray]]]] = {}
-        # CPU: kernel inputs per (key, bits), kept with the offsets of the levels they view, so
-        # the fallback's float32 parameters prepared on them (PlaneViews.prepared) outlive one
-        # run; least recently used first, their parameter bytes held under a fixed cap
+        # Kernel inputs per (key, bits), kept with the offsets of the levels they view (and,
+        # CPU, the bytes of the fallback's float32 parameters prepared on them, which then
+        # outlive one run); least recently used first, those bytes under a fixed cap
         self._inputs: OrderedDict[tuple[ExpertKey, int],
-                                  tuple[tuple[int, ...], dict[str, PlaneViews]]] = OrderedDict()
+                                  tuple[tuple[int, ...], dict[str, Any], int]] = OrderedDict()
         self._inputs_bytes = 0
         self._inputs_lock = threading.Lock()  # the I/O lane evicts while the compute lane runs
         # The mover holds the buffer, not the pool: no reference cycle, so a dropped pool
@@ -169,9 +170,7 @@ class ExpertPool:
         views of each plane in its level block, which the kernels address where they lie
         (until 2026-11-23 they were stacked into one tensor per matrix: a copy of every
         plane on every run); CPU: views of the blocks, no copy (`PlaneViews`)."""
-        if self.cpu:
-            return self._plane_views(key, bits)
-        return packed_views(self.buffer, self.fmt, self.layout, self.blocks[key], bits)
+        return self._kernel_inputs(key, bits)
 
     def _level_views(self, key: ExpertKey, bits: int) -> dict[str, dict[str, np.ndarray]]:
         """Numpy views of one resident level's parts (CPU, row-major), cached per placement:
@@ -192,12 +191,14 @@ class ExpertPool:
         self._views[(key, bits)] = (block.offset, views)
         return views
 
-    def _plane_views(self, key: ExpertKey, bits: int) -> dict[str, PlaneViews]:
-        """CPU kernel inputs: each matrix's planes as views of their level blocks, reused
-        while every level they view stays where it was (a moved or replaced level has
-        another offset; a level evicted and loaded again holds the same store bytes). Kept
-        only while their parameters fit PREPARED_CAP_BYTES with the others kept: host
-        memory outside the budget, so fixed like the fallback's scratch."""
+    def _kernel_inputs(self, key: ExpertKey, bits: int) -> dict[str, Any]:
+        """Each matrix's planes as views of their level blocks (CPU: `PlaneViews`; CUDA:
+        `PackedExpertMatrix`, `packed_views`), reused while every level they view stays
+        where it was (a moved or replaced level has another offset; a level evicted and
+        loaded again holds the same store bytes): a run pays a lookup, not ~30 views. Kept
+        only while the CPU fallback's parameters prepared on them fit PREPARED_CAP_BYTES
+        with the others kept: host memory outside the budget, so fixed like its scratch
+        (CUDA inputs hold no bytes of their own)."""
         levels = self.blocks[key]
         offsets = tuple(levels[b].offset for b in range(self.layout.b1, bits + 1))
         with self._inputs_lock:
@@ -206,13 +207,16 @@ class ExpertPool:
                 self._inputs.move_to_end((key, bits))
                 return hit[1]
             self._drop_inputs((key, bits))
-        inputs = self._build_plane_views(key, bits)
-        nbytes = sum(prepared_nbytes(v, bits) for v in inputs.values())
+        if self.cpu:
+            inputs: dict[str, Any] = self._build_plane_views(key, bits)
+            nbytes = sum(prepared_nbytes(v, bits) for v in inputs.values())
+        else:
+            inputs, nbytes = packed_views(self.buffer, self.fmt, self.layout, levels, bits), 0
         if nbytes <= PREPARED_CAP_BYTES:
             with self._inputs_lock:
                 while self._inputs and self._inputs_bytes + nbytes > PREPARED_CAP_BYTES:
                     self._drop_inputs(next(iter(self._inputs)))
-                self._inputs[(key, bits)] = (offsets, inputs)
+                self._inputs[(key, bits)] = (offsets, inputs, nbytes)
                 self._inputs_bytes += nbytes
         return inputs
 
@@ -220,7 +224,7 @@ class ExpertPool:
         """Forget the kept inputs of (key, bits). Call with `_inputs_lock` held."""
         hit = self._inputs.pop(kb, None)
         if hit is not None:
-            self._inputs_bytes -= sum(prepared_nbytes(v, kb[1]) for v in hit[1].values())
+            self._inputs_bytes -= hit[2]
 
     def _build_plane_views(self, key: ExpertKey, bits: int) -> dict[str, PlaneViews]:
         lay = self.layout

@@ -78,6 +78,22 @@ class PackedExpertMatrix(NestedGeometry):
     # float16 [bits_held - b1, groups, rows] (mwq; [0, ...] else), or one [groups, rows] each
     plane_scale: torch.Tensor | tuple[torch.Tensor, ...]
 
+    def __post_init__(self) -> None:
+        """Separate planes are checked once here, not on every kernel call: each a contiguous
+        int32 [words, rows] on the scales' device."""
+        if isinstance(self.planes, tuple):
+            import torch
+
+            want = (self.words, self.rows)
+            for j, plane in enumerate(self.planes):
+                if plane.dtype != torch.int32 or tuple(plane.shape) != want \
+                        or not plane.is_contiguous() or plane.device != self.scale.device:
+                    raise UserError(
+                        f"plane {j} is {plane.dtype} {tuple(plane.shape)} on {plane.device}, "
+                        f"expected contiguous int32 {want} on {self.scale.device}",
+                        field="planes",
+                        fix="pass word-major planes as PackedExpertMatrix.from_nested builds them")
+
     @property
     def bits_held(self) -> int:
         """Planes resident: the highest bit-width this object serves."""

@@ -492,17 +492,6 @@ def _check(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> None:
     if g < 32 or g & (g - 1):
         raise UserError(f"the Triton kernels need a power-of-two group >= 32, got {g}",
                         field="group", fix="use --group 32, 64 or 128, or the torch backend")
-    if isinstance(packed.planes, tuple):  # separate planes: each a whole [words, rows] int32
-        want = (packed.words, packed.rows)
-        for j in range(bits):
-            plane = packed.planes[j]
-            if plane.dtype != torch.int32 or tuple(plane.shape) != want \
-                    or not plane.is_contiguous() or plane.device != x.device:
-                raise UserError(f"plane {j} is {plane.dtype} {tuple(plane.shape)} on "
-                                f"{plane.device}, expected contiguous int32 {want} on "
-                                f"{x.device}", field="planes",
-                                fix="pass word-major planes as PackedExpertMatrix.from_nested "
-                                    "builds them")
 
 
 def _sm_count(device: torch.device) -> int:

@@ -109,11 +109,10 @@ def test_separate_planes_give_the_stacked_result(kind):
         assert torch.equal(got, want), (tokens, bits)
         ref = x.double() @ dequantize(m, bits).double().t()
         assert _rel(got, ref) < GEMV_TOL
-    bad = PackedExpertMatrix(kind=q.kind, b1=q.b1, bK=q.bK, group=q.group, rows=q.rows,
-                             cols=q.cols, planes=(q.planes[0].t(), *q.planes[1:]),
-                             scale=q.scale, zero=q.zero, plane_scale=q.plane_scale)
-    with pytest.raises(UserError, match="plane 0"):
-        nested_matmul(torch.randn(1, 200), bad, 4)
+    with pytest.raises(UserError, match="plane 0"):  # checked once, when built
+        PackedExpertMatrix(kind=q.kind, b1=q.b1, bK=q.bK, group=q.group, rows=q.rows,
+                           cols=q.cols, planes=(q.planes[0].t(), *q.planes[1:]),
+                           scale=q.scale, zero=q.zero, plane_scale=q.plane_scale)
 
 
 @needs_triton_device
