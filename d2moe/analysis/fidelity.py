@@ -188,12 +188,35 @@ def summary_line(summary: dict[str, object]) -> str:
     ratios = summary.get("cost_ratios") or {}
     assert isinstance(ratios, dict)
     costs = ", ".join(f"{c} {r:.2f}x" for c, r in ratios.items())
+    hint = drift_hint(ratios)
     return (f"tokens/s error: mean |{summary['mean_abs_error_pct']:.1f}|%, worst "
             f"|{summary['worst_abs_error_pct']:.1f}|%; median-step error: mean "
             f"|{summary['mean_abs_step_error_pct']:.1f}|%, worst "
             f"|{summary['worst_abs_step_error_pct']:.1f}|%; {rank}"
             + (f"\nreal / simulated time in decode steps (geomean over rows): {costs}"
-               if costs else ""))
+               if costs else "") + (f"\n{hint}" if hint else ""))
+
+
+DRIFT_RATIO = 1.15  # every cost this much off, one way: the machine moved, not one cost
+
+
+def drift_hint(ratios: dict[str, float]) -> str | None:
+    """A line for when every cost's real / simulated time is off the same way by more than
+    DRIFT_RATIO: then the machine runs at another speed than when the profile was measured
+    (this project's VM moves 2-3x within a minute), which no cost model can follow; None
+    otherwise."""
+    xs = [r for r in ratios.values() if math.isfinite(r)]
+    if len(xs) < 2:
+        return None
+    lo, hi = min(xs), max(xs)
+    if lo > DRIFT_RATIO:
+        way = f"every cost ran {lo:.2f}-{hi:.2f}x the profile's time: this machine is slower"
+    elif hi < 1 / DRIFT_RATIO:
+        way = f"every cost ran {lo:.2f}-{hi:.2f}x the profile's time: this machine is faster"
+    else:
+        return None
+    return (f"{way} now than when the profile was measured (a drift, not one missed cost); "
+            f"`d2moe validate --profile measure` compares against one measured in the run")
 
 
 def summarize_rounds(rounds: Sequence[Sequence[FidelityRow]]) -> dict[str, object]:

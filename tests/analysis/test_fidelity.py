@@ -7,6 +7,7 @@ import math
 import pytest
 
 from d2moe.analysis.fidelity import (
+    drift_hint,
     fidelity_row,
     from_step,
     rounds_report,
@@ -76,6 +77,18 @@ def test_rounds_pool_the_signed_errors_per_row() -> None:
     assert s["cost_ratios"]["expert runs"] == pytest.approx((1.25 ** 3 * 0.8) ** 0.25)
     text = rounds_report(s)
     assert "2 rounds pooled" in text and "worst |25.0|%" in text and "50% 2/2" in text
+
+
+def test_drift_hint_only_when_every_cost_moved_one_way() -> None:
+    slow = drift_hint({"loads": 1.5, "expert runs": 1.36, "non-expert": 1.45})
+    assert slow is not None and "1.36-1.50x" in slow and "slower" in slow
+    fast = drift_hint({"loads": 0.77, "expert runs": 0.75, "non-expert": 0.78})
+    assert fast is not None and "faster" in fast
+    assert drift_hint({"loads": 1.5, "expert runs": 1.0, "non-expert": 1.45}) is None  # a cost
+    assert drift_hint({"loads": 1.1, "expert runs": 1.12}) is None  # within 15%
+    assert drift_hint({"loads": 2.0}) is None  # one cost: cannot tell
+    s = summarize([fidelity_row("fifo", "b", _timeline(1500.0), _timeline(1000.0))])
+    assert "slower now" not in summary_line(s)  # one cost (expert runs) only
 
 
 def test_from_step_keeps_the_asked_steps_starting_at_zero() -> None:
