@@ -38,9 +38,13 @@ class ExpertPool:
     """Expert levels resident on `device`; `moving` guards compaction against readers."""
 
     def __init__(self, spec: ModelSpec, layout: QuantLayout, budget_bytes: int,
-                 device: torch.device, *, copies: bool = False) -> None:
+                 device: torch.device, *, copies: bool = False,
+                 word_major: bool = False) -> None:
         self.spec, self.layout, self.device = spec, layout, device
-        self.cpu = device.type == "cpu"  # CPU: row-major levels read as numpy views
+        # CPU: row-major levels read as numpy views (the torch fallback). Elsewhere, or with
+        # `word_major` (the CUDA layout on the CPU: the Triton interpreter, in tests),
+        # word-major levels handed to the Triton kernels where they lie
+        self.cpu = device.type == "cpu" and not word_major
         self.fmt = LevelFormat(spec, layout, row_major=self.cpu)
         sizes = Sizes.of(spec, layout)
         if copies:

@@ -152,3 +152,47 @@ def test_word_major_views_are_the_store_where_the_blocks_lie(store):
             lo, hi = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
             assert all(lo <= v.data_ptr() < hi for v in p.planes)  # views, no copy
             assert torch.equal(dequantize_packed(p, bits), dequantize(want[t], bits)), (t, bits)
+
+
+def test_word_major_pool_hands_the_kernels_its_blocks_and_keeps_them(store):
+    # the CUDA pool's path on the CPU (word_major): loads, kernel inputs viewing the level
+    # blocks, kept across runs until a level moves, and the Triton kernel (interpreter) on
+    # them equal to the same matrix stacked
+    import os
+
+    from d2moe.kernels.packed import PackedExpertMatrix
+    from d2moe.quant.reference import dequantize_packed
+
+    layout = store.layout
+    pool = ExpertPool(SPEC, layout, 2 * expert_bytes(SPEC, layout.bK, layout),
+                      torch.device("cpu"), word_major=True)
+    assert not pool.fmt.row_major
+    for e in (0, 1):
+        pool.admit_stored(Load(ExpertKey(0, e), 0, 4), store.read_planes(0, e, 0, 4))
+    key = ExpertKey(0, 1)
+    want = store.read_expert(0, 1, 4)
+    with pool.moving:
+        first = pool.matrices(key, 4)
+        assert pool.matrices(key, 4) is first  # kept
+    for t, p in first.items():
+        assert isinstance(p, PackedExpertMatrix) and isinstance(p.planes, tuple)
+        assert torch.equal(dequantize_packed(p, 4), dequantize(want[t], 4))
+    pool.evict(Evict(ExpertKey(0, 0), 4, 0))
+    with pool.moving:
+        pool.arena.compact()  # expert 1 moves: new views of its new place
+        moved = pool.matrices(key, 4)
+    assert moved is not first
+    assert all(torch.equal(dequantize_packed(moved[t], 4), dequantize(want[t], 4))
+               for t in moved)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from d2moe.kernels.triton_nested import nested_matmul
+
+        p = moved["w1"]
+        stacked = PackedExpertMatrix(kind=p.kind, b1=p.b1, bK=p.bK, group=p.group,
+                                     rows=p.rows, cols=p.cols, planes=torch.stack(p.planes),
+                                     scale=p.scale, zero=p.zero,
+                                     plane_scale=(torch.stack(p.plane_scale) if p.plane_scale
+                                                  else torch.zeros(0, p.groups, p.rows,
+                                                                   dtype=torch.float16)))
+        x = torch.randn(1, p.cols)
+        assert torch.equal(nested_matmul(x, p, 4), nested_matmul(x, stacked, 4))
