@@ -19,10 +19,10 @@ preemptions that some timings catch are part of what a long run pays):
   loads pays beyond it (`handoff_us`: planning them, handing them to the I/O lane's thread),
   the per-run bookkeeping (`run_us`) and the wake-up of a lane blocked on the other
   (`wake_us`), read from its timeline rows; an expert's first run
-  after an I/O thread loaded it against the run right after (`first_run_us`); a whole load
-  on an I/O thread after it sat idle for 0.5 .. 20 ms against one right behind another: the
-  first load after a pause costs more (`executor.cold_load_us`, reached after `cold_ramp_us`
-  of idle time, linearly before).
+  after an I/O thread loaded it against the run right after (`first_run_us`); bursts of
+  whole loads on an I/O thread after it sat idle for 0.5 .. 20 ms against a steady stream:
+  the loads after a pause cost more, summed on the first (`executor.cold_load_us`, reached
+  after `cold_ramp_us` of idle time, linearly before).
 """
 
 from __future__ import annotations

@@ -131,8 +131,9 @@ class ExecutorCosts:
     (1: no contention, as with a DMA engine and a GPU). A load that starts after the I/O
     lane has been idle for `idle` us pays `cold_load_us * min(1, idle / cold_ramp_us)` more:
     the first load after a pause is slower than one right behind another, in its disk
-    requests and in its CPU work on a core gone cold (measured on the development VM, whole
-    62 KB loads: +210 us after 0.5 ms idle, +430 us after 5 ms). The first run of an
+    requests and in its CPU work on a core gone cold, and the loads right after it a little
+    (measured on the development VM, a 62 KB load: +74 us after 0.5 ms idle, +266 us after
+    5 ms; benchmarks/cold_loads.py, 2026-11-23 08:21 UTC). The first run of an
     expert after its load pays `first_run_us` more (its planes were just written by the I/O
     lane, on another core), and the first run of each layer's plan pays `layer_first_run_us`
     more (the layer's non-expert slice ran in between and cycled the caches that back-to-back
