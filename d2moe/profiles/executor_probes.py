@@ -375,10 +375,11 @@ def resident_probe_spec(spec: ModelSpec, layout: QuantLayout,
 @dataclasses.dataclass(frozen=True)
 class ResidentRows:
     """What `measure_non_expert` read from the real backend's rows (every expert resident):
-    (tokens, us per layer) of the non-expert rows, and how much longer (us) the first run of
-    a decode layer took than the layer's later runs (`executor.layer_first_run_us`)."""
+    (tokens, us per layer, head us) of the non-expert rows, and how much longer (us) the
+    first run of a decode layer took than the layer's later runs
+    (`executor.layer_first_run_us`)."""
 
-    non_expert: list[tuple[int, float]]
+    non_expert: list[tuple[int, float, float]]
     layer_first_run_us: float
 
 
@@ -390,7 +391,7 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     A random-weight copy of the model (`resident_probe_spec`: whole where small) runs through
     `StreamingExperts` with every expert resident, so the rows hold what a real run's do:
     attention, router, the backend's bookkeeping; layer 0's row also holds the step's head
-    (LM head, sampling, embedding), spread here over the spec's layers as in a full model.
+    (LM head, sampling, embedding), kept apart (`non_expert_per_layer`).
     One token: decode steps; more: one prefill per generation. The expert table times runs
     back to back; here the first run of each decode layer follows the layer's non-expert
     slice, and what it takes beyond the layer's later runs is kept too.
@@ -432,15 +433,16 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     timeline = backend.finish()
     reader.close()
     events = [e for e in timeline.events if e.step >= first]
-    return ResidentRows(non_expert_per_layer(events, tokens, spec.layers),
+    return ResidentRows(non_expert_per_layer(events, tokens),
                         layer_first_run_excess(events))
 
 
-def non_expert_per_layer(events: Sequence[Any], tokens: Sequence[int],
-                         layers: int) -> list[tuple[int, float]]:
-    """(tokens, us) per token count: the mean non-expert row of layers >= 1, plus what layer
-    0's row takes beyond it (the step's head) spread over `layers` layers (a one-layer model:
-    its one row, head included)."""
+def non_expert_per_layer(events: Sequence[Any],
+                         tokens: Sequence[int]) -> list[tuple[int, float, float]]:
+    """(tokens, us, head us) per token count: the mean non-expert row of layers >= 1, and
+    what layer 0's row takes beyond it (the step's head: the previous step's LM head and
+    sampling, the embedding; the simulator charges it to layer 0, as the executor's rows
+    do). A one-layer model: its one row, head included and 0 apart."""
     rows: dict[tuple[int, bool], list[float]] = {}
     for e in events:
         if e.kind == "non_expert":
@@ -448,9 +450,11 @@ def non_expert_per_layer(events: Sequence[Any], tokens: Sequence[int],
     out = []
     for n in tokens:
         first = statistics.fmean(rows[(n, True)])
-        per_layer = statistics.fmean(rows[(n, False)]) if (n, False) in rows else first
-        head = max(first - per_layer, 0.0)
-        out.append((n, round(per_layer + head / layers, 2)))
+        if (n, False) not in rows:
+            out.append((n, round(first, 2), 0.0))
+            continue
+        per_layer = statistics.fmean(rows[(n, False)])
+        out.append((n, round(per_layer, 2), round(max(first - per_layer, 0.0), 2)))
     return out
 
 

@@ -10,8 +10,9 @@ preemptions that some timings catch are part of what a long run pays):
   (gather the resident planes, `kernels.dispatch.expert_swiglu`, weighted add);
 - non-expert time per layer per token count: the non-expert rows of the real backend running
   a random-weight copy of the model (whole where it is small, else cut to 2 layers) with
-  every expert resident; the per-step head (embedding, LM head, sampling) is spread over the
-  spec's layers; from the same rows, how much longer a decode layer's first run takes than
+  every expert resident; what layer 0's row takes beyond the others (the step's head:
+  the last step's LM head and sampling, the embedding) is kept apart (`head_us`); from the
+  same rows, how much longer a decode layer's first run takes than
   its later runs (`executor.layer_first_run_us`: the non-expert slice ran in between);
 - the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus the
   disk fit gives `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
@@ -245,8 +246,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
         device_memory_bytes=(torch.cuda.get_device_properties(device).total_memory if cuda
                              else _host_memory_bytes()),
         expert=ExpertTable(tuple(ExpertRow(shape, b, t, round(us, 2)) for b, t, us in runs)),
-        non_expert=NonExpertTable(tuple(NonExpertRow(spec.name, t, round(us, 2))
-                                        for t, us in resident.non_expert)),
+        non_expert=NonExpertTable(tuple(NonExpertRow(spec.name, t, us, head_us)
+                                        for t, us, head_us in resident.non_expert)),
         executor=executor)
 
 

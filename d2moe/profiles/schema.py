@@ -11,7 +11,10 @@ Expert run (`Profile.run_us`), roofline form:
 or a measured table over (shape, bits, tokens), interpolated linearly, extrapolation recorded
 in `Profile.extrapolations`.
 Non-expert part of a layer (`Profile.non_expert_us`): layer_overhead_us + roofline over the
-spec's non-expert weights (at dtype_bytes) and flops, or a measured table over tokens.
+spec's non-expert weights (at dtype_bytes) and flops, or a measured table over tokens; a
+measured table may add the step's head (`Profile.head_us`: LM head, sampling, embedding),
+which the simulator charges to layer 0 as the executor's rows do (0 in roofline profiles and
+in tables measured before 2026-11-23 12:00 UTC, which spread it over the layers instead).
 Executor lane costs (`Profile.executor`, optional, measured by `d2moe profile`): the fixed
 costs of the real executor's lanes beyond the disk and the kernels (per layer, per load, per
 byte loaded, per run, per hand-off between the lanes); the simulator adds them when present.
@@ -101,11 +104,13 @@ class NonExpertRoofline:
 
 @dataclass(frozen=True)
 class NonExpertRow:
-    """A measured non-expert layer time for one model spec at `tokens` tokens."""
+    """A measured non-expert layer time for one model spec at `tokens` tokens, and what the
+    step's head adds to layer 0 (0: not measured apart, spread over the layers)."""
 
     model: str
     tokens: int
     latency_us: float
+    head_us: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,7 @@ class _Memo:
         self.load: dict[tuple[int, str, int], float] = {}
         self.run: dict[tuple[int, int, int, int], float] = {}
         self.non_expert: dict[tuple[int, int], float] = {}
+        self.head: dict[tuple[int, int], float] = {}
         self.tables: dict[tuple[str, int], Any] = {}
         self.keep: dict[int, Any] = {}
         self.extrapolations: list[tuple[str, str, int, int]] = []
@@ -286,6 +292,21 @@ class Profile:
             self._memo.extrapolations.append(("non_expert", spec.name, 0, tokens))
         return value
 
+    def head_us(self, spec: ModelSpec, tokens: int) -> float:
+        """What a step of `tokens` tokens adds to layer 0's non-expert part beyond the other
+        layers' (the step's head: the last step's LM head and sampling, the embedding); 0
+        when the profile has none apart (roofline, or a table that spread it over layers)."""
+        key = (id(spec), tokens)
+        cached = self._memo.head.get(key)
+        if cached is None:
+            cached = 0.0
+            if tokens > 0 and isinstance(self.non_expert, NonExpertTable) and any(
+                    r.head_us for r in self.non_expert.rows):
+                cached = max(0.0, self._table("head", spec)(tokens)[0])
+            self._memo.keep[id(spec)] = spec
+            self._memo.head[key] = cached
+        return cached
+
     def _table(self, kind: str, spec: ModelSpec) -> Any:
         key = (kind, id(spec))
         table = self._memo.tables.get(key)
@@ -300,8 +321,10 @@ class Profile:
         else:
             assert isinstance(self.non_expert, NonExpertTable)
             rows = [r for r in self.non_expert.rows if r.model == spec.name]
-            table = Table1D([(r.tokens, r.latency_us) for r in rows]) if rows else None
+            table = Table1D([(r.tokens, r.head_us if kind == "head" else r.latency_us)
+                             for r in rows]) if rows else None
             wanted = f"model {spec.name!r}"
+            kind = "non_expert"  # the head is a column of the non-expert table
         if table is None:
             raise UserError(f"the measured {kind} table has no rows for {wanted}",
                             path=self.name, field=f"{kind}.table",
@@ -333,7 +356,8 @@ class Profile:
         out["expert"] = ({"roofline": _fields(e)} if isinstance(e, ExpertRoofline)
                          else {"table": [_fields(r) for r in e.rows]})
         out["non_expert"] = ({"roofline": _fields(n)} if isinstance(n, NonExpertRoofline)
-                             else {"table": [_fields(r) for r in n.rows]})
+                             else {"table": [{k: v for k, v in _fields(r).items()
+                                              if k != "head_us" or v} for r in n.rows]})
         if self.executor is not None:
             out["executor"] = {k: v for k, v in _fields(self.executor).items()
                                if math.isfinite(v)}
@@ -520,9 +544,11 @@ def _non_expert(r: _Reader, data: Any) -> NonExpertRoofline | NonExpertTable:
                                  r.number(d, "layer_overhead_us", w, positive=False))
     rows, seen = [], set()
     for w, raw in _rows(r, body, "non_expert.table"):
-        d = r.keys(raw, ("model", "tokens", "latency_us"), w)
+        d = r.keys(raw, ("model", "tokens", "latency_us", "head_us"), w,
+                   ("model", "tokens", "latency_us"))
         row = NonExpertRow(r.text(d, "model", w), r.integer(d, "tokens", w, low=1),
-                           r.number(d, "latency_us", w, positive=False))
+                           r.number(d, "latency_us", w, positive=False),
+                           r.number(d, "head_us", w, positive=False) if "head_us" in d else 0.0)
         if (row.model, row.tokens) in seen:
             raise r.fail(w, "repeats an earlier row's model and tokens",
                          "keep one measurement per point")

@@ -44,6 +44,7 @@ class ProfileCosts:
         self._load: dict[tuple[int, str, int], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}
+        self._head: dict[int, float] = {}
 
     def bytes_us(self, nbytes: int, tier: str = "disk", requests: int = 1) -> float:
         """A load of `nbytes` from `tier` in `requests` reads, with the lane's own costs."""
@@ -90,6 +91,17 @@ class ProfileCosts:
         us = self._non_expert.get(tokens)
         if us is None:
             us = self._non_expert[tokens] = float(self.profile.non_expert_us(self.spec, tokens))
+        return us
+
+    def non_expert_us_of(self, layer: int, tokens: int) -> float:
+        """Layer `layer`'s non-expert part: layer 0's also holds the step's head (the
+        previous step's LM head and sampling, the embedding), as in the executor's rows."""
+        if layer:
+            return self.non_expert_us(tokens)
+        us = self._head.get(tokens)
+        if us is None:
+            us = self._head[tokens] = self.non_expert_us(tokens) + float(
+                self.profile.head_us(self.spec, tokens))
         return us
 
 

@@ -1,8 +1,9 @@
 """The simulator: replay a trace through a policy on a hardware profile, emit a Timeline.
 
-Per step and layer: the compute lane runs the layer's non-expert part (attention, router),
-whose output fixes the layer's demands; the policy plans them; both lanes then execute the
-plan (`lanes.py`). Deterministic: no randomness, ties broken by expert id in the policies.
+Per step and layer: the compute lane runs the layer's non-expert part (attention, router;
+layer 0's also the step's head), whose output fixes the layer's demands; the policy plans
+them; both lanes then execute the plan (`lanes.py`). Deterministic: no randomness, ties
+broken by expert id in the policies.
 """
 
 from __future__ import annotations
@@ -133,10 +134,10 @@ class SimSession:
         """Simulate step `s` starting at `t` (us); returns when it ends."""
         costs, policy, ctx = self.costs, self.policy, self.ctx
         t_step = t
-        ne = costs.non_expert_us(step.tokens)
         events, view = ctx.events, ctx.pool.view
         ctx.step = s
         for layer, demands in enumerate(step.layers):
+            ne = costs.non_expert_us_of(layer, step.tokens)
             events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0, t,
                                 t + ne))
             t += ne
@@ -232,8 +233,8 @@ def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet
     ctx = layer_ctx(costs, pool, events, load_us)  # one context: the I/O lane's state
     for s in range(len(source)):
         step, t_step, first = source.work(s), t, len(events)
-        ne = costs.non_expert_us(step.tokens)
         for layer, demands in enumerate(step.layers):
+            ne = costs.non_expert_us_of(layer, step.tokens)
             events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0,
                                 t, t + ne))
             t += ne

@@ -154,14 +154,14 @@ def test_clear_excess_charges_only_what_stands_above_the_noise() -> None:
     assert clear_excess([12.0, 14.0], [8.0, 10.0, 6.0], z=4.0) == 0.0
 
 
-def test_non_expert_per_layer_spreads_the_step_head() -> None:
+def test_non_expert_per_layer_keeps_the_step_head_apart() -> None:
     rows = [_step_row("non_expert", s, layer, 1, 0, us)
             for s in (1, 2) for layer, us in ((0, 30), (1, 10), (2, 12), (3, 8))]
-    # layers >= 1: 10; layer 0 takes 20 more (the step's head): spread over 4 layers
-    assert non_expert_per_layer(rows, [1], 4) == [(1, 15.0)]
+    # layers >= 1: 10; layer 0 takes 20 more (the step's head)
+    assert non_expert_per_layer(rows, [1]) == [(1, 10.0, 20.0)]
     # a one-layer model: its one row per step, head included (was a KeyError)
     one = [r for r in rows if r.layer == 0]
-    assert non_expert_per_layer(one, [1], 1) == [(1, 30.0)]
+    assert non_expert_per_layer(one, [1]) == [(1, 30.0, 0.0)]
 
 
 def test_resident_probe_spec_is_whole_when_small() -> None:

@@ -134,7 +134,28 @@ def test_cached_calls_repeat_the_first_answer() -> None:
     assert (p.run_us(spec, 4, 1), p.load_us(123456), p.non_expert_us(spec, 1)) == first
 
 
-@pytest.mark.parametrize("build", [hand, unified, table])
+def headed() -> dict[str, Any]:
+    d = table()
+    d["non_expert"]["table"][0]["head_us"] = 8.0
+    d["non_expert"]["table"][1]["head_us"] = 28.0
+    return d
+
+
+def test_step_head_column() -> None:
+    p = make(headed())
+    assert p.head_us(SPEC, 1) == pytest.approx(8.0)
+    assert p.head_us(SPEC, 6) == pytest.approx(18.0)  # interpolated like the layer time
+    assert p.non_expert_us(SPEC, 6) == pytest.approx(15.0)  # the layer time is apart
+    assert make(table()).head_us(SPEC, 6) == 0.0  # an older table: spread over the layers
+    assert make(hand()).head_us(SPEC, 6) == 0.0  # roofline: no head
+    assert "head_us" not in make(table()).to_dict()["non_expert"]["table"][0]
+    bad = headed()
+    bad["non_expert"]["table"][1]["head_us"] = "x"
+    with pytest.raises(UserError, match="head_us"):
+        make(bad)
+
+
+@pytest.mark.parametrize("build", [hand, unified, table, headed])
 def test_round_trip(build: Any, tmp_path: Path) -> None:
     p = make(build())
     assert make(p.to_dict()) == p

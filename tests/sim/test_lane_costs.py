@@ -78,12 +78,34 @@ def test_without_lane_costs_a_load_is_one_request() -> None:
 def test_engines_match_exactly_with_lane_costs(steps, frac, name) -> None:
     budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
     layout = QuantLayout(b1=2, bK=4)
-    fast = simulate_or_skip(SimSetup(SPEC, LaneProfile(), layout, budget, engine="fast"), steps,
-                            name)
-    slow = simulate_or_skip(SimSetup(SPEC, LaneProfile(), layout, budget, engine="simpy"), steps,
-                            name)
+    profile = LaneProfile(head_us_flat=1.5)
+    fast = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="fast"), steps, name)
+    slow = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="simpy"), steps, name)
     key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
     assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_the_step_head_is_layer_zeros(engine: str) -> None:
+    """The step's head lengthens layer 0's non-expert row of every step, nothing else."""
+    steps = [StepWork(phase, 1, [[Demand(ExpertKey(layer, 0), 2, 1, 0.9)] for layer in range(3)])
+             for phase in ("prefill", "decode")]
+
+    def rows(head_us: float):
+        tl = simulate(SimSetup(SPEC, LaneProfile(head_us_flat=head_us), LAYOUT, 10**6,
+                               engine=engine), steps, make_policy("fifo"))
+        return tl.events
+
+    plain, headed = rows(0.0), rows(4.5)
+    ne = [(e.step, e.layer, e.end_us - e.start_us) for e in headed if e.kind == "non_expert"]
+    assert ne == [(s, layer, 7.5 if layer == 0 else 3.0) for s in (0, 1) for layer in range(3)]
+    # everything after a step's layer 0 row moves by 4.5 per step so far, and only that
+    shift = {0: 4.5, 1: 9.0}
+    for a, b in zip(plain, headed, strict=True):
+        lead = 4.5 * a.step if a.kind in ("non_expert", "prefill", "decode") and (
+            a.layer <= 0) else shift[a.step]
+        assert (b.kind, b.step, b.layer) == (a.kind, a.step, a.layer)
+        assert b.start_us == pytest.approx(a.start_us + lead)
 
 
 def test_fluid_schedule_by_hand() -> None:

@@ -28,6 +28,7 @@ class LinearProfile:
     run_base_us: float = 2.0
     run_us_per_token_bit: float = 1.0
     non_expert_us_flat: float = 3.0
+    head_us_flat: float = 0.0  # the step's head, on layer 0
 
     def load_us(self, nbytes: int, tier: str = "disk") -> float:
         if tier == "host":  # the host-RAM tier: 1 us + bytes / 10000
@@ -39,6 +40,9 @@ class LinearProfile:
 
     def non_expert_us(self, spec: ModelSpec, tokens: int) -> float:
         return self.non_expert_us_flat
+
+    def head_us(self, spec: ModelSpec, tokens: int) -> float:
+        return self.head_us_flat
 
 
 @st.composite
