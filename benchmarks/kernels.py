@@ -5,7 +5,8 @@ enough copies of the weights to overflow the L2 cache (so every call reads devic
 no Python launch cost is counted), next to the device-to-device copy bandwidth and the fp16
 product measured the same way in the same run; `eager us` adds one Python call per launch
 (do_bench, L2 flushed), which is what an un-graphed caller pays. On the CPU it times the
-torch path on small shapes. Usage:
+executor's CPU path (chunked dequantize and product on kept plane views) against
+dequantize-then-matmul and the dense float32 product, on LLaMA-MoE shapes by default. Usage:
     python benchmarks/kernels.py                 # the full table (CUDA) or the CPU figures
     python benchmarks/kernels.py --check         # correctness on real quantized matrices first
     python benchmarks/kernels.py --tune          # try launch configs, report the best per case
@@ -347,24 +348,35 @@ def bench_cuda(device: str, kinds: list[str], bits_list: list[int], tokens_list:
     return rows_out
 
 
-def bench_cpu(kinds: list[str], bits_list: list[int], layout: QuantLayout) -> list[Row]:
-    """The torch path on the CPU (LLaMA-MoE shapes, 1 token): medians of perf_counter."""
+def bench_cpu(kinds: list[str], bits_list: list[int], tokens_list: list[int],
+              layout: QuantLayout, models: list[str]) -> list[Row]:
+    """The executor's CPU path against two baselines, medians of perf_counter, same run:
+    `matmul_views` on kept `PlaneViews` (what the CPU pool hands the compute lane: chunk by
+    chunk, the float32 matrix never fills DRAM) against dequantize-then-matmul (the same
+    dequantizer writing the whole float32 matrix, then one product) and the dense float32
+    product (the `x fp16 time` column holds this on the CPU)."""
+    from d2moe.kernels.torch_fallback import PlaneViews, dequantize_fast, matmul_views
+
     rows_out = []
     for (model, tensor), (rows, cols) in SHAPES.items():
-        if model != "llama-moe-3.5b":
+        if model not in models:
             continue
-        x = torch.randn(1, cols)
         w = torch.randn(rows, cols)
-        fp_us = _cpu_median_us(lambda x=x, w=w: x @ w.t())
-        for kind in kinds:
-            p = random_packed(kind, rows, cols, layout, "cpu")
-            for bits in bits_list:
-                us = _cpu_median_us(lambda x=x, p=p, b=bits: dequant_matmul(x, p, b))
-                nbytes = p.nbytes_at(bits)
-                rows_out.append(Row(model, tensor, rows, cols, kind, bits, 1, us, us, us, fp_us,
-                                    nbytes, nbytes / (us * 1e-6) / 1e9, float("nan"), 1.0,
-                                    us / fp_us, "torch-cpu"))
-                print(_fmt(rows_out[-1]), flush=True)
+        for tokens in tokens_list:
+            x = torch.randn(tokens, cols)
+            dense_us = _cpu_median_us(lambda x=x, w=w: x @ w.t())
+            for kind in kinds:
+                packed = random_packed(kind, rows, cols, layout, "cpu")
+                v = PlaneViews.from_packed(packed)
+                for bits in bits_list:
+                    us = _cpu_median_us(lambda x=x, v=v, b=bits: matmul_views(x, v, b))
+                    deq_us = _cpu_median_us(
+                        lambda x=x, v=v, b=bits: x @ dequantize_fast(v, b).t())
+                    nbytes = packed.nbytes_at(bits)
+                    rows_out.append(Row(model, tensor, rows, cols, kind, bits, tokens, us, us,
+                                        deq_us, dense_us, nbytes, nbytes / (us * 1e-6) / 1e9,
+                                        float("nan"), deq_us / us, us / dense_us, "torch-cpu"))
+                    print(_fmt(rows_out[-1]), flush=True)
     return rows_out
 
 
@@ -384,7 +396,7 @@ HEADER = ("| model | tensor | kind | bits | tokens | fused us | GB/s | x copy BW
 
 def _fmt(r: Row) -> str:
     return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | {r.tokens} | "
-            f"{r.fused_us:.1f} | {r.read_GBps:.0f} | {r.copy_bw_frac:.2f} | {r.eager_us:.1f} | "
+            f"{r.fused_us:.1f} | {r.read_GBps:.3g} | {r.copy_bw_frac:.2f} | {r.eager_us:.1f} | "
             f"{r.dequant_matmul_us:.1f} | {r.speedup_vs_dequant:.1f} | {r.time_vs_fp16:.2f} |")
 
 
@@ -398,11 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", action="store_true", help="time candidate launch configs")
     ap.add_argument("--tune-set", default="all", choices=("all", "pipeline"),
                     help="pipeline: the default GEMV launch against its pipelined variants")
-    ap.add_argument("--models", default=",".join(sorted({m for m, _ in SHAPES})),
-                    help="models whose expert shapes are tuned")
+    ap.add_argument("--models", default=None,
+                    help="models whose expert shapes are tuned (CUDA; default all) or timed "
+                         "(CPU; default llama-moe-3.5b)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--json", help="write rows and context here")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes first")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads on the CPU (the executor's default: 1; 0: torch's own)")
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
     bits_list = [int(b) for b in args.bits.split(",")]
@@ -423,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         context["copy_GBps"] = copy_GBps
         print(f"{context['device']}: device-to-device copy {copy_GBps:.0f} GB/s "
               f"(read + write), measured in this run")
-        models = args.models.split(",")
+        models = args.models.split(",") if args.models else sorted({m for m, _ in SHAPES})
         precompile((tune_jobs(kinds, tokens_list, device, models, args.tune_set)
                     if args.tune else [])
                    + ([] if args.no_table else bench_jobs(kinds, bits_list, tokens_list)),
@@ -433,9 +448,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = [] if args.no_table else bench_cuda(device, kinds, bits_list, tokens_list,
                                                    layout, copy_GBps)
     else:
-        context.update(device=f"CPU ({platform.processor() or platform.machine()})")
-        print(f"{context['device']}: no CUDA; timing the torch dequantize-then-matmul path")
-        rows = bench_cpu(kinds, bits_list, layout)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        context.update(device=f"CPU ({platform.processor() or platform.machine()})",
+                       threads=torch.get_num_threads())
+        print(f"{context['device']}: no CUDA; timing the CPU path (chunked dequantize and "
+              f"product) against dequantize-then-matmul and the dense float32 product")
+        rows = bench_cpu(kinds, bits_list, tokens_list, layout,
+                         args.models.split(",") if args.models else ["llama-moe-3.5b"])
     print(HEADER)
     print("|" + "---|" * 12)
     for r in rows:
