@@ -12,7 +12,14 @@ from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, expert_bytes, load_bytes
 from d2moe.core.spec import ModelSpec
 from d2moe.quant.nested import quantize_matrix
-from d2moe.quant.store import ALIGN_BYTES, TENSORS, StoreReader, StoreWriter, cut_store
+from d2moe.quant.store import (
+    ALIGN_BYTES,
+    TENSORS,
+    StoreReader,
+    StoreWriter,
+    aligned_buffer,
+    cut_store,
+)
 
 torch = pytest.importorskip("torch")
 from d2moe.quant.reference import dequantize  # noqa: E402
@@ -113,6 +120,33 @@ def test_direct_io_flag_and_reads(store):
         for bits in a:
             for t in TENSORS:
                 assert np.array_equal(a[bits][t], b[bits][t])
+
+
+def test_direct_io_reads_stay_valid_after_later_reads(store):
+    """Each O_DIRECT read owns its buffer: an earlier level's bytes survive the next reads."""
+    path, layout, _ = store
+    with StoreReader(path, direct=True) as d, StoreReader(path) as p:
+        first = d.read_planes(0, 0, 0, layout.bK)
+        kept = {b: {t: a.copy() for t, a in level.items()} for b, level in first.items()}
+        for layer in range(SPEC.layers):
+            for e in range(SPEC.experts):
+                d.read_planes(layer, e, 0, layout.bK)
+        expect = p.read_planes(0, 0, 0, layout.bK)
+        for bits in first:
+            for t in TENSORS:
+                assert np.array_equal(first[bits][t], kept[bits][t])
+                assert np.array_equal(first[bits][t], expect[bits][t])
+
+
+@pytest.mark.parametrize("nbytes", [ALIGN_BYTES, 3 * ALIGN_BYTES, 64 * ALIGN_BYTES])
+def test_aligned_buffer(nbytes: int) -> None:
+    a, b = aligned_buffer(nbytes), aligned_buffer(nbytes)
+    for buf in (a, b):
+        assert buf.nbytes == nbytes and buf.ctypes.data % ALIGN_BYTES == 0
+        assert buf.flags.writeable and buf.flags.c_contiguous
+    a[:] = 1
+    b[:] = 2
+    assert int(a.sum()) == nbytes  # two buffers never share memory
 
 
 def test_bad_store_and_requests(store, tmp_path):
