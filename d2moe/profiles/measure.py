@@ -33,6 +33,7 @@ import datetime
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +95,9 @@ class ProfileConfig:
     repeats: int = field(default=15, metadata={
         "help": "timings per point at least (their mean is kept; short ones repeat for "
                 "0.1 s)"})
+    rounds: int = field(default=1, metadata={
+        "help": "measure the whole profile this many times and keep every figure's median "
+                "(a machine whose speed drifts: one profile can catch a slow stretch)"})
     probe_experts: int = field(default=4, metadata={
         "help": "experts in the random probe store (loads and the lane probe)"})
     lane_layers: int = field(default=128, metadata={
@@ -162,8 +166,47 @@ def measure_profile(cfg: ProfileConfig, command: str = "",
                     spec: ModelSpec | None = None) -> Profile:
     """Run every measurement of `cfg` on this machine; returns the measured Profile.
     `spec` replaces `cfg.model_spec` (e.g. a model cut to fewer layers)."""
+    if cfg.rounds < 1:
+        raise UserError(f"must be >= 1, got {cfg.rounds}", field="rounds", fix="pass 1 or more")
+    spec = spec or load_spec(cfg.model_spec)
     with torch_threads(cfg.threads):
-        return _measure_profile(cfg, command, spec or load_spec(cfg.model_spec))
+        profiles = [_measure_profile(cfg, command, spec) for _ in range(cfg.rounds)]
+    return median_profile(profiles) if len(profiles) > 1 else profiles[0]
+
+
+def median_profile(profiles: Sequence[Profile]) -> Profile:
+    """Every figure the median of the same figure over `profiles` (measured with one
+    configuration: the same table rows), the first one's name and source, its date the
+    last one's. Each figure separately: a fit's latency and bandwidth may come from two
+    different rounds."""
+    first = profiles[0]
+
+    def med(get: Callable[[Profile], float]) -> float:
+        return statistics.median(get(p) for p in profiles)
+
+    def fields(obj: Any, get: Callable[[Profile], Any]) -> Any:
+        """`obj` (a dataclass of `first`, None on CPU for the link) with its float fields'
+        medians."""
+        if obj is None:
+            return None
+        return dataclasses.replace(obj, **{
+            f.name: med(lambda p, n=f.name: getattr(get(p), n))
+            for f in dataclasses.fields(obj) if isinstance(getattr(obj, f.name), float)})
+
+    def rows(get: Callable[[Profile], Any]) -> Any:
+        table = get(first)
+        if not hasattr(table, "rows"):
+            return fields(table, get)
+        return dataclasses.replace(table, rows=tuple(
+            fields(r, lambda p, i=i: get(p).rows[i]) for i, r in enumerate(table.rows)))
+
+    last = profiles[-1].source
+    return dataclasses.replace(
+        first, source=dataclasses.replace(first.source, date=last.date),
+        disk=fields(first.disk, lambda p: p.disk),
+        link=fields(first.link, lambda p: p.link),
+        expert=rows(lambda p: p.expert), non_expert=rows(lambda p: p.non_expert),
+        executor=fields(first.executor, lambda p: p.executor))
 
 
 def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profile:

@@ -20,7 +20,7 @@ from d2moe.profiles.executor_probes import (
     non_expert_per_layer,
     resident_probe_spec,
 )
-from d2moe.profiles.measure import ProfileConfig, measure_profile
+from d2moe.profiles.measure import ProfileConfig, measure_profile, median_profile
 from d2moe.profiles.schema import (
     ExecutorCosts,
     ExpertTable,
@@ -36,7 +36,7 @@ from d2moe.profiles.timing import (
     fit_ramp,
     interleaved_means,
 )
-from tests.profiles.test_profiles import hand
+from tests.profiles.test_profiles import hand, headed
 
 TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
             lane_layers=3, progress=False)
@@ -277,6 +277,29 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert any(e.kind == "run" for e in tl.events)
 
 
+def test_median_profile_takes_every_figure_apart() -> None:
+    """Each float figure is its own median over the rounds; names, shapes and keys stay."""
+    dicts = []
+    for k, (bw, run, head, wake) in enumerate([(2.0, 10.0, 8.0, 50.0), (1.0, 30.0, 4.0, 70.0),
+                                               (3.0, 20.0, 6.0, 60.0)]):
+        d = headed()
+        d["source"] = {"kind": "measured", "device": "d", "date": f"day {k}", "command": "c"}
+        d["disk"]["read_GBps"] = bw
+        d["expert"]["table"][0]["latency_us"] = run
+        d["non_expert"]["table"][0]["head_us"] = head
+        d["executor"] = {"layer_us": 1.0 + k, "wake_us": wake}
+        dicts.append(d)
+    rounds = [profile_from_dict(d, path=f"p{k}.yaml") for k, d in enumerate(dicts)]
+    m = median_profile(rounds)
+    assert m.disk.read_GBps == 2.0 and m.disk.latency_us == rounds[0].disk.latency_us
+    assert m.expert.rows[0].latency_us == 20.0 and m.expert.rows[0].bits == 2
+    assert m.expert.rows[1:] == rounds[0].expert.rows[1:]  # equal in every round
+    assert m.non_expert.rows[0].head_us == 6.0
+    assert (m.executor.layer_us, m.executor.wake_us) == (2.0, 60.0)
+    assert m.source.date == "day 2" and m.name == rounds[0].name
+    assert median_profile(rounds[:1]) == rounds[0]
+
+
 def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys) -> None:
     out = tmp_path / "p.yaml"
     args = ["profile", "--out", str(out), "--dir", str(tmp_path / "s"), "--tokens", "1",
@@ -287,6 +310,7 @@ def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys)
     assert "wrote" in capsys.readouterr().out
     assert main(args[:-1] + ["--tokens", "0,x", "--no-progress"]) == 2
     assert main(["profile", "--device", "tpu", "--out", str(out)]) == 2
+    assert main(args[:-1] + ["--rounds", "0", "--no-progress"]) == 2
 
 
 def test_shipped_cpu_profile_is_measured_and_covers_the_tiny_model() -> None:
