@@ -57,7 +57,8 @@ def summary(profile: Any) -> str:
                      f"loads), load {ex.load_us:.0f} us + "
                      f"bytes at {ex.load_GBps:.3g} GB/s, run {ex.run_us:.0f} us, wake "
                      f"{ex.wake_us:.0f} us; first run +{ex.first_run_us:.0f} us after a load, "
-                     f"+{ex.layer_first_run_us:.0f} us in each layer")
+                     f"+{ex.layer_first_run_us:.0f} us in each layer; non-expert "
+                     f"+{ex.non_expert_after_load_us:.0f} us after a plan with loads")
     rows = getattr(profile.expert, "rows", ())
     if rows:
         lines.append(f"expert runs: {len(rows)} points, {min(r.latency_us for r in rows):.0f}-"

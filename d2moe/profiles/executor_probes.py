@@ -375,12 +375,15 @@ def resident_probe_spec(spec: ModelSpec, layout: QuantLayout,
 @dataclasses.dataclass(frozen=True)
 class ResidentRows:
     """What `measure_non_expert` read from the real backend's rows (every expert resident):
-    (tokens, us per layer, head us) of the non-expert rows, and how much longer (us) the
+    (tokens, us per layer, head us) of the non-expert rows, how much longer (us) the
     first run of a decode layer took than the layer's later runs
-    (`executor.layer_first_run_us`)."""
+    (`executor.layer_first_run_us`), and how much longer a decode layer's non-expert row took
+    right after a plan with loads, in a run under a small budget
+    (`executor.non_expert_after_load_us`)."""
 
     non_expert: list[tuple[int, float, float]]
     layer_first_run_us: float
+    non_expert_after_load_us: float = 0.0
 
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
@@ -394,7 +397,10 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     (LM head, sampling, embedding), kept apart (`non_expert_per_layer`).
     One token: decode steps; more: one prefill per generation. The expert table times runs
     back to back; here the first run of each decode layer follows the layer's non-expert
-    slice, and what it takes beyond the layer's later runs is kept too.
+    slice, and what it takes beyond the layer's later runs is kept too. In turn with each
+    resident round, the same model decodes under a quarter of the experts (FIFO: each layer
+    loads): its rows right after a plan with loads, against the resident rows, give
+    `non_expert_after_load_us`.
     """
     import torch
 
@@ -414,27 +420,60 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     model = Transformer(small, with_experts=False)
     model.init_weights(seed=0)
     model.to(device)
-    pool = ExpertPool(small, layout, all_experts_bytes(small, bits, layout), device)
-    backend = StreamingExperts(reader, make_policy("hebf"), pool, bits=bits)
+    every = all_experts_bytes(small, bits, layout)
+    backend = StreamingExperts(reader, make_policy("hebf"),
+                               ExpertPool(small, layout, every, device), bits=bits)
+    one = every // (small.layers * small.experts)
+    few = max(small.top_k, small.layers * small.experts // 4) * one
+    loaded = StreamingExperts(reader, make_policy("fifo"), ExpertPool(small, layout, few, device),
+                              bits=bits)
     gen = torch.Generator().manual_seed(5)
 
     def prompt(n: int) -> list[int]:
         return torch.randint(0, spec.vocab, (n,), generator=gen).tolist()
 
     generate(model, prompt(8), 2 + small.layers, backend=backend)  # warm: every expert in
-    first = backend.step + 1
+    generate(model, prompt(2), 3, backend=loaded)
+    first, first_loaded = backend.step + 1, loaded.step + 1
     for _ in range(repeats):
         for n in tokens:
             if n == 1:
                 generate(model, prompt(2), 3, backend=backend)  # two decode steps
+                generate(model, prompt(2), 3, backend=loaded)
             else:
                 generate(model, prompt(n), 1, backend=backend)
             bar.step("non-expert")
     timeline = backend.finish()
+    loaded_events = [e for e in loaded.finish().events if e.step >= first_loaded]
     reader.close()
     events = [e for e in timeline.events if e.step >= first]
-    return ResidentRows(non_expert_per_layer(events, tokens),
-                        layer_first_run_excess(events))
+    return ResidentRows(non_expert_per_layer(events, tokens), layer_first_run_excess(events),
+                        after_load_excess(loaded_events, events))
+
+
+def after_load_excess(loaded: Sequence[Any], resident: Sequence[Any]) -> float:
+    """Mean decode non-expert row right after a plan with loads in `loaded` minus the mean
+    such row in `resident` (us), 0 unless clear of their noise (`clear_excess`). Layer 0's
+    rows (which also hold the step's head) are measured against layer 0's, the others
+    against the others'; layer 0 follows the previous step's last layer."""
+    with_loads = {(e.step, e.layer) for e in loaded if e.kind == "load"}
+    last = max((e.layer for e in loaded if e.kind == "non_expert"), default=0)
+
+    def decode_rows(events: Sequence[Any]) -> list[Any]:
+        return [e for e in events if e.kind == "non_expert" and e.tokens == 1]
+
+    def follows_loads(e: Any) -> bool:
+        before = (e.step, e.layer - 1) if e.layer else (e.step - 1, last)
+        return before in with_loads
+
+    base: dict[bool, list[float]] = {True: [], False: []}  # layer 0 or not -> rows
+    for e in decode_rows(resident):
+        base[e.layer == 0].append(e.end_us - e.start_us)
+    mean = {k: statistics.fmean(v) for k, v in base.items() if v}
+    after = [e.end_us - e.start_us - mean[e.layer == 0] for e in decode_rows(loaded)
+             if (e.layer == 0) in mean and follows_loads(e)]
+    spread = [us - mean[k] for k, v in base.items() for us in v]
+    return round(clear_excess(after, spread), 2)
 
 
 def non_expert_per_layer(events: Sequence[Any],

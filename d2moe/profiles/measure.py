@@ -13,7 +13,9 @@ preemptions that some timings catch are part of what a long run pays):
   every expert resident; what layer 0's row takes beyond the others (the step's head:
   the last step's LM head and sampling, the embedding) is kept apart (`head_us`); from the
   same rows, how much longer a decode layer's first run takes than
-  its later runs (`executor.layer_first_run_us`: the non-expert slice ran in between);
+  its later runs (`executor.layer_first_run_us`: the non-expert slice ran in between); in
+  turn, the same model under a quarter of the experts: how much longer a decode layer's
+  non-expert row takes right after a plan with loads (`executor.non_expert_after_load_us`);
 - the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus the
   disk fit gives `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
   store gives the per-layer dispatch (`layer_us`, layers without loads), what a layer with
@@ -277,6 +279,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              cold_ramp_us=round(cold_ramp_us, 1),
                              first_run_us=round(first_run_us, 2),
                              layer_first_run_us=resident.layer_first_run_us,
+                             non_expert_after_load_us=resident.non_expert_after_load_us,
                              handoff_us=lanes["handoff_us"])
     shape = expert_shape_key(spec)
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")

@@ -41,7 +41,7 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
                 "executor")
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "run_us", "wake_us", "overlap_io_speed",
                  "overlap_compute_speed", "cold_load_us", "cold_ramp_us", "first_run_us",
-                 "layer_first_run_us", "handoff_us")
+                 "layer_first_run_us", "handoff_us", "non_expert_after_load_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 _DEFAULT_LAYOUT = QuantLayout()
@@ -142,7 +142,10 @@ class ExecutorCosts:
     expert after its load pays `first_run_us` more (its planes were just written by the I/O
     lane, on another core), and the first run of each layer's plan pays `layer_first_run_us`
     more (the layer's non-expert slice ran in between and cycled the caches that back-to-back
-    runs, as the expert table times them, keep warm). Profiles without a field pay none of it.
+    runs, as the expert table times them, keep warm). A layer's non-expert slice right after a
+    plan with loads pays `non_expert_after_load_us` more than with every expert resident
+    (development VM, tiny model, 24 rounds of 2026-11-23: median decode row 544-591 us after
+    a plan with loads, 443-444 in runs without loads). Profiles without a field pay none of it.
     """
 
     layer_us: float = 0.0
@@ -157,6 +160,7 @@ class ExecutorCosts:
     first_run_us: float = 0.0
     layer_first_run_us: float = 0.0
     handoff_us: float = 0.0
+    non_expert_after_load_us: float = 0.0
 
     def cold_us(self, idle_us: float) -> float:
         """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`."""

@@ -7,8 +7,9 @@ expert work pays `layer_us` before its plan starts (and `handoff_us` more when i
 loads: the executor hands only those to the I/O lane's thread), a lane blocked on the other
 resumes `wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays
 the disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`,
-the first run of each layer's plan `layer_first_run_us`, and each lane slows to its measured
-overlap speed while the other is busy (`sim/contention.py`).
+the first run of each layer's plan `layer_first_run_us`, the non-expert slice right after a
+plan with loads `non_expert_after_load_us`, and each lane slows to its measured overlap speed
+while the other is busy (`sim/contention.py`).
 Without them these terms are zero.
 """
 
@@ -41,6 +42,8 @@ class ProfileCosts:
         self.layer_first_run_us = float(getattr(lc, "layer_first_run_us", 0.0)) \
             if lc is not None else 0.0
         self.handoff_us = float(getattr(lc, "handoff_us", 0.0)) if lc is not None else 0.0
+        self.after_load_us = float(getattr(lc, "non_expert_after_load_us", 0.0)) \
+            if lc is not None else 0.0
         self._load: dict[tuple[int, str, int], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}
@@ -93,16 +96,18 @@ class ProfileCosts:
             us = self._non_expert[tokens] = float(self.profile.non_expert_us(self.spec, tokens))
         return us
 
-    def non_expert_us_of(self, layer: int, tokens: int) -> float:
+    def non_expert_us_of(self, layer: int, tokens: int, after_load: bool = False) -> float:
         """Layer `layer`'s non-expert part: layer 0's also holds the step's head (the
-        previous step's LM head and sampling, the embedding), as in the executor's rows."""
+        previous step's LM head and sampling, the embedding), as in the executor's rows;
+        right after a plan with loads (`after_load`) it takes `after_load_us` longer."""
+        extra = self.after_load_us if after_load else 0.0
         if layer:
-            return self.non_expert_us(tokens)
+            return self.non_expert_us(tokens) + extra
         us = self._head.get(tokens)
         if us is None:
             us = self._head[tokens] = self.non_expert_us(tokens) + float(
                 self.profile.head_us(self.spec, tokens))
-        return us
+        return us + extra
 
 
 class HostCache:

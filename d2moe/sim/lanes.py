@@ -54,6 +54,7 @@ class LayerCtx:
     first_run_us: float = 0.0  # extra time of the first run after its expert's load
     layer_first_run_us: float = 0.0  # extra time of the plan's first run (after non-expert)
     handoff_us: float = 0.0  # a plan with loads starts this much later (the I/O hand-off)
+    loaded: bool = False  # whether the last plan had loads (the drivers set it)
 
     @property
     def contended(self) -> bool:

@@ -137,13 +137,14 @@ class SimSession:
         events, view = ctx.events, ctx.pool.view
         ctx.step = s
         for layer, demands in enumerate(step.layers):
-            ne = costs.non_expert_us_of(layer, step.tokens)
+            ne = costs.non_expert_us_of(layer, step.tokens, ctx.loaded)
             events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0, t,
                                 t + ne))
             t += ne
+            ctx.loaded = False
             if demands:
                 plan = policy.plan(layer, demands, view, costs)
-                ctx.layer = layer
+                ctx.layer, ctx.loaded = layer, bool(plan.loads)
                 t = execute_fast(ctx, plan, t + costs.layer_us)
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
         return t
@@ -234,14 +235,15 @@ def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet
     for s in range(len(source)):
         step, t_step, first = source.work(s), t, len(events)
         for layer, demands in enumerate(step.layers):
-            ne = costs.non_expert_us_of(layer, step.tokens)
+            ne = costs.non_expert_us_of(layer, step.tokens, ctx.loaded)
             events.append(Event("compute", "non_expert", s, layer, -1, 0, 0, step.tokens, 0,
                                 t, t + ne))
             t += ne
+            ctx.loaded = False
             yield env.timeout(max(0.0, t - env.now))
             if demands:
                 plan = policy.plan(layer, demands, pool.view, costs)
-                ctx.step, ctx.layer = s, layer
+                ctx.step, ctx.layer, ctx.loaded = s, layer, bool(plan.loads)
                 t = yield env.process(simpy_layer(env, ctx, plan, t + costs.layer_us))
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
         source.observe(s, events[first:], t_step, t)

@@ -14,6 +14,7 @@ from d2moe.core.events import Event
 from d2moe.core.spec import load_spec
 from d2moe.profiles.executor_probes import (
     COLD_IDLE_MS,
+    after_load_excess,
     lane_costs_from_rows,
     layer_first_run_excess,
     measure_cold_loads,
@@ -119,6 +120,28 @@ def test_lane_costs_split_layers_with_and_without_loads_by_hand() -> None:
 def _step_row(kind: str, step: int, layer: int, tokens: int, start: float, end: float) -> Event:
     lane = "compute" if kind in ("run", "stall", "non_expert") else "io"
     return Event(lane, kind, step, layer, 0, 0, 4, tokens, 0, start, end)
+
+
+def test_after_load_excess_by_hand() -> None:
+    resident = [_step_row("non_expert", s, layer, 1, 0, us)
+                for s, per in ((1, (10, 11, 9)), (2, (10, 9, 11))) for layer, us in
+                enumerate((30, *per))]
+    # loads in layer 0 of step 1 and layer 1 of step 2: rows (1, 1) and (2, 2) follow them
+    loaded = [_step_row("load", 1, 0, 0, 0, 5), _step_row("load", 2, 1, 0, 0, 5)]
+    loaded += [_step_row("non_expert", s, layer, 1, 0, us)
+               for s, per in ((1, (19, 10, 9)), (2, (11, 11, 10))) for layer, us in
+               enumerate((40, *per))]
+    # after: 19, 11 against the resident layers >= 1 (mean 10): +9, +1, mean 5
+    assert after_load_excess(loaded, resident) == 0.0  # two samples: 5 is within 2 se (8)
+    assert after_load_excess(loaded * 6, resident * 6) == pytest.approx(5.0)
+    assert after_load_excess([r for r in loaded if r.kind == "load"] + resident,
+                             resident) == 0.0  # the same rows after loads: nothing extra
+    loaded.append(_step_row("non_expert", 3, 1, 4, 0, 99))  # a 4-token step: not a decode
+    assert after_load_excess(loaded * 6, resident * 6) == pytest.approx(5.0)
+    # a load in step 1's last layer: step 2's layer-0 row (40, head included) follows it and
+    # is measured against the resident layer-0 rows (30): +10; mean of +9, +1, +10
+    loaded.append(_step_row("load", 1, 3, 0, 0, 5))
+    assert after_load_excess(loaded * 6, resident * 6) == pytest.approx(20 / 3, abs=0.01)
 
 
 def test_layer_first_run_excess_by_hand() -> None:
@@ -268,7 +291,7 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert q.executor is not None and q.executor.layer_us >= 0
     assert q.executor.cold_load_us >= 0 and q.executor.cold_ramp_us >= 0
     assert q.executor.first_run_us >= 0 and q.executor.layer_first_run_us >= 0
-    assert q.executor.handoff_us >= 0
+    assert q.executor.handoff_us >= 0 and q.executor.non_expert_after_load_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
     spec = load_spec("tiny")
     trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))

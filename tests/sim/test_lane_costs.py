@@ -78,11 +78,43 @@ def test_without_lane_costs_a_load_is_one_request() -> None:
 def test_engines_match_exactly_with_lane_costs(steps, frac, name) -> None:
     budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
     layout = QuantLayout(b1=2, bK=4)
-    profile = LaneProfile(head_us_flat=1.5)
+    profile = LaneProfile(head_us_flat=1.5, executor=ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        non_expert_after_load_us=0.75))
     fast = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="fast"), steps, name)
     slow = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="simpy"), steps, name)
     key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
     assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_non_expert_after_a_plan_with_loads(engine: str) -> None:
+    """The surcharge lands on the non-expert row right after a plan with loads (across the
+    step boundary too), on no other row."""
+    # budget: one expert at 2 bits; E0 of every layer: the first layer loads, then hits
+    # (same expert, different layers: all miss), so every plan has a load
+    demands = [[Demand(ExpertKey(layer, 0), 2, 1, 0.9)] for layer in range(3)]
+    steps = [StepWork("prefill", 1, demands), StepWork("decode", 1, demands)]
+    costs = dict(layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0)
+
+    def rows(extra: float):
+        profile = LaneProfile(executor=ExecutorCosts(**costs, non_expert_after_load_us=extra))
+        tl = simulate(SimSetup(SPEC, profile, LAYOUT, SIZES.by_bits[2], engine=engine), steps,
+                      make_policy("fifo"))
+        return [(e.step, e.layer, e.end_us - e.start_us) for e in tl.events
+                if e.kind == "non_expert"]
+
+    assert [us for *_, us in rows(0.0)] == [3.0] * 6
+    # every plan loads: each row but the very first follows one
+    assert rows(2.5) == [(0, 0, 3.0), (0, 1, 5.5), (0, 2, 5.5), (1, 0, 5.5), (1, 1, 5.5),
+                         (1, 2, 5.5)]
+    # a budget holding every expert: the decode step's plans load nothing, no surcharge
+    big = LaneProfile(executor=ExecutorCosts(**costs, non_expert_after_load_us=2.5))
+    tl = simulate(SimSetup(SPEC, big, LAYOUT, 10**6, engine=engine),
+                  [StepWork("prefill", 1, demands)] + [StepWork("decode", 1, demands)] * 2,
+                  make_policy("fifo"))
+    ne = [e.end_us - e.start_us for e in tl.events if e.kind == "non_expert" and e.step == 2]
+    assert ne == [3.0, 3.0, 3.0]
 
 
 @pytest.mark.parametrize("engine", ["fast", "simpy"])
