@@ -57,6 +57,9 @@ fidelity)
     --measure --store /tmp/d2moe-mix --out /tmp/d2moe-fmix 2>&1 | grep -v "^wrote" | tail -12
   cp /tmp/d2moe-fmix/fidelity.json "$OUT/fidelity-mixtral.json" 2>/dev/null
   cp /tmp/d2moe-fmix/timeline-50pct.png "$OUT/fidelity-mixtral-50pct.png" 2>/dev/null
+  step "loads into the CUDA pool: heap read buffers against a mapping per read (~40 s)"
+  timeout 90 $PY benchmarks/read_buffers.py --device cuda --spec mixtral-8x7b --rounds 6 \
+    2>&1 | tail -4 | tee "$OUT/read_buffers.txt"
   ;;
 esac
 step done

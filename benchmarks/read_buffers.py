@@ -10,6 +10,7 @@ the read fills it and an unmap when freed; the heap reuses pages it already hold
 the median load of each and the median of the per-round ratios mapping / heap.
 
 Usage: python benchmarks/read_buffers.py [--spec mixtral-8x7b] [--rounds 8] [--bits 4]
+                                        [--device cuda]
 The Mixtral-shaped store takes about 0.36 GB of disk under the d2moe cache directory while
 it runs (removed afterwards).
 """
@@ -46,17 +47,20 @@ def main() -> None:
     ap.add_argument("--spec", default="tiny", help="shipped spec name or YAML")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(1)
     layout = QuantLayout()
     spec = dataclasses.replace(load_spec(args.spec), layers=1, experts=2, top_k=1)
-    print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads, {args.rounds} rounds")
+    print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {device} pool, "
+                  f"{args.rounds} rounds")
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="read-buffers-", dir=root) as tmp:
         reader = StoreReader(write_random_store(Path(tmp) / "store", spec, layout), direct=True)
-        pool = ExpertPool(spec, layout, all_experts_bytes(spec, args.bits, layout),
-                          torch.device("cpu"))
+        pool = ExpertPool(spec, layout, all_experts_bytes(spec, args.bits, layout), device)
         keys = [ExpertKey(0, e) for e in range(spec.experts)]
         times: dict[str, list[float]] = {k: [] for k in BUFFERS}
         try:
@@ -66,8 +70,10 @@ def main() -> None:
                     key = keys[k]
                     _drop(pool, key)
                     store_mod.aligned_buffer = BUFFERS[kind]
+                    sync()
                     t0 = time.perf_counter()
                     load_into(reader, pool, Load(key, 0, args.bits))
+                    sync()
                     if r:
                         times[kind].append((time.perf_counter() - t0) * 1e3)
         finally:

@@ -374,8 +374,8 @@ def resident_probe_spec(spec: ModelSpec, layout: QuantLayout,
 
 @dataclasses.dataclass(frozen=True)
 class ResidentRows:
-    """What `measure_non_expert` read from the real backend's rows (every expert resident):
-    (tokens, us per layer, head us) of the non-expert rows, how much longer (us) the
+    """What `measure_non_expert` read from the real backend's rows: with every expert
+    resident, (tokens, us per layer, head us) of the non-expert rows, how much longer (us) the
     first run of a decode layer took than the layer's later runs
     (`executor.layer_first_run_us`), and how much longer a decode layer's non-expert row took
     right after a plan with loads, in a run under a small budget
