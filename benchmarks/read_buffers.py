@@ -1,5 +1,5 @@
 """Where an O_DIRECT read lands: a page-aligned slice of a heap array (the store reader now)
-against a fresh anonymous mapping per read (before 2026-11-23 12:00 UTC; the baseline,
+against a fresh anonymous mapping per read (before 2026-11-23 11:37 UTC; the baseline,
 measured in the same rounds).
 
 Times the I/O lane's whole load of one expert from 0 to `--bits` bits (every level's read,

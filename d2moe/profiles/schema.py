@@ -14,7 +14,7 @@ Non-expert part of a layer (`Profile.non_expert_us`): layer_overhead_us + roofli
 spec's non-expert weights (at dtype_bytes) and flops, or a measured table over tokens; a
 measured table may add the step's head (`Profile.head_us`: LM head, sampling, embedding),
 which the simulator charges to layer 0 as the executor's rows do (0 in roofline profiles and
-in tables measured before 2026-11-23 12:00 UTC, which spread it over the layers instead).
+in tables measured before 2026-11-23 11:20 UTC, which spread it over the layers instead).
 Executor lane costs (`Profile.executor`, optional, measured by `d2moe profile`): the fixed
 costs of the real executor's lanes beyond the disk and the kernels (per layer, per load, per
 byte loaded, per run, per hand-off between the lanes); the simulator adds them when present.
