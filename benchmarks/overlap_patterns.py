@@ -1,17 +1,19 @@
 """How the two lanes share the CPU depends on who is running first: the lanes' speeds while
-both are busy, in the executor's pattern against the profile's overlap probe (the baseline,
-measured in the same run).
+both are busy in two synthetic patterns, and as `d2moe profile` now reads them from the real
+backend's rows (measured in the same run).
 
 On the CPU the I/O lane's thread and the compute lane share the cores and the interpreter
-lock. The profile's probe (`profiles.executor_probes.measure_overlap`) has the compute lane
-run experts back to back and hand a load to the I/O thread every two runs. A real layer with
-two misses goes otherwise: both loads are handed over together, the compute lane stalls on
-the first, then runs it while the I/O thread is in the middle of the second. This script
-times that pattern on the tiny model's expert shape (random probe store, O_DIRECT, one torch
-thread): per round a steady pair of loads and a run with the I/O lane idle give the alone
-times, then the pattern gives the run's and the second load's times and their overlap, and
-the fluid model's speeds follow: speed = (alone time - time not overlapped) / overlap.
-Prints the median speeds of both patterns.
+lock. "stream": the compute lane runs experts back to back while the I/O thread loads
+experts one after another (close to the overlap probe the profile used until 2026-11-23
+12:40 UTC, which handed a load over every two runs). "stall": as a layer with two misses, both
+loads are handed over together, the compute lane stalls on the first, then runs it while the
+I/O thread is in the middle of the second. Both on the tiny model's expert shape (random probe
+store, O_DIRECT, one torch thread); per round the alone times come from a steady pair of
+loads and a run with the I/O lane idle, and the fluid model's speeds follow: speed = (alone
+time - time not overlapped) / time overlapped, least squares within a round, the median
+over the rounds. "rows": the
+speeds of a `d2moe profile` run (`profiles.executor_probes.overlap_speeds_from_rows` on the
+real backend decoding under a quarter of the experts).
 
 Usage: python benchmarks/overlap_patterns.py [--rounds 60]
 """
@@ -35,16 +37,17 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import load_spec
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import cache_dir
-from d2moe.profiles.executor_probes import _drop, load_into, measure_overlap, run_bodies
+from d2moe.profiles.executor_probes import _drop, load_into, run_bodies
+from d2moe.profiles.measure import ProfileConfig, measure_profile
 from d2moe.profiles.probe_store import write_random_store
 from d2moe.quant.store import StoreReader
 
 BITS = 4
 
 
-def executor_pattern(reader: StoreReader, probe, layout: QuantLayout, rounds: int
-                     ) -> tuple[float, float]:
-    """(I/O speed, compute speed), medians over `rounds` of the stall-then-run pattern."""
+def pattern_speeds(reader: StoreReader, probe, layout: QuantLayout, rounds: int
+                   ) -> dict[str, tuple[float, float]]:
+    """{pattern: (I/O speed, compute speed)} for "stream" and "stall", rounds interleaved."""
     run = run_bodies(probe, layout, torch.device("cpu"), [(BITS, 1)])[0]
     pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout),
                       torch.device("cpu"))
@@ -56,9 +59,10 @@ def executor_pattern(reader: StoreReader, probe, layout: QuantLayout, rounds: in
     def io_lane() -> None:  # loads each handed-over batch back to back, as executor/lanes.py
         while (batch := todo.get()) is not None:
             for k in batch:
-                _drop(pool, keys[k])
+                key = keys[k % len(keys)]
+                _drop(pool, key)
                 t0 = time.perf_counter()
-                load_into(reader, pool, Load(keys[k], 0, BITS))
+                load_into(reader, pool, Load(key, 0, BITS))
                 spans[k] = (t0, time.perf_counter())
                 done[k].set()
 
@@ -72,34 +76,60 @@ def executor_pattern(reader: StoreReader, probe, layout: QuantLayout, rounds: in
         run(i)
         return t0, time.perf_counter()
 
+    def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+        return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+    per_round: dict[str, list[tuple[float, float]]] = {"stream": [], "stall": []}
+
+    def add(pattern: str, loads: list[tuple[float, float]], runs: list[tuple[float, float]],
+            load_alone: float, run_alone: float) -> None:
+        """One round's speeds: least squares over its overlapping loads, and runs."""
+        acc = [0.0, 0.0, 0.0, 0.0]  # io: sum over x (alone - not overlapped), sum over^2; cpu
+        for ld in loads:
+            over = sum(overlap(ld, r) for r in runs)
+            acc[0] += over * (load_alone - (ld[1] - ld[0] - over))
+            acc[1] += over * over
+        for r in runs:
+            over = sum(overlap(r, ld) for ld in loads)
+            acc[2] += over * (run_alone - (r[1] - r[0] - over))
+            acc[3] += over * over
+        if acc[1] > 0 and acc[3] > 0:
+            per_round[pattern].append((acc[0] / acc[1], acc[2] / acc[3]))
+
     thread = threading.Thread(target=io_lane, daemon=True)
     thread.start()
-    io_speed, compute_speed, load_alone, run_alone = [], [], [], []
+    load_alone, run_alone = [], []
     try:
         for r in range(rounds + 1):  # round 0 warms up
             hand_over([0, 1])  # alone: the second of a steady pair, a run with I/O idle
             done[1].wait()
             load_alone.append(spans[1][1] - spans[1][0])
-            a0, a1 = timed_run(r)
-            run_alone.append(a1 - a0)
+            t0, t1 = timed_run(r)
+            run_alone.append(t1 - t0)
+            b, a = statistics.median(load_alone), statistics.median(run_alone)
             time.sleep(0.002)
-            hand_over([2, 3])  # the pattern: stall on load 2, run it while 3 loads
+            hand_over([2, 3])  # stall on load 2, run it while 3 loads
             done[2].wait()
-            r0, r1 = timed_run(r)
+            ran = timed_run(r)
             done[3].wait()
-            l0, l1 = spans[3]
-            overlap = min(r1, l1) - max(r0, l0)
-            if r and overlap > 0:
-                b, a = statistics.median(load_alone), statistics.median(run_alone)
-                io_speed.append((b - (l1 - l0 - overlap)) / overlap)
-                compute_speed.append((a - (r1 - r0 - overlap)) / overlap)
+            if r:
+                add("stall", [spans[3]], [ran], b, a)
+            time.sleep(0.002)
+            batch = list(range(10, 16))  # stream: six loads beside back-to-back runs
+            hand_over(batch)
+            runs = []
+            while not done[batch[-1]].is_set():
+                runs.append(timed_run(r))
+            if r:
+                add("stream", [spans[k] for k in batch[1:-1]], runs, b, a)
             time.sleep(0.002)
     finally:
         todo.put(None)
         thread.join()
         for key in list(pool.blocks):
             _drop(pool, key)
-    return statistics.median(io_speed), statistics.median(compute_speed)
+    return {p: (statistics.median(io for io, _ in xs), statistics.median(c for _, c in xs))
+            for p, xs in per_round.items()}
 
 
 def main() -> None:
@@ -115,16 +145,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="overlap-", dir=root) as tmp:
         reader = StoreReader(write_random_store(Path(tmp) / "store", probe, layout), direct=True)
         try:
-            ex_io, ex_cpu = executor_pattern(reader, probe, layout, args.rounds)
-            base = measure_overlap(reader, probe, layout, torch.device("cpu"), BITS, 15,
-                                   lambda: None)
+            speeds = pattern_speeds(reader, probe, layout, args.rounds)
         finally:
             reader.close()
-    print(f"{'pattern':<52}  io speed  compute speed")
-    print(f"{'profile probe (runs back to back, loads handed over)':<52}  "
-          f"{base['overlap_io_speed']:8.2f}  {base['overlap_compute_speed']:13.2f}")
-    print(f"{'executor (stall on a load, run beside the next)':<52}  {ex_io:8.2f}  "
-          f"{ex_cpu:13.2f}")
+        ex = measure_profile(ProfileConfig(out=str(Path(tmp) / "p.yaml"), progress=False,
+                                           dir=tmp)).executor
+    speeds["rows"] = (ex.overlap_io_speed, ex.overlap_compute_speed)
+    print(f"{'pattern':<8}  io speed  compute speed")
+    for name, (io, cpu) in speeds.items():
+        print(f"{name:<8}  {io:8.2f}  {cpu:13.2f}")
 
 
 if __name__ == "__main__":

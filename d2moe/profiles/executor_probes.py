@@ -5,6 +5,7 @@ of the real backend, and the two lanes' speeds while both are busy."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -122,96 +123,6 @@ def measure_runs(probe: ModelSpec, layout: QuantLayout, device: Any, bits: Seque
     means = interleaved_means(run_bodies(probe, layout, device, points), repeats, sync,
                                   bar, "runs")
     return [(b, n, us) for (b, n), us in zip(points, means, strict=True)]
-
-
-def measure_overlap(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
-                    bits: int, repeats: int, sync: Callable[[], None],
-                    window_s: float = 0.15, runs_per_load: int = 2) -> dict[str, float]:
-    """Each lane's speed while the other is busy, a fraction in (0, 1], in the situation of a
-    real run: the compute lane (this thread) runs experts back to back and hands one load to
-    an I/O thread (woken through a queue, as `executor/lanes.py`) every `runs_per_load` runs.
-
-    compute speed = 1 - (compute time lost) / (time a load was in flight), where the time
-    lost is the window minus the runs done over the run rate alone: so the hand-offs, the
-    interpreter lock and the caches that each load costs the compute lane are charged to the
-    overlap, as the simulator's fluid model does. I/O speed = a load's mean time when the
-    compute lane idles (sleeps) between the hand-offs over its mean time beside the runs.
-    Alone and together alternate for a few rounds and the means are kept."""
-    import queue
-    import threading
-
-    from d2moe.core.jobs import ExpertKey, Load
-    from d2moe.core.sizes import all_experts_bytes
-    from d2moe.executor.pool import ExpertPool
-
-    run = run_bodies(probe, layout, device, [(bits, 1)])[0]
-    pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
-    keys = [ExpertKey(0, e) for e in range(probe.experts)]
-    todo: queue.Queue[int | None] = queue.Queue()
-    spans: list[float] = []  # durations of the loads done, us
-
-    def io_lane() -> None:
-        while (i := todo.get()) is not None:
-            key = keys[i % len(keys)]
-            _drop(pool, key)
-            t0 = time.perf_counter()
-            load_into(reader, pool, Load(key, 0, bits))
-            sync()
-            spans.append((time.perf_counter() - t0) * 1e6)
-
-    thread = threading.Thread(target=io_lane, daemon=True)
-    thread.start()
-
-    def window(seconds: float, loads: bool, compute: bool, run_s: float) -> tuple[int, float]:
-        """(runs done, seconds) of a window; a load is handed over every runs_per_load runs
-        (or, with compute off, every runs_per_load run times of sleep)."""
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            if loads and n % runs_per_load == 0:
-                todo.put(n)
-            if compute:
-                run(n)
-                sync()
-            else:
-                time.sleep(run_s)
-            n += 1
-        elapsed = time.perf_counter() - t0
-        while not todo.empty():  # let the last load finish outside the next window
-            time.sleep(0.001)
-        time.sleep(0.005)
-        return n, elapsed
-
-    t0 = time.perf_counter()
-    for _ in range(3):
-        run(-1)
-    run_s = (time.perf_counter() - t0) / 3
-    window_s = max(window_s, 40 * run_s)  # many runs per window
-    compute_speed, io_speed = [], []
-    try:
-        for _ in range(max(4, repeats)):  # alone and together in turn: load drifts alike
-            n_alone, s_alone = window(window_s, False, True, run_s)
-            rate = n_alone / s_alone
-            spans.clear()
-            window(window_s, True, False, run_s)
-            load_alone = statistics.fmean(spans) if spans else 0.0
-            spans.clear()
-            n_both, s_both = window(window_s, True, True, run_s)
-            busy_s = sum(spans) / 1e6
-            lost_s = s_both - n_both / rate
-            if busy_s > 0:
-                compute_speed.append(1.0 - lost_s / busy_s)
-            if spans and load_alone:
-                io_speed.append(load_alone / statistics.fmean(spans))
-    finally:
-        todo.put(None)
-        thread.join()
-    for key in list(pool.blocks):
-        _drop(pool, key)
-
-    def clamp(xs: list[float]) -> float:
-        return round(min(1.0, max(0.05, statistics.fmean(xs))), 3) if xs else 1.0
-
-    return {"overlap_compute_speed": clamp(compute_speed), "overlap_io_speed": clamp(io_speed)}
 
 
 COLD_IDLE_MS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # I/O lane idle before a burst
@@ -384,6 +295,7 @@ class ResidentRows:
     non_expert: list[tuple[int, float, float]]
     layer_first_run_us: float
     non_expert_after_load_us: float = 0.0
+    loaded_rows: tuple[Any, ...] = ()  # the decode steps under a quarter of the experts
 
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
@@ -448,7 +360,57 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     reader.close()
     events = [e for e in timeline.events if e.step >= first]
     return ResidentRows(non_expert_per_layer(events, tokens), layer_first_run_excess(events),
-                        after_load_excess(loaded_events, events))
+                        after_load_excess(loaded_events, events),
+                        tuple(e for e in loaded_events if e.lane in ("io", "compute")))
+
+
+def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, float], float],
+                             run_us: Callable[[Any, bool, bool], float]) -> dict[str, float]:
+    """Each lane's speed while the other is busy, read from a real run's rows as the fluid
+    model of `sim/contention.py` has it: a job's nominal time = its time alone + speed x its
+    time beside the other lane's jobs, least squares over the jobs that overlapped.
+
+    `load_us(row, idle_us)`: a load row's nominal time (cold cost after `idle_us` included);
+    `run_us(row, first_after_its_load, first_of_plan)`: a run row's. How the two lanes share
+    the CPU depends on which of them was running first (benchmarks/overlap_patterns.py), so
+    the speeds come from the interleavings the executor itself produces, not from a
+    synthetic pattern. 1.0 for a lane that never overlapped."""
+    loads = sorted((e for e in events if e.kind in ("load", "prefetch")),
+                   key=lambda e: e.start_us)
+    runs = sorted((e for e in events if e.kind in ("run", "substitute")),
+                  key=lambda e: e.start_us)
+
+    def overlap(job: Any, others: Sequence[Any]) -> float:
+        return sum(max(0.0, min(job.end_us, o.end_us) - max(job.start_us, o.start_us))
+                   for o in others if o.start_us < job.end_us and o.end_us > job.start_us)
+
+    io, cpu = [0.0, 0.0], [0.0, 0.0]  # sums of overlap x (nominal - alone), overlap^2
+    last_end = -math.inf
+    for ld in loads:
+        nominal = load_us(ld, ld.start_us - last_end)
+        last_end = ld.end_us
+        over = overlap(ld, runs)
+        io[0] += over * (nominal - (ld.end_us - ld.start_us - over))
+        io[1] += over * over
+    loaded: dict[tuple[int, int], set[int]] = {}
+    for ld in loads:
+        loaded.setdefault((ld.step, ld.layer), set()).add(ld.expert)
+    seen: set[tuple[int, int, int]] = set()
+    plan_started: set[tuple[int, int]] = set()
+    for r in runs:
+        plan = (r.step, r.layer)
+        first_after = r.expert in loaded.get(plan, ()) and (*plan, r.expert) not in seen
+        seen.add((*plan, r.expert))
+        nominal = run_us(r, first_after, plan not in plan_started)
+        plan_started.add(plan)
+        over = overlap(r, loads)
+        cpu[0] += over * (nominal - (r.end_us - r.start_us - over))
+        cpu[1] += over * over
+
+    def speed(sums: list[float]) -> float:
+        return round(min(1.0, max(0.05, sums[0] / sums[1])), 3) if sums[1] > 0 else 1.0
+
+    return {"overlap_io_speed": speed(io), "overlap_compute_speed": speed(cpu)}
 
 
 def after_load_excess(loaded: Sequence[Any], resident: Sequence[Any]) -> float:

@@ -25,7 +25,10 @@ preemptions that some timings catch are part of what a long run pays):
   after an I/O thread loaded it against the run right after (`first_run_us`); bursts of
   whole loads on an I/O thread after it sat idle for 0.5 .. 20 ms against a steady stream:
   the loads after a pause cost more, summed on the first (`executor.cold_load_us`, reached
-  after `cold_ramp_us` of idle time, linearly before).
+  after `cold_ramp_us` of idle time, linearly before);
+- each lane's speed while the other is busy (`overlap_io_speed`, `overlap_compute_speed`):
+  read last, from the rows of the decode under a quarter of the experts, every job's nominal
+  time from the figures above (`overlap_speeds`).
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ from d2moe.profiles.executor_probes import (
     measure_lanes,
     measure_loads,
     measure_non_expert,
-    measure_overlap,
     measure_runs,
+    overlap_speeds_from_rows,
 )
 from d2moe.profiles.schema import (
     ExecutorCosts,
@@ -256,8 +259,6 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
                                               scratch, bar)
                 lanes = measure_lanes(reader, probe, layout, device, cfg.lane_layers, sync)
-                overlap = measure_overlap(reader, probe, layout, device,
-                                          min(layout.b1 + 2, layout.bK), cfg.repeats, sync)
                 cold_load_us, cold_ramp_us = fit_ramp(measure_cold_loads(
                     reader, probe, layout, device, min(layout.b1 + 2, layout.bK),
                     2 * cfg.repeats, sync, bar))
@@ -274,7 +275,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     load_us, load_gbps = fit_latency_bandwidth(extra)
     executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
                              load_GBps=_sig(load_gbps),
-                             run_us=lanes["run_us"], wake_us=lanes["wake_us"], **overlap,
+                             run_us=lanes["run_us"], wake_us=lanes["wake_us"],
                              cold_load_us=round(cold_load_us, 2),
                              cold_ramp_us=round(cold_ramp_us, 1),
                              first_run_us=round(first_run_us, 2),
@@ -283,7 +284,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              handoff_us=lanes["handoff_us"])
     shape = expert_shape_key(spec)
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
-    return Profile(
+    profile = Profile(
         name=name,
         source=Source("measured", device=_device_name(device),
                       date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -295,6 +296,28 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
         non_expert=NonExpertTable(tuple(NonExpertRow(spec.name, t, us, head_us)
                                         for t, us, head_us in resident.non_expert)),
         executor=executor)
+    return dataclasses.replace(profile, executor=dataclasses.replace(
+        executor, **overlap_speeds(profile, spec, layout, resident.loaded_rows)))
+
+
+def overlap_speeds(profile: Profile, spec: ModelSpec, layout: QuantLayout,
+                   rows: Sequence[Any]) -> dict[str, float]:
+    """The lanes' overlap speeds from a real run's rows (`overlap_speeds_from_rows`), each
+    job's nominal time from `profile`'s other figures, as the simulator would charge it."""
+    ex = profile.executor
+    assert ex is not None
+
+    def load_us(row: Any, idle_us: float) -> float:
+        levels = row.bits_to - (layout.b1 - 1 if row.bits_from == 0 else row.bits_from)
+        return (profile.load_us(row.bytes, "disk", max(1, levels)) + ex.load_extra_us(row.bytes)
+                + ex.cold_us(idle_us))
+
+    def run_us(row: Any, first_after_load: bool, first_of_plan: bool) -> float:
+        return (profile.run_us(spec, row.bits_to, row.tokens, layout) + ex.run_us
+                + (ex.first_run_us if first_after_load else 0.0)
+                + (ex.layer_first_run_us if first_of_plan else 0.0))
+
+    return overlap_speeds_from_rows(rows, load_us, run_us)
 
 
 def _device(text: str) -> Any:
