@@ -60,6 +60,9 @@ fidelity)
   step "loads into the CUDA pool: heap read buffers against a mapping per read (~40 s)"
   timeout 90 $PY benchmarks/read_buffers.py --device cuda --spec mixtral-8x7b --rounds 6 \
     2>&1 | tail -4 | tee "$OUT/read_buffers.txt"
+  step "loads into the CUDA pool: checksums beside the next read against inline (~40 s)"
+  timeout 90 $PY benchmarks/load_checksum.py --device cuda --rounds 6 \
+    2>&1 | tail -4 | tee "$OUT/load_checksum.txt"
   ;;
 esac
 step done

@@ -23,6 +23,7 @@ import mmap
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,6 +43,50 @@ BUFFERS = {"heap": store_mod.aligned_buffer,
            "mapping": lambda nbytes: mmap.mmap(-1, nbytes)}  # page aligned, fresh each read
 
 
+def alternate_loads(spec_name: str, bits: int, rounds: int, device: torch.device,
+                    variants: dict[str, Callable[[StoreReader], None]]) -> dict[str, list[float]]:
+    """ms of the I/O lane's whole 0->`bits` load of one expert per round and variant (a
+    variant sets the reader up before its load), on a random-weight store of `spec_name`'s
+    expert shape (one expert per variant, O_DIRECT); the variants alternate, which goes
+    first alternating too; round 0 warms up and is dropped."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    layout = QuantLayout()
+    spec = dataclasses.replace(load_spec(spec_name), layers=1, experts=len(variants), top_k=1)
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="read-buffers-", dir=root) as tmp:
+        reader = StoreReader(write_random_store(Path(tmp) / "store", spec, layout), direct=True)
+        pool = ExpertPool(spec, layout, all_experts_bytes(spec, bits, layout), device)
+        keys = [ExpertKey(0, e) for e in range(spec.experts)]
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        try:
+            for r in range(rounds + 1):
+                order = list(variants) if r % 2 else list(variants)[::-1]
+                for k, kind in enumerate(order):
+                    key = keys[k]
+                    _drop(pool, key)
+                    variants[kind](reader)
+                    sync()
+                    t0 = time.perf_counter()
+                    load_into(reader, pool, Load(key, 0, bits))
+                    sync()
+                    if r:
+                        times[kind].append((time.perf_counter() - t0) * 1e3)
+        finally:
+            reader.close()
+    return times
+
+
+def print_times(times: dict[str, list[float]], baseline: str, new: str) -> None:
+    """Each variant's median and range, and the median per-round ratio baseline / new."""
+    for kind, ms in times.items():
+        print(f"{kind:>8}: median {statistics.median(ms):8.2f} ms "
+              f"(min {min(ms):.2f}, max {max(ms):.2f})")
+    ratios = [a / b for a, b in zip(times[baseline], times[new], strict=True)]
+    print(f"{baseline} / {new}, median of {len(ratios)} rounds: "
+          f"{statistics.median(ratios):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="tiny", help="shipped spec name or YAML")
@@ -49,41 +94,19 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(1)
-    layout = QuantLayout()
-    spec = dataclasses.replace(load_spec(args.spec), layers=1, experts=2, top_k=1)
-    print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {device} pool, "
-                  f"{args.rounds} rounds")
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="read-buffers-", dir=root) as tmp:
-        reader = StoreReader(write_random_store(Path(tmp) / "store", spec, layout), direct=True)
-        pool = ExpertPool(spec, layout, all_experts_bytes(spec, args.bits, layout), device)
-        keys = [ExpertKey(0, e) for e in range(spec.experts)]
-        times: dict[str, list[float]] = {k: [] for k in BUFFERS}
-        try:
-            for r in range(args.rounds + 1):  # round 0 warms up
-                order = list(BUFFERS) if r % 2 else list(BUFFERS)[::-1]
-                for k, kind in enumerate(order):
-                    key = keys[k]
-                    _drop(pool, key)
-                    store_mod.aligned_buffer = BUFFERS[kind]
-                    sync()
-                    t0 = time.perf_counter()
-                    load_into(reader, pool, Load(key, 0, args.bits))
-                    sync()
-                    if r:
-                        times[kind].append((time.perf_counter() - t0) * 1e3)
-        finally:
-            store_mod.aligned_buffer = BUFFERS["heap"]
-            reader.close()
-    for kind, ms in times.items():
-        print(f"{kind:>8}: median {statistics.median(ms):8.2f} ms "
-              f"(min {min(ms):.2f}, max {max(ms):.2f})")
-    ratios = [a / b for a, b in zip(times["mapping"], times["heap"], strict=True)]
-    print(f"mapping / heap, median of {len(ratios)} rounds: {statistics.median(ratios):.2f}x")
+    print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {args.device} "
+                  f"pool, {args.rounds} rounds")
+
+    def use(kind: str) -> Callable[[StoreReader], None]:
+        return lambda reader: setattr(store_mod, "aligned_buffer", BUFFERS[kind])
+
+    try:
+        times = alternate_loads(args.spec, args.bits, args.rounds, torch.device(args.device),
+                                {kind: use(kind) for kind in BUFFERS})
+    finally:
+        store_mod.aligned_buffer = BUFFERS["heap"]
+    print_times(times, "mapping", "heap")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,30 @@ def transfer_us(nbytes: int, hops: Sequence[tuple[float, float]]) -> float:
     return fixed + nbytes / (bandwidth * BYTES_PER_US_PER_GBPS)
 
 
+def checked_reads_us(levels: Sequence[tuple[int, float]], check_GBps: float,
+                     pipeline_min_bytes: int | None) -> float:
+    """A load's level reads with their CRC-32 checks, as `quant.store.StoreReader` does them.
+
+    `levels` are (bytes, read us) in read order. A level of `pipeline_min_bytes` or more,
+    not the last, is checked on one helper thread while the reading thread reads on; the
+    others on the reading thread before its next read. Done when both threads are:
+        t_k = t_(k-1) + read_k (+ check_k inline);  helper = max(helper, t_k) + check_k
+        total = max(t_last, helper),  check_k = bytes_k / check_GBps.
+    `check_GBps` inf: the checks cost nothing here (profiles before 2026-11-23 count them
+    in the lane's per-byte cost).
+    """
+    t = helper = 0.0
+    last = len(levels) - 1
+    for k, (nbytes, read_us) in enumerate(levels):
+        t += read_us
+        check_us = nbytes / (check_GBps * BYTES_PER_US_PER_GBPS)
+        if k < last and pipeline_min_bytes is not None and nbytes >= pipeline_min_bytes:
+            helper = max(helper, t) + check_us
+        else:
+            t += check_us
+    return max(t, helper)
+
+
 def roofline_us(nbytes: float, flops: float, mem_GBps: float, peak_TFLOPs: float) -> float:
     """Roofline time of a kernel: bound by memory traffic or by arithmetic, whichever is slower."""
     return max(nbytes / (mem_GBps * BYTES_PER_US_PER_GBPS),

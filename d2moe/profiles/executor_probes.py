@@ -21,8 +21,8 @@ from d2moe.profiles.timing import Bar, clear_excess, interleaved_means
 
 def measure_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
                   raises: Sequence[tuple[int, int]], repeats: int, sync: Callable[[], None],
-                  bar: Bar) -> list[tuple[int, int, float]]:
-    """(levels, bytes, us) of the I/O lane's whole load: read, convert, place."""
+                  bar: Bar) -> list[tuple[list[int], float]]:
+    """(each level's bytes, us) of the I/O lane's whole load: read, check, convert, place."""
     from d2moe.core.jobs import ExpertKey, Load
     from d2moe.core.sizes import all_experts_bytes
     from d2moe.executor.pool import ExpertPool
@@ -49,8 +49,27 @@ def measure_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: An
     means = interleaved_means([loader(a, b) for a, b in raises], repeats, sync, bar, "load")
     for key in list(pool.blocks):
         _drop(pool, key)
-    return [(b - (layout.b1 - 1 if a == 0 else a), reader.expert_nbytes(0, 0, a, b), us)
-            for (a, b), us in zip(raises, means, strict=True)]
+    def levels(a: int, b: int) -> list[int]:
+        return [reader.expert_nbytes(0, 0, 0 if k == layout.b1 else k - 1, k)
+                for k in range(layout.b1 if a == 0 else a + 1, b + 1)]
+
+    return [(levels(a, b), us) for (a, b), us in zip(raises, means, strict=True)]
+
+
+def measure_check_GBps(nbytes: int, repeats: int) -> float:
+    """GB/s of zlib.crc32 over a fresh `nbytes` buffer (the store's check of one level;
+    median of `repeats`, each at least 2 ms of checking)."""
+    import zlib
+
+    buf = np.random.default_rng(7).integers(0, 256, size=max(nbytes, 4096), dtype=np.uint8)
+    calls = max(1, int(2e-3 * 3e9 / buf.nbytes))  # ~2 ms at 3 GB/s
+    rates = []
+    for _ in range(max(3, repeats)):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            zlib.crc32(buf)
+        rates.append(calls * buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(rates)
 
 
 def _drop(pool: Any, key: Any) -> None:

@@ -16,8 +16,11 @@ preemptions that some timings catch are part of what a long run pays):
   its later runs (`executor.layer_first_run_us`: the non-expert slice ran in between); in
   turn, the same model under a quarter of the experts: how much longer a decode layer's
   non-expert row takes right after a plan with loads (`executor.non_expert_after_load_us`);
-- the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus the
-  disk fit gives `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
+- the store's checksum speed (`executor.check_GBps`: zlib.crc32 over a buffer of the probe's
+  largest level);
+- the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus
+  its reads and checks (the disk fit and `check_GBps`, as the reader pipelines them) gives
+  `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
   store gives the per-layer dispatch (`layer_us`, layers without loads), what a layer with
   loads pays beyond it (`handoff_us`: planning them, handing them to the I/O lane's thread),
   the per-run bookkeeping (`run_us`) and the wake-up of a lane blocked on the other
@@ -52,7 +55,9 @@ import numpy as np
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
+from d2moe.profiles.cost import checked_reads_us
 from d2moe.profiles.executor_probes import (
+    measure_check_GBps,
     measure_cold_loads,
     measure_first_runs,
     measure_lanes,
@@ -73,6 +78,7 @@ from d2moe.profiles.schema import (
     expert_shape_key,
 )
 from d2moe.profiles.timing import Bar, fit_latency_bandwidth, fit_ramp, interleaved_means
+from d2moe.quant.store import PIPELINE_MIN_BYTES
 
 PROBE_FILE = "probe.bin"
 
@@ -255,6 +261,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 link = _fit_link(measure_link(device, sizes, cfg.repeats, bar)) if cuda else None
                 loads = measure_loads(reader, probe, layout, device, raises, cfg.repeats,
                                       sync, bar)
+                check_gbps = measure_check_GBps(max(max(lv) for lv, _ in loads), cfg.repeats)
                 runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
                                               scratch, bar)
@@ -270,11 +277,12 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 reader.close()
     finally:
         bar.close()
-    extra = [(n, us - (levels * disk.latency_us + n / (disk.read_GBps * 1e3)))
-             for levels, n, us in loads]
+    extra = [(sum(levels), us - checked_reads_us(
+        [(n, disk.latency_us + n / (disk.read_GBps * 1e3)) for n in levels], check_gbps,
+        PIPELINE_MIN_BYTES)) for levels, us in loads]
     load_us, load_gbps = fit_latency_bandwidth(extra)
     executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
-                             load_GBps=_sig(load_gbps),
+                             load_GBps=_sig(load_gbps), check_GBps=_sig(check_gbps),
                              run_us=lanes["run_us"], wake_us=lanes["wake_us"],
                              cold_load_us=round(cold_load_us, 2),
                              cold_ramp_us=round(cold_ramp_us, 1),

@@ -39,9 +39,9 @@ from d2moe.profiles.cost import Table1D, Table2D, dequant_us, roofline_us, trans
 PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory_bytes",
                 "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
                 "executor")
-EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "run_us", "wake_us", "overlap_io_speed",
-                 "overlap_compute_speed", "cold_load_us", "cold_ramp_us", "first_run_us",
-                 "layer_first_run_us", "handoff_us", "non_expert_after_load_us")
+EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "check_GBps", "run_us", "wake_us",
+                 "overlap_io_speed", "overlap_compute_speed", "cold_load_us", "cold_ramp_us",
+                 "first_run_us", "layer_first_run_us", "handoff_us", "non_expert_after_load_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 _DEFAULT_LAYOUT = QuantLayout()
@@ -124,16 +124,19 @@ class NonExpertTable:
 class ExecutorCosts:
     """Fixed costs of the real executor's lanes, beyond the disk reads and the expert kernels.
 
-    A load issues one read request per stored level (each pays the disk's `latency_us`) and
-    then pays `load_us` + bytes / `load_GBps` on the I/O lane (checksum, layout conversion,
-    placement in the pool); a layer with expert work pays `layer_us` on the compute lane
-    before its first run (grouping tokens, planning), and a layer whose plan has loads
-    `handoff_us` more (planning the loads and evictions, waking the I/O lane's thread and
-    handing it the plan; the executor hands plans without loads to no one); a run
-    pays `run_us` beyond its expert; a lane blocked on the other resumes `wake_us` after the
-    signal. While both lanes are busy they share the CPU: the I/O lane runs at
-    `overlap_io_speed` and the compute lane at `overlap_compute_speed` of their own speed
-    (1: no contention, as with a DMA engine and a GPU). A load that starts after the I/O
+    A load issues one read request per stored level (each pays the disk's `latency_us`),
+    checks each level's CRC-32 at `check_GBps` (a large level's on a helper thread while
+    the next is read: `profiles.cost.checked_reads_us`) and then pays `load_us` + bytes /
+    `load_GBps` on the I/O lane (layout conversion, placement in the pool; the checksums
+    too in profiles without `check_GBps`, measured before 2026-11-23); a layer with expert
+    work pays `layer_us` on the compute lane before its first run (grouping tokens,
+    planning), and a layer whose plan has loads `handoff_us` more (planning the loads and
+    evictions, waking the I/O lane's thread and handing it the plan; the executor hands
+    plans without loads to no one); a run pays `run_us` beyond its expert; a lane blocked
+    on the other resumes `wake_us` after the signal. While both lanes are busy they share
+    the CPU: the I/O lane runs at `overlap_io_speed` and the compute lane at
+    `overlap_compute_speed` of their own speed (1: no contention, as with a DMA engine and a
+    GPU). A load that starts after the I/O
     lane has been idle for `idle` us pays `cold_load_us * min(1, idle / cold_ramp_us)` more:
     the first load after a pause is slower than one right behind another, in its disk
     requests and in its CPU work on a core gone cold, and the loads right after it a little
@@ -151,6 +154,7 @@ class ExecutorCosts:
     layer_us: float = 0.0
     load_us: float = 0.0
     load_GBps: float = math.inf  # inf: no per-byte cost beyond the read
+    check_GBps: float = math.inf  # inf: checksums are in load_GBps (older profiles)
     run_us: float = 0.0
     wake_us: float = 0.0
     overlap_io_speed: float = 1.0
@@ -171,7 +175,8 @@ class ExecutorCosts:
         return self.cold_load_us * idle_us / self.cold_ramp_us
 
     def load_extra_us(self, nbytes: int) -> float:
-        """What a load of `nbytes` costs the I/O lane beyond its reads."""
+        """What a load of `nbytes` costs the I/O lane beyond its reads (and its checks,
+        with `check_GBps`)."""
         return 0.0 if nbytes <= 0 else self.load_us + nbytes / (self.load_GBps * 1e3)
 
 
@@ -482,7 +487,7 @@ def _executor(r: _Reader, data: Any) -> ExecutorCosts:
     if isinstance(data, dict):
         data = {OLD_EXECUTOR_KEYS.get(k, k): v for k, v in data.items()}
     d = r.keys(data, EXECUTOR_KEYS, "executor", ())
-    costs = {k: r.number(d, k, "executor", positive=k == "load_GBps" or "speed" in k)
+    costs = {k: r.number(d, k, "executor", positive=k.endswith("GBps") or "speed" in k)
              for k in d}
     for k in ("overlap_io_speed", "overlap_compute_speed"):
         if costs.get(k, 1.0) > 1.0:

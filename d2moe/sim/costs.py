@@ -1,20 +1,23 @@
 """Durations from a hardware profile, memoized: the simulator asks for one per job.
 
 When the profile carries executor lane costs (`Profile.executor`, measured by `d2moe
-profile`), a load pays one disk request per stored level it moves plus the I/O lane's work
-beyond the reads, a run pays the compute lane's fixed cost beyond its expert, a layer with
-expert work pays `layer_us` before its plan starts (and `handoff_us` more when its plan has
-loads: the executor hands only those to the I/O lane's thread), a lane blocked on the other
-resumes `wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays
-the disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`,
-the first run of each layer's plan `layer_first_run_us`, the non-expert slice right after a
-plan with loads `non_expert_after_load_us`, and each lane slows to its measured overlap speed
-while the other is busy (`sim/contention.py`).
+profile`), a load pays one disk request per stored level it moves, the levels' checksums as
+the store reader pipelines them (`profiles.cost.checked_reads_us`; profiles without
+`check_GBps` count them in the lane's work) and the I/O lane's work beyond the reads, a run
+pays the compute lane's fixed cost beyond its expert, a layer with expert work pays
+`layer_us` before its plan starts (and `handoff_us` more when its plan has loads: the
+executor hands only those to the I/O lane's thread), a lane blocked on the other resumes
+`wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays the
+disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`, the
+first run of each layer's plan `layer_first_run_us`, the non-expert slice right after a
+plan with loads `non_expert_after_load_us`, and each lane slows to its measured overlap
+speed while the other is busy (`sim/contention.py`).
 Without them these terms are zero.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -22,6 +25,8 @@ from d2moe.core.jobs import ExpertKey, Load, Run
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
 from d2moe.policies.view import Sizes
+from d2moe.profiles.cost import checked_reads_us
+from d2moe.quant.store import PIPELINE_MIN_BYTES
 
 
 class ProfileCosts:
@@ -44,7 +49,10 @@ class ProfileCosts:
         self.handoff_us = float(getattr(lc, "handoff_us", 0.0)) if lc is not None else 0.0
         self.after_load_us = float(getattr(lc, "non_expert_after_load_us", 0.0)) \
             if lc is not None else 0.0
+        self.check_GBps = float(getattr(lc, "check_GBps", math.inf)) if lc is not None \
+            else math.inf
         self._load: dict[tuple[int, str, int], float] = {}
+        self._raise: dict[tuple[int, int, str], float] = {}
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}
         self._head: dict[int, float] = {}
@@ -69,14 +77,39 @@ class ProfileCosts:
             return 1
         return max(1, bits_to - (self.layout.b1 - 1 if bits_from == 0 else bits_from))
 
+    def levels(self, bits_from: int, bits_to: int) -> list[int]:
+        """Bytes of each stored level a raise reads, in order (one copy when not nested)."""
+        if not self.layout.nested:
+            return [self.sizes.load(bits_from, bits_to)]
+        by_bits, b1 = self.sizes.by_bits, self.layout.b1
+        return [by_bits[b] - (by_bits[b - 1] if b > b1 else 0)
+                for b in range(b1 if bits_from == 0 else bits_from + 1, bits_to + 1)]
+
+    def raise_us(self, bits_from: int, bits_to: int, tier: str = "disk") -> float:
+        """A raise from `bits_from` to `bits_to` bits read from `tier`: from disk, each level
+        its own request, checked as the store reader checks it, when the profile measured
+        the checks (`check_GBps`); else `bytes_us` of the whole."""
+        key = (bits_from, bits_to, tier)
+        us = self._raise.get(key)
+        if us is None:
+            nbytes = self.sizes.load(bits_from, bits_to)
+            if tier != "disk" or math.isinf(self.check_GBps) or nbytes <= 0:
+                us = self.bytes_us(nbytes, tier, self.requests(bits_from, bits_to))
+            else:  # a RAM copy (host tier) was checked when it came from disk
+                reads = [(n, float(self.profile.load_us(n, tier)))
+                         for n in self.levels(bits_from, bits_to)]
+                us = (checked_reads_us(reads, self.check_GBps, PIPELINE_MIN_BYTES)
+                      + self.lane_costs.load_extra_us(nbytes))
+            self._raise[key] = us
+        return us
+
     def load_us_of(self, ld: Load, nbytes: int, host: HostCache) -> float:
         """Duration of `ld` moving `nbytes`, from host RAM when the host tier holds it."""
-        return self.bytes_us(nbytes, host.tier_for(ld) if host.capacity_bytes > 0 else "disk",
-                             self.requests(ld.bits_from, ld.bits_to))
+        return self.raise_us(ld.bits_from, ld.bits_to,
+                             host.tier_for(ld) if host.capacity_bytes > 0 else "disk")
 
     def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
-        return self.bytes_us(self.sizes.load(bits_from, bits_to), "disk",
-                             self.requests(bits_from, bits_to))
+        return self.raise_us(bits_from, bits_to)
 
     def run_us(self, key: ExpertKey, bits: int, tokens: int) -> float:
         k = (bits, tokens)

@@ -19,7 +19,9 @@ from d2moe.profiles.executor_probes import (
     after_load_excess,
     lane_costs_from_rows,
     layer_first_run_excess,
+    measure_check_GBps,
     measure_cold_loads,
+    measure_loads,
     non_expert_per_layer,
     overlap_speeds_from_rows,
     resident_probe_spec,
@@ -278,7 +280,9 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     d["executor"] = {"layer_us": 300.0, "load_us": 100.0, "load_GBps": 0.5, "run_us": 10.0,
                      "wake_us": 80.0}
     p = profile_from_dict(d, path="hand.yaml")
-    assert p.executor == ExecutorCosts(300.0, 100.0, 0.5, 10.0, 80.0)
+    assert p.executor == ExecutorCosts(layer_us=300.0, load_us=100.0, load_GBps=0.5,
+                                       run_us=10.0, wake_us=80.0)
+    assert p.executor.check_GBps == math.inf  # a profile without it: checks in load_GBps
     assert p.executor.load_extra_us(1000) == pytest.approx(100.0 + 1000 / 500.0)
     assert p.executor.load_extra_us(0) == 0.0
     save_profile(tmp_path / "p.yaml", p)
@@ -308,6 +312,14 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     d["executor"] = {"load_GBps": 0}
     with pytest.raises(UserError, match="executor.load_GBps"):
         profile_from_dict(d, path="hand.yaml")
+    d["executor"] = {"check_GBps": 2.5}
+    checked = profile_from_dict(d, path="hand.yaml")
+    assert checked.executor.check_GBps == 2.5
+    save_profile(tmp_path / "k.yaml", checked)
+    assert load_profile(tmp_path / "k.yaml") == checked
+    d["executor"] = {"check_GBps": 0}
+    with pytest.raises(UserError, match="executor.check_GBps"):
+        profile_from_dict(d, path="hand.yaml")
     d["executor"] = {"launch_us": 1.0}
     with pytest.raises(UserError, match="launch_us"):
         profile_from_dict(d, path="hand.yaml")
@@ -336,11 +348,38 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert q.executor.first_run_us >= 0 and q.executor.layer_first_run_us >= 0
     assert q.executor.handoff_us >= 0 and q.executor.non_expert_after_load_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
+    assert 0.05 < q.executor.check_GBps < 1000  # zlib.crc32 on any machine
     spec = load_spec("tiny")
     trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))
     tl = simulate(SimSetup(spec, q, budget_bytes=10**6), steps_from_trace(trace, 4),
                   make_policy("hebf"))
     assert any(e.kind == "run" for e in tl.events)
+
+
+def test_loads_report_each_level_and_checks_have_a_speed(tmp_path: Path) -> None:
+    """The load probe gives each level's bytes (summing to the raise's), in read order."""
+    import dataclasses
+
+    import torch
+
+    from d2moe.core.sizes import QuantLayout
+    from d2moe.profiles.probe_store import write_random_store
+    from d2moe.quant.store import StoreReader
+
+    layout = QuantLayout(kind="bitplane", b1=2, bK=5)
+    probe = dataclasses.replace(load_spec("tiny"), layers=1, experts=2, top_k=1)
+    raises = [(0, 2), (0, 5), (3, 5)]
+    with StoreReader(write_random_store(tmp_path / "s", probe, layout)) as reader:
+        loads = measure_loads(reader, probe, layout, torch.device("cpu"), raises, 1,
+                              lambda: None, Bar(1, False))
+        want = [reader.expert_nbytes(0, 0, a, b) for a, b in raises]
+        plane = reader.expert_nbytes(0, 0, 3, 4)
+        base = reader.expert_nbytes(0, 0, 0, 2)
+    assert [len(levels) for levels, _ in loads] == [1, 4, 2]
+    assert [sum(levels) for levels, _ in loads] == want
+    assert loads[1][0] == [base, plane, plane, plane] and loads[2][0] == [plane, plane]
+    assert all(us > 0 for _, us in loads)
+    assert 0.05 < measure_check_GBps(1 << 16, 3) < 1000
 
 
 def test_median_profile_takes_every_figure_apart() -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, expert_bytes
@@ -261,3 +264,34 @@ def test_files(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(UserError, match="malformed YAML"):
         load_profile(bad)
+
+
+def test_checked_reads_by_hand() -> None:
+    """Levels (bytes, read us) at 1 GB/s checks (1000 B/us): a large level's check hides
+    behind the next read when it is shorter, shows where it is longer; the last is inline."""
+    from d2moe.profiles.cost import checked_reads_us
+
+    levels = [(8000, 10.0), (2000, 10.0), (2000, 10.0)]  # checks 8, 2, 2 us
+    assert checked_reads_us(levels, 1.0, None) == pytest.approx(42.0)  # all inline
+    # level 0 on the helper (8 us beside the next 10 us read): hidden; 1 is small: inline
+    assert checked_reads_us(levels, 1.0, 5000) == pytest.approx(34.0)
+    # everything but the last on the helper: 10 | 20 | 30 + 2 -> helper ends 18, 22
+    assert checked_reads_us(levels, 1.0, 0) == pytest.approx(32.0)
+    # a check longer than the next read shows: 10 + helper 30 against t = 20 + 2
+    assert checked_reads_us([(30000, 10.0), (2000, 10.0)], 1.0, 0) == pytest.approx(40.0)
+    assert checked_reads_us(levels, math.inf, 0) == pytest.approx(30.0)  # no checks
+    assert checked_reads_us([], 1.0, 0) == 0.0
+
+
+@given(levels=st.lists(st.tuples(st.integers(0, 10**6), st.floats(0.0, 1e4)), max_size=8),
+       gbps=st.floats(0.01, 100.0), min_bytes=st.one_of(st.none(), st.integers(0, 10**6)))
+def test_checked_reads_lie_between_the_overlapped_and_the_serial(levels, gbps, min_bytes):
+    from d2moe.profiles.cost import checked_reads_us
+
+    checks = [n / (gbps * 1e3) for n, _ in levels]
+    reads = sum(r for _, r in levels)
+    us = checked_reads_us(levels, gbps, min_bytes)
+    assert us <= reads + sum(checks) + 1e-6 * (1 + reads + sum(checks))
+    assert us >= reads + (checks[-1] if checks else 0.0) - 1e-9
+    if min_bytes is None or len(levels) < 2:
+        assert us == pytest.approx(reads + sum(checks))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -99,17 +100,44 @@ def test_cut_store_serves_the_same_bits(store, tmp_path):
                 part.read_expert(1, 0, b + 1)
 
 
-def test_damaged_store_names_the_entry(store):
+@pytest.mark.parametrize("pipeline", [None, 0], ids=["inline", "pipelined"])
+def test_damaged_store_names_the_entry(store, pipeline):
     path, layout, _ = store
     with StoreReader(path) as reader:
         entry = reader.entries[(1, 2, "w3", layout.b1 + 1)]
     data = bytearray((path / entry.file).read_bytes())
     data[entry.offset + entry.nbytes // 2] ^= 0x40
     (path / entry.file).write_bytes(bytes(data))
-    with StoreReader(path) as reader:
+    with StoreReader(path, pipeline_min_bytes=pipeline) as reader:
         reader.read_planes(1, 2, 0, layout.b1)  # the base is intact
-        with pytest.raises(UserError, match=r"layer 1 expert 2 tensor w3 bits 3"):
-            reader.read_planes(1, 2, 0, layout.b1 + 1)
+        for bits_to in (layout.b1 + 1, layout.bK):  # the damaged level last, then earlier
+            with pytest.raises(UserError, match=r"layer 1 expert 2 tensor w3 bits 3"):
+                reader.read_planes(1, 2, 0, bits_to)
+
+
+def test_pipelined_checks_report_the_first_damage_and_stop_on_close(store):
+    """Checksums on the helper thread: same bytes as inline, the first damaged entry in file
+    order is the one named, and close() stops the thread."""
+    path, layout, _ = store
+    with StoreReader(path, pipeline_min_bytes=0) as piped, \
+            StoreReader(path, pipeline_min_bytes=None) as inline:
+        a, b = piped.read_planes(0, 1, 0, layout.bK), inline.read_planes(0, 1, 0, layout.bK)
+        assert piped._checker is not None and inline._checker is None
+        for bits in a:
+            for t in TENSORS:
+                assert np.array_equal(a[bits][t], b[bits][t])
+        later = [piped.entries[(0, 1, "w2", layout.bK)], piped.entries[(0, 1, "w1", 4)]]
+    data = bytearray((path / later[0].file).read_bytes())
+    for e in later:
+        data[e.offset] ^= 0x01
+    (path / later[0].file).write_bytes(bytes(data))
+    reader = StoreReader(path, pipeline_min_bytes=0)
+    with pytest.raises(UserError, match=r"layer 0 expert 1 tensor w1 bits 4"):
+        reader.read_planes(0, 1, 0, layout.bK)
+    thread = [t for t in threading.enumerate() if t.name.startswith("d2moe-crc")]
+    assert thread
+    reader.close()
+    assert reader._checker is None and not any(t.is_alive() for t in thread)
 
 
 def test_direct_io_flag_and_reads(store):

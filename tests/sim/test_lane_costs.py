@@ -422,3 +422,50 @@ def test_engines_match_exactly_with_cold_loads_and_first_runs(steps, frac, name,
                             name)
     end = lambda tl: max((e.end_us for e in tl.events), default=0.0)  # noqa: E731
     assert end(fast) >= end(warm) - 1e-9  # a cold disk or a cold cache never helps
+
+
+def test_checked_loads_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `check_GBps` a nested raise pays each level's read and check as the store reader
+    does them; the host tier (a RAM copy) pays no check; older profiles the bytes formula."""
+    import d2moe.sim.costs as sim_costs
+    from d2moe.sim.costs import ProfileCosts
+
+    # LaneProfile reads: 5 us + bytes / 1000 per request; levels of E 0->4: 7680, 3840, 3840
+    # bytes; checks at 1 GB/s: 7.68, 3.84, 3.84 us; the lane's own 0.5 us per load
+    plain = ProfileCosts(LaneProfile(), SPEC, SIZES, LAYOUT)
+    assert plain.levels(0, 4) == [7680, 3840, 3840] and plain.levels(2, 4) == [3840, 3840]
+    assert plain.raise_us(0, 4) == pytest.approx(15 + 15.36 + 0.5)  # no check_GBps
+    checked = dataclass_replace(LaneProfile(), executor=dataclass_replace(
+        LaneProfile().executor, check_GBps=1.0))
+    serial = 12.68 + 7.68 + 8.84 + 3.84 + 8.84 + 3.84 + 0.5
+    assert ProfileCosts(checked, SPEC, SIZES, LAYOUT).raise_us(0, 4) == pytest.approx(serial)
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 5000)  # the base goes to the helper
+    costs = ProfileCosts(checked, SPEC, SIZES, LAYOUT)
+    assert costs.raise_us(0, 4) == pytest.approx(serial - 7.68)
+    assert costs.raise_us(2, 4) == pytest.approx(8.84 + 3.84 + 8.84 + 3.84 + 0.5)
+    assert costs.raise_us(0, 4, "host") == pytest.approx(1.0 + 15360 / 10000 + 0.5)
+    copies = ProfileCosts(checked, SPEC, Sizes.of(SPEC, QuantLayout(kind="copies", b1=2, bK=4)),
+                          QuantLayout(kind="copies", b1=2, bK=4))
+    n = copies.sizes.by_bits[4]
+    assert copies.levels(0, 4) == [n]
+    assert copies.raise_us(0, 4) == pytest.approx(5 + n / 1000 + n / 1000 + 0.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=step_lists(), frac=st.floats(0.0, 1.2), name=st.sampled_from(POLICIES.names()))
+def test_engines_match_exactly_with_checked_loads(steps, frac, name) -> None:
+    import d2moe.sim.costs as sim_costs
+
+    budget = max(SIZES.by_bits[4], int(frac * ALL_BYTES))
+    profile = dataclass_replace(LaneProfile(), executor=dataclass_replace(
+        LaneProfile().executor, check_GBps=0.8))
+    old, sim_costs.PIPELINE_MIN_BYTES = sim_costs.PIPELINE_MIN_BYTES, 5000
+    try:
+        fast = simulate_or_skip(SimSetup(SPEC, profile, LAYOUT, budget, engine="fast"), steps,
+                                name)
+        slow = simulate_or_skip(SimSetup(SPEC, profile, LAYOUT, budget, engine="simpy"), steps,
+                                name)
+    finally:
+        sim_costs.PIPELINE_MIN_BYTES = old
+    key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731
+    assert sorted(fast.events, key=key) == sorted(slow.events, key=key)
