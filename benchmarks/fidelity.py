@@ -3,9 +3,9 @@
 hit rate; then mean and worst |error| and whether the policy ranking agrees per budget.
 
 The real runs are measured in this invocation. The profile is the shipped `cpu-2core` unless
---measure, which measures a fresh profile first (on a machine shared with other work, costs
-drift between a profile taken earlier and the runs; measuring in the same invocation keeps
-them under the same load).
+--measure, which measures a fresh profile before each of the --repeats passes over the rows
+and simulates with their median (on a machine shared with other work, costs drift between a
+profile taken earlier and the runs; interleaving them keeps both under the same load).
 
 Usage:
   python benchmarks/fidelity.py [--measure] [--tokens 32] [--repeats 3]
@@ -13,7 +13,7 @@ Usage:
       (random-weight Mixtral-8x7B-shaped model, bitplane 2..4 bits; slow on a CPU)
   python benchmarks/fidelity.py --device cuda --measure   (on a GPU)
   python benchmarks/fidelity.py --measure --rounds 8
-      (eight comparisons in a row, each with its own profile, pooled: the simulator's bias
+      (eight comparisons in a row, each with its own profiles, pooled: the simulator's bias
       per (policy, budget) with two standard errors, apart from the machine's drift)
 """
 
@@ -71,7 +71,7 @@ def main() -> None:
         profile = None if args.measure else load_profile(args.profile)
         print(f"machine: {platform.machine()}, {platform.node()}; torch {torch.__version__}; "
               + (f"profile {profile.name} ({profile.source.kind}, {profile.source.date})"
-                 if profile else "a profile measured before each round (--measure)"))
+                 if profile else "profiles measured between the runs of each round (--measure)"))
         result = validate_rounds(model, spec, store, profile, cfg, prompt,
                                  command="benchmarks/fidelity.py --measure", **(
                                      {"tokens": "1,8", "bits": "4", "repeats": 3,

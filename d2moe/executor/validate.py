@@ -16,7 +16,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,11 @@ class ValidateConfig:
                 "cache directory"})
     profile: str = field(default="cpu-2core", metadata={
         "help": "shipped profile name or profile YAML (measure one with `d2moe profile`); "
-                "`measure`: measure this machine first, in this invocation, with the "
-                "model's spec, the store's layout and --device/--threads (written to "
-                "OUT/profile.yaml): the profile and the runs then see the same load",
+                "`measure`: measure this machine in this invocation, with the model's spec, "
+                "the store's layout and --device/--threads, once before each of the "
+                "--repeats passes over the rows, and simulate with the median of them "
+                "(written to OUT/profile.yaml): the profile and the runs then sample the "
+                "same stretch of a machine whose speed drifts",
         "metavar": "PROFILE"})
     policies: str = field(default="fifo,hebf", metadata={
         "help": "policy names, comma-separated", "metavar": "P1,P2"})
@@ -133,8 +137,8 @@ def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
 def validate_rounds(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
                     prompt_ids: list[int], capacity: Any = None,
                     **measure: Any) -> dict[str, Any]:
-    """`cfg.rounds` comparisons of `validate_model` in a row, each with a fresh profile of
-    this machine when `profile` is None (`measure`: its ProfileConfig overrides); with more
+    """`cfg.rounds` comparisons of `validate_model` in a row, each measuring its own profile
+    of this machine when `profile` is None (`measure`: ProfileConfig overrides); with more
     than one, each round writes to OUT/round-K and the result (the last round's) gains the
     pooled summary (`analysis.fidelity.summarize_rounds`), in OUT/rounds.json and appended
     to its report."""
@@ -145,8 +149,10 @@ def validate_rounds(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     rows, result = [], {}
     for k in range(cfg.rounds):
         rcfg = cfg if cfg.rounds == 1 else replace(cfg, out=str(Path(cfg.out) / f"round-{k + 1}"))
-        here = profile if profile is not None else measure_here(spec, store, rcfg, **measure)
-        result = validate_model(model, spec, store, here, rcfg, prompt_ids, capacity=capacity)
+        here = None if profile is not None else partial(measure_here, spec, store, rcfg,
+                                                        **measure)
+        result = validate_model(model, spec, store, profile, rcfg, prompt_ids,
+                                capacity=capacity, measure=here)
         rows.append(result["rows"])
         if cfg.rounds > 1:
             line = summary_line(result["summary"]).splitlines()[0]
@@ -204,14 +210,19 @@ def _check_capacity(cfg: ValidateConfig, capacity: Any) -> None:
 
 
 def validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                   prompt_ids: list[int], capacity: Any = None) -> dict[str, Any]:
+                   prompt_ids: list[int], capacity: Any = None,
+                   measure: Callable[[], Any] | None = None) -> dict[str, Any]:
     """The comparison for an already loaded model and store (benchmarks pass their own);
-    `capacity` (a CapacityConfig) applies with `cfg.router`."""
+    `capacity` (a CapacityConfig) applies with `cfg.router`. With `measure` (returns a
+    fresh Profile; `profile` is then ignored) a profile is measured before each of the
+    `cfg.repeats` passes over the rows and the simulator gets their median: the profile and
+    the runs it is compared with sample the same stretch of a drifting machine."""
     from d2moe.profiles.measure import torch_threads
 
     _check_capacity(cfg, capacity)
     with torch_threads(cfg.threads):
-        return _validate_model(model, spec, store, profile, cfg, prompt_ids, capacity)
+        return _validate_model(model, spec, store, profile, cfg, prompt_ids, capacity,
+                               measure)
 
 
 def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any:
@@ -225,7 +236,8 @@ def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any
 
 
 def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                    prompt_ids: list[int], capacity: Any) -> dict[str, Any]:
+                    prompt_ids: list[int], capacity: Any,
+                    measure: Callable[[], Any] | None) -> dict[str, Any]:
     from d2moe.analysis import format_table
     from d2moe.analysis.fidelity import fidelity_row, plot_side_by_side, summarize, summary_line
     from d2moe.core.events import save_timeline
@@ -261,12 +273,21 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
                min(4, cfg.max_new_tokens), router=router,
                capacity=capacity)  # warm-up, discarded
     runs: dict[tuple[str, str], list[tuple[Timeline, Any]]] = {}
+    measured = []
     for _ in range(cfg.repeats):
+        if measure is not None:
+            measured.append(measure())
         for label, nbytes in budgets:
             for name in policies:
                 runs.setdefault((name, label), []).append(record_run(
                     model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens,
                     router=router, capacity=capacity))
+    if measure is not None:
+        from d2moe.profiles import save_profile
+        from d2moe.profiles.measure import median_profile
+
+        profile = median_profile(measured) if len(measured) > 1 else measured[0]
+        save_profile(out / "profile.yaml", profile)
     rows, files, pairs, routed = [], [], {}, []
     for label, nbytes in budgets:
         for name in policies:
@@ -294,8 +315,10 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
               f"the widths of router {router.meta['path']} ({'/'.join(map(str, router.bits))} "
               f"bits, {(capacity.capacity_mode if capacity is not None else 'fixed')} "
               f"capacities)")
+    source = (f"the median of {len(measured)} profiles measured between the runs"
+              if len(measured) > 1 else f"{profile.name} ({profile.source.kind})")
     header = (f"{spec.name} on {_device_of(model)}: real executor against the simulator on "
-              f"{profile.name} ({profile.source.kind}); {cfg.max_new_tokens} tokens at "
+              f"{source}; {cfg.max_new_tokens} tokens at "
               f"{widths}, {_threads()} torch thread(s), O_DIRECT "
               f"{'on' if store.direct_io else 'off'}, "
               f"{cfg.repeats} real run(s) per row (median kept, spread = (max - min) / median); "

@@ -63,7 +63,7 @@ def dequant_us(weights: int, bits: int, ns_per_Mweight_bit: float) -> float:
     return ns_per_Mweight_bit * (weights / 1e6) * bits / 1e3
 
 
-def _interp_1d(xs: Sequence[float], ys: Sequence[float], x: float) -> tuple[float, bool]:
+def interp_1d(xs: Sequence[float], ys: Sequence[float], x: float) -> tuple[float, bool]:
     """Linear interpolation on sorted xs; linear extrapolation from the two nearest points
     (constant with one point). Returns (value, extrapolated)."""
     if len(xs) == 1:
@@ -97,10 +97,10 @@ class Table2D:
         """(latency_us, extrapolated)."""
         values, extra = [], False
         for xs, ys in self.curves:
-            v, e = _interp_1d(xs, ys, tokens)
+            v, e = interp_1d(xs, ys, tokens)
             values.append(v)
             extra |= e
-        v, e = _interp_1d(self.bits, values, bits)
+        v, e = interp_1d(self.bits, values, bits)
         return max(v, 0.0), extra or e
 
 
@@ -114,5 +114,5 @@ class Table1D:
 
     def __call__(self, tokens: int) -> tuple[float, bool]:
         """(latency_us, extrapolated)."""
-        v, e = _interp_1d(self.xs, self.ys, tokens)
+        v, e = interp_1d(self.xs, self.ys, tokens)
         return max(v, 0.0), e

@@ -4,7 +4,9 @@ What is measured (each point the mean of at least `repeats` timings and 0.1 s, t
 executor's code; a mean, not a median, because on a CPU shared with other work the
 preemptions that some timings catch are part of what a long run pays):
 - disk: cold reads of growing size through the store reader (O_DIRECT where the file system
-  allows, else the page cache is dropped before each read); fit latency_us + bytes / read_GBps;
+  allows, else the page cache is dropped before each read), up to the spec's largest stored
+  level; kept as measured (`disk.reads`, interpolated by the simulator) and fitted as
+  latency_us + bytes / read_GBps;
 - link (cuda only): pinned host -> device copies of growing size; same fit;
 - expert runs per (bits, tokens) for the spec's expert shapes: the compute lane's run body
   (gather the resident planes, `kernels.dispatch.expert_swiglu`, weighted add);
@@ -53,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.sizes import QuantLayout, parse_bytes
+from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.cost import checked_reads_us
 from d2moe.profiles.executor_probes import (
@@ -102,7 +104,8 @@ class ProfileConfig:
     bits: str = field(default="", metadata={
         "help": "bit-widths of the expert table (default: every one from b1 to bK)"})
     disk_sizes: str = field(default="4KiB,16KiB,64KiB,256KiB,1MiB,4MiB", metadata={
-        "help": "read (and copy) sizes of the disk and link fits"})
+        "help": "read (and copy) sizes of the disk and link probes; the disk's also go on "
+                "in powers of 4 up to the spec's largest stored level"})
     repeats: int = field(default=15, metadata={
         "help": "timings per point at least (their mean is kept; short ones repeat for "
                 "0.1 s)"})
@@ -211,10 +214,14 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
         return dataclasses.replace(table, rows=tuple(
             fields(r, lambda p, i=i: get(p).rows[i]) for i, r in enumerate(table.rows)))
 
+    disk = fields(first.disk, lambda p: p.disk)
+    if all(len(p.disk.reads) == len(first.disk.reads) for p in profiles):
+        disk = dataclasses.replace(disk, reads=tuple(
+            (n, med(lambda p, i=i: p.disk.reads[i][1])) for i, (n, _) in
+            enumerate(first.disk.reads)))
     last = profiles[-1].source
     return dataclasses.replace(
-        first, source=dataclasses.replace(first.source, date=last.date),
-        disk=fields(first.disk, lambda p: p.disk),
+        first, source=dataclasses.replace(first.source, date=last.date), disk=disk,
         link=fields(first.link, lambda p: p.link),
         expert=rows(lambda p: p.expert), non_expert=rows(lambda p: p.non_expert),
         executor=fields(first.executor, lambda p: p.executor))
@@ -241,11 +248,12 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                         field="repeats", fix="use larger values")
     probe = dataclasses.replace(spec, layers=1, experts=min(spec.experts, cfg.probe_experts),
                                 top_k=min(spec.top_k, 2, cfg.probe_experts - 1))
+    disk_sizes = sizes_up_to(sizes, expert_bytes(spec, layout.b1, layout))  # the base level
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     raises = [(0, b) for b in range(layout.b1, layout.bK + 1)] + \
         [(b, b + 1) for b in range(layout.b1, layout.bK)]
-    total = cfg.repeats * (len(sizes) * (2 if cuda else 1) + len(raises)
+    total = cfg.repeats * (len(disk_sizes) + len(sizes) * cuda + len(raises)
                            + len(bits) * len(tokens) + len(tokens) + 2) + 1
     bar = Bar(total, cfg.progress)
     try:
@@ -256,8 +264,9 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
             store_dir = write_random_store(scratch / "d2moe-probe-store", probe, layout)
             reader = StoreReader(store_dir, direct=True)
             try:
-                disk_points = measure_disk(reader, sizes, cfg.repeats, bar)
-                disk = _fit_link(disk_points)
+                disk_points = measure_disk(reader, disk_sizes, cfg.repeats, bar)
+                disk = dataclasses.replace(_fit_link(disk_points), reads=tuple(
+                    (n, round(us, 2)) for n, us in disk_points))
                 link = _fit_link(measure_link(device, sizes, cfg.repeats, bar)) if cuda else None
                 loads = measure_loads(reader, probe, layout, device, raises, cfg.repeats,
                                       sync, bar)
@@ -278,8 +287,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     finally:
         bar.close()
     extra = [(sum(levels), us - checked_reads_us(
-        [(n, disk.latency_us + n / (disk.read_GBps * 1e3)) for n in levels], check_gbps,
-        PIPELINE_MIN_BYTES)) for levels, us in loads]
+        [(n, disk.request_us(n)) for n in levels], check_gbps, PIPELINE_MIN_BYTES))
+        for levels, us in loads]
     load_us, load_gbps = fit_latency_bandwidth(extra)
     executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
                              load_GBps=_sig(load_gbps), check_GBps=_sig(check_gbps),
@@ -312,13 +321,15 @@ def overlap_speeds(profile: Profile, spec: ModelSpec, layout: QuantLayout,
                    rows: Sequence[Any]) -> dict[str, float]:
     """The lanes' overlap speeds from a real run's rows (`overlap_speeds_from_rows`), each
     job's nominal time from `profile`'s other figures, as the simulator would charge it."""
+    from d2moe.policies.view import Sizes
+    from d2moe.sim.costs import ProfileCosts
+
     ex = profile.executor
     assert ex is not None
+    costs = ProfileCosts(profile, spec, Sizes.of(spec, layout), layout)
 
     def load_us(row: Any, idle_us: float) -> float:
-        levels = row.bits_to - (layout.b1 - 1 if row.bits_from == 0 else row.bits_from)
-        return (profile.load_us(row.bytes, "disk", max(1, levels)) + ex.load_extra_us(row.bytes)
-                + ex.cold_us(idle_us))
+        return costs.raise_us(row.bits_from, row.bits_to) + ex.cold_us(idle_us)
 
     def run_us(row: Any, first_after_load: bool, first_of_plan: bool) -> float:
         return (profile.run_us(spec, row.bits_to, row.tokens, layout) + ex.run_us
@@ -360,6 +371,14 @@ def _host_memory_bytes() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 8 * 2**30
+
+
+def sizes_up_to(sizes: Sequence[int], largest: int) -> list[int]:
+    """`sizes`, then x4 from the last until one reaches `largest` (the loads' reads)."""
+    out = list(sizes)
+    while out[-1] < largest:
+        out.append(out[-1] * 4)
+    return out
 
 
 def measure_disk(reader: Any, sizes: Sequence[int], repeats: int,

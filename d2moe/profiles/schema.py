@@ -34,7 +34,15 @@ from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write, check_keys, read_yaml
 from d2moe.core.sizes import DENSE_BITS, QuantLayout, expert_bytes, parse_bytes
 from d2moe.core.spec import ModelSpec
-from d2moe.profiles.cost import Table1D, Table2D, dequant_us, roofline_us, transfer_us
+from d2moe.profiles.cost import (
+    BYTES_PER_US_PER_GBPS,
+    Table1D,
+    Table2D,
+    dequant_us,
+    interp_1d,
+    roofline_us,
+    transfer_us,
+)
 
 PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory_bytes",
                 "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
@@ -60,10 +68,27 @@ class Source:
 
 @dataclass(frozen=True)
 class Link:
-    """One hop of the load path: sustained read bandwidth and fixed per-request latency."""
+    """One hop of the load path: sustained read bandwidth and fixed per-request latency.
+
+    `reads` (optional, the disk of measured profiles): (bytes, us) of single requests as
+    measured; a request then takes their interpolation (linear between points, linear from
+    the two nearest beyond) instead of the fit `latency_us` + bytes / `read_GBps`. On the
+    development VM's disk throughput keeps rising past 4 MiB (1.24 GB/s at 4 MiB, 2.2 at 16
+    and 64 MiB; 2026-11-23 14:35 UTC), which no latency + bandwidth line follows.
+    """
 
     read_GBps: float
     latency_us: float
+    reads: tuple[tuple[int, float], ...] = ()
+
+    def request_us(self, nbytes: float) -> float:
+        """One request of `nbytes` (0 for none)."""
+        if nbytes <= 0:
+            return 0.0
+        if not self.reads:
+            return self.latency_us + nbytes / (self.read_GBps * BYTES_PER_US_PER_GBPS)
+        us, _ = interp_1d([n for n, _ in self.reads], [t for _, t in self.reads], nbytes)
+        return max(us, 0.0)
 
 
 @dataclass(frozen=True)
@@ -235,7 +260,17 @@ class Profile:
             hops = self._hops(tier)
             if requests > 1 and nbytes > 0:
                 hops = [(bw, lat * requests) for bw, lat in hops]
-            cached = self._memo.load[key] = transfer_us(nbytes, hops)
+            if tier == "disk" and self.disk.reads and nbytes > 0:
+                # the disk stage from its measured requests, the hops after it streaming
+                # behind: the slower of the two, plus the later hops' latencies
+                disk_us = requests * self.disk.request_us(nbytes / requests)
+                later = hops[1:]
+                stream = nbytes / (min(bw for bw, _ in later) * BYTES_PER_US_PER_GBPS) \
+                    if later else 0.0
+                cached = max(disk_us, stream) + sum(lat for _, lat in later)
+            else:
+                cached = transfer_us(nbytes, hops)
+            self._memo.load[key] = cached
         return cached
 
     def _hops(self, tier: str) -> list[tuple[float, float]]:
@@ -352,7 +387,8 @@ class Profile:
             src["basis"] = dict(self.source.basis)
         out: dict[str, Any] = {
             "name": self.name, "source": src,
-            "disk": {"read_GBps": self.disk.read_GBps, "latency_us": self.disk.latency_us},
+            "disk": {"read_GBps": self.disk.read_GBps, "latency_us": self.disk.latency_us}
+            | ({"reads": [[n, us] for n, us in self.disk.reads]} if self.disk.reads else {}),
             "link": None if self.link is None else {"read_GBps": self.link.read_GBps,
                                                     "latency_us": self.link.latency_us},
             "unified_memory": self.unified_memory,
@@ -459,7 +495,7 @@ def profile_from_dict(data: Any, *, path: str) -> Profile:
         raise r.fail("source.kind", f"must be measured or estimated, got {src['kind']!r}",
                      "write kind: measured (with device, date, command) or kind: estimated "
                      "(with basis)")
-    disk = _link(r, d["disk"], "disk")
+    disk = _link(r, d["disk"], "disk", reads=True)
     unified = r.flag(d, "unified_memory", "")
     link = None if d["link"] is None else _link(r, d["link"], "link")
     if unified != (link is None):
@@ -496,10 +532,30 @@ def _executor(r: _Reader, data: Any) -> ExecutorCosts:
     return ExecutorCosts(**costs)
 
 
-def _link(r: _Reader, data: Any, where: str) -> Link:
-    d = r.keys(data, ("read_GBps", "latency_us"), where)
+def _link(r: _Reader, data: Any, where: str, reads: bool = False) -> Link:
+    keys = ("read_GBps", "latency_us")
+    d = r.keys(data, (*keys, "reads") if reads else keys, where, keys)
     return Link(r.number(d, "read_GBps", where, positive=True),
-                r.number(d, "latency_us", where, positive=False))
+                r.number(d, "latency_us", where, positive=False),
+                _reads(r, d["reads"], f"{where}.reads") if "reads" in d else ())
+
+
+def _reads(r: _Reader, data: Any, where: str) -> tuple[tuple[int, float], ...]:
+    """[[bytes, us], ...]: at least two requests, bytes increasing, times >= 0."""
+    fix = "write [[bytes, us], ...] with at least two sizes, bytes increasing (d2moe profile)"
+    if not isinstance(data, list) or len(data) < 2:
+        raise r.fail(where, f"must be a list of at least two [bytes, us], got {data!r}", fix)
+    out: list[tuple[int, float]] = []
+    for i, pair in enumerate(data):
+        ok = isinstance(pair, list | tuple) and len(pair) == 2
+        n, us = pair if ok else (None, None)
+        if not ok or isinstance(n, bool) or not isinstance(n, int) or n < 1 \
+                or isinstance(us, bool) or not isinstance(us, int | float) \
+                or not math.isfinite(us) or us < 0 or (out and n <= out[-1][0]):
+            raise r.fail(f"{where}[{i}]", f"must be [bytes >= 1, us >= 0] after the previous "
+                         f"size, got {pair!r}", fix)
+        out.append((n, float(us)))
+    return tuple(out)
 
 
 def _one_of(r: _Reader, data: Any, where: str) -> tuple[str, Any]:

@@ -86,6 +86,37 @@ def test_validate_can_measure_its_profile_first(tmp_path, store_path, monkeypatc
     assert json.loads((out / "fidelity.json").read_text())["profile"] == profile.name
 
 
+def test_validate_measures_a_profile_before_each_pass(tmp_path, store_path, monkeypatch):
+    """--profile measure with --repeats 3: a profile before each pass over the rows (after
+    the warm-up run), the simulator on their median, written to OUT/profile.yaml."""
+    from dataclasses import replace
+
+    from d2moe.executor import validate as v
+    from d2moe.profiles import load_profile
+
+    base, log = load_profile("cpu-2core"), []
+    real_record = v.record_run
+
+    def fake_measure(spec, store, cfg, command="", **overrides):
+        log.append("profile")
+        gbps = [2.0, 9.0, 3.0][log.count("profile") - 1]
+        return replace(base, disk=replace(base.disk, read_GBps=gbps))
+
+    def record(*args, **kwargs):
+        log.append("run")
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(v, "measure_here", fake_measure)
+    monkeypatch.setattr(v, "record_run", record)
+    out = tmp_path / "i"
+    result = validate(ValidateConfig(store=str(store_path), profile="measure",
+                                     policies="fifo", budgets="100%", max_new_tokens=2,
+                                     repeats=3, out=str(out)))
+    assert log == ["run"] + ["profile", "run"] * 3
+    assert load_profile(str(out / "profile.yaml")).disk.read_GBps == 3.0  # the median
+    assert "the median of 3 profiles measured between the runs" in result["report"]
+
+
 def test_validate_rounds_write_each_round_and_pool_them(store_path, tmp_path):
     out = tmp_path / "r"
     result = validate(ValidateConfig(store=str(store_path), profile="cpu-2core",

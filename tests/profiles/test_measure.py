@@ -26,7 +26,12 @@ from d2moe.profiles.executor_probes import (
     overlap_speeds_from_rows,
     resident_probe_spec,
 )
-from d2moe.profiles.measure import ProfileConfig, measure_profile, median_profile
+from d2moe.profiles.measure import (
+    ProfileConfig,
+    measure_profile,
+    median_profile,
+    sizes_up_to,
+)
 from d2moe.profiles.schema import (
     ExecutorCosts,
     ExpertTable,
@@ -349,6 +354,9 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert q.executor.handoff_us >= 0 and q.executor.non_expert_after_load_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
     assert 0.05 < q.executor.check_GBps < 1000  # zlib.crc32 on any machine
+    # TINY's 4 and 8 KiB, then x4 up to the tiny expert's 2-bit base level (34560 bytes)
+    assert [n for n, _ in q.disk.reads] == [4096, 8192, 32768, 131072]
+    assert all(us > 0 for _, us in q.disk.reads)
     spec = load_spec("tiny")
     trace = synth_trace(spec, SynthConfig(decode_steps=2, prefill_tokens=3))
     tl = simulate(SimSetup(spec, q, budget_bytes=10**6), steps_from_trace(trace, 4),
@@ -393,9 +401,11 @@ def test_median_profile_takes_every_figure_apart() -> None:
         d["expert"]["table"][0]["latency_us"] = run
         d["non_expert"]["table"][0]["head_us"] = head
         d["executor"] = {"layer_us": 1.0 + k, "wake_us": wake}
+        d["disk"]["reads"] = [[4096, 100.0 + k], [65536, [300.0, 100.0, 200.0][k]]]
         dicts.append(d)
     rounds = [profile_from_dict(d, path=f"p{k}.yaml") for k, d in enumerate(dicts)]
     m = median_profile(rounds)
+    assert m.disk.reads == ((4096, 101.0), (65536, 200.0))  # each point its own median
     assert m.disk.read_GBps == 2.0 and m.disk.latency_us == rounds[0].disk.latency_us
     assert m.expert.rows[0].latency_us == 20.0 and m.expert.rows[0].bits == 2
     assert m.expert.rows[1:] == rounds[0].expert.rows[1:]  # equal in every round
@@ -427,3 +437,9 @@ def test_shipped_cpu_profile_is_measured_and_covers_the_tiny_model() -> None:
     for bits in range(2, 9):
         assert p.run_us(tiny, bits, 1) > 0
     assert p.non_expert_us(tiny, 1) > 0 and not p.extrapolations
+
+
+def test_disk_probe_sizes_reach_the_largest_level() -> None:
+    assert sizes_up_to([4096, 2**20], 1000) == [4096, 2**20]
+    assert sizes_up_to([4096, 2**22], 55 * 10**6) == [4096, 2**22, 2**24, 2**26]
+    assert sizes_up_to([4096], 4096) == [4096]

@@ -295,3 +295,42 @@ def test_checked_reads_lie_between_the_overlapped_and_the_serial(levels, gbps, m
     assert us >= reads + (checks[-1] if checks else 0.0) - 1e-9
     if min_bytes is None or len(levels) < 2:
         assert us == pytest.approx(reads + sum(checks))
+
+
+def test_disk_reads_table_by_hand(tmp_path: Path) -> None:
+    """With measured `disk.reads` a request interpolates them (the fit stays for display);
+    several requests split the bytes; a link behind streams: the slower stage wins."""
+    d = unified()
+    d["disk"]["reads"] = [[1000, 200.0], [3000, 400.0], [7000, 600.0]]
+    p = make(d)
+    assert p.disk.request_us(2000) == pytest.approx(300.0)
+    assert p.load_us(5000) == pytest.approx(500.0)
+    assert p.load_us(9000) == pytest.approx(700.0)  # beyond: from the last two points
+    assert p.load_us(6000, requests=2) == pytest.approx(2 * 400.0)
+    assert p.load_us(0) == 0.0
+    assert make(unified()).load_us(5000) == pytest.approx(100.0 + 5000 / 1000)  # the fit
+    assert make(p.to_dict()) == p
+    save_profile(tmp_path / "r.yaml", p)
+    assert load_profile(tmp_path / "r.yaml") == p
+    # a discrete GPU: disk stage 500 us against the link's 5000 / 500 = 10 us stream, + 10 us
+    g = hand()
+    g["disk"]["reads"] = d["disk"]["reads"]
+    assert make(g).load_us(5000) == pytest.approx(510.0)
+    assert make(g).load_us(5000, "host") == pytest.approx(10.0 + 5000 / 500)
+    slow = copy.deepcopy(g)
+    slow["link"]["read_GBps"] = 0.005  # 5 B/us: the link's 1000 us stream is the slower
+    assert make(slow).load_us(5000) == pytest.approx(1010.0)
+
+
+@pytest.mark.parametrize("reads", [[[1000, 1.0]], [[1000, 1.0], [1000, 2.0]],
+                                   [[1000, 1.0], [500, 2.0]], [[1000, -1.0], [2000, 1.0]],
+                                   [[0, 1.0], [2000, 1.0]], "x", [[1000, 1.0], [2000]]])
+def test_bad_disk_reads(reads: Any) -> None:
+    d = unified()
+    d["disk"]["reads"] = reads
+    with pytest.raises(UserError, match=r"disk\.reads"):
+        make(d)
+    e = hand()
+    e["link"]["reads"] = [[1000, 1.0], [2000, 2.0]]  # only the disk has a table
+    with pytest.raises(UserError, match="reads"):
+        make(e)
