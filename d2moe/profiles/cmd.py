@@ -43,11 +43,21 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reads_line(reads: Any) -> str:
+    """The measured requests' sizes and their GB/s, which the simulator interpolates."""
+    from d2moe.core.sizes import fmt_bytes
+
+    if not reads:
+        return ""
+    return "; requests as measured: " + ", ".join(
+        f"{fmt_bytes(n)} {n / us / 1e3:.2g} GB/s" for n, us in reads)
+
+
 def summary(profile: Any) -> str:
     """A few lines naming the fitted figures of a measured profile."""
     lines = [f"{profile.name}: {profile.source.device} (measured {profile.source.date})",
              f"disk: {profile.disk.read_GBps:.3g} GB/s, {profile.disk.latency_us:.1f} us per "
-             f"request"]
+             f"request (fit)" + _reads_line(profile.disk.reads)]
     if profile.link is not None:
         lines.append(f"link: {profile.link.read_GBps:.3g} GB/s, {profile.link.latency_us:.1f} "
                      f"us per copy")

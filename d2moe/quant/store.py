@@ -34,8 +34,8 @@ INDEX_NAME = "index.json"
 ALIGN_BYTES = 4096  # O_DIRECT needs offsets (and lengths) aligned to the logical block size
 TENSORS = ("w1", "w3", "w2")  # matching ModelSpec.expert_shapes
 # a level at least this large is checksummed on a helper thread while the next level is read
-# (zlib.crc32 releases the GIL): a Mixtral-shaped expert's 0->4 bit load 1.2x faster, a
-# LLaMA-MoE one 1.04x; below it the hand-off costs more than the overlap gives (a tiny
+# (zlib.crc32 releases the GIL): a Mixtral-shaped expert's 0->4 bit load 1.2-1.44x faster,
+# a LLaMA-MoE one 1.04x; below it the hand-off costs more than the overlap gives (a tiny
 # expert's 35 KiB levels: 0.85x). benchmarks/load_checksum.py
 PIPELINE_MIN_BYTES = 1 << 20
 
@@ -80,9 +80,9 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
 
 
 def _first_damaged(items: list[tuple[StoreEntry, np.ndarray]]) -> StoreEntry | None:
-    """The first entry whose bytes are short or fail their CRC-32, else None."""
+    """The first entry whose bytes fail their CRC-32, else None."""
     for e, data in items:
-        if data.size != e.nbytes or zlib.crc32(data) != e.crc32:
+        if zlib.crc32(data) != e.crc32:
             return e
     return None
 
@@ -311,6 +311,8 @@ class StoreReader:
             items = []
             for e in by_level[r.bits]:
                 level[e.tensor] = data = buf[e.offset - r.offset:e.offset - r.offset + e.nbytes]
+                if data.size != e.nbytes:  # a short read: the file was cut
+                    raise self._damaged(e)
                 items.append((e, data))
             if not self.verify:
                 continue
@@ -322,10 +324,12 @@ class StoreReader:
         for c in checks:  # in file order: the first damaged entry is the one reported
             bad = c.result() if isinstance(c, Future) else c
             if bad is not None:
-                raise UserError(f"checksum mismatch in {bad.describe()}",
-                                path=str(self.path / bad.file), field="crc32",
-                                fix="the store is damaged: re-run d2moe quantize")
+                raise self._damaged(bad)
         return out
+
+    def _damaged(self, e: StoreEntry) -> UserError:
+        return UserError(f"checksum mismatch in {e.describe()}", path=str(self.path / e.file),
+                         field="crc32", fix="the store is damaged: re-run d2moe quantize")
 
     def _helper(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -115,6 +115,18 @@ def test_damaged_store_names_the_entry(store, pipeline):
                 reader.read_planes(1, 2, 0, bits_to)
 
 
+def test_a_cut_data_file_is_named_even_without_checksums(store):
+    path, layout, _ = store
+    with StoreReader(path) as reader:
+        last = reader.entries[(1, 2, "w2", layout.bK)]  # the layer file's last entry
+    data = (path / last.file).read_bytes()
+    (path / last.file).write_bytes(data[:last.offset + last.nbytes // 2])
+    with StoreReader(path, verify=False) as reader:
+        reader.read_planes(1, 2, 0, layout.bK - 1)
+        with pytest.raises(UserError, match=f"layer 1 expert 2 tensor w2 bits {layout.bK}"):
+            reader.read_planes(1, 2, 0, layout.bK)
+
+
 def test_pipelined_checks_report_the_first_damage_and_stop_on_close(store):
     """Checksums on the helper thread: same bytes as inline, the first damaged entry in file
     order is the one named, and close() stops the thread."""
