@@ -93,9 +93,10 @@ class ProfileCosts:
         us = self._raise.get(key)
         if us is None:
             nbytes = self.sizes.load(bits_from, bits_to)
+            # a RAM copy (host tier) was checked when it came from disk: no checks again
             if tier != "disk" or math.isinf(self.check_GBps) or nbytes <= 0:
                 us = self.bytes_us(nbytes, tier, self.requests(bits_from, bits_to))
-            else:  # a RAM copy (host tier) was checked when it came from disk
+            else:
                 reads = [(n, float(self.profile.load_us(n, tier)))
                          for n in self.levels(bits_from, bits_to)]
                 us = (checked_reads_us(reads, self.check_GBps, PIPELINE_MIN_BYTES)
