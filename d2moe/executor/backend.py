@@ -96,6 +96,7 @@ class StreamingExperts:
         self._step_start = 0.0
         self._last_end = 0.0  # when the compute lane last finished expert work
         self._step_tokens = 0
+        self._step_open = False  # a step began and its "step" row is not written yet
 
     def _preload(self) -> int:
         """Carry out the policy's preload (Hold-in-Memory: every expert) before the clock
@@ -127,8 +128,17 @@ class StreamingExperts:
 
     # -- steps --------------------------------------------------------------------------
 
+    def resume(self) -> None:
+        """The caller's next forward starts now. Time since this backend's last expert work
+        (another backend's run, the caller's own waiting) is no step's and no row's: the
+        current step closes where its work ended and the next layer-0 row starts here, not
+        at the last work (where it would hold the whole gap)."""
+        self._close_step(self._last_end)
+        self._last_end = self.clock()
+
     def _close_step(self, end: float) -> None:
-        if self.step >= 0:
+        if self.step >= 0 and self._step_open:
+            self._step_open = False
             phase = self._phase or ("prefill" if self.step == 0 else "decode")
             self.events.append(Event("step", phase, self.step, -1, -1, 0, 0, self._step_tokens,
                                      0, self._step_start, end))
@@ -164,8 +174,9 @@ class StreamingExperts:
             self._close_step(self._last_end if self.step >= 0 else 0.0)
             self._phase = self.step_phase
             self.step += 1
-            self._step_start = self._last_end if self.step > 0 else 0.0
+            self._step_start = self._last_end  # the last layer's end, or resume()'s time
             self._step_tokens = int(x.shape[0])
+            self._step_open = True
         slot_bits = None  # [T, k] bits per (token, slot) from the router (non-expert time)
         if self.router is not None:
             chosen = self.router.choose(layer, x, weights)  # [T] or [T, k]

@@ -37,8 +37,6 @@ class Served:
     rows: list[Event]
     outputs: dict[int, list[int]]
     phases: list[str]  # per forward step, in order
-    idle_before: dict[int, float]  # step index -> when the wait before it ended (us); step 0
-    # always has one (the serving loop's start), so no step spans time before serving began
 
 
 def serve_model(model: Any, backend: Any, requests: Sequence[Request],
@@ -46,25 +44,25 @@ def serve_model(model: Any, backend: Any, requests: Sequence[Request],
                 clock: Callable[[], float], progress: Any = None) -> Served:
     """Serve `requests` on `model` with `backend` (any ExpertBackend) by the clock `clock`
     (microseconds); arrivals are waited for in real time. `progress` (a bar from
-    d2moe.core.progress, or None) advances by each finished request."""
+    d2moe.core.progress, or None) advances by each finished request. A backend with
+    `resume()` (StreamingExperts) is told when serving starts and when each wait for an
+    arrival ends: idle time belongs to no step and no row."""
     batcher = ContinuousBatcher(requests, max_batch)
     device = next(model.parameters()).device
     model.eval()
     caches: dict[int, Any] = {}
     outputs: dict[int, list[int]] = {r.id: [] for r in requests}
-    idle: dict[int, float] = {}
     phases: list[str] = []
+    resume = getattr(backend, "resume", lambda: None)
+    resume()  # the first step starts now, not when the backend was built
     with torch.inference_mode():
         while not batcher.done:
-            now = clock()
-            step = batcher.next_step(now)
-            if step is not None and not phases:  # the first step starts now, not at time 0
-                idle.setdefault(0, now)
+            step = batcher.next_step(clock())
             if step is None:  # nothing active: wait for the next arrival
                 wait = batcher.next_arrival_us() - clock()  # type: ignore[operator]
                 if wait > 0:
                     time.sleep(wait / 1e6)
-                idle[len(phases)] = clock()
+                resume()
                 continue
             if step.phase == PREFILL:
                 for rid, n in zip(step.requests, step.tokens, strict=True):
@@ -85,21 +83,12 @@ def serve_model(model: Any, backend: Any, requests: Sequence[Request],
                 del caches[rid]
             if progress and done:
                 progress.update(len(done))
-    return Served(batcher.rows(), outputs, phases, idle)
+    return Served(batcher.rows(), outputs, phases)
 
 
 def fix_steps(events: list[Event], served: Served) -> list[Event]:
     """The backend's rows with each step row labelled by the batcher's phase (the backend
-    alone calls only its first step a prefill), and step rows and their first non-expert
-    slice starting no earlier than the end of a wait for an arrival: idle belongs to no step.
-    Assumes the backend ran only `served`'s forward steps, numbered from 0."""
-    out = []
-    for e in events:
-        if e.lane == "step" and 0 <= e.step < len(served.phases):
-            e = e._replace(kind=served.phases[e.step])
-        woke = served.idle_before.get(e.step)
-        if woke is not None and e.start_us < woke and (
-                e.lane == "step" or (e.kind == "non_expert" and e.layer == 0)):
-            e = e._replace(start_us=min(woke, e.end_us))
-        out.append(e)
-    return out
+    alone calls only its first step a prefill). Assumes the backend ran only `served`'s
+    forward steps, numbered from 0."""
+    return [e._replace(kind=served.phases[e.step])
+            if e.lane == "step" and 0 <= e.step < len(served.phases) else e for e in events]

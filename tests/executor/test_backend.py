@@ -3,6 +3,8 @@ holds, both phases run, and mismatches are clear errors."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -200,3 +202,25 @@ def test_a_damaged_store_surfaces_on_the_compute_lane_and_stops_cleanly(store_pa
     with pytest.raises(UserError, match="checksum mismatch"):
         generate(model, PROMPT, 4, backend=backend)
     backend.finish()  # returns: the I/O lane is not left waiting
+
+
+def test_resume_keeps_the_gap_between_forwards_out_of_every_row(store_path, reference):
+    model, spec, _ = reference
+    store = StoreReader(store_path)
+    gap_us = 300_000.0
+    for resume in (False, True):
+        backend = StreamingExperts(store, make_policy("fifo"), _resident_pool(spec, store),
+                                   bits=BITS)
+        generate(model, PROMPT, 2, backend=backend)
+        time.sleep(gap_us / 1e6)  # the caller's own time: another backend's run, say
+        if resume:
+            backend.resume()
+        generate(model, PROMPT, 2, backend=backend)
+        tl = backend.finish()
+        steps = sorted((e for e in tl.events if e.lane == "step"), key=lambda e: e.start_us)
+        assert [e.step for e in steps] == [0, 1, 2, 3]  # one row per step, none twice
+        second = next(e for e in tl.events if e.kind == "non_expert" and e.step == 2)
+        # without resume() the second prompt's layer-0 row holds the whole gap
+        assert (second.dur_us < gap_us / 3) == resume, second
+        assert (steps[2].end_us - steps[2].start_us < gap_us / 3) == resume  # its step
+        assert all(a.end_us <= b.start_us for a, b in zip(steps, steps[1:], strict=False))

@@ -16,6 +16,7 @@ from d2moe.core.events import Event
 from d2moe.core.spec import load_spec
 from d2moe.profiles.executor_probes import (
     COLD_IDLE_MS,
+    MIN_ALONE,
     after_load_excess,
     lane_costs_from_rows,
     layer_first_run_excess,
@@ -143,6 +144,29 @@ def test_overlap_speeds_by_hand() -> None:
     assert overlap_speeds_from_rows([load, apart], lambda e, idle: 10.0,
                                     lambda e, first, plan_first: 15.0) == \
         {"overlap_io_speed": 1.0, "overlap_compute_speed": 1.0}
+
+
+def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
+    """A slow stretch (every job alone 1.5x its nominal time) is not read as contention once
+    a lane has MIN_ALONE jobs alone; with fewer the nominal times stand."""
+    load = Event("io", "load", 1, 0, 3, 0, 4, 0, 100, 0.0, 20.0)
+    run = Event("compute", "run", 1, 0, 5, 4, 4, 1, 0, 5.0, 40.0)
+    alone = [Event("io", "load", 2 + k, 0, 3, 0, 4, 0, 100, 100.0 * k + 100, 100.0 * k + 115)
+             for k in range(MIN_ALONE)]
+    alone += [Event("compute", "run", 2 + k, 0, 5, 4, 4, 1, 0, 100.0 * k + 500,
+                    100.0 * k + 530) for k in range(MIN_ALONE)]
+
+    def speeds(rows):
+        return overlap_speeds_from_rows(rows, lambda e, idle: 10.0,
+                                        lambda e, first, plan_first: 20.0)
+
+    # scaled x1.5: load (15 - 5) / 15 beside the run; run (30 - 20) / 15
+    assert speeds([load, run, *alone]) == {"overlap_io_speed": 0.667,
+                                           "overlap_compute_speed": 0.667}
+    # one job alone short of the count: (10 - 5) / 15 and (20 - 20) / 15 (floored at 0.05)
+    fewer = [e for e in alone if e.step != 2]
+    assert speeds([load, run, *fewer]) == {"overlap_io_speed": 0.333,
+                                           "overlap_compute_speed": 0.05}
 
 
 @given(st.lists(st.tuples(st.floats(1, 50), st.floats(1, 50), st.integers(-1, 3)),
