@@ -33,7 +33,7 @@ preemptions that some timings catch are part of what a long run pays):
   after `cold_ramp_us` of idle time, linearly before);
 - each lane's speed while the other is busy (`overlap_io_speed`, `overlap_compute_speed`):
   read last, from the rows of the decode under a quarter of the experts, every job's nominal
-  time from the figures above (`overlap_speeds`).
+  time from the figures above, scaled per lane by the same rows' jobs alone (`overlap_speeds`).
 """
 
 from __future__ import annotations
