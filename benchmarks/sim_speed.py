@@ -6,13 +6,18 @@ waiting on its load's event), with no policy, no accounting and no event rows. T
 says what d2moe's policies, budget bookkeeping and event recording cost on top of (or save
 below) bare SimPy. Target (issue 3): >= 500 simulated decode tokens/s on a 2-core machine.
 
-Usage: python benchmarks/sim_speed.py [--tokens N] [--budget 2.5GiB]
+Each figure is the median of --repeats timings, after one short untimed simulation (the
+first simulation in a process ran 10-20% slower than the next ones on this project's CPU:
+2026-11-23 17:56 UTC, fifo 434 then 518 and 498 tok/s).
+
+Usage: python benchmarks/sim_speed.py [--tokens N] [--budget 2.5GiB] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from collections import defaultdict
 
@@ -81,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1000, help="decode tokens to simulate")
     ap.add_argument("--budget", default="2.5GiB", help="expert budget (bytes or %%)")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per figure (median kept)")
     args = ap.parse_args()
 
     spec = load_spec("mixtral-8x7b")
@@ -95,14 +101,19 @@ def main() -> None:
           f"budget {args.budget}, rtx3060-laptop profile; trace -> demands {prep:.2f} s")
     print(f"{'policy':8s} {'engine':6s} {'sim tok/s':>10s} {'jobs/s':>10s} "
           f"{'plain SimPy tok/s':>18s} {'ratio':>6s}")
+    simulate(SimSetup(spec, profile, QuantLayout(), budget), steps[:50], make_policy("fifo"))
     for name in ("fifo", "hebf", "johnson"):
         for engine in ("fast", "simpy"):
             setup = SimSetup(spec, profile, QuantLayout(), budget, engine=engine)
-            t0 = time.perf_counter()
-            tl = simulate(setup, steps, make_policy(name))
-            wall = time.perf_counter() - t0
+            walls = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                tl = simulate(setup, steps, make_policy(name))
+                walls.append(time.perf_counter() - t0)
+            wall = statistics.median(walls)
             n_jobs = sum(1 for e in tl.events if e.kind in ("load", "run"))
-            base = plain_simpy(jobs_of(tl))
+            jobs = jobs_of(tl)
+            base = statistics.median(plain_simpy(jobs) for _ in range(args.repeats))
             print(f"{name:8s} {engine:6s} {args.tokens / wall:10.0f} {n_jobs / wall:10.0f} "
                   f"{args.tokens / base:18.0f} {base / wall:5.2f}x")
     print("ratio = d2moe tokens/s over plain SimPy tokens/s for the same jobs "

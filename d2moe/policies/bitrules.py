@@ -30,6 +30,8 @@ class BitRule:
 
     def apply(self, demands: Sequence[Demand]) -> list[Demand]:
         """The demands at this rule's bits; a changed demand remembers its routed bits."""
+        if type(self).bits is BitRule.bits:  # the identity rule (asked): on the hot path
+            return list(demands)
         out = []
         for d in demands:
             b = self.bits(d.key, d.bits)

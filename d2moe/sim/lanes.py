@@ -102,7 +102,10 @@ def first_runs(rw: list[int]) -> list[bool]:
 def run_extras_us(ctx: LayerCtx, rw: list[int]) -> list[float]:
     """Per run of a plan (rw: `run_waits`), what it takes beyond its expert's cost: the
     first run after each load `first_run_us`, the plan's first run `layer_first_run_us`."""
-    out = [ctx.first_run_us if first else 0.0 for first in first_runs(rw)]
+    if not ctx.first_run_us:  # profiles without lane costs: the simulator's hot path
+        out = [0.0] * len(rw)
+    else:
+        out = [ctx.first_run_us if first else 0.0 for first in first_runs(rw)]
     if out:
         out[0] += ctx.layer_first_run_us
     return out
