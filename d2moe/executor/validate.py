@@ -274,14 +274,16 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
                capacity=capacity)  # warm-up, discarded
     runs: dict[tuple[str, str], list[tuple[Timeline, Any]]] = {}
     measured = []
-    for _ in range(cfg.repeats):
+    order = [(label, nbytes, name) for label, nbytes in budgets for name in policies]
+    for k in range(cfg.repeats):
         if measure is not None:
             measured.append(measure())
-        for label, nbytes in budgets:
-            for name in policies:
-                runs.setdefault((name, label), []).append(record_run(
-                    model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens,
-                    router=router, capacity=capacity))
+        # every other pass backwards: no row is always the one furthest from the profile
+        # (or always the first after it) on a machine whose speed drifts during a pass
+        for label, nbytes, name in (order if k % 2 == 0 else order[::-1]):
+            runs.setdefault((name, label), []).append(record_run(
+                model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens,
+                router=router, capacity=capacity))
     if measure is not None:
         from d2moe.profiles import save_profile
         from d2moe.profiles.measure import median_profile

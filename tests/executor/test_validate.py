@@ -117,6 +117,29 @@ def test_validate_measures_a_profile_before_each_pass(tmp_path, store_path, monk
     assert "the median of 3 profiles measured between the runs" in result["report"]
 
 
+def test_validate_runs_every_other_pass_backwards(tmp_path, store_path, monkeypatch):
+    """Each pass runs every row once; odd passes in reverse order, so on a drifting machine
+    no row always runs last (furthest from the pass's profile)."""
+    from d2moe.executor import validate as v
+
+    log = []
+    real_record = v.record_run
+
+    def record(model, spec, store, name, nbytes, *args, **kwargs):
+        log.append((name, nbytes))
+        return real_record(model, spec, store, name, nbytes, *args, **kwargs)
+
+    monkeypatch.setattr(v, "record_run", record)
+    validate(ValidateConfig(store=str(store_path), profile="cpu-2core", policies="fifo,hebf",
+                            budgets="50%,100%", max_new_tokens=2, repeats=3,
+                            out=str(tmp_path / "o")))
+    warm, rows = log[0], log[1:]
+    forward = rows[:4]
+    assert [name for name, _ in forward] == ["fifo", "hebf", "fifo", "hebf"]
+    assert forward[0][1] < forward[2][1] == warm[1]  # 50% first, then 100% (the warm-up's)
+    assert rows == forward + forward[::-1] + forward
+
+
 def test_validate_rounds_write_each_round_and_pool_them(store_path, tmp_path):
     out = tmp_path / "r"
     result = validate(ValidateConfig(store=str(store_path), profile="cpu-2core",
