@@ -171,7 +171,7 @@ class StreamingExperts:
                   weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids [T, k], weights [T, k] -> Σ_k weights · expert(x) [T, D]."""
         if layer == 0:  # a new forward step begins (closed before the router is asked)
-            self._close_step(self._last_end if self.step >= 0 else 0.0)
+            self._close_step(self._last_end)  # a no-op before the first step
             self._phase = self.step_phase
             self.step += 1
             self._step_start = self._last_end  # the last layer's end, or resume()'s time

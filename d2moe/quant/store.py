@@ -312,7 +312,7 @@ class StoreReader:
             for e in by_level[r.bits]:
                 level[e.tensor] = data = buf[e.offset - r.offset:e.offset - r.offset + e.nbytes]
                 if data.size != e.nbytes:  # a short read: the file was cut
-                    raise self._damaged(e)
+                    raise self._damaged(e, "the data file ends inside")
                 items.append((e, data))
             if not self.verify:
                 continue
@@ -324,11 +324,11 @@ class StoreReader:
         for c in checks:  # in file order: the first damaged entry is the one reported
             bad = c.result() if isinstance(c, Future) else c
             if bad is not None:
-                raise self._damaged(bad)
+                raise self._damaged(bad, "checksum mismatch in")
         return out
 
-    def _damaged(self, e: StoreEntry) -> UserError:
-        return UserError(f"checksum mismatch in {e.describe()}", path=str(self.path / e.file),
+    def _damaged(self, e: StoreEntry, what: str) -> UserError:
+        return UserError(f"{what} {e.describe()}", path=str(self.path / e.file),
                          field="crc32", fix="the store is damaged: re-run d2moe quantize")
 
     def _helper(self) -> ThreadPoolExecutor:

@@ -123,7 +123,8 @@ def test_a_cut_data_file_is_named_even_without_checksums(store):
     (path / last.file).write_bytes(data[:last.offset + last.nbytes // 2])
     with StoreReader(path, verify=False) as reader:
         reader.read_planes(1, 2, 0, layout.bK - 1)
-        with pytest.raises(UserError, match=f"layer 1 expert 2 tensor w2 bits {layout.bK}"):
+        with pytest.raises(UserError, match=f"the data file ends inside layer 1 expert 2 "
+                                            f"tensor w2 bits {layout.bK}"):
             reader.read_planes(1, 2, 0, layout.bK)
 
 
