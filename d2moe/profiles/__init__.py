@@ -1,5 +1,6 @@
 """Hardware profiles: schema, strict YAML loading and the cost model the simulator calls."""
 
-from d2moe.profiles.schema import Profile, load_profile, save_profile, shipped_profiles
+from d2moe.profiles.files import load_profile, save_profile, shipped_profiles
+from d2moe.profiles.schema import Profile
 
 __all__ = ["Profile", "load_profile", "save_profile", "shipped_profiles"]

@@ -28,8 +28,8 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    from d2moe.profiles.files import load_profile, save_profile
     from d2moe.profiles.measure import measure_profile
-    from d2moe.profiles.schema import load_profile, save_profile
 
     cfg = from_args(ProfileConfig, args)
     t0 = time.perf_counter()

@@ -217,7 +217,7 @@ def parse_synth(text: str, *, path: str = "", where: str = "trace") -> TraceEntr
 
 
 def _profile_ref(ref: str, base: Path) -> str:
-    from d2moe.profiles.schema import shipped_profiles
+    from d2moe.profiles.files import shipped_profiles
 
     if ref in shipped_profiles() or Path(ref).is_absolute():
         return ref

@@ -27,20 +27,14 @@ from d2moe.profiles.executor_probes import (
     overlap_speeds_from_rows,
     resident_probe_spec,
 )
+from d2moe.profiles.files import load_profile, profile_from_dict, save_profile
 from d2moe.profiles.measure import (
     ProfileConfig,
     measure_profile,
     median_profile,
     sizes_up_to,
 )
-from d2moe.profiles.schema import (
-    ExecutorCosts,
-    ExpertTable,
-    NonExpertTable,
-    load_profile,
-    profile_from_dict,
-    save_profile,
-)
+from d2moe.profiles.schema import ExecutorCosts, ExpertTable, NonExpertTable
 from d2moe.profiles.timing import (
     Bar,
     clear_excess,

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, expert_bytes
 from d2moe.core.spec import ModelSpec, load_spec
-from d2moe.profiles.schema import (
-    Profile,
+from d2moe.profiles.files import (
     load_profile,
     profile_from_dict,
     save_profile,
     shipped_profiles,
 )
+from d2moe.profiles.schema import Profile
 
 # 1 layer of 2 experts; hidden 64, ffn 128: expert params 3 * 64 * 128 = 24576
 SPEC = ModelSpec(name="s", layers=1, experts=2, top_k=1, hidden=64, ffn=128, heads=1,

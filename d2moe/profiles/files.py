@@ -1,0 +1,274 @@
+"""Profile YAML at the edge: strict parsing into `Profile` (errors name the file and the
+dotted field), the shipped profiles, and atomic saving."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+from d2moe.core.fileio import atomic_write, check_keys, read_yaml
+from d2moe.core.sizes import DENSE_BITS, parse_bytes
+from d2moe.profiles.schema import (
+    ExecutorCosts,
+    ExpertRoofline,
+    ExpertRow,
+    ExpertTable,
+    Link,
+    NonExpertRoofline,
+    NonExpertRow,
+    NonExpertTable,
+    Profile,
+    Source,
+)
+
+PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory_bytes",
+                "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
+                "executor")
+EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "check_GBps", "run_us", "wake_us",
+                 "overlap_io_speed", "overlap_compute_speed", "cold_load_us", "cold_ramp_us",
+                 "first_run_us", "layer_first_run_us", "handoff_us", "non_expert_after_load_us")
+_REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
+             "expert", "non_expert")
+
+
+class _Reader:
+    """Typed getters that raise UserError naming the file and the dotted field."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, where: str, message: str, fix: str) -> UserError:
+        return UserError(message, path=self.path, field=where, fix=fix)
+
+    def number(self, d: dict[str, Any], key: str, where: str, *, positive: bool) -> float:
+        v, at = d.get(key), _at(where, key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise self.fail(at, f"must be a number, got {v!r}", "write a plain number")
+        if (v <= 0) if positive else (v < 0):
+            raise self.fail(at, f"must be {'> 0' if positive else '>= 0'}, got {v!r}",
+                            "write a positive value" if positive else "write 0 or more")
+        return float(v)
+
+    def integer(self, d: dict[str, Any], key: str, where: str, *, low: int) -> int:
+        v, at = d.get(key), _at(where, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise self.fail(at, f"must be an integer >= {low}, got {v!r}", "write a whole number")
+        return v
+
+    def size(self, d: dict[str, Any], key: str, where: str, *, low: int) -> int:
+        v, at = d.get(key), _at(where, key)
+        n = v if isinstance(v, int) and not isinstance(v, bool) else None
+        if isinstance(v, str):
+            n = parse_bytes(v, field=at)
+        if n is None or n < low:
+            raise self.fail(at, f"must be a byte count >= {low}, got {v!r}",
+                            "write bytes, e.g. 6442450944 or 6GiB")
+        return n
+
+    def flag(self, d: dict[str, Any], key: str, where: str) -> bool:
+        v = d.get(key)
+        if not isinstance(v, bool):
+            raise self.fail(_at(where, key), f"must be true or false, got {v!r}",
+                            "write true or false")
+        return v
+
+    def text(self, d: dict[str, Any], key: str, where: str) -> str:
+        v = d.get(key)
+        if isinstance(v, datetime.date):
+            return v.isoformat()
+        if not isinstance(v, str) or not v.strip():
+            raise self.fail(_at(where, key), f"must be non-empty text, got {v!r}", "write text")
+        return v
+
+    def keys(self, d: Any, allowed: tuple[str, ...], where: str,
+             required: tuple[str, ...] | None = None) -> dict[str, Any]:
+        return check_keys(d, set(allowed), path=self.path, where=where,
+                          required=allowed if required is None else required)
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def profile_from_dict(data: Any, *, path: str) -> Profile:
+    """Validate a parsed profile mapping strictly and build the Profile."""
+    r = _Reader(path)
+    d = r.keys(data, PROFILE_KEYS, "", _REQUIRED)
+    src = r.keys(d["source"], ("kind", "device", "date", "command", "basis"), "source", ("kind",))
+    if src["kind"] == "measured":
+        r.keys(src, ("kind", "device", "date", "command"), "source")
+        source = Source("measured", r.text(src, "device", "source"),
+                        r.text(src, "date", "source"), r.text(src, "command", "source"))
+    elif src["kind"] == "estimated":
+        r.keys(src, ("kind", "basis"), "source")
+        basis = src["basis"]
+        if not isinstance(basis, dict) or not basis:
+            raise r.fail("source.basis", "must be a non-empty mapping of figure: spec-sheet text",
+                         "list each figure with the spec-sheet value it comes from")
+        source = Source("estimated", basis=tuple(
+            (str(k), r.text(basis, k, "source.basis")) for k in basis))
+    else:
+        raise r.fail("source.kind", f"must be measured or estimated, got {src['kind']!r}",
+                     "write kind: measured (with device, date, command) or kind: estimated "
+                     "(with basis)")
+    disk = _link(r, d["disk"], "disk", reads=True)
+    unified = r.flag(d, "unified_memory", "")
+    link = None if d["link"] is None else _link(r, d["link"], "link")
+    if unified != (link is None):
+        raise r.fail("link", "must be null exactly when unified_memory is true",
+                     "a discrete GPU needs link: {read_GBps, latency_us}; unified memory has "
+                     "link: null")
+    host = 0 if d.get("host_memory_bytes") is None else r.size(d, "host_memory_bytes", "", low=1)
+    if unified and host:
+        raise r.fail("host_memory_bytes", "a unified-memory device has no separate host tier",
+                     "remove host_memory_bytes; count the shared memory in device_memory_bytes")
+    lanes = r.integer(d, "io_lanes", "", low=1) if "io_lanes" in d else 1
+    shared = r.flag(d, "shared_bandwidth", "") if "shared_bandwidth" in d else True
+    return Profile(name=r.text(d, "name", ""), source=source, disk=disk, link=link,
+                   unified_memory=unified,
+                   device_memory_bytes=r.size(d, "device_memory_bytes", "", low=1),
+                   host_memory_bytes=host, io_lanes=lanes, shared_bandwidth=shared,
+                   expert=_expert(r, d["expert"]), non_expert=_non_expert(r, d["non_expert"]),
+                   executor=None if d.get("executor") is None else _executor(r, d["executor"]))
+
+
+OLD_EXECUTOR_KEYS = {"cold_read_us": "cold_load_us"}  # profiles measured before 2026-11-23
+
+
+def _executor(r: _Reader, data: Any) -> ExecutorCosts:
+    if isinstance(data, dict):
+        data = {OLD_EXECUTOR_KEYS.get(k, k): v for k, v in data.items()}
+    d = r.keys(data, EXECUTOR_KEYS, "executor", ())
+    costs = {k: r.number(d, k, "executor", positive=k.endswith("GBps") or "speed" in k)
+             for k in d}
+    for k in ("overlap_io_speed", "overlap_compute_speed"):
+        if costs.get(k, 1.0) > 1.0:
+            raise r.fail(f"executor.{k}", f"must be in (0, 1], got {costs[k]}",
+                         "write the fraction of its own speed the lane keeps (1: no contention)")
+    return ExecutorCosts(**costs)
+
+
+def _link(r: _Reader, data: Any, where: str, reads: bool = False) -> Link:
+    keys = ("read_GBps", "latency_us")
+    d = r.keys(data, (*keys, "reads") if reads else keys, where, keys)
+    return Link(r.number(d, "read_GBps", where, positive=True),
+                r.number(d, "latency_us", where, positive=False),
+                _reads(r, d["reads"], f"{where}.reads") if "reads" in d else ())
+
+
+def _reads(r: _Reader, data: Any, where: str) -> tuple[tuple[int, float], ...]:
+    """[[bytes, us], ...]: at least two requests, bytes increasing, times >= 0."""
+    fix = "write [[bytes, us], ...] with at least two sizes, bytes increasing (d2moe profile)"
+    if not isinstance(data, list) or len(data) < 2:
+        raise r.fail(where, f"must be a list of at least two [bytes, us], got {data!r}", fix)
+    out: list[tuple[int, float]] = []
+    for i, pair in enumerate(data):
+        ok = isinstance(pair, list | tuple) and len(pair) == 2
+        n, us = pair if ok else (None, None)
+        if not ok or isinstance(n, bool) or not isinstance(n, int) or n < 1 \
+                or isinstance(us, bool) or not isinstance(us, int | float) \
+                or not math.isfinite(us) or us < 0 or (out and n <= out[-1][0]):
+            raise r.fail(f"{where}[{i}]", f"must be [bytes >= 1, us >= 0] after the previous "
+                         f"size, got {pair!r}", fix)
+        out.append((n, float(us)))
+    return tuple(out)
+
+
+def _one_of(r: _Reader, data: Any, where: str) -> tuple[str, Any]:
+    d = r.keys(data, ("roofline", "table"), where, ())
+    if len(d) != 1:
+        raise r.fail(where, "needs exactly one of roofline or table",
+                     "keep either the roofline figures or the measured table")
+    (kind, body), = d.items()
+    return kind, body
+
+
+def _rows(r: _Reader, body: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(body, list) or not body:
+        raise r.fail(where, "must be a non-empty list of rows", "add measured rows")
+    return [(f"{where}[{i}]", row) for i, row in enumerate(body)]
+
+
+def _expert(r: _Reader, data: Any) -> ExpertRoofline | ExpertTable:
+    kind, body = _one_of(r, data, "expert")
+    if kind == "roofline":
+        w = "expert.roofline"
+        d = r.keys(body, ("mem_GBps", "peak_TFLOPs", "dequant_ns_per_Mweight_bit", "launch_us"), w)
+        return ExpertRoofline(r.number(d, "mem_GBps", w, positive=True),
+                              r.number(d, "peak_TFLOPs", w, positive=True),
+                              r.number(d, "dequant_ns_per_Mweight_bit", w, positive=False),
+                              r.number(d, "launch_us", w, positive=False))
+    rows, seen = [], set()
+    for w, raw in _rows(r, body, "expert.table"):
+        d = r.keys(raw, ("shape", "bits", "tokens", "latency_us"), w)
+        row = ExpertRow(r.text(d, "shape", w), r.integer(d, "bits", w, low=1),
+                        r.integer(d, "tokens", w, low=1),
+                        r.number(d, "latency_us", w, positive=False))
+        if row.bits > DENSE_BITS:
+            raise r.fail(f"{w}.bits", f"must be <= {DENSE_BITS}, got {row.bits}",
+                         "write the bit-width the run used")
+        if (row.shape, row.bits, row.tokens) in seen:
+            raise r.fail(w, "repeats an earlier row's shape, bits and tokens",
+                         "keep one measurement per point (e.g. the median)")
+        seen.add((row.shape, row.bits, row.tokens))
+        rows.append(row)
+    return ExpertTable(tuple(rows))
+
+
+def _non_expert(r: _Reader, data: Any) -> NonExpertRoofline | NonExpertTable:
+    kind, body = _one_of(r, data, "non_expert")
+    if kind == "roofline":
+        w = "non_expert.roofline"
+        d = r.keys(body, ("mem_GBps", "peak_TFLOPs", "layer_overhead_us"), w)
+        return NonExpertRoofline(r.number(d, "mem_GBps", w, positive=True),
+                                 r.number(d, "peak_TFLOPs", w, positive=True),
+                                 r.number(d, "layer_overhead_us", w, positive=False))
+    rows, seen = [], set()
+    for w, raw in _rows(r, body, "non_expert.table"):
+        d = r.keys(raw, ("model", "tokens", "latency_us", "head_us"), w,
+                   ("model", "tokens", "latency_us"))
+        row = NonExpertRow(r.text(d, "model", w), r.integer(d, "tokens", w, low=1),
+                           r.number(d, "latency_us", w, positive=False),
+                           r.number(d, "head_us", w, positive=False) if "head_us" in d else 0.0)
+        if (row.model, row.tokens) in seen:
+            raise r.fail(w, "repeats an earlier row's model and tokens",
+                         "keep one measurement per point")
+        seen.add((row.model, row.tokens))
+        rows.append(row)
+    return NonExpertTable(tuple(rows))
+
+
+# -- files -------------------------------------------------------------------------------------
+
+def shipped_profiles() -> tuple[str, ...]:
+    """Names `load_profile` accepts besides a path."""
+    root = resources.files("d2moe.profiles")
+    return tuple(sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")))
+
+
+def load_profile(ref: str | Path) -> Profile:
+    """A shipped profile name (`shipped_profiles()`) or a profile YAML path."""
+    ref_s = str(ref)
+    if ref_s in shipped_profiles():
+        import yaml
+
+        text = resources.files("d2moe.profiles").joinpath(f"{ref_s}.yaml").read_text()
+        return profile_from_dict(yaml.safe_load(text), path=f"<shipped profile {ref_s}>")
+    if not Path(ref_s).is_file():
+        raise UserError(f"not a shipped profile ({', '.join(shipped_profiles())}) nor an "
+                        f"existing file", path=ref_s,
+                        fix="name a shipped profile or a profile YAML")
+    return profile_from_dict(read_yaml(ref_s), path=ref_s)
+
+
+def save_profile(path: str | Path, profile: Profile) -> None:
+    """Write `profile` as YAML, atomically."""
+    import yaml
+
+    with atomic_write(Path(path), "w") as f:
+        f.write(f"# d2moe hardware profile ({profile.source.kind}); units in the key names\n")
+        yaml.safe_dump(profile.to_dict(), f, sort_keys=False, default_flow_style=False)
