@@ -2,8 +2,12 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# Pin the CPU build of torch: an unpinned range may pull a multi-GB CUDA build.
-TORCH   := torch==2.13.0
+# Pin the CPU build of torch (the local version `+cpu`): an unpinned range, or a plain
+# `torch==2.13.0` from PyPI, pulls a multi-GB CUDA build. This project's machines have the
+# +cpu wheel in their local wheel index; elsewhere add PyTorch's CPU index, e.g.
+# `make test PIP_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu`.
+TORCH   := torch==2.13.0+cpu
+PIP_INDEX ?=
 TRITON  := triton==3.7.1
 STAMP   := $(VENV)/.installed
 
@@ -12,7 +16,7 @@ STAMP   := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH) $(TRITON)
+	$(BIN)/pip install -q $(PIP_INDEX) $(TORCH) $(TRITON)
 	$(BIN)/pip install -q -e '.[executor,dev]'
 	touch $(STAMP)
 
