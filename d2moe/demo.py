@@ -73,3 +73,9 @@ def _real_side(out: str) -> None:
     print(summary_line(result["summary"]))
     print(f"real above simulated: {out}/real/timeline-50pct.png; full table: {out}/real/table.txt"
           " (timings on a shared machine vary from run to run: docs/profiling.md)")
+    from d2moe.profiles import load_profile
+
+    src = load_profile("cpu-2core").source
+    print(f"the cpu-2core profile is of the project's development VM ({src.device}, measured "
+          f"{src.date}): on another machine the error holds the difference between the two; "
+          f"`d2moe validate --profile measure` measures this one first")

@@ -45,6 +45,13 @@ def test_demo_runs_with_no_arguments(capsys, tmp_path):
     assert code == 0
     assert "HEBF vs FIFO" in out
     assert (tmp_path / "bubbles.png").exists()
+    # the real side: the tiny model on this CPU against the simulator on the shipped profile
+    rows = [line.split() for line in out.splitlines() if line.startswith(("fifo ", "hebf "))]
+    assert [r[:2] for r in rows if r[1] == "50%"] == [["fifo", "50%"], ["hebf", "50%"]]
+    assert (tmp_path / "real" / "timeline-50pct.png").exists()
+    from d2moe.profiles import load_profile
+
+    assert load_profile("cpu-2core").source.device in out and "--profile measure" in out
 
 
 def test_every_verb_has_help_for_every_option(capsys):
