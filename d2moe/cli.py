@@ -1,6 +1,8 @@
 """`d2moe <verb>`: the one entry point. Each subsystem registers its verbs from a `cmd` module.
 
-User errors (`UserError`) print one line and exit 2; nothing else is caught.
+User errors (`UserError`) print one line and exit 2. An OSError that no command turned into
+a UserError (a path that cannot be read or written) does the same: a safety net, so a bad
+path never ends in a traceback. Nothing else is caught.
 """
 
 from __future__ import annotations
@@ -63,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"d2moe {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"d2moe {args.verb}: error: {where}{exc.strerror or exc} "
+              "(fix: check the path and its permissions)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

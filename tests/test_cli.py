@@ -123,3 +123,47 @@ def test_trace_of_another_model(capsys, tmp_path):
 def test_unreadable_budget(capsys, tmp_path, budget):
     line = _one_line_error(capsys, "simulate", "--budget", budget, "--out", str(tmp_path))
     assert "budget" in line
+
+
+def test_out_under_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "file.yaml").write_text("x")
+    out = tmp_path / "file.yaml" / "sub"
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--profile", "cpu-2core",
+                           "--steps", "2", "--out", str(out))
+    assert str(out) in line and "not a directory" in line and "fix:" in line
+
+
+def test_trace_out_onto_a_directory_is_one_line(capsys, tmp_path):
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    line = _one_line_error(capsys, "trace", "synth", "--model-spec", "tiny", "--out", str(adir))
+    assert str(adir) in line and "is a directory" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["adir"]  # no temp file left beside it
+
+
+def test_an_unhandled_os_error_is_one_line(capsys, tmp_path, monkeypatch):
+    def refuse(path, trace):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("d2moe.traces.cmd.save_trace", refuse)
+    out = tmp_path / "t.npz"
+    line = _one_line_error(capsys, "trace", "synth", "--model-spec", "tiny", "--out", str(out))
+    assert line == (f"d2moe trace: error: {out}: Permission denied "
+                    "(fix: check the path and its permissions)")
+
+
+@pytest.mark.parametrize("option,value,field", [
+    ("--steps", "-1", "steps"), ("--plot-steps", "-1", "plot-steps"),
+    ("--host-cache", "-1", "host-cache"), ("--budget", "inf%", "budget"),
+    ("--budget", "1e999", "budget"), ("--group", "0", "group")])
+def test_simulate_rejects_bad_numbers(capsys, tmp_path, option, value, field):
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--profile", "cpu-2core",
+                           "--steps", "2", option, value, "--out", str(tmp_path))
+    assert f"field '{field}'" in line and "fix:" in line
+
+
+def test_binary_profile_is_one_line(capsys, tmp_path):
+    prof = tmp_path / "p.yaml"
+    prof.write_bytes(b"\x00\x85\xff")
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--profile", str(prof))
+    assert str(prof) in line and "not a text file (UTF-8)" in line

@@ -8,7 +8,6 @@ imported inside the plotting functions only.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from collections import defaultdict
@@ -25,30 +24,26 @@ MIB = 2**20
 
 
 def load_table(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a table: JSON lines (a torn last line is skipped) or CSV (numbers parsed).
+    """Rows of a table: JSON lines or CSV (numbers parsed).
 
-    With a `cell_id` column, the last row per cell id wins (a resumed sweep's rerun)."""
+    JSON lines are read by the sweep's own reader (`d2moe.sweep.table.read_rows`): a torn
+    last line is skipped, a bad line elsewhere or a row that fails its `row_sha256` is an
+    error. With a `cell_id` column, the last row per cell id wins (a resumed sweep's rerun)."""
+    from d2moe.sweep.table import read_rows
+
     path = Path(path)
     if not path.is_file():
         raise UserError("no such file", path=str(path), fix="give table.jsonl or table.csv")
-    text = path.read_text()
     if path.suffix == ".csv":
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError("not UTF-8 text, so not a CSV table", path=str(path),
+                            fix="give table.jsonl or table.csv as `d2moe sweep` wrote it"
+                            ) from None
         rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(text.splitlines())]
     else:
-        rows = []
-        lines = text.split("\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if i >= len(lines) - 2:  # the last line, torn by a killed run
-                    break
-                raise UserError(f"line {i + 1} is not JSON", path=str(path),
-                                fix="delete the line") from None
-            if isinstance(row, dict):
-                rows.append(row)
+        rows = read_rows(path)[0]
     if any("cell_id" in r for r in rows):
         rows = list({str(r.get("cell_id", i)): r for i, r in enumerate(rows)}.values())
     if not rows:
@@ -81,14 +76,21 @@ def source_label(row: dict[str, Any]) -> str | None:
     return f"simulated (profile {Path(str(profile)).stem}, {source})"
 
 
-def _label(rows: Sequence[dict[str, Any]], override: str = "") -> str:
+def _where(table: str | Path | None) -> str | None:
+    """The table's path for an error message (None: rows not read from a file)."""
+    return str(table) if table else None
+
+
+def _label(rows: Sequence[dict[str, Any]], override: str = "",
+           table: str | Path | None = None) -> str:
     if override:
         return override
     labels = sorted({lab for r in rows if (lab := source_label(r))})
     if not labels:
         raise UserError("the rows do not say whether they are simulated or measured",
-                        field="label", fix="add profile + profile_source (or run_kind: "
-                                           "measured) columns, or pass --label")
+                        path=_where(table), field="label",
+                        fix="add profile + profile_source (or run_kind: measured) columns, "
+                            "or pass --label")
     return "; ".join(labels)
 
 
@@ -159,12 +161,13 @@ def _kind(row: dict[str, Any]) -> str:
 
 
 def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
-                policies: Sequence[str] = (), log_y: bool = True, dpi: int = 150
-                ) -> list[Path]:
+                policies: Sequence[str] = (), log_y: bool = True, dpi: int = 150,
+                table: str | Path | None = None) -> list[Path]:
     """Decode tokens/s against the memory budget per policy: one PNG per (model, profile),
     plus a hit-rate panel (each policy against Belady's oracle) where the table has it.
     `policies` picks and orders the lines (empty: all). A table with measured and simulated
-    rows gets one column of panels each, a policy in the same style in both."""
+    rows gets one column of panels each, a policy in the same style in both. `table`, the
+    file the rows came from, is named in errors."""
     from matplotlib.figure import Figure
 
     from d2moe.analysis.timeline_plot import save_png
@@ -173,8 +176,8 @@ def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str =
           and (not policies or r.get("policy") in policies)]
     if not ok:
         raise UserError("no finished cell with a budget and a decode rate to plot",
-                        field="status", fix="check the table's status and message columns "
-                                            "(and --policies)")
+                        path=_where(table), field="status",
+                        fix="check the table's status and message columns (and --policies)")
     paths = []
     for (model, profile), group in _groups(ok).items():
         unit, scale = _budget_unit(group)
@@ -192,12 +195,13 @@ def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str =
             _budget_panels(grid[:, col], mine, names, styles, scale, unit, log_y,
                            label=col == 0)
             if len(kinds) > 1:
-                grid[0, col].set_title(_label(mine, label), fontsize=9)
+                grid[0, col].set_title(_label(mine, label, table), fontsize=9)
         fig.legend(loc="outside right upper", fontsize=8, frameon=False)
         traces = len({r.get("trace") for r in group})
         note = f", mean over {traces} traces" if traces > 1 else ""
         fig.suptitle(f"{model}: decode tokens/s against memory budget{note}"
-                     + ("" if len(kinds) > 1 else f"\n{_label(group, label)}"), fontsize=10)
+                     + ("" if len(kinds) > 1 else f"\n{_label(group, label, table)}"),
+                     fontsize=10)
         name = f"budget-{_slug(model)}-{_slug(Path(profile).stem)}.png"
         paths.append(save_png(fig, Path(out) / name, dpi=dpi))
     return paths
@@ -239,9 +243,10 @@ def _budget_panels(axes: Any, rows: Sequence[dict[str, Any]], names: Sequence[st
 
 def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,
                   policies: Sequence[str] = ABLATION_DEFAULT, label: str = "",
-                  dpi: int = 150) -> Path:
+                  dpi: int = 150, table: str | Path | None = None) -> Path:
     """Bars of decode tokens/s for `policies` in order, grouped by budget; one panel per
-    (model, profile), all in one figure (ablation.png). Missing policies are left out."""
+    (model, profile), all in one figure (ablation.png). Missing policies are left out.
+    `table`, the file the rows came from, is named in errors."""
     from matplotlib.figure import Figure
 
     from d2moe.analysis.timeline_plot import save_png
@@ -250,13 +255,14 @@ def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,
     present = [p for p in wanted if any(r.get("policy") == p for r in rows)]
     if not present:
         raise UserError(f"none of {', '.join(wanted)} is in the table (it has: "
-                        f"{', '.join(_policies(rows))})", field="policies",
+                        f"{', '.join(_policies(rows))})", path=_where(table), field="policies",
                         fix="pass --policies naming policies the sweep ran")
     rows = [r for r in rows if r.get("policy") in present]
     groups = {k: g for k, g in _groups(rows).items() if _ok(g)}
     if not groups:
         raise UserError(f"no cell of {', '.join(present)} finished with a decode rate",
-                        field="status", fix="check the table's status and message columns")
+                        path=_where(table), field="status",
+                        fix="check the table's status and message columns")
     fig = Figure(figsize=(max(6.0, 1.2 + 0.45 * len(present) * _max_budgets(groups)),
                           3.4 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 1, squeeze=False)[:, 0]
@@ -288,7 +294,7 @@ def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,
         _style(ax)
         ax.legend(fontsize=8, frameon=False, ncols=min(len(present), 5))
         ax.set_title(f"{model}: ablation (n/f: did not fit, err: error)\n"
-                     f"{_label(group, label)}",
+                     f"{_label(group, label, table)}",
                      fontsize=10)
     return save_png(fig, Path(out) / "ablation.png", dpi=dpi)
 
@@ -304,20 +310,23 @@ def _budget_key(rows: Sequence[dict[str, Any]], budget: Any) -> tuple[float, str
 
 
 def plot_quality(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
-                 dpi: int = 150) -> Path:
+                 dpi: int = 150, table: str | Path | None = None) -> Path:
     """Latency (ms per decode token) against perplexity, one line per policy, each point
-    marked with its budget (quality.png)."""
+    marked with its budget (quality.png). `table`, the file the rows came from, is named in
+    errors."""
     from matplotlib.figure import Figure
 
     from d2moe.analysis.timeline_plot import save_png
 
     missing = [c for c in QUALITY_COLUMNS if not any(c in r for r in rows)]
     if missing:
-        raise UserError(f"the table lacks column(s) {', '.join(missing)}", field=missing[0],
+        raise UserError(f"the table lacks column(s) {', '.join(missing)}", path=_where(table),
+                        field=missing[0],
                         fix=f"give a table with columns {', '.join(QUALITY_COLUMNS)}")
     good = [r for r in _ok(rows) if r["decode_tokens_per_s"] > 0 and _finite(r.get("ppl"))]
     if not good:
-        raise UserError("no row has a positive decode rate and a perplexity", field="ppl",
+        raise UserError("no row has a positive decode rate and a perplexity",
+                        path=_where(table), field="ppl",
                         fix="check the table's values")
     fig = Figure(figsize=(7.0, 4.2), layout="constrained")
     ax = fig.subplots()
@@ -334,6 +343,6 @@ def plot_quality(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str 
     ax.set_xlim(left=0)
     _style(ax)
     ax.legend(fontsize=8, frameon=False)
-    ax.set_title(f"latency against quality (points: budget)\n{_label(good, label)}",
+    ax.set_title(f"latency against quality (points: budget)\n{_label(good, label, table)}",
                  fontsize=10)
     return save_png(fig, Path(out) / "quality.png", dpi=dpi)

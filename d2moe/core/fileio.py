@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,22 +17,61 @@ from d2moe.core.errors import UserError
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Write to a temp file beside `path`, fsync, then rename over it.
 
-    A crash or an exception leaves the old file (or none) in place, never a torn one.
+    A crash or an exception leaves the old file (or none) in place, never a torn one. A
+    path that cannot be written (under a file, a directory itself, no permission) is a
+    UserError naming it, raised before or instead of the rename.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ensure_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise path_error(exc, path, "cannot write it") from None
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise path_error(exc, path, "cannot write it") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def ensure_dir(path: str | Path, *, field: str | None = None) -> Path:
+    """Make directory `path` and its parents unless they exist; returns it as a Path.
+
+    For output and scratch directories the user names: one that cannot be made (a file in
+    the way, no permission) is a UserError naming it and `field`, not an OSError traceback.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise path_error(exc, path, "cannot create the directory", field=field) from None
+    return path
+
+
+def path_error(exc: OSError, path: str | Path, what: str, *,
+               field: str | None = None) -> UserError:
+    """The UserError for `exc`, met while doing `what` at the user's `path`: the errno
+    decides the message and the fix (the temp file's name never shows)."""
+    if exc.errno == errno.EISDIR:
+        return UserError(f"{what}: it is a directory", path=str(path), field=field,
+                         fix="name a file, not a directory")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return UserError(f"{what}: part of the path is a file, not a directory",
+                         path=str(path), field=field, fix="pick a path under a directory")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return UserError(f"{what}: permission denied", path=str(path), field=field,
+                         fix="pick a path you may write to")
+    return UserError(f"{what}: {exc.strerror or exc}", path=str(path), field=field,
+                     fix="pick a writable path")
 
 
 def _umask() -> int:
@@ -41,15 +81,19 @@ def _umask() -> int:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file, turning a missing file or a syntax error into a UserError."""
+    """Parse a YAML file, turning a missing file, bytes that are not UTF-8 text or a syntax
+    error into a UserError."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise UserError("no such file", path=str(path), fix="check the path")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError("not a text file (UTF-8)", path=str(path),
+                        fix="point at the YAML file, saved as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

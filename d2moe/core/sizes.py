@@ -41,6 +41,12 @@ class QuantLayout:
         if not 1 <= self.b1 <= self.bK <= 8:
             raise UserError(f"need 1 <= b1 <= bK <= 8, got b1={self.b1}, bK={self.bK}",
                             field="bits", fix="e.g. --bits 2:8")
+        if self.group < 1:  # weights per scale: the byte counts divide by it
+            raise UserError(f"must be >= 1, got {self.group}", field="group",
+                            fix="e.g. --group 64")
+        if self.scale_bytes != 2:  # stores, kernels and the quantizer all use fp16 scales
+            raise UserError(f"scales are fp16 (2 bytes), got {self.scale_bytes}",
+                            field="scale_bytes", fix="use 2")
 
     @property
     def nested(self) -> bool:
@@ -99,33 +105,45 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 
 
 def parse_bytes(text: str | int, *, field: str = "bytes") -> int:
-    """'6GiB', '512MB', '1e9', 1000 -> bytes."""
+    """'6GiB', '512MB', '1e9', 1000 -> bytes; a UserError naming `field` for anything else,
+    an overflow ('1e999') included."""
+    return _bytes(text, field, "write bytes like 6GiB, 512MB or 1000000")
+
+
+def parse_budget(text: str | int, total_bytes: int, *, field: str = "budget") -> int:
+    """A budget as bytes ('6GiB'), a percentage ('40%') or a fraction ('0.4') of `total_bytes`.
+
+    Percentages above 100% are allowed: the total is all experts at one bit-width, and a
+    larger budget holds more (e.g. 200% for 8-bit experts when the total is at 4 bits).
+    """
+    s = str(text).strip()
+    fix = "write e.g. 6GiB, 40% or 0.4"
+    if not (s.endswith("%") or re.fullmatch(r"0?\.\d+|1(\.0*)?", s)):
+        return _bytes(s, field, fix)
+    try:
+        share = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as a budget", field=field, fix=fix) from None
+    value = share * total_bytes
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{text!r} is not a finite share of 0% or more", field=field, fix=fix)
+    return int(value)
+
+
+def _bytes(text: str | int, field: str, fix: str) -> int:
+    """Bytes from an int or a number with an optional unit; `fix` goes in the UserError."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise UserError(f"cannot read {text!r} as a size", field=field,
-                        fix="write bytes like 6GiB, 512MB or 1000000")
+        raise UserError(f"cannot read {text!r} as a size", field=field, fix=fix)
     try:
-        value = float(m.group(1))
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     except ValueError:
-        raise UserError(f"cannot read {text!r} as a size", field=field,
-                        fix="write bytes like 6GiB, 512MB or 1000000") from None
-    return int(value * _UNITS[m.group(2).lower()])
-
-
-def parse_budget(text: str | int, total_bytes: int, *, field: str = "budget") -> int:
-    """A budget as bytes ('6GiB'), a percentage ('40%') or a fraction ('0.4') of `total_bytes`."""
-    s = str(text).strip()
-    try:
-        if s.endswith("%"):
-            return int(float(s[:-1]) / 100 * total_bytes)
-        if re.fullmatch(r"0?\.\d+|1(\.0*)?", s):
-            return int(float(s) * total_bytes)
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as a budget", field=field,
-                        fix="write 6GiB, 40% or 0.4") from None
-    return parse_bytes(s, field=field)
+        raise UserError(f"cannot read {text!r} as a size", field=field, fix=fix) from None
+    if not math.isfinite(value):
+        raise UserError(f"{text!r} is too large to be a size", field=field, fix=fix)
+    return int(value)
 
 
 def fmt_bytes(n: float) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,9 @@ class ModelSpec:
     non_expert_params_per_layer: int = 0  # 0: computed from attention + router + shared
 
     def __post_init__(self) -> None:
-        for name in ("layers", "experts", "top_k", "hidden", "ffn", "heads", "kv_heads", "vocab"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"must be a positive integer, got {getattr(self, name)}",
-                                path=self.name, field=name, fix="set a positive value")
-        if self.top_k > self.experts:
-            raise UserError(f"top_k={self.top_k} exceeds experts={self.experts}",
-                            path=self.name, field="top_k", fix="use top_k <= experts")
+        """Refuse sizes that make no model (specs built in code; the file readers check
+        first, so that their errors name the file)."""
+        check_sizes(self.__dict__, path=self.name)
 
     @property
     def dim_head(self) -> int:
@@ -86,8 +83,39 @@ class ModelSpec:
 
 
 _SPEC_FIELDS = tuple(f.name for f in fields(ModelSpec))
+_DEFAULTS = {f.name: f.default for f in fields(ModelSpec) if f.default is not MISSING}
+_POSITIVE = ("layers", "experts", "top_k", "hidden", "ffn", "heads", "kv_heads", "vocab",
+             "dtype_bytes")
+_NON_NEGATIVE = ("head_dim", "shared_ffn", "dense_layers", "dense_ffn",
+                 "non_expert_params_per_layer")
 SHIPPED = ("mixtral-8x7b", "llama-moe-3.5b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b",
            "deepseek-v2-lite", "tiny")
+
+
+def check_sizes(values: Mapping[str, Any], *, path: str,
+                names: Mapping[str, str] | None = None) -> None:
+    """Raise UserError unless every ModelSpec field in `values` makes a model.
+
+    Sizes and `dtype_bytes` must be >= 1; the optional sizes (0: derived or absent) >= 0.
+    `path` names the file the values came from (the spec's name when built in code), and
+    `names` maps a field to the key the file spells it with (an HF config.json's)."""
+    names = names or {}
+    for name in (*_POSITIVE, *_NON_NEGATIVE):
+        value, least = values[name], 1 if name in _POSITIVE else 0
+        if value < least:
+            kind = "a positive integer" if least else "an integer >= 0"
+            raise UserError(f"must be {kind}, got {value}", path=path,
+                            field=names.get(name, name), fix=f"set a value >= {least}")
+    if values["top_k"] > values["experts"]:
+        raise UserError(f"top_k={values['top_k']} exceeds experts={values['experts']}",
+                        path=path, field=names.get("top_k", "top_k"), fix="use top_k <= experts")
+
+
+def _build(values: dict[str, Any], *, path: str,
+           names: Mapping[str, str] | None = None) -> ModelSpec:
+    """A ModelSpec whose size errors name the file `path` (not only the spec's name)."""
+    check_sizes({**_DEFAULTS, **values}, path=path, names=names)
+    return ModelSpec(**values)
 
 
 def shipped_specs() -> tuple[str, ...]:
@@ -103,44 +131,83 @@ def spec_from_dict(data: dict[str, Any], *, path: str) -> ModelSpec:
         if key != "name" and (not isinstance(value, int) or isinstance(value, bool)):
             raise UserError(f"must be an integer, got {value!r}", path=path, field=key,
                             fix="write a whole number")
-    return ModelSpec(**data)
+    return _build(dict(data), path=path)
 
 
-def spec_from_hf_config(cfg: dict[str, Any], *, path: str, name: str = "") -> ModelSpec:
+def hf_int(cfg: Mapping[str, Any], key: str, *, path: str, default: int | None = None) -> int:
+    """config.json's `key` as an int (null or absent: `default`); a string, a bool or a
+    fraction is a UserError naming the file and the key, never a ValueError from int()."""
+    value = cfg.get(key)
+    if value is None and default is not None:
+        return default
+    whole = (isinstance(value, int) and not isinstance(value, bool)
+             or isinstance(value, float) and value.is_integer())  # inf, nan: not integers
+    if not whole:
+        raise UserError(f"must be a whole number, got {value!r}", path=path, field=key,
+                        fix="write a whole number (this key of the model's HF config.json)")
+    return int(value)
+
+
+def spec_from_hf_config(cfg: Any, *, path: str, name: str = "") -> ModelSpec:
     """Map an HF `config.json` (Mixtral, OLMoE, Qwen-MoE, DeepSeek-V2) onto a ModelSpec."""
+    cfg = require_mapping(cfg, path=path)
+    used: dict[str, str] = {}  # ModelSpec field -> the config.json key it came from
 
-    def pick(*keys: str, default: Any = None) -> Any:
-        for k in keys:
-            if cfg.get(k) is not None:
-                return cfg[k]
-        if default is None:
+    def pick(field: str, *keys: str, default: int | None = None) -> int:
+        key = next((k for k in keys if cfg.get(k) is not None), None)
+        if key is None and default is None:
             raise UserError(f"none of {keys} present", path=path, field=keys[0],
                             fix="is this an MoE model's config.json?")
-        return default
+        used[field] = key or keys[0]
+        return hf_int(cfg, key or keys[0], path=path, default=default)
 
-    layers = int(pick("num_hidden_layers"))
-    dense = int(pick("first_k_dense_replace", default=0))
-    hidden = int(pick("hidden_size"))
-    heads = int(pick("num_attention_heads"))
-    shared = int(pick("shared_expert_intermediate_size", default=0))
+    layers = pick("layers", "num_hidden_layers")
+    dense = pick("dense_layers", "first_k_dense_replace", default=0)
+    heads = pick("heads", "num_attention_heads")
+    shared = pick("shared_ffn", "shared_expert_intermediate_size", default=0)
     if not shared and cfg.get("n_shared_experts"):
-        shared = int(cfg["n_shared_experts"]) * int(pick("moe_intermediate_size"))
-    return ModelSpec(
+        shared = (hf_int(cfg, "n_shared_experts", path=path)
+                  * pick("shared_ffn", "moe_intermediate_size"))
+    values = dict(
         name=name or str(cfg.get("_name_or_path") or cfg.get("model_type")
                          or Path(path).parent.name),
         layers=layers - dense,
-        experts=int(pick("num_local_experts", "num_experts", "n_routed_experts")),
-        top_k=int(pick("num_experts_per_tok", "moe_topk")),
-        hidden=hidden,
-        ffn=int(pick("moe_intermediate_size", "intermediate_size")),
+        experts=pick("experts", "num_local_experts", "num_experts", "n_routed_experts"),
+        top_k=pick("top_k", "num_experts_per_tok", "moe_topk"),
+        hidden=pick("hidden", "hidden_size"),
+        ffn=pick("ffn", "moe_intermediate_size", "intermediate_size"),
         heads=heads,
-        kv_heads=int(pick("num_key_value_heads", default=heads)),
-        vocab=int(pick("vocab_size")),
-        head_dim=int(cfg.get("head_dim") or 0),
+        kv_heads=pick("kv_heads", "num_key_value_heads", default=heads),
+        vocab=pick("vocab", "vocab_size"),
+        head_dim=pick("head_dim", "head_dim", default=0),
         shared_ffn=shared,
         dense_layers=dense,
-        dense_ffn=int(cfg.get("intermediate_size") or 0) if dense else 0,
+        dense_ffn=pick("dense_ffn", "intermediate_size", default=0) if dense else 0,
     )
+    return _build(values, path=path, names=used)
+
+
+def require_mapping(data: Any, *, path: str) -> dict[str, Any]:
+    """`data` if it is a JSON object; else a UserError naming the file (a list or a number
+    is valid JSON but no config.json)."""
+    if not isinstance(data, dict):
+        raise UserError(f"expected a JSON object at top level, got {type(data).__name__}",
+                        path=path, fix="give the model's HF config.json ({\"model_type\": ...})")
+    return data
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """An HF config.json as a dict: malformed JSON, non-UTF-8 bytes or a non-object are
+    UserErrors naming the file."""
+    try:
+        cfg = json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}", path=str(path),
+                        fix="correct the JSON") from None
+    except UnicodeDecodeError:
+        raise UserError("not UTF-8 text", path=str(path),
+                        fix="give the model's HF config.json (a UTF-8 JSON file)") from None
+    return require_mapping(cfg, path=str(path))
 
 
 def load_spec(ref: str | Path) -> ModelSpec:
@@ -153,15 +220,14 @@ def load_spec(ref: str | Path) -> ModelSpec:
         return spec_from_dict(yaml.safe_load(text), path=f"<shipped {ref_s}>")
     path = Path(ref_s)
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError("no config.json in this directory", path=ref_s,
+                            fix="pass a checkpoint directory holding config.json, a spec "
+                                "YAML or a shipped spec name")
         path = path / "config.json"
     if not path.exists():
         raise UserError(f"not a shipped spec ({', '.join(SHIPPED)}) nor an existing file",
                         path=ref_s, fix="name a shipped spec or a spec YAML / config.json")
     if path.suffix == ".json":
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}", path=str(path),
-                            fix="correct the JSON") from None
-        return spec_from_hf_config(cfg, path=str(path))
+        return spec_from_hf_config(read_hf_config(path), path=str(path))
     return spec_from_dict(read_yaml(path), path=str(path))

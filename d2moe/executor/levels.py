@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
 from d2moe.kernels.packed import Geometry, plane_words
@@ -76,6 +77,7 @@ class LevelFormat:
                 out: np.ndarray | None = None) -> np.ndarray:
         """The store's bytes of level `bits` ({tensor: uint8}) -> the pool's bytes (uint8),
         written into `out` (uint8 [nbytes(bits)], e.g. the level's block) when given."""
+        self._check_stored(bits, levels)
         if out is None:
             out = np.empty(self.nbytes(bits), dtype=np.uint8)
         pos = 0
@@ -114,6 +116,19 @@ class LevelFormat:
         if pos != out.size:
             raise ValueError(f"level {bits}: wrote {pos} of {out.size} pool bytes")
         return out
+
+    def _check_stored(self, bits: int, levels: dict[str, np.ndarray]) -> None:
+        """Each tensor of level `bits` has the bytes the layout implies, else a UserError
+        naming the level (raised on an I/O lane, it reaches the user like any other)."""
+        for t, g in self.geoms.items():
+            want = level_nbytes(self.layout, g.rows, g.cols, bits)
+            got = levels[t].size if t in levels else 0
+            if got != want:
+                raise UserError(f"stored level {bits} of tensor {t} ({g.rows}x{g.cols}) has "
+                                f"{got} bytes, the store's layout ({self.layout.kind}, b1 "
+                                f"{self.layout.b1}, group {self.layout.group}) needs {want}",
+                                field=f"level {bits}",
+                                fix="the store is damaged: re-run d2moe quantize")
 
     def _plane(self, stream: np.ndarray, g: MatrixGeom) -> np.ndarray:
         """One stored plane -> int32 [rows, words] (row-major) or its transpose."""

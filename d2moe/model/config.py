@@ -5,6 +5,7 @@ No torch here: the CLI builds its options from these without importing torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from d2moe.core.errors import UserError
@@ -54,6 +55,20 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"must be positive, got {getattr(self, name)}",
                                 field=name.replace("_", "-"), fix="pass a positive value")
-        if self.lr <= 0 or not 0 <= self.min_lr_frac <= 1:
-            raise UserError("lr must be > 0 and min-lr-frac in [0, 1]", field="lr",
-                            fix="pass sane learning-rate settings")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"must be a number > 0, got {self.lr}", field="lr",
+                            fix="e.g. --lr 3e-3")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise UserError(f"must be in [0, 1], got {self.min_lr_frac}", field="min-lr-frac",
+                            fix="e.g. --min-lr-frac 0.1")
+        for name in ("weight_decay", "balance_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"must be a number >= 0, got {value}",
+                                field=name.replace("_", "-"), fix="pass 0 or more")
+        if self.warmup_steps < 0:
+            raise UserError(f"must be >= 0, got {self.warmup_steps}", field="warmup-steps",
+                            fix="pass 0 or more")
+        if self.threads < 0:
+            raise UserError(f"must be >= 0, got {self.threads}", field="threads",
+                            fix="pass 1, or 0 for default")

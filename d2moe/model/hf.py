@@ -7,6 +7,7 @@ is downloaded: the argument is a local directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
-from d2moe.core.spec import ModelSpec, spec_from_hf_config
+from d2moe.core.spec import ModelSpec, read_hf_config, require_mapping, spec_from_hf_config
 from d2moe.model.config import ModelConfig
 from d2moe.model.transformer import Transformer
 
@@ -29,18 +30,26 @@ _MOE = {
 }
 
 
-def config_from_hf(cfg: dict[str, Any], *, path: str) -> ModelConfig:
+_FIX_DAMAGED = "the checkpoint file is damaged: copy or save it again"
+
+
+def config_from_hf(cfg: Any, *, path: str) -> ModelConfig:
     """The architecture details of an HF config.json (transformers 4.x and 5.x keys)."""
+    cfg = require_mapping(cfg, path=path)
     arch = cfg.get("model_type")
     if arch not in SUPPORTED:
         raise UserError(f"model_type {arch!r} is not supported (supported: "
                         f"{', '.join(SUPPORTED)})", path=path, field="model_type",
                         fix="use a Mixtral, OLMoE or Qwen-MoE checkpoint")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rope = cfg.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"must be a mapping or null, got {rope!r}", path=path, field=rope_key,
+                        fix="write {\"rope_type\": \"default\", ...} or null")
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"rope_type {rope['rope_type']!r} is not supported", path=path,
                         field="rope_parameters", fix="only plain RoPE is implemented")
-    theta = rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0
+    theta = _number(rope, "rope_theta", path) or _number(cfg, "rope_theta", path) or 10000.0
     if cfg.get("clip_qkv") is not None:
         raise UserError("clip_qkv is not supported", path=path, field="clip_qkv",
                         fix="use a checkpoint with clip_qkv: null")
@@ -49,13 +58,50 @@ def config_from_hf(cfg: dict[str, Any], *, path: str) -> ModelConfig:
         raise UserError("dense-MLP layers and sliding windows are not supported", path=path,
                         field="mlp_only_layers", fix="use a checkpoint with an MoE every layer")
     default_renorm = arch == "mixtral"  # Mixtral always renormalises; others follow the flag
+    eps = _number(cfg, "rms_norm_eps", path)
     return ModelConfig(
-        rope_theta=float(theta), norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        renormalize_topk=bool(cfg.get("norm_topk_prob", default_renorm)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_theta=theta, norm_eps=1e-5 if eps is None else eps,
+        renormalize_topk=_flag(cfg, "norm_topk_prob", default_renorm, path),
+        tie_embeddings=_flag(cfg, "tie_word_embeddings", False, path),
         qk_norm=arch == "olmoe",
-        qkv_bias=arch == "qwen2_moe" and bool(cfg.get("qkv_bias", True)),
+        qkv_bias=arch == "qwen2_moe" and _flag(cfg, "qkv_bias", True, path),
         shared_expert_gate=arch == "qwen2_moe", arch=arch)
+
+
+def _number(cfg: dict[str, Any], key: str, path: str) -> float | None:
+    """config.json's `key` as a float, None when absent or null; other types name the key."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"must be a number, got {value!r}", path=path, field=key,
+                        fix="write a number (this key of the model's HF config.json)")
+    return float(value)
+
+
+def _flag(cfg: dict[str, Any], key: str, default: bool, path: str) -> bool:
+    """config.json's `key` as a bool (absent or null: `default`); "false" is not a flag."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UserError(f"must be true or false, got {value!r}", path=path, field=key,
+                        fix="write true or false (this key of the model's HF config.json)")
+    return value
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: Path) -> Iterator[None]:
+    """Turn safetensors' and the OS's errors while reading `path` into a UserError naming
+    the file: a truncated, emptied or corrupted *.safetensors is bad input, not a bug."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        reason = " ".join(str(exc).split())  # one line
+        raise UserError(f"cannot read the safetensors file ({reason})", path=str(path),
+                        fix=_FIX_DAMAGED) from None
 
 
 def tensor_map(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -103,7 +149,7 @@ def _index(model_dir: Path) -> dict[str, Path]:
                         fix="point at an HF checkpoint directory saved as safetensors")
     where: dict[str, Path] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with reading_checkpoint(path), safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 where[name] = path
     return where
@@ -116,11 +162,7 @@ def read_config(model_dir: str | Path) -> tuple[ModelSpec, ModelConfig, dict[str
     if not model_dir.is_dir() or not path.is_file():
         raise UserError("not a checkpoint directory (no config.json)", path=str(model_dir),
                         fix="pass a directory holding config.json and *.safetensors")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}", path=str(path),
-                        fix="correct the JSON") from None
+    raw = read_hf_config(path)
     cfg = config_from_hf(raw, path=str(path))
     spec = spec_from_hf_config(raw, path=str(path), name=str(raw.get("_name_or_path") or ""))
     return spec, cfg, raw
@@ -149,15 +191,16 @@ def load_hf(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
                                     field=name, fix="is the checkpoint complete and of model_type "
                                     f"{cfg.arch}?")
                 file = where[name]
-                if file not in handles:
-                    handles[file] = safe_open(str(file), framework="pt")
-                sl = handles[file].get_slice(name)
-                shape = tuple(sl.get_shape())
-                if shape != tuple(target.shape):
-                    raise UserError(f"tensor {name} has shape {shape}, expected "
-                                    f"{tuple(target.shape)} from config.json", path=str(file),
-                                    field=name, fix="config.json and the weights disagree")
-                target.copy_(handles[file].get_tensor(name))
+                with reading_checkpoint(file):
+                    if file not in handles:
+                        handles[file] = safe_open(str(file), framework="pt")
+                    shape = tuple(handles[file].get_slice(name).get_shape())
+                    if shape != tuple(target.shape):
+                        raise UserError(f"tensor {name} has shape {shape}, expected "
+                                        f"{tuple(target.shape)} from config.json",
+                                        path=str(file), field=name,
+                                        fix="config.json and the weights disagree")
+                    target.copy_(handles[file].get_tensor(name))
     finally:
         handles.clear()
     return model.eval(), spec

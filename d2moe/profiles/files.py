@@ -60,10 +60,15 @@ class _Reader:
         return v
 
     def size(self, d: dict[str, Any], key: str, where: str, *, low: int) -> int:
+        """Bytes as an integer or text ('6GiB'); unreadable text ('-1GiB', '1e999') fails
+        like a small number, naming this file."""
         v, at = d.get(key), _at(where, key)
         n = v if isinstance(v, int) and not isinstance(v, bool) else None
         if isinstance(v, str):
-            n = parse_bytes(v, field=at)
+            try:
+                n = parse_bytes(v, field=at)
+            except UserError:
+                n = None
         if n is None or n < low:
             raise self.fail(at, f"must be a byte count >= {low}, got {v!r}",
                             "write bytes, e.g. 6442450944 or 6GiB")

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.errors import UserError
+from d2moe.core.fileio import ensure_dir
 from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.cost import checked_reads_us
@@ -163,15 +164,14 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @contextmanager
 def _scratch(cfg: ProfileConfig) -> Iterator[Path]:
+    """--dir (made if missing), else a temporary directory under the cache directory; one
+    that cannot be made is a UserError naming it."""
     if cfg.dir:
-        path = Path(cfg.dir)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
+        yield ensure_dir(cfg.dir, field="dir")
         return
     from d2moe.executor.setup import cache_dir
 
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    root = ensure_dir(cache_dir())
     with tempfile.TemporaryDirectory(prefix="profile-", dir=root) as tmp:
         yield Path(tmp)
 

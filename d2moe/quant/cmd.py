@@ -36,8 +36,11 @@ def parse_bits_range(text: str) -> tuple[int, int]:
 
 
 def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Path, str]]:
-    """{(hf_layer, expert, tensor): (file, hf_name)} over the directory's *.safetensors."""
+    """{(hf_layer, expert, tensor): (file, hf_name)} over the directory's *.safetensors;
+    a damaged file is a UserError naming it."""
     from safetensors import safe_open
+
+    from d2moe.model.hf import reading_checkpoint
 
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -45,7 +48,7 @@ def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Pat
                         fix="point --model at an HF checkpoint directory")
     found: dict[tuple[int, int, str], tuple[Path, str]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
+        with reading_checkpoint(path), safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 for pat in _PATTERNS:
                     m = pat.match(name)
@@ -61,9 +64,12 @@ def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Pat
 
 
 def _load(path: Path, name: str):  # -> np.ndarray float32
+    """One tensor of a checkpoint file as float32 (a damaged file: a UserError naming it)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    from d2moe.model.hf import reading_checkpoint
+
+    with reading_checkpoint(path), safe_open(str(path), framework="pt") as f:
         return f.get_tensor(name).float().numpy()
 
 
@@ -96,8 +102,6 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
         raise UserError(f"config.json says {spec.layers} MoE layers, the checkpoint has expert "
                         f"weights in {len(hf_layers)}", path=str(model_dir),
                         fix="check the checkpoint is complete")
-    writer = StoreWriter(out, spec, layout)
-    bar = _progress(spec.layers * spec.experts, progress)
 
     def experts_of(hf_layer: int) -> Iterator[tuple[int, dict[str, NestedMatrix]]]:
         for e in range(spec.experts):
@@ -113,10 +117,13 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
             yield e, mats
             bar.update(1)
 
-    for layer, hf_layer in enumerate(hf_layers):
-        writer.write_layer(layer, experts_of(hf_layer))
-    bar.close()
-    return writer.close()
+    # an error or Ctrl-C before close() removes the unfinished store; an old one stays
+    with StoreWriter(out, spec, layout) as writer:
+        bar = _progress(spec.layers * spec.experts, progress)
+        for layer, hf_layer in enumerate(hf_layers):
+            writer.write_layer(layer, experts_of(hf_layer))
+        bar.close()
+        return writer.close()
 
 
 class _NoBar:

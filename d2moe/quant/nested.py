@@ -105,16 +105,23 @@ def encode_level(m: NestedMatrix, bits: int) -> bytes:
 
 
 def decode_levels(layout: QuantLayout, rows: int, cols: int,
-                  levels: list[bytes | memoryview | np.ndarray]) -> NestedMatrix:
-    """Inverse of `encode_level`: levels[0] is the base, levels[i] is plane b1 + i."""
+                  levels: list[bytes | memoryview | np.ndarray], *, path: str | None = None,
+                  where: str = "") -> NestedMatrix:
+    """Inverse of `encode_level`: levels[0] is the base, levels[i] is plane b1 + i.
+
+    A level of the wrong length is a UserError naming `path` (the store) and `where` (e.g.
+    "layer 0 expert 3 tensor w1"), when the caller has them."""
     n, groups = rows * cols, math.ceil(cols / layout.group)
     plane_len = math.ceil(n / 8)
     raw = [np.frombuffer(lv, dtype=np.uint8) for lv in levels]
     for i, buf in enumerate(raw):
         want = level_nbytes(layout, rows, cols, layout.b1 + i)
         if buf.size != want:
-            raise UserError(f"level {layout.b1 + i} has {buf.size} bytes, expected {want}",
-                            field="length", fix="the store is damaged: re-run d2moe quantize")
+            what = f"{where}: " if where else ""
+            raise UserError(f"{what}stored level {layout.b1 + i} has {buf.size} bytes, but a "
+                            f"{rows}x{cols} matrix in {layout.kind} (b1 {layout.b1}, group "
+                            f"{layout.group}) needs {want}", path=path, field="nbytes",
+                            fix="the store is damaged: re-run d2moe quantize")
     base = raw[0]
     ncode = math.ceil(n * layout.b1 / 8)
     if n % 8 == 0:

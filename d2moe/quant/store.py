@@ -4,15 +4,24 @@ Per expert, its levels follow one another in increasing bits: the base (b1), the
 b1+1 .. bits_stored. A level holds the expert's tensors (w1, w3, w2) back to back and
 starts on a 4096-byte boundary, so one plane of one expert is one contiguous read that
 O_DIRECT accepts, and raising an expert from b to b' reads levels b+1..b' only. Each
-(layer, expert, tensor, level) entry carries its offset, length and CRC-32, checked on read.
+(layer, expert, tensor, level) entry carries its offset, length and CRC-32, checked on read;
+index.json carries the SHA-256 of its other fields, and its structure (sizes, offsets, file
+names) is checked when a store is opened.
+
+A store is written into a hidden sibling directory and moved into place at `close()`, so an
+interrupted (re-)quantize leaves the old store as it was (docs/formats-store.md, "Writing").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import secrets
+import shutil
 import threading
+import weakref
 import zlib
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,10 +32,16 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write
+from d2moe.core.fileio import atomic_write, ensure_dir, path_error
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec, spec_from_dict
-from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, decode_levels, encode_level
+from d2moe.quant.nested import (
+    NESTED_KINDS,
+    NestedMatrix,
+    decode_levels,
+    encode_level,
+    level_nbytes,
+)
 
 STORE_FORMAT = "d2moe.nested-store"
 STORE_VERSION = 1
@@ -38,6 +53,7 @@ TENSORS = ("w1", "w3", "w2")  # matching ModelSpec.expert_shapes
 # a LLaMA-MoE one 1.04x; below it the hand-off costs more than the overlap gives (a tiny
 # expert's 35 KiB levels: 0.85x). benchmarks/load_checksum.py
 PIPELINE_MIN_BYTES = 1 << 20
+DAMAGED_FIX = "the store is damaged: re-run d2moe quantize"
 
 
 @dataclass(frozen=True)
@@ -96,8 +112,63 @@ def tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     return dict(zip(TENSORS, spec.expert_shapes, strict=True))
 
 
+def index_digest(index: Mapping[str, Any]) -> str:
+    """SHA-256 of an index's fields other than `sha256`, as canonical JSON (sorted keys, no
+    spaces: the pattern of d2moe/experts/store.py), so any edited or damaged field shows."""
+    payload = {k: v for k, v in index.items() if k != "sha256"}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_store_file(name: str) -> bool:
+    """Whether `name` is one of a store's own files (index.json, layer_NNN.bin)."""
+    return name == INDEX_NAME or (name.startswith("layer_") and name.endswith(".bin"))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames inside directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename directory `new` (a sibling of `target`) to `target`. An existing `target` is
+    renamed aside first and put back if that fails; after the swap its files that are not
+    the store's own (a router, expert statistics) move into the new one and the rest is
+    removed. A crash between the two renames leaves both stores, as hidden siblings."""
+    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old") \
+        if os.path.lexists(target) else None
+    try:
+        if old is not None:
+            os.rename(target, old)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
+        _fsync_dir(target.parent)
+        if old is not None:
+            for item in old.iterdir():
+                if not _is_store_file(item.name):
+                    os.rename(item, target / item.name)
+            shutil.rmtree(old)
+    except OSError as exc:
+        raise path_error(exc, target, "cannot replace the store directory") from None
+
+
 class StoreWriter:
-    """Writes a store layer by layer; `close()` writes the index (both atomically)."""
+    """Writes a store layer by layer; `close()` writes the index and moves the store into place.
+
+    Everything is written into a hidden directory beside `path` (same parent, so the final
+    rename stays on one file system); a store already at `path` is replaced only by
+    `close()`, keeping its other files (e.g. `router/`, `expert_stats.json`). `abort()`, an
+    exception inside `with StoreWriter(...)`, or the writer being dropped unclosed removes the
+    hidden directory and leaves `path` untouched.
+    """
 
     def __init__(self, path: str | Path, spec: ModelSpec, layout: QuantLayout,
                  bits_stored: int | None = None) -> None:
@@ -109,14 +180,35 @@ class StoreWriter:
         layout.check_bits(self.bits_stored)
         self.entries: list[StoreEntry] = []
         self.shapes = tensor_shapes(spec)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # a link to a store is followed: the directory it names is the one replaced
+        self._target = Path(os.path.realpath(self.path))
+        if self._target.exists() and not self._target.is_dir():
+            raise UserError("exists and is not a directory", path=str(self.path),
+                            fix="name a new directory or an existing store")
+        ensure_dir(self._target.parent)
+        tmp = self._target.with_name(f".{self._target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.mkdir(tmp, 0o777)  # the umask applies, as for any new directory
+        except OSError as exc:
+            raise path_error(exc, self.path, "cannot write the store beside it") from None
+        self.tmp = tmp
+        self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, ignore_errors=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()  # a no-op after close(); else nothing half-written stays behind
 
     def write_layer(self, layer: int,
                     experts: Iterable[tuple[int, Mapping[str, NestedMatrix]]]) -> None:
         """Write one layer file from (expert, {tensor: matrix}) pairs, one expert in memory."""
+        if not self._cleanup.alive:
+            raise UserError("the store writer is closed", path=str(self.path),
+                            fix="open a new StoreWriter")
         name = f"layer_{layer:03d}.bin"
         entries: list[StoreEntry] = []
-        with atomic_write(self.path / name, "wb") as f:
+        with atomic_write(self.tmp / name, "wb") as f:
             pos = 0
             for expert, mats in experts:
                 self._check(layer, expert, mats)
@@ -147,20 +239,33 @@ class StoreWriter:
                                 fix="the checkpoint does not match the model spec")
 
     def close(self) -> Path:
-        """Write the index; returns its path."""
-        index = {
-            "format": STORE_FORMAT, "version": STORE_VERSION,
-            "spec": dataclasses.asdict(self.spec),
-            "layout": dataclasses.asdict(self.layout),
-            "bits_stored": self.bits_stored, "align_bytes": ALIGN_BYTES, "checksum": "crc32",
-            "tensors": {t: list(s) for t, s in self.shapes.items()},
-            "entries": [[e.layer, e.expert, e.tensor, e.bits, e.file, e.offset, e.nbytes,
-                         e.crc32] for e in sorted(self.entries, key=_entry_order)],
-        }
-        target = self.path / INDEX_NAME
-        with atomic_write(target, "w") as f:
-            json.dump(index, f, indent=0)
-        return target
+        """Write the index (with its SHA-256), move the store into place and return the
+        index's path there."""
+        try:
+            index = {
+                "format": STORE_FORMAT, "version": STORE_VERSION,
+                "spec": dataclasses.asdict(self.spec),
+                "layout": dataclasses.asdict(self.layout),
+                "bits_stored": self.bits_stored, "align_bytes": ALIGN_BYTES,
+                "checksum": "crc32",
+                "tensors": {t: list(s) for t, s in self.shapes.items()},
+                "entries": [[e.layer, e.expert, e.tensor, e.bits, e.file, e.offset, e.nbytes,
+                             e.crc32] for e in sorted(self.entries, key=_entry_order)],
+            }
+            index["sha256"] = index_digest(index)
+            with atomic_write(self.tmp / INDEX_NAME, "w") as f:
+                json.dump(index, f, indent=0)
+            _fsync_dir(self.tmp)
+            _replace_dir(self.tmp, self._target)
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup.detach()
+        return self.path / INDEX_NAME
+
+    def abort(self) -> None:
+        """Remove the unfinished store (a no-op after `close()`); `path` stays as it was."""
+        self._cleanup()
 
 
 def _entry_order(e: StoreEntry) -> tuple[int, int, int, int]:
@@ -186,33 +291,50 @@ class StoreReader:
             raise UserError("not a nested store (no index.json)", path=str(self.path),
                             fix="create one with d2moe quantize --out DIR")
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError("not a UTF-8 JSON file", path=str(index_path),
+                            fix=DAMAGED_FIX) from None
         except json.JSONDecodeError as exc:
             raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}",
-                            path=str(index_path), fix="re-run d2moe quantize") from None
+                            path=str(index_path), fix=DAMAGED_FIX) from None
+        except OSError as exc:
+            raise path_error(exc, index_path, "cannot read it") from None
         self._parse(index, str(index_path))
         self.direct_io = bool(direct) and hasattr(os, "O_DIRECT")
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _parse(self, index: Any, where: str) -> None:
+        """Check the index (format, version, SHA-256, then its structure) and keep it."""
         if not isinstance(index, dict) or index.get("format") != STORE_FORMAT:
             raise UserError("not a nested store index", path=where, field="format",
                             fix="point at a directory written by d2moe quantize")
         if index.get("version") != STORE_VERSION:
             raise UserError(f"store version {index.get('version')} is not {STORE_VERSION}",
                             path=where, field="version", fix="re-run d2moe quantize")
-        try:
-            self.spec = spec_from_dict(index["spec"], path=where)
-            self.layout = QuantLayout(**index["layout"])
-            self.bits_stored = int(index["bits_stored"])
-            self.shapes = {t: (int(s[0]), int(s[1])) for t, s in index["tensors"].items()}
-            rows = [StoreEntry(int(a), int(b), str(c), int(d), str(e), int(f), int(g), int(h))
-                    for a, b, c, d, e, f, g, h in index["entries"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"malformed index ({exc})", path=where,
-                            fix="re-run d2moe quantize") from None
-        self.entries = {(e.layer, e.expert, e.tensor, e.bits): e for e in rows}
+        # a version-1 index written before the digest existed has none: its structure is
+        # still checked below (docs/formats-store.md, "index.json")
+        if "sha256" in index and index["sha256"] != index_digest(index):
+            raise UserError("checksum mismatch: index.json was damaged or edited", path=where,
+                            field="sha256", fix=DAMAGED_FIX)
+        if not isinstance(index.get("spec"), dict):
+            raise UserError("missing or not a mapping", path=where, field="spec",
+                            fix=DAMAGED_FIX)
+        self.spec = spec_from_dict(index["spec"], path=where)
+        self.layout = _parse_layout(index.get("layout"), where)
+        self.bits_stored = _whole(index.get("bits_stored"), self.layout.b1, self.layout.bK,
+                                  where, "bits_stored")
+        for key, want in (("align_bytes", ALIGN_BYTES), ("checksum", "crc32")):
+            if index.get(key) != want:
+                raise UserError(f"{index.get(key)!r} is not {want!r}", path=where, field=key,
+                                fix=DAMAGED_FIX)
+        self.shapes = tensor_shapes(self.spec)
+        want_shapes = {t: list(s) for t, s in self.shapes.items()}
+        if index.get("tensors") != want_shapes:
+            raise UserError(f"{index.get('tensors')!r} does not match the model spec's "
+                            f"{want_shapes}", path=where, field="tensors", fix=DAMAGED_FIX)
+        self.entries = _parse_entries(index.get("entries"), self, where)
 
     # -- what to read -------------------------------------------------------------------
 
@@ -341,7 +463,9 @@ class StoreReader:
         """All tensors of one expert at `bits` bits as NestedMatrix objects."""
         levels = self.read_planes(layer, expert, 0, bits)
         order = sorted(levels)
-        return {t: decode_levels(self.layout, *self.shapes[t], [levels[b][t] for b in order])
+        return {t: decode_levels(self.layout, *self.shapes[t], [levels[b][t] for b in order],
+                                 path=str(self.path),
+                                 where=f"layer {layer} expert {expert} tensor {t}")
                 for t in TENSORS}
 
     def close(self) -> None:
@@ -361,10 +485,88 @@ class StoreReader:
         self.close()
 
 
+def _whole(value: Any, lo: int, hi: int | None, where: str, field: str) -> int:
+    """`value` if it is a whole number in lo..hi (hi None: no upper bound), else a UserError
+    naming the index and `field`."""
+    if type(value) is not int or value < lo or (hi is not None and value > hi):
+        want = f"{lo}" if hi == lo else f"a whole number in {lo}..{'' if hi is None else hi}"
+        raise UserError(f"{value!r} is not {want}", path=where, field=field, fix=DAMAGED_FIX)
+    return value
+
+
+def _parse_layout(raw: Any, where: str) -> QuantLayout:
+    """The index's `layout`: a nested kind, 1 <= b1 <= bK <= 8, group >= 1, fp16 scales."""
+    names = [f.name for f in dataclasses.fields(QuantLayout)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        raise UserError(f"expected a mapping of {', '.join(names)}", path=where, field="layout",
+                        fix=DAMAGED_FIX)
+    if raw["kind"] not in NESTED_KINDS:
+        raise UserError(f"{raw['kind']!r} is not a nested format ({' or '.join(NESTED_KINDS)})",
+                        path=where, field="layout.kind", fix=DAMAGED_FIX)
+    b1 = _whole(raw["b1"], 1, 8, where, "layout.b1")
+    bK = _whole(raw["bK"], b1, 8, where, "layout.bK")
+    group = _whole(raw["group"], 1, None, where, "layout.group")
+    scale_bytes = _whole(raw["scale_bytes"], 2, 2, where, "layout.scale_bytes")
+    return QuantLayout(kind=raw["kind"], b1=b1, bK=bK, group=group, scale_bytes=scale_bytes)
+
+
+def _bare_name(value: Any) -> bool:
+    """Whether `value` names a file inside the store directory itself."""
+    return isinstance(value, str) and value not in ("", ".", "..") \
+        and not any(c in value for c in "/\\\0")
+
+
+def _parse_entries(raw: Any, store: StoreReader, where: str
+                   ) -> dict[tuple[int, int, str, int], StoreEntry]:
+    """The index's entries, each checked against the spec and layout: ids in range, a bare
+    file name, offset >= 0, the byte length the layout implies, one 4096-aligned contiguous
+    run per level (what `byte_ranges` and O_DIRECT rely on)."""
+    if not isinstance(raw, list):
+        raise UserError("expected a list", path=where, field="entries", fix=DAMAGED_FIX)
+    spec, layout, b1 = store.spec, store.layout, store.layout.b1
+    out: dict[tuple[int, int, str, int], StoreEntry] = {}
+    for i, row in enumerate(raw):
+        field = f"entries[{i}]"
+        if not isinstance(row, list) or len(row) != 8:
+            raise UserError("expected [layer, expert, tensor, bits, file, offset, nbytes, "
+                            "crc32]", path=where, field=field, fix=DAMAGED_FIX)
+        layer = _whole(row[0], 0, spec.layers - 1, where, f"{field}.layer")
+        expert = _whole(row[1], 0, spec.experts - 1, where, f"{field}.expert")
+        tensor = row[2]
+        if tensor not in TENSORS:
+            raise UserError(f"tensor {tensor!r} is not one of {', '.join(TENSORS)}",
+                            path=where, field=f"{field}.tensor", fix=DAMAGED_FIX)
+        bits = _whole(row[3], b1, store.bits_stored, where, f"{field}.bits")
+        if not _bare_name(row[4]):
+            raise UserError(f"file {row[4]!r} is not a file name inside the store",
+                            path=where, field=f"{field}.file", fix=DAMAGED_FIX)
+        offset = _whole(row[5], 0, None, where, f"{field}.offset")
+        want = level_nbytes(layout, *store.shapes[tensor], bits)
+        if row[6] != want:
+            raise UserError(f"{row[6]!r} bytes, but level {bits} of {tensor} "
+                            f"{'x'.join(map(str, store.shapes[tensor]))} is {want} bytes in "
+                            f"this layout", path=where, field=f"{field}.nbytes", fix=DAMAGED_FIX)
+        crc = _whole(row[7], 0, 2 ** 32 - 1, where, f"{field}.crc32")
+        e = StoreEntry(layer, expert, tensor, bits, row[4], offset, want, crc)
+        if (layer, expert, tensor, bits) in out:
+            raise UserError(f"a second entry for {e.describe()}", path=where, field=field,
+                            fix=DAMAGED_FIX)
+        out[(layer, expert, tensor, bits)] = e
+    for (layer, expert, tensor, bits), e in out.items():
+        k = TENSORS.index(tensor)
+        prev = out.get((layer, expert, TENSORS[k - 1], bits)) if k else None
+        if (k == 0 and e.offset % ALIGN_BYTES) or (prev is not None and (
+                prev.file != e.file or prev.offset + prev.nbytes != e.offset)):
+            raise UserError(f"{e.describe()} does not follow the level's layout (each level "
+                            f"starts on a {ALIGN_BYTES}-byte boundary, its tensors back to back)",
+                            path=where, field="entries", fix=DAMAGED_FIX)
+    return out
+
+
 def cut_store(src: str | Path, dst: str | Path, bits: int) -> Path:
     """Copy a store keeping only the levels up to `bits` (a nested prefix of every expert)."""
-    with StoreReader(src) as reader:
-        writer = StoreWriter(dst, reader.spec, reader.layout, bits_stored=bits)
+    with StoreReader(src) as reader, \
+            StoreWriter(dst, reader.spec, reader.layout, bits_stored=bits) as writer:
         layers = sorted({e.layer for e in reader.entries.values()})
         for layer in layers:
             experts = sorted({e.expert for e in reader.entries.values() if e.layer == layer})

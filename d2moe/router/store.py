@@ -4,9 +4,15 @@
 "window", "layers", "hidden", "gate_width", "granularity" ("slot" | "token"; absent: token),
 "slots" (the model's top-k for a per-slot gate, else 0), "model", "layout" (the store's kind,
 b1, bK, group),
-"sha256" (of gate.safetensors), "train" (the run's record)}. Both files are written
-atomically; loading checks the format, the checksum, the tensor shapes and, against a model
-and a store, the layer and hidden sizes and that the store serves every width.
+"sha256" (of gate.safetensors), "train" (the run's record), "record_sha256"}. The last is the
+SHA-256 of every other field as canonical JSON (sorted keys, no spaces: the pattern of
+d2moe/experts/store.py), so an edited capacity or window is caught like a damaged gate. A
+version-1 record saved before it existed has none and is accepted unverified; one that has it
+is verified. Both files are written atomically, the gate first and router.json last: a save
+interrupted between the two leaves a record whose `sha256` does not match the gate, which
+loading refuses as a damaged pair. Loading checks the format, the checksums, the record's
+fields, the tensor shapes and, against a model and a store, the layer and hidden sizes and
+that the store serves every width; each failure names the file and the field.
 """
 
 from __future__ import annotations
@@ -23,6 +29,15 @@ ROUTER_FORMAT = "d2moe.bit-router"
 ROUTER_VERSION = 1
 GATE_FILE, META_FILE = "gate.safetensors", "router.json"
 DEFAULT_DIR = "router"  # <store>/router: where `train` writes and `auto` looks
+_FIX = "re-run d2moe router train"
+
+
+def record_digest(record: dict[str, Any]) -> str:
+    """SHA-256 of a record's fields other than `record_sha256`, as canonical JSON (sorted
+    keys, no spaces) of the record as read back from router.json."""
+    payload = {k: v for k, v in record.items() if k != "record_sha256"}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save_router(path: str | Path, gate: Any, meta: dict[str, Any]) -> Path:
@@ -35,6 +50,12 @@ def save_router(path: str | Path, gate: Any, meta: dict[str, Any]) -> Path:
         f.write(data)
     record = {"format": ROUTER_FORMAT, "version": ROUTER_VERSION, **meta,
               "sha256": hashlib.sha256(data).hexdigest()}
+    try:  # digest what a reader will see: the record after a JSON round trip
+        record = json.loads(json.dumps(record))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"cannot write this router record ({exc})", path=str(path / META_FILE),
+                        field="meta", fix="keep the record to plain JSON values") from None
+    record["record_sha256"] = record_digest(record)
     with atomic_write(path / META_FILE) as f:
         json.dump(record, f, indent=1)
         f.write("\n")
@@ -66,32 +87,28 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
         raise UserError(f"no trained router here (need {META_FILE} and {GATE_FILE})",
                         path=str(path), field="router",
                         fix="train one: d2moe router train --out DIR, then pass --router DIR")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"malformed JSON: {exc.msg}", path=str(meta_path),
-                        fix="re-run d2moe router train") from None
     where = str(meta_path)
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError("not a UTF-8 JSON file", path=where, fix=_FIX) from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"malformed JSON: {exc.msg}", path=where, fix=_FIX) from None
     if not isinstance(meta, dict) or meta.get("format") != ROUTER_FORMAT:
         raise UserError("not a router record", path=where, field="format",
                         fix="point --router at a directory written by d2moe router train")
     if meta.get("version") != ROUTER_VERSION:
         raise UserError(f"router version {meta.get('version')} is not {ROUTER_VERSION}",
-                        path=where, field="version", fix="re-run d2moe router train")
+                        path=where, field="version", fix=_FIX)
+    if "record_sha256" in meta and meta["record_sha256"] != record_digest(meta):
+        raise UserError("checksum mismatch: router.json was damaged or edited", path=where,
+                        field="record_sha256", fix=_FIX)
     data = gate_path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise UserError("checksum mismatch: gate.safetensors does not match router.json",
-                        path=str(gate_path), field="sha256", fix="re-run d2moe router train")
-    try:
-        bits = tuple(int(b) for b in meta["bits"])
-        layers, hidden = int(meta["layers"]), int(meta["hidden"])
-        caps = tuple(float(c) for c in meta["capacities"])
-        window = int(meta.get("window", 64))
-        width = int(meta.get("gate_width", 0))
-        slots = int(meta.get("slots", 0))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"malformed router record ({exc})", path=where,
-                        fix="re-run d2moe router train") from None
+        raise UserError("checksum mismatch: gate.safetensors does not match router.json (one "
+                        "of them is damaged, or a save was interrupted between the two)",
+                        path=str(gate_path), field="sha256", fix=_FIX)
+    bits, caps, layers, hidden, window, width, slots = _parse_record(meta, where)
     if spec is not None:
         checks = [("layers", layers), ("hidden", hidden)] + ([("top_k", slots)] if slots else [])
         for name, mine in checks:
@@ -118,3 +135,30 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
     gate.load_state_dict(state)
     meta["path"] = str(path)
     return BitRouter(gate, bits, caps, window=window, meta=meta).to(device)
+
+
+def _parse_record(meta: dict[str, Any], where: str
+                  ) -> tuple[tuple[int, ...], tuple[float, ...], int, int, int, int, int]:
+    """(bits, capacities, layers, hidden, window, gate_width, slots) of a record, each
+    checked; a bad one is a UserError naming `where` and the field."""
+    try:
+        bits = tuple(int(b) for b in meta["bits"])
+        caps = tuple(float(c) for c in meta["capacities"])
+        ints = {name: int(meta[name]) if name in meta else default for name, default in
+                (("layers", None), ("hidden", None), ("window", 64), ("gate_width", 0),
+                 ("slots", 0))}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"malformed router record ({exc})", path=where, fix=_FIX) from None
+    for name, value in ints.items():
+        low = 0 if name in ("gate_width", "slots") else 1
+        if value is None or value < low:
+            raise UserError(f"must be a whole number >= {low}, got {meta.get(name)!r}",
+                            path=where, field=name, fix=_FIX)
+    if not bits or any(b < 1 or b > 8 for b in bits) or list(bits) != sorted(set(bits)):
+        raise UserError(f"{list(bits)} are not increasing widths in 1..8", path=where,
+                        field="bits", fix=_FIX)
+    if len(caps) != len(bits) or any(not 0 <= c <= 1 for c in caps) or sum(caps) < 1 - 1e-9:
+        raise UserError(f"{list(caps)}: need one share in [0, 1] per width, summing to >= 1",
+                        path=where, field="capacities", fix=_FIX)
+    return (bits, caps, ints["layers"], ints["hidden"], ints["window"], ints["gate_width"],
+            ints["slots"])

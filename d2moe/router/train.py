@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import math
 import os
 import platform
 import sys
@@ -87,9 +88,17 @@ class RouterTrainConfig:
                             fix="e.g. --val-kib 16 (0: no checkpoint selection)")
         if self.ctx < 2:
             raise UserError(f"need ctx >= 2, got {self.ctx}", field="ctx", fix="e.g. --ctx 128")
-        if self.alpha < 0 or self.lr <= 0 or self.tau <= 0:
-            raise UserError("alpha must be >= 0, lr and tau > 0", field="alpha",
-                            fix="e.g. --alpha 0.01 --lr 0.01 --tau 1")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):  # nan fails too
+            raise UserError(f"must be a number >= 0, got {self.alpha}", field="alpha",
+                            fix="e.g. --alpha 0.01")
+        for name, example in (("lr", 0.01), ("tau", 1)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise UserError(f"must be a number > 0, got {value}", field=name,
+                                fix=f"e.g. --{name} {example}")
+        if self.threads < 0:
+            raise UserError(f"must be >= 0, got {self.threads}", field="threads",
+                            fix="pass 1, or 0 for default")
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}", field="target",
                             fix=f"use {' or '.join(TARGETS)}")

@@ -64,6 +64,9 @@ class ServeConfig:
         if self.max_batch < 1:
             raise UserError(f"must be >= 1, got {self.max_batch}", field="max_batch",
                             fix="pass e.g. --max-batch 4")
+        if self.threads < 0:
+            raise UserError(f"must be >= 0, got {self.threads}", field="threads",
+                            fix="pass 1, or 0 for default")
 
     @property
     def policies(self) -> list[str]:

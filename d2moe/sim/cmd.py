@@ -57,6 +57,12 @@ class SimulateConfig:
         "help": "steps shown in the bubble timeline, from the first decode step (0: all)"})
     out: str = field(default="out/simulate", metadata={"help": "output directory"})
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "plot_steps"):  # 0 means all; a negative count means nothing
+            if getattr(self, name) < 0:
+                raise UserError(f"must be >= 0, got {getattr(self, name)}",
+                                field=name.replace("_", "-"), fix="pass 0 (all) or more")
+
     @property
     def quant_layout(self) -> QuantLayout:
         return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
@@ -140,7 +146,8 @@ def prepare(cfg: SimulateConfig, capacity: Any = None) -> Prepared:
     router = RecordedRouter.of(trace)
     top = max(max_bits(steps, cfg.bits), max(router.bits) if router else 0)
     budget = budget_bytes(cfg.budget, spec, layout, top)
-    host = budget_bytes(cfg.host_cache, spec, layout, top) if cfg.host_cache != "0" else 0
+    host = (budget_bytes(cfg.host_cache, spec, layout, top, field="host-cache")
+            if cfg.host_cache != "0" else 0)
     return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host,
                     capacity)
 

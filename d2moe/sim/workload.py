@@ -19,7 +19,9 @@ def max_bits(steps: list[StepWork], default: int) -> int:
     return max((d.bits for s in steps for ds in s.layers for d in ds), default=default)
 
 
-def budget_bytes(text: str, spec: ModelSpec, layout: QuantLayout, bits: int) -> int:
+def budget_bytes(text: str, spec: ModelSpec, layout: QuantLayout, bits: int, *,
+                 field: str = "budget") -> int:
     """`6GiB`, `40%` or `0.4`: a fraction is of all experts stored at `bits` (the most the
-    workload asks for), so 100% holds every expert at every bit-width it needs."""
-    return parse_budget(text, all_experts_bytes(spec, bits, layout))
+    workload asks for), so 100% holds every expert at every bit-width it needs. Errors name
+    `field` (the option the text came from)."""
+    return parse_budget(text, all_experts_bytes(spec, bits, layout), field=field)

@@ -81,7 +81,9 @@ def make_plots(kind: str, table: str | Path, cfg: PlotConfig) -> list[Path]:
     out = Path(cfg.out) if cfg.out else Path(table).parent
     names = [n.strip() for n in cfg.policies.split(",") if n.strip()]
     if kind == "budget":
-        return plot_budget(rows, out, label=cfg.label, policies=names, log_y=not cfg.linear)
+        return plot_budget(rows, out, label=cfg.label, policies=names, log_y=not cfg.linear,
+                           table=table)
     if kind == "ablation":
-        return [plot_ablation(rows, out, policies=names or ABLATION_DEFAULT, label=cfg.label)]
-    return [plot_quality(rows, out, label=cfg.label)]
+        return [plot_ablation(rows, out, policies=names or ABLATION_DEFAULT, label=cfg.label,
+                              table=table)]
+    return [plot_quality(rows, out, label=cfg.label, table=table)]

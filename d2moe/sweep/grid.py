@@ -172,9 +172,8 @@ def _trace_entry(text: str, i: int, base: Path, path: str, model_spec: str) -> T
 
     try:
         spec = model_spec or load_trace(file).spec_name
-    except UserError as exc:
-        raise UserError(f"cannot read the trace: {exc}", path=path, field=where,
-                        fix="give a trace .npz from `d2moe trace`") from None
+    except UserError as exc:  # its text names the trace file and the fix already
+        raise UserError(f"cannot read the trace: {exc}", path=path, field=where) from None
     return TraceEntry(text=str(file), spec=spec, path=str(file))
 
 
@@ -253,23 +252,21 @@ def _check(grid: Grid) -> None:
                         fix=f"use one of: {', '.join(ENGINES)}")
     try:
         QuantLayout(kind=grid.layout, b1=grid.b1, bK=grid.bK, group=grid.group)
-    except UserError as exc:
-        field = "layout" if exc.field == "kind" else "b1"
+    except UserError as exc:  # QuantLayout names kind, bits (b1:bK) or group
+        field = {"kind": "layout", "bits": "b1"}.get(exc.field or "", exc.field)
         raise UserError(bare(exc), path=path, field=field, fix=exc.fix) from None
     if grid.bits < 1:
         raise UserError("must be >= 1", path=path, field="bits", fix="e.g. 4")
     for i, ref in enumerate(grid.profiles):
         try:
             load_profile(ref)
-        except UserError as exc:
-            raise UserError(str(exc), path=path, field=f"profiles[{i}]",
-                            fix="name a shipped profile or a profile YAML") from None
+        except UserError as exc:  # its text has the profile's own fix
+            raise UserError(str(exc), path=path, field=f"profiles[{i}]") from None
     for i, entry in enumerate(grid.traces):
         try:
             load_spec(entry.spec)
-        except UserError as exc:
-            raise UserError(str(exc), path=path, field=f"traces[{i}]",
-                            fix="name a shipped model spec or a spec YAML") from None
+        except UserError as exc:  # its text has the spec's own fix
+            raise UserError(str(exc), path=path, field=f"traces[{i}]") from None
     texts = [t.text for t in grid.traces]
     dup = next((t for i, t in enumerate(texts) if t in texts[:i]), None)
     if dup is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from d2moe.sweep.cells import (
     oracle_hit_rate,
     run_cell,
 )
-from d2moe.sweep.grid import load_grid
+from d2moe.sweep.grid import bare, load_grid
 from d2moe.sweep.table import (
     CSV_NAME,
     TABLE_NAME,
@@ -84,6 +85,7 @@ def run_sweep(grid_path: str | Path, cfg: SweepConfig) -> SweepResult:
         done = finished_ids(table.rows)
         todo = [c for c in cells if c.cell_id not in done]
         for cell in {c.trace.text: c for c in todo}.values():
+            _drop_damaged_cache(cell)
             ensure_trace(cell)  # once, here, before the workers read it
         oracle = oracle_available()
         with Workers(cfg, len(todo)) as workers:
@@ -92,6 +94,23 @@ def run_sweep(grid_path: str | Path, cfg: SweepConfig) -> SweepResult:
         csv_path = write_csv(out / CSV_NAME, _ordered(table.rows, cells))
     return SweepResult(len(cells), len(cells) - len(todo), ran, out / TABLE_NAME, csv_path,
                        oracle)
+
+
+def _drop_damaged_cache(cell: Cell) -> None:
+    """Delete a synthetic cell's cached trace file if it does not load (a damaged cache),
+    with a one-line note, so that `ensure_trace` writes it again: the generator is
+    deterministic, so the new file is the one the cache should have held."""
+    path = Path(cell.trace_file)
+    if not cell.trace.is_synth or not path.is_file():
+        return
+    from d2moe.traces import load_trace
+
+    try:
+        load_trace(path)
+    except UserError as exc:
+        print(f"note: {path}: the cached synthetic trace does not load ({bare(exc)}); "
+              "writing it again", file=sys.stderr)
+        path.unlink()
 
 
 def _run_cells(todo: list[Cell], workers: Workers, table: TableWriter, progress: bool,

@@ -2,12 +2,15 @@
 
 A killed run can leave at most one torn line, the last; reading ignores it and
 `TableWriter` cuts it off before appending, so the file stays one row per line.
+Each line carries `row_sha256`, a digest of the rest of the row checked on read, so a
+hand-edited value is an error rather than a number in the figures.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write
+from d2moe.core.fileio import atomic_write, ensure_dir
 
 TABLE_NAME = "table.jsonl"
 CSV_NAME = "table.csv"
@@ -28,11 +31,24 @@ CELL_COLUMNS = ("cell_id", "status", "message", "trace", "model", "profile", "pr
                 "run_kind", "budget", "budget_bytes", "policy", "bits", "layout", "b1", "bK",
                 "group", "host_cache", "step_limit", "engine", "wall_s", "sim_wall_s",
                 "finished_at", "oracle_hit_rate")
+DIGEST = "row_sha256"  # in table.jsonl only: the first 16 hex digits of row_digest(row)
+_FIX_EDITED = "delete the line (the sweep then reruns its cell)"
+
+
+def row_digest(row: dict[str, Any]) -> str:
+    """The first 16 hex digits of the SHA-256 of the row's canonical JSON (sorted keys, no
+    spaces, without `row_sha256`): what a reader recomputes to notice an edited row."""
+    canon = json.dumps({k: v for k, v in row.items() if k != DIGEST}, sort_keys=True,
+                       separators=(",", ":"), default=_plain, allow_nan=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """The complete rows of a table and the byte length they span (a torn last line,
-    from a killed run, is left out). A bad line elsewhere is a UserError."""
+    """The complete rows of a table (without their digests) and the byte length they span.
+
+    A torn last line, from a killed run, is left out. A bad line elsewhere, or any row whose
+    `row_sha256` does not match it (edited by hand), is a UserError; a row without the field
+    (written before digests) is taken as it is."""
     path = Path(path)
     if not path.exists():
         return [], 0
@@ -48,7 +64,12 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             if i == len(complete) - 1:  # the last line, garbled by a crash: torn as well
                 break
             raise UserError(f"line {i + 1} is not a JSON object", path=str(path),
-                            fix="delete the line (the sweep then reruns its cell)")
+                            fix=_FIX_EDITED)
+        # a complete line that parses was not torn: a digest mismatch, even on the last
+        # line, is an edit (pop: the rows returned hold the data only)
+        if DIGEST in row and row_digest(row) != row.pop(DIGEST):
+            raise UserError(f"line {i + 1} does not match its {DIGEST} (edited after the "
+                            "sweep wrote it?)", path=str(path), field=DIGEST, fix=_FIX_EDITED)
         if row:
             rows.append(row)
         good += len(line) + 1
@@ -73,7 +94,7 @@ class TableWriter:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         self.rows, good = read_rows(self.path)
         self._f: IO[str] = open(self.path, "a+")  # noqa: SIM115 (closed in close())
         if self.path.stat().st_size > good:  # cut a torn last line off before appending
@@ -81,8 +102,8 @@ class TableWriter:
             self._sync()
 
     def append(self, row: dict[str, Any]) -> None:
-        """Write one row as one complete line, then flush and fsync."""
-        line = json.dumps(row, default=_plain, allow_nan=True)
+        """Write one row and its digest as one complete line, then flush and fsync."""
+        line = json.dumps({**row, DIGEST: row_digest(row)}, default=_plain, allow_nan=True)
         if "\n" in line:
             raise ValueError("a table row must serialize to one line")
         self._f.write(line + "\n")
@@ -138,7 +159,7 @@ def exclusive(out: Path) -> Iterator[None]:
     except ImportError:  # not on POSIX: no lock
         yield
         return
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     with open(out / LOCK_NAME, "a") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

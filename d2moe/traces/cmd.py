@@ -82,6 +82,12 @@ def _record(args: argparse.Namespace) -> int:
     from d2moe.model.tokenizer import encode
     from d2moe.traces.record import record_trace
 
+    if args.prefill_tokens < 1:  # before the model loads; record_trace would name max_len
+        raise UserError(f"must be >= 1, got {args.prefill_tokens}", field="prefill-tokens",
+                        fix="e.g. --prefill-tokens 64")
+    if args.decode_steps < 0:
+        raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
+                        fix="e.g. --decode-steps 128")
     if args.text:
         path = Path(args.text)
         if not path.is_file():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ ARRAYS = ("phase", "step_offsets", "experts", "weights", "bits")
 OPTIONAL_ARRAYS = ("prefs",)
 GRANULARITIES = ("slot", "token")  # the bit-width router's (d2moe/router/gate.py)
 _FIX_RECREATE = "re-create the trace with `d2moe trace synth` or the executor's recorder"
+_FIX_DAMAGED = "the trace is damaged: record or synthesize it again"
+_ZIP_MAGIC = b"PK\x03\x04"  # every .npz is a zip archive and starts with this
 
 
 class Trace:
@@ -366,15 +369,32 @@ def load_trace(path: str | Path) -> Trace:
     where = str(path)
     if not path.is_file():
         raise UserError("no such file", path=where, fix="check the path")
+    with open(path, "rb") as f:
+        magic = f.read(len(_ZIP_MAGIC))
+    if not magic:
+        raise UserError("empty file", path=where, fix=_FIX_DAMAGED)
+    if magic != _ZIP_MAGIC:  # text, a pickle or some other format: np.load's message misleads
+        raise UserError("not a trace .npz (not a zip archive)", path=where,
+                        fix="pass a trace written by `d2moe trace synth` or the recorder")
+    member = ""  # the archive member being read, named if it is damaged
     try:
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
             if "header" not in names:
                 raise _fail(where, "header", "missing: not a d2moe trace")
-            header = json.loads(str(z["header"]))
-            arrays = {n: z[n] for n in names - {"header"}}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:  # JSONDecodeError is a ValueError
-        raise _fail(where, "header", f"unreadable .npz ({exc})") from None
+            member = "header"
+            header = json.loads(str(z[member]))
+            arrays = {}
+            for member in sorted(names - {"header"}):
+                arrays[member] = z[member]
+    # what a damaged archive raises: a bad CRC or directory (BadZipFile), bad compressed
+    # data (zlib.error), a cut-off member (EOFError), a bad .npy header or JSON (ValueError),
+    # a flipped flag or method byte (zipfile's NotImplementedError or "encrypted"
+    # RuntimeError; the block reads the archive only, so RuntimeError is no wider)
+    except (OSError, ValueError, EOFError, RuntimeError, zlib.error,
+            zipfile.BadZipFile) as exc:
+        reason = " ".join(str(exc).split())  # one line
+        raise _fail(where, member, f"unreadable .npz ({reason})", fix=_FIX_DAMAGED) from None
     if not isinstance(header, dict) or header.get("format") != TRACE_FORMAT:
         got = header.get("format") if isinstance(header, dict) else header
         raise _fail(where, "format", f"expected {TRACE_FORMAT!r}, got {got!r}",

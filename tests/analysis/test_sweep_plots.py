@@ -105,5 +105,54 @@ def test_the_plot_verb_writes_next_to_the_table(tmp_path, capsys):
     assert main(["plot", "ablation", str(path), "--policies", "fifo,hebf,fifo-lfu",
                  "--out", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "ablation.png").exists()
-    assert main(["plot", "quality", str(path)]) == 2  # no ppl column: one-line error
-    assert "ppl" in capsys.readouterr().err
+    err = _plot_error(capsys, ["plot", "quality", str(path)], str(path))  # no ppl column
+    assert "ppl" in err
+
+
+def _plot_error(capsys, argv: list[str], named: str) -> str:
+    """Exit 2 with one stderr line naming `named`, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and named in err, err
+    return err
+
+
+def test_load_table_checks_the_digest_of_a_sweep_table(tmp_path, capsys):
+    from d2moe.sweep.table import TableWriter
+
+    path = tmp_path / "table.jsonl"
+    with TableWriter(path) as t:
+        for r in rows():
+            t.append(r)
+    table = load_table(path)  # the digest field is checked, then left out
+    assert len(table) == len(rows()) and all("row_sha256" not in r for r in table)
+    assert main(["plot", "budget", str(path), "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    lines = path.read_text().splitlines(keepends=True)
+    assert '"decode_tokens_per_s": 41.0' in lines[1]
+    lines[1] = lines[1].replace('"decode_tokens_per_s": 41.0', '"decode_tokens_per_s": 4100.0')
+    path.write_text("".join(lines))
+    with pytest.raises(UserError, match="line 2 does not match"):
+        load_table(path)
+    _plot_error(capsys, ["plot", "budget", str(path)], str(path))
+
+
+@pytest.mark.parametrize("name", ["binary.jsonl", "binary.csv"])
+def test_a_binary_table_is_a_user_error(tmp_path, capsys, name):
+    path = tmp_path / name
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UserError) as err:
+        load_table(path)
+    assert err.value.path == str(path)
+    _plot_error(capsys, ["plot", "budget", str(path)], str(path))
+
+
+def test_plot_errors_name_the_table_when_given(tmp_path):
+    bad = [{**r, "status": "error"} for r in rows()]
+    with pytest.raises(UserError) as err:
+        plot_budget(bad, tmp_path, table=tmp_path / "table.jsonl")
+    assert str(err.value).startswith(f"{tmp_path / 'table.jsonl'}: field 'status'")
+    with pytest.raises(UserError, match="table.jsonl: field 'status'"):
+        plot_ablation(bad, tmp_path, policies=["fifo"], table="table.jsonl")
+    with pytest.raises(UserError, match="table.jsonl: field 'ppl'"):
+        plot_quality(bad, tmp_path, table="table.jsonl")

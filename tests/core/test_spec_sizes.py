@@ -86,3 +86,110 @@ def test_budget_and_size_parsing():
     for bad in ("lots", "12XB", ""):
         with pytest.raises(UserError, match="budget"):
             parse_budget(bad, 1000)
+
+
+@pytest.mark.parametrize("bad", ["inf%", "1e999", "1e999%", "nan%", "-5%", "1e308TiB"])
+def test_budget_that_is_not_a_finite_share_or_size(bad):
+    with pytest.raises(UserError, match=r"field 'budget'.*fix: write e.g. 6GiB, 40% or 0.4"):
+        parse_budget(bad, 1000)
+
+
+def test_budget_above_all_experts_is_kept():
+    """The total is all experts at one width; 200% is used for 8-bit experts (docs)."""
+    assert parse_budget("200%", 1000) == 2000
+    assert parse_budget("1.5e10%", 1000) == 150_000_000_000
+
+
+def test_size_overflow_names_the_field():
+    with pytest.raises(UserError, match=r"field 'disk-sizes'.*too large"):
+        parse_bytes("1e999", field="disk-sizes")
+
+
+@pytest.mark.parametrize("kw,field", [({"group": 0}, "group"), ({"group": -64}, "group"),
+                                      ({"scale_bytes": 4}, "scale_bytes")])
+def test_layout_rejects_bad_group_and_scale_bytes(kw, field):
+    with pytest.raises(UserError, match=f"field '{field}'"):
+        QuantLayout(**kw)
+    assert QuantLayout(group=1).group == 1
+
+
+def _one_line_error(capsys, argv: list[str], named: str) -> str:
+    """Run the CLI; require exit 2 and one stderr line naming `named`, no traceback."""
+    from d2moe.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and named in err
+    return err
+
+
+def _hf_cfg(**changes) -> dict:
+    cfg = {"model_type": "mixtral", "num_hidden_layers": 4, "num_local_experts": 8,
+           "num_experts_per_tok": 2, "hidden_size": 64, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}
+    return {**cfg, **changes}
+
+
+def test_a_config_json_that_is_not_an_object_is_named(tmp_path, capsys):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2, 3]")
+    with pytest.raises(UserError, match="expected a JSON object") as err:
+        load_spec(path)
+    assert err.value.path == str(path)
+    _one_line_error(capsys, ["simulate", "--model-spec", str(path), "--profile", "cpu-2core",
+                             "--steps", "20", "--out", str(tmp_path / "x")], "list.json")
+    path.write_bytes(b'{"model_type": "\xff"}')  # not UTF-8
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("key, value", [("num_hidden_layers", "abc"), ("hidden_size", True),
+                                        ("num_local_experts", 2.5), ("vocab_size", None),
+                                        ("head_dim", [32]), ("num_hidden_layers", -4)])
+def test_a_config_json_number_of_the_wrong_type_names_its_key(tmp_path, key, value):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_cfg(**{key: value})))
+    with pytest.raises(UserError) as err:
+        load_spec(tmp_path)
+    assert err.value.field == key and err.value.path == str(tmp_path / "config.json")
+
+
+def test_a_config_json_whole_float_is_accepted():
+    from d2moe.core.spec import spec_from_hf_config
+
+    spec = spec_from_hf_config(_hf_cfg(hidden_size=64.0), path="config.json")
+    assert spec.hidden == 64 and isinstance(spec.hidden, int)
+
+
+def test_a_spec_yaml_error_names_the_file_not_the_spec_name(tmp_path, capsys):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: tiny\nlayers: -4\nexperts: 4\ntop_k: 2\nhidden: 8\nffn: 8\nheads: 1\n"
+                 "kv_heads: 1\nvocab: 4\n")
+    with pytest.raises(UserError) as err:
+        load_spec(p)
+    assert str(err.value).startswith(f"{p}: field 'layers'")
+    _one_line_error(capsys, ["simulate", "--model-spec", str(p), "--profile", "cpu-2core",
+                             "--out", str(tmp_path / "x")], "s.yaml: field 'layers'")
+
+
+@pytest.mark.parametrize("field, value", [("dtype_bytes", -2), ("dtype_bytes", 0),
+                                          ("head_dim", -5), ("shared_ffn", -1),
+                                          ("dense_layers", -1), ("dense_ffn", -3),
+                                          ("non_expert_params_per_layer", -1)])
+def test_negative_sizes_and_dtype_bytes_are_refused(tmp_path, field, value):
+    from d2moe.core.spec import ModelSpec
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\nlayers: 2\nexperts: 4\ntop_k: 2\nhidden: 8\nffn: 8\nheads: 1\n"
+                 f"kv_heads: 1\nvocab: 4\n{field}: {value}\n")
+    with pytest.raises(UserError) as err:
+        load_spec(p)
+    assert err.value.field == field and err.value.path == str(p)
+    with pytest.raises(UserError, match=field):  # built in code: named by the spec's name
+        ModelSpec(name="s", layers=2, experts=4, top_k=2, hidden=8, ffn=8, heads=1,
+                  kv_heads=1, vocab=4, **{field: value})
+
+
+def test_a_directory_without_config_json_says_so(tmp_path):
+    with pytest.raises(UserError, match="no config.json in this directory") as err:
+        load_spec(tmp_path)
+    assert err.value.path == str(tmp_path)

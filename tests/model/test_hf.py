@@ -146,3 +146,95 @@ def test_shipped_tiny_is_a_checkpoint_transformers_reads() -> None:
     x = torch.tensor([list(b"def fib(n):\n    return")])
     with torch.no_grad():
         assert (ours(x) - ref(x).logits).abs().max().item() < 1e-3
+
+
+def _tiny_copy(tmp_path):
+    """A copy of the shipped tiny checkpoint (config.json + model.safetensors) to damage."""
+    import shutil
+
+    from d2moe.model.load import tiny_dir
+
+    if not (tiny_dir() / "model.safetensors").is_file():
+        pytest.skip("tiny checkpoint not built yet")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_dir() / name, d / name)
+    return d
+
+
+def _cli_error(capsys, argv: list[str], named: str) -> str:
+    """Exit 2 with one stderr line naming `named`, no traceback."""
+    from d2moe.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and named in err, err
+    return err
+
+
+def _damage(path, how: str) -> None:
+    import struct
+
+    blob = bytearray(path.read_bytes())
+    if how == "truncated":
+        blob = blob[: len(blob) // 2]
+    elif how == "empty":
+        blob = bytearray()
+    elif how == "flipped":
+        blob[8 + 5] ^= 0xFF  # a byte of the JSON header: invalid UTF-8
+    else:  # oversized: the header length says 1 TiB
+        blob[:8] = struct.pack("<Q", 2**40)
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "flipped", "oversized"])
+def test_a_damaged_safetensors_file_is_a_user_error_naming_it(tmp_path, capsys, how) -> None:
+    d = _tiny_copy(tmp_path)
+    st = d / "model.safetensors"
+    _damage(st, how)
+    with pytest.raises(UserError, match="copy or save it again") as err:
+        load_hf(d)
+    assert err.value.path == str(st)
+    _cli_error(capsys, ["model", "info", "--model", str(d)], str(st))
+    _cli_error(capsys, ["quantize", "--model", str(d), "--out", str(tmp_path / "q"),
+                        "--quiet"], str(st))
+
+
+def test_a_tensor_read_from_a_file_damaged_later_is_a_user_error(tmp_path) -> None:
+    from d2moe.quant.cmd import _load, find_expert_tensors
+
+    d = _tiny_copy(tmp_path)
+    found = find_expert_tensors(d)
+    path, name = next(iter(found.values()))
+    _damage(path, "truncated")  # damaged between listing and reading
+    with pytest.raises(UserError, match="damaged") as err:
+        _load(path, name)
+    assert err.value.path == str(path)
+
+
+@pytest.mark.parametrize("text, field", [("[1]", None), ('{"model_type": "mixtral", '
+                                                        '"rope_scaling": [1]}', "rope_scaling"),
+                                         (None, "num_hidden_layers"),
+                                         (None, "rms_norm_eps"), (None, "tie_word_embeddings")])
+def test_a_bad_config_json_in_a_checkpoint_is_a_user_error(tmp_path, capsys, text,
+                                                          field) -> None:
+    d = _tiny_copy(tmp_path)
+    if text is None:  # the tiny config with one value of the wrong type
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[field] = "abc"
+        text = json.dumps(cfg)
+    (d / "config.json").write_text(text)
+    with pytest.raises(UserError) as err:
+        load_hf(d)
+    assert err.value.path == str(d / "config.json") and err.value.field == field
+    _cli_error(capsys, ["model", "info", "--model", str(d)], "config.json")
+    if field not in ("rms_norm_eps", "tie_word_embeddings"):  # keys quantize does not read
+        _cli_error(capsys, ["quantize", "--model", str(d), "--out", str(tmp_path / "q"),
+                            "--quiet"], "config.json")
+
+
+def test_quantize_an_empty_directory_says_no_config_json(tmp_path, capsys) -> None:
+    err = _cli_error(capsys, ["quantize", "--model", str(tmp_path), "--out",
+                              str(tmp_path / "q")], str(tmp_path))
+    assert "no config.json in this directory" in err

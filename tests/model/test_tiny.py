@@ -144,3 +144,19 @@ def test_cli_bad_model_is_a_user_error(tmp_path) -> None:
     args = _parser().parse_args(["model", "info", "--model", str(tmp_path)])
     with pytest.raises(UserError, match="config.json"):
         args.func(args)
+
+
+@pytest.mark.parametrize("option,value,field", [
+    ("--threads", "-1", "threads"), ("--lr", "nan", "lr"), ("--lr", "inf", "lr"),
+    ("--weight-decay", "-1", "weight-decay"), ("--balance-coef", "-1", "balance-coef"),
+    ("--warmup-steps", "-5", "warmup-steps"), ("--min-lr-frac", "nan", "min-lr-frac")])
+def test_cli_train_tiny_rejects_bad_numbers_before_training(option, value, field, tmp_path,
+                                                            capsys, monkeypatch) -> None:
+    from d2moe.cli import main
+
+    monkeypatch.setattr("d2moe.model.train.train_tiny",
+                        lambda cfg: pytest.fail("training started"))
+    assert main(["model", "train-tiny", option, value, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"field '{field}'" in err and "fix:" in err

@@ -461,3 +461,18 @@ def test_disk_probe_sizes_reach_the_largest_level() -> None:
     assert sizes_up_to([4096, 2**20], 1000) == [4096, 2**20]
     assert sizes_up_to([4096, 2**22], 55 * 10**6) == [4096, 2**22, 2**24, 2**26]
     assert sizes_up_to([4096], 4096) == [4096]
+
+
+def test_profile_cli_rejects_a_scratch_dir_under_a_file_and_huge_sizes(tmp_path: Path,
+                                                                       capsys) -> None:
+    (tmp_path / "f").write_text("x")
+    base = ["profile", "--model-spec", "tiny", "--out", str(tmp_path / "p.yaml"),
+            "--no-progress"]
+    assert main(base + ["--dir", str(tmp_path / "f" / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(tmp_path / "f" / "s") in err and "field 'dir'" in err
+    assert main(base + ["--disk-sizes", "1e999", "--dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "field 'disk-sizes'" in err and "too large" in err and "Traceback" not in err
+    assert not (tmp_path / "p.yaml").exists()

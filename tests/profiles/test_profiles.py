@@ -334,3 +334,15 @@ def test_bad_disk_reads(reads: Any) -> None:
     e["link"]["reads"] = [[1000, 1.0], [2000, 2.0]]  # only the disk has a table
     with pytest.raises(UserError, match="reads"):
         make(e)
+
+
+@pytest.mark.parametrize("text", ["-1GiB", "1e999", "lots"])
+def test_unreadable_size_text_names_the_file(text: str, tmp_path: Path) -> None:
+    d = hand()
+    d["device_memory_bytes"] = text
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(UserError) as err:
+        load_profile(path)
+    assert str(err.value).startswith(f"{path}: field 'device_memory_bytes': ")
+    assert repr(text) in str(err.value) and err.value.fix

@@ -209,3 +209,186 @@ def test_bad_store_and_requests(store, tmp_path):
     with pytest.raises(UserError, match="expected"):
         StoreWriter(tmp_path / "x", SPEC, layout).write_layer(
             0, [(0, {t: quantize_matrix(np.ones((3, 64)), layout) for t in TENSORS})])
+
+
+# -- index integrity (sha256 + structure) and replacing a store safely --------------------
+
+def _edit_index(path: Path, edit, *, resign: bool) -> None:
+    """Apply `edit(index)` to the store's index.json, then re-sign it (a consistent but wrong
+    index) or drop its digest (an index from before the digest existed)."""
+    from d2moe.quant.store import index_digest
+
+    index = json.loads((path / "index.json").read_text())
+    edit(index)
+    index.pop("sha256")
+    if resign:
+        index["sha256"] = index_digest(index)
+    (path / "index.json").write_text(json.dumps(index))
+
+
+def _hashes(path: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+def test_the_index_carries_a_digest_that_catches_an_edit(store):
+    from d2moe.quant.store import index_digest
+
+    path, layout, mats = store
+    index = json.loads((path / "index.json").read_text())
+    assert index["sha256"] == index_digest(index) and len(index["sha256"]) == 64
+    index["layout"]["group"] = 128  # once read as garbage text, exit 0
+    (path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=r"index\.json: field 'sha256': checksum mismatch.*"
+                                        r"fix: the store is damaged: re-run d2moe quantize"):
+        StoreReader(path)
+
+
+def test_an_index_from_before_the_digest_is_still_read(store):
+    path, layout, mats = store
+    _edit_index(path, lambda index: None, resign=False)
+    with StoreReader(path) as reader:
+        got = reader.read_expert(1, 2, layout.bK)
+    for t in TENSORS:
+        assert np.array_equal(got[t].planes, mats[(1, 2)][t].planes)
+
+
+def _set_entry(i: int, k: int, value):
+    def edit(index):
+        index["entries"][i][k] = value(index["entries"][i][k]) if callable(value) else value
+    return edit
+
+
+def _set(*keys, value):
+    def edit(index):
+        obj = index
+        for key in keys[:-1]:
+            obj = obj[key]
+        obj[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("resign", [True, False], ids=["resigned", "no-digest"])
+@pytest.mark.parametrize(("edit", "field"), [
+    (_set("layout", "group", value=128), "entries[0].nbytes"),
+    (_set("layout", "group", value=16), "entries[0].nbytes"),
+    (_set("layout", "b1", value=3), "entries[0].bits"),
+    (_set("layout", "b1", value=9), "layout.b1"),
+    (_set("layout", "kind", value="zzz"), "layout.kind"),
+    (_set("layout", "scale_bytes", value=4), "layout.scale_bytes"),
+    (_set("layout", "group", value=0), "layout.group"),
+    (_set("bits_stored", value=9), "bits_stored"),
+    (_set("tensors", "w1", value=[100, 100]), "tensors"),
+    (_set_entry(0, 5, -4096), "entries[0].offset"),
+    (_set_entry(0, 4, "../../../etc/passwd"), "entries[0].file"),
+    (_set_entry(0, 4, "/etc/passwd"), "entries[0].file"),
+    (_set_entry(0, 0, 99), "entries[0].layer"),
+    (_set_entry(0, 6, lambda n: n + 1), "entries[0].nbytes"),
+    (_set_entry(1, 5, lambda n: n + 1), "entries"),  # w3 no longer right after w1
+    (lambda index: index["entries"].append(list(index["entries"][0])), "entries[-1]"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_structurally_wrong_index_is_refused_naming_the_field(store, edit, field, resign):
+    path, _, _ = store
+    _edit_index(path, edit, resign=resign)
+    n = len(json.loads((path / "index.json").read_text())["entries"])
+    field = field.replace("[-1]", f"[{n - 1}]")
+    with pytest.raises(UserError) as err:
+        StoreReader(path)
+    assert err.value.path == str(path / "index.json") and err.value.field == field
+    assert err.value.fix == "the store is damaged: re-run d2moe quantize"
+
+
+def test_an_index_of_random_bytes_is_a_user_error(store):
+    path, _, _ = store
+    (path / "index.json").write_bytes(bytes(range(128, 256)) * 4)
+    with pytest.raises(UserError, match=r"index\.json: not a UTF-8 JSON file"):
+        StoreReader(path)
+
+
+def test_a_level_of_the_wrong_length_names_the_store_and_the_tensor(store):
+    from d2moe.quant.nested import decode_levels
+
+    path, layout, _ = store
+    with StoreReader(path) as reader:
+        levels = reader.read_planes(0, 1, 0, layout.b1)
+    with pytest.raises(UserError, match=r"store: field 'nbytes': layer 0 expert 1 tensor w2: "
+                                        r"stored level 2 has \d+ bytes, but a 64x40 matrix"):
+        decode_levels(layout, 64, 40, [levels[layout.b1]["w2"][:-1]], path=str(path),
+                      where="layer 0 expert 1 tensor w2")
+
+
+def _one_layer(layout: QuantLayout, fail_after: int | None = None):
+    """(expert, mats) pairs of layer 0; raises KeyboardInterrupt after `fail_after` experts."""
+    rng = np.random.default_rng(7)
+    for e in range(SPEC.experts):
+        if e == fail_after:
+            raise KeyboardInterrupt
+        yield e, {t: quantize_matrix(rng.standard_normal(s).astype(np.float32), layout)
+                  for t, s in zip(TENSORS, SPEC.expert_shapes, strict=True)}
+
+
+def test_an_interrupted_rewrite_leaves_the_old_store_untouched(store):
+    path, layout, mats = store
+    before = _hashes(path)
+    with pytest.raises(KeyboardInterrupt), StoreWriter(path, SPEC, layout) as writer:
+        writer.write_layer(0, _one_layer(layout))  # a whole new layer 0 ...
+        writer.write_layer(1, _one_layer(layout, fail_after=1))  # ... then Ctrl-C
+    assert _hashes(path) == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp left
+    with StoreReader(path) as reader:
+        assert np.array_equal(reader.read_expert(0, 0, layout.bK)["w1"].planes,
+                              mats[(0, 0)]["w1"].planes)
+    # a writer dropped without close() (no `with`) cleans up too
+    writer = StoreWriter(path, SPEC, layout)
+    writer.write_layer(0, _one_layer(layout))
+    tmp = writer.tmp
+    assert tmp.is_dir()
+    del writer
+    import gc
+
+    gc.collect()
+    assert not tmp.exists() and _hashes(path) == before
+
+
+def test_a_rewrite_replaces_the_store_and_keeps_other_files(store):
+    path, layout, _ = store
+    (path / "router").mkdir()
+    (path / "router" / "router.json").write_text("{}")
+    (path / "expert_stats.json").write_text("{}")
+    with StoreWriter(path, SPEC, layout) as writer:
+        writer.write_layer(0, _one_layer(layout))  # layer 1 no longer written
+        assert writer.close() == path / "index.json"
+    assert sorted(p.name for p in path.iterdir()) == ["expert_stats.json", "index.json",
+                                                      "layer_000.bin", "router"]
+    assert (path / "router" / "router.json").read_text() == "{}"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    want = dict(_one_layer(layout))
+    with StoreReader(path) as reader:
+        assert {e.layer for e in reader.entries.values()} == {0}
+        assert np.array_equal(reader.read_expert(0, 2, layout.bK)["w3"].planes,
+                              want[2]["w3"].planes)
+    with pytest.raises(UserError, match="closed"):
+        writer.write_layer(1, _one_layer(layout))
+
+
+def test_an_unwritable_target_is_a_user_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    layout = QuantLayout()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"file: exists and is not a directory"):
+        StoreWriter(tmp_path / "file", SPEC, layout)
+    with pytest.raises(UserError, match=r"file: cannot create the directory: part of the "
+                                        r"path is a file"):
+        StoreWriter(tmp_path / "file" / "store", SPEC, layout)
+
+    def refuse(path, mode=0o777):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "mkdir", refuse)  # a read-only parent (root ignores chmod)
+    with pytest.raises(UserError, match=r"store: cannot write the store beside it: "
+                                        r"permission denied"):
+        StoreWriter(tmp_path / "store", SPEC, layout)
+    assert (tmp_path / "file").read_text() == "x"

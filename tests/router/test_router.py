@@ -203,3 +203,18 @@ def test_the_saved_gate_is_the_best_validated_checkpoint(store, tiny, widths, tm
     ce, bits = val.score(load_router(res.out_dir, spec=spec).gate)
     _, want_ce, want_bits = next(row for row in res.val if row[0] == res.best_step)
     assert ce == pytest.approx(want_ce, rel=1e-5) and bits == pytest.approx(want_bits)
+
+
+@pytest.mark.parametrize("option,value,field", [
+    ("--threads", "-1", "threads"), ("--lr", "nan", "lr"), ("--tau", "inf", "tau"),
+    ("--alpha", "nan", "alpha"), ("--alpha", "-1", "alpha")])
+def test_router_cli_rejects_bad_numbers_before_training(option, value, field, tmp_path, capsys,
+                                                        monkeypatch):
+    from d2moe.cli import main
+
+    monkeypatch.setattr("d2moe.router.train.train_router",
+                        lambda cfg: pytest.fail("training started"))
+    assert main(["router", "train", option, value, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"field '{field}'" in err and "fix:" in err

@@ -128,3 +128,13 @@ def test_sim_serving_never_imports_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=tmp_path, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_negative_threads_is_one_line(tmp_path, capsys):
+    from d2moe.cli import main
+
+    assert main(["serve", "--backend", "real", "--threads", "-1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("d2moe serve: error: field 'threads': must be >= 0, got -1 "
+                   "(fix: pass 1, or 0 for default)")
+    assert list(tmp_path.iterdir()) == []

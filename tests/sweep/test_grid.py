@@ -80,6 +80,8 @@ def _tiny():
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nlayout: zip\n", "layout"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nbits: four\n", "bits"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nsteps: -2\n", "steps"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\ngroup: 0\n", "group"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nb1: 9\n", "b1"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [{a: 1}]\n", "traces[0]"),
 ])
 def test_a_bad_field_is_named(tmp_path, text, field):

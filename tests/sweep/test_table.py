@@ -60,3 +60,103 @@ def test_csv_has_the_cell_columns_first_and_every_key(tmp_path):
     assert reader.fieldnames[0] == "cell_id"
     assert {"z", "extra", "policy"} <= set(reader.fieldnames)
     assert rows[0]["z"] == "1" and rows[1]["extra"] == ""
+
+
+def _edit(path, line: int, old: str, new: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    assert old in lines[line]
+    lines[line] = lines[line].replace(old, new)
+    path.write_text("".join(lines))
+
+
+def test_each_row_carries_a_digest_checked_on_read(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "table.jsonl"
+    with TableWriter(path) as t:
+        t.append({"cell_id": "a", "status": "ok", "decode_tokens_per_s": np.float32(12.5),
+                  "steps": np.int64(7), "oracle_hit_rate": None, "x": float("nan")})
+        t.append({"cell_id": "b", "status": "ok", "decode_tokens_per_s": 3.25})
+    stored = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(len(r["row_sha256"]) == 16 for r in stored)
+    rows, _ = read_rows(path)
+    assert [r["decode_tokens_per_s"] for r in rows] == [12.5, 3.25]
+    assert all("row_sha256" not in r for r in rows)  # storage framing, not data
+    write_csv(tmp_path / "t.csv", rows)
+    assert "row_sha256" not in (tmp_path / "t.csv").read_text()
+
+
+@pytest.mark.parametrize("line", [0, 1])  # the middle and the last line alike
+def test_a_hand_edited_row_is_an_error_naming_file_and_line(tmp_path, line):
+    path = tmp_path / "table.jsonl"
+    with TableWriter(path) as t:
+        t.append({"cell_id": "a", "status": "ok", "decode_tokens_per_s": 3.25})
+        t.append({"cell_id": "b", "status": "ok", "decode_tokens_per_s": 3.25})
+    _edit(path, line, '"decode_tokens_per_s": 3.25', '"decode_tokens_per_s": 99.0')
+    with pytest.raises(UserError, match=f"line {line + 1} does not match") as err:
+        read_rows(path)
+    assert err.value.path == str(path) and "delete the line" in str(err.value)
+    with pytest.raises(UserError, match="row_sha256"):
+        TableWriter(path)  # a resumed sweep refuses it too
+
+
+def test_rows_written_before_digests_are_accepted(tmp_path):
+    path = tmp_path / "table.jsonl"
+    path.write_text(json.dumps({"cell_id": "a", "status": "ok"}) + "\n")
+    with TableWriter(path) as t:
+        t.append({"cell_id": "b", "status": "ok"})
+    assert [r["cell_id"] for r in read_rows(path)[0]] == ["a", "b"]
+
+
+GRID = """
+policies: [fifo]
+budgets: ["30%"]
+profiles: [PROFILE]
+traces: [TRACE]
+"""
+
+
+def _grid(tmp_path, profile="cpu-2core", trace='"synth:tiny:decode_steps=4,prefill_tokens=4"'):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.replace("PROFILE", profile).replace("TRACE", trace))
+    return path
+
+
+def test_a_wrapped_grid_error_states_its_fix_once(tmp_path, capsys):
+    import numpy as np
+
+    from d2moe.cli import main
+    from d2moe.core.spec import load_spec
+    from d2moe.traces import SynthConfig, save_trace, synth_trace
+
+    v9 = tmp_path / "v9.npz"
+    save_trace(v9, synth_trace(load_spec("tiny"), SynthConfig(decode_steps=4)))
+    with np.load(v9) as z:
+        arrays = {n: z[n] for n in z.files}
+    header = json.loads(str(arrays["header"]))
+    arrays["header"] = np.array(json.dumps({**header, "version": 9}))
+    np.savez(v9, **arrays)
+    for grid in (_grid(tmp_path, profile="no-such-profile"),
+                 _grid(tmp_path, trace="v9.npz"), _grid(tmp_path, trace="synth:nospec")):
+        assert main(["sweep", str(grid), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "grid.yaml" in err
+        assert err.count("(fix:") == 1, err
+
+
+def test_a_damaged_cached_synthetic_trace_is_written_again(tmp_path, capsys):
+    from d2moe.sweep.runner import SweepConfig, run_sweep
+    from d2moe.traces import load_trace
+
+    grid, out = _grid(tmp_path), tmp_path / "out"
+    run_sweep(grid, SweepConfig(out=str(out), jobs=1, progress=False))
+    (cached,) = (out / "traces").glob("synth-*.npz")
+    good, before = cached.read_bytes(), load_trace(cached)
+    cached.write_bytes(good[: len(good) // 2])
+    (out / "table.jsonl").unlink()
+    result = run_sweep(grid, SweepConfig(out=str(out), jobs=1, progress=False))
+    assert result.ran == {"ok": 1}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(cached) in err and "writing it again" in err
+    after = load_trace(cached)  # the same trace again (the generator is deterministic)
+    assert (after.experts == before.experts).all() and after.num_steps == before.num_steps

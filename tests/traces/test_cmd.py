@@ -43,3 +43,19 @@ def test_reuse_rate_by_hand() -> None:
               np.ones((4, 1, 1), np.float32))
     assert cmd.reuse_rate(t) == pytest.approx(1 / 3)
     assert cmd.layer_counts(t).tolist() == [[2, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("option,value,field", [("--decode-steps", "-1", "decode-steps"),
+                                                ("--prefill-tokens", "0", "prefill-tokens")])
+def test_record_rejects_bad_counts_before_loading_the_model(
+        option: str, value: str, field: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from d2moe.cli import main
+
+    monkeypatch.setattr("d2moe.model.load.load_model",
+                        lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["trace", "record", option, value, "--out", str(tmp_path / "t.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"field '{field}'" in err and "max_len" not in err

@@ -228,3 +228,59 @@ def test_a_per_token_routers_prefs_repeat_over_slots_and_bits_are_its_widths() -
     with pytest.raises(UserError, match="field 'bits'"):
         Trace("hand", 4, t.phase_codes, t.step_offsets, t.experts, t.weights,
               np.full(t.bits.shape, 8), t.meta, prefs=t.prefs)
+
+
+def _member_data_offset(path: Path, name: str) -> tuple[int, int]:
+    """(offset of `name`'s compressed bytes in the zip, their length)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(name)
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        n, m = np.frombuffer(f.read(4), "<u2")
+    return info.header_offset + 30 + int(n) + int(m), info.compress_size
+
+
+def _damaged(trace_file: Path, out: Path, how: str) -> Path:
+    blob = bytearray(trace_file.read_bytes())
+    if how == "empty":
+        blob = bytearray()
+    elif how == "compressed":  # a flipped byte inside experts' deflate stream
+        start, size = _member_data_offset(trace_file, "experts.npy")
+        blob[start + size // 2] ^= 0xFF
+    elif how == "method":  # the first member's method in the central directory: unsupported
+        import zipfile
+
+        with zipfile.ZipFile(trace_file) as z:
+            blob[z.start_dir + 10] ^= 0xFF
+    else:  # cut in half
+        blob = blob[: len(blob) // 2]
+    out.write_bytes(bytes(blob))
+    return out
+
+
+@pytest.mark.parametrize("how", ["empty", "compressed", "method", "truncated"])
+def test_a_damaged_trace_is_a_user_error_naming_the_file(tmp_path: Path, capsys,
+                                                         how: str) -> None:
+    from d2moe.cli import main
+
+    good = tmp_path / "good.npz"
+    save_trace(good, synth_trace(load_spec("tiny"), SynthConfig(decode_steps=40)))
+    bad = _damaged(good, tmp_path / "bad.npz", how)
+    with pytest.raises(UserError, match="record or synthesize it again") as err:
+        load_trace(bad)
+    assert err.value.path == str(bad)
+    if how == "compressed":
+        assert err.value.field == "experts"
+    assert main(["trace", "info", str(bad)]) == 2
+    text = capsys.readouterr().err
+    assert text.count("\n") == 1 and "Traceback" not in text and str(bad) in text
+
+
+def test_a_text_file_is_not_a_trace(tmp_path: Path) -> None:
+    text = tmp_path / "notes.npz"
+    text.write_text("hello\n")
+    with pytest.raises(UserError, match="not a trace .npz") as err:
+        load_trace(text)
+    assert "pickled" not in str(err.value) and err.value.path == str(text)

@@ -1,0 +1,94 @@
+"""router.json's own digest: an edited field is refused, a record from before the digest is
+still read (its fields checked, naming the file), a binary record is a UserError, and a save
+interrupted between the gate and the record is refused as a damaged pair."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("safetensors")
+
+from d2moe.core.errors import UserError  # noqa: E402
+from d2moe.model.load import load_tiny  # noqa: E402
+from d2moe.router import store as router_store  # noqa: E402
+from d2moe.router.gate import BitGate  # noqa: E402
+from d2moe.router.store import load_router, record_digest, save_router  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_tiny()[1]
+
+
+def _meta(spec, **over):
+    return {"bits": [2, 3, 4], "capacities": [0.3, 0.4, 0.3], "alpha": 0.0, "window": 8,
+            "layers": spec.layers, "hidden": spec.hidden, **over}
+
+
+def _save(path, spec, seed=0, **over):
+    return save_router(path, BitGate(spec.layers, spec.hidden, 3, seed=seed), _meta(spec, **over))
+
+
+def _edit(path, *, resign: bool | None, **fields) -> None:
+    """Set `fields` in router.json; resign: recompute the digest, None: drop it (an old
+    record), False: keep the stale one."""
+    meta = json.loads((path / "router.json").read_text())
+    meta.update(fields)
+    if resign is None:
+        meta.pop("record_sha256", None)
+    elif resign:
+        meta["record_sha256"] = record_digest(meta)
+    (path / "router.json").write_text(json.dumps(meta))
+
+
+def test_the_record_digest_covers_every_field(tmp_path, spec):
+    path = _save(tmp_path / "r", spec)
+    meta = json.loads((path / "router.json").read_text())
+    assert meta["record_sha256"] == record_digest(meta) and len(meta["record_sha256"]) == 64
+    assert load_router(path, spec=spec).capacities == (0.3, 0.4, 0.3)
+    _edit(path, resign=False, capacities=[0.7, 0.4, 0.3])  # once accepted silently
+    with pytest.raises(UserError, match=r"router\.json: field 'record_sha256': checksum "
+                                        r"mismatch: router\.json was damaged or edited"):
+        load_router(path, spec=spec)
+
+
+def test_a_record_from_before_the_digest_is_read_and_checked(tmp_path, spec):
+    path = _save(tmp_path / "r", spec)
+    _edit(path, resign=None, capacities=[0.5, 0.4, 0.3])
+    assert load_router(path, spec=spec).capacities == (0.5, 0.4, 0.3)
+    where = str(path / "router.json")
+    for field, value in (("window", 0), ("window", -3), ("capacities", [0.1, 0.1, 0.1]),
+                         ("capacities", [1.0]), ("bits", [4, 3, 2]), ("hidden", 0)):
+        _edit(path, resign=None, **{field: value})  # no digest to catch it: the checks do
+        with pytest.raises(UserError) as err:
+            load_router(path, spec=spec)
+        assert (err.value.path, err.value.field) == (where, field)
+        _edit(path, resign=None, **_meta(spec))
+
+
+def test_a_binary_record_is_a_user_error(tmp_path, spec):
+    path = _save(tmp_path / "r", spec)
+    (path / "router.json").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match=r"r/router\.json: not a UTF-8 JSON file"):
+        load_router(path)
+
+
+def test_a_save_interrupted_after_the_gate_is_refused_as_a_damaged_pair(tmp_path, spec,
+                                                                         monkeypatch):
+    path = _save(tmp_path / "r", spec, seed=1)
+    real = router_store.atomic_write
+
+    def interrupted(target, mode="w"):
+        if target.name == "router.json":
+            raise KeyboardInterrupt
+        return real(target, mode)
+
+    monkeypatch.setattr(router_store, "atomic_write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _save(path, spec, seed=2)
+    with pytest.raises(UserError, match=r"gate\.safetensors: field 'sha256': checksum mismatch:"
+                                        r" .* a save was interrupted between the two"):
+        load_router(path)
