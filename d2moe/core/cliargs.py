@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 from typing import Any, TypeVar
 
+from d2moe.core.errors import UserError
+
 T = TypeVar("T")
 
 
@@ -56,3 +58,11 @@ def require_modules(*names: str, verb: str) -> None:
     for name in names:
         if importlib.util.find_spec(name) is None:
             raise ImportError(f"{name} is required by d2moe {verb}", name=name)
+
+
+def check_threads(n: int) -> int:
+    """`--threads`, the torch intra-op thread count of every verb that sets one: 0 leaves
+    torch's own setting; a negative count is a UserError (torch would raise at run time)."""
+    if n < 0:
+        raise UserError(f"must be >= 0, got {n}", field="threads", fix="pass 1, or 0 for default")
+    return n

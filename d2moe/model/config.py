@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from d2moe.core.cliargs import check_threads
 from d2moe.core.errors import UserError
 
 
@@ -69,6 +70,4 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise UserError(f"must be >= 0, got {self.warmup_steps}", field="warmup-steps",
                             fix="pass 0 or more")
-        if self.threads < 0:
-            raise UserError(f"must be >= 0, got {self.threads}", field="threads",
-                            fix="pass 1, or 0 for default")
+        check_threads(self.threads)

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from d2moe.core.cliargs import check_threads
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir
 from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
@@ -151,8 +152,7 @@ def torch_threads(n: int) -> Iterator[None]:
     partner thread, and timings jump by 10-100x under load."""
     import torch
 
-    if n < 0:
-        raise UserError(f"must be >= 0, got {n}", field="threads", fix="pass 1, or 0 for default")
+    check_threads(n)
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import model_field
+from d2moe.core.cliargs import check_threads, model_field
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
 
@@ -96,9 +96,7 @@ class RouterTrainConfig:
             if not (math.isfinite(value) and value > 0):
                 raise UserError(f"must be a number > 0, got {value}", field=name,
                                 fix=f"e.g. --{name} {example}")
-        if self.threads < 0:
-            raise UserError(f"must be >= 0, got {self.threads}", field="threads",
-                            fix="pass 1, or 0 for default")
+        check_threads(self.threads)
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}", field="target",
                             fix=f"use {' or '.join(TARGETS)}")

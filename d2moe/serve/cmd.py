@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, model_field
+from d2moe.core.cliargs import add_fields, check_threads, from_args, model_field
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
@@ -64,9 +64,7 @@ class ServeConfig:
         if self.max_batch < 1:
             raise UserError(f"must be >= 1, got {self.max_batch}", field="max_batch",
                             fix="pass e.g. --max-batch 4")
-        if self.threads < 0:
-            raise UserError(f"must be >= 0, got {self.threads}", field="threads",
-                            fix="pass 1, or 0 for default")
+        check_threads(self.threads)
 
     @property
     def policies(self) -> list[str]:
