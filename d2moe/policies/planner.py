@@ -80,7 +80,8 @@ class Planner:
                 if self._used > target:
                     self._free_cold(target, evicts)
                     self._free_list(done, target, evicts)
-                    self._free_list([j.key for j in order[pos + 1:]], target, evicts)
+                    if self._used > target:  # rarely reached: skip building the list
+                        self._free_list([j.key for j in order[pos + 1:]], target, evicts)
                     if self._used > target:
                         raise PlanError(f"{job.key} at {job.need} bits ({need_bytes} B) cannot "
                                         f"fit a budget of {budget} B")
