@@ -167,3 +167,15 @@ def test_binary_profile_is_one_line(capsys, tmp_path):
     prof.write_bytes(b"\x00\x85\xff")
     line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--profile", str(prof))
     assert str(prof) in line and "not a text file (UTF-8)" in line
+
+
+def test_profile_checks_its_out_path_before_measuring(capsys, tmp_path, monkeypatch):
+    import d2moe.profiles.measure as measure
+
+    def never(*a, **k):
+        raise AssertionError("measured before checking --out")
+
+    monkeypatch.setattr(measure, "measure_profile", never)
+    (tmp_path / "file").write_text("x")
+    line = _one_line_error(capsys, "profile", "--out", str(tmp_path / "file" / "p.yaml"))
+    assert "field 'out'" in line and str(tmp_path / "file") in line

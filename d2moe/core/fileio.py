@@ -43,6 +43,23 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
+def check_writable(path: str | Path, *, field: str | None = None) -> None:
+    """Fail now, not after minutes of work, if file `path` cannot be written: its directory
+    is made and a temp file created and removed there (a permission check alone passes for
+    root on /proc). A UserError names `path` and `field`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError("cannot write it: it is a directory", path=str(path), field=field,
+                        fix="name a file, not a directory")
+    ensure_dir(path.parent, field=field)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise path_error(exc, path, "cannot write it", field=field) from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def ensure_dir(path: str | Path, *, field: str | None = None) -> Path:
     """Make directory `path` and its parents unless they exist; returns it as a Path.
 

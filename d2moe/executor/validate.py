@@ -232,7 +232,8 @@ def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any
     from d2moe.router.store import load_router
 
     return load_router(cfg.router, spec=spec, store=store.path, device=device,
-                       store_bits=(store.layout.b1, store.bits_stored))
+                       store_bits=(store.layout.b1, store.bits_stored),
+                       store_layout=store.layout)
 
 
 def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,

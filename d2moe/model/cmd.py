@@ -13,6 +13,7 @@ from pathlib import Path
 
 from d2moe.core.cliargs import add_fields, from_args, require_modules
 from d2moe.core.errors import UserError
+from d2moe.core.fileio import check_writable
 
 _MODEL_HELP = "`tiny` (the built-in model) or an HF checkpoint directory (config.json + " \
               "*.safetensors; Mixtral, OLMoE or Qwen-MoE)"
@@ -53,6 +54,8 @@ def _train_tiny(args: argparse.Namespace) -> int:
     from d2moe.model.train import train_tiny
 
     tc = from_args(TrainConfig, args)
+    if tc.out:  # before minutes of training (the default, the package's own folder, exists)
+        check_writable(Path(tc.out) / "config.json", field="out")
     result = train_tiny(tc)
     p = result.provenance
     print(f"wrote {result.out_dir} ({tc.steps} steps in {result.train_seconds:.0f} s)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,14 @@ def config_from_hf(cfg: Any, *, path: str) -> ModelConfig:
 
 
 def _number(cfg: dict[str, Any], key: str, path: str) -> float | None:
-    """config.json's `key` as a float, None when absent or null; other types name the key."""
+    """config.json's `key` as a float > 0, None when absent or null; anything else (a string,
+    0, a negative, NaN or infinity: rope_theta and rms_norm_eps are both) names the key."""
     value = cfg.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"must be a number, got {value!r}", path=path, field=key,
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise UserError(f"must be a finite number > 0, got {value!r}", path=path, field=key,
                         fix="write a number (this key of the model's HF config.json)")
     return float(value)
 

@@ -6,8 +6,10 @@ VOCAB = 256
 
 
 def encode(text: str | bytes) -> list[int]:
-    """Text (UTF-8 encoded) or raw bytes -> token ids 0..255."""
-    return list(text.encode("utf-8") if isinstance(text, str) else bytes(text))
+    """Text (UTF-8 encoded) or raw bytes -> token ids 0..255. Bytes that are not UTF-8 and
+    reached a str as surrogates (a command-line argument) become those bytes again."""
+    return list(text.encode("utf-8", errors="surrogateescape") if isinstance(text, str)
+                else bytes(text))
 
 
 def decode(ids: list[int]) -> str:

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from d2moe.core.cliargs import add_fields, from_args, require_modules
+from d2moe.core.fileio import check_writable
 from d2moe.profiles.measure import ProfileConfig
 
 
@@ -32,6 +33,7 @@ def _main(args: argparse.Namespace) -> int:
     from d2moe.profiles.measure import measure_profile
 
     cfg = from_args(ProfileConfig, args)
+    check_writable(cfg.out, field="out")  # before minutes of measuring
     t0 = time.perf_counter()
     command = "d2moe profile " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "profile" else "d2moe profile"

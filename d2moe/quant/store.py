@@ -135,14 +135,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Rename directory `new` (a sibling of `target`) to `target`. An existing `target` is
-    renamed aside first and put back if that fails; after the swap its files that are not
-    the store's own (a router, expert statistics) move into the new one and the rest is
-    removed. A crash between the two renames leaves both stores, as hidden siblings."""
+    """Rename directory `new` (a sibling of `target`) to `target`. An existing `target`'s
+    files that are not the store's own (a router, expert statistics) are first copied into
+    `new` (the old store stays whole until the swap); the old store is renamed aside, put
+    back if the second rename fails, and removed after it. A crash between the two renames
+    leaves both stores, as hidden siblings."""
     old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old") \
         if os.path.lexists(target) else None
     try:
         if old is not None:
+            for item in target.iterdir():
+                if not _is_store_file(item.name):
+                    if item.is_dir():
+                        shutil.copytree(item, new / item.name, symlinks=True)
+                    else:
+                        shutil.copy2(item, new / item.name)
+            _fsync_dir(new)
             os.rename(target, old)
         try:
             os.rename(new, target)
@@ -152,9 +160,6 @@ def _replace_dir(new: Path, target: Path) -> None:
             raise
         _fsync_dir(target.parent)
         if old is not None:
-            for item in old.iterdir():
-                if not _is_store_file(item.name):
-                    os.rename(item, target / item.name)
             shutil.rmtree(old)
     except OSError as exc:
         raise path_error(exc, target, "cannot replace the store directory") from None
@@ -185,6 +190,11 @@ class StoreWriter:
         if self._target.exists() and not self._target.is_dir():
             raise UserError("exists and is not a directory", path=str(self.path),
                             fix="name a new directory or an existing store")
+        if self._target.is_dir() and not (self._target / INDEX_NAME).is_file() \
+                and any(self._target.iterdir()):  # never swap away a directory of the user's
+            raise UserError("is a directory with files in it but no nested store",
+                            path=str(self.path),
+                            fix="name a new or empty directory, or an existing store to replace")
         ensure_dir(self._target.parent)
         tmp = self._target.with_name(f".{self._target.name}.{secrets.token_hex(4)}.tmp")
         try:

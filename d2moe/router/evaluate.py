@@ -90,7 +90,8 @@ def open_router(model_ref: str, spec: Any, store: str, router_ref: str) -> tuple
             store = ""  # load_router below reports the malformed record
     reader, store_path = open_store(model_ref, store)
     try:
-        router = load_router(path, spec=spec, store_bits=(reader.layout.b1, reader.bits_stored))
+        router = load_router(path, spec=spec, store_bits=(reader.layout.b1, reader.bits_stored),
+                             store_layout=reader.layout)
         check_store(reader, spec, router.bits, store_path)
         weights = WidthWeights.from_store(reader, router.bits)
     finally:

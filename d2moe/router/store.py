@@ -74,9 +74,12 @@ def resolve(ref: str, store: str | Path | None) -> Path:
 
 
 def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int] | None = None,
-                store: str | Path | None = None, device: str = "cpu") -> Any:
+                store: str | Path | None = None, store_layout: Any = None,
+                device: str = "cpu") -> Any:
     """A `BitRouter` from `ref` (directory, router.json or `auto`), checked against the model
-    `spec` (layers, hidden) and the store's width range (b1, bits stored)."""
+    `spec` (layers, hidden), the store's width range (b1, bits stored) and, with
+    `store_layout` (a QuantLayout), the quantization it was trained on (a store quantized
+    again in another format, b1, bK or group serves other weights at the same widths)."""
     from safetensors.torch import load as st_load
 
     from d2moe.router.gate import BitGate, BitRouter
@@ -125,6 +128,15 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
                             f"serves {lo}..{hi}", path=where, field="bits",
                             fix="use a store quantized over these widths (d2moe quantize "
                                 "--bits LOW:HIGH) or train a router for this store's range")
+    trained = meta.get("layout")
+    if store_layout is not None and isinstance(trained, dict):
+        keys = ("kind", "b1", "bK", "group")
+        mine = {k: getattr(store_layout, k) for k in keys}
+        if {k: trained.get(k) for k in keys} != mine:
+            raise UserError(f"the router was trained on a store quantized as "
+                            f"{_layout_text(trained)}, this store is {_layout_text(mine)}",
+                            path=where, field="layout",
+                            fix="train a router for this store: d2moe router train --store ...")
     gate = BitGate(layers, hidden, len(bits), width=width, slots=slots)
     state = st_load(data)
     want = {k: tuple(v.shape) for k, v in gate.state_dict().items()}
@@ -162,3 +174,8 @@ def _parse_record(meta: dict[str, Any], where: str
                         path=where, field="capacities", fix=_FIX)
     return (bits, caps, ints["layers"], ints["hidden"], ints["window"], ints["gate_width"],
             ints["slots"])
+
+
+def _layout_text(layout: dict[str, Any]) -> str:
+    return (f"{layout.get('kind')} {layout.get('b1')}..{layout.get('bK')} bits, groups of "
+            f"{layout.get('group')}")

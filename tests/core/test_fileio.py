@@ -9,7 +9,14 @@ import stat
 import pytest
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, check_keys, ensure_dir, path_error, read_yaml
+from d2moe.core.fileio import (
+    atomic_write,
+    check_keys,
+    check_writable,
+    ensure_dir,
+    path_error,
+    read_yaml,
+)
 
 
 def test_atomic_write_replaces_and_keeps_the_usual_mode(tmp_path):
@@ -92,3 +99,14 @@ def test_a_binary_yaml_file_is_not_text(tmp_path):
     with pytest.raises(UserError, match=r"bin.yaml: not a text file \(UTF-8\)") as err:
         read_yaml(p)
     assert err.value.fix
+
+
+def test_check_writable_fails_before_the_work_and_leaves_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"file: field 'out': cannot create the "
+                                        r"directory: part of the path is a file"):
+        check_writable(tmp_path / "file" / "out.yaml", field="out")
+    with pytest.raises(UserError, match=r"field 'out': cannot write it: it is a directory"):
+        check_writable(tmp_path, field="out")
+    check_writable(tmp_path / "new" / "out.yaml")  # makes the directory, leaves no file
+    assert list((tmp_path / "new").iterdir()) == []

@@ -57,6 +57,15 @@ def test_truncated_or_garbled_file_is_a_user_error(tmp_path, damage):
         load_stats(path)
 
 
+def test_a_nan_written_into_the_file_is_a_checksum_mismatch(tmp_path):
+    path = save_stats(tmp_path / "s.json", _stats())
+    record = json.loads(path.read_text())
+    record["importance"][0][0] = float("nan")
+    path.write_text(json.dumps(record))  # json writes NaN, which save_stats never does
+    with pytest.raises(UserError, match=r"s\.json.*field 'sha256'.*checksum mismatch"):
+        load_stats(path)
+
+
 def test_shape_mismatch_with_the_model_spec(tmp_path):
     path = save_stats(tmp_path / "s.json", _stats(layers=4, experts=6))
     with pytest.raises(UserError, match=r"s\.json: field 'experts'.*experts=6.*has 8"):

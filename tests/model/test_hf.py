@@ -238,3 +238,14 @@ def test_quantize_an_empty_directory_says_no_config_json(tmp_path, capsys) -> No
     err = _cli_error(capsys, ["quantize", "--model", str(tmp_path), "--out",
                               str(tmp_path / "q")], str(tmp_path))
     assert "no config.json in this directory" in err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, -1.0])
+def test_a_rope_theta_or_norm_eps_that_is_no_positive_number_is_refused(tmp_path, value):
+    d = _tiny_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    for key in ("rope_theta", "rms_norm_eps"):
+        bad = {**cfg, key: value}
+        (d / "config.json").write_text(json.dumps(bad))  # json writes NaN / Infinity
+        with pytest.raises(UserError, match=f"field '{key}': must be a finite number > 0"):
+            load_hf(d)

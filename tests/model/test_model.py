@@ -172,3 +172,7 @@ def test_tokenizer_round_trip() -> None:
     assert decode(ids) == text
     assert encode(b"\x00\xff") == [0, 255]
     assert decode([0xff]) == "\ufffd"  # invalid UTF-8 is replaced, not raised
+    # bytes that are not UTF-8 reach argv as surrogates (os.fsdecode): the same bytes back
+    import os
+
+    assert encode(os.fsdecode(b"\xff\xfe\x80a")) == [0xff, 0xfe, 0x80, ord("a")]

@@ -392,3 +392,45 @@ def test_an_unwritable_target_is_a_user_error(tmp_path, monkeypatch):
                                         r"permission denied"):
         StoreWriter(tmp_path / "store", SPEC, layout)
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_directory_of_the_users_is_never_swapped_for_a_store(tmp_path):
+    layout = QuantLayout()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "layer_000.bin").write_bytes(b"my own file")
+    with pytest.raises(UserError, match=r"mine: is a directory with files in it but no "
+                                        r"nested store"):
+        StoreWriter(mine, SPEC, layout)
+    assert (mine / "layer_000.bin").read_bytes() == b"my own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temp left behind
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with StoreWriter(empty, SPEC, layout) as writer:  # an empty directory is fine
+        writer.write_layer(0, _one_layer(layout))
+        writer.close()
+    assert (empty / "index.json").is_file()
+
+
+def test_the_old_store_keeps_its_other_files_until_the_swap(store, monkeypatch):
+    """Files beside the store are copied into the new one before the old one moves: a
+    failure at the swap leaves the old store whole, its other files included."""
+    import os
+
+    path, layout, _ = store
+    (path / "expert_stats.json").write_text("{}")
+    before = _hashes(path)
+    real_rename = os.rename
+
+    def fail_second(src, dst):
+        if str(src).endswith(".tmp"):  # the new store moving into place
+            raise OSError(5, "Input/output error", str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", fail_second)
+    with pytest.raises(UserError, match="cannot replace the store directory"), \
+            StoreWriter(path, SPEC, layout) as writer:
+        writer.write_layer(0, _one_layer(layout))
+        writer.close()
+    assert _hashes(path) == before and (path / "expert_stats.json").read_text() == "{}"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]

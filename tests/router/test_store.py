@@ -92,3 +92,17 @@ def test_a_save_interrupted_after_the_gate_is_refused_as_a_damaged_pair(tmp_path
     with pytest.raises(UserError, match=r"gate\.safetensors: field 'sha256': checksum mismatch:"
                                         r" .* a save was interrupted between the two"):
         load_router(path)
+
+
+def test_a_router_trained_on_another_quantization_of_the_store_is_refused(tmp_path, spec):
+    from d2moe.core.sizes import QuantLayout
+
+    trained = QuantLayout(kind="bitplane", b1=2, bK=8, group=64)
+    path = _save(tmp_path / "r", spec, layout=trained.__dict__)
+    assert load_router(path, spec=spec, store_layout=trained).bits == (2, 3, 4)
+    with pytest.raises(UserError, match=r"router\.json: field 'layout': the router was "
+                                        r"trained on a store quantized as bitplane 2\.\.8 "
+                                        r"bits, groups of 64, this store is mwq 2\.\.8"):
+        load_router(path, spec=spec, store_layout=QuantLayout(kind="mwq", b1=2, bK=8))
+    with pytest.raises(UserError, match="groups of 32"):
+        load_router(path, spec=spec, store_layout=QuantLayout(group=32))
