@@ -166,6 +166,11 @@ def _parse_record(meta: dict[str, Any], where: str
         if value is None or value < low:
             raise UserError(f"must be a whole number >= {low}, got {meta.get(name)!r}",
                             path=where, field=name, fix=_FIX)
+    granularity = meta.get("granularity")  # informative: the gate's follows from slots
+    if granularity is not None and granularity != ("slot" if ints["slots"] else "token"):
+        raise UserError(f"{granularity!r} does not match slots={ints['slots']} (slot: one "
+                        f"width per expert slot, slots > 0; token: slots 0)", path=where,
+                        field="granularity", fix=_FIX)
     if not bits or any(b < 1 or b > 8 for b in bits) or list(bits) != sorted(set(bits)):
         raise UserError(f"{list(bits)} are not increasing widths in 1..8", path=where,
                         field="bits", fix=_FIX)

@@ -106,3 +106,12 @@ def test_a_router_trained_on_another_quantization_of_the_store_is_refused(tmp_pa
         load_router(path, spec=spec, store_layout=QuantLayout(kind="mwq", b1=2, bK=8))
     with pytest.raises(UserError, match="groups of 32"):
         load_router(path, spec=spec, store_layout=QuantLayout(group=32))
+
+
+def test_a_granularity_that_disagrees_with_the_gate_is_refused(tmp_path, spec):
+    path = _save(tmp_path / "r", spec, granularity="token")
+    assert load_router(path, spec=spec).bits == (2, 3, 4)
+    for bogus in ("bogus", "slot"):  # this gate has no slots: a per-token gate
+        _edit(path, resign=True, granularity=bogus)
+        with pytest.raises(UserError, match=r"router\.json: field 'granularity'"):
+            load_router(path, spec=spec)
