@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from d2moe.core.errors import UserError
 
@@ -34,8 +35,16 @@ OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error rule: a bad option or value is one line naming it
+    and where the fix is (exit 2), not the whole usage block. Sub-verbs inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (fix: see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="d2moe",
         description="Serve and study MoE models on memory-starved devices: nested-bit-width "
                     "experts, HEBF scheduling, a simulator and a real executor that run the "

@@ -179,3 +179,13 @@ def test_profile_checks_its_out_path_before_measuring(capsys, tmp_path, monkeypa
     (tmp_path / "file").write_text("x")
     line = _one_line_error(capsys, "profile", "--out", str(tmp_path / "file" / "p.yaml"))
     assert "field 'out'" in line and str(tmp_path / "file") in line
+
+
+@pytest.mark.parametrize("argv", [("simulate", "--group", "abc"), ("simulate", "--budget"),
+                                  ("serve", "--max-batch", "nan")])
+def test_a_bad_option_value_is_one_line_not_the_usage_block(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
+    assert err.startswith(f"d2moe {argv[0]}: error: argument {argv[1]}") and "--help" in err
