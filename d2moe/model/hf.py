@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,20 @@ def _index(model_dir: Path) -> dict[str, Path]:
     return where
 
 
+def _check_layer_count(raw: dict[str, Any], where: dict[str, Path], path: Path) -> None:
+    """config.json's num_hidden_layers against the layers the weights hold (tensor names
+    `model.layers.N.*`): a config that says fewer would ignore weights, one that says more
+    would build layers (seconds to hours) before a tensor is found missing."""
+    held = {int(m.group(1)) for name in where
+            if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    said = raw.get("num_hidden_layers")
+    if held and said != max(held) + 1:
+        raise UserError(f"says {said} layers, the weights hold {max(held) + 1}", path=str(path),
+                        field="num_hidden_layers",
+                        fix="config.json and the weights disagree: use the checkpoint's own "
+                            "config.json")
+
+
 def read_config(model_dir: str | Path) -> tuple[ModelSpec, ModelConfig, dict[str, Any]]:
     """(spec, config, raw dict) of a checkpoint directory's config.json."""
     model_dir = Path(model_dir)
@@ -180,11 +195,12 @@ def load_hf(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
-    spec, cfg, _ = read_config(model_dir)
+    spec, cfg, raw = read_config(model_dir)
+    where = _index(model_dir)
+    _check_layer_count(raw, where, model_dir / "config.json")  # before building them
     # Built on the CPU, not the meta device: meta's first use imports torch's decompositions
     # (seconds). The expert tensors are torch.empty, so building costs little beyond them.
     model = Transformer(spec, cfg, with_experts=with_experts).to(dtype)
-    where = _index(model_dir)
     handles: dict[Path, Any] = {}
     try:
         with torch.no_grad():

@@ -249,3 +249,14 @@ def test_a_rope_theta_or_norm_eps_that_is_no_positive_number_is_refused(tmp_path
         (d / "config.json").write_text(json.dumps(bad))  # json writes NaN / Infinity
         with pytest.raises(UserError, match=f"field '{key}': must be a finite number > 0"):
             load_hf(d)
+
+
+@pytest.mark.parametrize("layers", [3, 10**9])
+def test_a_layer_count_the_weights_do_not_hold_is_refused_before_building(tmp_path, layers):
+    d = _tiny_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    held = cfg["num_hidden_layers"]
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
+    with pytest.raises(UserError, match=f"field 'num_hidden_layers': says {layers} layers, "
+                                        f"the weights hold {held}"):
+        load_hf(d)  # 10**9 layers would take hours to build before a tensor went missing
