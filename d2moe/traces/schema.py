@@ -367,6 +367,9 @@ def load_trace(path: str | Path) -> Trace:
     """Read and validate a trace written by `save_trace`."""
     path = Path(path)
     where = str(path)
+    if path.is_dir():
+        raise UserError("is a directory, not a trace file", path=where,
+                        fix="pass a trace .npz (d2moe trace synth or trace record --out)")
     if not path.is_file():
         raise UserError("no such file", path=where, fix="check the path")
     with open(path, "rb") as f:

@@ -153,6 +153,8 @@ def test_not_a_trace(tmp_path: Path) -> None:
         load_trace(junk)
     with pytest.raises(UserError, match="no such file"):
         load_trace(tmp_path / "missing.npz")
+    with pytest.raises(UserError, match="is a directory, not a trace file"):
+        load_trace(tmp_path)
 
 
 def test_demands_of_a_long_decode_trace() -> None:
