@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,6 +91,17 @@ def path_error(exc: OSError, path: str | Path, what: str, *,
                          fix="pick a path you may write to")
     return UserError(f"{what}: {exc.strerror or exc}", path=str(path), field=field,
                      fix="pick a writable path")
+
+
+def json_sha256(payload: Mapping[str, Any], *, without: str = "", allow_nan: bool = True,
+                default: Callable[[Any], Any] | None = None) -> str:
+    """SHA-256 (hex) of `payload` minus its key `without`, as canonical JSON (sorted keys, no
+    spaces): the digest every self-checking file here carries (store index, router record,
+    expert statistics, sweep rows), so an edited or damaged field shows on read."""
+    body = {k: v for k, v in payload.items() if k != without}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=allow_nan,
+                      default=default)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _umask() -> int:

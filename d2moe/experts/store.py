@@ -10,14 +10,13 @@ the file in every error (the pattern of `router/store.py`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write
+from d2moe.core.fileio import atomic_write, json_sha256
 from d2moe.policies.stats import ExpertStats
 
 STATS_FORMAT = "d2moe.expert-stats"
@@ -34,8 +33,7 @@ def _payload(stats: ExpertStats) -> dict[str, Any]:
 
 
 def _digest(payload: dict[str, Any]) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_sha256(payload, allow_nan=False)  # NaN is never written: ValueError
 
 
 def resolve(ref: str | Path, store: str | Path | None = None) -> Path:

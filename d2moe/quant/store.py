@@ -15,7 +15,6 @@ interrupted (re-)quantize leaves the old store as it was (docs/formats-store.md,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import secrets
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, ensure_dir, path_error
+from d2moe.core.fileio import atomic_write, ensure_dir, json_sha256, path_error
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec, spec_from_dict
 from d2moe.quant.nested import (
@@ -115,9 +114,7 @@ def tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
 def index_digest(index: Mapping[str, Any]) -> str:
     """SHA-256 of an index's fields other than `sha256`, as canonical JSON (sorted keys, no
     spaces: the pattern of d2moe/experts/store.py), so any edited or damaged field shows."""
-    payload = {k: v for k, v in index.items() if k != "sha256"}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_sha256(index, without="sha256")
 
 
 def _is_store_file(name: str) -> bool:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write
+from d2moe.core.fileio import atomic_write, json_sha256
 
 ROUTER_FORMAT = "d2moe.bit-router"
 ROUTER_VERSION = 1
@@ -35,9 +35,7 @@ _FIX = "re-run d2moe router train"
 def record_digest(record: dict[str, Any]) -> str:
     """SHA-256 of a record's fields other than `record_sha256`, as canonical JSON (sorted
     keys, no spaces) of the record as read back from router.json."""
-    payload = {k: v for k, v in record.items() if k != "record_sha256"}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return json_sha256(record, without="record_sha256")
 
 
 def save_router(path: str | Path, gate: Any, meta: dict[str, Any]) -> Path:

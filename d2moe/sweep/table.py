@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, ensure_dir
+from d2moe.core.fileio import atomic_write, ensure_dir, json_sha256
 
 TABLE_NAME = "table.jsonl"
 CSV_NAME = "table.csv"
@@ -38,9 +37,7 @@ _FIX_EDITED = "delete the line (the sweep then reruns its cell)"
 def row_digest(row: dict[str, Any]) -> str:
     """The first 16 hex digits of the SHA-256 of the row's canonical JSON (sorted keys, no
     spaces, without `row_sha256`): what a reader recomputes to notice an edited row."""
-    canon = json.dumps({k: v for k, v in row.items() if k != DIGEST}, sort_keys=True,
-                       separators=(",", ":"), default=_plain, allow_nan=True)
-    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+    return json_sha256(row, without=DIGEST, default=_plain)[:16]
 
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
