@@ -3,7 +3,8 @@
 # call (times from an H100 of 2026-11-23: the Triton compiles are most of the kernel phase).
 # Usage, on the GPU machine, repo root, d2moe's dependencies importable (PYTHONPATH=.):
 #   OUT=dir bash benchmarks/gpu_session.sh kernels   # GPU tests, launch sweep, 1/4/16-token
-#                                                    # tables, planes in place vs stacked
+#                                                    # tables, planes in place vs stacked,
+#                                                    # gate and up in one launch
 #   OUT=dir bash benchmarks/gpu_session.sh fidelity  # CUDA profile, validate, Mixtral-shaped fidelity
 # Each step has its own time limit, so one that runs long costs only itself; logs and JSON land
 # in $OUT (docs/reproduce.md says which result file each feeds).
@@ -44,6 +45,9 @@ kernels)
   timeout 120 $PY benchmarks/kernels.py --kinds bitplane --bits 2,4,8 --tokens 4,16 \
     --jobs "$JOBS" --json "$OUT/k4-16.json" 2>&1 | grep -v "resource_tracker\|warnings.warn" \
     | tail -26
+  step "gate and up in one launch against four (decides FUSED_GATE_UP; untimed, so last)"
+  timeout 150 $PY benchmarks/gate_up.py --bits 2,4,8 --tokens 1,4 2>&1 | tail -30 \
+    | tee "$OUT/gate_up.txt"
   ;;
 fidelity)
   step "CUDA profile (~80 s)"

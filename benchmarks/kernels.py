@@ -131,7 +131,7 @@ def copy_bandwidth_GBps(device: str) -> float:
 
 def check_cuda(device: str) -> float:
     """Worst relative error of the fused kernel against the float64 reference on real data."""
-    from d2moe.kernels.triton_nested import nested_matmul
+    from d2moe.kernels.triton_launch import nested_matmul
 
     worst = 0.0
     rng = np.random.default_rng()
@@ -162,7 +162,7 @@ def _configs(tokens: int, rows: int, cols: int, device: str, which: str = "all")
     """Candidate (KernelConfig, path) pairs for one case; split-K from the automatic choice up.
     which="pipeline": the default launch, its split and pipeliner variants, and the 3-D
     tiles (flat=False) it replaced."""
-    from d2moe.kernels.triton_nested import (
+    from d2moe.kernels.triton_launch import (
         GEMV_CONFIG,
         GEMV_FEW_CONFIG,
         GEMV_MAX_TOKENS,
@@ -200,7 +200,7 @@ def _configs(tokens: int, rows: int, cols: int, device: str, which: str = "all")
 
 def _is_default(cfg, tokens: int, rows: int, cols: int, device: str) -> bool:
     """Whether `cfg` launches as nested_matmul's own choice for this case does."""
-    from d2moe.kernels import triton_nested as tn
+    from d2moe.kernels import triton_launch as tn
 
     base = (tn.GEMV_CONFIG if tokens == 1 else tn.GEMV_FEW_CONFIG
             if tokens <= tn.GEMV_MAX_TOKENS else tn.DOT_CONFIG)
@@ -222,7 +222,7 @@ def _case_inputs(kind: str, rows: int, cols: int, tokens: int, layout: QuantLayo
 
 def _compile_worker(jobs: list) -> int:
     """Run each (kind, rows, cols, tokens, bits, cfg, path) once: fills Triton's disk cache."""
-    from d2moe.kernels.triton_nested import nested_matmul
+    from d2moe.kernels.triton_launch import nested_matmul
 
     layout = QuantLayout(kind="bitplane", b1=2, bK=8, group=64)
     done = 0
@@ -269,7 +269,7 @@ def tune(device: str, kinds: list[str], tokens_list: list[int], layout: QuantLay
     """Graph-time every candidate config per shape, bit-width and token count; print the best
     three (every one with which="pipeline"), each against the default launch's time. Each
     config's output must match the default's (relative error < 1e-2) or the run stops."""
-    from d2moe.kernels.triton_nested import nested_matmul
+    from d2moe.kernels.triton_launch import nested_matmul
 
     for kind in kinds:
         for (model, tensor), (rows, cols) in SHAPES.items():
@@ -317,7 +317,7 @@ def bench_cuda(device: str, kinds: list[str], bits_list: list[int], tokens_list:
     """The table: fused vs dequantize-then-matmul vs fp16, same run."""
     from triton.testing import do_bench
 
-    from d2moe.kernels.triton_nested import nested_matmul
+    from d2moe.kernels.triton_launch import nested_matmul
 
     rows_out = []
     for (model, tensor), (rows, cols) in SHAPES.items():

@@ -5,7 +5,8 @@ main loop per weight (integer, float, load, shared-memory, barrier). Costs no de
 Triton's bundled ptxas and cuobjdump do the work. Usage:
     python benchmarks/kernels_sass.py --bits 2,4,8 --configs 512x1x4,512x1x4x0
 A config is BLOCK_N x BLOCK_W x num_warps [x pipeline stages: 0 = the prefetch by hand;
-default the shipped GEMV_CONFIG's].
+default the shipped GEMV_CONFIG's]. `--gate-up` compiles the gate-and-up kernel instead (two
+matrices per program: its per-weight counts are over both).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from d2moe.kernels.triton_nested import GEMV_CONFIG, _nested_gemv_kernel  # noqa: E402
+from d2moe.kernels.triton_launch import GEMV_CONFIG  # noqa: E402
+from d2moe.kernels.triton_nested import _gate_up_gemv_kernel, _nested_gemv_kernel  # noqa: E402
 
 CLASSES = (  # SASS opcode prefix -> the pipe that runs it on sm_80/sm_90
     ("FFMA", "fma"), ("FADD", "fma"), ("FMUL", "fma"), ("HADD2", "fma"), ("HFMA2", "fma"),
@@ -39,18 +41,20 @@ ALU_PER_CLK, FMA_PER_CLK, ISSUE_PER_CLK = 64, 128, 128
 def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 1,
                  arch: int = 90, pipeline: int = GEMV_CONFIG.pipeline,
                  shape: tuple[int, int] = (14336, 4096), tokens: int = 1, flat: bool = True,
-                 sms: int = 132) -> tuple[triton.compiler.CompiledKernel, str]:
+                 sms: int = 132,
+                 gate_up: bool = False) -> tuple[triton.compiler.CompiledKernel, str]:
     """Compile one variant for sm_<arch> exactly as the JIT specializes `nested_matmul`'s
     launch on `shape` (its `gemv_launch` arguments through Triton's own binder: ints equal
     to 1 become constants, pointers and ints divisible by 16 carry that hint, without which
     no load is vectorized; the split aims at `sms` SMs, an H100's 132); return the kernel
-    and its SASS text. Word-major planes stacked in one tensor, as the benchmarks time."""
+    and its SASS text. Word-major planes stacked in one tensor, as the benchmarks time.
+    `gate_up`: the gate-and-up kernel on two such matrices (`gate_up_launch`)."""
     import torch
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     from d2moe.kernels.packed import PackedExpertMatrix
-    from d2moe.kernels.triton_nested import KernelConfig, gemv_launch
+    from d2moe.kernels.triton_launch import KernelConfig, gate_up_launch, gemv_launch
 
     rows, cols = shape
     words, groups, b1 = -(-cols // 32), -(-cols // 64), 2
@@ -64,11 +68,15 @@ def compile_sass(bits: int, block_n: int, block_w: int, warps: int, kind: int = 
     out = torch.zeros(tokens, rows, dtype=torch.float16)
     cfg = KernelConfig(block_n=block_n, block_w=block_w, block_m=tokens, num_warps=warps,
                        pipeline=pipeline, flat=flat)
-    _, args, kwargs = gemv_launch(x, packed, bits, out, cfg, sms=sms, asm=True)
+    if gate_up:
+        fn = _gate_up_gemv_kernel
+        _, args, kwargs = gate_up_launch(x, packed, packed, bits, out, cfg, sms=sms, asm=True)
+    else:
+        fn = _nested_gemv_kernel
+        _, args, kwargs = gemv_launch(x, packed, bits, out, cfg, sms=sms, asm=True)
     kwargs["num_stages"] = 1
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    fn = _nested_gemv_kernel
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(  # noqa: SLF001 (the JIT's own)
@@ -133,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens = BLOCK_M (the GEMV path: 1, 2 or 4)")
     ap.add_argument("--no-flat", dest="flat", action="store_false",
                     help="one-word tiles in the earlier 3-D form (KernelConfig.flat=False)")
+    ap.add_argument("--gate-up", action="store_true",
+                    help="the gate-and-up kernel (w1 and w3 in one launch)")
     ap.add_argument("--dump", help="write the SASS of the last variant here")
     args = ap.parse_args(argv)
     print("| bits | BLOCK_N x BLOCK_W x warps [x stages] | regs | stack B | smem B "
@@ -143,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             bn, bw, nw, *stages = (int(v) for v in cfg.split("x"))
             k, sass = compile_sass(bits, bn, bw, nw, args.kind,
                                    pipeline=stages[0] if stages else GEMV_CONFIG.pipeline,
-                                   tokens=args.tokens, flat=args.flat)
+                                   tokens=args.tokens, flat=args.flat, gate_up=args.gate_up)
             mix = loop_mix(sass)
-            weights = bn * bw * 32 / (32 * nw)  # weights per thread per loop iteration
+            # weights per thread per loop iteration (two matrices' for the gate-up kernel)
+            weights = bn * bw * 32 / (32 * nw) * (2 if args.gate_up else 1)
             per = {c: mix[c] / weights for c in ("total", "alu", "fma", "ldg", "bar")}
             bound = 1 / max(per["alu"] / ALU_PER_CLK, per["fma"] / FMA_PER_CLK,
                             per["total"] / ISSUE_PER_CLK)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from d2moe.core.sizes import QuantLayout  # noqa: E402
 from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
-from d2moe.kernels.triton_nested import nested_matmul  # noqa: E402
+from d2moe.kernels.triton_launch import nested_matmul  # noqa: E402
 from d2moe.profiles.probe_store import random_matrix  # noqa: E402
 
 SHAPES = {"mixtral-8x7b w1": (14336, 4096), "mixtral-8x7b w2": (4096, 14336),

@@ -16,54 +16,16 @@ memory. Two paths:
     a self-cleaning fp32 accumulator (one launch).
   * dot (> 4 tokens): the dequantized [BLOCK_W*32, BLOCK_N] tile goes to tl.dot.
 GROUP must be a power of two >= 32 (a word never straddles two groups).
-Style follows the Triton matmul tutorial: grouped, commented kernel arguments; a wrapper
-that checks, allocates and launches.
+A third kernel runs an expert's gate and up projections in one launch (GEMV path) and
+writes silu(gate) * up. Style follows the Triton matmul tutorial: grouped, commented kernel
+arguments; the wrappers that check, allocate and launch are in `triton_launch.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import torch
 import triton
 import triton.language as tl
 
-from d2moe.core.errors import UserError
-
-if TYPE_CHECKING:
-    from d2moe.kernels.packed import PackedExpertMatrix
-
-KIND_CODES = {"mwq": 0, "bitplane": 1}
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Launch parameters of one path (block_w counts int32 words: 32 columns each)."""
-
-    block_n: int = 128
-    block_w: int = 8
-    block_m: int = 1  # tokens per program (GEMV path: 1..16; dot path: >= 16)
-    split_k: int = 0  # GEMV path: programs along K; 0 = auto_split (about 16 per SM)
-    num_warps: int = 4
-    num_stages: int = 2
-    pipeline: int = 0  # GEMV path: 0 = prefetch one tile by hand; >= 2 = tl.range stages
-    flat: bool = True  # GEMV path, one-word tiles: 2-D tensors (False: the earlier 3-D form)
-
-
-# GEMV defaults: from SASS counts per weight (benchmarks/kernels_sass.py) and H100 sweeps
-# (docs/results/kernels.md): 512 rows x 1 word x 4 warps was among the three fastest in five
-# of the six Mixtral (shape, 2/4/8-bit) cases; Triton's pipeliner at 2 stages with the
-# split of auto_split beat the one-tile prefetch by hand, 1.39x geomean at 1 token and
-# 1.28x at 4 over 12 cases each (0.95x at worst: Mixtral w2 at 4 bits). Those timings came
-# before `_decode_w1`, which removed layout conversions from both variants' loops (compiler
-# output; the choice between them is to be re-timed with `--tune-set pipeline`).
-GEMV_CONFIG = KernelConfig(block_n=512, block_w=1, block_m=1, num_warps=4, pipeline=2)
-GEMV_FEW_CONFIG = KernelConfig(block_n=256, block_w=1, block_m=4, num_warps=4, pipeline=2)
-DOT_CONFIG = KernelConfig(block_n=64, block_w=4, block_m=16, split_k=1, num_warps=4,
-                          num_stages=3)
-GEMV_MAX_TOKENS = 4  # up to this many tokens: decode once per tile, one FMA per token
-PATHS = ("auto", "gemv", "dot")
 LANES = tl.constexpr(0x01010101)  # bit 0 of each byte: columns t, t+8, t+16, t+24 of a word
 # Codes become floats without int-to-float conversion (a quarter of the integer rate): the
 # code byte is moved into the mantissa of a constant. NB <= 7: the byte becomes bits 16..23
@@ -331,6 +293,24 @@ def _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w
 
 
 @triton.jit
+def _tile_product(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w, magic,
+                  planes_ptr, scale_ptr, zero_ptr, pscale_ptr, N, plane_offs, pscale_offs,
+                  KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
+                  NB: tl.constexpr, WPG: tl.constexpr, EVEN: tl.constexpr,
+                  EVEN_M: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, FLAT: tl.constexpr):
+    """acc + the products of the tile at words `offs_w`: its loads, then `_decode_tile`."""
+    p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
+        planes_ptr, scale_ptr, zero_ptr, offs_w, offs_n, n_ok, w_hi, N, plane_offs, NB, WPG,
+        EVEN)
+    return _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok, offs_w,
+                        p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
+                        planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
+                        KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
+                        BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
+
+
+@triton.jit
 def _nested_gemv_kernel(
     # Activations x [M, K] and output y [M, N]
     x_ptr, y_ptr, M, stride_xm, stride_ym,
@@ -395,14 +375,11 @@ def _nested_gemv_kernel(
             s, z = s_next, z_next
     else:  # Triton's software pipeliner keeps PIPELINE - 1 tiles of loads in flight
         for w0 in tl.range(w_lo, w_hi, BLOCK_W, num_stages=PIPELINE):
-            p0, p1, p2, p3, p4, p5, p6, p7, s, z = _load_tile(
-                planes_ptr, scale_ptr, zero_ptr, w0 + arange_w, offs_n, n_ok, w_hi, N,
-                plane_offs, NB, WPG, EVEN)
-            acc = _decode_tile(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
-                               w0 + arange_w, p0, p1, p2, p3, p4, p5, p6, p7, s, z, magic,
-                               planes_ptr, pscale_ptr, N, plane_offs, pscale_offs,
-                               KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
-                               BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
+            acc = _tile_product(acc, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
+                                w0 + arange_w, magic, planes_ptr, scale_ptr, zero_ptr,
+                                pscale_ptr, N, plane_offs, pscale_offs,
+                                KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
+                                BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -474,155 +451,76 @@ def _nested_dot_kernel(
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def bits_code(packed: PackedExpertMatrix, bits: int) -> int:
-    """Bits of the integer code the kernels decode: all of them for bitplane, b1 for mwq."""
-    return bits if packed.kind == "bitplane" else packed.b1
+@triton.jit
+def _silu_mul(gate, up):
+    """silu(gate) * up in float32 (Mixtral's SwiGLU: silu(g) = g sigmoid(g))."""
+    return gate * tl.sigmoid(gate) * up
 
 
-def _check(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> None:
-    """Shape, device and layout checks shared by both paths (UserError on bad input)."""
-    packed.check_bits(bits)
-    if x.dim() != 2 or x.shape[1] != packed.cols:
-        raise UserError(f"x has shape {tuple(x.shape)}, expected [tokens, {packed.cols}]",
-                        field="x", fix="pass a 2-D activation matching the matrix's columns")
-    if x.device != packed.device:
-        raise UserError(f"x on {x.device}, weights on {packed.device}", field="x",
-                        fix="move both to one device")
-    g = packed.group
-    if g < 32 or g & (g - 1):
-        raise UserError(f"the Triton kernels need a power-of-two group >= 32, got {g}",
-                        field="group", fix="use --group 32, 64 or 128, or the torch backend")
+@triton.jit
+def _gate_up_gemv_kernel(
+    # Activations x [M, K] and output h [M, N] = silu(x W1^T) * (x W3^T)
+    x_ptr, h_ptr, M, stride_xm, stride_hm,
+    # Split-K workspace: fp32 gate sums [M, N], then up sums [M, N], and one arrival counter
+    # per output tile, all zero between calls (the last program to arrive cleans them)
+    ws_ptr, count_ptr,
+    # w1 (gate) and w3 (up), word-major, each as _nested_gemv_kernel's matrix: one shape and
+    # format, their own plane offsets (the pool lays each level's parts one after another)
+    g_planes_ptr, g_scale_ptr, g_zero_ptr, g_pscale_ptr, g_plane_offs, g_pscale_offs,
+    u_planes_ptr, u_scale_ptr, u_zero_ptr, u_pscale_ptr, u_plane_offs, u_pscale_offs,
+    # Sizes, format and tiling: as _nested_gemv_kernel's (PIPELINE >= 1: tl.range stages)
+    N, K, KW, words_per_split,
+    KIND: tl.constexpr, BITS: tl.constexpr, B1: tl.constexpr, BK: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN: tl.constexpr, EVEN_M: tl.constexpr,
+    PIPELINE: tl.constexpr, FLAT: tl.constexpr, ASM: tl.constexpr, magic_bits,
+):
+    """One program: the same rows and K slice of w1 and w3, two load streams in flight; the
+    SiLU product is taken where the two sums are whole (here, or in the tile's last program
+    to arrive), so an expert's first half is one launch and no [M, N] product is stored."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    NB: tl.constexpr = BITS if KIND == 1 else B1
+    WPG: tl.constexpr = GROUP // 32
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n[None, :] < N
+    w_lo = pid_k * words_per_split
+    w_hi = tl.minimum(w_lo + words_per_split, KW)
+    arange_w = tl.arange(0, BLOCK_W)
 
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs are enough
-
-
-def _cdiv(a: int, b: int) -> int:
-    """Ceiling division in plain Python: `triton.cdiv` is a constexpr function whose call
-    from Python costs microseconds (nine of them were half of this wrapper's host time)."""
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    """The smallest power of two >= n (n >= 1), in plain Python (see `_cdiv`)."""
-    return 1 << (n - 1).bit_length()
-
-
-def auto_split(programs: int, words: int, cfg: KernelConfig, device: torch.device,
-               sms: int | None = None) -> int:
-    """K slices so that about 16 programs per SM run, each keeping >= 2 tiles of work.
-
-    Measured on an H100 (docs/results/kernels.md, `--tune-set pipeline`): against four
-    programs per SM with >= 4 tiles each, 1.29x geomean over Mixtral and LLaMA-MoE shapes at
-    1 token (1.39x with the pipelined loop): the GEMV is latency-bound, not issue-bound."""
-    if cfg.split_k:
-        return cfg.split_k
-    want = _cdiv(16 * (sms or _sm_count(device)), programs)
-    return max(1, min(want, words // (2 * cfg.block_w)))
-
-
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, ...]:
-    """Split-K scratch for this device and stream, grown on demand: zeroed once, and the
-    kernel leaves it zeroed, so calls on one stream reuse it (graph replays too)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, counts = _WORKSPACES.get(key, (None, None))
-    if ws is None or ws.numel() < floats or counts.numel() < tiles:
-        ws = torch.zeros(max(floats, 1 << 16), device=device, dtype=torch.float32)
-        counts = torch.zeros(max(tiles, 1 << 12), device=device, dtype=torch.int32)
-        _WORKSPACES[key] = ws, counts
-    return ws, counts
-
-
-def _plane_args(planes: torch.Tensor | tuple[torch.Tensor, ...], count: int,
-                itemsize: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """(the first plane, element offsets of planes 0..count-1 from it): of a stacked tensor
-    its stride; of separate tensors, their addresses (one allocation: the pool's arena)."""
-    if isinstance(planes, torch.Tensor):
-        return planes, tuple(j * planes.stride(0) for j in range(count))
-    base = planes[0].data_ptr()
-    return planes[0], tuple((planes[j].data_ptr() - base) // itemsize for j in range(count))
-
-
-def _pscale_args(packed: PackedExpertMatrix, bits: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """MWQ's plane scales as `_plane_args` gives planes (the scale tensor, never read, else)."""
-    if packed.kind == "mwq" and bits > packed.b1:
-        return _plane_args(packed.plane_scale, bits - packed.b1, 2)
-    return packed.scale, (0,)
-
-
-def gemv_launch(x: torch.Tensor, packed: PackedExpertMatrix, bits: int, out: torch.Tensor,
-                cfg: KernelConfig, *, sms: int | None = None,
-                asm: bool | None = None) -> tuple[tuple[int, int, int], tuple, dict]:
-    """The GEMV kernel's (grid, positional args, keyword args) for out = x @ W^T:
-    `nested_matmul` launches them, `benchmarks/kernels_sass.py` compiles them for a GPU
-    without one. `sms`: the SM count the split aims at (default: x's device's); `asm`: PTX
-    inline assembly (default: on CUDA)."""
-    m_tokens, (n, k), kw = x.shape[0], (packed.rows, packed.cols), packed.words
-    planes_arg, plane_offs = _plane_args(packed.planes, bits, 4)
-    pscale_arg, pscale_offs = _pscale_args(packed, bits)
-    block_m = min(_pow2(m_tokens), max(cfg.block_m, 1), GEMV_MAX_TOKENS)
-    grid_nm = _cdiv(n, cfg.block_n) * _cdiv(m_tokens, block_m)
-    split = auto_split(grid_nm, kw, cfg, x.device, sms)
-    words_per_split = _cdiv(_cdiv(kw, split), cfg.block_w) * cfg.block_w
-    split = _cdiv(kw, words_per_split)
-    grid = (_cdiv(n, cfg.block_n), split, _cdiv(m_tokens, block_m))
-    ws, counts = _workspace(x.device, m_tokens * n, grid[0] * grid[2])
-    even = (n % cfg.block_n == 0 and k % 32 == 0 and kw % words_per_split == 0
-            and words_per_split % cfg.block_w == 0)
-    args = (x, out, m_tokens, x.stride(0), out.stride(0), ws, counts,
-            planes_arg, packed.scale, packed.zero, pscale_arg, plane_offs, pscale_offs,
-            n, k, kw, words_per_split)
-    kwargs = dict(KIND=KIND_CODES[packed.kind], BITS=bits, B1=packed.b1, BK=packed.bK,
-                  GROUP=packed.group, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                  BLOCK_W=cfg.block_w, SPLIT_K=split, EVEN=even,
-                  EVEN_M=m_tokens % block_m == 0, PIPELINE=cfg.pipeline, FLAT=cfg.flat,
-                  ASM=x.is_cuda if asm is None else asm,
-                  magic_bits=(HALF if bits_code(packed, bits) <= 7 else MAGIC).value,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return grid, args, kwargs
-
-
-def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
-                  out: torch.Tensor | None = None, config: KernelConfig | None = None,
-                  path: str = "auto") -> torch.Tensor:
-    """y = x @ W^T with W read at `bits` bits; x [M, K] (fp16/bf16/fp32) -> y [M, N] x.dtype."""
-    if path not in PATHS:
-        raise UserError(f"unknown kernel path {path!r}", field="path",
-                        fix=f"use one of {', '.join(PATHS)}")
-    _check(x, packed, bits)
-    m_tokens = x.shape[0]
-    gemv = path == "gemv" or (path == "auto" and m_tokens <= GEMV_MAX_TOKENS)
-    cfg = config or (DOT_CONFIG if not gemv else GEMV_CONFIG if m_tokens == 1
-                     else GEMV_FEW_CONFIG)
-    x = x.contiguous()
-    n, k = packed.rows, packed.cols
-    if out is None:
-        out = torch.empty((m_tokens, n), device=x.device, dtype=x.dtype)
-    elif out.shape != (m_tokens, n) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise UserError(f"out has shape {tuple(out.shape)} {out.dtype}, expected "
-                        f"({m_tokens}, {n}) {x.dtype}", field="out", fix="pass a matching out")
-    if m_tokens == 0:
-        return out
-    if gemv:
-        grid, args, kwargs = gemv_launch(x, packed, bits, out, cfg)
-        _nested_gemv_kernel[grid](*args, **kwargs)
-        return out
-    planes_arg, plane_offs = _plane_args(packed.planes, bits, 4)
-    pscale_arg, pscale_offs = _pscale_args(packed, bits)
-    block_m = max(16, cfg.block_m)
-    grid = (_cdiv(n, cfg.block_n), _cdiv(m_tokens, block_m))
-    _nested_dot_kernel[grid](
-        x, out, m_tokens, x.stride(0), out.stride(0),
-        planes_arg, packed.scale, packed.zero, pscale_arg, plane_offs, pscale_offs,
-        n, k, packed.words,
-        KIND=KIND_CODES[packed.kind], BITS=bits, B1=packed.b1, BK=packed.bK,
-        GROUP=packed.group, BLOCK_N=cfg.block_n, BLOCK_W=cfg.block_w, BLOCK_M=block_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    magic = tl.zeros([BLOCK_W, BLOCK_N], tl.int32) + magic_bits
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for w0 in tl.range(w_lo, w_hi, BLOCK_W, num_stages=PIPELINE):
+        gate = _tile_product(gate, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
+                             w0 + arange_w, magic, g_planes_ptr, g_scale_ptr, g_zero_ptr,
+                             g_pscale_ptr, N, g_plane_offs, g_pscale_offs,
+                             KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
+                             BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
+        up = _tile_product(up, x_ptr, M, stride_xm, K, w_hi, offs_m, offs_n, n_ok,
+                           w0 + arange_w, magic, u_planes_ptr, u_scale_ptr, u_zero_ptr,
+                           u_pscale_ptr, N, u_plane_offs, u_pscale_offs,
+                           KIND, BITS, B1, BK, NB, WPG, EVEN, EVEN_M, ASM,
+                           BLOCK_M, BLOCK_W, BLOCK_N, FLAT)
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_n[None, :]
+    h_mask = (offs_m[:, None] < M) & n_ok
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, _silu_mul(gate, up).to(h_ptr.dtype.element_ty), mask=h_mask)
+    else:
+        g_ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        u_ws = g_ws + M * N
+        tl.atomic_add(g_ws, gate, mask=h_mask, sem="relaxed")
+        tl.atomic_add(u_ws, up, mask=h_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partials are added before the release below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # .cg: read the sums from L2, where the atomics landed
+            gate = tl.load(g_ws, mask=h_mask, other=0.0, cache_modifier=".cg")
+            up = tl.load(u_ws, mask=h_mask, other=0.0, cache_modifier=".cg")
+            tl.store(h_ptrs, _silu_mul(gate, up).to(h_ptr.dtype.element_ty), mask=h_mask)
+            tl.store(g_ws, tl.zeros_like(gate), mask=h_mask)  # clean for the next call
+            tl.store(u_ws, tl.zeros_like(up), mask=h_mask)
+            tl.atomic_xchg(count_ptr + tile, 0)

@@ -185,7 +185,7 @@ def test_word_major_pool_hands_the_kernels_its_blocks_and_keeps_them(store):
     assert all(torch.equal(dequantize_packed(moved[t], 4), dequantize(want[t], 4))
                for t in moved)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from d2moe.kernels.triton_nested import nested_matmul
+        from d2moe.kernels.triton_launch import nested_matmul
 
         p = moved["w1"]
         stacked = PackedExpertMatrix(kind=p.kind, b1=p.b1, bK=p.bK, group=p.group,
@@ -196,3 +196,11 @@ def test_word_major_pool_hands_the_kernels_its_blocks_and_keeps_them(store):
                                                                    dtype=torch.float16)))
         x = torch.randn(1, p.cols)
         assert torch.equal(nested_matmul(x, p, 4), nested_matmul(x, stacked, 4))
+        # w1 and w3 in one launch where the pool's blocks hold them (their offsets differ)
+        from d2moe.kernels.triton_launch import gate_up, matrix_args
+
+        assert matrix_args(moved["w1"], 4)[4] != matrix_args(moved["w3"], 4)[4]
+        h = gate_up(x, moved["w1"], moved["w3"], 4)
+        want = (torch.nn.functional.silu(nested_matmul(x, moved["w1"], 4))
+                * nested_matmul(x, moved["w3"], 4))
+        assert torch.allclose(h, want, rtol=1e-4, atol=1e-5)

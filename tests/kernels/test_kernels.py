@@ -57,7 +57,7 @@ def test_packed_layout_matches_reference(kind):
     (16, 64, 64, 17, 3),   # the tl.dot path
 ])
 def test_triton_matches_reference(kind, rows, cols, group, tokens, bits):
-    from d2moe.kernels.triton_nested import nested_matmul
+    from d2moe.kernels.triton_launch import nested_matmul
 
     m, p = _packed(kind, rows, cols, group)
     x = torch.randn(tokens, cols)
@@ -93,7 +93,7 @@ def _scattered(p: PackedExpertMatrix) -> PackedExpertMatrix:
 @needs_triton_device
 @pytest.mark.parametrize("kind", ["mwq", "bitplane"])
 def test_separate_planes_give_the_stacked_result(kind):
-    from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+    from d2moe.kernels.triton_launch import KernelConfig, nested_matmul
 
     m, p = _packed(kind, 37, 200, 64)
     q = _scattered(p)
@@ -117,7 +117,7 @@ def test_separate_planes_give_the_stacked_result(kind):
 
 @needs_triton_device
 def test_split_k_and_block_configs():
-    from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+    from d2moe.kernels.triton_launch import KernelConfig, nested_matmul
 
     m, p = _packed("bitplane", 24, 320, 64)
     x = torch.randn(2, 320)
@@ -138,7 +138,7 @@ def test_gemv_one_word_tiles_without_masks(kind):
     # the GEMV on tiles one word wide (kept 2-D) over whole tiles (no masks on the planes):
     # one token per program, two (no mask on M either), four for three tokens (masked M);
     # split-K 2, by hand and under the pipeliner, and in the earlier 3-D form
-    from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+    from d2moe.kernels.triton_launch import KernelConfig, nested_matmul
 
     m, p = _packed(kind, 16, 128, 64)
     # (tokens per program, tokens, bits, pipeline stages, flat); flat=False: the 3-D tiles
@@ -158,7 +158,7 @@ def test_gemv_one_word_tiles_without_masks(kind):
 def test_split_k_reduction_leaves_counters_at_zero():
     """The last program of each tile writes the sum and cleans the workspace, so the next
     call (and a graph replay) starts clean: run twice with fresh inputs, check both."""
-    from d2moe.kernels import triton_nested as tn
+    from d2moe.kernels import triton_launch as tn
 
     cfg = tn.KernelConfig(block_n=16, block_w=1, split_k=4)
     for rows in (40, 32, 32):  # ragged tiles, then whole tiles (the unmasked EVEN variant)
@@ -194,7 +194,7 @@ def test_swiglu_backends_agree():
 
 
 def test_bad_inputs_are_user_errors():
-    from d2moe.kernels.triton_nested import nested_matmul
+    from d2moe.kernels.triton_launch import nested_matmul
 
     _, p = _packed("bitplane", 8, 64, 64)
     with pytest.raises(UserError, match="shape"):
@@ -218,7 +218,7 @@ def test_cuda_fp16(kind):
             ref = x.double() @ dequantize(m, bits, device="cuda").double().t()
             assert not torch.isnan(y).any() and _rel(y, ref) < 3e-3
             if tokens <= 4:  # the GEMV path under Triton's pipeliner
-                from d2moe.kernels.triton_nested import KernelConfig, nested_matmul
+                from d2moe.kernels.triton_launch import KernelConfig, nested_matmul
                 cfg = KernelConfig(block_n=256, block_w=1, block_m=tokens, pipeline=3)
                 y = nested_matmul(x, p, bits, config=cfg, path="gemv")
                 assert not torch.isnan(y).any() and _rel(y, ref) < 3e-3
