@@ -20,7 +20,7 @@ from d2moe.sim.cmd import SimulateConfig
 LISTS = ("policies", "budgets", "profiles", "traces")
 # Shared simulate options a grid may set; defaults are SimulateConfig's.
 SHARED = ("bits", "layout", "b1", "bK", "group", "host_cache", "steps", "engine")
-INT_OPTIONS = ("bits", "b1", "bK", "group", "steps")
+INT_OPTIONS = {"bits": 1, "b1": 1, "bK": 1, "group": 1, "steps": 0}  # name -> least value
 SYNTH_PREFIX = "synth:"
 
 _DEFAULTS = SimulateConfig()
@@ -149,9 +149,9 @@ def _option(data: dict, name: str, path: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"expected an integer, got {value!r}", path=path, field=name,
                             fix="write a whole number")
-        if value < 0:
-            raise UserError(f"must be >= 0, got {value}", path=path, field=name,
-                            fix="write a non-negative number")
+        if value < INT_OPTIONS[name]:
+            raise UserError(f"must be >= {INT_OPTIONS[name]}, got {value}", path=path,
+                            field=name, fix=f"write a whole number >= {INT_OPTIONS[name]}")
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise UserError(f"expected a string, got {value!r}", path=path, field=name,

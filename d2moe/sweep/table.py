@@ -32,6 +32,7 @@ CELL_COLUMNS = ("cell_id", "status", "message", "trace", "model", "profile", "pr
                 "finished_at", "oracle_hit_rate")
 DIGEST = "row_sha256"  # in table.jsonl only: the first 16 hex digits of row_digest(row)
 _FIX_EDITED = "delete the line (the sweep then reruns its cell)"
+_FIX_FOREIGN = "give the sweep an output directory of its own (--out), or move this file away"
 
 
 def row_digest(row: dict[str, Any]) -> str:
@@ -49,7 +50,10 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     path = Path(path)
     if not path.exists():
         return [], 0
-    *complete, _torn = path.read_bytes().split(b"\n")  # after the last newline: torn or b""
+    *complete, tail = path.read_bytes().split(b"\n")  # after the last newline: torn or b""
+    if not _torn(tail):  # TableWriter would cut it off: someone else's file
+        raise UserError(f"line {len(complete) + 1} is not a row of a sweep table",
+                        path=str(path), fix=_FIX_FOREIGN)
     rows: list[dict[str, Any]] = []
     good = 0
     for i, line in enumerate(complete):
@@ -58,10 +62,10 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             row = None
         if not isinstance(row, dict):
-            if i == len(complete) - 1:  # the last line, garbled by a crash: torn as well
+            if i == len(complete) - 1 and _torn(line):  # the last line, cut by a crash
                 break
             raise UserError(f"line {i + 1} is not a JSON object", path=str(path),
-                            fix=_FIX_EDITED)
+                            fix=_FIX_EDITED if i else _FIX_FOREIGN)
         # a complete line that parses was not torn: a digest mismatch, even on the last
         # line, is an edit (pop: the rows returned hold the data only)
         if DIGEST in row and row_digest(row) != row.pop(DIGEST):
@@ -71,6 +75,13 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             rows.append(row)
         good += len(line) + 1
     return rows, good
+
+
+def _torn(tail: bytes) -> bool:
+    """Whether bytes can be a row cut short by a crash: the start of one of our lines (a
+    JSON object), nothing, or the NUL bytes some filesystems leave after a power loss."""
+    body = tail.strip(b"\0")
+    return not body or body.startswith(b"{")
 
 
 def latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -81,6 +81,7 @@ def _tiny():
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nbits: four\n", "bits"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nsteps: -2\n", "steps"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\ngroup: 0\n", "group"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\ngroup: -64\n", "group"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nb1: 9\n", "b1"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [{a: 1}]\n", "traces[0]"),
 ])
@@ -90,6 +91,7 @@ def test_a_bad_field_is_named(tmp_path, text, field):
         load_grid(path)
     assert err.value.field == field
     assert str(path) in str(err.value)
+    assert ">= 0" not in str(err.value) or field == "steps"  # 0 is no group or width
 
 
 def test_malformed_yaml_and_missing_file_are_user_errors(tmp_path):

@@ -43,6 +43,28 @@ def test_a_garbled_last_line_counts_as_torn_but_one_in_the_middle_is_an_error(tm
         read_rows(path)
 
 
+
+@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\x00\x00binary", b"cell,status\na,ok\n",
+                                  b"PK\x03\x04zip without a newline"])
+def test_a_file_that_is_not_a_table_is_refused_and_left_alone(tmp_path, data):
+    """Someone else's file is an error naming it, never 'no rows', and the writer does not
+    cut its 'torn' tail off."""
+    path = tmp_path / "table.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(UserError, match="not a (row of a sweep table|JSON object)") as exc:
+        read_rows(path)
+    assert str(path) in str(exc.value) and "--out" in str(exc.value)
+    with pytest.raises(UserError):
+        TableWriter(path)
+    assert path.read_bytes() == data
+
+
+def test_nul_bytes_after_a_power_loss_count_as_torn(tmp_path):
+    path = tmp_path / "table.jsonl"
+    whole = json.dumps({"cell_id": "a", "status": "ok"}) + "\n"
+    path.write_bytes(whole.encode() + b"\0" * 64)
+    assert [r["cell_id"] for r in read_rows(path)[0]] == ["a"]
+
 def test_finished_cells_are_ok_or_does_not_fit_by_their_latest_row():
     rows = [{"cell_id": "a", "status": "error"}, {"cell_id": "b", "status": "does-not-fit"},
             {"cell_id": "c", "status": "ok"}, {"cell_id": "a", "status": "ok"},
