@@ -91,7 +91,8 @@ def test_a_bad_field_is_named(tmp_path, text, field):
         load_grid(path)
     assert err.value.field == field
     assert str(path) in str(err.value)
-    assert ">= 0" not in str(err.value) or field == "steps"  # 0 is no group or width
+    if field == "group":  # its floor, whatever the sign of the mistake (was ">= 0" for -64)
+        assert ">= 1" in str(err.value)
 
 
 def test_malformed_yaml_and_missing_file_are_user_errors(tmp_path):
