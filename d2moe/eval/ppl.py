@@ -281,11 +281,9 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
             check_bits_for(f, bits, low, high)
         model, spec = load_model(cfg.model)
         if reader is not None:
-            for name in ("layers", "experts", "hidden", "ffn"):
-                if getattr(spec, name) != getattr(reader.spec, name):
-                    raise UserError(f"store has {name}={getattr(reader.spec, name)}, the model "
-                                    f"has {getattr(spec, name)}", path=cfg.store,
-                                    field=f"spec.{name}", fix="pass the store of this model")
+            from d2moe.executor.setup import check_match
+
+            check_match(spec, reader, cfg.store, cfg.model)
         ids = heldout_ids(cfg.model, spec, cfg.heldout_kib)
         weights = expert_weights(model)
         quant = [f for f in fmts if f != "fp"]

@@ -19,13 +19,28 @@ def cache_dir() -> Path:
 
 
 def tiny_store(layout: Any) -> Path:
-    """The tiny model's nested store, quantized once into the cache directory."""
+    """The tiny model's nested store, quantized once into the cache directory, and again
+    (with what was kept beside it: a router, expert statistics) when it is not the shipped
+    tiny checkpoint's: written before stores recorded their source, or from a tiny model
+    trained since."""
+    import shutil
+
     from d2moe.model.load import tiny_dir
     from d2moe.quant.cmd import quantize_checkpoint
+    from d2moe.quant.source import expert_sha256
+    from d2moe.quant.store import StoreReader
 
     path = cache_dir() / f"tiny-{layout.kind}-{layout.b1}-{layout.bK}-g{layout.group}"
-    if not (path / "index.json").is_file():
-        quantize_checkpoint(tiny_dir(), path, layout, progress=False)
+    if (path / "index.json").is_file():
+        try:
+            with StoreReader(path) as reader:
+                source = reader.source
+        except UserError:  # damaged: built again below
+            source = None
+        if source is not None and source["expert_sha256"] == expert_sha256(tiny_dir()):
+            return path
+        shutil.rmtree(path)  # our cache: nothing in it outlives the checkpoint it came from
+    quantize_checkpoint(tiny_dir(), path, layout, progress=False)
     return path
 
 
@@ -48,18 +63,28 @@ def open_model(model: str, store_path: Path, *, direct_io: bool) -> tuple[Any, A
 
     reader = StoreReader(store_path, direct=direct_io)
     net, spec = load_model(model, with_experts=False)
-    check_match(spec, reader, store_path)
+    check_match(spec, reader, store_path, model)
     return net, spec, reader
 
 
-def check_match(spec: Any, store: Any, path: Path) -> None:
-    """The store must hold this model's experts (layers, experts and shapes)."""
+def check_match(spec: Any, store: Any, path: str | Path, model: str) -> None:
+    """The store must hold this model's experts: layers, experts and shapes, and, where the
+    store recorded its source checkpoint, the same expert weights (`quant.source`)."""
+    from d2moe.quant.source import check_source
+
     for name in ("layers", "experts", "hidden", "ffn"):
         mine, theirs = getattr(spec, name), getattr(store.spec, name)
         if mine != theirs:
             raise UserError(f"store has {name}={theirs}, the model has {mine}",
                             path=str(path), field=f"spec.{name}",
-                            fix="quantize this model: d2moe quantize --model ... --out STORE")
+                            fix=f"quantize this model: d2moe quantize --model {model} "
+                                "--out STORE")
+    if model == "tiny":
+        from d2moe.model.load import tiny_dir
+
+        check_source(tiny_dir(), store.source, path, model)
+    else:
+        check_source(model, store.source, path, model)
 
 
 def expert_budget(spec: Any, layout: QuantLayout, budget: str, bits: int,

@@ -130,7 +130,7 @@ def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
 
         assert store is not None
         with StoreReader(store) as reader:
-            check_match(spec, reader, store)
+            check_match(spec, reader, store, cfg.model)
             nested = store_matrices(reader)
             top = reader.bits_stored
             meta.update({"store": str(store), "bits": top, "layout": reader.layout.kind})

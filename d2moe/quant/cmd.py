@@ -12,19 +12,10 @@ from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes
 from d2moe.quant.mwq import PLANE_FITS, quantize_mwq
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
+from d2moe.quant.source import expert_key, source_record
 from d2moe.quant.store import TENSORS, StoreWriter
 
 DEFAULT_FORMAT = "bitplane"  # measured on the tiny model: docs/results/mwq.md (verdict)
-
-# HF tensor names of expert weights -> our tensor names (w1 gate, w3 up, w2 down).
-_PATTERNS = (
-    re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
-    re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
-               r"\.weight$"),
-)
-_HF_TO_OURS = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3",
-               "down_proj": "w2"}
-
 
 def parse_bits_range(text: str) -> tuple[int, int]:
     """'2:8' -> (2, 8)."""
@@ -50,11 +41,9 @@ def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Pat
     for path in files:
         with reading_checkpoint(path), safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                for pat in _PATTERNS:
-                    m = pat.match(name)
-                    if m:
-                        key = (int(m.group(1)), int(m.group(2)), _HF_TO_OURS[m.group(3)])
-                        found[key] = (path, name)
+                key = expert_key(name)
+                if key is not None:
+                    found[key] = (path, name)
     if not found:
         raise UserError("no expert weights found (looked for Mixtral "
                         "block_sparse_moe.experts.E.w1/w2/w3 and OLMoE "
@@ -118,7 +107,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
             bar.update(1)
 
     # an error or Ctrl-C before close() removes the unfinished store; an old one stays
-    with StoreWriter(out, spec, layout) as writer:
+    with StoreWriter(out, spec, layout, source=source_record(model_dir)) as writer:
         bar = _progress(spec.layers * spec.experts, progress)
         for layer, hf_layer in enumerate(hf_layers):
             writer.write_layer(layer, experts_of(hf_layer))

@@ -41,6 +41,7 @@ from d2moe.quant.nested import (
     encode_level,
     level_nbytes,
 )
+from d2moe.quant.source import parse_source
 
 STORE_FORMAT = "d2moe.nested-store"
 STORE_VERSION = 1
@@ -173,11 +174,13 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, spec: ModelSpec, layout: QuantLayout,
-                 bits_stored: int | None = None) -> None:
+                 bits_stored: int | None = None,
+                 source: Mapping[str, str] | None = None) -> None:
         if layout.kind not in NESTED_KINDS or layout.scale_bytes != 2:
             raise UserError(f"a nested store needs kind mwq or bitplane with fp16 scales, got "
                             f"{layout.kind!r}", field="format", fix="use mwq or bitplane")
         self.path, self.spec, self.layout = Path(path), spec, layout
+        self.source = dict(source) if source is not None else None  # quant/source.py
         self.bits_stored = layout.bK if bits_stored is None else bits_stored
         layout.check_bits(self.bits_stored)
         self.entries: list[StoreEntry] = []
@@ -259,6 +262,8 @@ class StoreWriter:
                 "entries": [[e.layer, e.expert, e.tensor, e.bits, e.file, e.offset, e.nbytes,
                              e.crc32] for e in sorted(self.entries, key=_entry_order)],
             }
+            if self.source is not None:
+                index["source"] = self.source
             index["sha256"] = index_digest(index)
             with atomic_write(self.tmp / INDEX_NAME, "w") as f:
                 json.dump(index, f, indent=0)
@@ -342,6 +347,7 @@ class StoreReader:
             raise UserError(f"{index.get('tensors')!r} does not match the model spec's "
                             f"{want_shapes}", path=where, field="tensors", fix=DAMAGED_FIX)
         self.entries = _parse_entries(index.get("entries"), self, where)
+        self.source = parse_source(index.get("source"), where)
 
     # -- what to read -------------------------------------------------------------------
 
@@ -573,7 +579,8 @@ def _parse_entries(raw: Any, store: StoreReader, where: str
 def cut_store(src: str | Path, dst: str | Path, bits: int) -> Path:
     """Copy a store keeping only the levels up to `bits` (a nested prefix of every expert)."""
     with StoreReader(src) as reader, \
-            StoreWriter(dst, reader.spec, reader.layout, bits_stored=bits) as writer:
+            StoreWriter(dst, reader.spec, reader.layout, bits_stored=bits,
+                        source=reader.source) as writer:
         layers = sorted({e.layer for e in reader.entries.values()})
         for layer in layers:
             experts = sorted({e.expert for e in reader.entries.values() if e.layer == layer})

@@ -92,7 +92,7 @@ def open_router(model_ref: str, spec: Any, store: str, router_ref: str) -> tuple
     try:
         router = load_router(path, spec=spec, store_bits=(reader.layout.b1, reader.bits_stored),
                              store_layout=reader.layout)
-        check_store(reader, spec, router.bits, store_path)
+        check_store(reader, spec, router.bits, store_path, model_ref)
         weights = WidthWeights.from_store(reader, router.bits)
     finally:
         reader.close()

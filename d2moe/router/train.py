@@ -139,13 +139,11 @@ def open_store(model: str, store: str) -> tuple[Any, Path]:
     return StoreReader(path), path
 
 
-def check_store(reader: Any, spec: Any, bits: tuple[int, ...], path: Path) -> None:
+def check_store(reader: Any, spec: Any, bits: tuple[int, ...], path: Path, model: str) -> None:
     """UserError unless the store is this model's and serves every width in `bits`."""
-    for name in ("layers", "experts", "hidden", "ffn"):
-        if getattr(spec, name) != getattr(reader.spec, name):
-            raise UserError(f"store has {name}={getattr(reader.spec, name)}, the model has "
-                            f"{getattr(spec, name)}", path=str(path), field=f"spec.{name}",
-                            fix="pass the store of this model")
+    from d2moe.executor.setup import check_match
+
+    check_match(spec, reader, path, model)
     lo, hi = reader.layout.b1, reader.bits_stored
     bad = [b for b in bits if not lo <= b <= hi]
     if bad:
@@ -176,7 +174,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
                         fix="train on the tiny model (byte vocabulary)")
     reader, store_path = open_store(cfg.model, cfg.store)
     try:
-        check_store(reader, spec, bits, store_path)
+        check_store(reader, spec, bits, store_path, cfg.model)
         weights = WidthWeights.from_store(reader, bits)
         layout = dataclasses.asdict(reader.layout)
     finally:

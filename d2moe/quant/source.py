@@ -1,0 +1,122 @@
+"""Which checkpoint a nested store was quantized from, and the check that a model given
+beside a store is that checkpoint.
+
+A store's index records `source`: the checkpoint's path (for messages) and `expert_sha256`,
+a SHA-256 over every expert tensor's (layer, expert, tensor, dtype, shape) and a sample of
+its bytes (SAMPLE_BYTES from the middle of its data), read straight from the safetensors
+headers: about 4 KiB per tensor whatever the checkpoint's size, no torch. It is
+content-based: a copy or a re-sharded copy of a checkpoint matches; a fine-tune of the same
+architecture (same names and shapes, other values) does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+from d2moe.core.errors import UserError
+
+SAMPLE_BYTES = 4096
+# HF tensor names of expert weights -> our tensor names (w1 gate, w3 up, w2 down).
+_PATTERNS = (
+    re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
+    re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
+               r"\.weight$"),
+)
+_HF_TO_OURS = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3",
+               "down_proj": "w2"}
+_HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def expert_key(name: str) -> tuple[int, int, str] | None:
+    """(HF layer, expert, w1|w3|w2) of an expert weight's HF name (Mixtral or OLMoE
+    naming), else None."""
+    for pat in _PATTERNS:
+        m = pat.match(name)
+        if m:
+            return int(m.group(1)), int(m.group(2)), _HF_TO_OURS[m.group(3)]
+    return None
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data
+    starts; a file that is not one is a UserError naming it."""
+    bad = UserError("not a safetensors file (bad header)", path=str(path),
+                    fix="re-download or re-save the checkpoint")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise bad
+            (n,) = struct.unpack("<Q", raw)
+            if n > _HEADER_MAX_BYTES:
+                raise bad
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad from None
+    except OSError as exc:
+        raise UserError(f"cannot read it: {exc.strerror}", path=str(path),
+                        fix="check the checkpoint directory") from None
+    if not isinstance(header, dict):
+        raise bad
+    return header, 8 + n
+
+
+def expert_sha256(model_dir: str | Path) -> str:
+    """The fingerprint of a checkpoint directory's expert weights (module docstring)."""
+    model_dir = Path(model_dir)
+    items: list[tuple[tuple[int, int, str], str, Path, int, int]] = []
+    for path in sorted(model_dir.glob("*.safetensors")):
+        header, data = _header(path)
+        for name, meta in header.items():
+            key = expert_key(name)
+            if key is None:
+                continue
+            try:
+                start, end = (int(v) for v in meta["data_offsets"])
+                desc = f"{meta['dtype']} {list(meta['shape'])}"
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"tensor {name} has a malformed header entry", path=str(path),
+                                fix="re-download or re-save the checkpoint") from None
+            items.append((key, desc, path, data + start, end - start))
+    h = hashlib.sha256()
+    for key, desc, path, offset, nbytes in sorted(items):
+        n = min(SAMPLE_BYTES, max(nbytes, 0))
+        with open(path, "rb") as f:
+            f.seek(offset + (nbytes - n) // 2)
+            sample = f.read(n)
+        h.update(f"{key} {desc} {nbytes}\n".encode())
+        h.update(sample)
+    return h.hexdigest()
+
+
+def source_record(model_dir: str | Path) -> dict[str, str]:
+    """What a store records of the checkpoint it is quantized from."""
+    return {"path": str(Path(model_dir).resolve()), "expert_sha256": expert_sha256(model_dir)}
+
+
+def parse_source(raw: Any, where: str) -> dict[str, str] | None:
+    """An index's `source` (None for stores written before it was recorded), checked."""
+    if raw is None:
+        return None
+    if not (isinstance(raw, dict) and isinstance(raw.get("path"), str)
+            and isinstance(raw.get("expert_sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", raw["expert_sha256"])):
+        raise UserError("expected {path: str, expert_sha256: 64 hex digits}", path=where,
+                        field="source", fix="re-run d2moe quantize")
+    return {"path": raw["path"], "expert_sha256": raw["expert_sha256"]}
+
+
+def check_source(model_dir: str | Path, source: dict[str, str] | None, store: str | Path,
+                 model: str) -> None:
+    """UserError unless the checkpoint at `model_dir` (the model `model` names) is the one
+    the store at `store` was quantized from; a store without a `source` passes."""
+    if source is not None and expert_sha256(model_dir) != source["expert_sha256"]:
+        raise UserError(f"the store was quantized from other expert weights ({source['path']}) "
+                        f"than the model's ({model})", path=str(store), field="source",
+                        fix=f"quantize this model: d2moe quantize --model {model} --out STORE, "
+                            "or pass the store quantized from it")

@@ -1,0 +1,118 @@
+"""A store records the checkpoint it was quantized from; a model given beside a store that
+came from other expert weights is refused, and the tiny model's cached store is rebuilt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from d2moe.core.errors import UserError
+from d2moe.quant.source import expert_sha256, source_record
+from d2moe.quant.store import INDEX_NAME, StoreReader, cut_store, index_digest
+from tests.quant.test_cmd import _checkpoint
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from d2moe.core.sizes import QuantLayout  # noqa: E402
+from d2moe.executor.setup import check_match, tiny_store  # noqa: E402
+from d2moe.quant.cmd import quantize_checkpoint  # noqa: E402
+
+LAYOUT = QuantLayout(b1=2, bK=4, group=32)
+
+
+def _resave(model, weights, edit=None, shards=1):
+    """Rewrite `model`'s safetensors files from `weights`, after `edit` (name -> tensor)."""
+    weights = dict(weights)
+    if edit:
+        weights.update(edit(weights))
+    for f in model.glob("*.safetensors"):
+        f.unlink()
+    items = list(weights.items())
+    for i in range(shards):
+        part = dict(items[i::shards])
+        safetensors_torch.save_file(part, str(model / f"model-{i:05d}.safetensors"))
+
+
+def test_the_fingerprint_follows_expert_values_not_files_or_other_weights(tmp_path):
+    model, weights = _checkpoint(tmp_path, "mixtral")
+    fp = expert_sha256(model)
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    _resave(copy, weights, shards=3)  # other file names, other shards, same values
+    assert expert_sha256(copy) == fp
+    _resave(copy, weights, lambda w: {"model.embed_tokens.weight": w[
+        "model.embed_tokens.weight"] + 1})
+    assert expert_sha256(copy) == fp  # not an expert: the store does not hold it
+    name = "model.layers.1.block_sparse_moe.experts.0.w3.weight"
+    _resave(copy, weights, lambda w: {name: w[name] * 1.01})  # a fine-tune of one expert
+    assert expert_sha256(copy) != fp
+
+
+def test_a_store_from_other_weights_is_refused_with_the_source_named(tmp_path):
+    model, weights = _checkpoint(tmp_path, "olmoe")
+    store = tmp_path / "store"
+    quantize_checkpoint(model, store, LAYOUT, progress=False)
+    with StoreReader(store) as reader:
+        assert reader.source == source_record(model)
+        spec = reader.spec
+        check_match(spec, reader, store, str(model))  # its own checkpoint passes
+        copy = tmp_path / "copy"
+        shutil.copytree(model, copy)
+        check_match(spec, reader, store, str(copy))  # so does a copy of it
+        name = "model.layers.0.mlp.experts.1.down_proj.weight"
+        _resave(copy, weights, lambda w: {name: -w[name]})
+        with pytest.raises(UserError) as exc:
+            check_match(spec, reader, store, str(copy))
+    assert exc.value.field == "source" and str(store) in str(exc.value)
+    assert str(model.resolve()) in str(exc.value) and "d2moe quantize" in str(exc.value)
+    cut = tmp_path / "cut"
+    cut_store(store, cut, 3)
+    with StoreReader(cut) as reader:  # a cut store keeps its source
+        assert reader.source == source_record(model)
+
+
+def _rewrite_index(store, edit):
+    index = json.loads((store / INDEX_NAME).read_text())
+    edit(index)
+    index["sha256"] = index_digest(index)
+    (store / INDEX_NAME).write_text(json.dumps(index))
+
+
+def test_stores_without_a_source_still_pass_and_a_malformed_one_is_named(tmp_path):
+    model, _ = _checkpoint(tmp_path, "mixtral")
+    store = tmp_path / "store"
+    quantize_checkpoint(model, store, LAYOUT, progress=False)
+    _rewrite_index(store, lambda i: i.pop("source"))  # as written before sources
+    with StoreReader(store) as reader:
+        assert reader.source is None
+        check_match(reader.spec, reader, store, str(tmp_path / "anything"))
+    _rewrite_index(store, lambda i: i.update(source={"path": "x", "expert_sha256": "12"}))
+    with pytest.raises(UserError) as exc:
+        StoreReader(store)
+    assert exc.value.field == "source" and INDEX_NAME in str(exc.value)
+
+
+def test_a_file_that_is_not_safetensors_is_named(tmp_path):
+    model, _ = _checkpoint(tmp_path, "mixtral")
+    (model / "a.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(UserError, match="not a safetensors file") as exc:
+        expert_sha256(model)
+    assert "a.safetensors" in str(exc.value)
+
+
+def test_the_cached_tiny_store_is_rebuilt_when_it_came_from_other_weights(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
+    path = tiny_store(LAYOUT)
+    (path / "router").mkdir()  # kept beside the store, trained on it
+    assert tiny_store(LAYOUT) == path and (path / "router").is_dir()  # reused as it is
+    _rewrite_index(path, lambda i: i["source"].update(expert_sha256="0" * 64))
+    assert tiny_store(LAYOUT) == path and not (path / "router").exists()  # built again
+    with StoreReader(path) as reader:
+        check_match(reader.spec, reader, path, "tiny")
+    _rewrite_index(path, lambda i: i.pop("source"))  # a cache from before sources
+    (path / "router").mkdir()
+    tiny_store(LAYOUT)
+    assert not (path / "router").exists()
