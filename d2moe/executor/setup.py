@@ -19,29 +19,46 @@ def cache_dir() -> Path:
 
 
 def tiny_store(layout: Any) -> Path:
-    """The tiny model's nested store, quantized once into the cache directory, and again
-    (with what was kept beside it: a router, expert statistics) when it is not the shipped
-    tiny checkpoint's: written before stores recorded their source, or from a tiny model
-    trained since."""
+    """The tiny model's nested store, quantized once into the cache directory.
+
+    Quantized again when it is not the shipped checkpoint's (a tiny model trained since, or
+    a store written before stores recorded their source); what was kept beside it (a
+    router, expert statistics) stays only if the new store's bytes are the old one's."""
     import shutil
 
     from d2moe.model.load import tiny_dir
     from d2moe.quant.cmd import quantize_checkpoint
     from d2moe.quant.source import expert_sha256
-    from d2moe.quant.store import StoreReader
+    from d2moe.quant.store import StoreReader, is_store_file
 
     path = cache_dir() / f"tiny-{layout.kind}-{layout.b1}-{layout.bK}-g{layout.group}"
+    old = None
     if (path / "index.json").is_file():
         try:
             with StoreReader(path) as reader:
-                source = reader.source
-        except UserError:  # damaged: built again below
-            source = None
-        if source is not None and source["expert_sha256"] == expert_sha256(tiny_dir()):
-            return path
-        shutil.rmtree(path)  # our cache: nothing in it outlives the checkpoint it came from
-    quantize_checkpoint(tiny_dir(), path, layout, progress=False)
+                if reader.source is not None and \
+                        reader.source["expert_sha256"] == expert_sha256(tiny_dir()):
+                    return path
+                old = _checksums(reader)
+        except UserError:  # damaged: built again, nothing beside it trusted
+            pass
+    quantize_checkpoint(tiny_dir(), path, layout, progress=False)  # keeps what is beside it
+    with StoreReader(path) as reader:
+        same = old == _checksums(reader)
+    if not same:  # trained on other weights: our cache, so it goes
+        for item in path.iterdir():
+            if is_store_file(item.name):
+                continue
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
     return path
+
+
+def _checksums(reader: Any) -> dict[Any, int]:
+    """Every stored level's CRC-32, by (layer, expert, tensor, bits)."""
+    return {key: e.crc32 for key, e in reader.entries.items()}
 
 
 def resolve_store(model: str, store: str, layout: QuantLayout | None = None) -> Path:

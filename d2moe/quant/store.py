@@ -118,7 +118,7 @@ def index_digest(index: Mapping[str, Any]) -> str:
     return json_sha256(index, without="sha256")
 
 
-def _is_store_file(name: str) -> bool:
+def is_store_file(name: str) -> bool:
     """Whether `name` is one of a store's own files (index.json, layer_NNN.bin)."""
     return name == INDEX_NAME or (name.startswith("layer_") and name.endswith(".bin"))
 
@@ -143,7 +143,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     try:
         if old is not None:
             for item in target.iterdir():
-                if not _is_store_file(item.name):
+                if not is_store_file(item.name):
                     if item.is_dir():
                         shutil.copytree(item, new / item.name, symlinks=True)
                     else:

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from d2moe.core.sizes import QuantLayout  # noqa: E402
 from d2moe.executor.setup import check_match, tiny_store  # noqa: E402
+from d2moe.model.load import tiny_dir  # noqa: E402
 from d2moe.quant.cmd import quantize_checkpoint  # noqa: E402
 
 LAYOUT = QuantLayout(b1=2, bK=4, group=32)
@@ -107,12 +108,18 @@ def test_the_cached_tiny_store_is_rebuilt_when_it_came_from_other_weights(tmp_pa
     monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
     path = tiny_store(LAYOUT)
     (path / "router").mkdir()  # kept beside the store, trained on it
-    assert tiny_store(LAYOUT) == path and (path / "router").is_dir()  # reused as it is
-    _rewrite_index(path, lambda i: i["source"].update(expert_sha256="0" * 64))
+    index_time = (path / INDEX_NAME).stat().st_mtime_ns
+    assert tiny_store(LAYOUT) == path and (path / INDEX_NAME).stat().st_mtime_ns == index_time
+    _rewrite_index(path, lambda i: i.pop("source"))  # a cache from before sources
+    assert tiny_store(LAYOUT) == path and (path / "router").is_dir()  # same bytes: kept
+    with StoreReader(path) as reader:
+        assert reader.source == source_record(tiny_dir())
+        check_match(reader.spec, reader, path, "tiny")
+
+    def other_weights(index):  # as a store of a tiny model trained since would differ
+        index["source"]["expert_sha256"] = "0" * 64
+        index["entries"][0][7] ^= 1
+    _rewrite_index(path, other_weights)
     assert tiny_store(LAYOUT) == path and not (path / "router").exists()  # built again
     with StoreReader(path) as reader:
         check_match(reader.spec, reader, path, "tiny")
-    _rewrite_index(path, lambda i: i.pop("source"))  # a cache from before sources
-    (path / "router").mkdir()
-    tiny_store(LAYOUT)
-    assert not (path / "router").exists()
