@@ -32,6 +32,7 @@ from d2moe.sweep.table import (
     exclusive,
     finished_ids,
     latest,
+    read_rows,
     write_csv,
 )
 
@@ -80,6 +81,7 @@ def run_sweep(grid_path: str | Path, cfg: SweepConfig) -> SweepResult:
     if cfg.jobs < 0:
         raise UserError(f"must be >= 0, got {cfg.jobs}", field="jobs", fix="e.g. --jobs 4")
     out = Path(cfg.out)
+    read_rows(out / TABLE_NAME)  # someone else's table.jsonl: refused before the lock file
     with exclusive(out), TableWriter(out / TABLE_NAME) as table:
         cells = expand(grid, out)
         done = finished_ids(table.rows)

@@ -44,28 +44,30 @@ def row_digest(row: dict[str, Any]) -> str:
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """The complete rows of a table (without their digests) and the byte length they span.
 
-    A torn last line, from a killed run, is left out. A bad line elsewhere, or any row whose
-    `row_sha256` does not match it (edited by hand), is a UserError; a row without the field
-    (written before digests) is taken as it is."""
+    A torn last line, from a killed run, is left out (`TableWriter` cuts it off). Anything
+    else that is not a row is a UserError, so that someone else's file is never appended
+    to or cut: a line that is not a JSON object, an object with neither a digest nor a
+    `cell_id`, or a row whose `row_sha256` does not match it
+    (edited by hand). A row without the digest (written before digests) is taken as it is."""
     path = Path(path)
     if not path.exists():
         return [], 0
     *complete, tail = path.read_bytes().split(b"\n")  # after the last newline: torn or b""
-    if not _torn(tail):  # TableWriter would cut it off: someone else's file
+    if not _torn(tail, last_of_file=True):
         raise UserError(f"line {len(complete) + 1} is not a row of a sweep table",
                         path=str(path), fix=_FIX_FOREIGN)
     rows: list[dict[str, Any]] = []
     good = 0
     for i, line in enumerate(complete):
-        try:
-            row = json.loads(line) if line.strip() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            row = None
-        if not isinstance(row, dict):
-            if i == len(complete) - 1 and _torn(line):  # the last line, cut by a crash
+        row = _parse(line) if line.strip() else {}
+        if row is None:
+            if i == len(complete) - 1 and not tail and _torn(line):  # cut by a crash
                 break
             raise UserError(f"line {i + 1} is not a JSON object", path=str(path),
-                            fix=_FIX_EDITED if i else _FIX_FOREIGN)
+                            fix=_FIX_EDITED if rows else _FIX_FOREIGN)
+        if row and DIGEST not in row and not _row_shaped(row):
+            raise UserError(f"line {i + 1} is not a row of a sweep table (no cell_id or "
+                            f"{DIGEST})", path=str(path), fix=_FIX_FOREIGN)
         # a complete line that parses was not torn: a digest mismatch, even on the last
         # line, is an edit (pop: the rows returned hold the data only)
         if DIGEST in row and row_digest(row) != row.pop(DIGEST):
@@ -77,11 +79,31 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     return rows, good
 
 
-def _torn(tail: bytes) -> bool:
-    """Whether bytes can be a row cut short by a crash: the start of one of our lines (a
-    JSON object), nothing, or the NUL bytes some filesystems leave after a power loss."""
-    body = tail.strip(b"\0")
-    return not body or body.startswith(b"{")
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """A line's JSON object, or None when it is none."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _row_shaped(row: dict[str, Any]) -> bool:
+    return "cell_id" in row  # every row the sweep writes has one
+
+
+def _torn(line: bytes, last_of_file: bool = False) -> bool:
+    """Whether bytes can be our row cut short by a crash: nothing, the NUL bytes some file
+    systems leave after a power loss, or the start of one of our lines (`{"`: json.dumps of
+    a row) that does not parse; at the end of the file, also a whole row whose newline was
+    not written. A whole JSON object of someone else's is not torn."""
+    body = line.strip(b"\0")
+    if not body:
+        return True
+    if not body.startswith(b'{"'):
+        return False
+    row = _parse(body)
+    return row is None or (last_of_file and (_row_shaped(row) or DIGEST in row))
 
 
 def latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -180,6 +180,16 @@ def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path):
         run_sweep(grid_file(tmp_path), SweepConfig(out=str(out), jobs=1, progress=False))
 
 
+def test_an_output_directory_holding_someone_elses_table_is_left_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "table.jsonl").write_bytes(b'{"my": "precious data"}')
+    with pytest.raises(UserError, match="not a row of a sweep table"):
+        run_sweep(grid_file(tmp_path), SweepConfig(out=str(out), jobs=1, progress=False))
+    assert [p.name for p in out.iterdir()] == ["table.jsonl"]  # no lock file either
+    assert (out / "table.jsonl").read_bytes() == b'{"my": "precious data"}'
+
+
 def test_ray_missing_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UserError, match=r"pip install 'd2moe\[ray\]'"):

@@ -44,8 +44,11 @@ def test_a_garbled_last_line_counts_as_torn_but_one_in_the_middle_is_an_error(tm
 
 
 
-@pytest.mark.parametrize("data", [b"\x89PNG\r\n\x1a\n\x00\x00binary", b"cell,status\na,ok\n",
-                                  b"PK\x03\x04zip without a newline"])
+@pytest.mark.parametrize("data", [
+    b"\x89PNG\r\n\x1a\n\x00\x00binary", b"cell,status\na,ok\n", b"PK\x03\x04zip without a newline",
+    b'{"my": "precious data"}',  # a whole JSON object without its newline is not torn
+    b'{"x": 1}\n{"x": 2}', b"{'a': 1}\n", b'{"x": 1}\n',  # JSON lines, but not rows
+])
 def test_a_file_that_is_not_a_table_is_refused_and_left_alone(tmp_path, data):
     """Someone else's file is an error naming it, never 'no rows', and the writer does not
     cut its 'torn' tail off."""
@@ -57,6 +60,17 @@ def test_a_file_that_is_not_a_table_is_refused_and_left_alone(tmp_path, data):
     with pytest.raises(UserError):
         TableWriter(path)
     assert path.read_bytes() == data
+
+
+def test_a_whole_row_without_its_newline_counts_as_torn(tmp_path):
+    path = tmp_path / "table.jsonl"
+    with TableWriter(path) as t:
+        t.append({"cell_id": "a", "status": "ok"})
+        t.append({"cell_id": "b", "status": "ok"})
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])  # the crash came between the row and its newline
+    rows, size = read_rows(path)
+    assert [r["cell_id"] for r in rows] == ["a"] and size == data.index(b"\n") + 1
 
 
 def test_nul_bytes_after_a_power_loss_count_as_torn(tmp_path):
