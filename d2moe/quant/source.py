@@ -2,17 +2,20 @@
 beside a store is that checkpoint.
 
 A store's index records `source`: the checkpoint's path (for messages) and `expert_sha256`,
-a SHA-256 over every expert tensor's (layer, expert, tensor, dtype, shape) and a sample of
-its bytes (SAMPLE_BYTES from the middle of its data), read straight from the safetensors
-headers: about 4 KiB per tensor whatever the checkpoint's size, no torch. It is
-content-based: a copy or a re-sharded copy of a checkpoint matches; a fine-tune of the same
-architecture (same names and shapes, other values) does not.
+a SHA-256 over every expert tensor's (layer, expert, tensor, dtype, shape) and SAMPLES
+samples of its bytes, SAMPLE_BYTES each, spread from its first bytes to its last, read
+straight from the safetensors headers: 4 KiB per tensor whatever the checkpoint's size, no
+torch. It is content-based: a copy or a re-sharded copy of a checkpoint matches; a
+fine-tune of the same architecture (same names and shapes, values changed throughout) does
+not. An edit confined to bytes between the samples is not seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 
 from d2moe.core.errors import UserError
 
-SAMPLE_BYTES = 4096
+SAMPLES, SAMPLE_BYTES = 4, 1024  # per tensor: its first and last KiB, two between
 # HF tensor names of expert weights -> our tensor names (w1 gate, w3 up, w2 down).
 _PATTERNS = (
     re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
@@ -43,8 +46,8 @@ def expert_key(name: str) -> tuple[int, int, str] | None:
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data
-    starts; a file that is not one is a UserError naming it."""
+    """A safetensors file's header (name -> dtype, shape, data_offsets), where its data
+    starts, and its size; a file that is not one is a UserError naming it."""
     bad = UserError("not a safetensors file (bad header)", path=str(path),
                     fix="re-download or re-save the checkpoint")
     try:
@@ -53,9 +56,11 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
             if len(raw) != 8:
                 raise bad
             (n,) = struct.unpack("<Q", raw)
-            if n > _HEADER_MAX_BYTES:
+            text = f.read(n) if n <= _HEADER_MAX_BYTES else b""
+            if len(text) != n:
                 raise bad
-            header = json.loads(f.read(n))
+            header = json.loads(text)
+            size = os.fstat(f.fileno()).st_size
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad from None
     except OSError as exc:
@@ -63,34 +68,46 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
                         fix="check the checkpoint directory") from None
     if not isinstance(header, dict):
         raise bad
-    return header, 8 + n
+    return header, 8 + n, size
 
 
 def expert_sha256(model_dir: str | Path) -> str:
     """The fingerprint of a checkpoint directory's expert weights (module docstring)."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError("not a checkpoint directory", path=str(model_dir),
+                        fix="pass an HF checkpoint directory (config.json + *.safetensors)")
     items: list[tuple[tuple[int, int, str], str, Path, int, int]] = []
     for path in sorted(model_dir.glob("*.safetensors")):
-        header, data = _header(path)
+        header, data, size = _header(path)
         for name, meta in header.items():
             key = expert_key(name)
             if key is None:
                 continue
             try:
-                start, end = (int(v) for v in meta["data_offsets"])
+                start, end = meta["data_offsets"]
                 desc = f"{meta['dtype']} {list(meta['shape'])}"
+                ok = all(type(v) is int for v in (start, end)) and 0 <= start <= end \
+                    and data + end <= size
             except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
                 raise UserError(f"tensor {name} has a malformed header entry", path=str(path),
-                                fix="re-download or re-save the checkpoint") from None
+                                fix="re-download or re-save the checkpoint")
             items.append((key, desc, path, data + start, end - start))
+    if not items:
+        raise UserError("no expert weights found", path=str(model_dir),
+                        fix="point at an MoE checkpoint (Mixtral or OLMoE tensor names)")
     h = hashlib.sha256()
-    for key, desc, path, offset, nbytes in sorted(items):
-        n = min(SAMPLE_BYTES, max(nbytes, 0))
-        with open(path, "rb") as f:
-            f.seek(offset + (nbytes - n) // 2)
-            sample = f.read(n)
-        h.update(f"{key} {desc} {nbytes}\n".encode())
-        h.update(sample)
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, Any] = {}
+        for key, desc, path, offset, nbytes in sorted(items):
+            f = files.get(path) or files.setdefault(path, stack.enter_context(open(path, "rb")))
+            n = min(SAMPLE_BYTES, nbytes)
+            h.update(f"{key} {desc} {nbytes}\n".encode())
+            for k in range(SAMPLES):  # k = 0: the first bytes; k = SAMPLES - 1: the last
+                f.seek(offset + (nbytes - n) * k // (SAMPLES - 1))
+                h.update(f.read(n))
     return h.hexdigest()
 
 
@@ -106,8 +123,8 @@ def parse_source(raw: Any, where: str) -> dict[str, str] | None:
     if not (isinstance(raw, dict) and isinstance(raw.get("path"), str)
             and isinstance(raw.get("expert_sha256"), str)
             and re.fullmatch(r"[0-9a-f]{64}", raw["expert_sha256"])):
-        raise UserError("expected {path: str, expert_sha256: 64 hex digits}", path=where,
-                        field="source", fix="re-run d2moe quantize")
+        raise UserError("expected {path: str, expert_sha256: 64 lowercase hex digits}",
+                        path=where, field="source", fix="re-run d2moe quantize")
     return {"path": raw["path"], "expert_sha256": raw["expert_sha256"]}
 
 

@@ -95,12 +95,59 @@ def test_stores_without_a_source_still_pass_and_a_malformed_one_is_named(tmp_pat
     assert exc.value.field == "source" and INDEX_NAME in str(exc.value)
 
 
-def test_a_file_that_is_not_safetensors_is_named(tmp_path):
+def test_an_edit_of_a_tensors_first_or_last_bytes_is_seen(tmp_path):
+    """A 64 KiB tensor: far more than the samples read, whose first and last KiB are two."""
+    meta = {EXPERT: {"dtype": "F32", "shape": [128, 128], "data_offsets": [0, 1 << 16]}}
+    data = bytearray(range(256)) * 256
+    _raw_safetensors(tmp_path / "m.safetensors", meta, bytes(data))
+    fp = expert_sha256(tmp_path)
+    for at in (0, len(data) - 1):
+        edited = bytearray(data)
+        edited[at] ^= 1
+        _raw_safetensors(tmp_path / "m.safetensors", meta, bytes(edited))
+        assert expert_sha256(tmp_path) != fp, at
+    edited = bytearray(data)
+    edited[5000] ^= 1  # between the samples: not seen (the documented limit)
+    _raw_safetensors(tmp_path / "m.safetensors", meta, bytes(edited))
+    assert expert_sha256(tmp_path) == fp
+
+
+def _raw_safetensors(path, entries, data=b"\0" * 64, length=None):
+    header = json.dumps(entries).encode()
+    n = len(header) if length is None else length
+    path.write_bytes(n.to_bytes(8, "little") + header + data)
+
+
+EXPERT = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+
+
+@pytest.mark.parametrize("offsets", [[-8, 0], [0, -8], [8, 0], [0, 10**30], [0.5, 8],
+                                     ["0", "8"], [0, 65]])
+def test_malformed_header_offsets_are_named(tmp_path, offsets):
+    _raw_safetensors(tmp_path / "m.safetensors",
+                     {EXPERT: {"dtype": "F32", "shape": [2, 8], "data_offsets": offsets}})
+    with pytest.raises(UserError, match="malformed header entry") as exc:
+        expert_sha256(tmp_path)
+    assert EXPERT in str(exc.value) and "m.safetensors" in str(exc.value)
+
+
+def test_a_file_that_is_not_safetensors_or_a_directory_without_experts_is_named(tmp_path):
     model, _ = _checkpoint(tmp_path, "mixtral")
     (model / "a.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(UserError, match="not a safetensors file") as exc:
         expert_sha256(model)
     assert "a.safetensors" in str(exc.value)
+    _raw_safetensors(model / "a.safetensors", {}, length=100 << 20)  # longer than the file
+    with pytest.raises(UserError, match="not a safetensors file"):
+        expert_sha256(model)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _raw_safetensors(empty / "m.safetensors", {"lm_head.weight": {
+        "dtype": "F32", "shape": [2, 8], "data_offsets": [0, 64]}})
+    with pytest.raises(UserError, match="no expert weights"):
+        expert_sha256(empty)
+    with pytest.raises(UserError, match="not a checkpoint directory"):
+        expert_sha256(empty / "m.safetensors")
 
 
 def test_the_cached_tiny_store_is_rebuilt_when_it_came_from_other_weights(tmp_path,
