@@ -23,3 +23,13 @@ class UserError(Exception):
             text += f" (fix: {fix})"
         super().__init__(text)
         self.path, self.field, self.fix = path, field, fix
+
+
+def bare(exc: UserError) -> str:
+    """The message of `exc` without its path, field and fix (to re-raise it elsewhere)."""
+    text = str(exc)
+    prefix = str(UserError("", path=exc.path, field=exc.field)) if exc.path or exc.field else ""
+    suffix = f" (fix: {exc.fix})" if exc.fix else ""
+    if text.startswith(prefix) and text.endswith(suffix):
+        return text[len(prefix):len(text) - len(suffix)] or text
+    return text

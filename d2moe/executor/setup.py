@@ -5,11 +5,12 @@ the policy's storage on that store, its expert statistics, and the budget in byt
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 from d2moe.core.sizes import QuantLayout
 
 
@@ -22,43 +23,65 @@ def tiny_store(layout: Any) -> Path:
     """The tiny model's nested store, quantized once into the cache directory.
 
     Quantized again when it is not the shipped checkpoint's (a tiny model trained since, or
-    a store written before stores recorded their source); what was kept beside it (a
-    router, expert statistics) stays only if the new store's bytes are the old one's."""
-    import shutil
-
+    a store written before stores recorded their source). What was kept beside it (a
+    router, expert statistics) stays if the new store's bytes are the old one's, and is
+    otherwise moved aside with a note. A store from before sources in a cache that cannot
+    be written is used as it is."""
     from d2moe.model.load import tiny_dir
     from d2moe.quant.cmd import quantize_checkpoint
     from d2moe.quant.source import expert_sha256
-    from d2moe.quant.store import StoreReader, is_store_file
+    from d2moe.quant.store import StoreReader
 
     path = cache_dir() / f"tiny-{layout.kind}-{layout.b1}-{layout.bK}-g{layout.group}"
-    old = None
+    old, legacy = None, False
     if (path / "index.json").is_file():
         try:
             with StoreReader(path) as reader:
                 if reader.source is not None and \
                         reader.source["expert_sha256"] == expert_sha256(tiny_dir()):
                     return path
-                old = _checksums(reader)
+                old, legacy = _checksums(reader), reader.source is None
         except UserError:  # damaged: built again, nothing beside it trusted
             pass
-    quantize_checkpoint(tiny_dir(), path, layout, progress=False)  # keeps what is beside it
-    with StoreReader(path) as reader:
-        same = old == _checksums(reader)
-    if not same:  # trained on other weights: our cache, so it goes
-        for item in path.iterdir():
-            if is_store_file(item.name):
-                continue
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            else:
-                item.unlink()
+    try:
+        if old is not None and not legacy:  # another tiny's: its router cannot stay
+            _set_aside(path)
+        quantize_checkpoint(tiny_dir(), path, layout, progress=False)  # keeps what is beside
+        with StoreReader(path) as reader:
+            if old != _checksums(reader):
+                _set_aside(path)
+    except (UserError, OSError) as exc:
+        if legacy:  # read-only, say: as before stores recorded their source
+            return path
+        why = bare(exc) if isinstance(exc, UserError) else exc.strerror
+        raise UserError(f"cannot build the tiny model's store in {path}: {why}",
+                        path=str(cache_dir()), field="D2MOE_CACHE",
+                        fix="point D2MOE_CACHE at a writable directory") from None
     return path
 
 
 def _checksums(reader: Any) -> dict[Any, int]:
     """Every stored level's CRC-32, by (layer, expert, tensor, bits)."""
     return {key: e.crc32 for key, e in reader.entries.items()}
+
+
+def _set_aside(store: Path) -> None:
+    """Move what a store holds besides its own files (made from the store it replaced:
+    a router, expert statistics) to `cache_dir()/stale/`, saying so."""
+    import time
+
+    from d2moe.quant.store import is_store_file
+
+    others = [p for p in store.iterdir() if not is_store_file(p.name)]
+    if not others:
+        return
+    aside = cache_dir() / "stale" / f"{store.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for p in others:
+        p.rename(aside / p.name)
+    print(f"note: {store}: rebuilt from the shipped tiny checkpoint; moved "
+          f"{', '.join(p.name for p in others)}, made from the store before, to {aside}",
+          file=sys.stderr)
 
 
 def resolve_store(model: str, store: str, layout: QuantLayout | None = None) -> Path:

@@ -120,13 +120,17 @@ def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
     ids = calibration_ids(cfg.model, spec, cfg.calib_kib)
     meta: dict[str, Any] = {"model": cfg.model, "calib_kib": cfg.calib_kib,
                             "weights": cfg.weights}
+    from d2moe.executor.setup import check_match
+    from d2moe.quant.store import StoreReader
+
     if cfg.weights == "model":
         experts = model.experts
+        if store is not None and not cfg.out:  # written beside a store: it must be this model's
+            with StoreReader(store) as reader:
+                check_match(spec, reader, store, cfg.model)
     else:
         from d2moe.eval.ppl import dense_backend, store_matrices
-        from d2moe.executor.setup import check_match
         from d2moe.quant.reference import dequantize
-        from d2moe.quant.store import StoreReader
 
         assert store is not None
         with StoreReader(store) as reader:

@@ -195,6 +195,7 @@ class StoreWriter:
             raise UserError("is a directory with files in it but no nested store",
                             path=str(self.path),
                             fix="name a new or empty directory, or an existing store to replace")
+        self._check_others()
         ensure_dir(self._target.parent)
         tmp = self._target.with_name(f".{self._target.name}.{secrets.token_hex(4)}.tmp")
         try:
@@ -203,6 +204,22 @@ class StoreWriter:
             raise path_error(exc, self.path, "cannot write the store beside it") from None
         self.tmp = tmp
         self._cleanup = weakref.finalize(self, shutil.rmtree, tmp, ignore_errors=True)
+
+    def _check_others(self) -> None:
+        """Refuse to carry a router or statistics, made from a store of other expert weights
+        (another recorded source), into this one: they would pass for this store's."""
+        if self.source is None:
+            return
+        try:
+            old = json.loads((self._target / INDEX_NAME).read_text(encoding="utf-8"))["source"]
+            stale = old["expert_sha256"] != self.source["expert_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):  # no old store, source or digest
+            return
+        others = sorted(p.name for p in self._target.iterdir() if not is_store_file(p.name))
+        if stale and others:
+            raise UserError(f"holds {', '.join(others)}, made from a store of other expert "
+                            f"weights ({old.get('path')})", path=str(self.path),
+                            fix="move them away first, or name another output directory")
 
     def __enter__(self) -> StoreWriter:
         return self

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 from d2moe.core.fileio import check_keys, read_yaml
 from d2moe.sim.cmd import SimulateConfig
 
@@ -272,13 +272,3 @@ def _check(grid: Grid) -> None:
     if dup is not None:
         raise UserError(f"{dup!r} is listed twice", path=path, field="traces",
                         fix="list each trace once")
-
-
-def bare(exc: UserError) -> str:
-    """The message of `exc` without its path, field and fix (to re-raise it elsewhere)."""
-    text = str(exc)
-    prefix = str(UserError("", path=exc.path, field=exc.field)) if exc.path or exc.field else ""
-    suffix = f" (fix: {exc.fix})" if exc.fix else ""
-    if text.startswith(prefix) and text.endswith(suffix):
-        return text[len(prefix):len(text) - len(suffix)] or text
-    return text

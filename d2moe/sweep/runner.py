@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 from d2moe.core.progress import progress_bar
 from d2moe.sweep.cells import (
     Cell,
@@ -24,7 +24,7 @@ from d2moe.sweep.cells import (
     oracle_hit_rate,
     run_cell,
 )
-from d2moe.sweep.grid import bare, load_grid
+from d2moe.sweep.grid import load_grid
 from d2moe.sweep.table import (
     CSV_NAME,
     TABLE_NAME,

@@ -128,6 +128,24 @@ def test_auto_builds_once_beside_the_store(store, monkeypatch):
     assert find_or_build_stats("", model="tiny", store=store) is None
 
 
+def test_statistics_of_the_model_are_not_written_beside_another_models_store(store,
+                                                                             tmp_path):
+    import json
+    import shutil
+
+    from d2moe.quant.store import INDEX_NAME, index_digest
+
+    other = tmp_path / "other"
+    shutil.copytree(store, other, ignore=shutil.ignore_patterns("expert_stats.json"))
+    index = json.loads((other / INDEX_NAME).read_text())
+    index["source"]["expert_sha256"] = "0" * 64  # as if quantized from another checkpoint
+    index["sha256"] = index_digest(index)
+    (other / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(UserError, match="field 'source'"):
+        compute_stats(StatsConfig(weights="model", store=str(other), **SMALL))
+    assert not (other / "expert_stats.json").exists()
+
+
 @pytest.mark.parametrize("cfg, match", [
     (StatsConfig(weights="fp16"), "field 'weights'"),
     (StatsConfig(weights="model", calib_kib=0), "field 'calib_kib'"),

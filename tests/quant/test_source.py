@@ -151,7 +151,7 @@ def test_a_file_that_is_not_safetensors_or_a_directory_without_experts_is_named(
 
 
 def test_the_cached_tiny_store_is_rebuilt_when_it_came_from_other_weights(tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
     path = tiny_store(LAYOUT)
     (path / "router").mkdir()  # kept beside the store, trained on it
@@ -170,3 +170,44 @@ def test_the_cached_tiny_store_is_rebuilt_when_it_came_from_other_weights(tmp_pa
     assert tiny_store(LAYOUT) == path and not (path / "router").exists()  # built again
     with StoreReader(path) as reader:
         check_match(reader.spec, reader, path, "tiny")
+    aside = list((tmp_path / "stale").glob(f"{path.name}-*/router"))  # moved, not deleted
+    assert len(aside) == 1 and "moved router" in capsys.readouterr().err
+
+
+def test_a_cache_that_cannot_be_written(tmp_path, monkeypatch):
+    """A store from before sources is used as it is; one of other weights is an error
+    naming D2MOE_CACHE (quantize_checkpoint failing stands in for a read-only directory:
+    the tests run as root, whom permissions do not stop)."""
+    import d2moe.quant.cmd
+
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
+    path = tiny_store(LAYOUT)
+
+    def read_only(*args, **kwargs):
+        raise UserError("cannot write the store beside it: Read-only file system",
+                        path=str(path), fix="pick a writable path")
+    monkeypatch.setattr(d2moe.quant.cmd, "quantize_checkpoint", read_only)
+    _rewrite_index(path, lambda i: i.pop("source"))
+    assert tiny_store(LAYOUT) == path
+    _rewrite_index(path, lambda i: i.update(source={"path": "x", "expert_sha256": "0" * 64}))
+    with pytest.raises(UserError, match="Read-only") as exc:
+        tiny_store(LAYOUT)
+    assert exc.value.field == "D2MOE_CACHE" and str(tmp_path) in str(exc.value)
+
+
+def test_quantize_over_a_store_of_other_weights_keeps_its_router_out(tmp_path):
+    model, weights = _checkpoint(tmp_path, "mixtral")
+    store = tmp_path / "store"
+    quantize_checkpoint(model, store, LAYOUT, progress=False)
+    (store / "router").mkdir()
+    (store / "expert_stats.json").write_text("{}")
+    before = sorted(p.name for p in store.iterdir())
+    quantize_checkpoint(model, store, LAYOUT, progress=False)  # the same weights: carried
+    assert sorted(p.name for p in store.iterdir()) == before
+    name = "model.layers.1.block_sparse_moe.experts.0.w2.weight"
+    _resave(model, weights, lambda w: {name: -w[name]})
+    index = (store / INDEX_NAME).read_bytes()
+    with pytest.raises(UserError, match="router") as exc:
+        quantize_checkpoint(model, store, LAYOUT, progress=False)
+    assert "expert_stats.json" in str(exc.value) and str(store) in str(exc.value)
+    assert (store / INDEX_NAME).read_bytes() == index  # nothing written
