@@ -8,6 +8,7 @@ compiles them for a GPU target without one). Launch parameters live in `KernelCo
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,18 @@ class KernelConfig:
     pipeline: int = 0  # GEMV path: 0 = prefetch one tile by hand; >= 2 = tl.range stages
     flat: bool = True  # GEMV path, one-word tiles: 2-D tensors (False: the earlier 3-D form)
 
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_w", "block_m", "num_warps"):  # tl.arange's sizes
+            v = getattr(self, name)
+            if type(v) is not int or v < 1 or v & (v - 1):
+                raise UserError(f"must be a power of two >= 1, got {v!r}", field=name,
+                                fix="e.g. 1, 2, 4, ... 512")
+        for name, least in (("split_k", 0), ("num_stages", 1), ("pipeline", 0)):
+            v = getattr(self, name)
+            if type(v) is not int or v < least:
+                raise UserError(f"must be a whole number >= {least}, got {v!r}", field=name,
+                                fix=f"e.g. {max(least, 2)}")
+
 
 # GEMV defaults: from SASS counts per weight (benchmarks/kernels_sass.py) and H100 sweeps
 # (docs/results/kernels.md): 512 rows x 1 word x 4 warps was among the three fastest in five
@@ -62,9 +75,22 @@ def bits_code(packed: PackedExpertMatrix, bits: int) -> int:
     return bits if packed.kind == "bitplane" else packed.b1
 
 
-def check_inputs(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> None:
-    """Shape, device and layout checks shared by both paths (UserError on bad input)."""
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> int:
+    """Shape, dtype, device and layout checks shared by both paths (UserError on bad input);
+    returns `bits` as a Python int (the kernels take it as a compile-time constant)."""
+    try:
+        bits = operator.index(bits)
+    except TypeError:
+        raise UserError(f"bits must be a whole number, got {bits!r}", field="bits",
+                        fix="e.g. 4") from None
     packed.check_bits(bits)
+    if not isinstance(x, torch.Tensor) or x.dtype not in X_DTYPES:
+        raise UserError(f"x must be a float16, bfloat16, float32 or float64 tensor, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}", field="x",
+                        fix="pass the activations as floats")
     if x.dim() != 2 or x.shape[1] != packed.cols:
         raise UserError(f"x has shape {tuple(x.shape)}, expected [tokens, {packed.cols}]",
                         field="x", fix="pass a 2-D activation matching the matrix's columns")
@@ -75,6 +101,7 @@ def check_inputs(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> None
     if g < 32 or g & (g - 1):
         raise UserError(f"the Triton kernels need a power-of-two group >= 32, got {g}",
                         field="group", fix="use --group 32, 64 or 128, or the torch backend")
+    return bits
 
 
 def _sm_count(device: torch.device) -> int:
@@ -195,9 +222,17 @@ def output(x: torch.Tensor, rows: int, out: torch.Tensor | None) -> torch.Tensor
     m_tokens = x.shape[0]
     if out is None:
         return torch.empty((m_tokens, rows), device=x.device, dtype=x.dtype)
-    if out.shape != (m_tokens, rows) or out.dtype != x.dtype or out.stride(1) != 1:
-        raise UserError(f"out has shape {tuple(out.shape)} {out.dtype}, expected "
-                        f"({m_tokens}, {rows}) {x.dtype}", field="out", fix="pass a matching out")
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"out is a {type(out).__name__}, not a tensor", field="out",
+                        fix="pass a tensor, or no out")
+    if out.shape != (m_tokens, rows) or out.dtype != x.dtype or out.stride(1) != 1 \
+            or (m_tokens > 1 and out.stride(0) < rows) or out.device != x.device:
+        raise UserError(f"out is {tuple(out.shape)} {out.dtype} on {out.device} with strides "
+                        f"{out.stride()}, expected ({m_tokens}, {rows}) {x.dtype} on {x.device}, "
+                        "rows apart", field="out", fix="pass a matching out")
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise UserError("out shares memory with x: the kernel reads x while writing out",
+                        field="out", fix="pass a separate out")
     return out
 
 
@@ -208,7 +243,7 @@ def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,
     if path not in PATHS:
         raise UserError(f"unknown kernel path {path!r}", field="path",
                         fix=f"use one of {', '.join(PATHS)}")
-    check_inputs(x, packed, bits)
+    bits = check_inputs(x, packed, bits)
     m_tokens = x.shape[0]
     gemv = path == "gemv" or (path == "auto" and m_tokens <= GEMV_MAX_TOKENS)
     cfg = config or (gemv_config(m_tokens) if gemv else DOT_CONFIG)
@@ -251,7 +286,7 @@ def gate_up(x: torch.Tensor, w1: PackedExpertMatrix, w3: PackedExpertMatrix, bit
     """h = silu(x W1^T) * (x W3^T), [M, N] in x.dtype, w1 and w3 read at `bits` bits: one
     launch up to GEMV_MAX_TOKENS tokens (`config`: its GEMV launch); beyond, two tl.dot
     launches and the product in torch (there the products' time, not the launches', rules)."""
-    check_inputs(x, w1, bits)
+    bits = check_inputs(x, w1, bits)
     check_inputs(x, w3, bits)
     same = ("kind", "b1", "bK", "group", "rows", "cols")
     if any(getattr(w1, f) != getattr(w3, f) for f in same):

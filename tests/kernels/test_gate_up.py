@@ -103,3 +103,31 @@ def test_cuda_fp16_gate_up(kind):
         for bits in (2, 5, 8):
             h = gate_up(x, w1, w3, bits)
             assert not torch.isnan(h).any() and _rel(h, _reference(x, m1, m3, bits)) < 3e-3
+
+
+def test_bad_inputs_to_the_launch_wrappers_are_user_errors():
+    """No launch happens for any of these: each fails in the wrapper's checks."""
+    import numpy as np
+
+    from d2moe.kernels.triton_launch import KernelConfig, check_inputs, gate_up, nested_matmul
+
+    (_, _), (w1, w3) = _pair("bitplane", 16, 64, 32)
+    x = torch.randn(2, 64)
+    for bad_x in (x.to(torch.int32), x > 0, x.to(torch.complex64)):
+        with pytest.raises(UserError, match="field 'x'"):
+            gate_up(bad_x, w1, w3, 4)
+    for bits in (4.0, "4", None):
+        with pytest.raises(UserError, match="field 'bits'"):
+            nested_matmul(x, w1, bits)
+    for out in (torch.empty(2, 16, device="meta"), torch.zeros(1, 16).expand(2, 16),
+                [0.0] * 32, torch.empty(2, 16, dtype=torch.float64)):
+        with pytest.raises(UserError, match="field 'out'"):
+            gate_up(x, w1, w3, 4, out=out)
+    square = _packed("bitplane", 64, 64, 32)[1]
+    with pytest.raises(UserError, match="shares memory with x"):
+        nested_matmul(x, square, 4, out=x)
+    for field, value in (("block_n", 48), ("block_w", 0), ("split_k", -1), ("num_warps", 3)):
+        with pytest.raises(UserError, match=f"field '{field}'"):
+            KernelConfig(**{field: value})
+    bits = check_inputs(torch.randn(1, 64), w1, np.int64(4))  # a whole number: taken
+    assert bits == 4 and type(bits) is int  # as the int the kernels specialize on
