@@ -251,12 +251,14 @@ def _check(grid: Grid) -> None:
         raise UserError(f"unknown engine {grid.engine!r}", path=path, field="engine",
                         fix=f"use one of: {', '.join(ENGINES)}")
     try:
-        QuantLayout(kind=grid.layout, b1=grid.b1, bK=grid.bK, group=grid.group)
+        layout = QuantLayout(kind=grid.layout, b1=grid.b1, bK=grid.bK, group=grid.group)
     except UserError as exc:  # QuantLayout names kind, bits (b1:bK) or group
         field = {"kind": "layout", "bits": "b1"}.get(exc.field or "", exc.field)
         raise UserError(bare(exc), path=path, field=field, fix=exc.fix) from None
-    if grid.bits < 1:
-        raise UserError("must be >= 1", path=path, field="bits", fix="e.g. 4")
+    try:
+        layout.check_bits(grid.bits)
+    except UserError as exc:
+        raise UserError(bare(exc), path=path, field="bits", fix=exc.fix) from None
     for i, ref in enumerate(grid.profiles):
         try:
             load_profile(ref)

@@ -79,6 +79,7 @@ def _tiny():
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nengine: warp\n", "engine"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nlayout: zip\n", "layout"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nbits: four\n", "bits"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nbits: 99\n", "bits"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nsteps: -2\n", "steps"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\ngroup: 0\n", "group"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\ngroup: -64\n", "group"),
