@@ -54,9 +54,11 @@ def tiny_store(layout: Any) -> Path:
         if legacy:  # read-only, say: as before stores recorded their source
             return path
         why = bare(exc) if isinstance(exc, UserError) else exc.strerror
+        fix = getattr(exc, "fix", None)
         raise UserError(f"cannot build the tiny model's store in {path}: {why}",
                         path=str(cache_dir()), field="D2MOE_CACHE",
-                        fix="point D2MOE_CACHE at a writable directory") from None
+                        fix=f"{fix}, or point D2MOE_CACHE elsewhere" if fix else
+                        "point D2MOE_CACHE at a writable directory") from None
     return path
 
 

@@ -43,11 +43,17 @@ class KernelConfig:
     flat: bool = True  # GEMV path, one-word tiles: 2-D tensors (False: the earlier 3-D form)
 
     def __post_init__(self) -> None:
-        for name in ("block_n", "block_w", "block_m", "num_warps"):  # tl.arange's sizes
+        # tl.arange's sizes: powers of two; caps far above any useful tile, under Triton's
+        # limit of 2^20 elements per tensor
+        for name, cap in (("block_n", 4096), ("block_w", 64), ("block_m", 256),
+                          ("num_warps", 32)):
             v = getattr(self, name)
-            if type(v) is not int or v < 1 or v & (v - 1):
-                raise UserError(f"must be a power of two >= 1, got {v!r}", field=name,
-                                fix="e.g. 1, 2, 4, ... 512")
+            if type(v) is not int or v < 1 or v > cap or v & (v - 1):
+                raise UserError(f"must be a power of two in 1..{cap}, got {v!r}", field=name,
+                                fix="e.g. 1, 2, 4, ...")
+        if not isinstance(self.flat, bool):
+            raise UserError(f"must be true or false, got {self.flat!r}", field="flat",
+                            fix="flat=True")
         for name, least in (("split_k", 0), ("num_stages", 1), ("pipeline", 0)):
             v = getattr(self, name)
             if type(v) is not int or v < least:
@@ -75,7 +81,7 @@ def bits_code(packed: PackedExpertMatrix, bits: int) -> int:
     return bits if packed.kind == "bitplane" else packed.b1
 
 
-X_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # tl.dot takes no float64
 
 
 def check_inputs(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> int:
@@ -88,7 +94,7 @@ def check_inputs(x: torch.Tensor, packed: PackedExpertMatrix, bits: int) -> int:
                         fix="e.g. 4") from None
     packed.check_bits(bits)
     if not isinstance(x, torch.Tensor) or x.dtype not in X_DTYPES:
-        raise UserError(f"x must be a float16, bfloat16, float32 or float64 tensor, got "
+        raise UserError(f"x must be a float16, bfloat16 or float32 tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}", field="x",
                         fix="pass the activations as floats")
     if x.dim() != 2 or x.shape[1] != packed.cols:
@@ -226,14 +232,24 @@ def output(x: torch.Tensor, rows: int, out: torch.Tensor | None) -> torch.Tensor
         raise UserError(f"out is a {type(out).__name__}, not a tensor", field="out",
                         fix="pass a tensor, or no out")
     if out.shape != (m_tokens, rows) or out.dtype != x.dtype or out.stride(1) != 1 \
-            or (m_tokens > 1 and out.stride(0) < rows) or out.device != x.device:
+            or (m_tokens > 1 and out.stride(0) < rows) or out.device != x.device \
+            or out.requires_grad:
         raise UserError(f"out is {tuple(out.shape)} {out.dtype} on {out.device} with strides "
                         f"{out.stride()}, expected ({m_tokens}, {rows}) {x.dtype} on {x.device}, "
-                        "rows apart", field="out", fix="pass a matching out")
-    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        raise UserError("out shares memory with x: the kernel reads x while writing out",
+                        "rows apart, no grad", field="out", fix="pass a matching out")
+    if _overlap(out, x):
+        raise UserError("out overlaps x in memory: the kernel reads x while writing out",
                         field="out", fix="pass a separate out")
     return out
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte spans of two tensors' elements intersect (same device)."""
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a.numel() > 0 and b.numel() > 0 and a0 < b1 and b0 < a1
 
 
 def nested_matmul(x: torch.Tensor, packed: PackedExpertMatrix, bits: int,

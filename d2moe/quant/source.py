@@ -61,7 +61,7 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
                 raise bad
             header = json.loads(text)
             size = os.fstat(f.fileno()).st_size
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested or numbers too deep
         raise bad from None
     except OSError as exc:
         raise UserError(f"cannot read it: {exc.strerror}", path=str(path),

@@ -92,18 +92,20 @@ def _row_shaped(row: dict[str, Any]) -> bool:
     return "cell_id" in row  # every row the sweep writes has one
 
 
+_ROW_START = b'{"cell_id": "'  # how every row the sweep writes begins (cells.Cell.fields)
+
+
 def _torn(line: bytes, last_of_file: bool = False) -> bool:
     """Whether bytes can be our row cut short by a crash: nothing, the NUL bytes some file
-    systems leave after a power loss, or the start of one of our lines (`{"`: json.dumps of
-    a row) that does not parse; at the end of the file, also a whole row whose newline was
-    not written. A whole JSON object of someone else's is not torn."""
+    systems leave after a power loss, the first bytes of a row, or a row's start that does
+    not parse; at the end of the file, also a whole row whose newline was not written.
+    Anything else (someone's JSON, even cut short) is not ours to cut."""
     body = line.strip(b"\0")
-    if not body:
+    if not body or _ROW_START.startswith(body):
         return True
-    if not body.startswith(b'{"'):
+    if not body.startswith(_ROW_START):
         return False
-    row = _parse(body)
-    return row is None or (last_of_file and (_row_shaped(row) or DIGEST in row))
+    return last_of_file or _parse(body) is None
 
 
 def latest(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

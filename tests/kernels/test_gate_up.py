@@ -113,7 +113,7 @@ def test_bad_inputs_to_the_launch_wrappers_are_user_errors():
 
     (_, _), (w1, w3) = _pair("bitplane", 16, 64, 32)
     x = torch.randn(2, 64)
-    for bad_x in (x.to(torch.int32), x > 0, x.to(torch.complex64)):
+    for bad_x in (x.to(torch.int32), x > 0, x.to(torch.complex64), x.double()):
         with pytest.raises(UserError, match="field 'x'"):
             gate_up(bad_x, w1, w3, 4)
     for bits in (4.0, "4", None):
@@ -124,9 +124,17 @@ def test_bad_inputs_to_the_launch_wrappers_are_user_errors():
         with pytest.raises(UserError, match="field 'out'"):
             gate_up(x, w1, w3, 4, out=out)
     square = _packed("bitplane", 64, 64, 32)[1]
-    with pytest.raises(UserError, match="shares memory with x"):
+    with pytest.raises(UserError, match="overlaps x"):
         nested_matmul(x, square, 4, out=x)
-    for field, value in (("block_n", 48), ("block_w", 0), ("split_k", -1), ("num_warps", 3)):
+    with pytest.raises(UserError, match="overlaps x"):  # out's rows run into x's
+        both = torch.randn(3, 64)
+        nested_matmul(both[:2], square, 4, out=both[1:])
+    rows = torch.randn(4, 64)  # separate rows of one tensor do not overlap: allowed
+    assert nested_matmul(rows[:2], square, 4, out=rows[2:]).data_ptr() == rows[2:].data_ptr()
+    with pytest.raises(UserError, match="field 'out'"):
+        gate_up(x, w1, w3, 4, out=torch.empty(2, 16, requires_grad=True))
+    for field, value in (("block_n", 48), ("block_w", 0), ("split_k", -1), ("num_warps", 3),
+                         ("block_n", 1 << 21), ("num_warps", 64), ("flat", "no")):
         with pytest.raises(UserError, match=f"field '{field}'"):
             KernelConfig(**{field: value})
     bits = check_inputs(torch.randn(1, 64), w1, np.int64(4))  # a whole number: taken

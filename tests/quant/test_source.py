@@ -140,6 +140,10 @@ def test_a_file_that_is_not_safetensors_or_a_directory_without_experts_is_named(
     _raw_safetensors(model / "a.safetensors", {}, length=100 << 20)  # longer than the file
     with pytest.raises(UserError, match="not a safetensors file"):
         expert_sha256(model)
+    for header in (b"[" * 200000 + b"]" * 200000, b'{"a": ' + b"9" * 5000 + b"}"):
+        (model / "a.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(UserError, match="not a safetensors file"):  # too deep, too long
+            expert_sha256(model)
     empty = tmp_path / "empty"
     empty.mkdir()
     _raw_safetensors(empty / "m.safetensors", {"lm_head.weight": {

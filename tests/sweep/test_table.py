@@ -48,6 +48,7 @@ def test_a_garbled_last_line_counts_as_torn_but_one_in_the_middle_is_an_error(tm
     b"\x89PNG\r\n\x1a\n\x00\x00binary", b"cell,status\na,ok\n", b"PK\x03\x04zip without a newline",
     b'{"my": "precious data"}',  # a whole JSON object without its newline is not torn
     b'{"x": 1}\n{"x": 2}', b"{'a': 1}\n", b'{"x": 1}\n',  # JSON lines, but not rows
+    b'{"a": 1,}', b'{"config": {"lr": 0.1', b'{"cell_id": 5, "mine": true}',  # cut or not
 ])
 def test_a_file_that_is_not_a_table_is_refused_and_left_alone(tmp_path, data):
     """Someone else's file is an error naming it, never 'no rows', and the writer does not
@@ -71,6 +72,14 @@ def test_a_whole_row_without_its_newline_counts_as_torn(tmp_path):
     path.write_bytes(data[:-1])  # the crash came between the row and its newline
     rows, size = read_rows(path)
     assert [r["cell_id"] for r in rows] == ["a"] and size == data.index(b"\n") + 1
+
+
+@pytest.mark.parametrize("cut", [1, 2, 13, 20])  # "{", '{"', the whole '{"cell_id": "', more
+def test_any_prefix_of_a_row_counts_as_torn(tmp_path, cut):
+    path = tmp_path / "table.jsonl"
+    whole = json.dumps({"cell_id": "a", "status": "ok"}) + "\n"
+    path.write_text(whole + json.dumps({"cell_id": "b", "status": "ok"})[:cut])
+    assert [r["cell_id"] for r in read_rows(path)[0]] == ["a"]
 
 
 def test_nul_bytes_after_a_power_loss_count_as_torn(tmp_path):
