@@ -20,7 +20,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 # An expert's gate and up projections in one launch (`triton_launch.gate_up`) on the Triton
-# path: off until a GPU times it against the three launches it replaces
+# path: off until a GPU times it against the four launches it replaces (w1, w3, silu, mul)
 # (benchmarks/gate_up.py; docs/results/kernels.md). MWQ at 2-4 tokens always takes the
 # separate launches: compiled for sm_90 the paired kernel spills there (192-696 B of stack).
 FUSED_GATE_UP = False
