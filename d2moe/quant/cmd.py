@@ -106,13 +106,34 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
             yield e, mats
             bar.update(1)
 
+    kept = _kept_unchecked(Path(out))
     # an error or Ctrl-C before close() removes the unfinished store; an old one stays
     with StoreWriter(out, spec, layout, source=source_record(model_dir)) as writer:
         bar = _progress(spec.layers * spec.experts, progress)
         for layer, hf_layer in enumerate(hf_layers):
             writer.write_layer(layer, experts_of(hf_layer))
         bar.close()
-        return writer.close()
+        index = writer.close()
+    if kept:
+        print(f"note: {out}: kept {', '.join(kept)} from the store before, which recorded no "
+              "source: whether they were made from these weights cannot be checked",
+              file=sys.stderr)
+    return index
+
+
+def _kept_unchecked(out: Path) -> list[str]:
+    """What a store at `out` written before stores recorded their source holds besides its
+    own files (StoreWriter carries it into the new store without a check)."""
+    import json
+
+    from d2moe.quant.store import INDEX_NAME, is_store_file
+
+    try:
+        if "source" in json.loads((out / INDEX_NAME).read_text(encoding="utf-8")):
+            return []
+        return sorted(p.name for p in out.iterdir() if not is_store_file(p.name))
+    except (OSError, ValueError, TypeError):  # no store there, or not one that can be read
+        return []
 
 
 class _NoBar:

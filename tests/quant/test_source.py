@@ -215,3 +215,16 @@ def test_quantize_over_a_store_of_other_weights_keeps_its_router_out(tmp_path):
         quantize_checkpoint(model, store, LAYOUT, progress=False)
     assert "expert_stats.json" in str(exc.value) and str(store) in str(exc.value)
     assert (store / INDEX_NAME).read_bytes() == index  # nothing written
+
+
+def test_quantize_over_a_store_without_a_source_says_what_it_kept_unchecked(tmp_path,
+                                                                             capsys):
+    model, _ = _checkpoint(tmp_path, "mixtral")
+    store = tmp_path / "store"
+    quantize_checkpoint(model, store, LAYOUT, progress=False)
+    _rewrite_index(store, lambda i: i.pop("source"))  # written before sources
+    (store / "router").mkdir()
+    quantize_checkpoint(model, store, LAYOUT, progress=False)
+    assert (store / "router").is_dir() and "kept router" in capsys.readouterr().err
+    quantize_checkpoint(model, store, LAYOUT, progress=False)  # now with a source: silent
+    assert capsys.readouterr().err == ""
