@@ -72,7 +72,7 @@ def _set_aside(store: Path) -> None:
     a router, expert statistics) to `cache_dir()/stale/`, saying so."""
     import time
 
-    from d2moe.quant.store import is_store_file
+    from d2moe.quant.store_files import is_store_file
 
     others = [p for p in store.iterdir() if not is_store_file(p.name)]
     if not others:

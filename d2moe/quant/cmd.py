@@ -124,16 +124,10 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
 def _kept_unchecked(out: Path) -> list[str]:
     """What a store at `out` written before stores recorded their source holds besides its
     own files (StoreWriter carries it into the new store without a check)."""
-    import json
+    from d2moe.quant.store_files import beside_store
 
-    from d2moe.quant.store import INDEX_NAME, is_store_file
-
-    try:
-        if "source" in json.loads((out / INDEX_NAME).read_text(encoding="utf-8")):
-            return []
-        return sorted(p.name for p in out.iterdir() if not is_store_file(p.name))
-    except (OSError, ValueError, TypeError):  # no store there, or not one that can be read
-        return []
+    old = beside_store(out)
+    return old[1] if old is not None and old[0] is None else []
 
 
 class _NoBar:

@@ -42,10 +42,15 @@ from d2moe.quant.nested import (
     level_nbytes,
 )
 from d2moe.quant.source import parse_source
+from d2moe.quant.store_files import (
+    INDEX_NAME,
+    beside_store,
+    fsync_dir,
+    replace_dir,
+)
 
 STORE_FORMAT = "d2moe.nested-store"
 STORE_VERSION = 1
-INDEX_NAME = "index.json"
 ALIGN_BYTES = 4096  # O_DIRECT needs offsets (and lengths) aligned to the logical block size
 TENSORS = ("w1", "w3", "w2")  # matching ModelSpec.expert_shapes
 # a level at least this large is checksummed on a helper thread while the next level is read
@@ -118,51 +123,6 @@ def index_digest(index: Mapping[str, Any]) -> str:
     return json_sha256(index, without="sha256")
 
 
-def is_store_file(name: str) -> bool:
-    """Whether `name` is one of a store's own files (index.json, layer_NNN.bin)."""
-    return name == INDEX_NAME or (name.startswith("layer_") and name.endswith(".bin"))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames inside directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename directory `new` (a sibling of `target`) to `target`. An existing `target`'s
-    files that are not the store's own (a router, expert statistics) are first copied into
-    `new` (the old store stays whole until the swap); the old store is renamed aside, put
-    back if the second rename fails, and removed after it. A crash between the two renames
-    leaves both stores, as hidden siblings."""
-    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old") \
-        if os.path.lexists(target) else None
-    try:
-        if old is not None:
-            for item in target.iterdir():
-                if not is_store_file(item.name):
-                    if item.is_dir():
-                        shutil.copytree(item, new / item.name, symlinks=True)
-                    else:
-                        shutil.copy2(item, new / item.name)
-            _fsync_dir(new)
-            os.rename(target, old)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)
-            raise
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except OSError as exc:
-        raise path_error(exc, target, "cannot replace the store directory") from None
-
-
 class StoreWriter:
     """Writes a store layer by layer; `close()` writes the index and moves the store into place.
 
@@ -208,17 +168,13 @@ class StoreWriter:
     def _check_others(self) -> None:
         """Refuse to carry a router or statistics, made from a store of other expert weights
         (another recorded source), into this one: they would pass for this store's."""
-        if self.source is None:
-            return
-        try:
-            old = json.loads((self._target / INDEX_NAME).read_text(encoding="utf-8"))["source"]
-            stale = old["expert_sha256"] != self.source["expert_sha256"]
-        except (OSError, ValueError, KeyError, TypeError):  # no old store, source or digest
-            return
-        others = sorted(p.name for p in self._target.iterdir() if not is_store_file(p.name))
-        if stale and others:
+        old = beside_store(self._target)
+        if self.source is None or old is None or not isinstance(old[0], dict):
+            return  # no old store, or one (or a new one) without a source: nothing to tell
+        (source, others) = old
+        if others and source.get("expert_sha256") != self.source["expert_sha256"]:
             raise UserError(f"holds {', '.join(others)}, made from a store of other expert "
-                            f"weights ({old.get('path')})", path=str(self.path),
+                            f"weights ({source.get('path')})", path=str(self.path),
                             fix="move them away first, or name another output directory")
 
     def __enter__(self) -> StoreWriter:
@@ -284,8 +240,8 @@ class StoreWriter:
             index["sha256"] = index_digest(index)
             with atomic_write(self.tmp / INDEX_NAME, "w") as f:
                 json.dump(index, f, indent=0)
-            _fsync_dir(self.tmp)
-            _replace_dir(self.tmp, self._target)
+            fsync_dir(self.tmp)
+            replace_dir(self.tmp, self._target)
         except BaseException:
             self.abort()
             raise
