@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """Built-in artefacts (the tiny model's store, profile scratch) go to a directory of the
+    test session's, never the user's ~/.cache/d2moe (D2MOE_CACHE, executor.setup.cache_dir)."""
+    old = os.environ.get("D2MOE_CACHE")
+    os.environ["D2MOE_CACHE"] = str(tmp_path_factory.mktemp("d2moe-cache"))
+    yield
+    if old is None:
+        os.environ.pop("D2MOE_CACHE", None)
+    else:
+        os.environ["D2MOE_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
