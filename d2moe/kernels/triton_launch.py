@@ -303,13 +303,14 @@ def gate_up(x: torch.Tensor, w1: PackedExpertMatrix, w3: PackedExpertMatrix, bit
     launch up to GEMV_MAX_TOKENS tokens (`config`: its GEMV launch); beyond, two tl.dot
     launches and the product in torch (there the products' time, not the launches', rules)."""
     bits = check_inputs(x, w1, bits)
-    check_inputs(x, w3, bits)
     same = ("kind", "b1", "bK", "group", "rows", "cols")
-    if any(getattr(w1, f) != getattr(w3, f) for f in same):
+    if any(getattr(w1, f) != getattr(w3, f) for f in same) or w3.device != w1.device:
         raise UserError(
-            f"w1 and w3 differ in shape or format: {[getattr(w1, f) for f in same]} against "
-            f"{[getattr(w3, f) for f in same]} ({', '.join(same)})", field="w3",
+            f"w1 and w3 differ in shape, format or device: {[getattr(w1, f) for f in same]} "
+            f"on {w1.device} against {[getattr(w3, f) for f in same]} on {w3.device} "
+            f"({', '.join(same)})", field="w3",
             fix="pass one expert's gate and up projections, quantized together")
+    w3.check_bits(bits)  # x's checks against w1 hold for w3: same shape, format, device
     m_tokens = x.shape[0]
     x = x.contiguous()
     out = output(x, w1.rows, out)

@@ -11,6 +11,7 @@ from tests.kernels.test_kernels import GEMV_TOL, _packed, _rel, _scattered, need
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 from d2moe.kernels.dispatch import expert_swiglu  # noqa: E402
+from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
 from d2moe.quant.reference import dequantize  # noqa: E402
 
 
@@ -88,6 +89,10 @@ def test_gate_up_rejects_a_mismatched_pair():
     _, w3m = _packed("mwq", 16, 64, 32)
     with pytest.raises(UserError, match="w1 and w3 differ"):
         gate_up(torch.randn(1, 64), w1, w3m, 4)
+    m3, _ = _packed("bitplane", 16, 64, 32)
+    w3_low = PackedExpertMatrix.from_nested(m3, bits=3)  # only 3 planes resident
+    with pytest.raises(UserError, match="outside"):
+        gate_up(torch.randn(1, 64), w1, w3_low, 4)
 
 
 @pytest.mark.gpu
