@@ -7,7 +7,8 @@ import sys
 
 SIM_SIDE = ("d2moe", "d2moe.cli", "d2moe.core", "d2moe.policies", "d2moe.sim", "d2moe.sim.cmd",
             "d2moe.traces", "d2moe.profiles", "d2moe.analysis", "d2moe.quant", "d2moe.kernels",
-            "d2moe.eval", "d2moe.demo")
+            "d2moe.eval", "d2moe.demo", "d2moe.quant.source", "d2moe.model.hf_names",
+            "d2moe.router.store")
 
 
 def test_simulator_side_never_imports_torch_or_matplotlib(tmp_path):

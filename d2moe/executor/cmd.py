@@ -114,7 +114,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
 
         router = load_router(cfg.router, spec=spec, store=store_path, device=str(device),
                              store_bits=(store.layout.b1, store.bits_stored),
-                             store_layout=store.layout)
+                             store_layout=store.layout, store_source=store.source)
     controller = capacity_controller(capacity, router)
     widest = policy.max_bits(max(router.bits) if router is not None else cfg.bits)
     budget = expert_budget(spec, store.layout, cfg.budget, cfg.bits, widest)

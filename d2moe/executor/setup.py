@@ -121,12 +121,9 @@ def check_match(spec: Any, store: Any, path: str | Path, model: str) -> None:
                             path=str(path), field=f"spec.{name}",
                             fix=f"quantize this model: d2moe quantize --model {model} "
                                 "--out STORE")
-    if model == "tiny":
-        from d2moe.model.load import tiny_dir
+    from d2moe.model.load import checkpoint_dir
 
-        check_source(tiny_dir(), store.source, path, model)
-    else:
-        check_source(model, store.source, path, model)
+    check_source(checkpoint_dir(model), store.source, path, model)
 
 
 def expert_budget(spec: Any, layout: QuantLayout, budget: str, bits: int,

@@ -233,7 +233,7 @@ def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any
 
     return load_router(cfg.router, spec=spec, store=store.path, device=device,
                        store_bits=(store.layout.b1, store.bits_stored),
-                       store_layout=store.layout)
+                       store_layout=store.layout, store_source=store.source)
 
 
 def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,

@@ -124,7 +124,11 @@ def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
     from d2moe.quant.store import StoreReader
 
     if cfg.weights == "model":
+        from d2moe.model.load import checkpoint_dir
+        from d2moe.quant.source import expert_sha256
+
         experts = model.experts
+        meta["expert_sha256"] = expert_sha256(checkpoint_dir(cfg.model))
         if store is not None and not cfg.out:  # written beside a store: it must be this model's
             with StoreReader(store) as reader:
                 check_match(spec, reader, store, cfg.model)
@@ -138,6 +142,8 @@ def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
             nested = store_matrices(reader)
             top = reader.bits_stored
             meta.update({"store": str(store), "bits": top, "layout": reader.layout.kind})
+            if reader.source is not None:
+                meta["expert_sha256"] = reader.source["expert_sha256"]
         experts = dense_backend(spec, lambda key: dequantize(nested[key], top))
     return stats_from_model(model, spec, ids, experts, ctx=cfg.ctx, batch=cfg.batch,
                             sample_tokens=cfg.sample_tokens, progress=cfg.progress, meta=meta)

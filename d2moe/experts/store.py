@@ -3,9 +3,11 @@
 {"format": "d2moe.expert-stats", "version": 1, "source", "layers", "experts",
 "importance" [L][E], "similarity" [L][E][E], "meta", "sha256"}: the digest is the SHA-256 of
 the other fields' canonical JSON (sorted keys, no spaces), so a damaged number is caught on
-read. Written atomically (`core.fileio.atomic_write`); loading checks the format, the
-checksum, the shapes and ranges, and against a model spec its layers and experts, and names
-the file in every error (the pattern of `router/store.py`).
+read. Statistics measured on a checkpoint keep its fingerprint in `meta.expert_sha256`
+(`quant.source`): a store quantized from other expert weights refuses them. Written
+atomically (`core.fileio.atomic_write`); loading checks the format, the checksum, the
+shapes and ranges, and against a model spec its layers and experts, and names the file in
+every error (the pattern of `router/store.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write, json_sha256
 from d2moe.policies.stats import ExpertStats
+from d2moe.quant.source import check_made_from
 
 STATS_FORMAT = "d2moe.expert-stats"
 STATS_VERSION = 1
@@ -64,10 +67,11 @@ def save_stats(path: str | Path, stats: ExpertStats) -> Path:
     return target
 
 
-def load_stats(ref: str | Path, *, spec: Any = None,
-               store: str | Path | None = None) -> ExpertStats:
+def load_stats(ref: str | Path, *, spec: Any = None, store: str | Path | None = None,
+               store_source: dict[str, str] | None = None) -> ExpertStats:
     """Read statistics from `ref` (file, directory or `auto` beside `store`), verified; with
-    `spec` (a ModelSpec) also require its layers and experts."""
+    `spec` (a ModelSpec) also require its layers and experts, with `store_source` (a store's
+    `source`) the expert weights they were measured on."""
     path = resolve(ref, store)
     where = str(path)
     if not path.is_file():
@@ -103,6 +107,10 @@ def load_stats(ref: str | Path, *, spec: Any = None,
                                 f"{spec.name!r} has {getattr(spec, name)}", path=where,
                                 field=name, fix="compute them for this model: d2moe experts "
                                                 "stats --model ...")
+    check_made_from(stats.meta.get("expert_sha256"), store_source, path=where,
+                    field="meta.expert_sha256", what="the statistics were measured on",
+                    fix="compute them for this store: d2moe experts stats --model ... --store "
+                        "STORE")
     return stats
 
 
@@ -139,7 +147,7 @@ def find_or_build_stats(option: str, *, model: str, store: str | Path,
     from d2moe.quant.store import StoreReader
 
     with StoreReader(store) as reader:
-        spec = reader.spec
+        spec, source = reader.spec, reader.source
     path = resolve(option, store)
     if str(option) == "auto" and not path.is_file():
         import sys
@@ -150,4 +158,4 @@ def find_or_build_stats(option: str, *, model: str, store: str | Path,
               file=sys.stderr)
         compute_stats(StatsConfig(model=model, store=str(store), out=str(path),
                                   progress=progress))
-    return load_stats(path, spec=spec)
+    return load_stats(path, spec=spec, store_source=source)

@@ -67,7 +67,7 @@ def _train_tiny(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from d2moe.core.sizes import fmt_bytes
-    from d2moe.model.load import load_model, tiny_dir, tiny_provenance
+    from d2moe.model.load import checkpoint_dir, load_model, tiny_provenance
 
     model, spec = load_model(args.model)
     counts = model.param_counts()
@@ -85,7 +85,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"one expert: {per_expert:,d} params = {fmt_bytes(per_expert * 2)} at fp16; all "
           f"{spec.layers * spec.experts} experts: {fmt_bytes(per_expert * 2 * spec.layers * spec.experts)}"  # noqa: E501
           f" at fp16; non-expert: {fmt_bytes(spec.non_expert_bytes)} at fp16")
-    where = tiny_dir() if args.model == "tiny" else Path(args.model)
+    where = checkpoint_dir(args.model)
     size = sum(f.stat().st_size for f in where.glob("*.safetensors"))
     print(f"checkpoint: {where} ({fmt_bytes(size)} of safetensors)")
     if args.model == "tiny":

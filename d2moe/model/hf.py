@@ -21,16 +21,8 @@ from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.spec import ModelSpec, read_hf_config, require_mapping, spec_from_hf_config
 from d2moe.model.config import ModelConfig
+from d2moe.model.hf_names import MOE_NAMES, SUPPORTED
 from d2moe.model.transformer import Transformer
-
-SUPPORTED = ("mixtral", "olmoe", "qwen2_moe")
-# Per architecture: (MoE module name, expert tensor names for our w1 gate, w3 up, w2 down).
-_MOE = {
-    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
-    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-}
-
 
 _FIX_DAMAGED = "the checkpoint file is damaged: copy or save it again"
 
@@ -111,7 +103,7 @@ def reading_checkpoint(path: Path) -> Iterator[None]:
 def tensor_map(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, our tensor, a view sharing storage) for every tensor of the checkpoint."""
     spec, cfg = model.spec, model.cfg
-    moe_name, (n1, n3, n2) = _MOE[cfg.arch]
+    moe_name, (n1, n3, n2) = MOE_NAMES[cfg.arch]
     yield "model.embed_tokens.weight", model.embed_tokens.weight
     for i, block in enumerate(model.layers):
         p = f"model.layers.{i}."

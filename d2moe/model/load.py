@@ -22,6 +22,11 @@ def tiny_dir() -> Path:
     return Path(__file__).resolve().parent / "tiny"
 
 
+def checkpoint_dir(ref: str | Path) -> Path:
+    """The checkpoint directory a model reference names (`tiny`: the shipped one)."""
+    return tiny_dir() if str(ref) == "tiny" else Path(ref)
+
+
 def tiny_provenance() -> dict[str, Any]:
     """The shipped tiny checkpoint's provenance record (command, date, machine, perplexity)."""
     path = tiny_dir() / "provenance.json"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.model.hf_names import expert_key
 from d2moe.quant.mwq import PLANE_FITS, quantize_mwq
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
-from d2moe.quant.source import expert_key, source_record
+from d2moe.quant.source import source_record
 from d2moe.quant.store import TENSORS, StoreWriter
 
 DEFAULT_FORMAT = "bitplane"  # measured on the tiny model: docs/results/mwq.md (verdict)

@@ -22,27 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
+from d2moe.model.hf_names import expert_key
 
 SAMPLES, SAMPLE_BYTES = 4, 1024  # per tensor: its first and last KiB, two between
-# HF tensor names of expert weights -> our tensor names (w1 gate, w3 up, w2 down).
-_PATTERNS = (
-    re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
-    re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)"
-               r"\.weight$"),
-)
-_HF_TO_OURS = {"w1": "w1", "w2": "w2", "w3": "w3", "gate_proj": "w1", "up_proj": "w3",
-               "down_proj": "w2"}
 _HEADER_MAX_BYTES = 100 << 20  # safetensors' own limit on the JSON header
-
-
-def expert_key(name: str) -> tuple[int, int, str] | None:
-    """(HF layer, expert, w1|w3|w2) of an expert weight's HF name (Mixtral or OLMoE
-    naming), else None."""
-    for pat in _PATTERNS:
-        m = pat.match(name)
-        if m:
-            return int(m.group(1)), int(m.group(2)), _HF_TO_OURS[m.group(3)]
-    return None
 
 
 def _header(path: Path) -> tuple[dict[str, Any], int]:
@@ -137,3 +120,19 @@ def check_source(model_dir: str | Path, source: dict[str, str] | None, store: st
                         f"than the model's ({model})", path=str(store), field="source",
                         fix=f"quantize this model: d2moe quantize --model {model} --out STORE, "
                             "or pass the store quantized from it")
+
+
+def check_made_from(recorded: Any, source: dict[str, str] | None, *, path: str, field: str,
+                    what: str, fix: str) -> None:
+    """UserError when a file made from one checkpoint's expert weights (its `recorded`
+    fingerprint, the `field` it is kept in) meets a store quantized from other ones; `what`
+    begins the message ("the router was trained on"). Where either side is unknown (a file
+    or a store from before fingerprints) it passes."""
+    if source is None or recorded is None:
+        return
+    if not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+        raise UserError("expected the 64 lowercase hex digits of an expert_sha256", path=path,
+                        field=field, fix=fix)
+    if recorded != source["expert_sha256"]:
+        raise UserError(f"{what} other expert weights than the store's ({source['path']})",
+                        path=path, field=field, fix=fix)

@@ -91,7 +91,7 @@ def open_router(model_ref: str, spec: Any, store: str, router_ref: str) -> tuple
     reader, store_path = open_store(model_ref, store)
     try:
         router = load_router(path, spec=spec, store_bits=(reader.layout.b1, reader.bits_stored),
-                             store_layout=reader.layout)
+                             store_layout=reader.layout, store_source=reader.source)
         check_store(reader, spec, router.bits, store_path, model_ref)
         weights = WidthWeights.from_store(reader, router.bits)
     finally:

@@ -3,7 +3,8 @@
 `router.json`: {"format": "d2moe.bit-router", "version": 1, "bits", "capacities", "alpha",
 "window", "layers", "hidden", "gate_width", "granularity" ("slot" | "token"; absent: token),
 "slots" (the model's top-k for a per-slot gate, else 0), "model", "layout" (the store's kind,
-b1, bK, group),
+b1, bK, group), "expert_sha256" (the fingerprint of the checkpoint its store was quantized
+from, `quant.source`; absent when that store recorded none),
 "sha256" (of gate.safetensors), "train" (the run's record), "record_sha256"}. The last is the
 SHA-256 of every other field as canonical JSON (sorted keys, no spaces: the pattern of
 d2moe/experts/store.py), so an edited capacity or window is caught like a damaged gate. A
@@ -24,6 +25,7 @@ from typing import Any
 
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write, json_sha256
+from d2moe.quant.source import check_made_from
 
 ROUTER_FORMAT = "d2moe.bit-router"
 ROUTER_VERSION = 1
@@ -73,11 +75,12 @@ def resolve(ref: str, store: str | Path | None) -> Path:
 
 def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int] | None = None,
                 store: str | Path | None = None, store_layout: Any = None,
-                device: str = "cpu") -> Any:
+                store_source: dict[str, str] | None = None, device: str = "cpu") -> Any:
     """A `BitRouter` from `ref` (directory, router.json or `auto`), checked against the model
-    `spec` (layers, hidden), the store's width range (b1, bits stored) and, with
-    `store_layout` (a QuantLayout), the quantization it was trained on (a store quantized
-    again in another format, b1, bK or group serves other weights at the same widths)."""
+    `spec` (layers, hidden), the store's width range (b1, bits stored), with `store_layout`
+    (a QuantLayout) the quantization it was trained on (a store quantized again in another
+    format, b1, bK or group serves other weights at the same widths) and with `store_source`
+    (the store's `source`) the expert weights that store was quantized from."""
     from safetensors.torch import load as st_load
 
     from d2moe.router.gate import BitGate, BitRouter
@@ -135,6 +138,9 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
                             f"{_layout_text(trained)}, this store is {_layout_text(mine)}",
                             path=where, field="layout",
                             fix="train a router for this store: d2moe router train --store ...")
+    check_made_from(meta.get("expert_sha256"), store_source, path=where, field="expert_sha256",
+                    what="the router was trained on a store quantized from",
+                    fix="train a router for this store: d2moe router train --store ...")
     gate = BitGate(layers, hidden, len(bits), width=width, slots=slots)
     state = st_load(data)
     want = {k: tuple(v.shape) for k, v in gate.state_dict().items()}

@@ -177,6 +177,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
         check_store(reader, spec, bits, store_path, cfg.model)
         weights = WidthWeights.from_store(reader, bits)
         layout = dataclasses.asdict(reader.layout)
+        source = reader.source
     finally:
         reader.close()
     model.eval().requires_grad_(False)
@@ -251,6 +252,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
         "window": cfg.window, "layers": spec.layers, "hidden": spec.hidden,
         "gate_width": cfg.gate_width, "granularity": cfg.granularity, "slots": slots,
         "model": cfg.model, "spec": spec.name, "store": str(store_path), "layout": layout,
+        **({"expert_sha256": source["expert_sha256"]} if source else {}),
         "target": cfg.target, "relax": cfg.relax, "tau": cfg.tau,
         "train": {"source": "measured", "command": _command(cfg),
                   "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

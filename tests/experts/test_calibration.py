@@ -98,6 +98,13 @@ def test_store_weights_and_the_command(store, tmp_path, capsys):
     assert stats.meta["weights"] == "store" and stats.meta["bits"] == 4  # highest stored
     own, _ = compute_stats(StatsConfig(weights="model", out=str(tmp_path / "own.json"),
                                        **SMALL))
+    from d2moe.model.load import tiny_dir
+    from d2moe.quant.source import expert_sha256
+    from d2moe.quant.store import StoreReader
+
+    with StoreReader(store) as reader:  # both record the weights they were measured on
+        assert stats.meta["expert_sha256"] == reader.source["expert_sha256"] == \
+            own.meta["expert_sha256"] == expert_sha256(tiny_dir())
     # 4-bit weights: close to the float experts' similarity
     np.testing.assert_allclose(np.asarray(stats.similarity), np.asarray(own.similarity),
                                atol=0.05)
@@ -144,6 +151,24 @@ def test_statistics_of_the_model_are_not_written_beside_another_models_store(sto
     with pytest.raises(UserError, match="field 'source'"):
         compute_stats(StatsConfig(weights="model", store=str(other), **SMALL))
     assert not (other / "expert_stats.json").exists()
+
+
+def test_statistics_of_other_weights_are_refused_beside_a_store(store, tmp_path):
+    import dataclasses
+
+    from d2moe.core.spec import load_spec
+    from d2moe.experts import save_stats, stats_from_trace
+    from d2moe.traces import synth_trace
+    from d2moe.traces.synth import SynthConfig
+
+    base = stats_from_trace(synth_trace(load_spec("tiny"), SynthConfig(decode_steps=4)))
+    assert find_or_build_stats(str(save_stats(tmp_path / "trace.json", base)), model="tiny",
+                               store=store) == base  # no weights behind them: nothing to check
+    other = dataclasses.replace(base, meta={**base.meta, "expert_sha256": "0" * 64})
+    path = save_stats(tmp_path / "other.json", other)
+    with pytest.raises(UserError, match=r"other\.json: field 'meta\.expert_sha256': the "
+                                        r"statistics were measured on other expert weights"):
+        find_or_build_stats(str(path), model="tiny", store=store)
 
 
 @pytest.mark.parametrize("cfg, match", [

@@ -115,6 +115,15 @@ def test_run_command_loads_the_router_and_refuses_a_mismatched_one(store, setup,
         "hidden": spec.hidden})
     with pytest.raises(UserError, match="chooses 6 bits, the store serves 2..4"):
         run(RunConfig(store=str(store), router=str(bad), out=str(tmp_path / "o2")))
+    other = tmp_path / "other"  # the same widths, trained on another checkpoint's store
+    save_router(other, BitGate(spec.layers, spec.hidden, 3), {
+        "bits": [2, 3, 4], "capacities": [1, 1, 1], "alpha": 0.0, "layers": spec.layers,
+        "hidden": spec.hidden, "expert_sha256": "e" * 64})
+    with StoreReader(store) as reader:
+        assert reader.source is not None  # else nothing could be compared
+    with pytest.raises(UserError, match=r"field 'expert_sha256': the router was trained on a "
+                                        r"store quantized from other expert weights"):
+        run(RunConfig(store=str(store), router=str(other), out=str(tmp_path / "o3")))
 
 
 def test_trace_record_cli_with_router_writes_the_widths(store, setup, tmp_path):

@@ -150,6 +150,11 @@ def test_router_cli_trains_one_step_and_describes_it(store, tmp_path, capsys):
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and "saved the gate of step" in printed
+    from d2moe.quant.store import StoreReader
+
+    with StoreReader(store) as reader:  # the weights it was trained on, for later checks
+        assert json.loads((out / "router.json").read_text())["expert_sha256"] == \
+            reader.source["expert_sha256"]
     assert main(["router", "info", str(out)]) == 0
     printed = capsys.readouterr().out
     assert '"capacities": [\n  0.3,' in printed and "granularity slot" in printed

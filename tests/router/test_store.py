@@ -108,6 +108,22 @@ def test_a_router_trained_on_another_quantization_of_the_store_is_refused(tmp_pa
         load_router(path, spec=spec, store_layout=QuantLayout(group=32))
 
 
+def test_a_router_from_another_checkpoints_store_is_refused(tmp_path, spec):
+    mine = {"path": "/ckpt/a", "expert_sha256": "a" * 64}
+    path = _save(tmp_path / "r", spec, expert_sha256="a" * 64)
+    for source in (mine, None):  # a store without a source cannot be compared: it passes
+        assert load_router(path, spec=spec, store_source=source).bits == (2, 3, 4)
+    with pytest.raises(UserError, match=r"router\.json: field 'expert_sha256': the router was "
+                                        r"trained on a store quantized from other expert "
+                                        r"weights than the store's \(/ckpt/b\)"):
+        load_router(path, spec=spec, store_source={"path": "/ckpt/b", "expert_sha256": "b" * 64})
+    old = _save(tmp_path / "old", spec)  # trained before stores recorded sources
+    assert load_router(old, spec=spec, store_source=mine).bits == (2, 3, 4)
+    _edit(path, resign=True, expert_sha256="A" * 64)
+    with pytest.raises(UserError, match="field 'expert_sha256': expected the 64 lowercase hex"):
+        load_router(path, spec=spec, store_source=mine)
+
+
 def test_a_granularity_that_disagrees_with_the_gate_is_refused(tmp_path, spec):
     path = _save(tmp_path / "r", spec, granularity="token")
     assert load_router(path, spec=spec).bits == (2, 3, 4)
