@@ -73,9 +73,13 @@ def _real_side(out: str) -> None:
     print(summary_line(result["summary"]))
     print(f"real above simulated: {out}/real/timeline-50pct.png; full table: {out}/real/table.txt"
           " (timings on a shared machine vary from run to run: docs/profiling.md)")
+    import torch
+
     from d2moe.profiles import load_profile
+    from d2moe.profiles.measure import device_name
 
     src = load_profile("cpu-2core").source
     print(f"the cpu-2core profile is of the project's development VM ({src.device}, measured "
-          f"{src.date}): on another machine the error holds the difference between the two; "
-          f"`d2moe validate --profile measure` measures this one first")
+          f"{src.date}; this machine: {device_name(torch.device('cpu'))}): on another machine "
+          "the error holds the difference between the two; `d2moe validate --profile measure` "
+          "measures this one first")

@@ -303,7 +303,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
     profile = Profile(
         name=name,
-        source=Source("measured", device=_device_name(device),
+        source=Source("measured", device=device_name(device),
                       date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                       command=command or "d2moe profile"),
         disk=disk, link=link, unified_memory=not cuda,
@@ -350,19 +350,26 @@ def _device(text: str) -> Any:
     return torch.device(text)
 
 
-def _device_name(device: Any) -> str:
+def device_name(device: Any) -> str:
+    """What a profile records of the machine: the GPU's name and host, or the CPU's model
+    name with its family and model numbers (a VM's name, "AMD EPYC", spans generations whose
+    speed differs 2x), cores and torch threads."""
     import torch
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {platform.node() or 'host'}"
-    model = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+            if not key.strip():  # the first processor's block ends at a blank line
                 break
     except OSError:
         pass
+    model = info.get("model name") or platform.processor() or platform.machine()
+    if info.get("cpu family") and info.get("model"):
+        model += f" (family {info['cpu family']}, model {info['model']})"
     return f"{model}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 

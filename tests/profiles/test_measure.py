@@ -30,6 +30,7 @@ from d2moe.profiles.executor_probes import (
 from d2moe.profiles.files import load_profile, profile_from_dict, save_profile
 from d2moe.profiles.measure import (
     ProfileConfig,
+    device_name,
     measure_profile,
     median_profile,
     sizes_up_to,
@@ -444,6 +445,18 @@ def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys)
     assert main(args[:-1] + ["--tokens", "0,x", "--no-progress"]) == 2
     assert main(["profile", "--device", "tpu", "--out", str(out)]) == 2
     assert main(args[:-1] + ["--rounds", "0", "--no-progress"]) == 2
+
+
+def test_the_cpu_name_carries_its_family_and_model(monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    read = Path.read_text
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 99\n")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: info
+                        if str(self) == "/proc/cpuinfo" else read(self, *a, **k))
+    assert device_name(torch.device("cpu")).startswith("AMD EPYC (family 26, model 2), ")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "model name\t: X\n")
+    assert device_name(torch.device("cpu")).startswith("X, ")  # no numbers: the name alone
 
 
 def test_shipped_cpu_profile_is_measured_and_covers_the_tiny_model() -> None:
