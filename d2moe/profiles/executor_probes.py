@@ -160,7 +160,8 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     the next load still pays about a fifth of it (development VM, 2026-11-23: after 3 ms
     idle 1510, 1114, 1049 us for loads 1-3 against 1011 in a stream;
     benchmarks/cold_loads.py). Each round takes every idle time once, shuffled, and one
-    stream; idle is measured on the thread (last load's end to the burst's start)."""
+    stream; idle is measured on the thread (last load's end to the burst's start). One
+    point per burst, so that `fit_ramp` can tell a cost from the bursts' noise."""
     import queue
     import threading
 
@@ -214,9 +215,8 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     for key in list(pool.blocks):
         _drop(pool, key)
     warm = statistics.fmean(steady)
-    return [(statistics.fmean(i for i, _ in got),
-             statistics.fmean(sum(spans) - len(spans) * warm for _, spans in got))
-            for got in bursts.values()]
+    return [(idle_us, sum(spans) - len(spans) * warm)
+            for got in bursts.values() for idle_us, spans in got]
 
 
 def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,

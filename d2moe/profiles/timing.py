@@ -48,10 +48,14 @@ def clear_excess(a: Sequence[float], b: Sequence[float] = (), z: float = 2.0) ->
     return diff if diff > z * se else 0.0
 
 
-def fit_ramp(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+def fit_ramp(points: Sequence[tuple[float, float]], z: float = 2.0) -> tuple[float, float]:
     """Fit extra_us = full_us * min(1, idle_us / ramp_us) to (idle_us, extra_us) points:
     (full_us, ramp_us), least squares; ramp_us from the points' idle times and a grid between
-    them (0: the full amount after any idle time). A fit below 0 gives (0, 0): no cost."""
+    them (0: the full amount after any idle time). A fit below 0 gives (0, 0): no cost; so
+    does one whose points past the ramp do not stand `z` standard errors clear of 0
+    (`clear_excess`): on a Mixtral-sized load (40 ms, bursts varying by tens of ms) two
+    stalls made a 7-17 ms "cold cost" that the real loads after a pause never paid
+    (docs/results/fidelity.md, 2026-11-24)."""
     idle = np.array([p[0] for p in points], float)
     extra = np.array([p[1] for p in points], float)
     top = float(idle.max(initial=0.0))
@@ -65,7 +69,8 @@ def fit_ramp(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
         if err < best[0]:
             best = (err, full, ramp)
     _, full, ramp = best
-    return (0.0, 0.0) if full <= 0 else (full, ramp)
+    past = [e for i, e in zip(idle.tolist(), extra.tolist(), strict=True) if i >= ramp]
+    return (0.0, 0.0) if full <= 0 or clear_excess(past, z=z) <= 0 else (full, ramp)
 
 
 def interleaved_means(fns: Sequence[Callable[[int], float | None]], repeats: int,

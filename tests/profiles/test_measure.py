@@ -278,6 +278,21 @@ def test_fit_ramp_by_hand() -> None:
     assert fit_ramp([(0.0, 3.0)]) == (0.0, 0.0)
 
 
+def test_fit_ramp_charges_no_cost_it_cannot_tell_from_noise() -> None:
+    # bursts of 40 ms loads: +-2 ms of noise and two 30 ms stalls (the Mixtral-shaped probe,
+    # 2026-11-24): least squares alone would charge a few ms to every load after a pause
+    noise = [-1500.0, 1000.0, -500.0, 2000.0, -1200.0, 800.0]
+    pts = [(idle, e) for idle in (1000.0, 5000.0, 20000.0) for e in noise]
+    pts += [(1000.0, 30000.0), (20000.0, 30000.0)]
+    assert fit_ramp(pts, z=-math.inf)[0] > 2000.0
+    assert fit_ramp(pts) == (0.0, 0.0)
+    # a steady 150 us after 20 ms of idle, +-10 us: clear of its noise, kept
+    clear = [(idle, 150.0 * min(1.0, idle / 10000.0) + d) for idle in (1000.0, 20000.0)
+             for d in (-10.0, 0.0, 10.0, 5.0)]
+    full, ramp = fit_ramp(clear)
+    assert full == pytest.approx(152.5, abs=5.0) and ramp > 0
+
+
 def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> None:
     import dataclasses
 
