@@ -65,8 +65,9 @@ def _real_side(out: str) -> None:
           "simulator replaying its routing on the measured cpu-2core profile")
     # the median of three real runs per row: one short run on a shared machine moves by
     # 10-20% from one to the next (docs/results/fidelity.md)
-    result = validate(ValidateConfig(policies="fifo,hebf", budgets="50%", max_new_tokens=24,
-                                     profile="cpu-2core", repeats=3, out=f"{out}/real"))
+    cfg = ValidateConfig(policies="fifo,hebf", budgets="50%", max_new_tokens=24,
+                         profile="cpu-2core", repeats=3, out=f"{out}/real")
+    result = validate(cfg)
     from d2moe.analysis.fidelity import short_table, summary_line
 
     print(short_table(result["rows"]))
@@ -76,10 +77,12 @@ def _real_side(out: str) -> None:
     import torch
 
     from d2moe.profiles import load_profile
-    from d2moe.profiles.measure import device_name
+    from d2moe.profiles.measure import device_name, torch_threads
 
     src = load_profile("cpu-2core").source
+    with torch_threads(cfg.threads):  # as the real side ran
+        here = device_name(torch.device("cpu"))
     print(f"the cpu-2core profile is of the project's development VM ({src.device}, measured "
-          f"{src.date}; this machine: {device_name(torch.device('cpu'))}): on another machine "
+          f"{src.date}; this machine: {here}): on another machine "
           "the error holds the difference between the two; `d2moe validate --profile measure` "
           "measures this one first")
