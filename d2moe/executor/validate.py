@@ -326,9 +326,10 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
               f"{'on' if store.direct_io else 'off'}, "
               f"{cfg.repeats} real run(s) per row (median kept, spread = (max - min) / median); "
               f"error = (sim - real) / real")
+    other = None if measure is not None else other_machine_line(profile, _device_of(model))
     report = "\n".join([header, format_table(table)]
                        + [router_line(b) for b in routed if "same_decisions" in b]
-                       + [summary_line(summary)])
+                       + [summary_line(summary)] + ([other] if other else []))
     with atomic_write(out / "table.txt") as f:
         f.write(report + "\n")
     data = {"config": asdict(cfg), "profile": profile.name, "summary": summary,
@@ -381,6 +382,23 @@ def router_line(row: dict[str, Any]) -> str:
             f"{row['real_decisions']} real / {row['sim_decisions']} simulated decisions "
             f"({'same count' if row['same_decisions'] else 'DIFFERENT counts'}), final shares "
             f"real {shares(row['real_shares'])}, simulated {shares(row['sim_shares'])}")
+
+
+def other_machine_line(profile: Any, device: str) -> str | None:
+    """A report line for a measured profile of another machine than the run's (its
+    recorded device name against this one's, same torch threads); None when they match or
+    the profile is estimated (its `basis` names what it stands for)."""
+    import torch
+
+    from d2moe.profiles.measure import device_name
+
+    src = profile.source
+    here = device_name(torch.device(device))
+    if src.kind != "measured" or src.device == here:
+        return None
+    return (f"the profile was measured on {src.device} ({src.date}), this run on {here}: the "
+            "error holds the difference between the two machines; `--profile measure` "
+            "profiles this one")
 
 
 def _slug(label: str) -> str:

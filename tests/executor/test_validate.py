@@ -20,6 +20,27 @@ def store_path(tiny_store_path):
     return tiny_store_path
 
 
+def test_a_measured_profile_of_another_machine_is_named_in_the_report():
+    import dataclasses
+
+    import torch
+
+    from d2moe.executor.validate import other_machine_line
+    from d2moe.profiles import load_profile
+    from d2moe.profiles.measure import device_name
+
+    shipped = load_profile("cpu-2core")
+    here = dataclasses.replace(shipped, source=dataclasses.replace(
+        shipped.source, device=device_name(torch.device("cpu"))))
+    assert other_machine_line(here, "cpu") is None
+    away = dataclasses.replace(shipped, source=dataclasses.replace(
+        shipped.source, device="Some CPU (family 1, model 1), 64 cores, torch 1 threads"))
+    line = other_machine_line(away, "cpu")
+    assert line.startswith("the profile was measured on Some CPU (family 1, model 1)")
+    assert device_name(torch.device("cpu")) in line and "--profile measure" in line
+    assert other_machine_line(load_profile("rtx3060-laptop"), "cpu") is None  # estimated
+
+
 def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_path):
     out = tmp_path / "v"
     cfg = ValidateConfig(store=str(store_path), profile="cpu-2core", policies="fifo,hebf",
@@ -29,11 +50,14 @@ def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_
     assert pairs == [("fifo", "25%"), ("hebf", "25%"), ("fifo", "100%"), ("hebf", "100%")]
     table = (out / "table.txt").read_text().splitlines()
     assert sum(1 for line in table if line.startswith(("fifo ", "hebf "))) == 4
-    # the summary, the cost ratios, and (when every cost moved one way) the drift line
+    # the summary, the cost ratios, and (when every cost moved one way) the drift line, and
+    # (on another machine than the shipped profile's) the line that says so
     at = next(i for i, line in enumerate(table) if line.startswith("tokens/s error"))
     assert table[at + 1].startswith("real / simulated time in decode steps")
     assert "loads" in table[at + 1]
-    assert len(table) - at in (2, 3) and (len(table) - at == 2 or "profile" in table[-1])
+    tail = table[at + 2:]
+    assert len(tail) <= 2 and all("the profile's time" in line or line.startswith(
+        "the profile was measured on") for line in tail)
     rows = json.loads((out / "fidelity.json").read_text())["rows"]
     assert all(set(r["real / sim time"]) <= {"loads", "expert runs", "non-expert"}
                and r["real / sim time"]["expert runs"] > 0 for r in rows)
