@@ -331,7 +331,9 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     slice, and what it takes beyond the layer's later runs is kept too. In turn with each
     resident round, the same model decodes under a quarter of the experts (FIFO: each layer
     loads): its rows right after a plan with loads, against the resident rows, give
-    `non_expert_after_load_us`.
+    `non_expert_after_load_us`, and its loads and runs the overlap speeds (on a large shape,
+    which loads one or two experts a step, it decodes on until MIN_BESIDE loads overlapped
+    runs, at most MORE_DECODES more times).
     """
     import torch
 
@@ -379,6 +381,14 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
             else:
                 run(backend, n, 1)
             bar.step("non-expert")
+    for _ in range(MORE_DECODES if 1 in tokens else 0):  # a large shape loads one or two
+        # experts a step: decode on, in turn as above, until the overlap speeds have enough
+        # loads beside runs to read (six in a Mixtral-shaped profile gave io 0.57-1.0)
+        if _loads_beside_runs([e for e in loaded.events if e.step >= first_loaded]) \
+                >= MIN_BESIDE:
+            break
+        run(backend, 2, 3)
+        run(loaded, 2, 6)
     timeline = backend.finish()
     loaded_events = [e for e in loaded.finish().events if e.step >= first_loaded]
     reader.close()
@@ -389,13 +399,23 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
 
 
 MIN_ALONE = 3  # jobs alone a lane needs before its nominal times are scaled to them
+MIN_BESIDE, MORE_DECODES = 16, 8  # loads beside runs the loaded probe aims for; at most
+# this many more of its five-step decodes to get them
+
+
+def _loads_beside_runs(events: Sequence[Any]) -> int:
+    """How many loads in `events` overlap a run: the samples of the overlap speeds."""
+    runs = [e for e in events if e.kind in ("run", "substitute")]
+    return sum(1 for ld in events if ld.kind in ("load", "prefetch") and any(
+        r.start_us < ld.end_us and r.end_us > ld.start_us for r in runs))
 
 
 def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, float], float],
                              run_us: Callable[[Any, bool, bool], float]) -> dict[str, float]:
     """Each lane's speed while the other is busy, read from a real run's rows as the fluid
     model of `sim/contention.py` has it: a job's nominal time = its time alone + speed x its
-    time beside the other lane's jobs, least squares over the jobs that overlapped.
+    time beside the other lane's jobs, summed over the jobs that overlapped (a ratio of
+    sums: the lane's total time is kept, and a few stalled jobs weigh by their length).
 
     `load_us(row, idle_us)`: a load row's nominal time (cold cost after `idle_us` included);
     `run_us(row, first_after_its_load, first_of_plan)`: a run row's. How the two lanes share
@@ -442,9 +462,14 @@ def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, floa
         alone = [(nominal, took) for nominal, took, over in jobs if over == 0]
         scale = (sum(took for _, took in alone) / sum(nominal for nominal, _ in alone)
                  if len(alone) >= MIN_ALONE and all(n > 0 for n, _ in alone) else 1.0)
-        # fluid model: took = nominal - speed x over + over, least squares in speed
-        num = sum(over * (nominal * scale - (took - over)) for nominal, took, over in jobs)
-        den = sum(over * over for _, _, over in jobs)
+        # fluid model: took = nominal - speed x over + over, so the work done beside the
+        # other lane, nominal - (took - over), is speed x over; summed over the jobs, the
+        # simulated lane is as busy as the real one. (Least squares weighted each job by its
+        # overlap: a few stalled loads, 3-4x the others, pulled a Mixtral-shaped profile's io
+        # speed to 0.05-0.5 where the real rows' loads ran 0.83 of their speed alone.)
+        beside = [job for job in jobs if job[2] > 0]
+        num = sum(nominal * scale - (took - over) for nominal, took, over in beside)
+        den = sum(over for _, _, over in beside)
         return round(min(1.0, max(0.05, num / den)), 3) if den > 0 else 1.0
 
     return {"overlap_io_speed": speed(io), "overlap_compute_speed": speed(cpu)}

@@ -164,6 +164,21 @@ def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
                                            "overlap_compute_speed": 0.05}
 
 
+def test_overlap_speed_keeps_the_lanes_total_time_through_a_stall() -> None:
+    """Nine loads of nominal 40 us took 45 beside a long run, a tenth stalled to 190: the
+    speed is the ratio of sums, 400 / 595, so ten loads at 40 / speed take the real 595 us
+    in all (least squares weighted the stall 18-fold: 0.438)."""
+    run = Event("compute", "run", 1, 0, 5, 4, 4, 1, 0, 0.0, 1000.0)
+    loads, t = [], 0.0
+    for took in [45.0] * 9 + [190.0]:
+        loads.append(Event("io", "load", 1, 0, 3, 0, 4, 0, 100, t, t + took))
+        t += took
+    got = overlap_speeds_from_rows([*loads, run], lambda e, idle: 40.0,
+                                   lambda e, first, plan_first: 1000.0)
+    assert got["overlap_io_speed"] == round(400 / 595, 3)
+    assert 10 * 40.0 / got["overlap_io_speed"] == pytest.approx(595.0, rel=1e-3)
+
+
 @given(st.lists(st.tuples(st.floats(1, 50), st.floats(1, 50), st.integers(-1, 3)),
                 min_size=1, max_size=5),
        st.floats(0.1, 1.0), st.floats(0.1, 1.0))
