@@ -164,6 +164,18 @@ def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
                                            "overlap_compute_speed": 0.05}
 
 
+def test_the_loaded_probe_counts_its_loads_beside_runs() -> None:
+    from d2moe.profiles.executor_probes import _loads_beside_runs
+
+    run = Event("compute", "run", 1, 0, 5, 4, 4, 1, 0, 10.0, 20.0)
+    loads = [Event("io", kind, 1, 0, 3, 0, 4, 0, 100, start, end) for kind, start, end in (
+        ("load", 0.0, 10.0),  # ends as the run starts: alone
+        ("load", 5.0, 11.0), ("prefetch", 19.0, 30.0), ("load", 12.0, 18.0),  # beside
+        ("load", 20.0, 25.0))]  # starts as the run ends: alone
+    assert _loads_beside_runs([*loads, run]) == 3
+    assert _loads_beside_runs(loads) == 0
+
+
 def test_overlap_speed_keeps_the_lanes_total_time_through_a_stall() -> None:
     """Nine loads of nominal 40 us took 45 beside a long run, a tenth stalled to 190: the
     speed is the ratio of sums, 400 / 595, so ten loads at 40 / speed take the real 595 us
