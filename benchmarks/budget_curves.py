@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ from d2moe.policies import policy_config
 from d2moe.profiles import load_profile
 from d2moe.profiles.measure import torch_threads
 from d2moe.quant.store import StoreReader
+from d2moe.sweep.table import table_line
 
 POLICIES = ("fifo,fifo-lfu,hebf,d2moe,hold-in-memory,hold-in-memory-int4,matryoshka-free,"
             "edgemoe,moqe-dynaio,sub-similar,sub-lower,hebf-prefetch")
@@ -102,7 +102,7 @@ def main() -> None:
               "wall_s": round(time.perf_counter() - t0, 1)}
     with atomic_write(Path(args.out)) as f:
         for row in rows:
-            f.write(json.dumps({**row, **header}) + "\n")
+            f.write(table_line({**row, **header}) + "\n")
     _report(rows)
     print(f"wrote {args.out} ({header['wall_s']} s); plot: d2moe plot budget {args.out}")
 

@@ -57,6 +57,7 @@ from d2moe.model.tokenizer import encode
 from d2moe.policies import POLICIES, policy_config
 from d2moe.profiles import load_profile
 from d2moe.profiles.measure import torch_threads
+from d2moe.sweep.table import table_line
 
 BITS = 4
 
@@ -167,7 +168,7 @@ def main() -> None:
         f.write("\n")
     with atomic_write(Path(args.quality)) as f:
         for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("policy", "budget", "decode_tokens_per_s",
+            f.write(table_line({k: r[k] for k in ("policy", "budget", "decode_tokens_per_s",
                                                   "ppl", "hit_rate")}) + "\n")
     print(f"wrote {args.json}, {args.quality} in {time.perf_counter() - t0:.0f} s")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -61,6 +62,16 @@ def test_every_verb_has_help_for_every_option(capsys):
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_simulate_help_names_every_shipped_spec_and_profile():
+    from d2moe.core.spec import shipped_specs
+    from d2moe.profiles.files import shipped_profiles
+    from d2moe.sim.cmd import SimulateConfig
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(SimulateConfig)}
+    assert [s for s in shipped_specs() if s not in helps["model_spec"]] == []
+    assert [p for p in shipped_profiles() if p not in helps["profile"]] == []
 
 
 def _one_line_error(capsys, *argv: str) -> str:

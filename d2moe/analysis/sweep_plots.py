@@ -26,9 +26,10 @@ MIB = 2**20
 def load_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a table: JSON lines or CSV (numbers parsed).
 
-    JSON lines are read by the sweep's own reader (`d2moe.sweep.table.read_rows`): a torn
-    last line is skipped, a bad line elsewhere or a row that fails its `row_sha256` is an
-    error. With a `cell_id` column, the last row per cell id wins (a resumed sweep's rerun)."""
+    JSON lines are read by the sweep's own reader (`d2moe.sweep.table.read_rows`), a
+    benchmark's rows too: a torn last line is skipped, a bad line elsewhere or a row that
+    fails its `row_sha256` is an error. With a `cell_id` column, the last row per cell id
+    wins (a resumed sweep's rerun)."""
     from d2moe.sweep.table import read_rows
 
     path = Path(path)
@@ -43,7 +44,7 @@ def load_table(path: str | Path) -> list[dict[str, Any]]:
                             ) from None
         rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(text.splitlines())]
     else:
-        rows = read_rows(path)[0]
+        rows = read_rows(path, any_rows=True)[0]
     if any("cell_id" in r for r in rows):
         rows = list({str(r.get("cell_id", i)): r for i, r in enumerate(rows)}.values())
     if not rows:

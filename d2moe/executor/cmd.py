@@ -127,7 +127,9 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
         gen = generate(model, list(encode(cfg.prompt)), cfg.max_new_tokens, backend=backend)
     finally:
         timeline = backend.finish()
-    timeline.meta.update({"prompt": cfg.prompt, "bits": cfg.bits, "store": str(store_path)})
+    resident_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    timeline.meta.update({"prompt": cfg.prompt, "bits": cfg.bits, "store": str(store_path),
+                          "non_expert_bytes": resident_params})
     if router is not None:
         timeline.meta["router"] = router.meta["path"]
         timeline.meta["capacity"] = (controller.record() if controller is not None else
@@ -142,8 +144,6 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     plot_bubbles([timeline], out / "bubbles.png", labels=[f"{policy.name} (real)"],
                  first_steps=3)
     io_note = "O_DIRECT on" if store.direct_io else "O_DIRECT off: the page cache may hide disk"
-    resident_params = sum(p.numel() * p.element_size() for p in model.parameters())
-    timeline.meta["non_expert_bytes"] = resident_params
     memory = (f"device memory: {fmt_bytes(resident_params)} non-expert weights (resident) + "
               f"{fmt_bytes(pool.capacity_bytes)} expert pool (allocated once; peak "
               f"{fmt_bytes(pool.accounting.peak_bytes)} of experts in use)")

@@ -46,8 +46,8 @@ class StatsConfig:
     ctx: int = field(default=256, metadata={"help": "tokens per calibration window"})
     batch: int = field(default=8, metadata={"help": "windows per forward"})
     out: str = field(default="", metadata={
-        "help": "output file; empty: <store>/expert_stats.json (with --trace: "
-                "<trace>.expert_stats.json)", "metavar": "FILE"})
+        "help": "output file; empty: <store>/expert_stats.json (with --trace: beside the "
+                "trace, t.npz -> t.expert_stats.json)", "metavar": "FILE"})
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
 
 

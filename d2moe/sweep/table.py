@@ -41,21 +41,35 @@ def row_digest(row: dict[str, Any]) -> str:
     return json_sha256(row, without=DIGEST, default=_plain)[:16]
 
 
-def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+def table_line(row: dict[str, Any]) -> str:
+    """A row as the table stores it: one line of JSON with its `row_sha256` (no newline).
+    Benchmarks that write JSON-lines tables of their own use it too, so edits show."""
+    line = json.dumps({**row, DIGEST: row_digest(row)}, default=_plain, allow_nan=True)
+    if "\n" in line:
+        raise ValueError("a table row must serialize to one line")
+    return line
+
+
+def read_rows(path: str | Path, *, any_rows: bool = False) -> tuple[list[dict[str, Any]], int]:
     """The complete rows of a table (without their digests) and the byte length they span.
 
     A torn last line, from a killed run, is left out (`TableWriter` cuts it off). Anything
     else that is not a row is a UserError, so that someone else's file is never appended
     to or cut: a line that is not a JSON object, an object with neither a digest nor a
     `cell_id`, or a row whose `row_sha256` does not match it
-    (edited by hand). A row without the digest (written before digests) is taken as it is."""
+    (edited by hand). A row without the digest (written before digests) is taken as it is.
+    `any_rows` (reading only, as the plots do): any JSON object is a row, the sweep's or a
+    benchmark's; digests are still checked where a row has one."""
     path = Path(path)
     if not path.exists():
         return [], 0
     *complete, tail = path.read_bytes().split(b"\n")  # after the last newline: torn or b""
+    if any_rows:  # reading only: a last row without its newline is a row, else torn
+        complete, tail = complete + [tail] * (_parse(tail) is not None), b""
     if not _torn(tail, last_of_file=True):
         raise UserError(f"line {len(complete) + 1} is not a row of a sweep table",
                         path=str(path), fix=_FIX_FOREIGN)
+    fix_edited = "delete or repair that line" if any_rows else _FIX_EDITED
     rows: list[dict[str, Any]] = []
     good = 0
     for i, line in enumerate(complete):
@@ -64,15 +78,15 @@ def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             if i == len(complete) - 1 and not tail and _torn(line):  # cut by a crash
                 break
             raise UserError(f"line {i + 1} is not a JSON object", path=str(path),
-                            fix=_FIX_EDITED if rows else _FIX_FOREIGN)
-        if row and DIGEST not in row and not _row_shaped(row):
+                            fix=fix_edited if rows or any_rows else _FIX_FOREIGN)
+        if row and DIGEST not in row and not any_rows and not _row_shaped(row):
             raise UserError(f"line {i + 1} is not a row of a sweep table (no cell_id or "
                             f"{DIGEST})", path=str(path), fix=_FIX_FOREIGN)
         # a complete line that parses was not torn: a digest mismatch, even on the last
         # line, is an edit (pop: the rows returned hold the data only)
         if DIGEST in row and row_digest(row) != row.pop(DIGEST):
-            raise UserError(f"line {i + 1} does not match its {DIGEST} (edited after the "
-                            "sweep wrote it?)", path=str(path), field=DIGEST, fix=_FIX_EDITED)
+            raise UserError(f"line {i + 1} does not match its {DIGEST} (edited after it "
+                            "was written?)", path=str(path), field=DIGEST, fix=fix_edited)
         if row:
             rows.append(row)
         good += len(line) + 1
@@ -135,10 +149,7 @@ class TableWriter:
 
     def append(self, row: dict[str, Any]) -> None:
         """Write one row and its digest as one complete line, then flush and fsync."""
-        line = json.dumps({**row, DIGEST: row_digest(row)}, default=_plain, allow_nan=True)
-        if "\n" in line:
-            raise ValueError("a table row must serialize to one line")
-        self._f.write(line + "\n")
+        self._f.write(table_line(row) + "\n")
         self._sync()
         self.rows.append(row)
 

@@ -137,6 +137,35 @@ def test_load_table_checks_the_digest_of_a_sweep_table(tmp_path, capsys):
     _plot_error(capsys, ["plot", "budget", str(path)], str(path))
 
 
+def test_a_benchmarks_jsonl_without_cell_ids_plots_and_its_digests_are_checked(tmp_path,
+                                                                              capsys):
+    """Benchmarks (budget_curves.py, substitution.py) write rows of their own: no cell_id,
+    a digest per row through `table_line`; rows from before digests, without either."""
+    from d2moe.sweep.table import read_rows, table_line
+
+    quality = [{"policy": p, "budget": b, "decode_tokens_per_s": 30.0 + i, "ppl": 5.0 + i,
+                "run_kind": "measured"}
+               for i, (p, b) in enumerate([("fifo", "25%"), ("hebf", "25%"), ("fifo", "50%")])]
+    plain = tmp_path / "plain.jsonl"  # no digests, and no newline after the last row
+    plain.write_text("\n".join(json.dumps(r) for r in quality))
+    assert load_table(plain) == quality
+    assert main(["plot", "quality", str(plain), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "quality.png").read_bytes()[:8] == PNG
+    with pytest.raises(UserError, match="is not a row of a sweep table"):
+        read_rows(plain)  # appending to it (a sweep's resume) is still refused
+
+    signed = tmp_path / "signed.jsonl"
+    signed.write_text("".join(table_line(r) + "\n" for r in quality))
+    assert load_table(signed) == quality
+    signed.write_text(signed.read_text().replace('"ppl": 6.0', '"ppl": 0.5'))
+    with pytest.raises(UserError, match="line 2 does not match"):
+        load_table(signed)
+    plain.write_text(plain.read_text() + '\n{"policy": "fi')  # cut inside a row
+    assert load_table(plain) == quality
+    plain.write_text(plain.read_text() + "\nnot json\n")
+    _plot_error(capsys, ["plot", "quality", str(plain)], str(plain))
+
+
 @pytest.mark.parametrize("name", ["binary.jsonl", "binary.csv"])
 def test_a_binary_table_is_a_user_error(tmp_path, capsys, name):
     path = tmp_path / name

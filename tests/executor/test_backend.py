@@ -3,6 +3,7 @@ holds, both phases run, and mismatches are clear errors."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from d2moe.analysis import compute_metrics
 from d2moe.core.errors import UserError
+from d2moe.core.events import load_timeline
 from d2moe.core.sizes import QuantLayout, all_experts_bytes, expert_bytes
 from d2moe.eval.ppl import dense_backend, store_matrices
 from d2moe.executor.backend import StreamingExperts
@@ -161,6 +163,10 @@ def test_run_command_and_its_errors(store_path, tmp_path):
     result = run(cfg)
     assert (tmp_path / "events.npz").is_file() and (tmp_path / "bubbles.png").is_file()
     assert "tok/s" in result["summary"] and result["text"].startswith(cfg.prompt)
+    meta = json.loads((tmp_path / "metrics.json").read_text())["meta"]  # formats.md's keys
+    assert load_timeline(tmp_path / "events.npz").meta == meta
+    assert {"prompt", "bits", "store", "non_expert_bytes"} <= meta.keys()
+    assert meta["non_expert_bytes"] > 0 and meta["bits"] == cfg.bits
     with pytest.raises(UserError, match="smaller than one expert"):
         run(RunConfig(store=str(store_path), budget="1KiB", out=str(tmp_path)))
     with pytest.raises(UserError, match="not a nested store"):
