@@ -131,6 +131,13 @@ def read_yaml(path: str | Path) -> Any:
                         fix="correct the YAML syntax") from None
 
 
+def malformed_json(exc: json.JSONDecodeError) -> str:
+    """The message of a JSON syntax error, with where it is: json's own `msg` stops short
+    ("Unterminated string starting at") and leaves the position to `lineno` and `colno`."""
+    sep = " " if exc.msg.endswith(" at") else " at "
+    return f"malformed JSON: {exc.msg}{sep}line {exc.lineno}, column {exc.colno}"
+
+
 def check_keys(data: Any, allowed: set[str] | tuple[str, ...], *, path: str, where: str = "",
                required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Require a mapping whose keys are all in `allowed` and include `required`."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import check_keys, read_yaml
+from d2moe.core.fileio import check_keys, malformed_json, read_yaml
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as exc:
-        raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}", path=str(path),
+        raise UserError(malformed_json(exc), path=str(path),
                         fix="correct the JSON") from None
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text", path=str(path),

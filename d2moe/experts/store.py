@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, json_sha256
+from d2moe.core.fileio import atomic_write, json_sha256, malformed_json
 from d2moe.policies.stats import ExpertStats
 from d2moe.quant.source import check_made_from
 
@@ -82,7 +82,7 @@ def load_stats(ref: str | Path, *, spec: Any = None, store: str | Path | None = 
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text: the file is damaged", path=where, fix=_FIX) from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}: the file is damaged",
+        raise UserError(f"{malformed_json(exc)}: the file is damaged",
                         path=where, fix=_FIX) from None
     if not isinstance(record, dict) or record.get("format") != STATS_FORMAT:
         raise UserError("not an expert statistics file", path=where, field="format",

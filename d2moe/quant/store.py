@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, ensure_dir, json_sha256, path_error
+from d2moe.core.fileio import atomic_write, ensure_dir, json_sha256, malformed_json, path_error
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec, spec_from_dict
 from d2moe.quant.nested import (
@@ -281,7 +281,7 @@ class StoreReader:
             raise UserError("not a UTF-8 JSON file", path=str(index_path),
                             fix=DAMAGED_FIX) from None
         except json.JSONDecodeError as exc:
-            raise UserError(f"malformed JSON: {exc.msg} at line {exc.lineno}",
+            raise UserError(malformed_json(exc),
                             path=str(index_path), fix=DAMAGED_FIX) from None
         except OSError as exc:
             raise path_error(exc, index_path, "cannot read it") from None

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, json_sha256
+from d2moe.core.fileio import atomic_write, json_sha256, malformed_json
 from d2moe.quant.source import check_made_from
 
 ROUTER_FORMAT = "d2moe.bit-router"
@@ -97,7 +97,7 @@ def load_router(ref: str | Path, *, spec: Any = None, store_bits: tuple[int, int
     except UnicodeDecodeError:
         raise UserError("not a UTF-8 JSON file", path=where, fix=_FIX) from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"malformed JSON: {exc.msg}", path=where, fix=_FIX) from None
+        raise UserError(malformed_json(exc), path=where, fix=_FIX) from None
     if not isinstance(meta, dict) or meta.get("format") != ROUTER_FORMAT:
         raise UserError("not a router record", path=where, field="format",
                         fix="point --router at a directory written by d2moe router train")

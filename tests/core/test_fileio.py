@@ -14,6 +14,7 @@ from d2moe.core.fileio import (
     check_keys,
     check_writable,
     ensure_dir,
+    malformed_json,
     path_error,
     read_yaml,
 )
@@ -110,3 +111,16 @@ def test_check_writable_fails_before_the_work_and_leaves_nothing(tmp_path):
         check_writable(tmp_path, field="out")
     check_writable(tmp_path / "new" / "out.yaml")  # makes the directory, leaves no file
     assert list((tmp_path / "new").iterdir()) == []
+
+
+@pytest.mark.parametrize("text,where", [('{"a": "cut', "line 1, column 7"),
+                                        ('{\n "a": 1,\n', "line 3, column 1"),
+                                        ("", "line 1, column 1")])
+def test_malformed_json_says_where_and_never_stops_mid_sentence(text, where):
+    import json
+
+    with pytest.raises(json.JSONDecodeError) as err:
+        json.loads(text)
+    message = malformed_json(err.value)
+    assert message.startswith("malformed JSON: ") and message.endswith(where)
+    assert " at at " not in message and not message.endswith(" at")

@@ -76,6 +76,16 @@ def test_a_binary_record_is_a_user_error(tmp_path, spec):
         load_router(path)
 
 
+def test_a_truncated_record_says_where_the_json_breaks(tmp_path, spec):
+    path = _save(tmp_path / "r", spec)
+    text = (path / "router.json").read_text()
+    (path / "router.json").write_text(text[:text.index('"capacities"') + 5])  # cut in a key
+    with pytest.raises(UserError) as err:
+        load_router(path)
+    assert "malformed JSON: Unterminated string starting at line" in str(err.value)
+    assert ", column " in str(err.value)
+
+
 def test_a_save_interrupted_after_the_gate_is_refused_as_a_damaged_pair(tmp_path, spec,
                                                                          monkeypatch):
     path = _save(tmp_path / "r", spec, seed=1)
