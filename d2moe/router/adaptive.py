@@ -237,16 +237,22 @@ def run_bits(events: Iterable, first_step: int = 0) -> float:
 
 def describe(meta: dict, avg_bits: float, source: str = "measured") -> str:
     """One summary line of a router run's capacities (timeline.meta['capacity']); `source`
-    labels the average bits: measured (executor) or simulated."""
+    labels the average bits: measured (executor) or simulated. A run shorter than one
+    adaptive window made no decision: the line says so (shares still the trained ones)."""
     if "decisions" not in meta:
         shares = "/".join(f"{s:.2f}" for s in meta["shares"])
         return (f"bit-width router: fixed capacities {shares} (window {meta['window']}); "
                 f"average bits {avg_bits:.3f} over decode runs ({source})")
     ds = meta["decisions"]
-    last = "/".join(f"{s:.2f}" for s in (ds[-1]["shares"] if ds else meta["trained"]))
+    trained = "/".join(f"{s:.2f}" for s in meta["trained"])
+    tail = f"average bits {avg_bits:.3f} over decode runs ({source})"
+    if not ds:
+        return (f"bit-width router: adaptive capacities, no decisions yet (one per "
+                f"{meta['window_steps']} decode steps; the run had fewer), shares the trained "
+                f"{trained}; {tail}")
+    last = "/".join(f"{s:.2f}" for s in ds[-1]["shares"])
     fracs = ", ".join(f"{d['stall_fraction']:.3f}" for d in ds[:8])
     more = ", ..." if len(ds) > 8 else ""
     return (f"bit-width router: adaptive capacities, {len(ds)} decisions of "
             f"{meta['window_steps']} decode steps (stall fractions {fracs}{more}), shares now "
-            f"{last} (trained {'/'.join(f'{s:.2f}' for s in meta['trained'])}); average bits "
-            f"{avg_bits:.3f} over decode runs ({source})")
+            f"{last} (trained {trained}); {tail}")

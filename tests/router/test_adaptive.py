@@ -14,6 +14,7 @@ from d2moe.router.adaptive import (
     CapacityConfig,
     StepObservation,
     decide,
+    describe,
     mean_bits,
     run_bits,
     step_observation,
@@ -141,3 +142,14 @@ def test_persistent_stalls_go_to_fewest_bits_and_no_stalls_come_back(ceiling):
         seen.append(mean_bits(s, BITS))
     assert all(b >= a - 1e-12 for a, b in zip(seen[41:], seen[42:], strict=False))
     assert s == approx(TRAINED if ceiling == "trained" else (0.1, 0.1, 0.8))
+
+
+def test_describe_a_run_shorter_than_one_window_says_no_decisions():
+    ctl = AdaptiveCapacity(TRAINED, CFG, window_steps=16)
+    line = describe(ctl.record(), 3.0, "measured")
+    assert "stall fractions" not in line and "()" not in line
+    assert "no decisions yet (one per 16 decode steps" in line and "0.30/0.40/0.30" in line
+    for i in range(16):
+        ctl.observe(StepObservation(i + 1, 1000, 60, 0, 1))
+    assert "1 decisions of 16 decode steps (stall fractions 0.060)" in describe(
+        ctl.record(), 3.0, "measured")
