@@ -159,7 +159,7 @@ def test_an_unhandled_os_error_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("d2moe.traces.cmd.save_trace", refuse)
     out = tmp_path / "t.npz"
     line = _one_line_error(capsys, "trace", "synth", "--model-spec", "tiny", "--out", str(out))
-    assert line == (f"d2moe trace: error: {out}: Permission denied "
+    assert line == (f"d2moe trace synth: error: {out}: Permission denied "
                     "(fix: check the path and its permissions)")
 
 
@@ -200,3 +200,39 @@ def test_a_bad_option_value_is_one_line_not_the_usage_block(capsys, argv):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
     assert err.startswith(f"d2moe {argv[0]}: error: argument {argv[1]}") and "--help" in err
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"d2moe {version('d2moe')}"
+
+
+@pytest.mark.parametrize("verb,unknown", [("simulate", "--budgte 10%"),
+                                          ("trace synth", "--nope")])
+def test_an_unknown_option_points_at_the_verbs_help(capsys, verb, unknown):
+    with pytest.raises(SystemExit) as exc:
+        main([*verb.split(), *unknown.split()])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"d2moe {verb}: error: unrecognized arguments: "
+                                       f"{unknown} (fix: see d2moe {verb} --help)\n")
+
+
+def test_errors_name_the_full_sub_verb(capsys, tmp_path):
+    line = _one_line_error(capsys, "trace", "info", str(tmp_path / "none.npz"))
+    assert line.startswith("d2moe trace info: error: ")
+
+
+def test_version_falls_back_to_the_package_attribute(monkeypatch):
+    import importlib.metadata
+
+    import d2moe
+    from d2moe.cli import version
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert version() == d2moe.__version__
