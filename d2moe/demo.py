@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from d2moe.core.cliargs import add_out_option
 from d2moe.sim.cmd import SimulateConfig, run_simulations
 
 DEMO = SimulateConfig(model_spec="mixtral-8x7b", profile="rtx3060-laptop", policy="fifo,hebf",
@@ -31,7 +32,7 @@ def register(subparsers: Any) -> None:
         description="Simulate Mixtral-8x7B routing on the RTX 3060 laptop profile (estimated) "
                     "with what its 6 GiB leave for experts (2.5 GiB), FIFO against HEBF; "
                     "print the table and write the bubble timeline and metrics to --out.")
-    p.add_argument("--out", default=DEMO.out, help=f"output directory (default: {DEMO.out})")
+    add_out_option(p, default=DEMO.out, help_text="output directory")
     p.add_argument("--real", default=True, action=argparse.BooleanOptionalAction,
                    help="also run the tiny model for real on the CPU and compare it with the "
                         "simulator (needs torch; default: on)")

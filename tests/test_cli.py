@@ -202,6 +202,56 @@ def test_a_bad_option_value_is_one_line_not_the_usage_block(capsys, argv):
     assert err.startswith(f"d2moe {argv[0]}: error: argument {argv[1]}") and "--help" in err
 
 
+def _parsers(parser=None, name="d2moe"):
+    """Every (full verb, parser) pair, sub-verbs included (argparse internals)."""
+    import argparse
+
+    parser = parser or build_parser()
+    yield name, parser
+    for action in parser._actions:  # noqa: SLF001
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for sub_name, sub in action.choices.items():
+                yield from _parsers(sub, f"{name} {sub_name}")
+
+
+def _options(parser):
+    return [a for a in parser._actions if a.option_strings and a.dest != "help"]  # noqa: SLF001
+
+
+@pytest.mark.parametrize("verb,rest", [
+    ("demo", ()), ("simulate", ()), ("serve", ()), ("sweep", ("grid.yaml",)), ("run", ()),
+    ("validate", ()), ("profile", ()), ("trace synth", ()), ("trace record", ()),
+    ("quantize", ("--model", "tiny"))])
+def test_an_empty_out_is_one_line_and_writes_nothing(capsys, tmp_path, monkeypatch, verb,
+                                                      rest):
+    monkeypatch.chdir(tmp_path)  # `--out ''` used to write here (demo: below /)
+    with pytest.raises(SystemExit) as exc:
+        main([*verb.split(), *rest, "--out", ""])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"d2moe {verb}: error: field 'out': must not be empty")
+    assert "(fix: pass a path, e.g. --out " in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [("experts", "stats"), ("router", "train"),
+                                  ("plot", "budget", "t.jsonl"), ("model", "train-tiny")])
+def test_an_empty_out_still_means_the_default_place_where_it_is_the_default(argv):
+    args = build_parser().parse_args([*argv, "--out", ""])
+    assert args.out == ""
+
+
+def test_string_defaults_with_spaces_or_brackets_are_quoted():
+    from d2moe.core.cliargs import default_note
+
+    assert default_note("prompt", "def fib(") == " (default: 'def fib(')"
+    assert default_note("p", "a\nb") == " (default: 'a\\nb')"
+    assert default_note("budget", "50%") == " (default: 50%%)"  # argparse %-formats help
+    assert default_note("out", "") == "" and default_note("n (default: auto)", "x") == ""
+    helps = {a.dest: a.help for a in _options(dict(_parsers())["d2moe run"])}
+    assert helps["prompt"].endswith("(default: 'def fib(')")
+
+
 def test_version(capsys):
     from importlib.metadata import version
 

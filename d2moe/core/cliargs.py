@@ -1,18 +1,67 @@
 """Build argparse options from a frozen config dataclass: defaults live in one place.
 
 Each field becomes `--field-name` with the field's default; `help` comes from the field's
-metadata (`field(default=..., metadata={"help": "..."})`).
+metadata (`field(default=..., metadata={"help": "..."})`), with "(default: X)" appended
+unless the help states its default itself or the default is empty (`default_note`).
+
+An output path (a string field named `out`) whose default is not empty must not be given
+empty: `--out ''` would write into the current directory, or below `/` where the verb joins
+it as `{out}/sub`. It is a UserError naming the option, raised while parsing (`out_path`).
+Where `out` defaults to empty, empty means "the default place" and the help says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from d2moe.core.errors import UserError
 
 T = TypeVar("T")
+
+
+# a default shown as is in help; any other string (spaces, brackets, quotes, a newline) is
+# shown quoted, as Python writes it, so where it ends is plain
+_PLAIN_DEFAULT = re.compile(r"[\w.,:;/%+<>@*=-]+")
+# help that states its own default ("(default: the file name ...)", "1 by default: ...")
+_STATES_DEFAULT = re.compile(r"\bdefault:")
+
+
+def default_note(help_text: str, default: Any) -> str:
+    """The " (default: X)" appended to an option's help: none where the help states its
+    default itself or the default is empty or None (the help then says what empty means);
+    a string default that is not one plain word is quoted; `%` is escaped for argparse."""
+    if default is None or default == "" or _STATES_DEFAULT.search(help_text):
+        return ""
+    shown = str(default)
+    if isinstance(default, str) and not _PLAIN_DEFAULT.fullmatch(default):
+        shown = repr(default)
+    return f" (default: {shown})".replace("%", "%%")  # argparse %-formats help strings
+
+
+def out_path(option: str, example: str) -> Callable[[str], str]:
+    """The argparse `type` of an output path option (`example`: a path to suggest, its default):
+    an empty value is a UserError naming `option`, not a write into the current directory."""
+
+    def check(text: str) -> str:
+        if not text:
+            raise UserError("must not be empty (it would write into the current directory "
+                            "or the filesystem root)", field=option,
+                            fix=f"pass a path, e.g. --{option} {example}")
+        return text
+
+    return check
+
+
+def add_out_option(parser: argparse.ArgumentParser, *, default: str, help_text: str,
+                   metavar: str | None = None) -> None:
+    """`--out` added by hand (a verb without a config dataclass), as `add_fields` adds a
+    config's `out` field: the same default note and the same check against an empty path."""
+    parser.add_argument("--out", type=out_path("out", default), default=default,
+                        metavar=metavar, help=help_text + default_note(help_text, default))
 
 
 def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
@@ -23,16 +72,19 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
-        shown = str(default).replace("%", "%%")  # argparse %-formats help strings
-        help_text = f.metadata.get("help", "") + f" (default: {shown})"
+        option = f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        help_text += default_note(help_text, default)
         if isinstance(default, bool):
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        else:
-            kind = type(default) if isinstance(default, (int, float)) else str
-            parser.add_argument(flag, type=kind, default=default, help=help_text,
-                                metavar=f.metadata.get("metavar"))
+            parser.add_argument("--" + option, default=default,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        kind: Callable[[str], Any] = (type(default) if isinstance(default, (int, float))
+                                      else str)
+        if f.name == "out" and default:
+            kind = out_path(option, default)
+        parser.add_argument("--" + option, type=kind, default=default, help=help_text,
+                            metavar=f.metadata.get("metavar"))
 
 
 def model_field(note: str = "") -> Any:

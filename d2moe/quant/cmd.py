@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from d2moe.core.cliargs import out_path
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes
 from d2moe.model.hf_names import expert_key
@@ -180,7 +181,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True,
                    help="`tiny` (the built-in model) or an HF checkpoint directory "
                         "(config.json + *.safetensors)")
-    p.add_argument("--out", required=True, help="store directory to write")
+    p.add_argument("--out", required=True, type=out_path("out", "out/store"),
+                   help="store directory to write")
     p.add_argument("--bits", default="2:8", help="b1:bK, smallest and largest bit-width "
                    "(default: 2:8)")
     p.add_argument("--group", type=int, default=64, help="weights per scale group along the "

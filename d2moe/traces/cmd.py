@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, add_out_option, from_args
 from d2moe.core.spec import load_spec
 from d2moe.traces.schema import DECODE, PREFILL, Trace, load_trace, save_trace
 from d2moe.traces.synth import SynthConfig, synth_trace
@@ -28,8 +28,8 @@ def register(subparsers: Any) -> None:
                        help="shipped spec name, spec YAML or HF config.json "
                             "(default: mixtral-8x7b)")
     add_fields(synth, SynthConfig)
-    synth.add_argument("--out", default="trace.npz", metavar="FILE.npz",
-                       help="where to write the trace (default: trace.npz)")
+    add_out_option(synth, default="trace.npz", metavar="FILE.npz",
+                   help_text="where to write the trace")
     synth.set_defaults(func=_synth)
 
     rec = actions.add_parser("record", help="record a trace from a real model's routing",
@@ -54,8 +54,8 @@ def register(subparsers: Any) -> None:
                           "adaptive re-places them)")
     rec.add_argument("--store", default="", metavar="DIR",
                      help="nested store for --router (default: the router's own store)")
-    rec.add_argument("--out", default="trace.npz", metavar="FILE.npz",
-                     help="where to write the trace (default: trace.npz)")
+    add_out_option(rec, default="trace.npz", metavar="FILE.npz",
+                   help_text="where to write the trace")
     rec.set_defaults(func=_record)
 
     info = actions.add_parser("info", help="summarize a trace",
