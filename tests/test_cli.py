@@ -241,6 +241,23 @@ def test_an_empty_out_still_means_the_default_place_where_it_is_the_default(argv
     assert args.out == ""
 
 
+def test_every_verb_and_sub_verb_has_a_description():
+    for name, parser in _parsers():
+        if name != "d2moe":
+            assert parser.description, f"{name} has no description"
+            assert not parser.description.startswith("`"), name  # not a module docstring
+
+
+def test_help_states_each_default_once_and_never_an_empty_one():
+    for name, parser in _parsers():
+        for action in _options(parser):
+            text, flag = action.help or "", f"{name} {action.option_strings[0]}"
+            assert "(default: )" not in text, flag
+            assert text.count("default:") <= 1, flag
+            if action.default == "" and not action.required:  # empty means something
+                assert "empty" in text or "default:" in text, flag
+
+
 def test_string_defaults_with_spaces_or_brackets_are_quoted():
     from d2moe.core.cliargs import default_note
 
@@ -250,6 +267,22 @@ def test_string_defaults_with_spaces_or_brackets_are_quoted():
     assert default_note("out", "") == "" and default_note("n (default: auto)", "x") == ""
     helps = {a.dest: a.help for a in _options(dict(_parsers())["d2moe run"])}
     assert helps["prompt"].endswith("(default: 'def fib(')")
+
+
+def test_host_cache_help_names_every_form_it_accepts(capsys, tmp_path):
+    helps = {a.dest: a.help for a in _options(dict(_parsers())["d2moe simulate"])}
+    assert all(w in helps["host_cache"] for w in ("bytes", "percentage", "fraction"))
+    code, out, _ = run(capsys, "simulate", "--model-spec", "tiny", "--profile",
+                       "rtx3060-laptop", "--steps", "2", "--policy", "fifo", "--host-cache",
+                       "100%", "--out",
+                       str(tmp_path))
+    assert code == 0 and "fifo" in out
+
+
+def test_train_tiny_warns_that_it_overwrites_the_shipped_checkpoint():
+    parser = dict(_parsers())["d2moe model train-tiny"]
+    out = next(a for a in _options(parser) if a.dest == "out")
+    assert "OVERWRITING the shipped checkpoint" in out.help and "OVERWRITES" in parser.description
 
 
 def test_version(capsys):

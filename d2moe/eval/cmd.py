@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     require_modules("torch", "safetensors", verb="eval")
     from d2moe.eval.ppl import PplConfig
 
-    ev = subparsers.add_parser("eval", help="quality of quantized models (perplexity)")
+    ev = subparsers.add_parser("eval", help="quality of quantized models (perplexity)",
+                               description="The quality side of quantization: held-out "
+                                           "perplexity per bit-width and format (ppl).")
     verbs = ev.add_subparsers(dest="eval_verb", metavar="EVAL_VERB")
     ppl = verbs.add_parser(
         "ppl", help="held-out perplexity at each uniform bit-width (and fp)",

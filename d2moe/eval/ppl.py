@@ -62,7 +62,7 @@ class PplConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
     router: str = field(default="", metadata={
         "help": "also score a trained bit-width router (DIR, or auto: <store>/router) against "
-                "random allocation at its shares and its uniform widths"})
+                "random allocation at its shares and its uniform widths; empty: none"})
 
 
 @dataclass(frozen=True)

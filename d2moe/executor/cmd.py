@@ -44,7 +44,8 @@ class RunConfig:
     out: str = field(default="out/run", metadata={"help": "output directory"})
     router: str = field(default="", metadata={
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
-                "<store>/router; each token's bits then come from it (--bits sizes the budget)"})
+                "<store>/router; each token's bits then come from it (--bits sizes the budget); "
+                "empty: no router, every expert runs at --bits"})
     expert_stats: str = field(default="auto", metadata={
         "help": "expert importance and similarity (d2moe experts stats) for the policies "
                 "that use them (edgemoe, sub-similar): FILE, or auto: beside the store, "

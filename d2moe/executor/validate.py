@@ -71,7 +71,7 @@ class ValidateConfig:
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
                 "<store>/router; each token's bits then come from it, live in the real run "
                 "and from its recorded gate probabilities in the simulation (with the "
-                "--capacity-mode options)"})
+                "--capacity-mode options); empty: no router, every expert at --bits"})
 
 
 def register(subparsers: Any) -> None:

@@ -38,7 +38,8 @@ class StatsConfig:
                 "or model (the checkpoint's own float experts)"})
     trace: str = field(default="", metadata={
         "help": "a trace .npz instead of a model: importance from its routing and the "
-                "routing proxy of similarity (for specs without weights)", "metavar": "FILE"})
+                "routing proxy of similarity (for specs without weights); empty: from --model",
+        "metavar": "FILE"})
     calib_kib: int = field(default=32, metadata={
         "help": "KiB of the corpus's training split to calibrate on"})
     sample_tokens: int = field(default=1024, metadata={

@@ -24,19 +24,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     require_modules("torch", "safetensors", verb="model")
     from d2moe.model.config import TrainConfig
 
-    model = sub.add_parser("model", help="the built-in tiny model: train it, describe models")
+    model = sub.add_parser("model", help="the built-in tiny model: train it, describe models",
+                           description="The model side: train the built-in tiny model "
+                                       "(train-tiny) or describe a model's sizes (info).")
     verbs = model.add_subparsers(dest="model_verb", metavar="MODEL_VERB")
-    train = verbs.add_parser("train-tiny", help="train the built-in tiny model on the Python "
-                                                "standard library's sources (CPU, minutes)")
+    train = verbs.add_parser(
+        "train-tiny", help="train the built-in tiny model on the Python standard library's "
+                           "sources (CPU, minutes)",
+        description="Train the built-in tiny model (4 layers, 8 experts, bytes as tokens) on "
+                    "the Python standard library's sources, measure its held-out perplexity "
+                    "and save it as an HF checkpoint with provenance.json. Without --out it "
+                    "OVERWRITES the checkpoint shipped in the installed package, the one "
+                    "`--model tiny` loads everywhere (this is how it was made); pass --out DIR "
+                    "to keep it.")
     add_fields(train, TrainConfig)
     train.set_defaults(func=_train_tiny)
-    info = verbs.add_parser("info", help="sizes, parameter counts and expert bytes of a model")
+    info = verbs.add_parser("info", help="sizes, parameter counts and expert bytes of a model",
+                            description="Print a model's shape, its parameter counts by part, "
+                                        "its expert bytes at fp16 and its checkpoint (with the "
+                                        "tiny model's training record).")
     info.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
     info.set_defaults(func=_info)
     model.set_defaults(func=lambda args: _usage(model))
 
     gen = sub.add_parser("generate", help="greedy generation with all experts resident "
-                                          "(reference for `d2moe run`)")
+                                          "(reference for `d2moe run`)",
+                         description="Greedy generation from a prompt with every expert "
+                                     "resident in memory (no streaming, no budget): the "
+                                     "reference output and speed for `d2moe run`.")
     gen.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
     gen.add_argument("--prompt", default="def fib(", help="prompt text (default: 'def fib(')")
     gen.add_argument("--max-new-tokens", type=int, default=64,

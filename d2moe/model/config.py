@@ -47,8 +47,10 @@ class TrainConfig:
     heldout_kb: int = field(default=128, metadata={"help": "KiB of held-out source to score"})
     seed: int = field(default=0, metadata={"help": "seed of init and batch sampling"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
-    out: str = field(default="", metadata={"help": "output directory (default: the package's "
-                                                   "d2moe/model/tiny)", "metavar": "DIR"})
+    out: str = field(default="", metadata={
+        "help": "output directory; empty (the default): the installed package's "
+                "d2moe/model/tiny, OVERWRITING the shipped checkpoint that `--model tiny` "
+                "loads (how it was made); pass a directory to keep it", "metavar": "DIR"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:

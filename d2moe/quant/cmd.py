@@ -176,8 +176,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `quantize` verb."""
-    p = subparsers.add_parser("quantize", help="quantize an MoE checkpoint into a nested store",
-                              description=__doc__)
+    p = subparsers.add_parser(
+        "quantize", help="quantize an MoE checkpoint into a nested store",
+        description="Quantize every routed expert of an HF safetensors MoE checkpoint (or the "
+                    "built-in tiny model) into a nested store of bit-widths b1..bK, one "
+                    "tensor at a time, for `d2moe run`, `serve`, `validate` and `eval ppl`.")
     p.add_argument("--model", required=True,
                    help="`tiny` (the built-in model) or an HF checkpoint directory "
                         "(config.json + *.safetensors)")

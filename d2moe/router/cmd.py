@@ -14,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from d2moe.router.train import RouterTrainConfig
 
     router = subparsers.add_parser(
-        "router", help="the token-adaptive bit-width router (dual routing): train, inspect")
+        "router", help="the token-adaptive bit-width router (dual routing): train, inspect",
+        description="The bit-width router picks each token's expert bit-widths under "
+                    "capacities: train one (train) or print a trained one's record (info).")
     verbs = router.add_subparsers(dest="router_verb", metavar="ROUTER_VERB")
     train = verbs.add_parser(
         "train", help="train the gate with the base model frozen (minutes on 2 cores for tiny)",
@@ -25,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(<store>/router) or to --out.")
     add_fields(train, RouterTrainConfig)
     train.set_defaults(func=_train)
-    info = verbs.add_parser("info", help="print a trained router's record")
+    info = verbs.add_parser("info", help="print a trained router's record",
+                            description="Print a trained router's record (model, store, "
+                                        "widths, capacities, gate) and how it was trained.")
     info.add_argument("path", metavar="DIR", help="router directory (or STORE/router)")
     info.set_defaults(func=_info)
     router.set_defaults(func=lambda args: (router.print_help(), 2)[1])

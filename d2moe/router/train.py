@@ -69,7 +69,8 @@ class RouterTrainConfig:
     threads: int = field(default=1, metadata={
         "help": "torch threads (0: torch's default; 1 is fastest on a shared 2-core VM)"})
     out: str = field(default="", metadata={
-        "help": "output directory (default: <store>/router)", "metavar": "DIR"})
+        "help": "output directory; empty: <store>/router, beside the store (replacing a "
+                "router there)", "metavar": "DIR"})
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
 
     def __post_init__(self) -> None:

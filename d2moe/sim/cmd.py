@@ -49,7 +49,9 @@ class SimulateConfig:
         "help": "expert importance and similarity (d2moe experts stats) for the policies that "
                 "use them (edgemoe, sub-similar); empty: derived from the trace's routing"},)
     host_cache: str = field(default="0", metadata={
-        "help": "host-RAM tier for experts read once from disk (bytes; 0: none)"})
+        "help": "host-RAM tier for experts read once from disk, sized as --budget: bytes "
+                "(8GiB), a percentage (100%%) or a fraction (1.0) of all experts at the "
+                "highest bits the trace asks for; 0: none"})
     engine: str = field(default="fast", metadata={
         "help": "fast (exact recurrence) or simpy (the SimPy process model); same events"})
     steps: int = field(default=0, metadata={"help": "simulate only the first N steps (0: all)"})

@@ -28,7 +28,8 @@ class PlotConfig:
     linear: bool = field(default=False, metadata={
         "help": "budget: a linear tokens/s axis (default: logarithmic, so low budgets show)"})
     label: str = field(default="", metadata={
-        "help": "where the numbers come from, when the table does not say (e.g. measured)"})
+        "help": "where the numbers come from, when the table does not say (e.g. measured); "
+                "empty: from the table's profile_source or run_kind columns"})
 
 
 def register(subparsers: Any) -> None:

@@ -50,7 +50,8 @@ class SweepConfig:
         "help": "worker processes (0: one per CPU; 1: run in this process)"})
     ray: str = field(default="", metadata={
         "help": "run the cells as Ray tasks on this cluster address ('auto', 'local', "
-                "ray://HOST:PORT) instead of local processes (pip install 'd2moe[ray]')",
+                "ray://HOST:PORT) instead of local processes (pip install 'd2moe[ray]'); empty: "
+                "local processes (--jobs)",
         "metavar": "ADDRESS"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
 

@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
                      help="a trained bit-width router: the experts run at its widths "
                           "(dequantized from --store) and the trace carries them, with its "
                           "gate probabilities (`prefs`: d2moe simulate --capacity-mode "
-                          "adaptive re-places them)")
+                          "adaptive re-places them); empty: none, --bits labels the slots")
     rec.add_argument("--store", default="", metavar="DIR",
                      help="nested store for --router (default: the router's own store)")
     add_out_option(rec, default="trace.npz", metavar="FILE.npz",
