@@ -303,6 +303,17 @@ def test_an_unknown_option_points_at_the_verbs_help(capsys, verb, unknown):
                                        f"{unknown} (fix: see d2moe {verb} --help)\n")
 
 
+def test_simulate_list_aligns_the_descriptions(capsys):
+    from d2moe.policies import POLICIES
+
+    code, out, _ = run(capsys, "simulate", "--list")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == len(POLICIES.names())
+    starts = {line.index(POLICIES.doc(name)) for name, line in zip(POLICIES.names(), lines,
+                                                                     strict=True)}
+    assert len(starts) == 1 and starts.pop() > max(len(n) for n in POLICIES.names())
+
+
 def test_errors_name_the_full_sub_verb(capsys, tmp_path):
     line = _one_line_error(capsys, "trace", "info", str(tmp_path / "none.npz"))
     assert line.startswith("d2moe trace info: error: ")

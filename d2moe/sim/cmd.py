@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.list:
         from d2moe.policies import POLICIES
 
-        for name in POLICIES.names():
-            print(f"{name:10s} {POLICIES.doc(name)}")
+        print(format_policy_list(POLICIES.names(), POLICIES.doc))
         return 0
     from d2moe.router.adaptive import CapacityConfig
 
@@ -104,6 +104,13 @@ def _main(args: argparse.Namespace) -> int:
     print(result["table"])
     print(f"wrote {', '.join(result['files'])}")
     return 0
+
+
+def format_policy_list(names: list[str], doc: Callable[[str], str]) -> str:
+    """`d2moe simulate --list`: one policy a line, its description in a column after the
+    longest name (`doc`: name -> one-line description)."""
+    width = max((len(n) for n in names), default=0)
+    return "\n".join(f"{n:<{width}}  {doc(n)}" for n in names)
 
 
 @dataclass(frozen=True)
