@@ -226,6 +226,36 @@ def test_the_cli_reports_a_bad_grid_in_one_line(tmp_path, capsys):
     assert "policies[1]" in err and str(grid) in err and "Traceback" not in err
 
 
+def test_a_bad_model_spec_is_refused_on_a_rerun_not_skipped(tmp_path, capsys):
+    grid = grid_file(tmp_path)
+    out = tmp_path / "o"
+    assert main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--no-progress"]) == 0
+    before = (out / "table.jsonl").read_bytes()
+    grid_file(tmp_path, GRID + "model_spec: nope\n")  # was "0 ran, 4 already in the table"
+    assert main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'model_spec'" in err and "nope" in err and len(err.splitlines()) == 1
+    assert (out / "table.jsonl").read_bytes() == before
+
+
+def test_a_sweep_whose_every_cell_failed_exits_2_with_the_first_message(tmp_path, capsys):
+    olmoe = GRID.replace("synth:tiny", "synth:olmoe-1b-7b")  # cpu-2core has no olmoe table
+    grid = grid_file(tmp_path, olmoe)
+    args = ["sweep", str(grid), "--out", str(tmp_path / "o"), "--jobs", "1", "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "4 ran (4 error)" in captured.out
+    (line,) = captured.err.splitlines()
+    assert "every cell that ran failed (4)" in line and "no rows for model 'olmoe-1b-7b'" in line
+    # some cells fail, others run: exit 0, and the first failure is still named
+    grid_file(tmp_path, olmoe.replace("cpu-2core", "cpu-2core, rtx3060-laptop"))
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "8 cells: 8 ran (4 error, 4 ok)" in captured.out
+    assert "4 of 8 cells that ran failed" in captured.err
+    assert "no rows for model 'olmoe-1b-7b'" in captured.err
+
+
 def test_capacity_options_re_place_a_router_trace(tmp_path):
     from d2moe.traces.schema import save_trace
     from tests.sim.test_adaptive import router_trace
