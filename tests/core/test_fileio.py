@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -16,7 +19,16 @@ from d2moe.core.fileio import (
     ensure_dir,
     path_error,
     read_yaml,
+    remove_stale_temps,
+    temp_prefix,
 )
+
+
+def dead_pid() -> int:
+    """The pid of a child process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
 
 
 def test_atomic_write_replaces_and_keeps_the_usual_mode(tmp_path):
@@ -110,3 +122,47 @@ def test_check_writable_fails_before_the_work_and_leaves_nothing(tmp_path):
         check_writable(tmp_path, field="out")
     check_writable(tmp_path / "new" / "out.yaml")  # makes the directory, leaves no file
     assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_a_write_killed_with_sigkill_leaves_a_temp_file_the_next_write_removes(tmp_path):
+    target = tmp_path / "atom.npz"
+    code = ("import os, signal, sys\nfrom d2moe.core.fileio import atomic_write\n"
+            "with atomic_write(sys.argv[1], 'wb') as f:\n"
+            "    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], env=env)
+    assert proc.returncode == -9
+    (left,) = tmp_path.iterdir()  # the killed writer's temp file, named with its pid
+    assert left.name.startswith(".atom.npz.") and left.name.endswith(".tmp")
+    with atomic_write(target, "wb") as f:  # the next write of the same file removes it
+        f.write(b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["atom.npz"]
+
+
+def test_only_provably_stale_temp_siblings_are_removed(tmp_path):
+    target = tmp_path / "t.json"
+    dead = dead_pid()
+    host = temp_prefix(target).split("-")[-1]  # "HOST." of this machine
+    old = time.time() - 8 * 24 * 3600
+    names = {
+        f".t.json.{dead}-{host}abcd1234.tmp": True,  # its writer is gone: stale
+        f".t.json.{os.getpid()}-{host}efgh5678.tmp": False,  # a live writer's (this one)
+        f".t.json.{dead}-0000ffff.abcd1234.tmp": False,  # another host's, recent
+        ".t.json.abcd1234.tmp": False,  # an older writer's name without a pid, recent
+        f".t.json.x.{dead}-{host}abcd1234.tmp": False,  # the temp of another file
+        ".t.json.bak": False,  # not a temp name
+        f".t.json.{dead}-{host}abcd1234.old": False,  # a store set aside: only with old=True
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".t.json.wxyz0000.tmp").write_text("x")  # no pid, untouched 8 days: stale
+    os.utime(tmp_path / ".t.json.wxyz0000.tmp", (old, old))
+    names[".t.json.wxyz0000.tmp"] = True
+    stale_dir = tmp_path / f".t.json.{dead}-{host}0123abcd.tmp"  # a store's temp directory
+    stale_dir.mkdir()
+    (stale_dir / "layer_000.bin").write_bytes(b"\0")
+    names[stale_dir.name] = True
+    removed = remove_stale_temps(target)
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for n, stale in names.items() if not stale)
