@@ -31,6 +31,7 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     UserError naming it, raised before or instead of the rename.
     """
     path = Path(path)
+    check_outside_store(path)
     ensure_dir(path.parent)
     remove_stale_temps(path)
     try:
@@ -56,11 +57,13 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 def check_writable(path: str | Path, *, field: str | None = None) -> None:
     """Fail now, not after minutes of work, if file `path` cannot be written: its directory
     is made and a temp file created and removed there (a permission check alone passes for
-    root on /proc). A UserError names `path` and `field`."""
+    root on /proc), and a path inside a nested store is refused (`check_outside_store`). A
+    UserError names `path` and `field`."""
     path = Path(path)
     if path.is_dir():
         raise UserError("cannot write it: it is a directory", path=str(path), field=field,
                         fix="name a file, not a directory")
+    check_outside_store(path, field=field)
     ensure_dir(path.parent, field=field)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
@@ -68,6 +71,56 @@ def check_writable(path: str | Path, *, field: str | None = None) -> None:
         raise path_error(exc, path, "cannot write it", field=field) from None
     os.close(fd)
     os.unlink(tmp)
+
+
+# A nested store directory (d2moe/quant/store.py, docs/formats-store.md) is one whose
+# index.json has this format (or, damaged, one beside layer_NNN.bin files). Besides its own
+# files it keeps only these (d2moe/experts/store.py STATS_FILE, d2moe/router/store.py
+# DEFAULT_DIR with GATE_FILE and META_FILE), which are also the only paths written into it.
+STORE_FORMAT = "d2moe.nested-store"
+STORE_INDEX = "index.json"
+STORE_EXTRAS = ("expert_stats.json", "router/gate.safetensors", "router/router.json")
+
+
+def store_dir_of(path: str | Path) -> Path | None:
+    """The nested store directory `path` lies in (the nearest of its parents, links in them
+    followed), or None."""
+    path = Path(os.path.abspath(path))
+    target = Path(os.path.realpath(path.parent)) / path.name
+    for parent in target.parents:
+        if _is_store_dir(parent):
+            return parent
+    return None
+
+
+def _is_store_dir(path: Path) -> bool:
+    index = path / STORE_INDEX
+    if not index.is_file():
+        return False
+    try:
+        with open(index, encoding="utf-8") as f:
+            if json.load(f).get("format") == STORE_FORMAT:
+                return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return any(path.glob("layer_[0-9][0-9][0-9].bin"))
+
+
+def check_outside_store(path: str | Path, *, field: str | None = None) -> None:
+    """Refuse to write `path` inside a nested store directory unless it is a file the store
+    keeps beside its own (`STORE_EXTRAS`: its expert statistics and router): an output
+    named `STORE/index.json` or `STORE/layer_000.bin` would destroy the store, and any
+    other file there would travel with it. Called by every writer of a user's path
+    (`atomic_write`, `check_writable`, the store writer, the sweep)."""
+    store = store_dir_of(path)
+    if store is None:
+        return
+    target = Path(os.path.realpath(Path(os.path.abspath(path)).parent)) / Path(path).name
+    if target.relative_to(store).as_posix() in STORE_EXTRAS:
+        return
+    raise UserError(f"is inside the nested store {str(store)!r}, which holds only its own "
+                    f"files, {STORE_EXTRAS[0]} and router/", path=str(path), field=field,
+                    fix="write it outside the store directory")
 
 
 # A temp sibling of a target NAME: `.NAME.PID-HOST.RANDOM.tmp` (`temp_prefix`), or from

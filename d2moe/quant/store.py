@@ -32,7 +32,9 @@ import numpy as np
 
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import (
+    STORE_FORMAT,
     atomic_write,
+    check_outside_store,
     ensure_dir,
     json_sha256,
     path_error,
@@ -56,7 +58,6 @@ from d2moe.quant.store_files import (
     replace_dir,
 )
 
-STORE_FORMAT = "d2moe.nested-store"
 STORE_VERSION = 1
 ALIGN_BYTES = 4096  # O_DIRECT needs offsets (and lengths) aligned to the logical block size
 TENSORS = ("w1", "w3", "w2")  # matching ModelSpec.expert_shapes
@@ -164,6 +165,7 @@ class StoreWriter:
             raise UserError("is a directory with files in it but no nested store",
                             path=str(self.path),
                             fix="name a new or empty directory, or an existing store to replace")
+        check_outside_store(self._target)  # never a store inside another store
         self._check_others()
         ensure_dir(self._target.parent)
         remove_stale_temps(self._target, old=True)  # what a killed writer of it left

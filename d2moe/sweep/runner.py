@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from d2moe.core.errors import UserError, bare
+from d2moe.core.fileio import check_outside_store
 from d2moe.core.progress import progress_bar
 from d2moe.sweep.cells import (
     Cell,
@@ -97,6 +98,7 @@ def run_sweep(grid_path: str | Path, cfg: SweepConfig) -> SweepResult:
     if cfg.jobs < 0:
         raise UserError(f"must be >= 0, got {cfg.jobs}", field="jobs", fix="e.g. --jobs 4")
     out = Path(cfg.out)
+    check_outside_store(out / TABLE_NAME, field="out")  # its lock and table.jsonl too
     read_rows(out / TABLE_NAME)  # someone else's table.jsonl: refused before the lock file
     with exclusive(out), TableWriter(out / TABLE_NAME) as table:
         start = len(table.rows)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.fileio import check_writable
 from d2moe.core.spec import load_spec
 from d2moe.traces.schema import DECODE, PREFILL, Trace, load_trace, save_trace
 from d2moe.traces.synth import SynthConfig, synth_trace
@@ -67,6 +68,7 @@ def register(subparsers: Any) -> None:
 
 def _synth(args: argparse.Namespace) -> int:
     spec = load_spec(args.model_spec)
+    check_writable(args.out, field="out")  # before the work (not inside a store, ...)
     trace = synth_trace(spec, from_args(SynthConfig, args))
     save_trace(args.out, trace)
     print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
@@ -88,6 +90,7 @@ def _record(args: argparse.Namespace) -> int:
     if args.decode_steps < 0:
         raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
                         fix="e.g. --decode-steps 128")
+    check_writable(args.out, field="out")  # before the model runs
     if args.text:
         path = Path(args.text)
         if not path.is_file():

@@ -166,3 +166,49 @@ def test_only_provably_stale_temp_siblings_are_removed(tmp_path):
     assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         n for n, stale in names.items() if not stale)
+
+
+def fake_store(path):
+    """A directory that reads as a nested store: its index.json and a layer file."""
+    path.mkdir(parents=True)
+    (path / "index.json").write_text('{"format": "d2moe.nested-store"}')
+    (path / "layer_000.bin").write_bytes(b"\0" * 8)
+    return path
+
+
+@pytest.mark.parametrize("name", ["index.json", "layer_000.bin", "notes.txt", "sub/x.npz",
+                                  "router/other.json"])
+def test_nothing_but_a_stores_extras_is_written_inside_it(tmp_path, name):
+    store = fake_store(tmp_path / "store")
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    (tmp_path / "link").symlink_to(store)
+    for target in (store / name, tmp_path / "link" / name):
+        with pytest.raises(UserError) as err, atomic_write(target) as f:
+            f.write("not the store's")
+        assert "inside the nested store" in str(err.value) and str(store) in str(err.value)
+        with pytest.raises(UserError) as err:
+            check_writable(target, field="out")
+        assert err.value.field == "out"
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # nothing new, either
+
+
+def test_a_stores_statistics_and_router_are_written_inside_it(tmp_path):
+    from d2moe.core.fileio import STORE_EXTRAS, STORE_FORMAT
+    from d2moe.experts.store import STATS_FILE
+    from d2moe.quant import store as quant_store
+    from d2moe.router.store import DEFAULT_DIR, GATE_FILE, META_FILE
+
+    extras = (STATS_FILE, f"{DEFAULT_DIR}/{GATE_FILE}", f"{DEFAULT_DIR}/{META_FILE}")
+    assert extras == STORE_EXTRAS
+    assert quant_store.STORE_FORMAT == STORE_FORMAT
+    store = fake_store(tmp_path / "store")
+    for name in STORE_EXTRAS:
+        check_writable(store / name)
+        with atomic_write(store / name) as f:
+            f.write("{}")
+    with atomic_write(tmp_path / "beside.json") as f:  # next to a store: fine
+        f.write("{}")
+    (tmp_path / "plain").mkdir()  # an index.json of something else is no store
+    (tmp_path / "plain" / "index.json").write_text('{"format": "other"}')
+    with atomic_write(tmp_path / "plain" / "index.json") as f:
+        f.write("{}")

@@ -459,3 +459,11 @@ def test_a_writer_removes_what_a_killed_writer_of_the_store_left_and_nothing_els
         writer.close()
     StoreWriter(path, SPEC, layout).abort()  # the store exists again: the .old goes now
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
+
+
+def test_no_store_is_written_inside_another(store):
+    path, layout, _ = store
+    with pytest.raises(UserError, match="inside the nested store"):
+        StoreWriter(path / "inner", SPEC, layout)
+    assert not (path / "inner").exists()
+    StoreWriter(path, SPEC, layout).abort()  # the store itself may be written again

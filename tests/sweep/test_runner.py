@@ -190,6 +190,16 @@ def test_an_output_directory_holding_someone_elses_table_is_left_as_it_was(tmp_p
     assert (out / "table.jsonl").read_bytes() == b'{"my": "precious data"}'
 
 
+def test_a_sweep_does_not_write_into_a_store(tmp_path):
+    from tests.core.test_fileio import fake_store
+
+    store = fake_store(tmp_path / "store")
+    with pytest.raises(UserError, match="inside the nested store") as err:
+        run_sweep(grid_file(tmp_path), SweepConfig(out=str(store), jobs=1, progress=False))
+    assert err.value.field == "out"
+    assert sorted(p.name for p in store.iterdir()) == ["index.json", "layer_000.bin"]
+
+
 def test_ray_missing_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UserError, match=r"pip install 'd2moe\[ray\]'"):
