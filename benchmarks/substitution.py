@@ -176,7 +176,8 @@ def main() -> None:
 def _real(name: str, budget: str, args: argparse.Namespace, out: Path) -> Any:
     """One `d2moe run` (generation of --tokens after --prompt): its timeline's metrics."""
     cfg = RunConfig(policy=name, budget=budget, bits=BITS, prompt=args.prompt,
-                    max_new_tokens=args.tokens, device="cpu", out=str(out))
+                    max_new_tokens=args.tokens, device="cpu", out=str(out),
+                    progress=False)  # one table, not a bar per run
     with torch_threads(args.threads):
         return run(cfg)["metrics"]
 

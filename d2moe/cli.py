@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from d2moe.core.errors import UserError
+from d2moe.core.signals import Terminated, sigterm_raises
 
 # Modules exposing `register(subparsers)`; each adds its verbs and sets `func` on them.
 COMMAND_MODULES = (
@@ -131,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     prog = _prog(args)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: temp files and dirs go
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -140,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{prog}: error: {where}{exc.strerror or exc} "
               "(fix: check the path and its permissions)", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -32,3 +32,19 @@ def tiny_store_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("store") / "tiny"
     quantize_checkpoint(tiny_dir(), path, QuantLayout(), progress=False)
     return path
+
+
+class FakeBar:
+    """Stands in for a progress bar (d2moe.core.progress): counts updates, notes closing."""
+
+    def __init__(self) -> None:
+        self.n, self.closed, self.desc = 0, False, ""
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_description(self, text: str) -> None:
+        self.desc = text
+
+    def close(self) -> None:
+        self.closed = True

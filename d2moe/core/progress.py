@@ -6,13 +6,15 @@ import sys
 from typing import Any
 
 
-def progress_bar(total: int, enabled: bool, desc: str, unit: str) -> Any:
+def progress_bar(total: int, enabled: bool, desc: str, unit: str, *,
+                 delay: float = 0.0) -> Any:
     """A tqdm bar of `total` units when enabled, stderr is a terminal and tqdm is installed,
-    else None (callers guard `bar.update` with `if bar`)."""
+    else None (callers guard `bar.update` with `if bar`). With `delay` the bar shows only
+    once the work has taken that many seconds (a quick run prints nothing)."""
     if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit=unit)
+    return tqdm(total=total, desc=desc, unit=unit, delay=delay)

@@ -37,7 +37,9 @@ class RunConfig:
                 "experts at --bits"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert runs at"})
     prompt: str = field(default="def fib(", metadata={"help": "prompt text (bytes for tiny)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "tokens to generate; with the prompt at most the model's "
+                "max_position_embeddings"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     direct_io: bool = field(default=True, metadata={
         "help": "read the store with O_DIRECT so the page cache does not hide the disk"})
@@ -50,6 +52,8 @@ class RunConfig:
         "help": "expert importance and similarity (d2moe experts stats) for the policies "
                 "that use them (edgemoe, sub-similar): FILE, or auto: beside the store, "
                 "computed once for tiny"})
+    progress: bool = field(default=True, metadata={
+        "help": "show a progress bar of new tokens on a terminal when it takes over a second"})
 
 
 def register(subparsers: Any) -> None:
@@ -88,7 +92,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     from d2moe.core.sizes import QuantLayout, all_experts_bytes, fmt_bytes
     from d2moe.executor.backend import StreamingExperts
     from d2moe.executor.pool import ExpertPool
-    from d2moe.model.generate import generate
+    from d2moe.model.generate import check_positions, generate
     from d2moe.model.tokenizer import decode, encode
     from d2moe.policies import make_policy, policy_config
     from d2moe.router.adaptive import describe as describe_capacity
@@ -105,6 +109,8 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     pcfg = policy_config(cfg.policy)  # unknown names fail before any work
     store_path = resolve_store(cfg.model, cfg.store, store_layout(pcfg, QuantLayout()))
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    prompt_ids = list(encode(cfg.prompt))
+    check_positions(model, len(prompt_ids), cfg.max_new_tokens)  # before the pool is built
     store.layout.check_bits(cfg.bits)
     copies = check_store_layout(pcfg, cfg.policy, store.layout, store_path)
     policy = make_policy(cfg.policy, stats=expert_stats(pcfg, cfg.expert_stats, cfg.model,
@@ -125,7 +131,8 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router,
                                capacity=controller)
     try:
-        gen = generate(model, list(encode(cfg.prompt)), cfg.max_new_tokens, backend=backend)
+        gen = generate(model, prompt_ids, cfg.max_new_tokens, backend=backend,
+                       progress=cfg.progress)
     finally:
         timeline = backend.finish()
     resident_params = sum(p.numel() * p.element_size() for p in model.parameters())

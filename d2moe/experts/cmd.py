@@ -17,8 +17,9 @@ import numpy as np
 
 from d2moe.core.cliargs import add_fields, from_args, model_field
 from d2moe.core.errors import UserError
+from d2moe.core.fileio import check_outside_store
 from d2moe.experts.measures import off_diagonal_mean
-from d2moe.experts.store import STATS_FILE, save_stats
+from d2moe.experts.store import STATS_FILE, resolve, save_stats
 from d2moe.policies.stats import ExpertStats
 
 WEIGHTS = ("store", "model")
@@ -83,9 +84,10 @@ def compute_stats(cfg: StatsConfig) -> tuple[ExpertStats, Path]:
         from d2moe.experts.from_trace import stats_from_trace
         from d2moe.traces import load_trace
 
-        stats = stats_from_trace(load_trace(cfg.trace))
         trace = Path(cfg.trace)
         out = Path(cfg.out) if cfg.out else trace.with_name(f"{trace.stem}.{STATS_FILE}")
+        check_outside_store(resolve(out), field="out")  # before the work
+        stats = stats_from_trace(load_trace(cfg.trace))
         return stats, save_stats(out, stats)
     if cfg.weights not in WEIGHTS:
         raise UserError(f"unknown weights {cfg.weights!r}", field="weights",
@@ -94,8 +96,10 @@ def compute_stats(cfg: StatsConfig) -> tuple[ExpertStats, Path]:
     if not cfg.out and store is None:
         raise UserError("nowhere to write: no store to write beside", field="out",
                         fix="pass --out FILE or --store DIR")
+    out = Path(cfg.out) if cfg.out else store / STATS_FILE
+    check_outside_store(resolve(out), field="out")  # before minutes of calibration
     stats = _from_model(cfg, store)
-    return stats, save_stats(Path(cfg.out) if cfg.out else store / STATS_FILE, stats)
+    return stats, save_stats(out, stats)
 
 
 def _store_path(cfg: StatsConfig) -> Path | None:

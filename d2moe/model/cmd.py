@@ -55,7 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
     gen.add_argument("--prompt", default="def fib(", help="prompt text (default: 'def fib(')")
     gen.add_argument("--max-new-tokens", type=int, default=64,
-                     help="tokens to generate (default: 64)")
+                     help="tokens to generate; with the prompt at most the model's "
+                          "max_position_embeddings (default: 64)")
+    gen.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                     help="show a progress bar on a terminal when it takes over a second "
+                          "(default: True)")
     gen.set_defaults(func=_generate)
 
 
@@ -120,7 +124,7 @@ def _generate(args: argparse.Namespace) -> int:
         from d2moe.model.tokenizer import decode, encode
     else:
         encode, decode = _hf_tokenizer(Path(args.model))
-    gen = generate(model, encode(args.prompt), args.max_new_tokens)
+    gen = generate(model, encode(args.prompt), args.max_new_tokens, progress=args.progress)
     sys.stdout.write(args.prompt + decode(list(gen.new_ids)) + "\n")
     print(f"[{len(gen.prompt_ids)} prompt tokens, prefill {gen.prefill_s * 1e3:.1f} ms; "
           f"{len(gen.new_ids)} new tokens, decode {gen.decode_tokens_per_s:.1f} tokens/s; "

@@ -29,6 +29,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen-MoE: biases on q, k, v
     shared_expert_gate: bool = False  # Qwen-MoE: sigmoid(x @ g) scales the shared expert
     arch: str = "mixtral"  # HF tensor naming used to save and load: mixtral | olmoe | qwen2_moe
+    max_positions: int = 0  # HF max_position_embeddings: the longest sequence (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from d2moe.core.errors import UserError
+from d2moe.core.progress import progress_bar
 from d2moe.model.moe import ExpertBackend, RouterObserver
 from d2moe.model.transformer import Transformer
 
@@ -28,14 +30,47 @@ class Generation:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
 
 
+PROGRESS_DELAY_S = 1.0  # a generation's bar shows once it has run this long
+
+
+def check_positions(model: Any, prompt_tokens: int, new_tokens: int, *,
+                    field: str = "max-new-tokens") -> None:
+    """Refuse a sequence longer than the model's maximum positions (its HF config's
+    `max_position_embeddings`; no limit when it has none): past it a model was never
+    trained and its output means nothing. `field` is the option that sets `new_tokens`."""
+    limit = getattr(getattr(model, "cfg", None), "max_positions", 0)
+    if not limit or prompt_tokens + new_tokens <= limit:
+        return
+    room = limit - prompt_tokens
+    fix = (f"pass --{field} {room} or less" if room > 0 else
+           f"shorten the prompt to under {limit} tokens")
+    raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens exceed the model's "
+                    f"maximum of {limit} positions (max_position_embeddings)", field=field,
+                    fix=fix)
+
+
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
              backend: ExpertBackend | None = None, observer: RouterObserver | None = None,
-             stop_id: int | None = None) -> Generation:
-    """Greedy decoding of up to `max_new_tokens` tokens after `prompt_ids` (batch of one)."""
+             stop_id: int | None = None, progress: bool = False) -> Generation:
+    """Greedy decoding of up to `max_new_tokens` tokens after `prompt_ids` (batch of one),
+    at most the model's maximum positions in all (`check_positions`). With `progress`, a
+    bar of new tokens on a terminal once the generation runs past `PROGRESS_DELAY_S`."""
     if not prompt_ids:
         raise UserError("the prompt is empty", field="prompt", fix="give at least one token")
     if max_new_tokens <= 0:
         raise UserError("must be positive", field="max-new-tokens", fix="pass e.g. 64")
+    check_positions(model, len(prompt_ids), max_new_tokens)
+    bar = progress_bar(max_new_tokens, progress, "generate", "tok", delay=PROGRESS_DELAY_S)
+    try:
+        return _generate(model, prompt_ids, max_new_tokens, backend, observer, stop_id, bar)
+    finally:
+        if bar:
+            bar.close()
+
+
+def _generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
+              backend: ExpertBackend | None, observer: RouterObserver | None,
+              stop_id: int | None, bar: Any) -> Generation:
     model.eval()
     device = next(model.parameters()).device
     cache = model.new_cache(batch=1, max_len=len(prompt_ids) + max_new_tokens)
@@ -47,11 +82,15 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
         nxt = int(logits[0, -1].argmax())
         new.append(nxt)
         t1 = time.perf_counter()
+        if bar:
+            bar.update(1)
         while len(new) < max_new_tokens and nxt != stop_id:
             logits = model(torch.tensor([[nxt]], device=device), cache, backend=backend,
                            observer=observer)  # [1, 1, V]
             nxt = int(logits[0, -1].argmax())
             new.append(nxt)
+            if bar:
+                bar.update(1)
         t2 = time.perf_counter()
     return Generation(prompt_ids=tuple(prompt_ids), new_ids=tuple(new), prefill_s=t1 - t0,
                       decode_s=t2 - t1)

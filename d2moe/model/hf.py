@@ -53,13 +53,18 @@ def config_from_hf(cfg: Any, *, path: str) -> ModelConfig:
                         field="mlp_only_layers", fix="use a checkpoint with an MoE every layer")
     default_renorm = arch == "mixtral"  # Mixtral always renormalises; others follow the flag
     eps = _number(cfg, "rms_norm_eps", path)
+    positions = _number(cfg, "max_position_embeddings", path)
+    if positions is not None and positions != int(positions):
+        raise UserError(f"must be a whole number, got {positions!r}", path=path,
+                        field="max_position_embeddings", fix="write a whole number")
     return ModelConfig(
         rope_theta=theta, norm_eps=1e-5 if eps is None else eps,
         renormalize_topk=_flag(cfg, "norm_topk_prob", default_renorm, path),
         tie_embeddings=_flag(cfg, "tie_word_embeddings", False, path),
         qk_norm=arch == "olmoe",
         qkv_bias=arch == "qwen2_moe" and _flag(cfg, "qkv_bias", True, path),
-        shared_expert_gate=arch == "qwen2_moe", arch=arch)
+        shared_expert_gate=arch == "qwen2_moe", arch=arch,
+        max_positions=int(positions or 0))
 
 
 def _number(cfg: dict[str, Any], key: str, path: str) -> float | None:
@@ -230,7 +235,8 @@ def hf_config_dict(spec: ModelSpec, cfg: ModelConfig, **extra: Any) -> dict[str,
             "num_experts_per_tok": spec.top_k, "vocab_size": spec.vocab,
             "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-            "max_position_embeddings": 4096, "sliding_window": None, "torch_dtype": "float16",
+            "max_position_embeddings": cfg.max_positions or 4096, "sliding_window": None,
+            "torch_dtype": "float16",
             **extra}
 
 

@@ -34,7 +34,7 @@ from d2moe.model.perplexity import perplexity, unigram_perplexity
 from d2moe.model.transformer import Transformer
 
 TINY_CONFIG = ModelConfig(rope_theta=10000.0, norm_eps=1e-5, renormalize_topk=True,
-                          arch="mixtral")
+                          arch="mixtral", max_positions=4096)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ import numpy as np
 
 from d2moe.core.cliargs import check_threads
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import ensure_dir
+from d2moe.core.fileio import ensure_dir, path_error
 from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.cost import checked_reads_us
@@ -123,8 +123,9 @@ class ProfileConfig:
     bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
     group: int = field(default=64, metadata={"help": "quantization group size"})
     dir: str = field(default="", metadata={
-        "help": "scratch directory on the disk to measure (default: a temporary directory "
-                "under the d2moe cache directory)"})
+        "help": "directory on the disk to measure: the probe files go in a temporary "
+                "directory made in it and removed at the end (default: under the d2moe cache "
+                "directory)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @property
@@ -164,16 +165,23 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @contextmanager
 def _scratch(cfg: ProfileConfig) -> Iterator[Path]:
-    """--dir (made if missing), else a temporary directory under the cache directory; one
-    that cannot be made is a UserError naming it."""
+    """A temporary directory `profile-XXXX` in --dir (made if missing) or else under the
+    cache directory, removed with all the probe files in it when the measurement ends, on
+    an error, Ctrl-C or SIGTERM (the CLI raises it) alike; a directory that cannot be
+    made is a UserError naming it."""
     if cfg.dir:
-        yield ensure_dir(cfg.dir, field="dir")
-        return
-    from d2moe.executor.setup import cache_dir
+        root = ensure_dir(cfg.dir, field="dir")
+    else:
+        from d2moe.executor.setup import cache_dir
 
-    root = ensure_dir(cache_dir())
-    with tempfile.TemporaryDirectory(prefix="profile-", dir=root) as tmp:
-        yield Path(tmp)
+        root = ensure_dir(cache_dir())
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix="profile-", dir=root)
+    except OSError as exc:
+        raise path_error(exc, root, "cannot make a scratch directory in it",
+                         field="dir" if cfg.dir else None) from None
+    with tmp as path:
+        yield Path(path)
 
 
 def measure_profile(cfg: ProfileConfig, command: str = "",

@@ -31,7 +31,17 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write, ensure_dir, json_sha256, malformed_json, path_error
+from d2moe.core.fileio import (
+    STORE_FORMAT,
+    atomic_write,
+    check_outside_store,
+    ensure_dir,
+    json_sha256,
+    malformed_json,
+    path_error,
+    remove_stale_temps,
+    temp_prefix,
+)
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec, spec_from_dict
 from d2moe.quant.nested import (
@@ -49,7 +59,6 @@ from d2moe.quant.store_files import (
     replace_dir,
 )
 
-STORE_FORMAT = "d2moe.nested-store"
 STORE_VERSION = 1
 ALIGN_BYTES = 4096  # O_DIRECT needs offsets (and lengths) aligned to the logical block size
 TENSORS = ("w1", "w3", "w2")  # matching ModelSpec.expert_shapes
@@ -130,7 +139,9 @@ class StoreWriter:
     rename stays on one file system); a store already at `path` is replaced only by
     `close()`, keeping its other files (e.g. `router/`, `expert_stats.json`). `abort()`, an
     exception inside `with StoreWriter(...)`, or the writer being dropped unclosed removes the
-    hidden directory and leaves `path` untouched.
+    hidden directory and leaves `path` untouched. The hidden directory's name carries the
+    writer's pid (`.NAME.PID-HOST.XXXXXXXX.tmp`): one left by a killed writer is removed by
+    the next writer of `path` (`core.fileio.remove_stale_temps`), a live one's never.
     """
 
     def __init__(self, path: str | Path, spec: ModelSpec, layout: QuantLayout,
@@ -155,9 +166,11 @@ class StoreWriter:
             raise UserError("is a directory with files in it but no nested store",
                             path=str(self.path),
                             fix="name a new or empty directory, or an existing store to replace")
+        check_outside_store(self._target)  # never a store inside another store
         self._check_others()
         ensure_dir(self._target.parent)
-        tmp = self._target.with_name(f".{self._target.name}.{secrets.token_hex(4)}.tmp")
+        remove_stale_temps(self._target, old=True)  # what a killed writer of it left
+        tmp = self._target.with_name(f"{temp_prefix(self._target)}{secrets.token_hex(4)}.tmp")
         try:
             os.mkdir(tmp, 0o777)  # the umask applies, as for any new directory
         except OSError as exc:

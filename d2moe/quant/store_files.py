@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.fileio import path_error
+from d2moe.core.fileio import path_error, temp_prefix
 
 INDEX_NAME = "index.json"
 
@@ -45,8 +45,9 @@ def replace_dir(new: Path, target: Path) -> None:
     files that are not the store's own (a router, expert statistics) are first copied into
     `new` (the old store stays whole until the swap); the old store is renamed aside, put
     back if the second rename fails, and removed after it. A crash between the two renames
-    leaves both stores, as hidden siblings."""
-    old = target.with_name(f".{target.name}.{secrets.token_hex(4)}.old") \
+    leaves both stores, as hidden siblings (the next writer removes the old one only once
+    `target` exists again: `core.fileio.remove_stale_temps`)."""
+    old = target.with_name(f"{temp_prefix(target)}{secrets.token_hex(4)}.old") \
         if os.path.lexists(target) else None
     try:
         if old is not None:

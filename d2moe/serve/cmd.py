@@ -197,10 +197,13 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
         open_model,
         resolve_store,
     )
+    from d2moe.model.generate import check_positions
     from d2moe.serve.real import fix_steps, make_prompts, serve_model
 
     store_path = resolve_store(cfg.model, cfg.store)
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    for r in sorted(requests, key=lambda r: -(r.prompt_tokens + r.output_tokens))[:1]:
+        check_positions(model, r.prompt_tokens, r.output_tokens, field="output-tokens")
     budget = expert_budget(spec, store.layout, cfg.budget, cfg.bits)
     import torch
 

@@ -44,11 +44,17 @@ class Cell:
 
     @property
     def cell_id(self) -> str:
-        """A stable id: a hash of the trace, profile, budget, policy and shared options."""
-        key = [self.trace.text, self.profile, self.budget, self.policy, self.bits, self.layout,
-               self.b1, self.bK, self.group, self.host_cache, self.steps, self.engine]
+        """A stable id: a hash of the trace, profile, budget, policy and shared options, and
+        of the grid's model_spec where it replaces a .npz trace's own (a synthetic trace's
+        spec is in its text): everything that changes the cell's result but the contents
+        of the files named."""
+        key: list[Any] = [self.trace.text, self.profile, self.budget, self.policy, self.bits,
+                          self.layout, self.b1, self.bK, self.group, self.host_cache,
+                          self.steps, self.engine]
         if self.capacity is not None:  # (grids without one keep their earlier ids)
             key.append(asdict(self.capacity))
+        if self.trace.model_spec:  # (likewise)
+            key.append({"model_spec": self.trace.model_spec})
         return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
     @property

@@ -58,10 +58,20 @@ def register(subparsers: Any) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    """Run the grid; exit 2 (a UserError: every error row is one) when every cell that ran
+    failed, and name the first failure whenever any did."""
+    import sys
+
+    from d2moe.core.errors import UserError
     from d2moe.sweep.runner import run_sweep
 
     result = run_sweep(args.grid, from_args(SweepConfig, args))
     print(result.summary())
+    if result.all_failed:
+        raise UserError(f"every cell that ran failed ({sum(result.ran.values())}); the first: "
+                        f"{result.first_error}", path=args.grid)
+    if result.error_note():
+        print(f"note: {result.error_note()}", file=sys.stderr)
     return 0
 
 

@@ -34,6 +34,7 @@ class TraceEntry:
     spec: str  # model spec name or YAML path
     path: str = ""  # the .npz file; empty for synthetic traces
     synth: tuple[tuple[str, Any], ...] = ()  # SynthConfig overrides, sorted by key
+    model_spec: str = ""  # the grid's model_spec, set on a .npz trace (empty: its header's)
 
     @property
     def is_synth(self) -> bool:
@@ -174,7 +175,7 @@ def _trace_entry(text: str, i: int, base: Path, path: str, model_spec: str) -> T
         spec = model_spec or load_trace(file).spec_name
     except UserError as exc:  # its text names the trace file and the fix already
         raise UserError(f"cannot read the trace: {exc}", path=path, field=where) from None
-    return TraceEntry(text=str(file), spec=spec, path=str(file))
+    return TraceEntry(text=str(file), spec=spec, path=str(file), model_spec=model_spec)
 
 
 def parse_synth(text: str, *, path: str = "", where: str = "trace") -> TraceEntry:
@@ -265,6 +266,7 @@ def _check(grid: Grid) -> None:
             load_profile(ref)
         except UserError as exc:  # its text has the profile's own fix
             raise UserError(str(exc), path=path, field=f"profiles[{i}]") from None
+    _check_model_spec(grid)
     for i, entry in enumerate(grid.traces):
         try:
             load_spec(entry.spec)
@@ -275,3 +277,30 @@ def _check(grid: Grid) -> None:
     if dup is not None:
         raise UserError(f"{dup!r} is listed twice", path=path, field="traces",
                         fix="list each trace once")
+
+
+def _check_model_spec(grid: Grid) -> None:
+    """`model_spec` must load, and must apply to some trace: it names the spec of the .npz
+    traces only (a synth:SPEC trace names its own), so a grid of synthetic traces whose
+    spec differs would silently ignore it."""
+    from d2moe.core.spec import load_spec
+
+    if not grid.model_spec:
+        return
+    try:
+        spec = load_spec(grid.model_spec)
+    except UserError as exc:  # its text has the spec's own fix
+        raise UserError(str(exc), path=grid.path, field="model_spec") from None
+    if any(not t.is_synth for t in grid.traces):
+        return
+    for i, entry in enumerate(grid.traces):
+        try:
+            same = entry.spec == grid.model_spec or load_spec(entry.spec).name == spec.name
+        except UserError:  # the trace's own check names it
+            continue
+        if not same:
+            raise UserError(f"applies to .npz traces only, and this grid has none: "
+                            f"traces[{i}] {entry.text!r} names its own spec", path=grid.path,
+                            field="model_spec",
+                            fix="remove model_spec, or name the spec in the trace "
+                                f"(synth:{grid.model_spec})")

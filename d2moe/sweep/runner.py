@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from d2moe.core.errors import UserError, bare
+from d2moe.core.fileio import check_outside_store
 from d2moe.core.progress import progress_bar
 from d2moe.sweep.cells import (
     Cell,
@@ -66,6 +67,22 @@ class SweepResult:
     table: Path
     csv: Path
     oracle: bool  # whether oracle hit rates were computed
+    first_error: str = ""  # the message of the first `error` row written now ("" if none)
+
+    @property
+    def all_failed(self) -> bool:
+        """Whether cells ran now and every one of them is an `error` row."""
+        ran = sum(self.ran.values())
+        return ran > 0 and self.ran.get("error", 0) == ran
+
+    def error_note(self) -> str:
+        """One line on the cells that failed now, with the first one's message ("" if
+        none failed): a sweep whose rows all say `error` must not pass for a success."""
+        errors = self.ran.get("error", 0)
+        if not errors:
+            return ""
+        return (f"{errors} of {sum(self.ran.values())} cells that ran failed (status error "
+                f"in the table); the first: {self.first_error}")
 
     def summary(self) -> str:
         """One line for the terminal."""
@@ -82,8 +99,10 @@ def run_sweep(grid_path: str | Path, cfg: SweepConfig) -> SweepResult:
     if cfg.jobs < 0:
         raise UserError(f"must be >= 0, got {cfg.jobs}", field="jobs", fix="e.g. --jobs 4")
     out = Path(cfg.out)
+    check_outside_store(out / TABLE_NAME, field="out")  # its lock and table.jsonl too
     read_rows(out / TABLE_NAME)  # someone else's table.jsonl: refused before the lock file
     with exclusive(out), TableWriter(out / TABLE_NAME) as table:
+        start = len(table.rows)
         cells = expand(grid, out)
         done = finished_ids(table.rows)
         todo = [c for c in cells if c.cell_id not in done]
@@ -95,8 +114,10 @@ def run_sweep(grid_path: str | Path, cfg: SweepConfig) -> SweepResult:
             ran = _run_cells(todo, workers, table, cfg.progress,
                              grid.profiles[0] if oracle else None)
         csv_path = write_csv(out / CSV_NAME, _ordered(table.rows, cells))
+        first_error = next((r["message"] for r in table.rows[start:]
+                            if r.get("status") == "error"), "")
     return SweepResult(len(cells), len(cells) - len(todo), ran, out / TABLE_NAME, csv_path,
-                       oracle)
+                       oracle, first_error)
 
 
 def _drop_damaged_cache(cell: Cell) -> None:

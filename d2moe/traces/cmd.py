@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 
 from d2moe.core.cliargs import add_fields, add_out_option, from_args
+from d2moe.core.fileio import check_writable
+from d2moe.core.progress import progress_bar
 from d2moe.core.spec import load_spec
 from d2moe.traces.schema import DECODE, PREFILL, Trace, load_trace, save_trace
-from d2moe.traces.synth import SynthConfig, synth_trace
+from d2moe.traces.synth import SynthConfig, synth_trace, synth_units
 
 
 def register(subparsers: Any) -> None:
@@ -30,6 +32,9 @@ def register(subparsers: Any) -> None:
     add_fields(synth, SynthConfig)
     add_out_option(synth, default="trace.npz", metavar="FILE.npz",
                    help_text="where to write the trace")
+    synth.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                       help="show a progress bar on a terminal when it takes over a second "
+                            "(default: True)")
     synth.set_defaults(func=_synth)
 
     rec = actions.add_parser("record", help="record a trace from a real model's routing",
@@ -67,8 +72,19 @@ def register(subparsers: Any) -> None:
 
 def _synth(args: argparse.Namespace) -> int:
     spec = load_spec(args.model_spec)
-    trace = synth_trace(spec, from_args(SynthConfig, args))
-    save_trace(args.out, trace)
+    check_writable(args.out, field="out")  # before the work (not inside a store, ...)
+    cfg = from_args(SynthConfig, args)
+    bar = progress_bar(synth_units(spec) + 1, args.progress, "trace synth", "stage", delay=1.0)
+    try:
+        trace = synth_trace(spec, cfg, bar)
+        if bar:
+            bar.set_description("trace synth: writing")
+        save_trace(args.out, trace)
+        if bar:
+            bar.update(1)
+    finally:
+        if bar:
+            bar.close()
     print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
           f"{spec.name} ({trace.layers} layers, top-{trace.top_k} of {trace.num_experts})")
     return 0
@@ -88,6 +104,7 @@ def _record(args: argparse.Namespace) -> int:
     if args.decode_steps < 0:
         raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
                         fix="e.g. --decode-steps 128")
+    check_writable(args.out, field="out")  # before the model runs
     if args.text:
         path = Path(args.text)
         if not path.is_file():

@@ -28,10 +28,13 @@ def record_trace(model: Any, spec: Any, token_ids: list[int], *, prefill_tokens:
     simulator can re-place them under other capacities (docs/formats.md)."""
     import torch
 
+    from d2moe.model.generate import check_positions
+
     if prefill_tokens < 1:
         raise UserError("need at least one prefill token", field="prefill-tokens",
                         fix="pass --prefill-tokens 1 or more")
     need = prefill_tokens + decode_steps
+    check_positions(model, prefill_tokens, decode_steps, field="decode-steps")
     if len(token_ids) < need:
         raise UserError(f"the text has {len(token_ids)} tokens, {need} are needed",
                         field="text", fix="give a longer text or fewer steps")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -149,8 +150,9 @@ def _step_order(batch: int, prefill: int, decode: int) -> tuple[np.ndarray, list
 
 
 def _draw_experts(rng: np.random.Generator, pop: np.ndarray, maps: np.ndarray, k: int,
-                  n: int, T: int, cfg: SynthConfig) -> np.ndarray:
-    """[n, L, k] expert ids for sequence-major tokens (seq * T + pos)."""
+                  n: int, T: int, cfg: SynthConfig, bar: Any = None) -> np.ndarray:
+    """[n, L, k] expert ids for sequence-major tokens (seq * T + pos); `bar` advances by
+    one per layer."""
     L, E = pop.shape
     first = (np.arange(n) % T) == 0  # first token of a sequence never reuses
     rows = np.arange(n)
@@ -167,6 +169,8 @@ def _draw_experts(rng: np.random.Generator, pop: np.ndarray, maps: np.ndarray, k
         # forward-fill: a reusing token copies the nearest earlier fresh token of its sequence
         src = np.maximum.accumulate(np.where(reuse, 0, rows))
         out[:, layer, :] = chosen[src]
+        if bar:
+            bar.update(1)
     return out
 
 
@@ -200,24 +204,36 @@ def _draw_bits(rng: np.random.Generator, counts: list[int], L: int,
     return choices[assigned].reshape(n, L)
 
 
-def synth_trace(spec: ModelSpec, cfg: SynthConfig) -> Trace:
-    """A synthetic trace for `spec`, deterministic given `cfg.seed`."""
+def synth_units(spec: ModelSpec) -> int:
+    """The units `synth_trace` advances a progress bar by: one per layer's experts, one for
+    the router weights, one for the bits."""
+    return spec.layers + 2
+
+
+def synth_trace(spec: ModelSpec, cfg: SynthConfig, bar: Any = None) -> Trace:
+    """A synthetic trace for `spec`, deterministic given `cfg.seed`; `bar` (a progress bar
+    from d2moe.core.progress, or None) advances by `synth_units(spec)` (millions of tokens
+    take minutes). The bar draws no random numbers: the trace is the same with or without."""
     rng = np.random.default_rng(cfg.seed)
     L, E, k = spec.layers, spec.experts, spec.top_k
     pop = _popularity(rng, L, E, cfg.zipf)
     maps = _maps(rng, L, E)
     T = cfg.prefill_tokens + cfg.decode_steps
     n = cfg.batch * T
-    experts_seq = _draw_experts(rng, pop, maps, k, n, T, cfg)
+    experts_seq = _draw_experts(rng, pop, maps, k, n, T, cfg, bar)
     order, phases, counts = _step_order(cfg.batch, cfg.prefill_tokens, cfg.decode_steps)
     experts = experts_seq[order]
     logits = rng.normal(0.0, cfg.logit_std, size=(n, L, k))
     w = np.exp(logits - logits.max(axis=2, keepdims=True))
     weights = -np.sort(-(w / w.sum(axis=2, keepdims=True)), axis=2)  # slot 0 heaviest
+    if bar:
+        bar.update(1)
     if cfg.bit_choices:
         bits = np.broadcast_to(_draw_bits(rng, counts, L, cfg)[:, :, None], (n, L, k))
     else:
         bits = np.zeros((n, L, k), dtype=np.int8)
+    if bar:
+        bar.update(1)
     offsets = np.concatenate([[0], np.cumsum(counts)])
     meta = {"source": "synth", "seed": cfg.seed, "generator": asdict(cfg)}
     return Trace(spec.name, E, phases, offsets, experts, weights.astype(np.float32), bits, meta)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -17,7 +20,16 @@ from d2moe.core.fileio import (
     malformed_json,
     path_error,
     read_yaml,
+    remove_stale_temps,
+    temp_prefix,
 )
+
+
+def dead_pid() -> int:
+    """The pid of a child process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
 
 
 def test_atomic_write_replaces_and_keeps_the_usual_mode(tmp_path):
@@ -124,3 +136,93 @@ def test_malformed_json_says_where_and_never_stops_mid_sentence(text, where):
     message = malformed_json(err.value)
     assert message.startswith("malformed JSON: ") and message.endswith(where)
     assert " at at " not in message and not message.endswith(" at")
+
+
+def test_a_write_killed_with_sigkill_leaves_a_temp_file_the_next_write_removes(tmp_path):
+    target = tmp_path / "atom.npz"
+    code = ("import os, signal, sys\nfrom d2moe.core.fileio import atomic_write\n"
+            "with atomic_write(sys.argv[1], 'wb') as f:\n"
+            "    f.write(b'half'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], env=env)
+    assert proc.returncode == -9
+    (left,) = tmp_path.iterdir()  # the killed writer's temp file, named with its pid
+    assert left.name.startswith(".atom.npz.") and left.name.endswith(".tmp")
+    with atomic_write(target, "wb") as f:  # the next write of the same file removes it
+        f.write(b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["atom.npz"]
+
+
+def test_only_provably_stale_temp_siblings_are_removed(tmp_path):
+    target = tmp_path / "t.json"
+    dead = dead_pid()
+    host = temp_prefix(target).split("-")[-1]  # "HOST." of this machine
+    old = time.time() - 8 * 24 * 3600
+    names = {
+        f".t.json.{dead}-{host}abcd1234.tmp": True,  # its writer is gone: stale
+        f".t.json.{os.getpid()}-{host}efgh5678.tmp": False,  # a live writer's (this one)
+        f".t.json.{dead}-0000ffff.abcd1234.tmp": False,  # another host's, recent
+        ".t.json.abcd1234.tmp": False,  # an older writer's name without a pid, recent
+        f".t.json.x.{dead}-{host}abcd1234.tmp": False,  # the temp of another file
+        ".t.json.bak": False,  # not a temp name
+        f".t.json.{dead}-{host}abcd1234.old": False,  # a store set aside: only with old=True
+    }
+    for name in names:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".t.json.wxyz0000.tmp").write_text("x")  # no pid, untouched 8 days: stale
+    os.utime(tmp_path / ".t.json.wxyz0000.tmp", (old, old))
+    names[".t.json.wxyz0000.tmp"] = True
+    stale_dir = tmp_path / f".t.json.{dead}-{host}0123abcd.tmp"  # a store's temp directory
+    stale_dir.mkdir()
+    (stale_dir / "layer_000.bin").write_bytes(b"\0")
+    names[stale_dir.name] = True
+    removed = remove_stale_temps(target)
+    assert sorted(p.name for p in removed) == sorted(n for n, stale in names.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        n for n, stale in names.items() if not stale)
+
+
+def fake_store(path):
+    """A directory that reads as a nested store: its index.json and a layer file."""
+    path.mkdir(parents=True)
+    (path / "index.json").write_text('{"format": "d2moe.nested-store"}')
+    (path / "layer_000.bin").write_bytes(b"\0" * 8)
+    return path
+
+
+@pytest.mark.parametrize("name", ["index.json", "layer_000.bin", "notes.txt", "sub/x.npz",
+                                  "router/other.json"])
+def test_nothing_but_a_stores_extras_is_written_inside_it(tmp_path, name):
+    store = fake_store(tmp_path / "store")
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    (tmp_path / "link").symlink_to(store)
+    for target in (store / name, tmp_path / "link" / name):
+        with pytest.raises(UserError) as err, atomic_write(target) as f:
+            f.write("not the store's")
+        assert "inside the nested store" in str(err.value) and str(store) in str(err.value)
+        with pytest.raises(UserError) as err:
+            check_writable(target, field="out")
+        assert err.value.field == "out"
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before  # nothing new, either
+
+
+def test_a_stores_statistics_and_router_are_written_inside_it(tmp_path):
+    from d2moe.core.fileio import STORE_EXTRAS, STORE_FORMAT
+    from d2moe.experts.store import STATS_FILE
+    from d2moe.quant import store as quant_store
+    from d2moe.router.store import DEFAULT_DIR, GATE_FILE, META_FILE
+
+    extras = (STATS_FILE, f"{DEFAULT_DIR}/{GATE_FILE}", f"{DEFAULT_DIR}/{META_FILE}")
+    assert extras == STORE_EXTRAS
+    assert quant_store.STORE_FORMAT == STORE_FORMAT
+    store = fake_store(tmp_path / "store")
+    for name in STORE_EXTRAS:
+        check_writable(store / name)
+        with atomic_write(store / name) as f:
+            f.write("{}")
+    with atomic_write(tmp_path / "beside.json") as f:  # next to a store: fine
+        f.write("{}")
+    (tmp_path / "plain").mkdir()  # an index.json of something else is no store
+    (tmp_path / "plain" / "index.json").write_text('{"format": "other"}')
+    with atomic_write(tmp_path / "plain" / "index.json") as f:
+        f.write("{}")

@@ -173,6 +173,9 @@ def test_run_command_and_its_errors(store_path, tmp_path):
         run(RunConfig(store=str(tmp_path), out=str(tmp_path)))
     with pytest.raises(UserError, match="device"):
         run(RunConfig(store=str(store_path), device="tpu", out=str(tmp_path)))
+    with pytest.raises(UserError, match="maximum of 4096 positions") as err:
+        run(RunConfig(store=str(store_path), max_new_tokens=4200, out=str(tmp_path / "long")))
+    assert err.value.field == "max-new-tokens" and not (tmp_path / "long").exists()
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
             run(RunConfig(store=str(store_path), device="cuda", out=str(tmp_path)))

@@ -260,3 +260,21 @@ def test_a_layer_count_the_weights_do_not_hold_is_refused_before_building(tmp_pa
     with pytest.raises(UserError, match=f"field 'num_hidden_layers': says {layers} layers, "
                                         f"the weights hold {held}"):
         load_hf(d)  # 10**9 layers would take hours to build before a tensor went missing
+
+
+def test_max_position_embeddings_is_the_models_limit(tmp_path):
+    from d2moe.core.spec import spec_from_hf_config
+    from d2moe.model.hf import config_from_hf, hf_config_dict
+    from d2moe.model.load import tiny_dir
+
+    cfg = json.loads((tiny_dir() / "config.json").read_text())
+    assert config_from_hf(cfg, path="c.json").max_positions == 4096
+    for absent in ({k: v for k, v in cfg.items() if k != "max_position_embeddings"},
+                   {**cfg, "max_position_embeddings": None}):
+        assert config_from_hf(absent, path="c.json").max_positions == 0  # no limit known
+    for bad in (0, -1, 4096.5, "4096", True):
+        with pytest.raises(UserError, match="field 'max_position_embeddings'"):
+            config_from_hf({**cfg, "max_position_embeddings": bad}, path="c.json")
+    model_cfg = config_from_hf({**cfg, "max_position_embeddings": 512}, path="c.json")
+    spec = spec_from_hf_config(cfg, path="c.json")
+    assert hf_config_dict(spec, model_cfg)["max_position_embeddings"] == 512  # kept on save

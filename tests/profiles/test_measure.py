@@ -484,9 +484,35 @@ def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys)
     assert main(args) == 0
     assert load_profile(out).source.kind == "measured"
     assert "wrote" in capsys.readouterr().out
+    assert list((tmp_path / "s").iterdir()) == []  # no d2moe-probe-store/-model left behind
     assert main(args[:-1] + ["--tokens", "0,x", "--no-progress"]) == 2
     assert main(["profile", "--device", "tpu", "--out", str(out)]) == 2
     assert main(args[:-1] + ["--rounds", "0", "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("in_dir", [True, False])
+def test_a_profile_stopped_by_sigterm_removes_its_scratch_files(tmp_path: Path, monkeypatch,
+                                                                capsys, in_dir: bool) -> None:
+    import os
+    import signal
+
+    import d2moe.profiles.measure as measure
+
+    def terminated(reader, *args, **kwargs):  # the probe store is on disk by now
+        assert (reader.path / "index.json").is_file()
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the measurement")
+
+    monkeypatch.setattr(measure, "measure_disk", terminated)
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path / "cache"))
+    scratch = tmp_path / "s" if in_dir else tmp_path / "cache"
+    args = ["profile", "--out", str(tmp_path / "p.yaml"), "--tokens", "1", "--bits", "4",
+            "--probe-experts", "2", "--no-progress"] + (["--dir", str(scratch)] if in_dir else [])
+    assert main(args) == 143
+    assert capsys.readouterr().err.strip() == "terminated"
+    assert list(scratch.iterdir()) == []  # was profile-XXXX/ (cache) or d2moe-probe-store/
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the command
+    assert not (tmp_path / "p.yaml").exists()
 
 
 def test_the_cpu_name_carries_its_family_and_model(monkeypatch) -> None:

@@ -434,3 +434,36 @@ def test_the_old_store_keeps_its_other_files_until_the_swap(store, monkeypatch):
         writer.close()
     assert _hashes(path) == before and (path / "expert_stats.json").read_text() == "{}"
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_a_writer_removes_what_a_killed_writer_of_the_store_left_and_nothing_else(tmp_path):
+    import os
+
+    from d2moe.core.fileio import temp_prefix
+    from tests.core.test_fileio import dead_pid
+
+    layout = QuantLayout(kind="bitplane", b1=2, bK=4, group=32)
+    path = tmp_path / "store_k"
+    mine = temp_prefix(path)  # ".store_k.PID-HOST."
+    dead = mine.replace(f".{os.getpid()}-", f".{dead_pid()}-")
+    stale = tmp_path / f"{dead}0badc0de.tmp"  # a killed writer's
+    live = tmp_path / f"{mine}feedbeef.tmp"  # a live writer's (this process)
+    aside = tmp_path / f"{dead}0badc0de.old"  # the old store set aside, swap unfinished
+    for d in (stale, live, aside):
+        d.mkdir()
+        (d / "layer_000.bin").write_bytes(b"\0")
+    with StoreWriter(path, SPEC, layout) as writer:  # no store at path: the .old is kept
+        assert not stale.exists() and live.is_dir() and aside.is_dir()
+        writer.write_layer(0, _one_layer(layout))
+        writer.write_layer(1, _one_layer(layout))
+        writer.close()
+    StoreWriter(path, SPEC, layout).abort()  # the store exists again: the .old goes now
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name])
+
+
+def test_no_store_is_written_inside_another(store):
+    path, layout, _ = store
+    with pytest.raises(UserError, match="inside the nested store"):
+        StoreWriter(path / "inner", SPEC, layout)
+    assert not (path / "inner").exists()
+    StoreWriter(path, SPEC, layout).abort()  # the store itself may be written again

@@ -117,3 +117,13 @@ def test_real_serve_end_to_end(store_path, tmp_path):
     assert min(e.start_us for e in steps) >= min(arrivals.values())
     assert (tmp_path / "events-fifo.npz").is_file() and (tmp_path / "summary.json").is_file()
     assert "fifo" in res["table"]
+
+
+def test_real_serve_refuses_requests_past_the_models_positions(store_path, tmp_path):
+    from d2moe.core.errors import UserError
+
+    with pytest.raises(UserError, match="maximum of 4096 positions") as err:
+        serve(ServeConfig(backend="real", store=str(store_path), policy="fifo",
+                          out=str(tmp_path)),
+              ArrivalConfig(rate=200, requests=2, prompt_tokens="4", output_tokens="4100"))
+    assert err.value.field == "output-tokens" and "4092 or less" in str(err.value)

@@ -54,6 +54,21 @@ def test_a_trace_file_is_relative_to_the_grid_and_takes_its_spec_from_the_header
     assert not trace.is_synth
 
 
+def test_model_spec_must_load_and_reaches_the_cell_id_of_a_trace_file(tmp_path):
+    save_trace(tmp_path / "t.npz", synth_trace(_tiny(), SynthConfig(decode_steps=2)))
+    base = "policies: [fifo]\nbudgets: [50%]\ntraces: [t.npz]\n"
+    with pytest.raises(UserError) as err:  # was only reported for the trace, as traces[0]
+        load_grid(write(tmp_path, base + "model_spec: nope\n"))
+    assert err.value.field == "model_spec"
+    ids = {text: expand(load_grid(write(tmp_path, base + text)), tmp_path)[0].cell_id
+           for text in ("", "model_spec: tiny\n", "model_spec: olmoe-1b-7b\n")}
+    assert len(set(ids.values())) == 3  # another spec is another result, so another cell
+    # a synthetic trace of the model_spec's own model: nothing is ignored, the id is kept
+    synth = "policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\n"
+    assert expand(load_grid(write(tmp_path, synth + "model_spec: tiny\n")), tmp_path)[0] \
+        .cell_id == expand(load_grid(write(tmp_path, synth)), tmp_path)[0].cell_id
+
+
 def _tiny():
     from d2moe.core.spec import load_spec
 
@@ -85,6 +100,10 @@ def _tiny():
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\ngroup: -64\n", "group"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nb1: 9\n", "b1"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [{a: 1}]\n", "traces[0]"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nmodel_spec: nope\n",
+     "model_spec"),
+    ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\nmodel_spec: olmoe-1b-7b\n",
+     "model_spec"),
 ])
 def test_a_bad_field_is_named(tmp_path, text, field):
     path = write(tmp_path, text)

@@ -190,6 +190,16 @@ def test_an_output_directory_holding_someone_elses_table_is_left_as_it_was(tmp_p
     assert (out / "table.jsonl").read_bytes() == b'{"my": "precious data"}'
 
 
+def test_a_sweep_does_not_write_into_a_store(tmp_path):
+    from tests.core.test_fileio import fake_store
+
+    store = fake_store(tmp_path / "store")
+    with pytest.raises(UserError, match="inside the nested store") as err:
+        run_sweep(grid_file(tmp_path), SweepConfig(out=str(store), jobs=1, progress=False))
+    assert err.value.field == "out"
+    assert sorted(p.name for p in store.iterdir()) == ["index.json", "layer_000.bin"]
+
+
 def test_ray_missing_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UserError, match=r"pip install 'd2moe\[ray\]'"):
@@ -224,6 +234,36 @@ def test_the_cli_reports_a_bad_grid_in_one_line(tmp_path, capsys):
     assert main(["sweep", str(grid), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "policies[1]" in err and str(grid) in err and "Traceback" not in err
+
+
+def test_a_bad_model_spec_is_refused_on_a_rerun_not_skipped(tmp_path, capsys):
+    grid = grid_file(tmp_path)
+    out = tmp_path / "o"
+    assert main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--no-progress"]) == 0
+    before = (out / "table.jsonl").read_bytes()
+    grid_file(tmp_path, GRID + "model_spec: nope\n")  # was "0 ran, 4 already in the table"
+    assert main(["sweep", str(grid), "--out", str(out), "--jobs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'model_spec'" in err and "nope" in err and len(err.splitlines()) == 1
+    assert (out / "table.jsonl").read_bytes() == before
+
+
+def test_a_sweep_whose_every_cell_failed_exits_2_with_the_first_message(tmp_path, capsys):
+    olmoe = GRID.replace("synth:tiny", "synth:olmoe-1b-7b")  # cpu-2core has no olmoe table
+    grid = grid_file(tmp_path, olmoe)
+    args = ["sweep", str(grid), "--out", str(tmp_path / "o"), "--jobs", "1", "--no-progress"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "4 ran (4 error)" in captured.out
+    (line,) = captured.err.splitlines()
+    assert "every cell that ran failed (4)" in line and "no rows for model 'olmoe-1b-7b'" in line
+    # some cells fail, others run: exit 0, and the first failure is still named
+    grid_file(tmp_path, olmoe.replace("cpu-2core", "cpu-2core, rtx3060-laptop"))
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "8 cells: 8 ran (4 error, 4 ok)" in captured.out
+    assert "4 of 8 cells that ran failed" in captured.err
+    assert "no rows for model 'olmoe-1b-7b'" in captured.err
 
 
 def test_capacity_options_re_place_a_router_trace(tmp_path):

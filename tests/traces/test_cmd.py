@@ -37,6 +37,37 @@ def test_synth_then_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "reuse rate" in text and "5 bits:" in text and "L3" in text
 
 
+def test_synth_refuses_to_write_into_a_store_before_the_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from d2moe.cli import main
+    from tests.core.test_fileio import fake_store
+
+    store = fake_store(tmp_path / "store")
+    before = (store / "layer_000.bin").read_bytes()
+    assert main(["trace", "synth", "--model-spec", "tiny", "--decode-steps", "2",
+                 "--out", str(store / "layer_000.bin")]) == 2  # replaced the layer before
+    err = capsys.readouterr().err
+    assert "field 'out'" in err and "inside the nested store" in err
+    assert (store / "layer_000.bin").read_bytes() == before
+
+
+def test_synth_shows_a_bar_unless_told_not_to(tmp_path: Path, monkeypatch) -> None:
+    from tests.conftest import FakeBar
+
+    calls, bar = [], FakeBar()
+
+    def fake_bar(total: int, enabled: bool, desc: str, unit: str, **kw: float) -> FakeBar:
+        calls.append((total, enabled))
+        return bar if enabled else None
+
+    monkeypatch.setattr(cmd, "progress_bar", fake_bar)
+    args = ["trace", "synth", "--model-spec", "tiny", "--decode-steps", "3",
+            "--out", str(tmp_path / "t.npz")]
+    assert _run(args) == 0
+    assert calls == [(4 + 3, True)] and bar.n == 4 + 3 and bar.closed  # layers, 2, writing
+    assert _run(args + ["--no-progress"]) == 0 and calls[-1] == (7, False)
+
+
 def test_reuse_rate_by_hand() -> None:
     # 1 layer, top-1 of 4: steps use {0}, {0}, {1, 2} -> hits 1 of 1, then 0 of 2 -> 1/3
     t = Trace("hand", 4, [1, 1, 1], [0, 1, 2, 4], np.array([[[0]], [[0]], [[1]], [[2]]]),

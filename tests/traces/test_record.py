@@ -30,6 +30,13 @@ def test_recorded_routing_equals_one_full_forward(tmp_path):
     assert load_trace(tmp_path / "t.npz").demands(4) == trace.demands(4)
 
 
+def test_more_steps_than_the_models_positions_are_refused():
+    model, spec = load_tiny()
+    with pytest.raises(UserError, match="maximum of 4096 positions") as err:
+        record_trace(model, spec, TEXT * 100, prefill_tokens=64, decode_steps=4100)
+    assert err.value.field == "decode-steps" and "--decode-steps 4032" in str(err.value)
+
+
 def test_too_short_a_text_is_a_user_error():
     model, spec = load_tiny()
     with pytest.raises(UserError, match="tokens"):

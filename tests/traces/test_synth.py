@@ -165,3 +165,18 @@ def test_step_layout() -> None:
     assert [t.phase(s) for s in range(t.num_steps)] == ["prefill"] + ["decode"] * 3
     assert [t.tokens(s) for s in range(t.num_steps)] == [14, 2, 2, 2]
     assert math.isclose(float(t.weights[0, 0].sum()), 1.0, rel_tol=1e-6)
+
+
+def test_a_bar_advances_by_every_stage_and_changes_nothing() -> None:
+    from d2moe.core.spec import load_spec
+    from d2moe.traces.synth import synth_units
+    from tests.conftest import FakeBar
+
+    spec, cfg = load_spec("tiny"), SynthConfig(decode_steps=5, batch=2)
+    bar = FakeBar()
+    with_bar = synth_trace(spec, cfg, bar)
+    assert bar.n == synth_units(spec) == spec.layers + 2
+    plain = synth_trace(spec, cfg)
+    assert np.array_equal(with_bar.experts, plain.experts)
+    assert np.array_equal(with_bar.weights, plain.weights)
+    assert np.array_equal(with_bar.bits, plain.bits)

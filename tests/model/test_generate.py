@@ -1,0 +1,52 @@
+"""Generation's limits and progress: the model's maximum positions, a bar of new tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from d2moe.cli import main  # noqa: E402
+from d2moe.core.errors import UserError  # noqa: E402
+from d2moe.model import generate as gen_module  # noqa: E402
+from d2moe.model.generate import check_positions, generate  # noqa: E402
+from d2moe.model.load import load_tiny  # noqa: E402
+from d2moe.model.tokenizer import encode  # noqa: E402
+from tests.conftest import FakeBar  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_tiny()[0]
+
+
+def test_prompt_and_new_tokens_stay_within_the_models_positions(tiny) -> None:
+    assert tiny.cfg.max_positions == 4096  # the tiny config.json's max_position_embeddings
+    check_positions(tiny, 8, 4088)  # exactly the limit
+    with pytest.raises(UserError) as err:
+        generate(tiny, encode("def fib("), 4200)  # ran on past 4096 before
+    assert err.value.field == "max-new-tokens"
+    assert "4096" in str(err.value) and "--max-new-tokens 4088 or less" in str(err.value)
+    with pytest.raises(UserError, match="shorten the prompt") as err:
+        check_positions(tiny, 5000, 1, field="output-tokens")
+    assert err.value.field == "output-tokens"
+
+
+def test_a_generation_advances_its_bar_by_each_new_token(tiny, monkeypatch) -> None:
+    calls, bar = [], FakeBar()
+
+    def fake_bar(total: int, enabled: bool, desc: str, unit: str, **kw: float) -> FakeBar:
+        calls.append((total, enabled))
+        return bar if enabled else None
+
+    monkeypatch.setattr(gen_module, "progress_bar", fake_bar)
+    got = generate(tiny, encode("def fib("), 5, progress=True)
+    assert calls == [(5, True)] and bar.n == len(got.new_ids) == 5 and bar.closed
+    generate(tiny, encode("def fib("), 2)  # no bar unless asked (library callers)
+    assert calls[-1] == (2, False)
+
+
+def test_the_generate_cli_names_the_limit_in_one_line(capsys) -> None:
+    assert main(["generate", "--max-new-tokens", "4200", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "field 'max-new-tokens'" in err and "4096" in err
