@@ -34,8 +34,8 @@ def tiny_store_path(tmp_path_factory):
     return path
 
 
-class FakeBar:
-    """Stands in for a progress bar (d2moe.core.progress): counts updates, notes closing."""
+class CountingBar:
+    """A progress bar (d2moe.core.progress) that records what it was told: updates, closing."""
 
     def __init__(self) -> None:
         self.n, self.closed, self.desc = 0, False, ""

@@ -12,7 +12,7 @@ from d2moe.model import generate as gen_module  # noqa: E402
 from d2moe.model.generate import check_positions, generate  # noqa: E402
 from d2moe.model.load import load_tiny  # noqa: E402
 from d2moe.model.tokenizer import encode  # noqa: E402
-from tests.conftest import FakeBar  # noqa: E402
+from tests.conftest import CountingBar  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +33,13 @@ def test_prompt_and_new_tokens_stay_within_the_models_positions(tiny) -> None:
 
 
 def test_a_generation_advances_its_bar_by_each_new_token(tiny, monkeypatch) -> None:
-    calls, bar = [], FakeBar()
+    calls, bar = [], CountingBar()
 
-    def fake_bar(total: int, enabled: bool, desc: str, unit: str, **kw: float) -> FakeBar:
+    def counting_bar(total: int, enabled: bool, desc: str, unit: str, **kw: float) -> CountingBar:
         calls.append((total, enabled))
         return bar if enabled else None
 
-    monkeypatch.setattr(gen_module, "progress_bar", fake_bar)
+    monkeypatch.setattr(gen_module, "progress_bar", counting_bar)
     got = generate(tiny, encode("def fib("), 5, progress=True)
     assert calls == [(5, True)] and bar.n == len(got.new_ids) == 5 and bar.closed
     generate(tiny, encode("def fib("), 2)  # no bar unless asked (library callers)

@@ -52,15 +52,15 @@ def test_synth_refuses_to_write_into_a_store_before_the_work(
 
 
 def test_synth_shows_a_bar_unless_told_not_to(tmp_path: Path, monkeypatch) -> None:
-    from tests.conftest import FakeBar
+    from tests.conftest import CountingBar
 
-    calls, bar = [], FakeBar()
+    calls, bar = [], CountingBar()
 
-    def fake_bar(total: int, enabled: bool, desc: str, unit: str, **kw: float) -> FakeBar:
+    def counting_bar(total: int, enabled: bool, desc: str, unit: str, **kw: float) -> CountingBar:
         calls.append((total, enabled))
         return bar if enabled else None
 
-    monkeypatch.setattr(cmd, "progress_bar", fake_bar)
+    monkeypatch.setattr(cmd, "progress_bar", counting_bar)
     args = ["trace", "synth", "--model-spec", "tiny", "--decode-steps", "3",
             "--out", str(tmp_path / "t.npz")]
     assert _run(args) == 0

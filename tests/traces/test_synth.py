@@ -170,10 +170,10 @@ def test_step_layout() -> None:
 def test_a_bar_advances_by_every_stage_and_changes_nothing() -> None:
     from d2moe.core.spec import load_spec
     from d2moe.traces.synth import synth_units
-    from tests.conftest import FakeBar
+    from tests.conftest import CountingBar
 
     spec, cfg = load_spec("tiny"), SynthConfig(decode_steps=5, batch=2)
-    bar = FakeBar()
+    bar = CountingBar()
     with_bar = synth_trace(spec, cfg, bar)
     assert bar.n == synth_units(spec) == spec.layers + 2
     plain = synth_trace(spec, cfg)
