@@ -200,3 +200,30 @@ def test_a_bad_option_value_is_one_line_not_the_usage_block(capsys, argv):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
     assert err.startswith(f"d2moe {argv[0]}: error: argument {argv[1]}") and "--help" in err
+
+
+_LIST_OPTIONS = [  # (argv before the list, option, a good value): every comma list a verb takes
+    (("simulate", "--steps", "2", "--out", "{out}"), "--policy", "fifo,hebf"),
+    (("serve", "--out", "{out}"), "--policy", "fifo,hebf"),
+    (("validate", "--out", "{out}"), "--policies", "fifo,hebf"),
+    (("validate", "--out", "{out}"), "--budgets", "25%,50%"),
+    (("eval", "ppl"), "--format", "mwq,rtn"),
+    (("eval", "ppl"), "--bits", "2,3"),
+    (("profile", "--out", "{out}"), "--tokens", "1,2"),
+    (("profile", "--out", "{out}"), "--disk-sizes", "4KiB,1MiB"),
+    (("trace", "synth", "--out", "{out}"), "--bits", "2,3"),
+    (("router", "train", "--out", "{out}"), "--bits", "2,4"),
+    (("plot", "budget", "table.csv", "--out", "{out}"), "--policies", "fifo,hebf"),
+    (("plot", "budget", "table.csv", "--out", "{out}"), "--budgets", "20%,40%"),
+]
+
+
+@pytest.mark.parametrize("head,option,good", _LIST_OPTIONS)
+@pytest.mark.parametrize("bad", ["{a},,{b}", "{a},{b},", "{a},{a}"])
+def test_comma_lists_reject_empty_and_repeated_items(capsys, tmp_path, head, option, good, bad):
+    """One splitter for every verb: no list silently drops an empty item or runs one twice."""
+    a, b = good.split(",")
+    argv = [h.format(out=tmp_path / "out") for h in head]
+    line = _one_line_error(capsys, *argv, option, bad.format(a=a, b=b))
+    assert f"field '{option[2:]}'" in line
+    assert ("given twice" if bad == "{a},{a}" else "empty item") in line

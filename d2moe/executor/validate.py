@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
+from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
 from d2moe.core.fileio import atomic_write
@@ -100,14 +100,6 @@ def _main(args: argparse.Namespace) -> int:
     print(result["report"])
     print(f"wrote {', '.join(result['files'])}")
     return 0
-
-
-def split_names(text: str, what: str) -> list[str]:
-    """Comma-separated names, at least one."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise UserError(f"no {what} given", field=what, fix=f"e.g. --{what} fifo,hebf")
-    return names
 
 
 def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
@@ -247,7 +239,7 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     from d2moe.policies import make_policy
     from d2moe.traces import save_trace
 
-    policies = split_names(cfg.policies, "policies")
+    policies = split_list(cfg.policies, "policies", example="--policies fifo,hebf")
     for name in policies:
         make_policy(name)  # unknown names fail before any work
     store.layout.check_bits(cfg.bits)
@@ -260,7 +252,7 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     total = all_experts_bytes(spec, top, store.layout)
     one = total // (spec.layers * spec.experts)
     budgets = []
-    for text in split_names(cfg.budgets, "budgets"):
+    for text in split_list(cfg.budgets, "budgets", example="--budgets 25%,50%"):
         nbytes = parse_budget(text, total)
         if nbytes < one:
             raise UserError(f"budget {text} = {fmt_bytes(nbytes)} is smaller than one expert "

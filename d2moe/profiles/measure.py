@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import check_threads
+from d2moe.core.cliargs import check_threads, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir
 from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
@@ -133,8 +133,9 @@ class ProfileConfig:
 
 
 def _ints(text: str, where: str) -> list[int]:
+    """A comma list of positive integers, sorted (each given once)."""
     try:
-        out = sorted({int(t) for t in text.split(",") if t.strip()})
+        out = sorted({int(t) for t in split_list(text, where, example=f"--{where} 1,2,4,8")})
     except ValueError:
         raise UserError(f"not a list of integers: {text!r}", field=where,
                         fix="e.g. 1,2,4,8") from None
@@ -239,13 +240,15 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     bits = _ints(cfg.bits, "bits") if cfg.bits else list(range(layout.b1, layout.bK + 1))
     for b in bits:
         layout.check_bits(b)
-    sizes = sorted({parse_bytes(s.strip(), field="disk-sizes")
-                    for s in cfg.disk_sizes.split(",") if s.strip()})
+    texts = split_list(cfg.disk_sizes, "disk-sizes", example="--disk-sizes 4KiB,1MiB")
+    sizes = sorted({parse_bytes(s, field="disk-sizes") for s in texts})
     if not sizes or sizes[0] < 1:
         raise UserError("needs at least one read size", field="disk-sizes", fix="e.g. 4KiB,1MiB")
-    if cfg.repeats < 1 or cfg.probe_experts < 2 or cfg.lane_layers < 2:
-        raise UserError("repeats must be >= 1, probe-experts and lane-layers >= 2",
-                        field="repeats", fix="use larger values")
+    for name, low in (("repeats", 1), ("probe_experts", 2), ("lane_layers", 2)):
+        if getattr(cfg, name) < low:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"must be >= {low}, got {getattr(cfg, name)}",
+                            field=name.replace("_", "-"), fix=f"pass {flag} {low} or more")
     probe = dataclasses.replace(spec, layers=1, experts=min(spec.experts, cfg.probe_experts),
                                 top_k=min(spec.top_k, 2, cfg.probe_experts - 1))
     disk_sizes = sizes_up_to(sizes, expert_bytes(spec, layout.b1, layout))  # the base level

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, check_threads, from_args, model_field
+from d2moe.core.cliargs import add_fields, check_threads, from_args, model_field, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
@@ -69,10 +69,7 @@ class ServeConfig:
     @property
     def policies(self) -> list[str]:
         """The policy names, in order."""
-        names = [n.strip() for n in self.policy.split(",") if n.strip()]
-        if not names:
-            raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
-        return names
+        return split_list(self.policy, "policy", example="--policy fifo,hebf")
 
 
 def register(subparsers: Any) -> None:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
@@ -201,9 +201,7 @@ def run_simulations(cfg: SimulateConfig, capacity: Any = None) -> dict[str, Any]
     )
     from d2moe.policies import policy_config
 
-    names = [n.strip() for n in cfg.policy.split(",") if n.strip()]
-    if not names:
-        raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
+    names = split_list(cfg.policy, "policy", example="--policy fifo,hebf")
     for n in names:  # unknown names fail before any work
         policy_config(n)
     prep = prepare(cfg, capacity)

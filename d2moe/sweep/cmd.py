@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.analysis.sweep_plots import ABLATION_DEFAULT
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, split_list
 from d2moe.sweep.runner import SweepConfig
 
 PLOTS = ("budget", "ablation", "quality")
@@ -74,12 +74,14 @@ def make_plots(kind: str, table: str | Path, cfg: PlotConfig) -> list[Path]:
     """Draw one kind of figure from a table; the PNGs written."""
     from d2moe.analysis.sweep_plots import load_table, plot_ablation, plot_budget, plot_quality
 
+    keep = set(split_list(cfg.budgets, "budgets", example="--budgets 20%,40%",
+                          allow_none=True))
+    names = split_list(cfg.policies, "policies", example="--policies fifo,hebf",
+                       allow_none=True)
     rows = load_table(table)
-    keep = {b.strip() for b in cfg.budgets.split(",") if b.strip()}
     if keep:
         rows = [r for r in rows if str(r.get("budget")) in keep]
     out = Path(cfg.out) if cfg.out else Path(table).parent
-    names = [n.strip() for n in cfg.policies.split(",") if n.strip()]
     if kind == "budget":
         return plot_budget(rows, out, label=cfg.label, policies=names, log_y=not cfg.linear,
                            table=table)

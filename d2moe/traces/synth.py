@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError
 from d2moe.core.spec import ModelSpec
 from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace
@@ -92,21 +93,25 @@ class SynthConfig:
     @property
     def bit_choices(self) -> tuple[int, ...]:
         """`bits` parsed: () when bits are left unknown."""
-        return _parse_list(self.bits, int, "bits")
+        return _parse_list(self.bits, int, "bits", "--bits 2,3,4", unique=True)
 
     @property
     def capacity_fractions(self) -> tuple[float, ...]:
         """`capacities` parsed."""
-        return _parse_list(self.capacities, float, "capacities") if self.bits.strip() else ()
+        if not self.bits.strip():
+            return ()
+        return _parse_list(self.capacities, float, "capacities", "--capacities 0.3,0.4,0.3",
+                           unique=False)
 
 
-def _parse_list(text: str, kind: type, name: str) -> tuple:
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+def _parse_list(text: str, kind: type, name: str, example: str, *, unique: bool) -> tuple:
+    """A comma list of `kind`; '' is (). Capacities may repeat (0.5,0.5), bit-widths not."""
+    parts = split_list(text, name, example=example, unique=unique, allow_none=True)
     try:
         return tuple(kind(p) for p in parts)
     except ValueError:
         raise UserError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}",
-                        field=name, fix="e.g. 2,3,4") from None
+                        field=name, fix=f"write e.g. {example}") from None
 
 
 def layer_popularity(spec: ModelSpec, cfg: SynthConfig) -> np.ndarray:
