@@ -227,3 +227,9 @@ def test_comma_lists_reject_empty_and_repeated_items(capsys, tmp_path, head, opt
     line = _one_line_error(capsys, *argv, option, bad.format(a=a, b=b))
     assert f"field '{option[2:]}'" in line
     assert ("given twice" if bad == "{a},{a}" else "empty item") in line
+
+
+def test_simulate_budget_1_5_suggests_150_percent_not_1_byte(capsys, tmp_path):
+    line = _one_line_error(capsys, "simulate", "--budget", "1.5", "--steps", "2",
+                           "--out", str(tmp_path))
+    assert "field 'budget'" in line and "150%" in line and "1 B" not in line

@@ -140,7 +140,8 @@ def expert_budget(spec: Any, layout: QuantLayout, budget: str, bits: int,
     if nbytes < one:
         raise UserError(f"budget {budget} = {fmt_bytes(nbytes)} is smaller than one expert at "
                         f"{widest} bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes")
+                        fix=f"give at least {one} bytes, e.g. a larger percentage (a bare "
+                            "number above 1 counts bytes)")
     return nbytes
 
 

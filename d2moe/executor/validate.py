@@ -48,7 +48,8 @@ class ValidateConfig:
         "help": "policy names, comma-separated", "metavar": "P1,P2"})
     budgets: str = field(default="25%,50%,100%", metadata={
         "help": "expert memory budgets, comma-separated (bytes, %% or fractions of all "
-                "experts at --bits, or at the router's widest width with --router)"})
+                "experts at --bits, or at the router's widest width with --router; a bare "
+                "whole number above 1 is bytes)"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert runs at"})
     prompt: str = field(default="def fib(n):\n    return", metadata={"help": "prompt text"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per run"})

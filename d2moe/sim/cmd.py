@@ -35,8 +35,9 @@ class SimulateConfig:
         "help": "policy name(s), comma-separated (see `d2moe simulate --list`)",
         "metavar": "P1,P2"})
     budget: str = field(default="50%", metadata={
-        "help": "expert memory budget: bytes (6GiB, 512MB), a percentage (40%%) or a fraction "
-                "(0.4) of all experts at the highest bits the trace asks for"})
+        "help": "expert memory budget: bytes (6GiB, 512MB; a bare whole number above 1 is "
+                "bytes), a percentage (40%%) or a fraction (0.4) of all experts at the highest "
+                "bits the trace asks for"})
     bits: int = field(default=4, metadata={"help": "bit-width where the trace has none"})
     layout: str = field(default="bitplane", metadata={
         "help": "expert storage: bitplane (nested bit planes of one code, the default), mwq "

@@ -82,7 +82,8 @@ def check_budget(setup: SimSetup, max_bits: int) -> None:
     if setup.budget_bytes < one:
         raise UserError(f"budget {fmt_bytes(setup.budget_bytes)} is smaller than one expert at "
                         f"{max_bits} bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes, e.g. a larger percentage")
+                        fix=f"give at least {one} bytes, e.g. a larger percentage (a bare "
+                            "number above 1 counts bytes)")
 
 
 def simulate(setup: SimSetup, steps: Sequence[StepWork] | StepSource, policy: Policy

@@ -244,9 +244,8 @@ def _check(grid: Grid) -> None:
     for i, text in enumerate(grid.budgets):
         try:
             parse_budget(text, 1)
-        except UserError:
-            raise UserError(f"cannot read {text!r} as a budget", path=path,
-                            field=f"budgets[{i}]", fix="write 6GiB, 40% or 0.4") from None
+        except UserError as exc:  # unreadable, or a bare 1.5 (bytes, not whole)
+            raise UserError(bare(exc), path=path, field=f"budgets[{i}]", fix=exc.fix) from None
     try:
         parse_budget(grid.host_cache, 1)
     except UserError:

@@ -193,3 +193,18 @@ def test_a_directory_without_config_json_says_so(tmp_path):
     with pytest.raises(UserError, match="no config.json in this directory") as err:
         load_spec(tmp_path)
     assert err.value.path == str(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["1.5", " 2.5 ", "1.5B", "100.25", "2.5e0"])
+def test_budget_of_a_fractional_byte_count_is_an_error_that_suggests_a_percentage(text):
+    """A bare number above 1 counts bytes: '1.5' (150% meant?) must not become 1 byte."""
+    with pytest.raises(UserError, match=r"field 'budget'.*whole number.*fix: .*150%.*2B"):
+        parse_budget(text, 1000)
+
+
+def test_budget_bare_whole_numbers_count_bytes_and_fractional_units_are_kept():
+    assert parse_budget("2", 1000) == 2 and parse_budget("1e3", 10) == 1000
+    assert parse_budget("1", 1000) == 1000 and parse_budget(2048, 10) == 2048
+    assert parse_budget("0.1GiB", 1) == int(0.1 * 2**30)
+    with pytest.raises(UserError, match="disk-sizes.*whole number"):
+        parse_bytes("0.5", field="disk-sizes")
