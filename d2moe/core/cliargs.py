@@ -68,6 +68,18 @@ def check_threads(n: int) -> int:
     return n
 
 
+def check_at_least(value: int, low: int, field: str, *, note: str = "") -> int:
+    """`value` of the count option `field` (a config field name), or a UserError naming
+    `--field` when it is below `low`: the one range check of counts, so every verb words it
+    alike. `note` says what `low` means (e.g. '0: all')."""
+    if value < low:
+        flag = field.replace("_", "-")
+        shown = f"{low} ({note})" if note else str(low)
+        raise UserError(f"must be >= {low}, got {value}", field=flag,
+                        fix=f"pass --{flag} {shown} or more")
+    return value
+
+
 def split_list(text: str, field: str, *, example: str, path: str | None = None,
                unique: bool = True, allow_none: bool = False) -> list[str]:
     """The stripped items of a comma-separated option, in order: the one splitter of every

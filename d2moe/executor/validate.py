@@ -22,7 +22,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules, split_list
+from d2moe.core.cliargs import (
+    add_fields,
+    check_at_least,
+    from_args,
+    model_field,
+    require_modules,
+    split_list,
+)
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
 from d2moe.core.fileio import atomic_write
@@ -66,13 +73,16 @@ class ValidateConfig:
                 "(policy, budget) the mean signed error with two standard errors, the "
                 "simulator's bias apart from the machine's drift"})
     plot_steps: int = field(default=2, metadata={
-        "help": "decode steps shown in the side-by-side timelines"})
+        "help": "decode steps shown in the side-by-side timelines (at least 1)"})
     out: str = field(default="out/validate", metadata={"help": "output directory"})
     router: str = field(default="", metadata={
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
                 "<store>/router; each token's bits then come from it, live in the real run "
                 "and from its recorded gate probabilities in the simulation (with the "
                 "--capacity-mode options)"})
+
+    def __post_init__(self) -> None:
+        check_at_least(self.plot_steps, 1, "plot_steps")  # before the model loads
 
 
 def register(subparsers: Any) -> None:

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import check_threads, split_list
+from d2moe.core.cliargs import check_at_least, check_threads, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir
 from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
@@ -245,10 +245,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     if not sizes or sizes[0] < 1:
         raise UserError("needs at least one read size", field="disk-sizes", fix="e.g. 4KiB,1MiB")
     for name, low in (("repeats", 1), ("probe_experts", 2), ("lane_layers", 2)):
-        if getattr(cfg, name) < low:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"must be >= {low}, got {getattr(cfg, name)}",
-                            field=name.replace("_", "-"), fix=f"pass {flag} {low} or more")
+        check_at_least(getattr(cfg, name), low, name)
     probe = dataclasses.replace(spec, layers=1, experts=min(spec.experts, cfg.probe_experts),
                                 top_k=min(spec.top_k, 2, cfg.probe_experts - 1))
     disk_sizes = sizes_up_to(sizes, expert_bytes(spec, layout.b1, layout))  # the base level

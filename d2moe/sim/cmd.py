@@ -9,8 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, split_list
-from d2moe.core.errors import UserError
+from d2moe.core.cliargs import add_fields, check_at_least, from_args, split_list
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout, fmt_bytes
@@ -60,9 +59,7 @@ class SimulateConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "plot_steps"):  # 0 means all; a negative count means nothing
-            if getattr(self, name) < 0:
-                raise UserError(f"must be >= 0, got {getattr(self, name)}",
-                                field=name.replace("_", "-"), fix="pass 0 (all) or more")
+            check_at_least(getattr(self, name), 0, name, note="all")
 
     @property
     def quant_layout(self) -> QuantLayout:

@@ -83,6 +83,9 @@ def test_validate_errors(store_path, tmp_path):
         validate(ValidateConfig(policies="fifo,nope", **base))
     with pytest.raises(UserError, match="smaller than one expert"):
         validate(ValidateConfig(budgets="1KiB", **base))
+    for steps in (0, -1):  # as simulate's --plot-steps, range-checked before any work
+        with pytest.raises(UserError, match=r"field 'plot-steps': must be >= 1"):
+            ValidateConfig(plot_steps=steps, **base)
     assert main(["validate", "--profile", "no-such-profile", "--out", str(tmp_path)]) == 2
     assert not Path(tmp_path / "v" / "table.txt").exists()
 
