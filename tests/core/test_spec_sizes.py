@@ -189,6 +189,36 @@ def test_negative_sizes_and_dtype_bytes_are_refused(tmp_path, field, value):
                   kv_heads=1, vocab=4, **{field: value})
 
 
+@pytest.mark.parametrize("old,new,field,what", [
+    ("heads: 6", "heads: 5", "heads", "hidden=192 is not divisible by heads=5"),
+    ("kv_heads: 2", "kv_heads: 4", "kv_heads", "heads=6 is not a multiple of kv_heads=4")])
+def test_a_spec_whose_attention_does_not_split_evenly_is_refused(tmp_path, old, new, field,
+                                                                   what):
+    from importlib import resources
+
+    text = resources.files("d2moe.core").joinpath("specs", "tiny.yaml").read_text()
+    assert old in text
+    p = tmp_path / "s.yaml"
+    p.write_text(text.replace(old, new))
+    with pytest.raises(UserError, match=what) as err:
+        load_spec(p)
+    assert err.value.field == field and err.value.path == str(p)
+    if field == "heads":  # a head_dim that is set need not divide hidden
+        p.write_text(text.replace(old, new).replace("kv_heads: 2", "kv_heads: 1")
+                     + "head_dim: 32\n")
+        assert load_spec(p).dim_head == 32
+
+
+@pytest.mark.parametrize("changes,key", [({"num_attention_heads": 3}, "num_attention_heads"),
+                                         ({"num_key_value_heads": 3}, "num_key_value_heads")])
+def test_a_config_json_whose_attention_does_not_split_evenly_names_its_key(tmp_path, changes,
+                                                                           key):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_cfg(**changes)))
+    with pytest.raises(UserError) as err:
+        load_spec(tmp_path)
+    assert err.value.field == key and err.value.path == str(tmp_path / "config.json")
+
+
 def test_a_directory_without_config_json_says_so(tmp_path):
     with pytest.raises(UserError, match="no config.json in this directory") as err:
         load_spec(tmp_path)
