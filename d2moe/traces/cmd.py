@@ -75,9 +75,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from d2moe.core.errors import UserError
+    from d2moe.core.fileio import require_file
     from d2moe.model.load import load_model
     from d2moe.model.tokenizer import encode
     from d2moe.traces.record import record_trace
@@ -89,9 +89,7 @@ def _record(args: argparse.Namespace) -> int:
         raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
                         fix="e.g. --decode-steps 128")
     if args.text:
-        path = Path(args.text)
-        if not path.is_file():
-            raise UserError("no such file", path=args.text, field="text", fix="check the path")
+        path = require_file(args.text, field="text", what="a text file")
         data, source = path.read_bytes(), args.text
     else:
         from d2moe.model.corpus import load_corpus

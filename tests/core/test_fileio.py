@@ -110,3 +110,17 @@ def test_check_writable_fails_before_the_work_and_leaves_nothing(tmp_path):
         check_writable(tmp_path, field="out")
     check_writable(tmp_path / "new" / "out.yaml")  # makes the directory, leaves no file
     assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_require_file_tells_a_directory_from_a_missing_path(tmp_path):
+    from d2moe.core.fileio import require_file
+
+    (tmp_path / "f").write_text("x")
+    assert require_file(tmp_path / "f") == tmp_path / "f"
+    with pytest.raises(UserError, match=r"field 'text': is a directory, not a text file"):
+        require_file(tmp_path, field="text", what="a text file")
+    with pytest.raises(UserError, match="no such file"):
+        require_file(tmp_path / "nope")
+    with pytest.raises(UserError, match="is a directory") as err:
+        read_yaml(tmp_path)  # a grid, a spec or a profile given as a directory
+    assert err.value.path == str(tmp_path)

@@ -59,3 +59,17 @@ def test_record_rejects_bad_counts_before_loading_the_model(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"field '{field}'" in err and "max_len" not in err
+
+
+def test_record_text_that_is_a_directory_says_so(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from d2moe.cli import main
+
+    monkeypatch.setattr("d2moe.model.load.load_model",
+                        lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["trace", "record", "--text", str(tmp_path), "--out",
+                 str(tmp_path / "t.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path}: field 'text': is a directory" in err and "no such file" not in err
