@@ -31,6 +31,10 @@ from d2moe.core.spec import ModelSpec
 from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace
 
 _CAP_EPS = 1e-9  # ceil(c*n - eps): 0.3 * 10 must give 3, not 4
+# Largest zipf: r^-zipf stays above 0 in float64 for r up to e^(744/50), 2.9 million experts;
+# beyond it low ranks underflow to weight 0, log 0 = -inf, and the Gumbel top-k then breaks
+# their ties by expert id instead of rank. At 50, rank 2 weighs 2^-50 of rank 1 already.
+ZIPF_MAX = 50.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class SynthConfig:
     batch: int = field(default=1, metadata={
         "help": "sequences decoded together (tokens per decode step)"})
     zipf: float = field(default=0.8, metadata={
-        "help": "per-layer expert popularity skew exponent (0: uniform)"})
+        "help": f"per-layer expert popularity skew exponent, 0 (uniform) to {ZIPF_MAX:g}"})
     locality: float = field(default=0.3, metadata={
         "help": "chance a token reuses the previous token's experts at a layer"})
     cross_layer: float = field(default=0.3, metadata={
@@ -68,9 +72,10 @@ class SynthConfig:
                             fix="ask for prefill tokens or decode steps")
         if self.batch < 1:
             raise UserError(f"must be >= 1, got {self.batch}", field="batch", fix="pass >= 1")
-        if not (self.zipf >= 0 and math.isfinite(self.zipf)):
-            raise UserError(f"must be a finite number >= 0, got {self.zipf}", field="zipf",
-                            fix="e.g. 0.8")
+        if not 0 <= self.zipf <= ZIPF_MAX:  # NaN fails too
+            raise UserError(f"must be in [0, {ZIPF_MAX:g}], got {self.zipf}", field="zipf",
+                            fix=f"e.g. 0.8 ({ZIPF_MAX:g} already puts all but the top ranks "
+                                "at weight ~0)")
         for name in ("locality", "cross_layer"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"must be a probability in [0, 1], got {getattr(self, name)}",
