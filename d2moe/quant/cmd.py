@@ -69,7 +69,8 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
 
     `fit` is MWQ's plane-scale fit (d2moe.quant.mwq.PLANE_FITS); bitplane ignores it.
     """
-    from d2moe.core.spec import load_spec
+    from d2moe.core.spec import load_spec, read_hf_config
+    from d2moe.model.hf_names import check_model_type
 
     if fit not in PLANE_FITS:
         raise UserError(f"unknown plane-scale fit {fit!r}", field="fit",
@@ -85,7 +86,9 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
     if not model_dir.is_dir():
         raise UserError("no such directory", path=str(model_dir),
                         fix="pass an HF checkpoint directory (config.json + *.safetensors)")
-    spec = load_spec(model_dir)
+    spec = load_spec(model_dir)  # config.json is there: load_spec read it
+    check_model_type(read_hf_config(model_dir / "config.json"),
+                     path=str(model_dir / "config.json"))
     found = find_expert_tensors(model_dir)
     hf_layers = sorted({k[0] for k in found})
     if len(hf_layers) != spec.layers:
