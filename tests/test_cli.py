@@ -233,3 +233,29 @@ def test_simulate_budget_1_5_suggests_150_percent_not_1_byte(capsys, tmp_path):
     line = _one_line_error(capsys, "simulate", "--budget", "1.5", "--steps", "2",
                            "--out", str(tmp_path))
     assert "field 'budget'" in line and "150%" in line and "1 B" not in line
+
+
+@pytest.mark.parametrize("option,value,field", [("--b1", "3", "b1"), ("--bK", "3", "bK")])
+def test_simulate_refuses_trace_bits_outside_b1_bk_alike(capsys, tmp_path, option, value,
+                                                         field):
+    """A trace of 2..4-bit experts fits neither a store from 3 bits nor one up to 3 bits."""
+    trace = tmp_path / "t.npz"
+    assert run(capsys, "trace", "synth", "--model-spec", "tiny", "--bits", "2,3,4",
+               "--decode-steps", "2", "--out", str(trace))[0] == 0
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--trace", str(trace),
+                           "--profile", "cpu-2core", option, value, "--out",
+                           str(tmp_path / "o"))
+    assert f"field '{field}'" in line and "2..4-bit experts" in line
+    assert f"fix: pass {option} " in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,field,fix", [
+    (("simulate", "--b1", "5", "--bK", "3"), "b1", "--b1 2 --bK 8"),
+    (("profile", "--b1", "5", "--bK", "2"), "b1", "--b1 2 --bK 8"),
+    (("simulate", "--layout", "foo"), "layout", "use mwq, bitplane"),
+    (("eval", "ppl", "--store-bits", "9:2"), "store-bits", "--store-bits 2:8")])
+def test_layout_errors_name_the_verbs_own_options(capsys, tmp_path, argv, field, fix):
+    out = () if argv[0] == "eval" else ("--out", str(tmp_path / "o"))
+    line = _one_line_error(capsys, *argv, *out)
+    assert f"field '{field}'" in line and fix in line
+    assert "--bits" not in line or field == "bits"

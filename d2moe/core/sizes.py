@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 from d2moe.core.spec import ModelSpec
 
 DENSE_BITS = 16  # bits value that means "unquantized fp16/bf16 weights"
@@ -58,6 +58,24 @@ class QuantLayout:
         if not self.b1 <= bits <= self.bK:
             raise UserError(f"{bits} bits is outside the store's range {self.b1}..{self.bK}",
                             field="bits", fix=f"ask for {self.b1}..{self.bK} bits")
+
+
+def layout_from_options(kind: str, b1: int, bK: int, group: int = 64, *,
+                        kind_option: str = "layout", bits_option: str = "") -> QuantLayout:
+    """The QuantLayout a verb's options describe, its errors naming that verb's options (the
+    dataclass names fields, not options): `kind_option` holds the kind (layout, format),
+    `bits_option` b1:bK as one (bits, store-bits; empty: the separate --b1 and --bK)."""
+    try:
+        return QuantLayout(kind=kind, b1=b1, bK=bK, group=group)
+    except UserError as exc:
+        field, fix = exc.field, exc.fix
+        if exc.field == "kind":
+            field = kind_option
+        elif exc.field == "bits":
+            field, fix = ((bits_option, f"e.g. --{bits_option} 2:8") if bits_option
+                          else ("b1" if not 1 <= b1 <= 8 or b1 > bK else "bK",
+                                "e.g. --b1 2 --bK 8"))
+        raise UserError(bare(exc), field=field, fix=fix) from None
 
 
 def _matrix_bytes(out: int, inp: int, bits: int, layout: QuantLayout, dtype_bytes: int) -> int:

@@ -20,8 +20,8 @@ import numpy as np
 from d2moe.core.cliargs import model_field, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
-from d2moe.core.sizes import QuantLayout
-from d2moe.quant.mwq import PLANE_FITS, check_bits_range
+from d2moe.core.sizes import QuantLayout, layout_from_options
+from d2moe.quant.mwq import PLANE_FITS
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix
 
 if TYPE_CHECKING:
@@ -272,8 +272,8 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
         if reader is not None:
             low, high, group = reader.layout.b1, reader.bits_stored, reader.layout.group
         else:
-            low, high = parse_bits_range(cfg.store_bits)
-            check_bits_range(low, high, cfg.group)
+            low, high = parse_bits_range(cfg.store_bits, "store-bits")
+            layout_from_options("bitplane", low, high, cfg.group, bits_option="store-bits")
             group = cfg.group
         for f in fmts:
             check_bits_for(f, bits, low, high)

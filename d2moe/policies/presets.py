@@ -100,6 +100,10 @@ class Policy:
         """The most bits a run can use when the workload asks at most `asked_max`."""
         return self.bit_rule.max_bits(asked_max)
 
+    def min_bits(self, asked_min: int) -> int:
+        """The fewest bits a run can use when the workload asks at least `asked_min`."""
+        return self.bit_rule.min_bits(asked_min)
+
     def preload(self, experts: Sequence[ExpertKey], resident: ResidentView) -> list[Load]:
         """Loads to apply before the first step: every expert at the uniform bits when
         pinned (Hold-in-Memory), else none. Backends check they fit the budget."""

@@ -57,7 +57,7 @@ import numpy as np
 from d2moe.core.cliargs import check_at_least, check_threads, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir
-from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
+from d2moe.core.sizes import QuantLayout, expert_bytes, layout_from_options, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.cost import checked_reads_us
 from d2moe.profiles.executor_probes import (
@@ -129,7 +129,7 @@ class ProfileConfig:
 
     @property
     def quant_layout(self) -> QuantLayout:
-        return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
+        return layout_from_options(self.layout, self.b1, self.bK, self.group)
 
 
 def _ints(text: str, where: str) -> list[int]:

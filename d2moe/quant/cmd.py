@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from d2moe.core.errors import UserError
-from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
 from d2moe.model.hf_names import expert_key
 from d2moe.quant.mwq import PLANE_FITS, quantize_mwq
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
@@ -18,11 +18,11 @@ from d2moe.quant.store import TENSORS, StoreWriter
 
 DEFAULT_FORMAT = "bitplane"  # measured on the tiny model: docs/results/mwq.md (verdict)
 
-def parse_bits_range(text: str) -> tuple[int, int]:
-    """'2:8' -> (2, 8)."""
+def parse_bits_range(text: str, field: str = "bits") -> tuple[int, int]:
+    """'2:8' -> (2, 8); errors name the option `field`."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if not m:
-        raise UserError(f"cannot read {text!r} as a bit range", field="bits",
+        raise UserError(f"cannot read {text!r} as a bit range", field=field,
                         fix="write LOW:HIGH, e.g. 2:8")
     return int(m.group(1)), int(m.group(2))
 
@@ -160,10 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc.name} is not installed", field="quantize",
                         fix="pip install 'd2moe[executor]'") from None
     b1, bK = parse_bits_range(args.bits)
-    layout = QuantLayout(kind=args.format, b1=b1, bK=bK, group=args.group)
-    if args.group < 1:
-        raise UserError(f"group must be positive, got {args.group}", field="group",
-                        fix="e.g. --group 64")
+    layout = layout_from_options(args.format, b1, bK, args.group, kind_option="format",
+                                 bits_option="bits")
     index = quantize_checkpoint(args.model, args.out, layout, progress=not args.quiet,
                                 fit=args.fit)
     from d2moe.quant.store import StoreReader

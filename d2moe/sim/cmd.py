@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.core.cliargs import add_fields, check_at_least, from_args, split_list
+from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
-from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
 from d2moe.core.spec import load_spec
 
 
@@ -63,7 +64,7 @@ class SimulateConfig:
 
     @property
     def quant_layout(self) -> QuantLayout:
-        return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
+        return layout_from_options(self.layout, self.b1, self.bK, self.group)
 
 
 def register(subparsers: Any) -> None:
@@ -139,15 +140,34 @@ def prepare(cfg: SimulateConfig, capacity: Any = None) -> Prepared:
     else:
         trace = synth_trace(spec, SynthConfig())
         trace_name = f"synth({spec.name}, defaults)"
-    capacity_source(trace, cfg.bits, capacity, cfg.steps)  # bad options fail here
+    source = capacity_source(trace, cfg.bits, capacity, cfg.steps)  # bad options fail here
     steps = steps_from_trace(trace, cfg.bits, cfg.steps)
     router = RecordedRouter.of(trace)
     top = max(max_bits(steps, cfg.bits), max(router.bits) if router else 0)
+    _check_stored(layout, source.min_bits(cfg.bits), top)
     budget = budget_bytes(cfg.budget, spec, layout, top)
     host = (budget_bytes(cfg.host_cache, spec, layout, top, field="host-cache")
             if cfg.host_cache != "0" else 0)
     return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host,
                     capacity)
+
+
+def _check_stored(layout: QuantLayout, low: int, top: int) -> None:
+    """The bit-widths the workload asks for (the trace's, --bits where it has none, a
+    router's any) must lie in --b1..--bK, both ends alike: a store of b1.. bits cannot serve
+    fewer, nor more than bK (dense stores every width)."""
+    if layout.kind == "dense":
+        return
+    asks = f"the workload asks for {low}..{top}-bit experts (the trace's bits, --bits where " \
+           "it has none)"
+    if low < layout.b1:
+        raise UserError(f"{asks}, below --b1 {layout.b1}", field="b1",
+                        fix=f"pass --b1 {low} or lower, or a trace of {layout.b1}..{layout.bK} "
+                            "bits")
+    if top > layout.bK:
+        raise UserError(f"{asks}, above --bK {layout.bK}", field="bK",
+                        fix=f"pass --bK {top} or higher, or a trace of {layout.b1}..{layout.bK} "
+                            "bits")
 
 
 def build_policy(prep: Prepared, name: str) -> Any:
