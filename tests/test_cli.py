@@ -259,3 +259,20 @@ def test_layout_errors_name_the_verbs_own_options(capsys, tmp_path, argv, field,
     line = _one_line_error(capsys, *argv, *out)
     assert f"field '{field}'" in line and fix in line
     assert "--bits" not in line or field == "bits"
+
+
+@pytest.mark.parametrize("verb", [("run",), ("serve", "--backend", "real"), ("quantize",),
+                                  ("generate",)])
+@pytest.mark.parametrize("model,what", [("nope", "nope: field 'model': no such directory"),
+                                        ("", "field 'model': no model given"),
+                                        ("{tmp}", "field 'model': no config.json in this "
+                                                  "directory"),
+                                        ("{tmp}/f", "field 'model': is a file")])
+def test_a_bad_model_is_named_before_any_store_or_spec(capsys, tmp_path, verb, model, what):
+    (tmp_path / "f").write_text("x")
+    model = model.format(tmp=tmp_path)
+    out = () if verb[0] == "generate" else ("--out", str(tmp_path / "o"))
+    line = _one_line_error(capsys, *verb, "--model", model, *out)
+    assert what.format(tmp=tmp_path) in line
+    assert "store" not in line.split("(fix:")[0] and "spec YAML" not in line
+    assert "--model  " not in line  # no command with an empty model in the fix

@@ -225,6 +225,10 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 def load_spec(ref: str | Path) -> ModelSpec:
     """A shipped name (`mixtral-8x7b`), a spec YAML, an HF config.json, or a model directory."""
     ref_s = str(ref)
+    if not ref_s.strip():  # Path('') is '.', a directory: say what is missing instead
+        raise UserError("no model spec given", field="model-spec",
+                        fix=f"name a shipped spec ({', '.join(SHIPPED)}), a spec YAML or an HF "
+                            "config.json")
     if ref_s in SHIPPED:
         text = resources.files("d2moe.core").joinpath("specs", f"{ref_s}.yaml").read_text()
         import yaml

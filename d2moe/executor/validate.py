@@ -82,7 +82,18 @@ class ValidateConfig:
                 "--capacity-mode options)"})
 
     def __post_init__(self) -> None:
-        check_at_least(self.plot_steps, 1, "plot_steps")  # before the model loads
+        """Options that need no model are checked before it loads."""
+        from d2moe.policies import policy_config
+
+        check_at_least(self.plot_steps, 1, "plot_steps")
+        for name in self.policy_names:
+            policy_config(name, field="policies")
+        split_list(self.budgets, "budgets", example="--budgets 25%,50%")
+
+    @property
+    def policy_names(self) -> list[str]:
+        """--policies, split."""
+        return split_list(self.policies, "policies", example="--policies fifo,hebf")
 
 
 def register(subparsers: Any) -> None:
@@ -247,12 +258,9 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     from d2moe.core.events import save_timeline
     from d2moe.core.sizes import all_experts_bytes, fmt_bytes, parse_budget
     from d2moe.executor.cmd import capacity_controller
-    from d2moe.policies import make_policy
     from d2moe.traces import save_trace
 
-    policies = split_list(cfg.policies, "policies", example="--policies fifo,hebf")
-    for name in policies:
-        make_policy(name)  # unknown names fail before any work
+    policies = cfg.policy_names  # checked by ValidateConfig
     store.layout.check_bits(cfg.bits)
     router = _load_router(cfg, spec, store, _device_of(model))
     if router is not None:  # bad capacity options fail before any work

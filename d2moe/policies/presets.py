@@ -229,6 +229,7 @@ def make_policy(name: str, stats: ExpertStats | None = None) -> Policy:
     return POLICIES.create(name, stats=stats)
 
 
-def policy_config(name: str) -> PolicyConfig:
-    """A preset's configuration without building it (raises UserError on an unknown name)."""
-    return POLICIES.factory(name).config  # type: ignore[attr-defined]
+def policy_config(name: str, *, field: str = "policy") -> PolicyConfig:
+    """A preset's configuration without building it (a UserError naming `field`, the
+    option the name came from, on an unknown name)."""
+    return POLICIES.factory(name, field=field).config  # type: ignore[attr-defined]

@@ -75,17 +75,13 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
     if fit not in PLANE_FITS:
         raise UserError(f"unknown plane-scale fit {fit!r}", field="fit",
                         fix=f"use one of {', '.join(PLANE_FITS)}")
-    if str(model_dir) == "tiny":
-        from d2moe.model.load import tiny_dir
+    from d2moe.model.load import check_model_ref
 
-        model_dir = tiny_dir()
-        if not (model_dir / "config.json").is_file():
-            raise UserError("the built-in tiny checkpoint is missing", path=str(model_dir),
-                            fix="train it: d2moe model train-tiny")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError("no such directory", path=str(model_dir),
-                        fix="pass an HF checkpoint directory (config.json + *.safetensors)")
+    tiny = str(model_dir) == "tiny"
+    model_dir = check_model_ref(model_dir)
+    if tiny and not (model_dir / "config.json").is_file():
+        raise UserError("the built-in tiny checkpoint is missing", path=str(model_dir),
+                        fix="train it: d2moe model train-tiny")
     spec = load_spec(model_dir)  # config.json is there: load_spec read it
     check_model_type(read_hf_config(model_dir / "config.json"),
                      path=str(model_dir / "config.json"))

@@ -9,7 +9,7 @@ import numpy as np
 
 from d2moe.core.cliargs import add_fields, from_args
 from d2moe.core.spec import load_spec
-from d2moe.traces.schema import DECODE, PREFILL, Trace, load_trace, save_trace
+from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace, load_trace, save_trace
 from d2moe.traces.synth import SynthConfig, synth_trace
 
 
@@ -88,6 +88,9 @@ def _record(args: argparse.Namespace) -> int:
     if args.decode_steps < 0:
         raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
                         fix="e.g. --decode-steps 128")
+    if not 0 <= args.bits <= MAX_BITS:  # the trace format's range; the file check's fix
+        raise UserError(f"must be 0 (unknown) or 1..{MAX_BITS}, got {args.bits}", field="bits",
+                        fix="e.g. --bits 4, or leave it out (unknown)")
     if args.text:
         path = require_file(args.text, field="text", what="a text file")
         data, source = path.read_bytes(), args.text

@@ -219,6 +219,13 @@ def test_a_config_json_whose_attention_does_not_split_evenly_names_its_key(tmp_p
     assert err.value.field == key and err.value.path == str(tmp_path / "config.json")
 
 
+@pytest.mark.parametrize("ref", ["", "  "])
+def test_an_empty_model_spec_is_no_spec_not_the_current_directory(ref):
+    with pytest.raises(UserError, match=r"field 'model-spec': no model spec given") as err:
+        load_spec(ref)
+    assert "config.json in this directory" not in str(err.value)
+
+
 def test_a_directory_without_config_json_says_so(tmp_path):
     with pytest.raises(UserError, match="no config.json in this directory") as err:
         load_spec(tmp_path)

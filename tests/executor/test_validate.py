@@ -79,8 +79,8 @@ def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_
 
 def test_validate_errors(store_path, tmp_path):
     base = dict(store=str(store_path), out=str(tmp_path / "v"), max_new_tokens=2)
-    with pytest.raises(UserError, match="policy"):
-        validate(ValidateConfig(policies="fifo,nope", **base))
+    with pytest.raises(UserError, match=r"field 'policies': unknown policy 'nope'"):
+        validate(ValidateConfig(policies="fifo,nope", **base))  # before the model loads
     with pytest.raises(UserError, match="smaller than one expert"):
         validate(ValidateConfig(budgets="1KiB", **base))
     for steps in (0, -1):  # as simulate's --plot-steps, range-checked before any work
