@@ -262,7 +262,7 @@ def test_layout_errors_name_the_verbs_own_options(capsys, tmp_path, argv, field,
 
 
 @pytest.mark.parametrize("verb", [("run",), ("serve", "--backend", "real"), ("quantize",),
-                                  ("generate",)])
+                                  ("generate",), ("router", "train"), ("experts", "stats")])
 @pytest.mark.parametrize("model,what", [("nope", "nope: field 'model': no such directory"),
                                         ("", "field 'model': no model given"),
                                         ("{tmp}", "field 'model': no config.json in this "
