@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from d2moe.analysis import compute_metrics
+from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout, all_experts_bytes, parse_budget
@@ -62,12 +63,13 @@ def main() -> None:
     prompt = list(encode(args.prompt))
     total = all_experts_bytes(spec, args.bits, QuantLayout())
     cells = []  # (policy, budget text, bytes, store, stats)
-    for name in args.policies.split(","):
+    budgets = split_list(args.budgets, "budgets", example="--budgets 25%,50%")
+    for name in split_list(args.policies, "policies", example="--policies fifo,hebf"):
         pcfg = policy_config(name)
         path = tiny_store(store_layout(pcfg, QuantLayout()))
         store = StoreReader(path, direct=True)
         stats = expert_stats(pcfg, "auto", "tiny", path)
-        for budget in args.budgets.split(","):
+        for budget in budgets:
             cells.append((name, budget, parse_budget(budget, total), store, stats))
     runs: dict[int, list] = {i: [] for i in range(len(cells))}
     refused: dict[int, str] = {}

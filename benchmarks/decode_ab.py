@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.executor.backend import StreamingExperts
 from d2moe.executor.pool import ExpertPool
@@ -81,7 +82,7 @@ def run_ab(doc: str, baseline: tuple[str, Variant], new: tuple[str, Variant],
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print_machine(f"HEBF, {BITS} bits, {args.tokens} tokens")
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    budgets = split_list(args.budgets, "budgets", example="--budgets 25%,50%")
     variants = dict([baseline, new])
     runs: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from d2moe.analysis import compute_metrics
+from d2moe.core.cliargs import split_list
 from d2moe.core.events import Timeline
 from d2moe.core.jobs import ExpertKey, Load
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
@@ -239,8 +240,9 @@ def main() -> None:
           f"torch threads, device {device}, torch {torch.__version__}; {BITS} bits; "
           f"start {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
-    models = [m for m in args.models.split(",") if m]
-    policies = ["fifo"] + [p for p in args.policies.split(",") if p and p != "fifo"]
+    models = split_list(args.models, "models", example="--models tiny")
+    policies = ["fifo"] + [p for p in split_list(args.policies, "policies",
+                                                 example="--policies hebf") if p != "fifo"]
     with tempfile.TemporaryDirectory() as tmp:
         cases = []
         if "tiny" in models:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from decode_ab import load_average, print_machine
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.executor.backend import StreamingExperts
 from d2moe.executor.pool import ExpertPool
@@ -81,7 +82,7 @@ def measure(args: argparse.Namespace, model, spec, store: StoreReader,
             prompt: list[int]) -> dict[tuple[str, str], list[Sample]]:
     """{(budget, 'old'|'new'): samples}, old and new alternating who goes first."""
     total = all_experts_bytes(spec, BITS, store.layout)
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    budgets = split_list(args.budgets, "budgets", example="--budgets 25%,50%")
     out: dict[tuple[str, str], list[Sample]] = {}
     for r in range(args.repeats):
         for label in budgets:
@@ -135,7 +136,7 @@ def main() -> None:
         store = StoreReader(path, direct=True)
         model, spec = load_tiny()
         runs = measure(args, model, spec, store, list(encode(PROMPT)))
-    report(runs, [b.strip() for b in args.budgets.split(",") if b.strip()])
+    report(runs, split_list(args.budgets, "budgets", example="--budgets 25%,50%"))
     print(f"end {time.strftime('%H:%M:%S UTC', time.gmtime())}, load average {load_average()}")
 
 

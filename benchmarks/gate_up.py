@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from plane_views import scattered  # noqa: E402
 
+from d2moe.core.cliargs import split_list  # noqa: E402
 from d2moe.core.sizes import QuantLayout  # noqa: E402
 from d2moe.kernels.dispatch import expert_swiglu  # noqa: E402
 from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
@@ -73,15 +74,16 @@ def main(argv: list[str] | None = None) -> int:
           "| expert us | expert fused us | ratio |")
     print("|" + "---|" * 10)
     ratios: dict[str, list[float]] = {"gate_up": [], "expert": []}
-    for model in args.models.split(","):
+    for model in split_list(args.models, "models", example="--models llama-moe-3.5b"):
         ffn, hidden = SHAPES[model]
-        for kind in args.kinds.split(","):
+        for kind in split_list(args.kinds, "kinds", example="--kinds bitplane,mwq"):
             layout = QuantLayout(kind=kind, b1=2, bK=8)
             w1, w3, w2 = (scattered(PackedExpertMatrix.from_nested(
                 random_matrix(rng, r, c, layout), device=dev), rng)
                 for r, c in ((ffn, hidden), (ffn, hidden), (hidden, ffn)))
-            for bits in (int(b) for b in args.bits.split(",")):
-                for tokens in (int(t) for t in args.tokens.split(",")):
+            for bits in (int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")):
+                for tokens in (int(t) for t in split_list(args.tokens, "tokens",
+                                                          example="--tokens 1,8")):
                     x = torch.randn(tokens, hidden, device=dev, dtype=torch.float16)
                     t = time_case(x, w1, w3, w2, bits, do_bench)
                     if t is None:

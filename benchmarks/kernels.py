@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from d2moe.core.cliargs import split_list  # noqa: E402
 from d2moe.core.sizes import QuantLayout  # noqa: E402
 from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
 from d2moe.kernels.torch_fallback import dequant_matmul  # noqa: E402
@@ -419,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads on the CPU (the executor's default: 1; 0: torch's own)")
     args = ap.parse_args(argv)
-    kinds = args.kinds.split(",")
-    bits_list = [int(b) for b in args.bits.split(",")]
-    tokens_list = [int(t) for t in args.tokens.split(",")]
+    kinds = split_list(args.kinds, "kinds", example="--kinds bitplane,mwq")
+    bits_list = [int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")]
+    tokens_list = [int(t) for t in split_list(args.tokens, "tokens", example="--tokens 1,8")]
+    models = split_list(args.models, "models", example="--models llama-moe-3.5b",
+                        allow_none=True)
     layout = QuantLayout(kind="bitplane", b1=2, bK=8, group=64)
     context = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
                "torch": torch.__version__, "command": " ".join(sys.argv)}
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         context["copy_GBps"] = copy_GBps
         print(f"{context['device']}: device-to-device copy {copy_GBps:.0f} GB/s "
               f"(read + write), measured in this run")
-        models = args.models.split(",") if args.models else sorted({m for m, _ in SHAPES})
+        models = models or sorted({m for m, _ in SHAPES})
         precompile((tune_jobs(kinds, tokens_list, device, models, args.tune_set)
                     if args.tune else [])
                    + ([] if args.no_table else bench_jobs(kinds, bits_list, tokens_list)),
@@ -455,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{context['device']}: no CUDA; timing the CPU path (chunked dequantize and "
               f"product) against dequantize-then-matmul and the dense float32 product")
         rows = bench_cpu(kinds, bits_list, tokens_list, layout,
-                         args.models.split(",") if args.models else ["llama-moe-3.5b"])
+                         models or ["llama-moe-3.5b"])
     print(HEADER)
     print("|" + "---|" * 12)
     for r in rows:

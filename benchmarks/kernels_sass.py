@@ -23,6 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from d2moe.core.cliargs import split_list  # noqa: E402
 from d2moe.kernels.triton_launch import GEMV_CONFIG  # noqa: E402
 from d2moe.kernels.triton_nested import _gate_up_gemv_kernel, _nested_gemv_kernel  # noqa: E402
 
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| bits | BLOCK_N x BLOCK_W x warps [x stages] | regs | stack B | smem B "
           "| loop instr/weight | alu | fma | ldg | lds+sts | bar | weights/clk/SM bound |")
     print("|" + "---|" * 12)
-    for bits in (int(b) for b in args.bits.split(",")):
-        for cfg in args.configs.split(","):
+    for bits in (int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")):
+        for cfg in split_list(args.configs, "configs", example="--configs 32x64x4"):
             bn, bw, nw, *stages = (int(v) for v in cfg.split("x"))
             k, sass = compile_sass(bits, bn, bw, nw, args.kind,
                                    pipeline=stages[0] if stages else GEMV_CONFIG.pipeline,

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from d2moe.core.cliargs import split_list  # noqa: E402
 from d2moe.core.sizes import QuantLayout  # noqa: E402
 from d2moe.kernels.packed import PackedExpertMatrix  # noqa: E402
 from d2moe.kernels.triton_launch import nested_matmul  # noqa: E402
@@ -74,12 +75,12 @@ def main() -> None:
     print("| shape | kind | bits | in place us | stack + kernel us | stacked / in place |")
     print("|---|---|---|---|---|---|")
     ratios = []
-    for kind in args.kinds.split(","):
+    for kind in split_list(args.kinds, "kinds", example="--kinds bitplane,mwq"):
         for name, (rows, cols) in SHAPES.items():
             m = random_matrix(rng, rows, cols, QuantLayout(kind=kind, b1=2, bK=8))
             q = scattered(PackedExpertMatrix.from_nested(m, device=dev), rng)
             x = torch.randn(1, cols, device=dev, dtype=torch.float16)
-            for bits in (int(b) for b in args.bits.split(",")):
+            for bits in (int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")):
                 a = nested_matmul(x, q, bits)
                 b = nested_matmul(x, stacked(q, bits), bits)
                 if not torch.equal(a, b):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.sizes import all_experts_bytes
 from d2moe.eval.ppl import heldout_ids
 from d2moe.executor.backend import StreamingExperts
@@ -146,7 +147,7 @@ def main() -> None:
     all_ids = heldout_ids("tiny", spec, max(1, args.chunk * args.repeats // 1024 + 1))
     chunks = [all_ids[r * args.chunk:(r + 1) * args.chunk] for r in range(args.repeats)]
     fps = [fp_ppl(c, args.prompt) for c in chunks]
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in split_list(args.budgets, "budgets", example="--budgets 0.25,0.5")]
     runs: dict[tuple[float, str], list[Sample]] = {}
     for r, ids in enumerate(chunks):
         for frac in budgets:

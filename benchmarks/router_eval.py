@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.fileio import atomic_write
 from d2moe.eval.ppl import heldout_ids
 from d2moe.model.load import load_tiny
+from d2moe.router.capacity import parse_bits, parse_floats
 from d2moe.router.evaluate import random_ppl, routed_ppl, uniform_ppl
 from d2moe.router.experts import WidthWeights
 from d2moe.router.gate import BitGate, BitRouter
@@ -68,9 +70,9 @@ def main() -> int:
     ids = heldout_ids("tiny", spec, args.heldout_kib)
     reader, store_path = open_store("tiny", "")
     sections = []
-    for name in args.configs.split(","):
+    for name in split_list(args.configs, "configs", example="--configs " + next(iter(CONFIGS))):
         bits_s, caps_s, alphas, gate_width, granularity = CONFIGS[name]
-        bits = tuple(int(b) for b in bits_s.split(","))
+        bits = parse_bits(bits_s)
         weights = WidthWeights.from_store(reader, bits)
         uni = {b: uniform_ppl(model, ids, weights, k).ppl for k, b in enumerate(bits)}
         order = weight_order_ppl(model, spec, ids, weights, caps_s) if granularity == "slot" \
@@ -114,7 +116,7 @@ def weight_order_ppl(model: torch.nn.Module, spec: object, ids: list[int],
     with torch.no_grad():
         for p in gate.proj.parameters():
             p.zero_()
-    caps = tuple(float(c) for c in caps_s.split(","))
+    caps = parse_floats(caps_s, "capacity")
     return routed_ppl(model, ids, weights, BitRouter(gate, weights.bits, caps), "weight order")
 
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from d2moe.core.cliargs import split_list
 from d2moe.serve.arrivals import ArrivalConfig
 from d2moe.serve.cmd import ServeConfig, serve
 from d2moe.serve.metrics import ServeMetrics
@@ -109,7 +110,8 @@ def main() -> int:
             ("out tok/s", "p50 lat", "p99 lat", "p99 TTFT", "p50 TPOT")) + "   (ms)")
     print(head)
     records = []
-    for case in [c for c in args.sim_cases.split(",") if c.strip()]:
+    for case in split_list(args.sim_cases, "sim-cases", example="--sim-cases tiny:cpu-2core",
+                           allow_none=True):
         spec, profile, *rest = case.split(":")
         rate = rest[0] if rest else str(args.rate)
         cfg = replace(base, backend="sim", model_spec=spec, profile=profile)

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.analysis import compute_metrics
+from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout
@@ -91,9 +92,10 @@ def main() -> None:
         controls(args)
         return
     t0 = time.perf_counter()
-    names = [n for n in args.policies.split(",") if n in POLICIES.names()]
-    skipped = [n for n in args.policies.split(",") if n not in names]
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    asked = split_list(args.policies, "policies", example="--policies hebf,d2moe")
+    names = [n for n in asked if n in POLICIES.names()]
+    skipped = [n for n in asked if n not in names]
+    budgets = split_list(args.budgets, "budgets", example="--budgets 25%,50%")
     served = open_served(PolicyPplConfig(heldout_kib=args.heldout_kib))
     store_path = tiny_store(store_layout(policy_config("fifo"), QuantLayout()))
     assert served.store_path == store_path, "every policy here runs on the same store"
@@ -303,7 +305,7 @@ def controls(args: argparse.Namespace) -> None:
             source="random"),
     }
     rows = []
-    for budget in [b.strip() for b in args.budgets.split(",") if b.strip()]:
+    for budget in split_list(args.budgets, "budgets", example="--budgets 25%,50%"):
         base = score(served, "hebf", budget, bits=BITS, ctx=args.ctx, threads=args.threads)
         rows.append({"budget": budget, "similarity": "(hebf, no substitution)", **_brief(base)})
         for label, stats in variants.items():

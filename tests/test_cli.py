@@ -330,3 +330,79 @@ def test_version_falls_back_to_the_package_attribute(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert version() == d2moe.__version__
+
+
+_LIST_OPTIONS = [  # (argv before the list, option, a good value): every comma list a verb takes
+    (("simulate", "--steps", "2", "--out", "{out}"), "--policy", "fifo,hebf"),
+    (("serve", "--out", "{out}"), "--policy", "fifo,hebf"),
+    (("validate", "--out", "{out}"), "--policies", "fifo,hebf"),
+    (("validate", "--out", "{out}"), "--budgets", "25%,50%"),
+    (("eval", "ppl"), "--format", "mwq,rtn"),
+    (("eval", "ppl"), "--bits", "2,3"),
+    (("profile", "--out", "{out}"), "--tokens", "1,2"),
+    (("profile", "--out", "{out}"), "--disk-sizes", "4KiB,1MiB"),
+    (("trace", "synth", "--out", "{out}"), "--bits", "2,3"),
+    (("router", "train", "--out", "{out}"), "--bits", "2,4"),
+    (("plot", "budget", "table.csv", "--out", "{out}"), "--policies", "fifo,hebf"),
+    (("plot", "budget", "table.csv", "--out", "{out}"), "--budgets", "20%,40%"),
+]
+
+
+@pytest.mark.parametrize("head,option,good", _LIST_OPTIONS)
+@pytest.mark.parametrize("bad", ["{a},,{b}", "{a},{b},", "{a},{a}"])
+def test_comma_lists_reject_empty_and_repeated_items(capsys, tmp_path, head, option, good, bad):
+    """One splitter for every verb: no list silently drops an empty item or runs one twice."""
+    a, b = good.split(",")
+    argv = [h.format(out=tmp_path / "out") for h in head]
+    line = _one_line_error(capsys, *argv, option, bad.format(a=a, b=b))
+    assert f"field '{option[2:]}'" in line
+    assert ("given twice" if bad == "{a},{a}" else "empty item") in line
+
+
+def test_simulate_budget_1_5_suggests_150_percent_not_1_byte(capsys, tmp_path):
+    line = _one_line_error(capsys, "simulate", "--budget", "1.5", "--steps", "2",
+                           "--out", str(tmp_path))
+    assert "field 'budget'" in line and "150%" in line and "1 B" not in line
+
+
+@pytest.mark.parametrize("option,value,field", [("--b1", "3", "b1"), ("--bK", "3", "bK")])
+def test_simulate_refuses_trace_bits_outside_b1_bk_alike(capsys, tmp_path, option, value,
+                                                         field):
+    """A trace of 2..4-bit experts fits neither a store from 3 bits nor one up to 3 bits."""
+    trace = tmp_path / "t.npz"
+    assert run(capsys, "trace", "synth", "--model-spec", "tiny", "--bits", "2,3,4",
+               "--decode-steps", "2", "--out", str(trace))[0] == 0
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--trace", str(trace),
+                           "--profile", "cpu-2core", option, value, "--out",
+                           str(tmp_path / "o"))
+    assert f"field '{field}'" in line and "2..4-bit experts" in line
+    assert f"fix: pass {option} " in line and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,field,fix", [
+    (("simulate", "--b1", "5", "--bK", "3"), "b1", "--b1 2 --bK 8"),
+    (("profile", "--b1", "5", "--bK", "2"), "b1", "--b1 2 --bK 8"),
+    (("simulate", "--layout", "foo"), "layout", "use mwq, bitplane"),
+    (("eval", "ppl", "--store-bits", "9:2"), "store-bits", "--store-bits 2:8")])
+def test_layout_errors_name_the_verbs_own_options(capsys, tmp_path, argv, field, fix):
+    out = () if argv[0] == "eval" else ("--out", str(tmp_path / "o"))
+    line = _one_line_error(capsys, *argv, *out)
+    assert f"field '{field}'" in line and fix in line
+    assert "--bits" not in line or field == "bits"
+
+
+@pytest.mark.parametrize("verb", [("run",), ("serve", "--backend", "real"), ("quantize",),
+                                  ("generate",), ("router", "train"), ("experts", "stats")])
+@pytest.mark.parametrize("model,what", [("nope", "nope: field 'model': no such directory"),
+                                        ("", "field 'model': no model given"),
+                                        ("{tmp}", "field 'model': no config.json in this "
+                                                  "directory"),
+                                        ("{tmp}/f", "field 'model': is a file")])
+def test_a_bad_model_is_named_before_any_store_or_spec(capsys, tmp_path, verb, model, what):
+    (tmp_path / "f").write_text("x")
+    model = model.format(tmp=tmp_path)
+    out = () if verb[0] == "generate" else ("--out", str(tmp_path / "o"))
+    line = _one_line_error(capsys, *verb, "--model", model, *out)
+    assert what.format(tmp=tmp_path) in line
+    assert "store" not in line.split("(fix:")[0] and "spec YAML" not in line
+    assert "--model  " not in line  # no command with an empty model in the fix

@@ -8,6 +8,7 @@ imported inside the plotting functions only.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 from collections import defaultdict
@@ -15,10 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 
 ABLATION_DEFAULT = ("ablate-base", "ablate+router", "ablate+mwq", "ablate+hebf", "d2moe")
 QUALITY_COLUMNS = ("policy", "budget", "decode_tokens_per_s", "ppl")
+BUDGET_COLUMNS = ("policy", "budget_bytes", "decode_tokens_per_s")
+ABLATION_COLUMNS = ("policy", "budget", "decode_tokens_per_s")
+NUMBER_COLUMNS = ("decode_tokens_per_s", "budget_bytes", "hit_rate", "oracle_hit_rate", "ppl")
+_TABLE_FIX = "give table.jsonl or table.csv as `d2moe sweep` (or a benchmark) wrote it"
 GIB = 2**30
 MIB = 2**20
 
@@ -30,26 +35,73 @@ def load_table(path: str | Path) -> list[dict[str, Any]]:
     benchmark's rows too: a torn last line is skipped, a bad line elsewhere or a row that
     fails its `row_sha256` is an error. With a `cell_id` column, the last row per cell id
     wins (a resumed sweep's rerun)."""
+    from d2moe.core.fileio import require_file
     from d2moe.sweep.table import read_rows
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("no such file", path=str(path), fix="give table.jsonl or table.csv")
+    path = require_file(path, fix="give table.jsonl or table.csv", what="a table")
     if path.suffix == ".csv":
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             raise UserError("not UTF-8 text, so not a CSV table", path=str(path),
-                            fix="give table.jsonl or table.csv as `d2moe sweep` wrote it"
-                            ) from None
-        rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(text.splitlines())]
+                            fix=_TABLE_FIX) from None
+        reader = csv.DictReader(text.splitlines())
+        rows = []
+        for r in reader:
+            row = {k: _number(v) for k, v in r.items()}
+            _check_row(row, path, f"line {reader.line_num}")
+            rows.append(row)
     else:
+        _check_json_lines(path)
         rows = read_rows(path, any_rows=True)[0]
+        for i, row in enumerate(rows):
+            _check_row(row, path, f"row {i + 1}")
     if any("cell_id" in r for r in rows):
         rows = list({str(r.get("cell_id", i)): r for i, r in enumerate(rows)}.values())
     if not rows:
         raise UserError("the table has no rows", path=str(path), fix="run `d2moe sweep` first")
     return rows
+
+
+def _check_json_lines(path: Path) -> None:
+    """A file whose first line is complete and no JSON object (an .npz, a YAML, a JSON
+    document) is named as no table at all, not by that line (whose fix would be a repair).
+    A first line cut short is left to `read_rows` (a torn row)."""
+    with open(path, "rb") as f:
+        head = f.readline(1 << 20)
+    if not head.strip() or not head.endswith(b"\n") and head.lstrip().startswith(b"{"):
+        return
+    try:
+        ok = isinstance(json.loads(head), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise UserError("not a JSON-lines or CSV table (line 1 is not a JSON object)",
+                        path=str(path), fix=_TABLE_FIX)
+
+
+def _check_row(row: dict[str, Any], path: Path, where: str) -> None:
+    """Values the plots read must mean what they say: rates, sizes and rates of hits are
+    numbers (or empty), a budget is one `--budget` would take (not negative)."""
+    from d2moe.core.sizes import parse_budget
+
+    for column in NUMBER_COLUMNS:
+        value = row.get(column)
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, float))):
+            raise UserError(f"{where}: {value!r} is not a number", path=str(path),
+                            field=column, fix="write a number there, or leave it empty")
+        if column == "budget_bytes" and value is not None and value < 0:
+            raise UserError(f"{where}: {value!r} is negative", path=str(path), field=column,
+                            fix="write the budget in bytes, >= 0")
+    budget = row.get("budget")
+    if budget is not None:
+        try:
+            parse_budget(str(budget), 1)
+        except UserError as exc:
+            raise UserError(f"{where}: {bare(exc)}", path=str(path), field="budget",
+                            fix="write the budget as --budget takes it: 6GiB, 40% or 0.4"
+                            ) from None
 
 
 def _number(text: str | None) -> Any:
@@ -93,6 +145,48 @@ def _label(rows: Sequence[dict[str, Any]], override: str = "",
                         fix="add profile + profile_source (or run_kind: measured) columns, "
                             "or pass --label")
     return "; ".join(labels)
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
+def _require_columns(rows: Sequence[dict[str, Any]], needed: Sequence[str],
+                     table: str | Path | None) -> None:
+    """A UserError naming the columns a figure needs that the table lacks, and those it has."""
+    have = _columns(rows)
+    missing = [c for c in needed if c not in have]
+    if missing:
+        raise UserError(f"the table lacks column(s) {', '.join(missing)} (it has: "
+                        f"{', '.join(have)})", path=_where(table), field=missing[0],
+                        fix=f"give a table with columns {', '.join(needed)}")
+
+
+def require_policies(rows: Sequence[dict[str, Any]], policies: Sequence[str],
+                      table: str | Path | None) -> None:
+    """Every policy asked for by name must be in the table (else: which, and what it has)."""
+    have = _policies(rows)
+    missing = [p for p in policies if p not in have]
+    if missing:
+        raise UserError(f"policy {', '.join(missing)} is not in the table (it has: "
+                        f"{', '.join(have)})", path=_where(table), field="policies",
+                        fix="pass --policies naming policies the table holds")
+
+
+def keep_budgets(rows: Sequence[dict[str, Any]], budgets: Sequence[str],
+                 table: str | Path | None = None) -> list[dict[str, Any]]:
+    """The rows of `budgets` (as written in the grid; empty: all rows). A budget the table
+    does not hold is a UserError that lists the ones it does."""
+    if not budgets:
+        return list(rows)
+    have = list(dict.fromkeys(str(r.get("budget")) for r in rows if "budget" in r))
+    missing = [b for b in budgets if b not in have]
+    if missing:
+        raise UserError(f"budget {', '.join(missing)} is not in the table (it has: "
+                        f"{', '.join(have) or 'no budget column'})", path=_where(table),
+                        field="budgets",
+                        fix="pass --budgets as the table writes them (the grid's text)")
+    return [r for r in rows if str(r.get("budget")) in budgets]
 
 
 def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -173,6 +267,8 @@ def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str =
 
     from d2moe.analysis.timeline_plot import save_png
 
+    _require_columns(rows, BUDGET_COLUMNS, table)
+    require_policies(rows, policies, table)
     ok = [r for r in _ok(rows) if _finite(r.get("budget_bytes"))
           and (not policies or r.get("policy") in policies)]
     if not ok:
@@ -252,6 +348,7 @@ def plot_ablation(rows: Sequence[dict[str, Any]], out: str | Path, *,
 
     from d2moe.analysis.timeline_plot import save_png
 
+    _require_columns(rows, ABLATION_COLUMNS, table)
     wanted = [p for p in policies if p]
     present = [p for p in wanted if any(r.get("policy") == p for r in rows)]
     if not present:
@@ -311,19 +408,20 @@ def _budget_key(rows: Sequence[dict[str, Any]], budget: Any) -> tuple[float, str
 
 
 def plot_quality(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str = "",
-                 dpi: int = 150, table: str | Path | None = None) -> Path:
-    """Latency (ms per decode token) against perplexity, one line per policy, each point
-    marked with its budget (quality.png). `table`, the file the rows came from, is named in
-    errors."""
+                 policies: Sequence[str] = (), dpi: int = 150,
+                 table: str | Path | None = None) -> Path:
+    """Latency (ms per decode token) against perplexity, one line per policy (`policies`,
+    in order; empty: all), each point marked with its budget (quality.png). `table`, the
+    file the rows came from, is named in errors."""
     from matplotlib.figure import Figure
 
     from d2moe.analysis.timeline_plot import save_png
 
-    missing = [c for c in QUALITY_COLUMNS if not any(c in r for r in rows)]
-    if missing:
-        raise UserError(f"the table lacks column(s) {', '.join(missing)}", path=_where(table),
-                        field=missing[0],
-                        fix=f"give a table with columns {', '.join(QUALITY_COLUMNS)}")
+    _require_columns(rows, QUALITY_COLUMNS, table)
+    require_policies(rows, policies, table)
+    if policies:
+        rows = sorted((r for r in rows if r.get("policy") in policies),
+                      key=lambda r: list(policies).index(r["policy"]))
     good = [r for r in _ok(rows) if r["decode_tokens_per_s"] > 0 and _finite(r.get("ppl"))]
     if not good:
         raise UserError("no row has a positive decode rate and a perplexity",

@@ -118,3 +118,40 @@ def check_threads(n: int) -> int:
     if n < 0:
         raise UserError(f"must be >= 0, got {n}", field="threads", fix="pass 1, or 0 for default")
     return n
+
+
+def check_at_least(value: int, low: int, field: str, *, note: str = "") -> int:
+    """`value` of the count option `field` (a config field name), or a UserError naming
+    `--field` when it is below `low`: the one range check of counts, so every verb words it
+    alike. `note` says what `low` means (e.g. '0: all')."""
+    if value < low:
+        flag = field.replace("_", "-")
+        shown = f"{low} ({note})" if note else str(low)
+        raise UserError(f"must be >= {low}, got {value}", field=flag,
+                        fix=f"pass --{flag} {shown} or more")
+    return value
+
+
+def split_list(text: str, field: str, *, example: str, path: str | None = None,
+               unique: bool = True, allow_none: bool = False) -> list[str]:
+    """The stripped items of a comma-separated option, in order: the one splitter of every
+    list a user writes. An empty item ('a,,b', a trailing comma) and, when `unique`, an item
+    given twice are UserErrors naming `field` (and `path`): dropping or repeating them
+    silently hides a typo. Nothing at all is [] when `allow_none`, else an error too.
+    `example` (the option written right, e.g. '--policy fifo,hebf') goes in the fix."""
+    if not str(text).strip():
+        if allow_none:
+            return []
+        raise UserError("nothing given", path=path, field=field, fix=f"write e.g. {example}")
+    items = [item.strip() for item in str(text).split(",")]
+    if "" in items:
+        raise UserError(f"empty item in {text!r}", path=path, field=field,
+                        fix=f"drop the extra comma, e.g. {example}")
+    if unique:
+        seen: set[str] = set()
+        for item in items:
+            if item in seen:
+                raise UserError(f"{item!r} is given twice in {text!r}", path=path, field=field,
+                                fix=f"name {item!r} once")
+            seen.add(item)
+    return items

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.fileio import atomic_write
+from d2moe.core.fileio import atomic_write, require_file
 
 if TYPE_CHECKING:
     from d2moe.core.jobs import Load, Run
@@ -127,9 +127,7 @@ def _check_header(path: Path, header: Any) -> dict[str, Any]:
 
 def load_timeline(path: str | Path) -> Timeline:
     """Read a timeline written by `save_timeline`, validating format and version."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError("no such file", path=str(path), fix="check the path")
+    path = require_file(path, what="a timeline file")
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             meta = _check_header(path, json.loads(str(z["header"])))

@@ -237,14 +237,25 @@ def _umask() -> int:
     return mask
 
 
+def require_file(path: str | Path, *, field: str | None = None, fix: str = "check the path",
+                 what: str = "a file") -> Path:
+    """`path` when it is a file to read; else a UserError naming it that tells a directory
+    (`what` names the file wanted there, e.g. 'a grid YAML') from a path that is not there."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"is a directory, not {what}", path=str(path), field=field,
+                        fix=f"name {what} (in it?), not the directory")
+    if not path.is_file():
+        raise UserError("no such file", path=str(path), field=field, fix=fix)
+    return path
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file, turning a missing file, bytes that are not UTF-8 text or a syntax
     error into a UserError."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError("no such file", path=str(path), fix="check the path")
+    path = require_file(path, what="a YAML file")
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 from d2moe.core.spec import ModelSpec
 
 DENSE_BITS = 16  # bits value that means "unquantized fp16/bf16 weights"
@@ -58,6 +58,24 @@ class QuantLayout:
         if not self.b1 <= bits <= self.bK:
             raise UserError(f"{bits} bits is outside the store's range {self.b1}..{self.bK}",
                             field="bits", fix=f"ask for {self.b1}..{self.bK} bits")
+
+
+def layout_from_options(kind: str, b1: int, bK: int, group: int = 64, *,
+                        kind_option: str = "layout", bits_option: str = "") -> QuantLayout:
+    """The QuantLayout a verb's options describe, its errors naming that verb's options (the
+    dataclass names fields, not options): `kind_option` holds the kind (layout, format),
+    `bits_option` b1:bK as one (bits, store-bits; empty: the separate --b1 and --bK)."""
+    try:
+        return QuantLayout(kind=kind, b1=b1, bK=bK, group=group)
+    except UserError as exc:
+        field, fix = exc.field, exc.fix
+        if exc.field == "kind":
+            field = kind_option
+        elif exc.field == "bits":
+            field, fix = ((bits_option, f"e.g. --{bits_option} 2:8") if bits_option
+                          else ("b1" if not 1 <= b1 <= 8 or b1 > bK else "bK",
+                                "e.g. --b1 2 --bK 8"))
+        raise UserError(bare(exc), field=field, fix=fix) from None
 
 
 def _matrix_bytes(out: int, inp: int, bits: int, layout: QuantLayout, dtype_bytes: int) -> int:
@@ -115,11 +133,13 @@ def parse_budget(text: str | int, total_bytes: int, *, field: str = "budget") ->
 
     Percentages above 100% are allowed: the total is all experts at one bit-width, and a
     larger budget holds more (e.g. 200% for 8-bit experts when the total is at 4 bits).
+    A bare number up to 1 is a fraction; above 1 it is bytes, so it must be whole: '1.5'
+    (a share of 150% meant, or bytes?) is a UserError rather than 1 byte.
     """
     s = str(text).strip()
     fix = "write e.g. 6GiB, 40% or 0.4"
     if not (s.endswith("%") or re.fullmatch(r"0?\.\d+|1(\.0*)?", s)):
-        return _bytes(s, field, fix)
+        return _bytes(s, field, fix, bare_fix=_BARE_BUDGET_FIX)
     try:
         share = float(s[:-1]) / 100 if s.endswith("%") else float(s)
     except ValueError:
@@ -130,8 +150,15 @@ def parse_budget(text: str | int, total_bytes: int, *, field: str = "budget") ->
     return int(value)
 
 
-def _bytes(text: str | int, field: str, fix: str) -> int:
-    """Bytes from an int or a number with an optional unit; `fix` goes in the UserError."""
+_BARE_BUDGET_FIX = ("write a percentage for a share (150%) or whole bytes (2B, 2GiB); a bare "
+                    "number above 1 counts bytes")
+
+
+def _bytes(text: str | int, field: str, fix: str, *, bare_fix: str = "") -> int:
+    """Bytes from an int or a number with an optional unit; `fix` goes in the UserError.
+    A count of bytes (no unit, or B) that is not whole ('1.5', '2.5B') is an error, with
+    `bare_fix` as its fix when given: it would be cut silently. With a larger unit the
+    fraction of a byte left over ('0.1GiB') is dropped."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
@@ -143,6 +170,10 @@ def _bytes(text: str | int, field: str, fix: str) -> int:
         raise UserError(f"cannot read {text!r} as a size", field=field, fix=fix) from None
     if not math.isfinite(value):
         raise UserError(f"{text!r} is too large to be a size", field=field, fix=fix)
+    if m.group(2).lower() in ("", "b") and value != int(value):
+        msg = (f"{text!r} has no unit, so it counts bytes, and is not a whole number"
+               if not m.group(2) else f"{text!r} is not a whole number of bytes")
+        raise UserError(msg, field=field, fix=bare_fix or fix)
     return int(value)
 
 

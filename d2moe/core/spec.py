@@ -97,6 +97,8 @@ def check_sizes(values: Mapping[str, Any], *, path: str,
     """Raise UserError unless every ModelSpec field in `values` makes a model.
 
     Sizes and `dtype_bytes` must be >= 1; the optional sizes (0: derived or absent) >= 0.
+    Attention must split evenly: hidden into heads (when head_dim is derived), heads into
+    kv_heads groups; otherwise the model would fail to build, or the sizes be wrong.
     `path` names the file the values came from (the spec's name when built in code), and
     `names` maps a field to the key the file spells it with (an HF config.json's)."""
     names = names or {}
@@ -109,6 +111,16 @@ def check_sizes(values: Mapping[str, Any], *, path: str,
     if values["top_k"] > values["experts"]:
         raise UserError(f"top_k={values['top_k']} exceeds experts={values['experts']}",
                         path=path, field=names.get("top_k", "top_k"), fix="use top_k <= experts")
+    heads, kv_heads, hidden = values["heads"], values["kv_heads"], values["hidden"]
+    if not values["head_dim"] and hidden % heads:  # the derived head_dim must be whole
+        raise UserError(f"hidden={hidden} is not divisible by heads={heads} (head_dim is "
+                        "derived as hidden // heads)", path=path,
+                        field=names.get("heads", "heads"),
+                        fix="use a number of heads that divides hidden, or set head_dim")
+    if heads % kv_heads:  # grouped-query attention shares each KV head among whole groups
+        raise UserError(f"heads={heads} is not a multiple of kv_heads={kv_heads}", path=path,
+                        field=names.get("kv_heads", "kv_heads"),
+                        fix="use a kv_heads that divides heads")
 
 
 def _build(values: dict[str, Any], *, path: str,
@@ -213,6 +225,10 @@ def read_hf_config(path: Path) -> dict[str, Any]:
 def load_spec(ref: str | Path) -> ModelSpec:
     """A shipped name (`mixtral-8x7b`), a spec YAML, an HF config.json, or a model directory."""
     ref_s = str(ref)
+    if not ref_s.strip():  # Path('') is '.', a directory: say what is missing instead
+        raise UserError("no model spec given", field="model-spec",
+                        fix=f"name a shipped spec ({', '.join(SHIPPED)}), a spec YAML or an HF "
+                            "config.json")
     if ref_s in SHIPPED:
         text = resources.files("d2moe.core").joinpath("specs", f"{ref_s}.yaml").read_text()
         import yaml

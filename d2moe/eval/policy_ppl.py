@@ -46,8 +46,8 @@ class PolicyPplConfig:
         "help": "nested store; empty: for tiny, the one `d2moe run` builds in the cache"})
     policy: str = field(default="hebf", metadata={"help": "policy name (d2moe simulate --list)"})
     budget: str = field(default="50%", metadata={
-        "help": "expert memory budget: bytes, a percentage or a fraction of all experts at "
-                "--bits"})
+        "help": "expert memory budget: bytes (a bare whole number above 1 is bytes), a "
+                "percentage or a fraction of all experts at --bits"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert is asked at"})
     stats: str = field(default="auto", metadata={
         "help": "expert statistics for policies that use them (d2moe experts stats): FILE, "

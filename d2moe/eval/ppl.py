@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from d2moe.core.cliargs import model_field
+from d2moe.core.cliargs import model_field, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
-from d2moe.core.sizes import QuantLayout
-from d2moe.quant.mwq import PLANE_FITS, check_bits_range
+from d2moe.core.sizes import QuantLayout, layout_from_options
+from d2moe.quant.mwq import PLANE_FITS
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix
 
 if TYPE_CHECKING:
@@ -108,14 +108,14 @@ class PplTable:
 def parse_bits_list(text: str) -> tuple[int, ...]:
     """'2,3,4' or '2-8' or '2-4,8' -> sorted unique bit-widths."""
     out: set[int] = set()
-    for part in str(text).split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+    for part in split_list(text, "bits", example="--bits 2-4,8"):
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
         if not m:
             raise UserError(f"cannot read {text!r} as bit-widths", field="bits",
                             fix="write a comma list like 2,3,4 or a range like 2-8")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise UserError(f"empty range {part.strip()!r}", field="bits", fix="write LOW-HIGH")
+            raise UserError(f"empty range {part!r}", field="bits", fix="write LOW-HIGH")
         out.update(range(lo, hi + 1))
     return tuple(sorted(out))
 
@@ -124,7 +124,7 @@ def parse_formats(text: str, store_kind: str | None) -> tuple[str, ...]:
     """The formats to score; `auto` is the store's kind, else bitplane."""
     if text.strip() == "auto":
         return (store_kind or "bitplane",)
-    fmts = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    fmts = tuple(split_list(text, "format", example="--format mwq,bitplane"))
     for f in fmts:
         if f not in FORMATS:
             raise UserError(f"unknown format {f!r}", field="format",
@@ -132,8 +132,6 @@ def parse_formats(text: str, store_kind: str | None) -> tuple[str, ...]:
         if store_kind and f in NESTED_KINDS and f != store_kind:
             raise UserError(f"the store holds {store_kind} planes, not {f}", field="format",
                             fix=f"use --format {store_kind} (or rtn/fp), or drop --store")
-    if not fmts:
-        raise UserError("no format given", field="format", fix="e.g. --format mwq,bitplane")
     return fmts
 
 
@@ -274,8 +272,8 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
         if reader is not None:
             low, high, group = reader.layout.b1, reader.bits_stored, reader.layout.group
         else:
-            low, high = parse_bits_range(cfg.store_bits)
-            check_bits_range(low, high, cfg.group)
+            low, high = parse_bits_range(cfg.store_bits, "store-bits")
+            layout_from_options("bitplane", low, high, cfg.group, bits_option="store-bits")
             group = cfg.group
         for f in fmts:
             check_bits_for(f, bits, low, high)

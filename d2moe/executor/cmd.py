@@ -33,8 +33,8 @@ class RunConfig:
                 "cache directory"})
     policy: str = field(default="hebf", metadata={"help": "policy name (d2moe simulate --list)"})
     budget: str = field(default="40%", metadata={
-        "help": "expert memory budget: bytes (64MiB), a percentage (40%%) or a fraction of all "
-                "experts at --bits"})
+        "help": "expert memory budget: bytes (64MiB; a bare whole number above 1 is bytes), a "
+                "percentage (40%%) or a fraction (0.4) of all experts at --bits"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert runs at"})
     prompt: str = field(default="def fib(", metadata={"help": "prompt text (bytes for tiny)"})
     max_new_tokens: int = field(default=64, metadata={

@@ -89,6 +89,9 @@ def _set_aside(store: Path) -> None:
 def resolve_store(model: str, store: str, layout: QuantLayout | None = None) -> Path:
     """`store` when given; for the tiny model its cached store in `layout` (default: the
     default layout), built once."""
+    from d2moe.model.load import check_model_ref
+
+    check_model_ref(model)  # 'nope' is no such model, before no store for it
     if store:
         return Path(store)
     if model == "tiny":
@@ -140,7 +143,8 @@ def expert_budget(spec: Any, layout: QuantLayout, budget: str, bits: int,
     if nbytes < one:
         raise UserError(f"budget {budget} = {fmt_bytes(nbytes)} is smaller than one expert at "
                         f"{widest} bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes")
+                        fix=f"give at least {one} bytes, e.g. a larger percentage (a bare "
+                            "number above 1 counts bytes)")
     return nbytes
 
 

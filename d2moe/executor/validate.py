@@ -22,7 +22,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
+from d2moe.core.cliargs import (
+    add_fields,
+    check_at_least,
+    from_args,
+    model_field,
+    require_modules,
+    split_list,
+)
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
 from d2moe.core.fileio import atomic_write
@@ -48,7 +55,8 @@ class ValidateConfig:
         "help": "policy names, comma-separated", "metavar": "P1,P2"})
     budgets: str = field(default="25%,50%,100%", metadata={
         "help": "expert memory budgets, comma-separated (bytes, %% or fractions of all "
-                "experts at --bits, or at the router's widest width with --router)"})
+                "experts at --bits, or at the router's widest width with --router; a bare "
+                "whole number above 1 is bytes)"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert runs at"})
     prompt: str = field(default="def fib(n):\n    return", metadata={"help": "prompt text"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per run"})
@@ -65,13 +73,27 @@ class ValidateConfig:
                 "(policy, budget) the mean signed error with two standard errors, the "
                 "simulator's bias apart from the machine's drift"})
     plot_steps: int = field(default=2, metadata={
-        "help": "decode steps shown in the side-by-side timelines"})
+        "help": "decode steps shown in the side-by-side timelines (at least 1)"})
     out: str = field(default="out/validate", metadata={"help": "output directory"})
     router: str = field(default="", metadata={
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
                 "<store>/router; each token's bits then come from it, live in the real run "
                 "and from its recorded gate probabilities in the simulation (with the "
                 "--capacity-mode options); empty: no router, every expert at --bits"})
+
+    def __post_init__(self) -> None:
+        """Options that need no model are checked before it loads."""
+        from d2moe.policies import policy_config
+
+        check_at_least(self.plot_steps, 1, "plot_steps")
+        for name in self.policy_names:
+            policy_config(name, field="policies")
+        split_list(self.budgets, "budgets", example="--budgets 25%,50%")
+
+    @property
+    def policy_names(self) -> list[str]:
+        """--policies, split."""
+        return split_list(self.policies, "policies", example="--policies fifo,hebf")
 
 
 def register(subparsers: Any) -> None:
@@ -100,14 +122,6 @@ def _main(args: argparse.Namespace) -> int:
     print(result["report"])
     print(f"wrote {', '.join(result['files'])}")
     return 0
-
-
-def split_names(text: str, what: str) -> list[str]:
-    """Comma-separated names, at least one."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise UserError(f"no {what} given", field=what, fix=f"e.g. --{what} fifo,hebf")
-    return names
 
 
 def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
@@ -244,12 +258,9 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     from d2moe.core.events import save_timeline
     from d2moe.core.sizes import all_experts_bytes, fmt_bytes, parse_budget
     from d2moe.executor.cmd import capacity_controller
-    from d2moe.policies import make_policy
     from d2moe.traces import save_trace
 
-    policies = split_names(cfg.policies, "policies")
-    for name in policies:
-        make_policy(name)  # unknown names fail before any work
+    policies = cfg.policy_names  # checked by ValidateConfig
     store.layout.check_bits(cfg.bits)
     router = _load_router(cfg, spec, store, _device_of(model))
     if router is not None:  # bad capacity options fail before any work
@@ -260,7 +271,7 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     total = all_experts_bytes(spec, top, store.layout)
     one = total // (spec.layers * spec.experts)
     budgets = []
-    for text in split_names(cfg.budgets, "budgets"):
+    for text in split_list(cfg.budgets, "budgets", example="--budgets 25%,50%"):
         nbytes = parse_budget(text, total)
         if nbytes < one:
             raise UserError(f"budget {text} = {fmt_bytes(nbytes)} is smaller than one expert "

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from d2moe.core.cliargs import check_at_least
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
 from d2moe.experts.measures import RoutingTally, mean_token_cosine
@@ -101,9 +102,9 @@ def stats_from_model(model: Transformer, spec: ModelSpec, ids: list[int],
     """
     import torch
 
-    if ctx < 2 or batch < 1 or sample_tokens < 1:
-        raise UserError(f"need ctx >= 2, batch >= 1 and sample_tokens >= 1, got {ctx}, "
-                        f"{batch}, {sample_tokens}", field="ctx", fix="e.g. --ctx 256")
+    for name, value, low in (("ctx", ctx, 2), ("batch", batch, 1),
+                             ("sample_tokens", sample_tokens, 1)):
+        check_at_least(value, low, name)  # each names its own option
     n_win = len(ids) // ctx
     if n_win == 0:
         raise UserError(f"{len(ids)} calibration tokens are fewer than one window of {ctx}",

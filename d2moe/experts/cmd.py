@@ -103,6 +103,9 @@ def compute_stats(cfg: StatsConfig) -> tuple[ExpertStats, Path]:
 
 
 def _store_path(cfg: StatsConfig) -> Path | None:
+    from d2moe.model.load import check_model_ref
+
+    check_model_ref(cfg.model)  # a bad --model is named before a missing store
     if cfg.store:
         return Path(cfg.store)
     if cfg.model == "tiny":

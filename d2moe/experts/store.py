@@ -77,8 +77,12 @@ def load_stats(ref: str | Path, *, spec: Any = None, store: str | Path | None = 
     if not path.is_file():
         raise UserError("no expert statistics here", path=where, field="stats",
                         fix="compute them: d2moe experts stats --model ... --out " + where)
+    raw = path.read_bytes()
+    if STATS_FORMAT.encode() not in raw:  # an .npz, a trace: another file, not a damaged one
+        raise UserError("not an expert statistics file (expert_stats.json)", path=where,
+                        fix="point at a file written by d2moe experts stats")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise UserError("not UTF-8 text: the file is damaged", path=where, fix=_FIX) from None
     except json.JSONDecodeError as exc:

@@ -21,7 +21,7 @@ from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.spec import ModelSpec, read_hf_config, require_mapping, spec_from_hf_config
 from d2moe.model.config import ModelConfig
-from d2moe.model.hf_names import MOE_NAMES, SUPPORTED
+from d2moe.model.hf_names import MOE_NAMES, check_model_type
 from d2moe.model.transformer import Transformer
 
 _FIX_DAMAGED = "the checkpoint file is damaged: copy or save it again"
@@ -30,11 +30,7 @@ _FIX_DAMAGED = "the checkpoint file is damaged: copy or save it again"
 def config_from_hf(cfg: Any, *, path: str) -> ModelConfig:
     """The architecture details of an HF config.json (transformers 4.x and 5.x keys)."""
     cfg = require_mapping(cfg, path=path)
-    arch = cfg.get("model_type")
-    if arch not in SUPPORTED:
-        raise UserError(f"model_type {arch!r} is not supported (supported: "
-                        f"{', '.join(SUPPORTED)})", path=path, field="model_type",
-                        fix="use a Mixtral, OLMoE or Qwen-MoE checkpoint")
+    arch = check_model_type(cfg, path=path)
     rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     rope = cfg.get(rope_key) or {}
     if not isinstance(rope, dict):

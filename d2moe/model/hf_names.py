@@ -4,6 +4,10 @@ model and what the quantizer and the source fingerprint pick out of a checkpoint
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
+
+from d2moe.core.errors import UserError
 
 SUPPORTED = ("mixtral", "olmoe", "qwen2_moe")
 # Per architecture: (MoE module name, expert tensor names for our w1 gate, w3 up, w2 down).
@@ -18,6 +22,17 @@ _PATTERNS = tuple(
                 rf"({'|'.join(map(re.escape, names))})\.weight$"),
      dict(zip(names, ("w1", "w3", "w2"), strict=True)))
     for module, names in dict.fromkeys(MOE_NAMES.values()))
+
+
+def check_model_type(cfg: Mapping[str, Any], *, path: str) -> str:
+    """config.json's `model_type` if this package can run it, else the one UserError every
+    reader of a checkpoint raises (the loader, and quantize, whose store would be unusable)."""
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED:
+        raise UserError(f"model_type {arch!r} is not supported (supported: "
+                        f"{', '.join(SUPPORTED)})", path=path, field="model_type",
+                        fix="use a Mixtral, OLMoE or Qwen-MoE checkpoint")
+    return str(arch)
 
 
 def expert_key(name: str) -> tuple[int, int, str] | None:

@@ -27,6 +27,27 @@ def checkpoint_dir(ref: str | Path) -> Path:
     return tiny_dir() if str(ref) == "tiny" else Path(ref)
 
 
+def check_model_ref(ref: str | Path) -> Path:
+    """The checkpoint directory `--model` names (`tiny`: the shipped one); an empty name, a
+    path that is not there, a file or a directory without config.json is a UserError naming
+    it, before anything asks for a store or a spec of it."""
+    if str(ref) == "tiny":
+        return tiny_dir()
+    fix = "pass --model tiny or an HF checkpoint directory (config.json + *.safetensors)"
+    if not str(ref).strip():
+        raise UserError("no model given", field="model", fix=fix)
+    path = Path(ref)
+    if not path.exists():
+        raise UserError("no such directory", path=str(ref), field="model", fix=fix)
+    if not path.is_dir():
+        raise UserError("is a file, not a checkpoint directory", path=str(ref), field="model",
+                        fix=fix)
+    if not (path / "config.json").is_file():
+        raise UserError("no config.json in this directory", path=str(ref), field="model",
+                        fix=fix)
+    return path
+
+
 def tiny_provenance() -> dict[str, Any]:
     """The shipped tiny checkpoint's provenance record (command, date, machine, perplexity)."""
     path = tiny_dir() / "provenance.json"
@@ -59,4 +80,4 @@ def load_model(ref: str | Path, *, dtype: torch.dtype = torch.float32,
     """`tiny` or an HF checkpoint directory -> (model, spec)."""
     if str(ref) == "tiny":
         return load_tiny(dtype=dtype, with_experts=with_experts)
-    return load_hf(ref, dtype=dtype, with_experts=with_experts)
+    return load_hf(check_model_ref(ref), dtype=dtype, with_experts=with_experts)

@@ -28,6 +28,10 @@ class BitRule:
         """The most bits this rule can give when the workload asks at most `asked_max`."""
         return asked_max
 
+    def min_bits(self, asked_min: int) -> int:
+        """The fewest bits this rule can give when the workload asks at least `asked_min`."""
+        return asked_min
+
     def apply(self, demands: Sequence[Demand]) -> list[Demand]:
         """The demands at this rule's bits; a changed demand remembers its routed bits."""
         if type(self).bits is BitRule.bits:  # the identity rule (asked): on the hot path
@@ -51,6 +55,9 @@ class Uniform(BitRule):
         return self.uniform
 
     def max_bits(self, asked_max: int) -> int:
+        return self.uniform
+
+    def min_bits(self, asked_min: int) -> int:
         return self.uniform
 
     def apply(self, demands: Sequence[Demand]) -> list[Demand]:
@@ -91,3 +98,6 @@ class Static(BitRule):
 
     def max_bits(self, asked_max: int) -> int:
         return max(self.choices)
+
+    def min_bits(self, asked_min: int) -> int:
+        return min(self.choices)

@@ -100,6 +100,10 @@ class Policy:
         """The most bits a run can use when the workload asks at most `asked_max`."""
         return self.bit_rule.max_bits(asked_max)
 
+    def min_bits(self, asked_min: int) -> int:
+        """The fewest bits a run can use when the workload asks at least `asked_min`."""
+        return self.bit_rule.min_bits(asked_min)
+
     def preload(self, experts: Sequence[ExpertKey], resident: ResidentView) -> list[Load]:
         """Loads to apply before the first step: every expert at the uniform bits when
         pinned (Hold-in-Memory), else none. Backends check they fit the budget."""
@@ -225,6 +229,7 @@ def make_policy(name: str, stats: ExpertStats | None = None) -> Policy:
     return POLICIES.create(name, stats=stats)
 
 
-def policy_config(name: str) -> PolicyConfig:
-    """A preset's configuration without building it (raises UserError on an unknown name)."""
-    return POLICIES.factory(name).config  # type: ignore[attr-defined]
+def policy_config(name: str, *, field: str = "policy") -> PolicyConfig:
+    """A preset's configuration without building it (a UserError naming `field`, the
+    option the name came from, on an unknown name)."""
+    return POLICIES.factory(name, field=field).config  # type: ignore[attr-defined]

@@ -27,10 +27,11 @@ class Registry(Generic[T]):
             return factory
         return deco
 
-    def factory(self, name: str) -> Callable[..., T]:
-        """The factory registered as `name` (UserError naming the choices if unknown)."""
+    def factory(self, name: str, *, field: str = "") -> Callable[..., T]:
+        """The factory registered as `name` (UserError naming the choices if unknown, and
+        `field`, the option the name came from: default the family)."""
         if name not in self._items:
-            raise UserError(f"unknown {self.family} {name!r}", field=self.family,
+            raise UserError(f"unknown {self.family} {name!r}", field=field or self.family,
                             fix=f"choose one of: {', '.join(self.names())}")
         return self._items[name]
 

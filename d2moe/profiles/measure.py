@@ -54,10 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import check_threads
+from d2moe.core.cliargs import check_at_least, check_threads, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir, path_error
-from d2moe.core.sizes import QuantLayout, expert_bytes, parse_bytes
+from d2moe.core.sizes import QuantLayout, expert_bytes, layout_from_options, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.cost import checked_reads_us
 from d2moe.profiles.executor_probes import (
@@ -130,12 +130,13 @@ class ProfileConfig:
 
     @property
     def quant_layout(self) -> QuantLayout:
-        return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
+        return layout_from_options(self.layout, self.b1, self.bK, self.group)
 
 
 def _ints(text: str, where: str) -> list[int]:
+    """A comma list of positive integers, sorted (each given once)."""
     try:
-        out = sorted({int(t) for t in text.split(",") if t.strip()})
+        out = sorted({int(t) for t in split_list(text, where, example=f"--{where} 1,2,4,8")})
     except ValueError:
         raise UserError(f"not a list of integers: {text!r}", field=where,
                         fix="e.g. 1,2,4,8") from None
@@ -247,13 +248,12 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     bits = _ints(cfg.bits, "bits") if cfg.bits else list(range(layout.b1, layout.bK + 1))
     for b in bits:
         layout.check_bits(b)
-    sizes = sorted({parse_bytes(s.strip(), field="disk-sizes")
-                    for s in cfg.disk_sizes.split(",") if s.strip()})
+    texts = split_list(cfg.disk_sizes, "disk-sizes", example="--disk-sizes 4KiB,1MiB")
+    sizes = sorted({parse_bytes(s, field="disk-sizes") for s in texts})
     if not sizes or sizes[0] < 1:
         raise UserError("needs at least one read size", field="disk-sizes", fix="e.g. 4KiB,1MiB")
-    if cfg.repeats < 1 or cfg.probe_experts < 2 or cfg.lane_layers < 2:
-        raise UserError("repeats must be >= 1, probe-experts and lane-layers >= 2",
-                        field="repeats", fix="use larger values")
+    for name, low in (("repeats", 1), ("probe_experts", 2), ("lane_layers", 2)):
+        check_at_least(getattr(cfg, name), low, name)
     probe = dataclasses.replace(spec, layers=1, experts=min(spec.experts, cfg.probe_experts),
                                 top_k=min(spec.top_k, 2, cfg.probe_experts - 1))
     disk_sizes = sizes_up_to(sizes, expert_bytes(spec, layout.b1, layout))  # the base level

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from d2moe.core.cliargs import out_path
 from d2moe.core.errors import UserError
-from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
 from d2moe.model.hf_names import expert_key
 from d2moe.quant.mwq import PLANE_FITS, quantize_mwq
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
@@ -19,11 +19,11 @@ from d2moe.quant.store import TENSORS, StoreWriter
 
 DEFAULT_FORMAT = "bitplane"  # measured on the tiny model: docs/results/mwq.md (verdict)
 
-def parse_bits_range(text: str) -> tuple[int, int]:
-    """'2:8' -> (2, 8)."""
+def parse_bits_range(text: str, field: str = "bits") -> tuple[int, int]:
+    """'2:8' -> (2, 8); errors name the option `field`."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if not m:
-        raise UserError(f"cannot read {text!r} as a bit range", field="bits",
+        raise UserError(f"cannot read {text!r} as a bit range", field=field,
                         fix="write LOW:HIGH, e.g. 2:8")
     return int(m.group(1)), int(m.group(2))
 
@@ -70,23 +70,22 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
 
     `fit` is MWQ's plane-scale fit (d2moe.quant.mwq.PLANE_FITS); bitplane ignores it.
     """
-    from d2moe.core.spec import load_spec
+    from d2moe.core.spec import load_spec, read_hf_config
+    from d2moe.model.hf_names import check_model_type
 
     if fit not in PLANE_FITS:
         raise UserError(f"unknown plane-scale fit {fit!r}", field="fit",
                         fix=f"use one of {', '.join(PLANE_FITS)}")
-    if str(model_dir) == "tiny":
-        from d2moe.model.load import tiny_dir
+    from d2moe.model.load import check_model_ref
 
-        model_dir = tiny_dir()
-        if not (model_dir / "config.json").is_file():
-            raise UserError("the built-in tiny checkpoint is missing", path=str(model_dir),
-                            fix="train it: d2moe model train-tiny")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise UserError("no such directory", path=str(model_dir),
-                        fix="pass an HF checkpoint directory (config.json + *.safetensors)")
-    spec = load_spec(model_dir)
+    tiny = str(model_dir) == "tiny"
+    model_dir = check_model_ref(model_dir)
+    if tiny and not (model_dir / "config.json").is_file():
+        raise UserError("the built-in tiny checkpoint is missing", path=str(model_dir),
+                        fix="train it: d2moe model train-tiny")
+    spec = load_spec(model_dir)  # config.json is there: load_spec read it
+    check_model_type(read_hf_config(model_dir / "config.json"),
+                     path=str(model_dir / "config.json"))
     found = find_expert_tensors(model_dir)
     hf_layers = sorted({k[0] for k in found})
     if len(hf_layers) != spec.layers:
@@ -158,10 +157,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc.name} is not installed", field="quantize",
                         fix="pip install 'd2moe[executor]'") from None
     b1, bK = parse_bits_range(args.bits)
-    layout = QuantLayout(kind=args.format, b1=b1, bK=bK, group=args.group)
-    if args.group < 1:
-        raise UserError(f"group must be positive, got {args.group}", field="group",
-                        fix="e.g. --group 64")
+    layout = layout_from_options(args.format, b1, bK, args.group, kind_option="format",
+                                 bits_option="bits")
     index = quantize_checkpoint(args.model, args.out, layout, progress=not args.quiet,
                                 fit=args.fit)
     from d2moe.quant.store import StoreReader

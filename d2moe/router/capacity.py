@@ -34,27 +34,25 @@ from typing import Any
 
 import numpy as np
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError
 
 
 def parse_floats(text: str, field: str) -> tuple[float, ...]:
     """'0.3,0.4,0.3' -> (0.3, 0.4, 0.3)."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    parts = split_list(text, field, example=f"--{field} 0.3,0.4,0.3", unique=False)
     try:
-        vals = tuple(float(p) for p in parts)
+        return tuple(float(p) for p in parts)
     except ValueError:
         raise UserError(f"cannot read {text!r} as numbers", field=field,
                         fix="write a comma list like 0.3,0.4,0.3") from None
-    if not vals:
-        raise UserError("empty list", field=field, fix="write a comma list like 0.3,0.4,0.3")
-    return vals
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
     """'2,3,4' or '2-4' -> (2, 3, 4), strictly increasing."""
     out: list[int] = []
-    for part in str(text).split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+    for part in split_list(text, "bits", example="--bits 2,3,4"):
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
         if not m:
             raise UserError(f"cannot read {text!r} as bit-widths", field="bits",
                             fix="write a comma list like 2,3,4 or a range like 5-8")

@@ -125,18 +125,10 @@ class RouterTrainResult:
 
 def open_store(model: str, store: str) -> tuple[Any, Path]:
     """The StoreReader for `store`, or for tiny the cached store (built once)."""
+    from d2moe.executor.setup import resolve_store
     from d2moe.quant.store import StoreReader
 
-    if store:
-        path = Path(store)
-    elif model == "tiny":
-        from d2moe.core.sizes import QuantLayout
-        from d2moe.executor.setup import tiny_store
-
-        path = tiny_store(QuantLayout())
-    else:
-        raise UserError("no store given for this model", field="store",
-                        fix=f"d2moe quantize --model {model} --out STORE, then --store STORE")
+    path = resolve_store(model, store)  # a bad --model is named before a missing store
     return StoreReader(path), path
 
 

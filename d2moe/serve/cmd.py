@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, check_threads, from_args, model_field
+from d2moe.core.cliargs import add_fields, check_threads, from_args, model_field, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
 from d2moe.serve.arrivals import ArrivalConfig, Request, make_requests
 
 BACKENDS = ("sim", "real")
+# Options only one backend reads (docs/serve.md's table): set under the other, an error.
+BACKEND_ONLY = {"sim": ("model_spec", "profile", "trace"),
+                "real": ("model", "store", "direct_io", "threads")}
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,8 @@ class ServeConfig:
     policy: str = field(default="fifo,hebf", metadata={
         "help": "policy name(s), comma-separated (d2moe simulate --list)", "metavar": "P1,P2"})
     budget: str = field(default="50%", metadata={
-        "help": "expert memory budget: bytes (64MiB), a percentage (40%%) or a fraction of all "
-                "experts at --bits"})
+        "help": "expert memory budget: bytes (64MiB; a bare whole number above 1 is bytes), a "
+                "percentage (40%%) or a fraction (0.4) of all experts at --bits"})
     bits: int = field(default=4, metadata={"help": "bit-width experts run at (where the "
                                                    "routing has none)"})
     model_spec: str = field(default="tiny", metadata={
@@ -57,22 +60,29 @@ class ServeConfig:
         if self.backend not in BACKENDS:
             raise UserError(f"unknown backend {self.backend!r}", field="backend",
                             fix="use --backend sim or --backend real")
-        if self.backend == "real" and self.trace:
-            raise UserError("a trace routes simulated requests only; the real model routes "
-                            "its own tokens", field="trace",
-                            fix="drop --trace, or use --backend sim")
+        self._check_backend_options()
         if self.max_batch < 1:
             raise UserError(f"must be >= 1, got {self.max_batch}", field="max_batch",
                             fix="pass e.g. --max-batch 4")
         check_threads(self.threads)
 
+    def _check_backend_options(self) -> None:
+        """An option of the other backend, changed from its default, would be ignored
+        silently (--profile under real, --store under sim): refuse it, naming the option."""
+        defaults = {f.name: f.default for f in fields(self)}
+        other = next(b for b in BACKENDS if b != self.backend)
+        for name in BACKEND_ONLY[other]:
+            if getattr(self, name) != defaults[name]:
+                option = name.replace("_", "-")
+                flag = "--" + ("no-" if getattr(self, name) is False else "") + option
+                raise UserError(f"{flag} is read by --backend {other} only; --backend "
+                                f"{self.backend} would ignore it", field=option,
+                                fix=f"drop {flag}, or use --backend {other}")
+
     @property
     def policies(self) -> list[str]:
         """The policy names, in order."""
-        names = [n.strip() for n in self.policy.split(",") if n.strip()]
-        if not names:
-            raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
-        return names
+        return split_list(self.policy, "policy", example="--policy fifo,hebf")
 
 
 def register(subparsers: Any) -> None:

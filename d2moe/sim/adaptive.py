@@ -96,6 +96,10 @@ class RoutedSteps(StepSource):
         """The widest width the router can give (any share may grow)."""
         return max(max(self.router.bits), default)
 
+    def min_bits(self, default: int) -> int:
+        """The narrowest width the router can give (any share may grow)."""
+        return min(self.router.bits)
+
     def step_bits(self, s: int) -> np.ndarray:
         """Bits [T, L, k] (int8) of step s's (token, slot) rows, placed layer by layer."""
         lo, hi = self.trace.token_range(s)

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, check_at_least, from_args, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
-from d2moe.core.sizes import QuantLayout, fmt_bytes
+from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
 from d2moe.core.spec import load_spec
 
 
@@ -36,8 +36,9 @@ class SimulateConfig:
         "help": "policy name(s), comma-separated (see `d2moe simulate --list`)",
         "metavar": "P1,P2"})
     budget: str = field(default="50%", metadata={
-        "help": "expert memory budget: bytes (6GiB, 512MB), a percentage (40%%) or a fraction "
-                "(0.4) of all experts at the highest bits the trace asks for"})
+        "help": "expert memory budget: bytes (6GiB, 512MB; a bare whole number above 1 is "
+                "bytes), a percentage (40%%) or a fraction (0.4) of all experts at the highest "
+                "bits the trace asks for"})
     bits: int = field(default=4, metadata={"help": "bit-width where the trace has none"})
     layout: str = field(default="bitplane", metadata={
         "help": "expert storage: bitplane (nested bit planes of one code, the default), mwq "
@@ -62,13 +63,11 @@ class SimulateConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "plot_steps"):  # 0 means all; a negative count means nothing
-            if getattr(self, name) < 0:
-                raise UserError(f"must be >= 0, got {getattr(self, name)}",
-                                field=name.replace("_", "-"), fix="pass 0 (all) or more")
+            check_at_least(getattr(self, name), 0, name, note="all")
 
     @property
     def quant_layout(self) -> QuantLayout:
-        return QuantLayout(kind=self.layout, b1=self.b1, bK=self.bK, group=self.group)
+        return layout_from_options(self.layout, self.b1, self.bK, self.group)
 
 
 def register(subparsers: Any) -> None:
@@ -150,15 +149,34 @@ def prepare(cfg: SimulateConfig, capacity: Any = None) -> Prepared:
     else:
         trace = synth_trace(spec, SynthConfig())
         trace_name = f"synth({spec.name}, defaults)"
-    capacity_source(trace, cfg.bits, capacity, cfg.steps)  # bad options fail here
+    source = capacity_source(trace, cfg.bits, capacity, cfg.steps)  # bad options fail here
     steps = steps_from_trace(trace, cfg.bits, cfg.steps)
     router = RecordedRouter.of(trace)
     top = max(max_bits(steps, cfg.bits), max(router.bits) if router else 0)
+    _check_stored(layout, source.min_bits(cfg.bits), top)
     budget = budget_bytes(cfg.budget, spec, layout, top)
     host = (budget_bytes(cfg.host_cache, spec, layout, top, field="host-cache")
             if cfg.host_cache != "0" else 0)
     return Prepared(cfg, spec, profile, trace, trace_name, steps, layout, budget, host,
                     capacity)
+
+
+def _check_stored(layout: QuantLayout, low: int, top: int) -> None:
+    """The bit-widths the workload asks for (the trace's, --bits where it has none, a
+    router's any) must lie in --b1..--bK, both ends alike: a store of b1.. bits cannot serve
+    fewer, nor more than bK (dense stores every width)."""
+    if layout.kind == "dense":
+        return
+    asks = f"the workload asks for {low}..{top}-bit experts (the trace's bits, --bits where " \
+           "it has none)"
+    if low < layout.b1:
+        raise UserError(f"{asks}, below --b1 {layout.b1}", field="b1",
+                        fix=f"pass --b1 {low} or lower, or a trace of {layout.b1}..{layout.bK} "
+                            "bits")
+    if top > layout.bK:
+        raise UserError(f"{asks}, above --bK {layout.bK}", field="bK",
+                        fix=f"pass --bK {top} or higher, or a trace of {layout.b1}..{layout.bK} "
+                            "bits")
 
 
 def build_policy(prep: Prepared, name: str) -> Any:
@@ -210,9 +228,7 @@ def run_simulations(cfg: SimulateConfig, capacity: Any = None) -> dict[str, Any]
     )
     from d2moe.policies import policy_config
 
-    names = [n.strip() for n in cfg.policy.split(",") if n.strip()]
-    if not names:
-        raise UserError("no policy given", field="policy", fix="e.g. --policy fifo,hebf")
+    names = split_list(cfg.policy, "policy", example="--policy fifo,hebf")
     for n in names:  # unknown names fail before any work
         policy_config(n)
     prep = prepare(cfg, capacity)

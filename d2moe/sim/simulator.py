@@ -54,6 +54,10 @@ class StepSource:
         """The most bits any demand can ask for (sizes the storage check and the budget)."""
         return max((d.bits for s in self.steps for ds in s.layers for d in ds), default=default)
 
+    def min_bits(self, default: int) -> int:
+        """The fewest bits any demand can ask for (the storage check's lower end)."""
+        return min((d.bits for s in self.steps for ds in s.layers for d in ds), default=default)
+
     def work(self, s: int) -> StepWork:
         """Step s's work, asked right before it runs."""
         return self.steps[s]
@@ -82,7 +86,8 @@ def check_budget(setup: SimSetup, max_bits: int) -> None:
     if setup.budget_bytes < one:
         raise UserError(f"budget {fmt_bytes(setup.budget_bytes)} is smaller than one expert at "
                         f"{max_bits} bits ({fmt_bytes(one)})", field="budget",
-                        fix=f"give at least {one} bytes, e.g. a larger percentage")
+                        fix=f"give at least {one} bytes, e.g. a larger percentage (a bare "
+                            "number above 1 counts bytes)")
 
 
 def simulate(setup: SimSetup, steps: Sequence[StepWork] | StepSource, policy: Policy
@@ -178,13 +183,17 @@ def _meta(setup: SimSetup, policy: Policy, pool: ResidentSet, **extra: Any) -> d
             "peak_resident_bytes": pool.peak_bytes, **setup.meta, **extra}
 
 
-def policy_setup(setup: SimSetup, policy: Policy, asked_max: int) -> SimSetup:
+def policy_setup(setup: SimSetup, policy: Policy, asked_max: int,
+                 asked_min: int | None = None) -> SimSetup:
     """`setup` in the policy's own storage layout (a baseline may imply one), checked: the
-    bits the policy runs at are stored and the budget holds the largest expert."""
+    bits the policy runs at (from the fewest the workload asks, `asked_min`, when known, to
+    the most) are stored and the budget holds the largest expert."""
     layout = policy.config.quant_layout(setup.layout)
     bits = policy.max_bits(asked_max)
-    if layout.kind != "dense" and not layout.b1 <= bits <= layout.bK:
-        raise UserError(f"policy {policy.name} runs experts at up to {bits} bits but its "
+    low = policy.min_bits(asked_min) if asked_min is not None else bits
+    if layout.kind != "dense" and not layout.b1 <= low <= bits <= layout.bK:
+        span = f"{low}..{bits}" if low < bits else f"{bits}"
+        raise UserError(f"policy {policy.name} runs experts at {span} bits but its "
                         f"{layout.kind} layout stores {layout.b1}..{layout.bK}", field="bits",
                         fix=f"give a workload of {layout.b1}..{layout.bK} bits (--bits) or "
                             f"another policy")
@@ -199,7 +208,8 @@ def _simulate(setup: SimSetup, steps: Sequence[StepWork] | StepSource, policy: P
         raise UserError(f"unknown engine {setup.engine!r}", field="engine",
                         fix=f"use one of {', '.join(ENGINES)}")
     source = steps if isinstance(steps, StepSource) else StepSource(steps)
-    setup = policy_setup(setup, policy, source.max_bits(setup.layout.b1))
+    setup = policy_setup(setup, policy, source.max_bits(setup.layout.b1),
+                         source.min_bits(setup.layout.b1))
     session = SimSession(setup, policy)
     if setup.engine == "fast":
         t = 0.0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from d2moe.analysis.sweep_plots import ABLATION_DEFAULT
-from d2moe.core.cliargs import add_fields, from_args
+from d2moe.core.cliargs import add_fields, from_args, split_list
 from d2moe.sweep.runner import SweepConfig
 
 PLOTS = ("budget", "ablation", "quality")
@@ -21,10 +21,12 @@ class PlotConfig:
     out: str = field(default="", metadata={
         "help": "output directory (empty: the table's directory)", "metavar": "DIR"})
     policies: str = field(default="", metadata={
-        "help": "the policies to draw, in order (empty: budget and quality draw every policy, "
-                "ablation the chain " + ",".join(ABLATION_DEFAULT) + ")", "metavar": "P1,P2"})
+        "help": "the policies to draw, in order, each in the table (empty: budget and quality "
+                "draw every policy, ablation those of the chain " + ",".join(ABLATION_DEFAULT)
+                + " the table has)", "metavar": "P1,P2"})
     budgets: str = field(default="", metadata={
-        "help": "only these budgets, as written in the grid (empty: all)", "metavar": "B1,B2"})
+        "help": "only these budgets, as written in the grid, each in the table (empty: all)",
+        "metavar": "B1,B2"})
     linear: bool = field(default=False, metadata={
         "help": "budget: a linear tokens/s axis (default: logarithmic, so low budgets show)"})
     label: str = field(default="", metadata={
@@ -83,18 +85,25 @@ def _plot(args: argparse.Namespace) -> int:
 
 def make_plots(kind: str, table: str | Path, cfg: PlotConfig) -> list[Path]:
     """Draw one kind of figure from a table; the PNGs written."""
-    from d2moe.analysis.sweep_plots import load_table, plot_ablation, plot_budget, plot_quality
+    from d2moe.analysis.sweep_plots import (
+        keep_budgets,
+        load_table,
+        plot_ablation,
+        plot_budget,
+        plot_quality,
+        require_policies,
+    )
 
-    rows = load_table(table)
-    keep = {b.strip() for b in cfg.budgets.split(",") if b.strip()}
-    if keep:
-        rows = [r for r in rows if str(r.get("budget")) in keep]
+    keep = split_list(cfg.budgets, "budgets", example="--budgets 20%,40%", allow_none=True)
+    names = split_list(cfg.policies, "policies", example="--policies fifo,hebf",
+                       allow_none=True)
+    rows = keep_budgets(load_table(table), keep, table)
+    require_policies(rows, names, table)  # named ones must be there, for every kind
     out = Path(cfg.out) if cfg.out else Path(table).parent
-    names = [n.strip() for n in cfg.policies.split(",") if n.strip()]
     if kind == "budget":
         return plot_budget(rows, out, label=cfg.label, policies=names, log_y=not cfg.linear,
                            table=table)
     if kind == "ablation":
         return [plot_ablation(rows, out, policies=names or ABLATION_DEFAULT, label=cfg.label,
                               table=table)]
-    return [plot_quality(rows, out, label=cfg.label, table=table)]
+    return [plot_quality(rows, out, label=cfg.label, policies=names, table=table)]

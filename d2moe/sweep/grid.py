@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError, bare
 from d2moe.core.fileio import check_keys, read_yaml
 from d2moe.sim.cmd import SimulateConfig
@@ -190,7 +191,8 @@ def parse_synth(text: str, *, path: str = "", where: str = "trace") -> TraceEntr
     kinds = {f.name: type(f.default) for f in dataclasses.fields(SynthConfig)}
     overrides: dict[str, Any] = {}
     key = ""
-    for part in (p.strip() for p in opts.split(",") if p.strip()):
+    for part in split_list(opts, where, path=path, example="synth:tiny:seed=1,bits=2,3",
+                           unique=False, allow_none=True):
         if "=" not in part and kinds.get(key) is str:  # bits=2,3,4: the list goes on
             overrides[key] += "," + part
             continue
@@ -199,6 +201,9 @@ def parse_synth(text: str, *, path: str = "", where: str = "trace") -> TraceEntr
         if not eq or key not in kinds:
             raise UserError(f"cannot read {part!r} (keys: {', '.join(kinds)})", path=path,
                             field=where, fix="write key=value, e.g. synth:tiny:seed=1")
+        if key in overrides:
+            raise UserError(f"{key!r} is given twice in {text!r}", path=path, field=where,
+                            fix=f"give {key} once")
         try:
             overrides[key] = value.strip() if kinds[key] is str else kinds[key](value)
         except ValueError:
@@ -240,9 +245,8 @@ def _check(grid: Grid) -> None:
     for i, text in enumerate(grid.budgets):
         try:
             parse_budget(text, 1)
-        except UserError:
-            raise UserError(f"cannot read {text!r} as a budget", path=path,
-                            field=f"budgets[{i}]", fix="write 6GiB, 40% or 0.4") from None
+        except UserError as exc:  # unreadable, or a bare 1.5 (bytes, not whole)
+            raise UserError(bare(exc), path=path, field=f"budgets[{i}]", fix=exc.fix) from None
     try:
         parse_budget(grid.host_cache, 1)
     except UserError:

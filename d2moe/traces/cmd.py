@@ -11,7 +11,7 @@ from d2moe.core.cliargs import add_fields, add_out_option, from_args
 from d2moe.core.fileio import check_writable
 from d2moe.core.progress import progress_bar
 from d2moe.core.spec import load_spec
-from d2moe.traces.schema import DECODE, PREFILL, Trace, load_trace, save_trace
+from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace, load_trace, save_trace
 from d2moe.traces.synth import SynthConfig, synth_trace, synth_units
 
 
@@ -91,9 +91,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from d2moe.core.errors import UserError
+    from d2moe.core.fileio import require_file
     from d2moe.model.load import load_model
     from d2moe.model.tokenizer import encode
     from d2moe.traces.record import record_trace
@@ -104,11 +104,12 @@ def _record(args: argparse.Namespace) -> int:
     if args.decode_steps < 0:
         raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
                         fix="e.g. --decode-steps 128")
+    if not 0 <= args.bits <= MAX_BITS:  # the trace format's range; the file check's fix
+        raise UserError(f"must be 0 (unknown) or 1..{MAX_BITS}, got {args.bits}", field="bits",
+                        fix="e.g. --bits 4, or leave it out (unknown)")
     check_writable(args.out, field="out")  # before the model runs
     if args.text:
-        path = Path(args.text)
-        if not path.is_file():
-            raise UserError("no such file", path=args.text, field="text", fix="check the path")
+        path = require_file(args.text, field="text", what="a text file")
         data, source = path.read_bytes(), args.text
     else:
         from d2moe.model.corpus import load_corpus

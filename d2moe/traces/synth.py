@@ -26,11 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError
 from d2moe.core.spec import ModelSpec
 from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace
 
 _CAP_EPS = 1e-9  # ceil(c*n - eps): 0.3 * 10 must give 3, not 4
+# Largest zipf: r^-zipf stays above 0 in float64 for r up to e^(744/50), 2.9 million experts;
+# beyond it low ranks underflow to weight 0, log 0 = -inf, and the Gumbel top-k then breaks
+# their ties by expert id instead of rank. At 50, rank 2 weighs 2^-50 of rank 1 already.
+ZIPF_MAX = 50.0
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class SynthConfig:
     batch: int = field(default=1, metadata={
         "help": "sequences decoded together (tokens per decode step)"})
     zipf: float = field(default=0.8, metadata={
-        "help": "per-layer expert popularity skew exponent (0: uniform)"})
+        "help": f"per-layer expert popularity skew exponent, 0 (uniform) to {ZIPF_MAX:g}"})
     locality: float = field(default=0.3, metadata={
         "help": "chance a token reuses the previous token's experts at a layer"})
     cross_layer: float = field(default=0.3, metadata={
@@ -68,9 +73,10 @@ class SynthConfig:
                             fix="ask for prefill tokens or decode steps")
         if self.batch < 1:
             raise UserError(f"must be >= 1, got {self.batch}", field="batch", fix="pass >= 1")
-        if not (self.zipf >= 0 and math.isfinite(self.zipf)):
-            raise UserError(f"must be a finite number >= 0, got {self.zipf}", field="zipf",
-                            fix="e.g. 0.8")
+        if not 0 <= self.zipf <= ZIPF_MAX:  # NaN fails too
+            raise UserError(f"must be in [0, {ZIPF_MAX:g}], got {self.zipf}", field="zipf",
+                            fix=f"e.g. 0.8 ({ZIPF_MAX:g} already puts all but the top ranks "
+                                "at weight ~0)")
         for name in ("locality", "cross_layer"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"must be a probability in [0, 1], got {getattr(self, name)}",
@@ -93,21 +99,25 @@ class SynthConfig:
     @property
     def bit_choices(self) -> tuple[int, ...]:
         """`bits` parsed: () when bits are left unknown."""
-        return _parse_list(self.bits, int, "bits")
+        return _parse_list(self.bits, int, "bits", "--bits 2,3,4", unique=True)
 
     @property
     def capacity_fractions(self) -> tuple[float, ...]:
         """`capacities` parsed."""
-        return _parse_list(self.capacities, float, "capacities") if self.bits.strip() else ()
+        if not self.bits.strip():
+            return ()
+        return _parse_list(self.capacities, float, "capacities", "--capacities 0.3,0.4,0.3",
+                           unique=False)
 
 
-def _parse_list(text: str, kind: type, name: str) -> tuple:
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+def _parse_list(text: str, kind: type, name: str, example: str, *, unique: bool) -> tuple:
+    """A comma list of `kind`; '' is (). Capacities may repeat (0.5,0.5), bit-widths not."""
+    parts = split_list(text, name, example=example, unique=unique, allow_none=True)
     try:
         return tuple(kind(p) for p in parts)
     except ValueError:
         raise UserError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}",
-                        field=name, fix="e.g. 2,3,4") from None
+                        field=name, fix=f"write e.g. {example}") from None
 
 
 def layer_popularity(spec: ModelSpec, cfg: SynthConfig) -> np.ndarray:

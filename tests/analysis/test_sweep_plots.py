@@ -185,3 +185,72 @@ def test_plot_errors_name_the_table_when_given(tmp_path):
         plot_ablation(bad, tmp_path, policies=["fifo"], table="table.jsonl")
     with pytest.raises(UserError, match="table.jsonl: field 'ppl'"):
         plot_quality(bad, tmp_path, table="table.jsonl")
+
+
+def _write_csv(path, table: list[dict]):
+    cols = list(dict.fromkeys(k for r in table for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(table)
+    return path
+
+
+@pytest.mark.parametrize("column,value,what", [
+    ("decode_tokens_per_s", "abc", "'abc' is not a number"),
+    ("budget_bytes", "-5", "-5 is negative"),
+    ("budget", "-20%", "not a finite share"), ("budget", "lots", "cannot read")])
+def test_a_csv_value_the_plots_cannot_use_names_file_line_and_column(tmp_path, capsys, column,
+                                                                      value, what):
+    table = rows()
+    table[2] = {**table[2], column: value}
+    path = _write_csv(tmp_path / "table.csv", table)
+    with pytest.raises(UserError, match=what) as err:
+        load_table(path)
+    assert err.value.path == str(path) and err.value.field == column
+    assert str(err.value).startswith(f"{path}: field '{column}': line 4: ")  # header is line 1
+    _plot_error(capsys, ["plot", "budget", str(path), "--out", str(tmp_path)], "line 4")
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_jsonl_value_the_plots_cannot_use_names_its_row(tmp_path):
+    table = rows()
+    table[1] = {**table[1], "decode_tokens_per_s": "fast"}
+    with pytest.raises(UserError, match=r"field 'decode_tokens_per_s': row 2: 'fast'"):
+        load_table(write_jsonl(tmp_path / "t.jsonl", table))
+
+
+def test_a_file_that_is_no_table_at_all_says_so(tmp_path, capsys):
+    import numpy as np
+
+    npz = tmp_path / "t.npz"
+    np.savez(npz, a=np.arange(4))
+    err = _plot_error(capsys, ["plot", "budget", str(npz)], str(npz))
+    assert "not a JSON-lines or CSV table" in err and "repair" not in err
+    err = _plot_error(capsys, ["plot", "budget", str(tmp_path)], str(tmp_path))
+    assert "is a directory" in err
+
+
+@pytest.mark.parametrize("kind", ["budget", "ablation", "quality"])
+def test_plot_names_a_missing_policy_budget_or_column_and_lists_the_tables(tmp_path, capsys,
+                                                                         kind):
+    table = [{**r, "ppl": 5.0} for r in rows()]
+    path = write_jsonl(tmp_path / "table.jsonl", table)
+    base = ["plot", kind, str(path), "--out", str(tmp_path / "o")]
+    err = _plot_error(capsys, base + ["--policies", "fifo,nope"], str(path))
+    assert "field 'policies'" in err and "nope" in err and "fifo, hebf, fifo-lfu" in err
+    err = _plot_error(capsys, base + ["--budgets", "20%,99%"], str(path))
+    assert "field 'budgets'" in err and "99%" in err and "20%, 40%, 60%, 1KiB" in err
+    path = write_jsonl(tmp_path / "table.jsonl",
+                       [{k: v for k, v in r.items() if k != "decode_tokens_per_s"}
+                        for r in table])
+    err = _plot_error(capsys, base, str(path))
+    assert "field 'decode_tokens_per_s'" in err and "lacks" in err and "budget_bytes" in err
+
+
+def test_quality_draws_only_the_policies_asked_for(tmp_path):
+    table = [{"policy": p, "budget": "50%", "decode_tokens_per_s": 10.0 + i, "ppl": 5.0,
+              "run_kind": "measured"} for i, p in enumerate(("a", "b", "c"))]
+    assert plot_quality(table, tmp_path, policies=["c", "a"], dpi=50).exists()
+    with pytest.raises(UserError, match="policy d is not in the table"):
+        plot_quality(table, tmp_path, policies=["d"])

@@ -226,3 +226,17 @@ def test_a_stores_statistics_and_router_are_written_inside_it(tmp_path):
     (tmp_path / "plain" / "index.json").write_text('{"format": "other"}')
     with atomic_write(tmp_path / "plain" / "index.json") as f:
         f.write("{}")
+
+
+def test_require_file_tells_a_directory_from_a_missing_path(tmp_path):
+    from d2moe.core.fileio import require_file
+
+    (tmp_path / "f").write_text("x")
+    assert require_file(tmp_path / "f") == tmp_path / "f"
+    with pytest.raises(UserError, match=r"field 'text': is a directory, not a text file"):
+        require_file(tmp_path, field="text", what="a text file")
+    with pytest.raises(UserError, match="no such file"):
+        require_file(tmp_path / "nope")
+    with pytest.raises(UserError, match="is a directory") as err:
+        read_yaml(tmp_path)  # a grid, a spec or a profile given as a directory
+    assert err.value.path == str(tmp_path)

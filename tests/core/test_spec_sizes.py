@@ -189,7 +189,59 @@ def test_negative_sizes_and_dtype_bytes_are_refused(tmp_path, field, value):
                   kv_heads=1, vocab=4, **{field: value})
 
 
+@pytest.mark.parametrize("old,new,field,what", [
+    ("heads: 6", "heads: 5", "heads", "hidden=192 is not divisible by heads=5"),
+    ("kv_heads: 2", "kv_heads: 4", "kv_heads", "heads=6 is not a multiple of kv_heads=4")])
+def test_a_spec_whose_attention_does_not_split_evenly_is_refused(tmp_path, old, new, field,
+                                                                   what):
+    from importlib import resources
+
+    text = resources.files("d2moe.core").joinpath("specs", "tiny.yaml").read_text()
+    assert old in text
+    p = tmp_path / "s.yaml"
+    p.write_text(text.replace(old, new))
+    with pytest.raises(UserError, match=what) as err:
+        load_spec(p)
+    assert err.value.field == field and err.value.path == str(p)
+    if field == "heads":  # a head_dim that is set need not divide hidden
+        p.write_text(text.replace(old, new).replace("kv_heads: 2", "kv_heads: 1")
+                     + "head_dim: 32\n")
+        assert load_spec(p).dim_head == 32
+
+
+@pytest.mark.parametrize("changes,key", [({"num_attention_heads": 3}, "num_attention_heads"),
+                                         ({"num_key_value_heads": 3}, "num_key_value_heads")])
+def test_a_config_json_whose_attention_does_not_split_evenly_names_its_key(tmp_path, changes,
+                                                                           key):
+    (tmp_path / "config.json").write_text(json.dumps(_hf_cfg(**changes)))
+    with pytest.raises(UserError) as err:
+        load_spec(tmp_path)
+    assert err.value.field == key and err.value.path == str(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("ref", ["", "  "])
+def test_an_empty_model_spec_is_no_spec_not_the_current_directory(ref):
+    with pytest.raises(UserError, match=r"field 'model-spec': no model spec given") as err:
+        load_spec(ref)
+    assert "config.json in this directory" not in str(err.value)
+
+
 def test_a_directory_without_config_json_says_so(tmp_path):
     with pytest.raises(UserError, match="no config.json in this directory") as err:
         load_spec(tmp_path)
     assert err.value.path == str(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["1.5", " 2.5 ", "1.5B", "100.25", "2.5e0"])
+def test_budget_of_a_fractional_byte_count_is_an_error_that_suggests_a_percentage(text):
+    """A bare number above 1 counts bytes: '1.5' (150% meant?) must not become 1 byte."""
+    with pytest.raises(UserError, match=r"field 'budget'.*whole number.*fix: .*150%.*2B"):
+        parse_budget(text, 1000)
+
+
+def test_budget_bare_whole_numbers_count_bytes_and_fractional_units_are_kept():
+    assert parse_budget("2", 1000) == 2 and parse_budget("1e3", 10) == 1000
+    assert parse_budget("1", 1000) == 1000 and parse_budget(2048, 10) == 2048
+    assert parse_budget("0.1GiB", 1) == int(0.1 * 2**30)
+    with pytest.raises(UserError, match="disk-sizes.*whole number"):
+        parse_bytes("0.5", field="disk-sizes")

@@ -79,10 +79,13 @@ def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_
 
 def test_validate_errors(store_path, tmp_path):
     base = dict(store=str(store_path), out=str(tmp_path / "v"), max_new_tokens=2)
-    with pytest.raises(UserError, match="policy"):
-        validate(ValidateConfig(policies="fifo,nope", **base))
+    with pytest.raises(UserError, match=r"field 'policies': unknown policy 'nope'"):
+        validate(ValidateConfig(policies="fifo,nope", **base))  # before the model loads
     with pytest.raises(UserError, match="smaller than one expert"):
         validate(ValidateConfig(budgets="1KiB", **base))
+    for steps in (0, -1):  # as simulate's --plot-steps, range-checked before any work
+        with pytest.raises(UserError, match=r"field 'plot-steps': must be >= 1"):
+            ValidateConfig(plot_steps=steps, **base)
     assert main(["validate", "--profile", "no-such-profile", "--out", str(tmp_path)]) == 2
     assert not Path(tmp_path / "v" / "table.txt").exists()
 

@@ -179,3 +179,10 @@ def test_statistics_of_other_weights_are_refused_beside_a_store(store, tmp_path)
 def test_bad_options(cfg, match):
     with pytest.raises(UserError, match=match):
         compute_stats(cfg)
+
+
+@pytest.mark.parametrize("kw,field", [({"ctx": 1}, "ctx"), ({"batch": 0}, "batch"),
+                                      ({"sample_tokens": 0}, "sample-tokens")])
+def test_each_count_names_its_own_option(kw, field):
+    with pytest.raises(UserError, match=rf"field '{field}': must be >= .*fix: pass --{field} "):
+        stats_from_model(None, None, [], None, **kw)  # checked before the model is touched

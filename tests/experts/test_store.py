@@ -91,3 +91,13 @@ def test_missing_file_and_auto_without_store(tmp_path):
         load_stats(tmp_path / "none.json")
     with pytest.raises(UserError, match="needs a store"):
         resolve("auto")
+
+
+def test_a_file_of_another_kind_is_named_as_such_not_as_damaged(tmp_path):
+    import numpy as np
+
+    npz = tmp_path / "t.npz"
+    np.savez(npz, a=np.arange(3))
+    with pytest.raises(UserError, match=r"t\.npz: not an expert statistics file") as err:
+        load_stats(npz)
+    assert "damaged" not in str(err.value) and "UTF-8" not in str(err.value)

@@ -557,3 +557,15 @@ def test_profile_cli_rejects_a_scratch_dir_under_a_file_and_huge_sizes(tmp_path:
     err = capsys.readouterr().err.strip()
     assert "field 'disk-sizes'" in err and "too large" in err and "Traceback" not in err
     assert not (tmp_path / "p.yaml").exists()
+
+
+@pytest.mark.parametrize("option,value,field", [("--repeats", "0", "repeats"),
+                                                ("--probe-experts", "1", "probe-experts"),
+                                                ("--lane-layers", "0", "lane-layers")])
+def test_profile_names_the_count_option_that_is_too_small(tmp_path: Path, capsys, option: str,
+                                                          value: str, field: str) -> None:
+    assert main(["profile", "--out", str(tmp_path / "p.yaml"), "--dir", str(tmp_path / "s"),
+                 "--no-progress", option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"field '{field}': must be >= " in err and f"fix: pass {option} " in err
+    assert not (tmp_path / "p.yaml").exists()

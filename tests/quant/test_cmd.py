@@ -26,9 +26,9 @@ TENSOR_NAMES = {"mixtral": {"w1": "w1", "w3": "w3", "w2": "w2"},
 
 def _checkpoint(tmp_path, family):
     hidden, ffn, layers, experts = 64, 32, 2, 2
-    cfg = {"num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": ffn,
-           "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 32,
-           "num_experts_per_tok": 1,
+    cfg = {"model_type": family, "num_hidden_layers": layers, "hidden_size": hidden,
+           "intermediate_size": ffn, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "vocab_size": 32, "num_experts_per_tok": 1,
            ("num_local_experts" if family == "mixtral" else "num_experts"): experts}
     model = tmp_path / family
     model.mkdir()
@@ -81,15 +81,35 @@ def test_quantize_errors(tmp_path):
             args.func(args)
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(
-        {"num_hidden_layers": 1, "hidden_size": 8, "num_attention_heads": 1,
-         "num_local_experts": 2, "num_experts_per_tok": 1, "intermediate_size": 8,
-         "vocab_size": 8}))
+        {"model_type": "mixtral", "num_hidden_layers": 1, "hidden_size": 8,
+         "num_attention_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1,
+         "intermediate_size": 8, "vocab_size": 8}))
     safetensors_torch.save_file({"x": torch.zeros(2)}, str(tmp_path / "m" / "a.safetensors"))
     args = _parse(["quantize", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match="no expert weights"):
         args.func(args)
     with pytest.raises(UserError, match="plane-scale fit"):
         cmd.quantize_checkpoint("tiny", tmp_path / "o", cmd.QuantLayout(), fit="best")
+
+
+def test_quantize_refuses_a_model_type_the_loader_cannot_run(tmp_path, capsys):
+    """A store of a checkpoint `generate` and `run` refuse would be of no use: same message."""
+    from d2moe.cli import main
+
+    model, _ = _checkpoint(tmp_path, "mixtral")
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    assert main(["quantize", "--model", str(model), "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model / 'config.json'}: field 'model_type': model_type 'llama' is not supported" \
+        in err and err.count("\n") == 1
+    assert not (tmp_path / "q").exists()
+    from d2moe.model.hf import load_hf
+
+    with pytest.raises(UserError) as loaded:  # what generate and run say of it
+        load_hf(model)
+    assert str(loaded.value) in err
 
 
 @pytest.mark.parametrize("fmt", ["bitplane", "mwq"])

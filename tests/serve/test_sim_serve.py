@@ -138,3 +138,19 @@ def test_negative_threads_is_one_line(tmp_path, capsys):
     assert err == ("d2moe serve: error: field 'threads': must be >= 0, got -1 "
                    "(fix: pass 1, or 0 for default)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend,kw,flag", [
+    ("real", {"profile": "nope"}, "--profile"), ("real", {"model_spec": "mixtral-8x7b"},
+                                                 "--model-spec"),
+    ("real", {"trace": "t.npz"}, "--trace"), ("sim", {"model": "/some/ckpt"}, "--model"),
+    ("sim", {"store": "/some/store"}, "--store"), ("sim", {"direct_io": False},
+                                                    "--no-direct-io"),
+    ("sim", {"threads": 2}, "--threads")])
+def test_an_option_of_the_other_backend_is_refused_not_ignored(tmp_path, backend, kw, flag):
+    """docs/serve.md's table: each backend's own options, changed under the other, fail."""
+    other = "sim" if backend == "real" else "real"
+    with pytest.raises(UserError, match=rf"{flag} is read by --backend {other} only.*fix: "
+                                        rf"drop {flag}, or use --backend {other}"):
+        ServeConfig(backend=backend, out=str(tmp_path), **kw)
+    ServeConfig(backend=other, out=str(tmp_path), **kw)  # its own backend takes it

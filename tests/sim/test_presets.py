@@ -32,3 +32,21 @@ def test_pinned_presets_refuse_a_budget_they_exceed():
                                    steps=4))
     with pytest.raises(UserError, match="holds every expert"):
         simulate_policy(tight, build_policy(tight, "hold-in-memory"))
+
+
+def test_a_policy_running_below_the_stored_b1_is_refused_before_it_runs(tmp_path):
+    """edgemoe runs its least important experts at 2 bits whatever the trace asks: with
+    --b1 3 that is refused up front, as running above --bK is (not mid-run by the costs)."""
+    from d2moe.core.spec import load_spec
+    from d2moe.traces import save_trace, synth_trace
+    from d2moe.traces.synth import SynthConfig
+
+    path = tmp_path / "t4.npz"
+    save_trace(path, synth_trace(load_spec("tiny"), SynthConfig(bits="4", capacities="1",
+                                                                decode_steps=4)))
+    prep = prepare(SimulateConfig(model_spec="tiny", profile="cpu-2core", trace=str(path),
+                                  b1=3, budget="300%"))
+    assert compute_metrics(simulate_policy(prep, build_policy(prep, "fifo"))).decode_steps == 4
+    with pytest.raises(UserError, match=r"policy edgemoe runs experts at 2\.\.4 bits but its "
+                                        r"copies layout stores 3\.\.8"):
+        simulate_policy(prep, build_policy(prep, "edgemoe"))

@@ -290,3 +290,9 @@ def test_capacity_options_re_place_a_router_trace(tmp_path):
                                                             progress=False))
     assert {r["status"] for r in rows_of(out)} == {"error"}
     assert all("capacity" in r["message"] for r in rows_of(out))
+
+
+def test_a_grid_that_is_a_directory_says_so(tmp_path, capsys):
+    assert main(["sweep", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}: is a directory" in err and "no such file" not in err

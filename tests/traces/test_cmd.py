@@ -77,7 +77,8 @@ def test_reuse_rate_by_hand() -> None:
 
 
 @pytest.mark.parametrize("option,value,field", [("--decode-steps", "-1", "decode-steps"),
-                                                ("--prefill-tokens", "0", "prefill-tokens")])
+                                                ("--prefill-tokens", "0", "prefill-tokens"),
+                                                ("--bits", "-1", "bits"), ("--bits", "17", "bits")])
 def test_record_rejects_bad_counts_before_loading_the_model(
         option: str, value: str, field: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,3 +91,18 @@ def test_record_rejects_bad_counts_before_loading_the_model(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"field '{field}'" in err and "max_len" not in err
+    assert "re-create the trace" not in err  # the option is wrong, not a trace file
+
+
+def test_record_text_that_is_a_directory_says_so(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from d2moe.cli import main
+
+    monkeypatch.setattr("d2moe.model.load.load_model",
+                        lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["trace", "record", "--text", str(tmp_path), "--out",
+                 str(tmp_path / "t.npz")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path}: field 'text': is a directory" in err and "no such file" not in err

@@ -180,3 +180,23 @@ def test_a_bar_advances_by_every_stage_and_changes_nothing() -> None:
     assert np.array_equal(with_bar.experts, plain.experts)
     assert np.array_equal(with_bar.weights, plain.weights)
     assert np.array_equal(with_bar.bits, plain.bits)
+
+
+@pytest.mark.parametrize("zipf", [1e6, 50.5, math.inf, math.nan, -0.1])
+def test_zipf_outside_0_to_50_is_refused(zipf: float) -> None:
+    with pytest.raises(UserError, match=r"field 'zipf': must be in \[0, 50\]"):
+        SynthConfig(zipf=zipf)
+
+
+def test_zipf_at_its_bound_keeps_the_draw_finite_and_ranked() -> None:
+    """At zipf 50 no weight underflows to 0 (no log 0 warning), so a fresh token's top-k are
+    the layer's top-k ranks, not ties broken by expert id."""
+    spec = ModelSpec(name="many", layers=2, experts=4096, top_k=4, hidden=64, ffn=64, heads=1,
+                     kv_heads=1, vocab=16)
+    cfg = SynthConfig(zipf=50.0, prefill_tokens=8, decode_steps=0, locality=0.0,
+                      cross_layer=0.0, bits="")
+    with np.errstate(all="raise"):
+        t = synth_trace(spec, cfg)
+        ranks = np.argsort(-layer_popularity(spec, cfg), axis=1, kind="stable")[:, :4]
+    for layer in range(spec.layers):
+        assert set(t.experts[:, layer, :].ravel()) == set(ranks[layer])
