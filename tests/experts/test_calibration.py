@@ -21,6 +21,7 @@ from d2moe.experts.calibration import (  # noqa: E402
     stats_from_model,
 )
 from d2moe.experts.cmd import StatsConfig, compute_stats  # noqa: E402
+from d2moe.model.load import tiny_dir  # noqa: E402
 
 KIB = 2  # calibration slice: 2 KiB = 8 windows of 256 bytes
 SMALL = {"calib_kib": KIB, "sample_tokens": 128, "progress": False}
@@ -174,7 +175,8 @@ def test_statistics_of_other_weights_are_refused_beside_a_store(store, tmp_path)
 @pytest.mark.parametrize("cfg, match", [
     (StatsConfig(weights="fp16"), "field 'weights'"),
     (StatsConfig(weights="model", calib_kib=0), "field 'calib_kib'"),
-    (StatsConfig(model="/nowhere", weights="model"), "field 'out'"),
+    (StatsConfig(model="/nowhere", weights="model"), "/nowhere: field 'model': no such "),
+    (StatsConfig(model=str(tiny_dir()), weights="model"), "field 'out': nowhere to write"),
 ])
 def test_bad_options(cfg, match):
     with pytest.raises(UserError, match=match):
