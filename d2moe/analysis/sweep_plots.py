@@ -151,26 +151,30 @@ def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r))
 
 
+def _require_all(asked: Sequence[str], have: Sequence[str], says: str, *,
+                 table: str | Path | None, field: str, fix: str) -> None:
+    """A UserError naming what was `asked` for that the table lacks (`says`, its `{}` the
+    names), and what it has."""
+    missing = [a for a in asked if a not in have]
+    if missing:
+        raise UserError(says.format(", ".join(missing)) + f" (it has: {', '.join(have) or 'none'})",
+                        path=_where(table), field=field, fix=fix)
+
+
 def _require_columns(rows: Sequence[dict[str, Any]], needed: Sequence[str],
                      table: str | Path | None) -> None:
-    """A UserError naming the columns a figure needs that the table lacks, and those it has."""
+    """The columns a figure needs must be in the table."""
     have = _columns(rows)
-    missing = [c for c in needed if c not in have]
-    if missing:
-        raise UserError(f"the table lacks column(s) {', '.join(missing)} (it has: "
-                        f"{', '.join(have)})", path=_where(table), field=missing[0],
-                        fix=f"give a table with columns {', '.join(needed)}")
+    _require_all(needed, have, "the table lacks column(s) {}", table=table,
+                 field=next((c for c in needed if c not in have), ""),
+                 fix=f"give a table with columns {', '.join(needed)}")
 
 
 def require_policies(rows: Sequence[dict[str, Any]], policies: Sequence[str],
-                      table: str | Path | None) -> None:
-    """Every policy asked for by name must be in the table (else: which, and what it has)."""
-    have = _policies(rows)
-    missing = [p for p in policies if p not in have]
-    if missing:
-        raise UserError(f"policy {', '.join(missing)} is not in the table (it has: "
-                        f"{', '.join(have)})", path=_where(table), field="policies",
-                        fix="pass --policies naming policies the table holds")
+                     table: str | Path | None) -> None:
+    """Every policy asked for by name must be in the table."""
+    _require_all(policies, _policies(rows), "policy {} is not in the table", table=table,
+                 field="policies", fix="pass --policies naming policies the table holds")
 
 
 def keep_budgets(rows: Sequence[dict[str, Any]], budgets: Sequence[str],
@@ -180,12 +184,8 @@ def keep_budgets(rows: Sequence[dict[str, Any]], budgets: Sequence[str],
     if not budgets:
         return list(rows)
     have = list(dict.fromkeys(str(r.get("budget")) for r in rows if "budget" in r))
-    missing = [b for b in budgets if b not in have]
-    if missing:
-        raise UserError(f"budget {', '.join(missing)} is not in the table (it has: "
-                        f"{', '.join(have) or 'no budget column'})", path=_where(table),
-                        field="budgets",
-                        fix="pass --budgets as the table writes them (the grid's text)")
+    _require_all(budgets, have, "budget {} is not in the table", table=table, field="budgets",
+                 fix="pass --budgets as the table writes them (the grid's text)")
     return [r for r in rows if str(r.get("budget")) in budgets]
 
 
