@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     b1, bK = parse_bits_range(args.bits)
     layout = layout_from_options(args.format, b1, bK, args.group, kind_option="format",
                                  bits_option="bits")
-    index = quantize_checkpoint(args.model, args.out, layout, progress=not args.quiet,
+    index = quantize_checkpoint(args.model, args.out, layout, progress=args.progress,
                                 fit=args.fit)
     from d2moe.quant.store import StoreReader
 
@@ -192,5 +192,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fit", choices=PLANE_FITS, default="mean",
                    help="MWQ plane-scale fit (default: mean, the paper's closed form; "
                         "see docs/results/mwq.md)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                   help="progress bar on a terminal, as every other verb (default: True)")
+    p.add_argument("--quiet", dest="progress", action="store_false",
+                   help=argparse.SUPPRESS)  # the earlier spelling of --no-progress
     p.set_defaults(func=_run)

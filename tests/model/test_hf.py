@@ -198,7 +198,7 @@ def test_a_damaged_safetensors_file_is_a_user_error_naming_it(tmp_path, capsys, 
     assert err.value.path == str(st)
     _cli_error(capsys, ["model", "info", "--model", str(d)], str(st))
     _cli_error(capsys, ["quantize", "--model", str(d), "--out", str(tmp_path / "q"),
-                        "--quiet"], str(st))
+                        "--no-progress"], str(st))
 
 
 def test_a_tensor_read_from_a_file_damaged_later_is_a_user_error(tmp_path) -> None:
@@ -231,7 +231,7 @@ def test_a_bad_config_json_in_a_checkpoint_is_a_user_error(tmp_path, capsys, tex
     _cli_error(capsys, ["model", "info", "--model", str(d)], "config.json")
     if field not in ("rms_norm_eps", "tie_word_embeddings"):  # keys quantize does not read
         _cli_error(capsys, ["quantize", "--model", str(d), "--out", str(tmp_path / "q"),
-                            "--quiet"], "config.json")
+                            "--no-progress"], "config.json")
 
 
 def test_quantize_an_empty_directory_says_no_config_json(tmp_path, capsys) -> None:

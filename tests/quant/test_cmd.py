@@ -59,7 +59,7 @@ def test_quantize_checkpoint(tmp_path, family, capsys):
     model, weights = _checkpoint(tmp_path, family)
     out = tmp_path / "store"
     args = _parse(["quantize", "--model", str(model), "--out", str(out), "--bits", "3:6",
-                   "--group", "32", "--quiet"])
+                   "--group", "32", "--no-progress"])
     assert args.func(args) == 0
     assert "wrote" in capsys.readouterr().out
     with StoreReader(out) as reader:
@@ -100,7 +100,7 @@ def test_quantize_refuses_a_model_type_the_loader_cannot_run(tmp_path, capsys):
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     assert main(["quantize", "--model", str(model), "--out", str(tmp_path / "q"),
-                 "--quiet"]) == 2
+                 "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{model / 'config.json'}: field 'model_type': model_type 'llama' is not supported" \
         in err and err.count("\n") == 1
@@ -120,7 +120,7 @@ def test_quantize_tiny(tmp_path, fmt, capsys):
 
     out = tmp_path / "store"
     args = _parse(["quantize", "--model", "tiny", "--out", str(out), "--bits", "2:5",
-                   "--format", fmt, "--quiet"])
+                   "--format", fmt, "--no-progress"])
     assert args.func(args) == 0
     assert fmt in capsys.readouterr().out
     model, spec = load_tiny()
@@ -149,9 +149,18 @@ def test_quantize_mwq_fit(tmp_path):
     for fit in ("mean", "halve"):
         out = tmp_path / fit
         args = _parse(["quantize", "--model", "tiny", "--out", str(out), "--format", "mwq",
-                       "--fit", fit, "--quiet"])
+                       "--fit", fit, "--no-progress"])
         assert args.func(args) == 0
         with StoreReader(out) as reader:
             errs[fit] = float((dequantize(reader.read_expert(0, 0, 8)["w1"], 8) - w).norm()
                               / w.norm())
     assert errs["halve"] < errs["mean"]
+
+
+def test_quiet_is_the_earlier_spelling_of_no_progress():
+    from d2moe.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["quantize", "--model", "tiny", "--out", "s"]).progress is True
+    for flag in ("--no-progress", "--quiet"):
+        assert parse(["quantize", "--model", "tiny", "--out", "s", flag]).progress is False
