@@ -105,6 +105,9 @@ def stats_from_model(model: Transformer, spec: ModelSpec, ids: list[int],
     for name, value, low in (("ctx", ctx, 2), ("batch", batch, 1),
                              ("sample_tokens", sample_tokens, 1)):
         check_at_least(value, low, name)  # each names its own option
+    from d2moe.model.generate import check_window
+
+    check_window(model, ctx)
     n_win = len(ids) // ctx
     if n_win == 0:
         raise UserError(f"{len(ids)} calibration tokens are fewer than one window of {ctx}",

@@ -33,12 +33,28 @@ class Generation:
 PROGRESS_DELAY_S = 1.0  # a generation's bar shows once it has run this long
 
 
+def max_positions(model: Any) -> int:
+    """The longest sequence `model` was made for (its HF config's `max_position_embeddings`;
+    0: none recorded)."""
+    return int(getattr(getattr(model, "cfg", None), "max_positions", 0) or 0)
+
+
+def check_window(model: Any, ctx: int, *, field: str = "ctx") -> None:
+    """Refuse scoring windows of `ctx` tokens longer than the model's maximum positions
+    (perplexity, calibration): past it the model's outputs mean nothing."""
+    limit = max_positions(model)
+    if limit and ctx > limit:
+        raise UserError(f"windows of {ctx} tokens exceed the model's maximum of {limit} "
+                        "positions (max_position_embeddings)", field=field,
+                        fix=f"pass --{field} {limit} or less")
+
+
 def check_positions(model: Any, prompt_tokens: int, new_tokens: int, *,
                     field: str = "max-new-tokens") -> None:
     """Refuse a sequence longer than the model's maximum positions (its HF config's
     `max_position_embeddings`; no limit when it has none): past it a model was never
     trained and its output means nothing. `field` is the option that sets `new_tokens`."""
-    limit = getattr(getattr(model, "cfg", None), "max_positions", 0)
+    limit = max_positions(model)
     if not limit or prompt_tokens + new_tokens <= limit:
         return
     room = limit - prompt_tokens

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from d2moe.core.errors import UserError
+from d2moe.model.generate import check_window
 from d2moe.model.moe import ExpertBackend
 from d2moe.model.transformer import Transformer
 
@@ -39,6 +40,7 @@ def perplexity(model: Transformer, data: bytes | list[int], *, ctx: int = 256, b
     ids = torch.tensor(list(data), dtype=torch.long)
     if max_tokens:
         ids = ids[:max_tokens]
+    check_window(model, ctx)
     n_win = len(ids) // ctx
     if n_win == 0:
         raise UserError(f"{len(ids)} tokens are fewer than one window of {ctx}", field="ctx",

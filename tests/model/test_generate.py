@@ -32,6 +32,17 @@ def test_prompt_and_new_tokens_stay_within_the_models_positions(tiny) -> None:
     assert err.value.field == "output-tokens"
 
 
+def test_scoring_windows_stay_within_the_models_positions(tiny, capsys) -> None:
+    from d2moe.model.perplexity import perplexity
+
+    ids = list(encode("x" * 9000))
+    with pytest.raises(UserError) as err:
+        perplexity(tiny, ids, ctx=4097, batch=1)  # scored past 4096 positions before
+    assert err.value.field == "ctx" and "--ctx 4096 or less" in str(err.value)
+    assert main(["eval", "ppl", "--ctx", "5000", "--format", "fp"]) == 2
+    assert "--ctx 4096 or less" in capsys.readouterr().err
+
+
 def test_a_generation_advances_its_bar_by_each_new_token(tiny, monkeypatch) -> None:
     calls, bar = [], CountingBar()
 
