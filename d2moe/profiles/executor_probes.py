@@ -146,12 +146,18 @@ def measure_runs(probe: ModelSpec, layout: QuantLayout, device: Any, bits: Seque
 
 COLD_IDLE_MS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # I/O lane idle before a burst
 COLD_BURST = 3  # loads timed after each pause: the coldness outlasts the first one
+# Rounds go on past the asked count until the probe has run this long (at most
+# COLD_MAX_ROUNDS): a small expert's round takes ~50 ms, and its ~100 us cold cost needs
+# more bursts than a few rounds give to stand clear of their noise (fit_ramp's gate);
+# Mixtral-sized rounds (1-2 s) stop at the asked count as before.
+COLD_MIN_S = 3.0
+COLD_MAX_ROUNDS = 120
 STEADY_LOADS = (4, 12)  # of a long hand-over, loads [4, 12) are the warm baseline
 
 
 def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
                        bits: int, rounds: int, sync: Callable[[], None],
-                       bar: Bar) -> list[tuple[float, float]]:
+                       bar: Bar, min_s: float = COLD_MIN_S) -> list[tuple[float, float]]:
     """(idle us, extra us) of whole loads (read, checksum, convert, place) on an I/O thread
     woken through a queue (as `executor/lanes.py`) after it sat idle: the extra of the
     first COLD_BURST loads after the pause over a steady stream of loads, summed (the
@@ -161,7 +167,8 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     idle 1510, 1114, 1049 us for loads 1-3 against 1011 in a stream;
     benchmarks/cold_loads.py). Each round takes every idle time once, shuffled, and one
     stream; idle is measured on the thread (last load's end to the burst's start). One
-    point per burst, so that `fit_ramp` can tell a cost from the bursts' noise."""
+    point per burst, so that `fit_ramp` can tell a cost from the bursts' noise; at least
+    `rounds` rounds, more until `min_s` seconds have gone (at most COLD_MAX_ROUNDS)."""
     import queue
     import threading
 
@@ -195,8 +202,11 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     rng = np.random.default_rng(6)
     bursts: dict[float, list[tuple[float, list[float]]]] = {g: [] for g in COLD_IDLE_MS}
     steady: list[float] = []
+    t_end = time.perf_counter() + min_s
+    r = -1
     try:
-        for r in range(rounds + 1):  # round 0 warms up
+        while (r := r + 1) <= rounds or (time.perf_counter() < t_end
+                                         and r <= COLD_MAX_ROUNDS):  # round 0 warms up
             for g in rng.permutation(len(COLD_IDLE_MS)).tolist():
                 time.sleep(COLD_IDLE_MS[g] / 1e3)
                 todo.put(COLD_BURST)
@@ -207,7 +217,7 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
             spans = done.get()[1]
             if r:
                 steady += spans[STEADY_LOADS[0]:]
-            if r and r % 2 == 0:
+            if r and r % 2 == 0 and r <= rounds:  # (the bar counts the asked rounds)
                 bar.step("cold loads")
     finally:
         todo.put(None)

@@ -16,6 +16,7 @@ from d2moe.core.events import Event
 from d2moe.core.spec import load_spec
 from d2moe.profiles.executor_probes import (
     COLD_IDLE_MS,
+    COLD_MAX_ROUNDS,
     MIN_ALONE,
     after_load_excess,
     lane_costs_from_rows,
@@ -333,12 +334,19 @@ def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> 
     probe = dataclasses.replace(load_spec("tiny"), layers=1, experts=2, top_k=1)
     with StoreReader(write_random_store(tmp_path / "s", probe, layout), direct=True) as reader:
         points = measure_cold_loads(reader, probe, layout, torch.device("cpu"), 4, 1,
-                                    lambda: None, Bar(1, False))
+                                    lambda: None, Bar(1, False), min_s=0.0)
+        # rounds go on past the one asked for while the probe has run under min_s
+        more = measure_cold_loads(reader, probe, layout, torch.device("cpu"), 4, 1,
+                                  lambda: None, Bar(1, False), min_s=0.5)
     idle_ms = [ms for ms in COLD_IDLE_MS if ms]
     assert len(points) == len(idle_ms)
     for ms, (idle_us, extra_us) in zip(idle_ms, points, strict=True):
         # the thread's own idle: the sleep and the hand-over, under a second more on any box
         assert ms * 1e3 <= idle_us < ms * 1e3 + 1e6 and math.isfinite(extra_us)
+    # a round sleeps sum(COLD_IDLE_MS) = 41.5 ms at least: 0.5 s takes more than one, and at
+    # most COLD_MAX_ROUNDS; every round gives one point per idle time
+    assert len(more) % len(idle_ms) == 0
+    assert len(idle_ms) < len(more) <= COLD_MAX_ROUNDS * len(idle_ms)
 
 
 def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
