@@ -143,6 +143,42 @@ def test_a_sweep_killed_mid_run_resumes_without_repeating_finished_cells(tmp_pat
     assert {r["cell_id"]: r["finished_at"] for r in rows if r["cell_id"] in before} == before
 
 
+def test_sigterm_to_the_whole_group_stops_the_workers_quietly(tmp_path):
+    """A scheduler or `timeout` signals the sweep and its workers alike: the sweep exits
+    143 with one line, no traceback (CPython 3.11's pool thread raised InvalidStateError
+    when the pool broke under cancelled futures), nothing left running, the rows kept."""
+    grid = grid_file(tmp_path, GRID.replace('["30%", "60%"]', '["20%", "30%", "40%", "50%", '
+                                            '"60%", "70%", "80%", "90%"]')
+                     .replace("decode_steps=6", "decode_steps=48"))
+    out = tmp_path / "out"
+    table = out / "table.jsonl"
+    cmd = [sys.executable, "-m", "d2moe.cli", "sweep", str(grid), "--out", str(out),
+           "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # its own process group, as in a shell
+    try:
+        deadline = time.monotonic() + 60
+        while not (table.exists() and table.read_bytes().count(b"\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no row within 60 s"
+            time.sleep(0.005)
+        helpers = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "terminated", err
+    deadline = time.monotonic() + 20  # workers, forkserver, resource tracker: all exit
+    while any(running(pid) for pid in helpers):
+        assert time.monotonic() < deadline, f"left running: {helpers}"
+        time.sleep(0.05)
+    rows = rows_of(out)
+    assert 1 <= len(rows) < 16 and all(r["status"] == "ok" for r in rows)
+
+
 PROC = Path("/proc")
 
 
