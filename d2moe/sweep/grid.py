@@ -90,6 +90,8 @@ def load_grid(path: str | Path) -> Grid:
     lists.setdefault("profiles", (_DEFAULTS.profile,))
     options = {name: _option(data, name, path_s) for name in (*SHARED, "model_spec")
                if name in data}
+    if options.get("model_spec"):  # a path in it is the grid file's, as the traces' are
+        options["model_spec"] = _spec_ref(str(options["model_spec"]), base)
     model_spec = str(options.get("model_spec", ""))
     traces = tuple(_trace_entry(t, i, base, path_s, model_spec)
                    for i, t in enumerate(lists["traces"]))
@@ -219,6 +221,16 @@ def parse_synth(text: str, *, path: str = "", where: str = "trace") -> TraceEntr
     if items:
         canon += ":" + ",".join(f"{k}={v}" for k, v in items)
     return TraceEntry(text=canon, spec=spec.strip(), synth=items)
+
+
+def _spec_ref(ref: str, base: Path) -> str:
+    """A shipped spec name as it is; a relative path (spec YAML, config.json or checkpoint
+    directory) taken from the grid file's directory."""
+    from d2moe.core.spec import shipped_specs
+
+    if ref in shipped_specs() or Path(ref).is_absolute():
+        return ref
+    return str(base / ref)
 
 
 def _profile_ref(ref: str, base: Path) -> str:

@@ -69,6 +69,22 @@ def test_model_spec_must_load_and_reaches_the_cell_id_of_a_trace_file(tmp_path):
         .cell_id == expand(load_grid(write(tmp_path, synth)), tmp_path)[0].cell_id
 
 
+def test_a_relative_model_spec_is_the_grid_files_not_the_working_directorys(tmp_path,
+                                                                            monkeypatch):
+    import shutil
+    from importlib import resources
+
+    (tmp_path / "grids").mkdir()
+    save_trace(tmp_path / "grids" / "t.npz", synth_trace(_tiny(), SynthConfig(decode_steps=2)))
+    spec = resources.files("d2moe.core").joinpath("specs", "tiny.yaml")
+    shutil.copyfile(str(spec), tmp_path / "grids" / "my-spec.yaml")
+    text = "policies: [fifo]\nbudgets: [50%]\ntraces: [t.npz]\nmodel_spec: my-spec.yaml\n"
+    monkeypatch.chdir(tmp_path)  # the spec is beside the grid, not here
+    grid = load_grid(write(tmp_path / "grids", text))
+    assert grid.model_spec == str(tmp_path / "grids" / "my-spec.yaml")
+    assert grid.traces[0].spec == grid.model_spec
+
+
 def _tiny():
     from d2moe.core.spec import load_spec
 
