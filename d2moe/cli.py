@@ -9,6 +9,7 @@ path never ends in a traceback. Nothing else is caught.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
@@ -132,7 +133,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     prog = _prog(args)
     try:
-        with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: temp files and dirs go
+        # SIGTERM unwinds like Ctrl-C (temp files and dirs go), unless the verb keeps the
+        # default, dying at once (a sweep: its rows are durable, and unwinding a process
+        # pool from a signal could hang in CPython 3.11's pool shutdown)
+        terminate = sigterm_raises() if getattr(args, "sigterm_unwinds", True) \
+            else contextlib.nullcontext()
+        with terminate:
             return int(args.func(args) or 0)
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

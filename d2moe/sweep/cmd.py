@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
                     "Grid format: docs/sweep.md.")
     p.add_argument("grid", metavar="GRID.yaml", help="the grid file (docs/sweep.md)")
     add_fields(p, SweepConfig)
-    p.set_defaults(func=_sweep)
+    p.set_defaults(func=_sweep, sigterm_unwinds=False)  # SIGTERM ends it at once (cli.py)
 
     q = subparsers.add_parser(
         "plot", help="figures from a sweep table: budget curves, ablation bars, latency vs ppl",

@@ -174,7 +174,7 @@ def _run_cells(todo: list[Cell], workers: Workers, table: TableWriter, progress:
                 write(result, rates.get(key))
     finally:
         if hasattr(results, "close"):
-            results.close()  # the loop was left early: Workers.__exit__ stops the rest
+            results.close()  # cancels what has not started if the loop was left early
         if bar:
             bar.close()
     return ran
@@ -217,19 +217,10 @@ class Workers:
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        """Shut the local pool down; when the sweep is left by an exception (an error,
-        Ctrl-C, SIGTERM), stop its workers first: the rows written so far are the table,
-        and a cell cut short reruns on resume. Futures are not cancelled by hand: a pool
-        that breaks (workers gone) while a future is cancelled makes CPython 3.11's pool
-        thread raise InvalidStateError, a traceback on the way out."""
-        if self._pool is None:
-            return
-        if exc_type is not None:
-            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
-                proc.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=exc_type is None)
-        self._pool = None
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
         """fn over items, results in the order they finish."""
@@ -246,10 +237,14 @@ class Workers:
 
         pool = self._local_pool()
         pending = {pool.submit(fn, item) for item in items}
-        while pending:  # (left early, by an exception: `__exit__` stops the workers)
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                yield fut.result()
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
 
     def _local_pool(self) -> Any:
         import multiprocessing

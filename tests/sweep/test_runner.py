@@ -143,10 +143,10 @@ def test_a_sweep_killed_mid_run_resumes_without_repeating_finished_cells(tmp_pat
     assert {r["cell_id"]: r["finished_at"] for r in rows if r["cell_id"] in before} == before
 
 
-def test_sigterm_to_the_whole_group_stops_the_workers_quietly(tmp_path):
-    """A scheduler or `timeout` signals the sweep and its workers alike: the sweep exits
-    143 with one line, no traceback (CPython 3.11's pool thread raised InvalidStateError
-    when the pool broke under cancelled futures), nothing left running, the rows kept."""
+def test_sigterm_to_the_whole_group_ends_the_sweep_at_once_and_keeps_its_rows(tmp_path):
+    """A scheduler or `timeout` signals the sweep and its workers alike: the sweep dies at
+    once as SIGTERM's default (not unwound: a process pool unwound from a signal could hang
+    in CPython 3.11), with no traceback, nothing left running, the rows kept."""
     grid = grid_file(tmp_path, GRID.replace('["30%", "60%"]', '["20%", "30%", "40%", "50%", '
                                             '"60%", "70%", "80%", "90%"]')
                      .replace("decode_steps=6", "decode_steps=48"))
@@ -169,8 +169,7 @@ def test_sigterm_to_the_whole_group_stops_the_workers_quietly(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 143 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == "terminated", err
+    assert proc.returncode == -signal.SIGTERM and "Traceback" not in err, err
     deadline = time.monotonic() + 20  # workers, forkserver, resource tracker: all exit
     while any(running(pid) for pid in helpers):
         assert time.monotonic() < deadline, f"left running: {helpers}"
