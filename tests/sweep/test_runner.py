@@ -104,32 +104,49 @@ def test_a_torn_last_line_is_cut_and_its_cell_rerun(tmp_path):
     assert json.loads(after[3])["cell_id"] == json.loads(lines[3])["cell_id"]
 
 
-def test_a_sweep_killed_mid_run_resumes_without_repeating_finished_cells(tmp_path):
-    grid = grid_file(tmp_path, GRID.replace('["30%", "60%"]', '["20%", "30%", "40%", "50%", '
-                                            '"60%", "70%", "80%", "90%"]')
-                     .replace("decode_steps=6", "decode_steps=48"))
+LONG_GRID = GRID.replace('["30%", "60%"]', '["20%", "30%", "40%", "50%", "60%", "70%", '
+                         '"80%", "90%"]').replace("decode_steps=6", "decode_steps=48")
+
+
+def sweep_until_a_row(tmp_path: Path, **popen: object) -> tuple[subprocess.Popen, Path, list]:
+    """`d2moe sweep --jobs 2` of LONG_GRID (16 cells) in a child process, returned once its
+    table holds a row: (the process, the table, its helper processes)."""
+    grid = grid_file(tmp_path, LONG_GRID)
     out = tmp_path / "out"
     table = out / "table.jsonl"
     cmd = [sys.executable, "-m", "d2moe.cli", "sweep", str(grid), "--out", str(out),
            "--jobs", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
     try:
         deadline = time.monotonic() + 60
         while not (table.exists() and table.read_bytes().count(b"\n") >= 1):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "no row within 60 s"
             time.sleep(0.005)
-        helpers = descendants(proc.pid)  # worker processes, forkserver, resource tracker
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
+    except BaseException:
+        proc.kill()
         proc.wait()
-        proc.stderr.close()
+        raise
+    return proc, table, descendants(proc.pid)  # worker processes, forkserver, tracker
+
+
+def wait_gone(pids: list[int]) -> None:
+    """Wait (20 s at most) until none of `pids` runs: the workers notice and exit."""
+    deadline = time.monotonic() + 20
+    while any(running(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"left running: {pids}"
+        time.sleep(0.05)
+
+
+def test_a_sweep_killed_mid_run_resumes_without_repeating_finished_cells(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    proc, table, helpers = sweep_until_a_row(tmp_path)
+    proc.kill()  # SIGKILL
+    proc.wait()
+    proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    if PROC.exists():  # the workers notice and exit: nothing is left running
-        deadline = time.monotonic() + 20
-        while any(running(pid) for pid in helpers):
-            assert time.monotonic() < deadline, f"left running: {helpers}"
-            time.sleep(0.05)
+    wait_gone(helpers)
+    out = table.parent
     killed_rows, size = read_rows(table)
     killed_lines = table.read_bytes()[:size].splitlines(keepends=True)
     assert 1 <= len(killed_rows) < 16, "the kill should land mid-run"
@@ -147,22 +164,8 @@ def test_sigterm_to_the_whole_group_ends_the_sweep_at_once_and_keeps_its_rows(tm
     """A scheduler or `timeout` signals the sweep and its workers alike: the sweep dies at
     once as SIGTERM's default (not unwound: a process pool unwound from a signal could hang
     in CPython 3.11), with no traceback, nothing left running, the rows kept."""
-    grid = grid_file(tmp_path, GRID.replace('["30%", "60%"]', '["20%", "30%", "40%", "50%", '
-                                            '"60%", "70%", "80%", "90%"]')
-                     .replace("decode_steps=6", "decode_steps=48"))
-    out = tmp_path / "out"
-    table = out / "table.jsonl"
-    cmd = [sys.executable, "-m", "d2moe.cli", "sweep", str(grid), "--out", str(out),
-           "--jobs", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # its own process group, as in a shell
+    proc, table, helpers = sweep_until_a_row(tmp_path, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not (table.exists() and table.read_bytes().count(b"\n") >= 1):
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no row within 60 s"
-            time.sleep(0.005)
-        helpers = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGTERM)
         err = proc.communicate(timeout=60)[1].decode()
     finally:
@@ -170,11 +173,8 @@ def test_sigterm_to_the_whole_group_ends_the_sweep_at_once_and_keeps_its_rows(tm
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGTERM and "Traceback" not in err, err
-    deadline = time.monotonic() + 20  # workers, forkserver, resource tracker: all exit
-    while any(running(pid) for pid in helpers):
-        assert time.monotonic() < deadline, f"left running: {helpers}"
-        time.sleep(0.05)
-    rows = rows_of(out)
+    wait_gone(helpers)
+    rows = read_rows(table)[0]
     assert 1 <= len(rows) < 16 and all(r["status"] == "ok" for r in rows)
 
 
