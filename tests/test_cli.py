@@ -406,3 +406,29 @@ def test_a_bad_model_is_named_before_any_store_or_spec(capsys, tmp_path, verb, m
     assert what.format(tmp=tmp_path) in line
     assert "store" not in line.split("(fix:")[0] and "spec YAML" not in line
     assert "--model  " not in line  # no command with an empty model in the fix
+
+
+# a thing several verbs take has the name most of them give it; a verb's own older spelling
+# stays as an alias (scripts keep working)
+COMMON_NAMES = {"--batch-size": "--batch", "--ctx-len": "--ctx", "--capacity": "--capacities",
+                "--train-kb": "--train-kib", "--heldout-kb": "--heldout-kib"}
+
+
+def test_one_thing_has_its_common_name_in_every_verb():
+    for name, parser in _parsers():
+        for action in _options(parser):
+            for own, common in COMMON_NAMES.items():
+                if own in action.option_strings:
+                    assert common in action.option_strings, f"{name} {own}"
+
+
+@pytest.mark.parametrize("verb,own,common", [
+    ("model train-tiny", ["--batch-size", "3", "--ctx-len", "40", "--train-kb", "9",
+                          "--heldout-kb", "2"],
+     ["--batch", "3", "--ctx", "40", "--train-kib", "9", "--heldout-kib", "2"]),
+    ("router train", ["--capacity", "0.5,0.5"], ["--capacities", "0.5,0.5"]),
+    ("quantize --model tiny --out s", ["--bits", "3:5"], ["--store-bits", "3:5"])])
+def test_aliases_parse_to_the_same_options(verb, own, common):
+    parse = build_parser().parse_args
+    a, b = parse([*verb.split(), *own]), parse([*verb.split(), *common])
+    assert vars(a) == vars(b) and vars(a) != vars(parse(verb.split()))

@@ -3,6 +3,8 @@
 Each field becomes `--field-name` with the field's default; `help` comes from the field's
 metadata (`field(default=..., metadata={"help": "..."})`), with "(default: X)" appended
 unless the help states its default itself or the default is empty (`default_note`).
+`metadata={"aliases": ("--other",)}` adds other spellings of the same option: the name
+other verbs give the same thing (`--batch` beside `--batch-size`), so either works everywhere.
 
 An output path (a string field named `out`) whose default is not empty must not be given
 empty: `--out ''` would write into the current directory, or below `/` where the verb joins
@@ -73,17 +75,18 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
         if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         option = f.name.replace("_", "-")
+        names = ["--" + option, *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         help_text += default_note(help_text, default)
         if isinstance(default, bool):
-            parser.add_argument("--" + option, default=default,
+            parser.add_argument(*names, dest=f.name, default=default,
                                 action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kind: Callable[[str], Any] = (type(default) if isinstance(default, (int, float))
                                       else str)
         if f.name == "out" and default:
             kind = out_path(option, default)
-        parser.add_argument("--" + option, type=kind, default=default, help=help_text,
+        parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_text,
                             metavar=f.metadata.get("metavar"))
 
 

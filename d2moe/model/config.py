@@ -37,15 +37,19 @@ class TrainConfig:
     """Hyper-parameters of `d2moe model train-tiny` (defaults: the shipped checkpoint)."""
 
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
-    ctx_len: int = field(default=256, metadata={"help": "tokens (bytes) per sequence"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step",
+                                                  "aliases": ("--batch",)})
+    ctx_len: int = field(default=256, metadata={"help": "tokens (bytes) per sequence",
+                                                "aliases": ("--ctx",)})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     min_lr_frac: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices)"})
     balance_coef: float = field(default=0.01, metadata={"help": "load-balancing loss weight"})
-    train_kb: int = field(default=4096, metadata={"help": "KiB of stdlib source to train on"})
-    heldout_kb: int = field(default=128, metadata={"help": "KiB of held-out source to score"})
+    train_kb: int = field(default=4096, metadata={"help": "KiB of stdlib source to train on",
+                                                  "aliases": ("--train-kib",)})
+    heldout_kb: int = field(default=128, metadata={"help": "KiB of held-out source to score",
+                                                   "aliases": ("--heldout-kib",)})
     seed: int = field(default=0, metadata={"help": "seed of init and batch sampling"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     out: str = field(default="", metadata={

@@ -183,8 +183,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(config.json + *.safetensors)")
     p.add_argument("--out", required=True, type=out_path("out", "out/store"),
                    help="store directory to write")
-    p.add_argument("--bits", default="2:8", help="b1:bK, smallest and largest bit-width "
-                   "(default: 2:8)")
+    p.add_argument("--bits", "--store-bits", dest="bits", default="2:8",
+                   help="b1:bK, smallest and largest bit-width (default: 2:8; --store-bits "
+                        "as in eval ppl)")
     p.add_argument("--group", type=int, default=64, help="weights per scale group along the "
                    "input dimension (default: 64)")
     p.add_argument("--format", choices=NESTED_KINDS, default=DEFAULT_FORMAT,

@@ -43,7 +43,8 @@ class RouterTrainConfig:
         "help": "nested store of this model (d2moe quantize); empty: for tiny, the cached one"})
     bits: str = field(default="2,3,4", metadata={"help": "candidate bit-widths, increasing"})
     capacity: str = field(default="0.3,0.4,0.3", metadata={
-        "help": "capacity per width: the largest share of a batch's tokens (sum >= 1)"})
+        "help": "capacity per width: the largest share of a batch's tokens (sum >= 1)",
+        "aliases": ("--capacities",)})
     alpha: float = field(default=0.01, metadata={"help": "weight of the bit-cost term"})
     target: str = field(default="distill", metadata={
         "help": "distill (the frozen fp model's distribution) or next (the next token)"})

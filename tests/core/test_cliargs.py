@@ -22,3 +22,22 @@ def test_split_list_strips_and_keeps_order():
 def test_split_list_rejects_empty_and_repeated_items(text, what):
     with pytest.raises(UserError, match=rf"x.yaml: field 'policy': .*{what}.*fix: "):
         split_list(text, "policy", example="--policy fifo,hebf", path="x.yaml")
+
+
+def test_add_fields_adds_each_alias_to_the_same_field():
+    import argparse
+    import dataclasses
+
+    from d2moe.core.cliargs import add_fields, from_args
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        batch_size: int = dataclasses.field(default=2, metadata={"aliases": ("--batch",)})
+        fast: bool = dataclasses.field(default=True, metadata={"aliases": ("--quick",)})
+
+    parser = argparse.ArgumentParser()
+    add_fields(parser, Cfg)
+    assert from_args(Cfg, parser.parse_args([])) == Cfg()
+    assert from_args(Cfg, parser.parse_args(["--batch", "5", "--no-quick"])) == Cfg(5, False)
+    assert from_args(Cfg, parser.parse_args(["--batch-size", "7", "--no-fast"])) == Cfg(7, False)
+    assert "--batch-size BATCH_SIZE, --batch BATCH_SIZE" in parser.format_help()
