@@ -182,16 +182,12 @@ def expert_weights(model: Transformer) -> dict[Key, np.ndarray]:
 def nested_matrices(weights: Mapping[Key, np.ndarray], layout: QuantLayout,
                     fit: str = "mean") -> dict[Key, NestedMatrix]:
     """Quantize every matrix into `layout.kind` (MWQ with plane-scale `fit`)."""
-    from d2moe.quant.mwq import quantize_mwq
     from d2moe.quant.nested import quantize_matrix
 
     if fit not in PLANE_FITS:
         raise UserError(f"unknown plane-scale fit {fit!r}", field="fit",
                         fix=f"use one of {', '.join(PLANE_FITS)}")
-    if layout.kind == "mwq":
-        return {k: quantize_mwq(w, b1=layout.b1, bK=layout.bK, group=layout.group, fit=fit)
-                for k, w in weights.items()}
-    return {k: quantize_matrix(w, layout) for k, w in weights.items()}
+    return {k: quantize_matrix(w, layout, fit=fit) for k, w in weights.items()}
 
 
 def store_matrices(reader: Any) -> dict[Key, NestedMatrix]:

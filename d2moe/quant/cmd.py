@@ -12,7 +12,7 @@ from d2moe.core.cliargs import out_path
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
 from d2moe.model.hf_names import expert_key
-from d2moe.quant.mwq import PLANE_FITS, quantize_mwq
+from d2moe.quant.mwq import PLANE_FITS
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
 from d2moe.quant.source import source_record
 from d2moe.quant.store import TENSORS, StoreWriter
@@ -101,9 +101,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
                     raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
                                     path=str(model_dir), fix="check the checkpoint")
                 w = _load(*found[(hf_layer, e, t)])
-                mats[t] = quantize_mwq(w, b1=layout.b1, bK=layout.bK, group=layout.group,
-                                       fit=fit) if layout.kind == "mwq" else \
-                    quantize_matrix(w, layout)
+                mats[t] = quantize_matrix(w, layout, fit=fit)
             yield e, mats
             bar.update(1)
 

@@ -193,15 +193,40 @@ def asym_codes(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -
     return np.clip(np.where(s > 0, q, 0), 0, 2 ** bits - 1).astype(np.uint8)
 
 
-def quantize_matrix(w: np.ndarray, layout: QuantLayout) -> NestedMatrix:
-    """Quantize one matrix into the nested format `layout.kind` (mwq or bitplane)."""
+# Rows quantized at a time: a block of 1 MiB of float32 weights keeps the quantizers'
+# temporaries (padded groups, codes, residuals) in a core's cache instead of streaming
+# several copies of a whole matrix through memory (2-4x faster on a 14336x4096 matrix, and
+# the peak memory of one block, not of five matrix-sized arrays: benchmarks/quantize.py).
+BLOCK_BYTES = 1 << 20
+
+
+def quantize_matrix(w: np.ndarray, layout: QuantLayout, *, fit: str = "mean") -> NestedMatrix:
+    """Quantize one matrix into the nested format `layout.kind` (mwq with plane-scale
+    `fit`, or bitplane), a block of rows at a time: every group lies within one row, so
+    the blocks' results put side by side are the whole matrix's, bit for bit."""
     if layout.kind == "mwq":
         from d2moe.quant.mwq import quantize_mwq
 
-        return quantize_mwq(w, b1=layout.b1, bK=layout.bK, group=layout.group)
-    if layout.kind == "bitplane":
+        def quantize(block: np.ndarray) -> NestedMatrix:
+            return quantize_mwq(block, b1=layout.b1, bK=layout.bK, group=layout.group, fit=fit)
+    elif layout.kind == "bitplane":
         from d2moe.quant.bitplane import quantize_bitplane
 
-        return quantize_bitplane(w, b1=layout.b1, bK=layout.bK, group=layout.group)
-    raise UserError(f"{layout.kind!r} is not a nested format", field="format",
-                    fix=f"use one of {', '.join(NESTED_KINDS)}")
+        def quantize(block: np.ndarray) -> NestedMatrix:
+            return quantize_bitplane(block, b1=layout.b1, bK=layout.bK, group=layout.group)
+    else:
+        raise UserError(f"{layout.kind!r} is not a nested format", field="format",
+                        fix=f"use one of {', '.join(NESTED_KINDS)}")
+    w = check_matrix(w)
+    rows, cols = w.shape
+    # a multiple of 8 rows: every block but the last fills whole bytes of each plane's bit
+    # stream, so the packed streams of the blocks concatenate into the matrix's stream
+    step = max(8, BLOCK_BYTES // (4 * cols) // 8 * 8)
+    if rows <= step:
+        return quantize(w)
+    parts = [quantize(w[r:r + step]) for r in range(0, rows, step)]
+    return replace(parts[0], rows=rows,
+                   planes=np.concatenate([p.planes for p in parts], axis=1),
+                   scale=np.concatenate([p.scale for p in parts]),
+                   zero=np.concatenate([p.zero for p in parts]),
+                   plane_scale=np.concatenate([p.plane_scale for p in parts], axis=1))

@@ -105,3 +105,29 @@ def test_core_sizes_bitplane_layout():
     assert load_bytes(spec, 2, 5, bp) == 3 * plane
     groups = 96 * 1 + 96 * 1 + 64 * 2  # w1, w3 [96, 64]; w2 [64, 96] -> 2 groups per row
     assert load_bytes(spec, 2, 5, mwq) == 3 * (plane + 2 * groups)
+
+
+@pytest.mark.parametrize("kind,fit", [("bitplane", "mean"), ("mwq", "mean"), ("mwq", "halve"),
+                                      ("mwq", "lookahead")])
+@pytest.mark.parametrize("rows,cols,group", [(37, 70, 32), (64, 128, 64), (9, 3, 16)])
+def test_row_blocks_give_the_whole_matrix_bit_for_bit(monkeypatch, kind, fit, rows, cols,
+                                                      group):
+    """quantize_matrix works a block of rows at a time: the result must be the one-piece
+    quantization's, packed planes included (blocks of 8 rows; 37 x 70: a partial last
+    group, a partial last block, planes of 70 bytes per block)."""
+    from d2moe.quant import nested
+    from d2moe.quant.bitplane import quantize_bitplane
+    from d2moe.quant.mwq import quantize_mwq
+
+    w = _rng().standard_normal((rows, cols)).astype(np.float32)
+    w[1, :group] = 0.25  # a constant group: scale 0
+    layout = QuantLayout(kind=kind, b1=2, bK=7, group=group)
+    whole = (quantize_mwq(w, b1=2, bK=7, group=group, fit=fit) if kind == "mwq"
+             else quantize_bitplane(w, b1=2, bK=7, group=group))
+    monkeypatch.setattr(nested, "BLOCK_BYTES", 8 * 4 * cols)  # 8 rows a block
+    blocks = quantize_matrix(w, layout, fit=fit)
+    for name in ("planes", "scale", "zero", "plane_scale"):
+        assert np.array_equal(getattr(blocks, name), getattr(whole, name)), name
+    assert (blocks.rows, blocks.cols, blocks.kind) == (rows, cols, kind)
+    for b in range(2, 8):
+        assert encode_level(blocks, b) == encode_level(whole, b)

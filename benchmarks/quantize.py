@@ -1,0 +1,120 @@
+"""`d2moe quantize`'s compute: a spec's expert matrices quantized into nested planes a block
+of rows at a time (`quant.nested.quantize_matrix`, since 2026-11-24) against the same
+quantizer on the whole matrix in one piece (the code before; the baseline, same run) and
+against RTN copies at every width b1..bK (what a Matryoshka-Free store quantizes instead).
+
+Per format and matrix shape: the median of `--repeats` timings (the variants alternate,
+which goes first alternating too), M weights/s, the ratios one-piece / blocked and
+rtn-copies / blocked, whether blocked and one-piece give the same bytes, and each variant's
+peak of allocated bytes (tracemalloc, in a separate untimed pass). Last, the quantizer
+compute a whole model's experts would take at the blocked rate: derived from the rates
+measured here (weights / rate), reading the checkpoint and writing the store not included.
+
+Usage: python benchmarks/quantize.py [--spec mixtral-8x7b] [--formats bitplane,mwq]
+                                     [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from d2moe.core.cliargs import split_list  # noqa: E402
+from d2moe.core.sizes import QuantLayout  # noqa: E402
+from d2moe.core.spec import load_spec  # noqa: E402
+from d2moe.quant.bitplane import quantize_bitplane  # noqa: E402
+from d2moe.quant.mwq import quantize_mwq  # noqa: E402
+from d2moe.quant.nested import NestedMatrix, quantize_matrix  # noqa: E402
+from d2moe.quant.rtn import quantize_rtn  # noqa: E402
+
+Variant = Callable[[np.ndarray], object]
+
+
+def variants(layout: QuantLayout) -> dict[str, Variant]:
+    """blocked (the code now), one-piece (before) and RTN copies, for `layout`."""
+    b1, bK, g = layout.b1, layout.bK, layout.group
+    whole = {"bitplane": lambda w: quantize_bitplane(w, b1=b1, bK=bK, group=g),
+             "mwq": lambda w: quantize_mwq(w, b1=b1, bK=bK, group=g)}[layout.kind]
+    return {"blocked": lambda w: quantize_matrix(w, layout),
+            "one-piece": whole,
+            "rtn-copies": lambda w: [quantize_rtn(w, bits=b, group=g) for b in range(b1, bK + 1)]}
+
+
+def time_variants(w: np.ndarray, runs: dict[str, Variant], repeats: int) -> dict[str, float]:
+    """Median seconds per variant over `repeats` rounds, the order rotating each round."""
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            runs[n](w)
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def peak_bytes(w: np.ndarray, run: Variant) -> int:
+    """Peak bytes allocated while `run(w)` runs (numpy reports its arrays to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        run(w)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def same_bytes(a: NestedMatrix, b: NestedMatrix) -> bool:
+    return all(np.array_equal(getattr(a, k), getattr(b, k))
+               for k in ("planes", "scale", "zero", "plane_scale"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", default="mixtral-8x7b", help="model spec of the expert shapes")
+    ap.add_argument("--formats", default="bitplane,mwq")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    spec = load_spec(args.spec)
+    shapes = sorted(set(spec.expert_shapes))
+    rng = np.random.default_rng(0)
+    print(f"{spec.name} expert matrices {', '.join(f'{r}x{c}' for r, c in shapes)}, float32 "
+          f"N(0, 0.02) weights, b1=2 bK=8 group 64, median of {args.repeats}; start "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
+    header = (f"{'format':9} {'matrix':>11} {'blocked ms':>10} {'M w/s':>6} "
+              f"{'one-piece ms':>12} {'x':>5} {'rtn-copies ms':>13} {'x':>5} {'same':>4} "
+              f"{'peak MiB (blocked / one-piece)':>30}")
+    print(header + "\n" + "-" * len(header))
+    rate: dict[str, dict[tuple[int, int], float]] = {}
+    for kind in split_list(args.formats, "formats", example="--formats bitplane,mwq"):
+        layout = QuantLayout(kind=kind)
+        runs = variants(layout)
+        for rows, cols in shapes:
+            w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)
+            t = time_variants(w, runs, args.repeats)
+            same = same_bytes(runs["blocked"](w), runs["one-piece"](w))  # type: ignore[arg-type]
+            peaks = [peak_bytes(w, runs[n]) / 2**20 for n in ("blocked", "one-piece")]
+            rate.setdefault(kind, {})[(rows, cols)] = w.size / t["blocked"]
+            print(f"{kind:9} {f'{rows}x{cols}':>11} {t['blocked'] * 1e3:10.1f} "
+                  f"{w.size / t['blocked'] / 1e6:6.1f} {t['one-piece'] * 1e3:12.1f} "
+                  f"{t['one-piece'] / t['blocked']:5.2f} {t['rtn-copies'] * 1e3:13.1f} "
+                  f"{t['rtn-copies'] / t['blocked']:5.2f} {'yes' if same else 'NO':>4} "
+                  f"{f'{peaks[0]:.1f} / {peaks[1]:.1f}':>30}", flush=True)
+    weights = spec.layers * spec.experts * sum(r * c for r, c in spec.expert_shapes)
+    for kind, rates in rate.items():
+        seconds = spec.layers * spec.experts * sum(r * c / rates[(r, c)]
+                                                   for r, c in spec.expert_shapes)
+        print(f"{spec.name}'s experts ({weights / 1e9:.1f} G weights) in {kind} at the blocked "
+              f"rates above: ~{seconds / 60:.1f} min of quantizer compute on one core "
+              "(derived, not timed; reads and writes not included)")
+
+
+if __name__ == "__main__":
+    main()
