@@ -29,7 +29,7 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import tiny_store
 from d2moe.model.load import load_tiny
-from d2moe.profiles.executor_probes import _drop, load_into
+from d2moe.profiles.load_probes import _drop, load_into
 from d2moe.quant.store import StoreReader
 
 IDLE_MS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
