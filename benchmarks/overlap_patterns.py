@@ -37,7 +37,7 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import load_spec
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import cache_dir
-from d2moe.profiles.load_probes import _drop, load_into
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.profiles.measure import ProfileConfig, measure_profile
 from d2moe.profiles.probe_store import write_random_store
 from d2moe.profiles.run_probes import run_bodies
@@ -61,7 +61,7 @@ def pattern_speeds(reader: StoreReader, probe, layout: QuantLayout, rounds: int
         while (batch := todo.get()) is not None:
             for k in batch:
                 key = keys[k % len(keys)]
-                _drop(pool, key)
+                drop_expert(pool, key)
                 t0 = time.perf_counter()
                 load_into(reader, pool, Load(key, 0, BITS))
                 spans[k] = (t0, time.perf_counter())
@@ -128,7 +128,7 @@ def pattern_speeds(reader: StoreReader, probe, layout: QuantLayout, rounds: int
         todo.put(None)
         thread.join()
         for key in list(pool.blocks):
-            _drop(pool, key)
+            drop_expert(pool, key)
     return {p: (statistics.median(io for io, _ in xs), statistics.median(c for _, c in xs))
             for p, xs in per_round.items()}
 

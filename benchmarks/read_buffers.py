@@ -35,7 +35,7 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import load_spec
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import cache_dir
-from d2moe.profiles.load_probes import _drop, load_into
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.profiles.probe_store import write_random_store
 from d2moe.quant.store import StoreReader
 
@@ -64,7 +64,7 @@ def alternate_loads(spec_name: str, bits: int, rounds: int, device: torch.device
                 order = list(variants) if r % 2 else list(variants)[::-1]
                 for k, kind in enumerate(order):
                     key = keys[k]
-                    _drop(pool, key)
+                    drop_expert(pool, key)
                     variants[kind](reader)
                     sync()
                     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ def measure_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: An
     def loader(bits_from: int, bits_to: int) -> Callable[[int], float]:
         def load(i: int) -> float:
             key = keys[i % len(keys)]
-            _drop(pool, key)
+            drop_expert(pool, key)
             if bits_from:
                 base = Load(key, 0, bits_from)
                 load_into(reader, pool, base)
@@ -45,7 +45,7 @@ def measure_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: An
 
     means = interleaved_means([loader(a, b) for a, b in raises], repeats, sync, bar, "load")
     for key in list(pool.blocks):
-        _drop(pool, key)
+        drop_expert(pool, key)
     def levels(a: int, b: int) -> list[int]:
         return [reader.expert_nbytes(0, 0, 0 if k == layout.b1 else k - 1, k)
                 for k in range(layout.b1 if a == 0 else a + 1, b + 1)]
@@ -69,7 +69,8 @@ def measure_check_GBps(nbytes: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def _drop(pool: Any, key: Any) -> None:
+def drop_expert(pool: Any, key: Any) -> None:
+    """Evict every resident level of `key` from `pool` (the probes' way to make a load cold)."""
     from d2moe.core.jobs import Evict
 
     have = pool.view.bits.get(key, 0)
@@ -133,7 +134,7 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
             for _ in range(count):
                 key = keys[n % len(keys)]
                 n += 1
-                _drop(pool, key)
+                drop_expert(pool, key)
                 t0 = time.perf_counter()
                 load_into(reader, pool, Load(key, 0, bits))
                 sync()
@@ -167,7 +168,7 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
         todo.put(None)
         thread.join()
     for key in list(pool.blocks):
-        _drop(pool, key)
+        drop_expert(pool, key)
     warm = statistics.fmean(steady)
     return [(idle_us, sum(spans) - len(spans) * warm)
             for got in bursts.values() for idle_us, spans in got]

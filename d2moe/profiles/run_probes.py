@@ -13,7 +13,7 @@ import numpy as np
 
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
-from d2moe.profiles.load_probes import _drop, load_into
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.profiles.timing import Bar, clear_excess, interleaved_means
 
 
@@ -94,7 +94,7 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     def io_lane() -> None:
         while (i := todo.get()) is not None:
             key = keys[i % len(keys)]
-            _drop(pool, key)
+            drop_expert(pool, key)
             load_into(reader, pool, Load(key, 0, bits))
             sync()
             done.set()
@@ -131,5 +131,5 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
         todo.put(None)
         thread.join()
     for key in list(pool.blocks):
-        _drop(pool, key)
+        drop_expert(pool, key)
     return clear_excess(diffs)
