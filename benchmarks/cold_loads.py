@@ -29,7 +29,7 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import tiny_store
 from d2moe.model.load import load_tiny
-from d2moe.profiles.executor_probes import _drop, load_into
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.quant.store import StoreReader
 
 IDLE_MS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -56,7 +56,7 @@ def main() -> None:
         return (time.perf_counter() - t0) * 1e6
 
     def load(key: ExpertKey) -> float:
-        _drop(pool, key)
+        drop_expert(pool, key)
         t0 = time.perf_counter()
         load_into(reader, pool, Load(key, 0, BITS))
         return (time.perf_counter() - t0) * 1e6

@@ -26,8 +26,9 @@ from d2moe.core.jobs import ExpertKey, Load
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import load_spec
 from d2moe.executor.pool import ExpertPool
-from d2moe.profiles.executor_probes import _drop, load_into, run_bodies
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.profiles.probe_store import write_random_store
+from d2moe.profiles.run_probes import run_bodies
 from d2moe.quant.store import StoreReader
 
 
@@ -50,7 +51,7 @@ def main() -> None:
 
         def load(i: int) -> None:
             key = ExpertKey(0, i % probe.experts)
-            _drop(pool, key)
+            drop_expert(pool, key)
             load_into(reader, pool, Load(key, 0, 4))
 
         work = {"expert run": run, "load": load, "matmul 512": lambda i: a @ a}

@@ -12,7 +12,7 @@ store, O_DIRECT, one torch thread); per round the alone times come from a steady
 loads and a run with the I/O lane idle, and the fluid model's speeds follow: speed = (alone
 time - time not overlapped) / time overlapped, least squares within a round, the median
 over the rounds. "rows": the
-speeds of a `d2moe profile` run (`profiles.executor_probes.overlap_speeds_from_rows` on the
+speeds of a `d2moe profile` run (`profiles.backend_probes.overlap_speeds_from_rows` on the
 real backend decoding under a quarter of the experts).
 
 Usage: python benchmarks/overlap_patterns.py [--rounds 60]
@@ -37,9 +37,10 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import load_spec
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import cache_dir
-from d2moe.profiles.executor_probes import _drop, load_into, run_bodies
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.profiles.measure import ProfileConfig, measure_profile
 from d2moe.profiles.probe_store import write_random_store
+from d2moe.profiles.run_probes import run_bodies
 from d2moe.quant.store import StoreReader
 
 BITS = 4
@@ -60,7 +61,7 @@ def pattern_speeds(reader: StoreReader, probe, layout: QuantLayout, rounds: int
         while (batch := todo.get()) is not None:
             for k in batch:
                 key = keys[k % len(keys)]
-                _drop(pool, key)
+                drop_expert(pool, key)
                 t0 = time.perf_counter()
                 load_into(reader, pool, Load(key, 0, BITS))
                 spans[k] = (t0, time.perf_counter())
@@ -127,7 +128,7 @@ def pattern_speeds(reader: StoreReader, probe, layout: QuantLayout, rounds: int
         todo.put(None)
         thread.join()
         for key in list(pool.blocks):
-            _drop(pool, key)
+            drop_expert(pool, key)
     return {p: (statistics.median(io for io, _ in xs), statistics.median(c for _, c in xs))
             for p, xs in per_round.items()}
 

@@ -3,7 +3,7 @@ against a fresh anonymous mapping per read (before 2026-11-23 11:37 UTC; the bas
 measured in the same rounds).
 
 Times the I/O lane's whole load of one expert from 0 to `--bits` bits (every level's read,
-checksum, conversion, placement in the pool: `profiles.executor_probes.load_into`) on a
+checksum, conversion, placement in the pool: `profiles.load_probes.load_into`) on a
 random-weight nested store of the spec's shape (two experts, O_DIRECT), the two buffer kinds
 alternating, which goes first alternating too. A fresh mapping pays a page fault per 4 KiB as
 the read fills it and an unmap when freed; the heap reuses pages it already holds. Prints
@@ -35,7 +35,7 @@ from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import load_spec
 from d2moe.executor.pool import ExpertPool
 from d2moe.executor.setup import cache_dir
-from d2moe.profiles.executor_probes import _drop, load_into
+from d2moe.profiles.load_probes import drop_expert, load_into
 from d2moe.profiles.probe_store import write_random_store
 from d2moe.quant.store import StoreReader
 
@@ -64,7 +64,7 @@ def alternate_loads(spec_name: str, bits: int, rounds: int, device: torch.device
                 order = list(variants) if r % 2 else list(variants)[::-1]
                 for k, kind in enumerate(order):
                     key = keys[k]
-                    _drop(pool, key)
+                    drop_expert(pool, key)
                     variants[kind](reader)
                     sync()
                     t0 = time.perf_counter()

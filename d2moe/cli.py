@@ -104,6 +104,8 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `d2moe` parser: every command module registers its verbs; an optional one whose
+    imports are missing (torch) is named in the epilog instead."""
     parser = OneLineParser(
         prog="d2moe",
         description="Serve and study MoE models on memory-starved devices: nested-bit-width "
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `d2moe` verb; returns the exit status (a UserError or OSError: one line, no
+    traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

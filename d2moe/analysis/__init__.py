@@ -1,7 +1,8 @@
 """Metrics, bubble timelines, budget curves, tables and Chrome/Perfetto export of timelines.
 
-Everything here reads `d2moe.core.events.Event` rows only. Plotting imports matplotlib
-lazily, inside the plotting functions.
+These read `d2moe.core.events.Event` rows only; besides them, the oracle residency bound
+(`oracle.py`) reads a trace's steps and the sweep figures (`sweep_plots.py`) a sweep table's
+rows. Plotting imports matplotlib lazily, inside the plotting functions.
 """
 
 from d2moe.analysis.budget_plot import plot_resident

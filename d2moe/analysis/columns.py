@@ -12,7 +12,7 @@ from operator import attrgetter
 import numpy as np
 
 from d2moe.core.errors import UserError
-from d2moe.core.events import KINDS, Timeline
+from d2moe.core.events import FIELDS, INT_FIELDS, KINDS, Timeline
 
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 KIND_CODES: dict[str, int] = {k: i for i, k in enumerate(KIND_NAMES)}
@@ -63,9 +63,7 @@ class EventColumns:
         return float(self.start_us.min()), float(self.end_us.max())
 
 
-_FIELDS = ("kind", "step", "layer", "expert", "bits_from", "bits_to", "tokens", "bytes",
-           "start_us", "end_us")
-_INT_FIELDS = ("step", "layer", "expert", "bits_from", "bits_to", "tokens", "bytes")
+_FIELDS = tuple(n for n in FIELDS if n != "lane")  # the lane follows from the kind
 
 
 def event_columns(timeline: Timeline) -> EventColumns:
@@ -79,7 +77,7 @@ def event_columns(timeline: Timeline) -> EventColumns:
         raise UserError(f"unknown event kind {exc.args[0]!r} (known: {', '.join(KIND_NAMES)})",
                         field="kind", fix="re-create the timeline with this d2moe") from None
     cols: dict[str, np.ndarray] = {"kind": kind}
-    for name in _INT_FIELDS:
+    for name in INT_FIELDS:
         cols[name] = np.fromiter(map(attrgetter(name), events), dtype=np.int64, count=n)
     for name in ("start_us", "end_us"):
         cols[name] = np.fromiter(map(attrgetter(name), events), dtype=np.float64, count=n)

@@ -9,9 +9,6 @@ from typing import Any
 from d2moe.analysis.metrics import Metrics
 
 MIB = 2**20
-# The standard summary columns, in order; metrics_row fills exactly these.
-SUMMARY_COLUMNS = ("run", "tok/s", "total ms", "bubble io %", "bubble compute %",
-                   "exposed io ms", "hit %", "loaded MiB", "peak MiB", "gap to bound %")
 
 
 def metrics_row(name: str, metrics: Metrics) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Files: JSON lines (a header line, then one event per line) or .npz (one column p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -76,7 +76,7 @@ def load_event(step: int, load: Load, nbytes: int, start_us: float, end_us: floa
 
 
 FIELDS = Event._fields
-_INT_FIELDS = tuple(n for n in FIELDS if n not in ("lane", "kind", "start_us", "end_us"))
+INT_FIELDS = tuple(n for n in FIELDS if n not in ("lane", "kind", "start_us", "end_us"))
 
 
 @dataclass
@@ -143,11 +143,6 @@ def load_timeline(path: str | Path) -> Timeline:
         raise UserError(f"malformed timeline row: {exc}", path=str(path),
                         fix="re-create the timeline") from None
     return Timeline(events, meta)
-
-
-def sorted_events(events: Iterable[Event]) -> list[Event]:
-    """Events in time order, ties by lane then kind (a stable, backend-independent order)."""
-    return sorted(events, key=lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert))
 
 
 def shift(events: Sequence[Event], offset_us: float) -> list[Event]:

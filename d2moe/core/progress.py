@@ -7,9 +7,9 @@ from typing import Any
 
 
 def progress_bar(total: int, enabled: bool, desc: str, unit: str, *,
-                 delay: float = 0.0) -> Any:
+                 delay_s: float = 0.0) -> Any:
     """A tqdm bar of `total` units when enabled, stderr is a terminal and tqdm is installed,
-    else None (callers guard `bar.update` with `if bar`). With `delay` the bar shows only
+    else None (callers guard `bar.update` with `if bar`). With `delay_s` the bar shows only
     once the work has taken that many seconds (a quick run prints nothing)."""
     if not enabled or not sys.stderr.isatty():
         return None
@@ -17,4 +17,4 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str, *,
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit=unit, delay=delay)
+    return tqdm(total=total, desc=desc, unit=unit, delay=delay_s)

@@ -115,6 +115,7 @@ def load_bytes(spec: ModelSpec, bits_from: int, bits_to: int,
 
 
 def all_experts_bytes(spec: ModelSpec, bits: int, layout: QuantLayout = QuantLayout()) -> int:
+    """Bytes of every expert of every layer at `bits` (what a 100% budget holds)."""
     return spec.layers * spec.experts * expert_bytes(spec, bits, layout)
 
 
@@ -178,6 +179,7 @@ def _bytes(text: str | int, field: str, fix: str, *, bare_fix: str = "") -> int:
 
 
 def fmt_bytes(n: float) -> str:
+    """`n` bytes for people: B, KiB, MiB, GiB or TiB (binary units, two decimals)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

@@ -136,6 +136,8 @@ def shipped_specs() -> tuple[str, ...]:
 
 
 def spec_from_dict(data: dict[str, Any], *, path: str) -> ModelSpec:
+    """A ModelSpec from parsed YAML/JSON, strictly: unknown or missing keys and non-integer
+    sizes are UserErrors naming `path` and the field."""
     check_keys(data, set(_SPEC_FIELDS), path=path,
                required=("name", "layers", "experts", "top_k", "hidden", "ffn", "heads",
                          "kv_heads", "vocab"))

@@ -23,6 +23,7 @@ from d2moe.core.progress import progress_bar
 from d2moe.core.sizes import QuantLayout, layout_from_options
 from d2moe.quant.mwq import PLANE_FITS
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix
+from d2moe.quant.store import TENSORS  # also DenseExperts' parameter names
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from d2moe.model.transformer import Transformer
 
 FORMATS = ("mwq", "bitplane", "rtn", "fp")
-TENSORS = ("w1", "w3", "w2")  # DenseExperts' parameters, the store's tensor names
 Key = tuple[int, int, str]  # (layer, expert, tensor)
 
 

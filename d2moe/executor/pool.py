@@ -24,7 +24,7 @@ from d2moe.executor.arena import ALIGN, Arena, Block, chunked_move
 from d2moe.executor.levels import LevelFormat
 from d2moe.kernels.packed import PackedExpertMatrix
 from d2moe.kernels.torch_fallback import PlaneViews, prepared_nbytes
-from d2moe.policies.view import ResidentSet, Sizes
+from d2moe.policies.view import ResidentSet, ResidentView, Sizes
 from d2moe.quant.store import TENSORS
 
 # Host bytes the CPU pool may hold in prepared kernel parameters (float32 scale and zero per
@@ -84,7 +84,8 @@ class ExpertPool:
         self._staging: torch.Tensor | None = None  # CUDA: pinned host bytes, one level
 
     @property
-    def view(self):  # noqa: ANN201 (ResidentView)
+    def view(self) -> ResidentView:
+        """The accounting's read-only view, the one a policy plans against."""
         return self.accounting.view
 
     def evict(self, ev: Evict) -> int:

@@ -76,7 +76,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, *,
     if max_new_tokens <= 0:
         raise UserError("must be positive", field="max-new-tokens", fix="pass e.g. 64")
     check_positions(model, len(prompt_ids), max_new_tokens)
-    bar = progress_bar(max_new_tokens, progress, "generate", "tok", delay=PROGRESS_DELAY_S)
+    bar = progress_bar(max_new_tokens, progress, "generate", "tok", delay_s=PROGRESS_DELAY_S)
     try:
         return _generate(model, prompt_ids, max_new_tokens, backend, observer, stop_id, bar)
     finally:

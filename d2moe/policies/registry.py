@@ -19,6 +19,8 @@ class Registry(Generic[T]):
         self._docs: dict[str, str] = {}
 
     def register(self, name: str, doc: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator registering a factory as `name` (its docstring's first line when `doc`
+        is empty); a name registered twice is a ValueError."""
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._items:
                 raise ValueError(f"{self.family} {name!r} registered twice")
@@ -36,9 +38,11 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def create(self, name: str, **kwargs: object) -> T:
+        """A fresh object from the factory registered as `name`."""
         return self.factory(name)(**kwargs)
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._items)
 
     def doc(self, name: str) -> str:
@@ -46,4 +50,5 @@ class Registry(Generic[T]):
         return self._docs[name]
 
     def describe(self) -> str:
+        """Every name with its one-line description, for help texts."""
         return "; ".join(f"{n}: {self._docs[n]}" for n in self.names())

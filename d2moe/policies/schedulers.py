@@ -33,9 +33,13 @@ class Job(NamedTuple):
 class Costs(Protocol):
     """Estimated durations a scheduler may use (Johnson's rule needs them)."""
 
-    def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float: ...
+    def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
+        """Estimated us to raise `key` from `bits_from` to `bits_to`."""
+        ...
 
-    def run_us(self, key: ExpertKey, bits: int, tokens: int) -> float: ...
+    def run_us(self, key: ExpertKey, bits: int, tokens: int) -> float:
+        """Estimated us to run `key` at `bits` on `tokens` tokens."""
+        ...
 
 
 class Scheduler(Protocol):
@@ -43,7 +47,9 @@ class Scheduler(Protocol):
 
     name: str
 
-    def order(self, jobs: Sequence[Job], costs: Costs) -> list[Job]: ...
+    def order(self, jobs: Sequence[Job], costs: Costs) -> list[Job]:
+        """The jobs in the one order both lanes follow."""
+        ...
 
 
 SCHEDULERS: Registry[Scheduler] = Registry("scheduler")

@@ -42,9 +42,6 @@ class ExpertStats:
     def experts(self) -> int:
         return len(self.importance[0]) if self.importance else 0
 
-    def importance_of(self, key: ExpertKey) -> float:
-        return self.importance[key.layer][key.expert]
-
     def ranked_substitutes(self, key: ExpertKey) -> list[tuple[float, int]]:
         """Other experts of `key`'s layer as (similarity, expert), most similar first."""
         row = self.similarity[key.layer][key.expert]

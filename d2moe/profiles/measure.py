@@ -59,17 +59,14 @@ from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir, path_error
 from d2moe.core.sizes import QuantLayout, expert_bytes, layout_from_options, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
-from d2moe.profiles.cost import checked_reads_us
-from d2moe.profiles.executor_probes import (
-    measure_check_GBps,
-    measure_cold_loads,
-    measure_first_runs,
+from d2moe.profiles.backend_probes import (
     measure_lanes,
-    measure_loads,
     measure_non_expert,
-    measure_runs,
     overlap_speeds_from_rows,
 )
+from d2moe.profiles.cost import checked_reads_us
+from d2moe.profiles.load_probes import measure_check_GBps, measure_cold_loads, measure_loads
+from d2moe.profiles.run_probes import measure_first_runs, measure_runs
 from d2moe.profiles.schema import (
     ExecutorCosts,
     ExpertRow,

@@ -38,12 +38,3 @@ def quantize_bitplane(w: np.ndarray, *, b1: int = 2, bK: int = 8,
     return NestedMatrix(kind="bitplane", b1=b1, bK=bK, group=group, rows=rows, cols=cols,
                         planes=np.stack(planes), scale=scale, zero=zero,
                         plane_scale=np.zeros((0, rows, scale.shape[1]), np.float16))
-
-
-def bitplane_scale_zero(scale: np.ndarray, zero: np.ndarray, bK: int,
-                        bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Effective float32 (s_b, z_b) at `bits` from the stored fp16 (s, z) (formula above)."""
-    shift = bK - bits
-    s = scale.astype(np.float32)
-    half_bin = np.float32((2 ** shift - 1) / 2)
-    return s * np.float32(2 ** shift), zero.astype(np.float32) + s * half_bin

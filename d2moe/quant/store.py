@@ -33,6 +33,7 @@ import numpy as np
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import (
     STORE_FORMAT,
+    STORE_INDEX,
     atomic_write,
     check_outside_store,
     ensure_dir,
@@ -53,7 +54,6 @@ from d2moe.quant.nested import (
 )
 from d2moe.quant.source import parse_source
 from d2moe.quant.store_files import (
-    INDEX_NAME,
     beside_store,
     fsync_dir,
     replace_dir,
@@ -161,7 +161,7 @@ class StoreWriter:
         if self._target.exists() and not self._target.is_dir():
             raise UserError("exists and is not a directory", path=str(self.path),
                             fix="name a new directory or an existing store")
-        if self._target.is_dir() and not (self._target / INDEX_NAME).is_file() \
+        if self._target.is_dir() and not (self._target / STORE_INDEX).is_file() \
                 and any(self._target.iterdir()):  # never swap away a directory of the user's
             raise UserError("is a directory with files in it but no nested store",
                             path=str(self.path),
@@ -251,7 +251,7 @@ class StoreWriter:
             if self.source is not None:
                 index["source"] = self.source
             index["sha256"] = index_digest(index)
-            with atomic_write(self.tmp / INDEX_NAME, "w") as f:
+            with atomic_write(self.tmp / STORE_INDEX, "w") as f:
                 json.dump(index, f, indent=0)
             fsync_dir(self.tmp)
             replace_dir(self.tmp, self._target)
@@ -259,7 +259,7 @@ class StoreWriter:
             self.abort()
             raise
         self._cleanup.detach()
-        return self.path / INDEX_NAME
+        return self.path / STORE_INDEX
 
     def abort(self) -> None:
         """Remove the unfinished store (a no-op after `close()`); `path` stays as it was."""
@@ -284,7 +284,7 @@ class StoreReader:
         self.verify = verify
         self.pipeline_min_bytes = pipeline_min_bytes
         self._checker: ThreadPoolExecutor | None = None  # started at the first pipelined level
-        index_path = self.path / INDEX_NAME
+        index_path = self.path / STORE_INDEX
         if not index_path.is_file():
             raise UserError("not a nested store (no index.json)", path=str(self.path),
                             fix="create one with d2moe quantize --out DIR")

@@ -10,21 +10,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.fileio import path_error, temp_prefix
-
-INDEX_NAME = "index.json"
+from d2moe.core.fileio import STORE_INDEX, path_error, temp_prefix
 
 
 def is_store_file(name: str) -> bool:
     """Whether `name` is one of a store's own files (index.json, layer_NNN.bin)."""
-    return name == INDEX_NAME or (name.startswith("layer_") and name.endswith(".bin"))
+    return name == STORE_INDEX or (name.startswith("layer_") and name.endswith(".bin"))
 
 
 def beside_store(path: Path) -> tuple[Any, list[str]] | None:
     """(the `source` the store at `path` recorded, None if none; the names of the files it
     holds besides its own), or None where no store's index can be read."""
     try:
-        index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+        index = json.loads((path / STORE_INDEX).read_text(encoding="utf-8"))
         others = sorted(p.name for p in path.iterdir() if not is_store_file(p.name))
     except (OSError, ValueError):
         return None

@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 
-from d2moe.router.experts import BitRoutedExperts, RandomChooser, UniformChooser, WidthWeights
+from d2moe.router.experts import (
+    BitRoutedExperts,
+    Chooser,
+    RandomChooser,
+    UniformChooser,
+    WidthWeights,
+)
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,7 @@ class RoutedPpl:
     tokens_scored: int
 
 
-def routed_ppl(model: Any, ids: list[int], weights: WidthWeights, chooser: Any, label: str, *,
+def routed_ppl(model: Any, ids: list[int], weights: WidthWeights, chooser: Chooser, label: str, *,
                ctx: int = 256, batch: int = 16) -> RoutedPpl:
     """Score `model` with every token's experts at the width `chooser` picks."""
     from d2moe.model.perplexity import perplexity
@@ -75,7 +81,7 @@ def open_router(model_ref: str, spec: Any, store: str, router_ref: str) -> tuple
     else the one it was trained on, else tiny's cached store) and its widths dequantized."""
     import json
 
-    from d2moe.router.store import load_router, resolve
+    from d2moe.router.store import META_FILE, load_router, resolve
     from d2moe.router.train import check_store, open_store
 
     if router_ref == "auto" and not store:  # beside tiny's cached store (else UserError)
@@ -83,9 +89,9 @@ def open_router(model_ref: str, spec: Any, store: str, router_ref: str) -> tuple
         reader.close()
         store = str(found)
     path = resolve(router_ref, store or None)
-    if not store and (path / "router.json").is_file():
+    if not store and (path / META_FILE).is_file():
         try:
-            store = str(json.loads((path / "router.json").read_text()).get("store") or "")
+            store = str(json.loads((path / META_FILE).read_text()).get("store") or "")
         except (json.JSONDecodeError, AttributeError):
             store = ""  # load_router below reports the malformed record
     reader, store_path = open_store(model_ref, store)

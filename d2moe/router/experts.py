@@ -18,10 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from d2moe.model.moe import swiglu
+from d2moe.quant.store import TENSORS
 from d2moe.router.capacity import CapacityWindow, assign, capacity_counts
 from d2moe.router.gate import BitGate, relaxed_choice
 
-TENSORS = ("w1", "w3", "w2")
 _CACHE: dict[tuple, WidthWeights] = {}  # WidthWeights.from_store, newest last
 
 
@@ -122,7 +122,7 @@ class RandomChooser:
 class BitRoutedExperts:
     """Inference backend: each token's experts at the width its chooser picks (resident)."""
 
-    def __init__(self, weights: WidthWeights, chooser: Any) -> None:
+    def __init__(self, weights: WidthWeights, chooser: Chooser) -> None:
         self.weights, self.chooser = weights, chooser
         self.last_index: dict[int, torch.Tensor] = {}  # layer -> width index [T] of last call
         self.counts = torch.zeros(len(weights.bits), dtype=torch.long)  # expert runs per width

@@ -33,7 +33,6 @@ from d2moe.router.capacity import CapacityWindow, check_capacities
 RELAXATIONS = ("st", "gumbel")
 
 
-GRANULARITIES = ("slot", "token")
 SLOPE_INIT = 4.0  # initial |logit slope| per unit router weight at the widest/narrowest width
 
 

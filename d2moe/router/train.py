@@ -75,8 +75,9 @@ class RouterTrainConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar on a terminal"})
 
     def __post_init__(self) -> None:
-        from d2moe.router.gate import GRANULARITIES, RELAXATIONS
+        from d2moe.router.gate import RELAXATIONS
         from d2moe.router.loss import TARGETS
+        from d2moe.traces.schema import GRANULARITIES
 
         if self.gate_width < 0:
             raise UserError(f"must be >= 0, got {self.gate_width}", field="gate-width",

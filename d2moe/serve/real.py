@@ -29,7 +29,7 @@ def make_prompts(requests: Sequence[Request], text: str = PROMPT_TEXT) -> dict[i
             for r in requests}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Served:
     """What a real serving run produced: request rows, each request's tokens, each forward
     step's phase, and when the waits for arrivals ended."""

@@ -40,7 +40,9 @@ class _Job:
             self.since, self.speed = t, speed
 
 
-def _after(free: float, ready: float, wake_us: float) -> float:
+def start_after(free: float, ready: float, wake_us: float) -> float:
+    """When a lane free at `free` starts a job whose dependency ends at `ready` (a lane that
+    had to wait for it pays the wake-up)."""
     return free if ready <= free else ready + wake_us
 
 
@@ -70,13 +72,13 @@ def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequen
             if d < 0:
                 io_next = io_free
             elif d < j and (cpu is None or cpu.index != d):
-                io_next = _after(io_free, re[d], wake_us)
+                io_next = start_after(io_free, re[d], wake_us)
         if cpu is None and j < nr:
             d = rw[j]
             if d < 0:
                 cpu_next = cpu_free
             elif d < i and (io is None or io.index != d):
-                cpu_next = _after(cpu_free, le[d], wake_us)
+                cpu_next = start_after(cpu_free, le[d], wake_us)
         io_end = io.end if io is not None else INF
         cpu_end = cpu.end if cpu is not None else INF
         t = min(io_next, cpu_next, io_end, cpu_end)

@@ -33,7 +33,7 @@ from typing import Any
 from d2moe.core.events import Event, load_event, run_event
 from d2moe.core.jobs import Load, Plan, Run, load_waits, run_waits
 from d2moe.policies.view import ResidentSet
-from d2moe.sim.contention import execute_contended
+from d2moe.sim.contention import execute_contended, start_after
 
 
 @dataclass
@@ -66,11 +66,6 @@ def plan_start(ctx: LayerCtx, plan: Plan, t0: float) -> float:
     """When a plan handed over at `t0` starts: `handoff_us` later when it has loads (the
     executor wakes the I/O lane's thread only for those), else at once."""
     return t0 + ctx.handoff_us if plan.loads else t0
-
-
-def _after(free: float, ready: float, wake_us: float) -> float:
-    """When a lane free at `free` starts a job whose dependency ends at `ready`."""
-    return free if ready <= free else ready + wake_us
 
 
 def _do_load(ctx: LayerCtx, ld: Load, start: float) -> float:
@@ -115,7 +110,7 @@ def _do_run(ctx: LayerCtx, run: Run, free: float, ready: float, extra_us: float 
     """Record a run starting at max(free, ready), with a stall row if it waited; it takes its
     cost plus `extra_us` (`run_extras_us`)."""
     rows = ctx.events
-    start = _after(free, ready, ctx.wake_us)
+    start = start_after(free, ready, ctx.wake_us)
     if start > free:
         rows.append(Event("compute", "stall", ctx.step, ctx.layer, run.source.expert, 0, 0, 0, 0,
                           free, start))
@@ -148,7 +143,7 @@ def execute_fast(ctx: LayerCtx, plan: Plan, t0: float) -> float:
     while i < n_l or j < n_r:
         moved = False
         if i < n_l and (lw is None or lw[i] < j):
-            start = io if lw is None or lw[i] < 0 else _after(io, run_end[lw[i]], ctx.wake_us)
+            start = io if lw is None or lw[i] < 0 else start_after(io, run_end[lw[i]], ctx.wake_us)
             io = load_end[i] = _do_load(ctx, loads[i], start)
             i += 1
             moved = True
@@ -187,7 +182,7 @@ def simpy_layer(env: Any, ctx: LayerCtx, plan: Plan, t0: float) -> Generator[Any
             if lw[i] >= 0:
                 if not run_done[lw[i]].triggered:
                     yield run_done[lw[i]]
-                io = _after(io, run_end[lw[i]], ctx.wake_us)
+                io = start_after(io, run_end[lw[i]], ctx.wake_us)
             io = load_end[i] = _do_load(ctx, ld, io)
             yield env.timeout(max(0.0, io - env.now))
             load_done[i].succeed()

@@ -16,6 +16,7 @@ def steps_from_trace(trace: object, default_bits: int, max_steps: int = 0) -> li
 
 
 def max_bits(steps: list[StepWork], default: int) -> int:
+    """The most bits any demand of `steps` asks (`default` when there are none)."""
     return max((d.bits for s in steps for ds in s.layers for d in ds), default=default)
 
 

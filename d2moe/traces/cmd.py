@@ -74,7 +74,7 @@ def _synth(args: argparse.Namespace) -> int:
     spec = load_spec(args.model_spec)
     check_writable(args.out, field="out")  # before the work (not inside a store, ...)
     cfg = from_args(SynthConfig, args)
-    bar = progress_bar(synth_units(spec) + 1, args.progress, "trace synth", "stage", delay=1.0)
+    bar = progress_bar(synth_units(spec) + 1, args.progress, "trace synth", "stage", delay_s=1.0)
     try:
         trace = synth_trace(spec, cfg, bar)
         if bar:

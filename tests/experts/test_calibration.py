@@ -141,14 +141,15 @@ def test_statistics_of_the_model_are_not_written_beside_another_models_store(sto
     import json
     import shutil
 
-    from d2moe.quant.store import INDEX_NAME, index_digest
+    from d2moe.core.fileio import STORE_INDEX
+    from d2moe.quant.store import index_digest
 
     other = tmp_path / "other"
     shutil.copytree(store, other, ignore=shutil.ignore_patterns("expert_stats.json"))
-    index = json.loads((other / INDEX_NAME).read_text())
+    index = json.loads((other / STORE_INDEX).read_text())
     index["source"]["expert_sha256"] = "0" * 64  # as if quantized from another checkpoint
     index["sha256"] = index_digest(index)
-    (other / INDEX_NAME).write_text(json.dumps(index))
+    (other / STORE_INDEX).write_text(json.dumps(index))
     with pytest.raises(UserError, match="field 'source'"):
         compute_stats(StatsConfig(weights="model", store=str(other), **SMALL))
     assert not (other / "expert_stats.json").exists()

@@ -14,21 +14,23 @@ from d2moe.cli import main
 from d2moe.core.errors import UserError
 from d2moe.core.events import Event
 from d2moe.core.spec import load_spec
-from d2moe.profiles.executor_probes import (
-    COLD_IDLE_MS,
-    COLD_MAX_ROUNDS,
+from d2moe.profiles.backend_probes import (
     MIN_ALONE,
     after_load_excess,
     lane_costs_from_rows,
     layer_first_run_excess,
-    measure_check_GBps,
-    measure_cold_loads,
-    measure_loads,
     non_expert_per_layer,
     overlap_speeds_from_rows,
     resident_probe_spec,
 )
 from d2moe.profiles.files import load_profile, profile_from_dict, save_profile
+from d2moe.profiles.load_probes import (
+    COLD_IDLE_MS,
+    COLD_MAX_ROUNDS,
+    measure_check_GBps,
+    measure_cold_loads,
+    measure_loads,
+)
 from d2moe.profiles.measure import (
     ProfileConfig,
     device_name,
@@ -166,7 +168,7 @@ def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
 
 
 def test_the_loaded_probe_counts_its_loads_beside_runs() -> None:
-    from d2moe.profiles.executor_probes import _loads_beside_runs
+    from d2moe.profiles.backend_probes import _loads_beside_runs
 
     run = Event("compute", "run", 1, 0, 5, 4, 4, 1, 0, 10.0, 20.0)
     loads = [Event("io", kind, 1, 0, 3, 0, 4, 0, 100, start, end) for kind, start, end in (

@@ -9,8 +9,9 @@ import shutil
 import pytest
 
 from d2moe.core.errors import UserError
+from d2moe.core.fileio import STORE_INDEX
 from d2moe.quant.source import expert_sha256, source_record
-from d2moe.quant.store import INDEX_NAME, StoreReader, cut_store, index_digest
+from d2moe.quant.store import StoreReader, cut_store, index_digest
 from tests.quant.test_cmd import _checkpoint
 
 torch = pytest.importorskip("torch")
@@ -75,10 +76,10 @@ def test_a_store_from_other_weights_is_refused_with_the_source_named(tmp_path):
 
 
 def _rewrite_index(store, edit):
-    index = json.loads((store / INDEX_NAME).read_text())
+    index = json.loads((store / STORE_INDEX).read_text())
     edit(index)
     index["sha256"] = index_digest(index)
-    (store / INDEX_NAME).write_text(json.dumps(index))
+    (store / STORE_INDEX).write_text(json.dumps(index))
 
 
 def test_stores_without_a_source_still_pass_and_a_malformed_one_is_named(tmp_path):
@@ -92,7 +93,7 @@ def test_stores_without_a_source_still_pass_and_a_malformed_one_is_named(tmp_pat
     _rewrite_index(store, lambda i: i.update(source={"path": "x", "expert_sha256": "12"}))
     with pytest.raises(UserError) as exc:
         StoreReader(store)
-    assert exc.value.field == "source" and INDEX_NAME in str(exc.value)
+    assert exc.value.field == "source" and STORE_INDEX in str(exc.value)
 
 
 def test_an_edit_of_a_tensors_first_or_last_bytes_is_seen(tmp_path):
@@ -159,8 +160,8 @@ def test_the_cached_tiny_store_is_rebuilt_when_it_came_from_other_weights(tmp_pa
     monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
     path = tiny_store(LAYOUT)
     (path / "router").mkdir()  # kept beside the store, trained on it
-    index_time = (path / INDEX_NAME).stat().st_mtime_ns
-    assert tiny_store(LAYOUT) == path and (path / INDEX_NAME).stat().st_mtime_ns == index_time
+    index_time = (path / STORE_INDEX).stat().st_mtime_ns
+    assert tiny_store(LAYOUT) == path and (path / STORE_INDEX).stat().st_mtime_ns == index_time
     _rewrite_index(path, lambda i: i.pop("source"))  # a cache from before sources
     assert tiny_store(LAYOUT) == path and (path / "router").is_dir()  # same bytes: kept
     with StoreReader(path) as reader:
@@ -210,11 +211,11 @@ def test_quantize_over_a_store_of_other_weights_keeps_its_router_out(tmp_path):
     assert sorted(p.name for p in store.iterdir()) == before
     name = "model.layers.1.block_sparse_moe.experts.0.w2.weight"
     _resave(model, weights, lambda w: {name: -w[name]})
-    index = (store / INDEX_NAME).read_bytes()
+    index = (store / STORE_INDEX).read_bytes()
     with pytest.raises(UserError, match="router") as exc:
         quantize_checkpoint(model, store, LAYOUT, progress=False)
     assert "expert_stats.json" in str(exc.value) and str(store) in str(exc.value)
-    assert (store / INDEX_NAME).read_bytes() == index  # nothing written
+    assert (store / STORE_INDEX).read_bytes() == index  # nothing written
 
 
 def test_quantize_over_a_store_without_a_source_says_what_it_kept_unchecked(tmp_path,
