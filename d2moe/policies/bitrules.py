@@ -9,9 +9,11 @@ at the most bits. A rule maps (expert, routed bits) -> bits; it never looks at t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from d2moe.core.errors import UserError
 from d2moe.core.jobs import Demand, ExpertKey
+from d2moe.policies.registry import Registry
 from d2moe.policies.stats import ExpertStats
 
 
@@ -101,3 +103,33 @@ class Static(BitRule):
 
     def min_bits(self, asked_min: int) -> int:
         return min(self.choices)
+
+
+class BitOptions(Protocol):
+    """The rule's settings in a policy's config (`presets.PolicyConfig`)."""
+
+    uniform_bits: int
+    static_bits: tuple[int, ...]
+    static_shares: tuple[float, ...]
+
+
+# name -> factory(options, stats): a new rule is one class and one registration here
+BIT_RULES: Registry[BitRule] = Registry("bit rule")
+
+
+@BIT_RULES.register("asked")
+def _asked(options: BitOptions, stats: ExpertStats | None) -> BitRule:
+    """the bits each demand was routed at (dual routing)"""
+    return BitRule()
+
+
+@BIT_RULES.register("uniform")
+def _uniform(options: BitOptions, stats: ExpertStats | None) -> BitRule:
+    """every expert at uniform_bits"""
+    return Uniform(options.uniform_bits)
+
+
+@BIT_RULES.register("static")
+def _static(options: BitOptions, stats: ExpertStats | None) -> BitRule:
+    """per-expert bits fixed offline by importance (static_bits over static_shares)"""
+    return Static(stats, options.static_bits, options.static_shares)

@@ -13,7 +13,7 @@ from typing import Any
 
 from d2moe.core.jobs import Demand, ExpertKey, Load, Plan
 from d2moe.core.sizes import QuantLayout
-from d2moe.policies.bitrules import BitRule, Static, Uniform
+from d2moe.policies.bitrules import BIT_RULES, BitRule
 from d2moe.policies.planner import Planner, make_jobs
 from d2moe.policies.prefetch import HeatPredictor
 from d2moe.policies.registry import Registry
@@ -139,13 +139,7 @@ class Policy:
 
 
 def _bit_rule(cfg: PolicyConfig, stats: ExpertStats | None) -> BitRule:
-    if cfg.bits == "asked":
-        return BitRule()
-    if cfg.bits == "uniform":
-        return Uniform(cfg.uniform_bits)
-    if cfg.bits == "static":
-        return Static(stats, cfg.static_bits, cfg.static_shares)
-    raise ValueError(f"unknown bit rule {cfg.bits!r}")
+    return BIT_RULES.factory(cfg.bits, field="bits")(cfg, stats)
 
 
 def _with_substitutes(jobs: list[Job], subs: Sequence[Substitution], resident: ResidentView

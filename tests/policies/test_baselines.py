@@ -27,6 +27,31 @@ def test_static_bits_fill_the_shares_by_importance():
     assert d == [Demand(K[0], 2, 1, asked=4), Demand(K[9], 4, 1)]
 
 
+def test_every_registered_bit_rule_keeps_its_bits_within_its_bounds():
+    from d2moe.policies.bitrules import BIT_RULES
+    from d2moe.policies.presets import PolicyConfig
+
+    stats = ExpertStats.from_lists([[0.1 * e for e in range(10)]],
+                                   [[[float(i == j) for j in range(10)] for i in range(10)]])
+    cfg = PolicyConfig("fifo", "lru", False, uniform_bits=5)
+    asked = [Demand(k, b, 1) for k, b in zip(K, (2, 3, 4, 8, 2, 3, 4, 8, 2, 3), strict=True)]
+    seen = {}
+    for name in BIT_RULES.names():
+        rule = BIT_RULES.factory(name)(cfg, stats)
+        out = rule.apply(asked)
+        assert [d.key for d in out] == K and all(d.tokens == 1 for d in out), name
+        lo, hi = rule.min_bits(2), rule.max_bits(8)
+        assert all(lo <= d.bits <= hi for d in out), name
+        # a changed demand remembers the bits it was routed at
+        assert all(d.asked == a.bits for d, a in zip(out, asked, strict=True)
+                   if d.bits != a.bits), name
+        seen[name] = [d.bits for d in out]
+    assert seen["asked"] == [d.bits for d in asked] and set(seen["uniform"]) == {5}
+    assert seen["static"] == [2, 2, 2, 3, 3, 3, 3, 4, 4, 4]
+    with pytest.raises(UserError, match="field 'bits'.*choose one of: asked, static, uniform"):
+        BIT_RULES.factory("nope", field="bits")
+
+
 def test_policies_that_need_statistics_say_so_without_them():
     for name in POLICIES.names():
         if policy_config(name).needs_stats:
