@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from d2moe.core.cliargs import add_out_option
+from d2moe.core.cliargs import add_fields, from_args
 from d2moe.sim.cmd import SimulateConfig, run_simulations
 
 DEMO = SimulateConfig(model_spec="mixtral-8x7b", profile="rtx3060-laptop", policy="fifo,hebf",
                       budget="2.5GiB", out="out/demo")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Options of `d2moe demo` (the CLI is built from these fields); the rest is DEMO."""
+
+    out: str = field(default=DEMO.out, metadata={"help": "output directory"})
+    real: bool = field(default=True, metadata={
+        "help": "also run the tiny model for real on the CPU and compare it with the "
+                "simulator (needs torch; default: on)"})
 
 
 def register(subparsers: Any) -> None:
@@ -32,23 +42,21 @@ def register(subparsers: Any) -> None:
         description="Simulate Mixtral-8x7B routing on the RTX 3060 laptop profile (estimated) "
                     "with what its 6 GiB leave for experts (2.5 GiB), FIFO against HEBF; "
                     "print the table and write the bubble timeline and metrics to --out.")
-    add_out_option(p, default=DEMO.out, help_text="output directory")
-    p.add_argument("--real", default=True, action=argparse.BooleanOptionalAction,
-                   help="also run the tiny model for real on the CPU and compare it with the "
-                        "simulator (needs torch; default: on)")
+    add_fields(p, DemoConfig)
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    result = run_simulations(replace(DEMO, out=args.out))
+    cfg = from_args(DemoConfig, args)
+    result = run_simulations(replace(DEMO, out=cfg.out))
     print(result["table"])
     fifo, hebf = result["metrics"]["fifo"], result["metrics"]["hebf"]
     speedup = hebf.decode_tokens_per_s / fifo.decode_tokens_per_s
     print(f"\nHEBF vs FIFO: {speedup:.2f}x decode tokens/s (simulated, estimated profile)")
-    print(f"bubble timeline: {args.out}/bubbles.png   Perfetto trace: {args.out}/chrome.json")
-    if args.real:
-        _real_side(args.out)
+    print(f"bubble timeline: {cfg.out}/bubbles.png   Perfetto trace: {cfg.out}/chrome.json")
+    if cfg.real:
+        _real_side(cfg.out)
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     return 0
 

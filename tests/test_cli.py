@@ -432,3 +432,58 @@ def test_aliases_parse_to_the_same_options(verb, own, common):
     parse = build_parser().parse_args
     a, b = parse([*verb.split(), *own]), parse([*verb.split(), *common])
     assert vars(a) == vars(b) and vars(a) != vars(parse(verb.split()))
+
+
+@pytest.mark.parametrize("verb,config,required", [
+    ("trace record", "d2moe.traces.cmd:RecordConfig", {}),
+    ("model info", "d2moe.model.cmd:InfoConfig", {}),
+    ("generate", "d2moe.model.cmd:GenerateConfig", {}),
+    ("quantize", "d2moe.quant.cmd:QuantizeConfig", {"model": "tiny", "out": "s"}),
+    ("demo", "d2moe.demo:DemoConfig", {})])
+def test_a_verb_built_from_its_config_parses_to_its_defaults_and_every_option(verb, config,
+                                                                              required):
+    """No options give the config's defaults; each spelling of each option (aliases, --no-x,
+    quantize's hidden --quiet) sets its own field and no other."""
+    import argparse
+    import importlib
+
+    from d2moe.core.cliargs import from_args
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    head = [*verb.split(), *(x for k, v in required.items() for x in (f"--{k}", v))]
+    parse = build_parser().parse_args
+    default = cls(**required)
+    assert from_args(cls, parse(head)) == default
+    seen = set()
+    for action in _options(dict(_parsers())[f"d2moe {verb}"]):
+        for flag in action.option_strings:
+            now = getattr(default, action.dest)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv, value = [flag], not flag.startswith("--no-")
+            elif action.nargs == 0:  # --quiet: the earlier --no-progress
+                argv, value = [flag], action.const
+            else:
+                value = ([c for c in action.choices if c != now][0] if action.choices
+                         else now + 1 if isinstance(now, int) else f"{now}x")
+                argv = [flag, str(value)]
+            got = from_args(cls, parse([*head, *argv]))
+            assert got == dataclasses.replace(default, **{action.dest: value}), flag
+            seen.add(action.dest)
+    assert seen == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_converted_verbs_take_their_defaults_from_the_dataclass_that_owns_them():
+    from d2moe.core.sizes import QuantLayout, layout_from_options
+    from d2moe.executor.cmd import RunConfig
+    from d2moe.model.cmd import GenerateConfig
+    from d2moe.quant.cmd import QuantizeConfig, parse_bits_range
+    from d2moe.traces.cmd import RecordConfig
+    from d2moe.traces.synth import SynthConfig
+
+    q = QuantizeConfig(model="tiny", out="s")
+    assert layout_from_options(q.format, *parse_bits_range(q.bits), q.group) == QuantLayout()
+    g, r = GenerateConfig(), RunConfig()
+    assert (g.prompt, g.max_new_tokens) == (r.prompt, r.max_new_tokens)
+    rec, syn = RecordConfig(), SynthConfig()
+    assert (rec.prefill_tokens, rec.decode_steps) == (syn.prefill_tokens, syn.decode_steps)

@@ -5,11 +5,17 @@ metadata (`field(default=..., metadata={"help": "..."})`), with "(default: X)" a
 unless the help states its default itself or the default is empty (`default_note`).
 `metadata={"aliases": ("--other",)}` adds other spellings of the same option: the name
 other verbs give the same thing (`--batch` beside `--batch-size`), so either works everywhere.
+`metadata={"choices": (...)}` restricts the values as argparse's `choices` does (its refusal
+names the option and lists the choices). A field without a default is a required option (the
+dataclass cannot be built without it either); its type is its annotation's (int, float, else
+str), and its help gets no default note.
 
 An output path (a string field named `out`) whose default is not empty must not be given
 empty: `--out ''` would write into the current directory, or below `/` where the verb joins
 it as `{out}/sub`. It is a UserError naming the option, raised while parsing (`out_path`).
-Where `out` defaults to empty, empty means "the default place" and the help says which.
+Where `out` defaults to empty, empty means "the default place" and the help says which. A
+required `out` (no default) is checked alike; `metadata={"example": "..."}` is the path its fix
+suggests (else the default, else OUT).
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name.startswith("_"):
             continue
+        required = (f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
         default = f.default if f.default is not dataclasses.MISSING else None
         if default is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
@@ -83,18 +91,29 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
                                 action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kind: Callable[[str], Any] = (type(default) if isinstance(default, (int, float))
-                                      else str)
-        if f.name == "out" and default:
-            kind = out_path(option, default)
-        parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_text,
-                            metavar=f.metadata.get("metavar"))
+                                      else _annotated_type(f.type) if required else str)
+        if f.name == "out" and (default or required):
+            kind = out_path(option, f.metadata.get("example") or default or option.upper())
+        extra: dict[str, Any] = {"required": True} if required else {"default": default}
+        parser.add_argument(*names, dest=f.name, type=kind, help=help_text,
+                            metavar=f.metadata.get("metavar"),
+                            choices=f.metadata.get("choices"), **extra)
 
 
-def model_field(note: str = "") -> Any:
-    """The `--model` option every verb that loads a real model shares (`note`: what this
-    verb accepts beyond the built-in tiny model and a checkpoint directory)."""
-    help_text = "`tiny` (built in) or an HF checkpoint directory" + (f" ({note})" if note else "")
-    return dataclasses.field(default="tiny", metadata={"help": help_text})
+def _annotated_type(annotation: Any) -> Callable[[str], Any]:
+    """int or float for a field annotated so (a class or, under postponed annotations, its
+    name), else str: the type of a required option, which has no default to take it from."""
+    return {int: int, float: float, "int": int, "float": float}.get(annotation, str)
+
+
+def model_field(note: str = "", *, help_text: str = "", metavar: str | None = None) -> Any:
+    """The `--model` option every verb that loads a real model shares, its default `tiny`
+    (`note`: what this verb accepts beyond the built-in tiny model and a checkpoint directory;
+    `help_text`, `metavar`: a verb's own wording of it, in place of the shared one)."""
+    help_text = help_text or ("`tiny` (built in) or an HF checkpoint directory"
+                              + (f" ({note})" if note else ""))
+    metadata = {"help": help_text} | ({"metavar": metavar} if metavar else {})
+    return dataclasses.field(default="tiny", metadata=metadata)
 
 
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

@@ -9,14 +9,37 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2moe.core.cliargs import add_fields, from_args, require_modules
+from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import check_writable
+from d2moe.executor.cmd import RunConfig
 
 _MODEL_HELP = "`tiny` (the built-in model) or an HF checkpoint directory (config.json + " \
               "*.safetensors; Mixtral, OLMoE or Qwen-MoE)"
+
+
+@dataclass(frozen=True)
+class InfoConfig:
+    """Options of `d2moe model info` (the CLI is built from these fields)."""
+
+    model: str = model_field(help_text=_MODEL_HELP, metavar="MODEL")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Options of `d2moe generate` (the CLI is built from these fields): the reference for
+    `d2moe run`, so its prompt and length default to run's."""
+
+    model: str = model_field(help_text=_MODEL_HELP, metavar="MODEL")
+    prompt: str = field(default=RunConfig.prompt, metadata={"help": "prompt text"})
+    max_new_tokens: int = field(default=RunConfig.max_new_tokens, metadata={
+        "help": "tokens to generate; with the prompt at most the model's "
+                "max_position_embeddings"})
+    progress: bool = field(default=True, metadata={
+        "help": "show a progress bar on a terminal when it takes over a second"})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             description="Print a model's shape, its parameter counts by part, "
                                         "its expert bytes at fp16 and its checkpoint (with the "
                                         "tiny model's training record).")
-    info.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
+    add_fields(info, InfoConfig)
     info.set_defaults(func=_info)
     model.set_defaults(func=lambda args: _usage(model))
 
@@ -52,14 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Greedy generation from a prompt with every expert "
                                      "resident in memory (no streaming, no budget): the "
                                      "reference output and speed for `d2moe run`.")
-    gen.add_argument("--model", default="tiny", metavar="MODEL", help=_MODEL_HELP)
-    gen.add_argument("--prompt", default="def fib(", help="prompt text (default: 'def fib(')")
-    gen.add_argument("--max-new-tokens", type=int, default=64,
-                     help="tokens to generate; with the prompt at most the model's "
-                          "max_position_embeddings (default: 64)")
-    gen.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
-                     help="show a progress bar on a terminal when it takes over a second "
-                          "(default: True)")
+    add_fields(gen, GenerateConfig)
     gen.set_defaults(func=_generate)
 
 
@@ -88,7 +104,8 @@ def _info(args: argparse.Namespace) -> int:
     from d2moe.core.sizes import fmt_bytes
     from d2moe.model.load import checkpoint_dir, load_model, tiny_provenance
 
-    model, spec = load_model(args.model)
+    cfg = from_args(InfoConfig, args)
+    model, spec = load_model(cfg.model)
     counts = model.param_counts()
     total = sum(counts.values())
     print(f"model {spec.name}: {spec.layers} layers, {spec.experts} experts (top-{spec.top_k}), "
@@ -104,10 +121,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"one expert: {per_expert:,d} params = {fmt_bytes(per_expert * 2)} at fp16; all "
           f"{spec.layers * spec.experts} experts: {fmt_bytes(per_expert * 2 * spec.layers * spec.experts)}"  # noqa: E501
           f" at fp16; non-expert: {fmt_bytes(spec.non_expert_bytes)} at fp16")
-    where = checkpoint_dir(args.model)
+    where = checkpoint_dir(cfg.model)
     size = sum(f.stat().st_size for f in where.glob("*.safetensors"))
     print(f"checkpoint: {where} ({fmt_bytes(size)} of safetensors)")
-    if args.model == "tiny":
+    if cfg.model == "tiny":
         p = tiny_provenance()
         print(f"trained: {p['command']} on {p['date_utc']}, {p['training_steps']} steps in "
               f"{p['train_seconds']} s; held-out ppl/byte {p['heldout_ppl_per_byte']} vs "
@@ -119,13 +136,14 @@ def _generate(args: argparse.Namespace) -> int:
     from d2moe.model.generate import generate
     from d2moe.model.load import load_model
 
-    model, spec = load_model(args.model)
+    cfg = from_args(GenerateConfig, args)
+    model, spec = load_model(cfg.model)
     if spec.vocab == 256:
         from d2moe.model.tokenizer import decode, encode
     else:
-        encode, decode = _hf_tokenizer(Path(args.model))
-    gen = generate(model, encode(args.prompt), args.max_new_tokens, progress=args.progress)
-    sys.stdout.write(args.prompt + decode(list(gen.new_ids)) + "\n")
+        encode, decode = _hf_tokenizer(Path(cfg.model))
+    gen = generate(model, encode(cfg.prompt), cfg.max_new_tokens, progress=cfg.progress)
+    sys.stdout.write(cfg.prompt + decode(list(gen.new_ids)) + "\n")
     print(f"[{len(gen.prompt_ids)} prompt tokens, prefill {gen.prefill_s * 1e3:.1f} ms; "
           f"{len(gen.new_ids)} new tokens, decode {gen.decode_tokens_per_s:.1f} tokens/s; "
           f"all experts resident (DenseExperts), greedy]", file=sys.stderr)

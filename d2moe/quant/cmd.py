@@ -6,9 +6,10 @@ import argparse
 import re
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2moe.core.cliargs import out_path
+from d2moe.core.cliargs import add_fields, from_args
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
 from d2moe.model.hf_names import expert_key
@@ -17,7 +18,35 @@ from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
 from d2moe.quant.source import source_record
 from d2moe.quant.store import TENSORS, StoreWriter
 
-DEFAULT_FORMAT = "bitplane"  # measured on the tiny model: docs/results/mwq.md (verdict)
+DEFAULT_FORMAT = QuantLayout.kind  # measured on the tiny model: docs/results/mwq.md (verdict)
+_DEFAULT_BITS = f"{QuantLayout.b1}:{QuantLayout.bK}"
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of `d2moe quantize` (the CLI is built from these fields; `--model` and `--out`
+    have no default: required). The layout's defaults are QuantLayout's, the fit MWQ's."""
+
+    model: str = field(metadata={
+        "help": "`tiny` (the built-in model) or an HF checkpoint directory "
+                "(config.json + *.safetensors)"})
+    out: str = field(metadata={"help": "store directory to write", "example": "out/store"})
+    bits: str = field(default=_DEFAULT_BITS, metadata={
+        "help": f"b1:bK, smallest and largest bit-width (default: {_DEFAULT_BITS}; "
+                "--store-bits as in eval ppl)",
+        "aliases": ("--store-bits",)})
+    group: int = field(default=QuantLayout.group, metadata={
+        "help": "weights per scale group along the input dimension"})
+    format: str = field(default=DEFAULT_FORMAT, metadata={
+        "help": f"nested format (default: {DEFAULT_FORMAT}; mwq is the paper's)",
+        "choices": NESTED_KINDS})
+    fit: str = field(default=PLANE_FITS[0], metadata={
+        "help": f"MWQ plane-scale fit (default: {PLANE_FITS[0]}, the paper's closed form; "
+                "see docs/results/mwq.md)",
+        "choices": PLANE_FITS})
+    progress: bool = field(default=True, metadata={
+        "help": "progress bar on a terminal, as every other verb"})
+
 
 def parse_bits_range(text: str, field: str = "bits") -> tuple[int, int]:
     """'2:8' -> (2, 8); errors name the option `field`."""
@@ -154,17 +183,17 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"{exc.name} is not installed", field="quantize",
                         fix="pip install 'd2moe[executor]'") from None
-    b1, bK = parse_bits_range(args.bits)
-    layout = layout_from_options(args.format, b1, bK, args.group, kind_option="format",
+    cfg = from_args(QuantizeConfig, args)
+    b1, bK = parse_bits_range(cfg.bits)
+    layout = layout_from_options(cfg.format, b1, bK, cfg.group, kind_option="format",
                                  bits_option="bits")
-    index = quantize_checkpoint(args.model, args.out, layout, progress=args.progress,
-                                fit=args.fit)
+    index = quantize_checkpoint(cfg.model, cfg.out, layout, progress=cfg.progress, fit=cfg.fit)
     from d2moe.quant.store import StoreReader
 
     with StoreReader(index.parent) as reader:
         total = sum(e.nbytes for e in reader.entries.values())
-    fit = f", plane fit {args.fit}" if layout.kind == "mwq" else ""
-    print(f"wrote {index.parent} ({layout.kind}{fit}, bits {b1}..{bK}, group {args.group}): "
+    fit = f", plane fit {cfg.fit}" if layout.kind == "mwq" else ""
+    print(f"wrote {index.parent} ({layout.kind}{fit}, bits {b1}..{bK}, group {cfg.group}): "
           f"{fmt_bytes(total)} of planes")
     return 0
 
@@ -176,23 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Quantize every routed expert of an HF safetensors MoE checkpoint (or the "
                     "built-in tiny model) into a nested store of bit-widths b1..bK, one "
                     "tensor at a time, for `d2moe run`, `serve`, `validate` and `eval ppl`.")
-    p.add_argument("--model", required=True,
-                   help="`tiny` (the built-in model) or an HF checkpoint directory "
-                        "(config.json + *.safetensors)")
-    p.add_argument("--out", required=True, type=out_path("out", "out/store"),
-                   help="store directory to write")
-    p.add_argument("--bits", "--store-bits", dest="bits", default="2:8",
-                   help="b1:bK, smallest and largest bit-width (default: 2:8; --store-bits "
-                        "as in eval ppl)")
-    p.add_argument("--group", type=int, default=64, help="weights per scale group along the "
-                   "input dimension (default: 64)")
-    p.add_argument("--format", choices=NESTED_KINDS, default=DEFAULT_FORMAT,
-                   help=f"nested format (default: {DEFAULT_FORMAT}; mwq is the paper's)")
-    p.add_argument("--fit", choices=PLANE_FITS, default="mean",
-                   help="MWQ plane-scale fit (default: mean, the paper's closed form; "
-                        "see docs/results/mwq.md)")
-    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
-                   help="progress bar on a terminal, as every other verb (default: True)")
+    add_fields(p, QuantizeConfig)
     p.add_argument("--quiet", dest="progress", action="store_false",
                    help=argparse.SUPPRESS)  # the earlier spelling of --no-progress
     p.set_defaults(func=_run)

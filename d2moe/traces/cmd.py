@@ -1,22 +1,54 @@
-"""`d2moe trace synth` and `d2moe trace info`."""
+"""`d2moe trace synth`, `d2moe trace record` and `d2moe trace info`."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import add_fields, add_out_option, from_args
+from d2moe.core.cliargs import add_fields, add_out_option, from_args, model_field
 from d2moe.core.fileio import check_writable
 from d2moe.core.progress import progress_bar
 from d2moe.core.spec import load_spec
 from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace, load_trace, save_trace
 from d2moe.traces.synth import SynthConfig, synth_trace, synth_units
 
+TRACE_OUT = "trace.npz"  # where synth and record write the trace by default
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """Options of `d2moe trace record` (the CLI is built from these fields); the trace's
+    shape defaults to a synthetic trace's (SynthConfig)."""
+
+    model: str = model_field(help_text="the built-in tiny model or an HF checkpoint directory",
+                             metavar="tiny|DIR")
+    text: str = field(default="", metadata={
+        "help": "text to run over (default: the tiny model's held-out split)",
+        "metavar": "FILE"})
+    prefill_tokens: int = field(default=SynthConfig.prefill_tokens, metadata={
+        "help": "tokens of the prefill step"})
+    decode_steps: int = field(default=SynthConfig.decode_steps, metadata={
+        "help": "one-token steps after it"})
+    bits: int = field(default=0, metadata={
+        "help": "label every slot with this bit-width (default: 0, unknown)"})
+    router: str = field(default="", metadata={
+        "help": "a trained bit-width router: the experts run at its widths (dequantized from "
+                "--store) and the trace carries them, with its gate probabilities (`prefs`: "
+                "d2moe simulate --capacity-mode adaptive re-places them); empty: none, --bits "
+                "labels the slots",
+        "metavar": "DIR|auto"})
+    store: str = field(default="", metadata={
+        "help": "nested store for --router (default: the router's own store)",
+        "metavar": "DIR"})
+    out: str = field(default=TRACE_OUT, metadata={"help": "where to write the trace",
+                                                  "metavar": "FILE.npz"})
+
 
 def register(subparsers: Any) -> None:
-    """Add the `trace` verb with its `synth` and `info` actions."""
+    """Add the `trace` verb with its `synth`, `record` and `info` actions."""
     parser = subparsers.add_parser("trace", help="synthesize or inspect workload traces",
                                    description="Workload traces: per step and layer, each "
                                                "token's top-k experts, router weights, bits.")
@@ -30,7 +62,7 @@ def register(subparsers: Any) -> None:
                        help="shipped spec name, spec YAML or HF config.json "
                             "(default: mixtral-8x7b)")
     add_fields(synth, SynthConfig)
-    add_out_option(synth, default="trace.npz", metavar="FILE.npz",
+    add_out_option(synth, default=TRACE_OUT, metavar="FILE.npz",
                    help_text="where to write the trace")
     synth.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
                        help="show a progress bar on a terminal when it takes over a second "
@@ -41,26 +73,7 @@ def register(subparsers: Any) -> None:
                              description="Run a real model (needs torch) over a text: one "
                                          "prefill step, then teacher-forced decode steps; "
                                          "write every layer's top-k ids and router weights.")
-    rec.add_argument("--model", default="tiny", metavar="tiny|DIR",
-                     help="the built-in tiny model or an HF checkpoint directory "
-                          "(default: tiny)")
-    rec.add_argument("--text", default="", metavar="FILE",
-                     help="text to run over (default: the tiny model's held-out split)")
-    rec.add_argument("--prefill-tokens", type=int, default=64,
-                     help="tokens of the prefill step (default: 64)")
-    rec.add_argument("--decode-steps", type=int, default=128,
-                     help="one-token steps after it (default: 128)")
-    rec.add_argument("--bits", type=int, default=0,
-                     help="label every slot with this bit-width (default: 0, unknown)")
-    rec.add_argument("--router", default="", metavar="DIR|auto",
-                     help="a trained bit-width router: the experts run at its widths "
-                          "(dequantized from --store) and the trace carries them, with its "
-                          "gate probabilities (`prefs`: d2moe simulate --capacity-mode "
-                          "adaptive re-places them); empty: none, --bits labels the slots")
-    rec.add_argument("--store", default="", metavar="DIR",
-                     help="nested store for --router (default: the router's own store)")
-    add_out_option(rec, default="trace.npz", metavar="FILE.npz",
-                   help_text="where to write the trace")
+    add_fields(rec, RecordConfig)
     rec.set_defaults(func=_record)
 
     info = actions.add_parser("info", help="summarize a trace",
@@ -98,39 +111,40 @@ def _record(args: argparse.Namespace) -> int:
     from d2moe.model.tokenizer import encode
     from d2moe.traces.record import record_trace
 
-    if args.prefill_tokens < 1:  # before the model loads; record_trace would name max_len
-        raise UserError(f"must be >= 1, got {args.prefill_tokens}", field="prefill-tokens",
-                        fix="e.g. --prefill-tokens 64")
-    if args.decode_steps < 0:
-        raise UserError(f"must be >= 0, got {args.decode_steps}", field="decode-steps",
-                        fix="e.g. --decode-steps 128")
-    if not 0 <= args.bits <= MAX_BITS:  # the trace format's range; the file check's fix
-        raise UserError(f"must be 0 (unknown) or 1..{MAX_BITS}, got {args.bits}", field="bits",
+    cfg = from_args(RecordConfig, args)
+    if cfg.prefill_tokens < 1:  # before the model loads; record_trace would name max_len
+        raise UserError(f"must be >= 1, got {cfg.prefill_tokens}", field="prefill-tokens",
+                        fix=f"e.g. --prefill-tokens {RecordConfig.prefill_tokens}")
+    if cfg.decode_steps < 0:
+        raise UserError(f"must be >= 0, got {cfg.decode_steps}", field="decode-steps",
+                        fix=f"e.g. --decode-steps {RecordConfig.decode_steps}")
+    if not 0 <= cfg.bits <= MAX_BITS:  # the trace format's range; the file check's fix
+        raise UserError(f"must be 0 (unknown) or 1..{MAX_BITS}, got {cfg.bits}", field="bits",
                         fix="e.g. --bits 4, or leave it out (unknown)")
-    check_writable(args.out, field="out")  # before the model runs
-    if args.text:
-        path = require_file(args.text, field="text", what="a text file")
-        data, source = path.read_bytes(), args.text
+    check_writable(cfg.out, field="out")  # before the model runs
+    if cfg.text:
+        path = require_file(cfg.text, field="text", what="a text file")
+        data, source = path.read_bytes(), cfg.text
     else:
         from d2moe.model.corpus import load_corpus
 
         data, source = load_corpus(1, 64 * 1024).heldout, "tiny held-out split"
-    model, spec = load_model(args.model)
+    model, spec = load_model(cfg.model)
     routed: dict[str, Any] = {}
-    if args.router:
+    if cfg.router:
         from d2moe.router.evaluate import routed_backend
 
-        backend = routed_backend(args.model, spec, args.store, args.router)
+        backend = routed_backend(cfg.model, spec, cfg.store, cfg.router)
         routed = {"backend": backend, "token_bits": backend.token_bits,
                   "token_prefs": backend.token_prefs,
                   "router_config": backend.chooser.describe()}
-    trace = record_trace(model, spec, encode(data), prefill_tokens=args.prefill_tokens,
-                         decode_steps=args.decode_steps, bits=args.bits, source=source,
+    trace = record_trace(model, spec, encode(data), prefill_tokens=cfg.prefill_tokens,
+                         decode_steps=cfg.decode_steps, bits=cfg.bits, source=source,
                          **routed)
-    if args.router:
+    if cfg.router:
         trace.meta["router"] = backend.chooser.meta["path"]
-    save_trace(args.out, trace)
-    print(f"wrote {args.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
+    save_trace(cfg.out, trace)
+    print(f"wrote {cfg.out}: {trace.num_steps} steps, {trace.num_tokens} tokens of "
           f"{spec.name} routing from {source}")
     return 0
 

@@ -41,3 +41,57 @@ def test_add_fields_adds_each_alias_to_the_same_field():
     assert from_args(Cfg, parser.parse_args(["--batch", "5", "--no-quick"])) == Cfg(5, False)
     assert from_args(Cfg, parser.parse_args(["--batch-size", "7", "--no-fast"])) == Cfg(7, False)
     assert "--batch-size BATCH_SIZE, --batch BATCH_SIZE" in parser.format_help()
+
+
+def test_add_fields_choices_and_required_fields():
+    """`choices` refuses as argparse does; a field without a default is a required option of
+    its annotated type, and a required `out` is checked non-empty with its `example`."""
+    import argparse
+    import dataclasses
+
+    from d2moe.core.cliargs import add_fields, from_args
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        out: str = dataclasses.field(metadata={"help": "where", "example": "out/x"})
+        count: int = dataclasses.field(metadata={"help": "how many"})
+        kind: str = dataclasses.field(default="a", metadata={"help": "k", "choices": ("a", "b")})
+
+    class Refusal(Exception):
+        pass
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise Refusal(message)
+
+    parser = Parser()
+    add_fields(parser, Cfg)
+    assert from_args(Cfg, parser.parse_args(["--out", "o", "--count", "3"])) == Cfg("o", 3)
+    assert parser.parse_args(["--out", "o", "--count", "3", "--kind", "b"]).kind == "b"
+    with pytest.raises(Refusal, match="required: --out, --count"):
+        parser.parse_args([])
+    with pytest.raises(Refusal, match=r"--kind: invalid choice: 'c' \(choose from 'a', 'b'\)"):
+        parser.parse_args(["--out", "o", "--count", "3", "--kind", "c"])
+    with pytest.raises(Refusal, match="--count: invalid int value"):
+        parser.parse_args(["--out", "o", "--count", "x"])
+    with pytest.raises(UserError, match=r"field 'out': must not be empty.*e\.g\. --out out/x"):
+        parser.parse_args(["--out", "", "--count", "3"])
+    helps = {a.dest: a.help for a in parser._actions}  # noqa: SLF001 (argparse internals)
+    assert helps["out"] == "where" and helps["kind"] == "k (default: a)"
+
+
+def test_model_field_takes_a_verbs_own_wording():
+    import dataclasses
+
+    from d2moe.core.cliargs import model_field
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        shared: str = model_field("Mixtral")
+        own: str = model_field(help_text="a model", metavar="M")
+
+    shared, own = dataclasses.fields(Cfg)
+    assert Cfg() == Cfg("tiny", "tiny")
+    assert dict(shared.metadata) == {"help": "`tiny` (built in) or an HF checkpoint directory "
+                                             "(Mixtral)"}
+    assert dict(own.metadata) == {"help": "a model", "metavar": "M"}
