@@ -229,7 +229,9 @@ def test_resume_keeps_the_gap_between_forwards_out_of_every_row(store_path, refe
         steps = sorted((e for e in tl.events if e.lane == "step"), key=lambda e: e.start_us)
         assert [e.step for e in steps] == [0, 1, 2, 3]  # one row per step, none twice
         second = next(e for e in tl.events if e.kind == "non_expert" and e.step == 2)
-        # without resume() the second prompt's layer-0 row holds the whole gap
-        assert (second.dur_us < gap_us / 3) == resume, second
-        assert (steps[2].end_us - steps[2].start_us < gap_us / 3) == resume  # its step
+        # without resume() the second prompt's layer-0 row, and its step, hold the whole
+        # gap (a bound load cannot break: a busy machine only lengthens rows); with it,
+        # neither does (its own work, a prefill of 4 layers, is far below 0.3 s)
+        assert (second.dur_us >= gap_us) != resume, second
+        assert (steps[2].end_us - steps[2].start_us >= gap_us) != resume  # its step
         assert all(a.end_us <= b.start_us for a, b in zip(steps, steps[1:], strict=False))
