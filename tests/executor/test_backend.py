@@ -24,6 +24,7 @@ from d2moe.model.tokenizer import encode
 from d2moe.policies import POLICIES, make_policy, policy_config
 from d2moe.quant.reference import dequantize
 from d2moe.quant.store import StoreReader
+from tests.sim.test_invariants import assert_lanes_and_residency
 from tests.sim.workloads import random_stats
 
 BITS = 4
@@ -104,14 +105,18 @@ def test_a_pinned_policy_over_budget_is_refused(store_path):
         StreamingExperts(store, make_policy("hold-in-memory"), pool, bits=8)
 
 
-def test_rows_follow_the_simulators_rules(store_path, reference):
+@pytest.mark.parametrize("policy", ["hebf", "hebf-prefetch"])
+def test_rows_follow_the_simulators_rules(store_path, reference, policy):
     model, spec, _ = reference
     store = StoreReader(store_path)
     budget = _budgets(spec, store.layout)["25%"]
     pool = ExpertPool(spec, store.layout, budget, torch.device("cpu"))
-    backend = StreamingExperts(store, make_policy("hebf"), pool, bits=BITS)
-    generate(model, PROMPT, 4, backend=backend)
+    backend = StreamingExperts(store, make_policy(policy), pool, bits=BITS)
+    generate(model, PROMPT, 8 if policy == "hebf-prefetch" else 4, backend=backend)
     tl = backend.finish()
+    assert_lanes_and_residency(tl, policy, spec)  # the simulator's row invariants
+    if policy == "hebf-prefetch":
+        assert tl.of_kind("prefetch")
     loads = {(e.step, e.layer, e.expert): e.end_us for e in tl.events if e.kind == "load"}
     runs = [e for e in tl.events if e.kind == "run"]
     assert runs and loads

@@ -27,19 +27,19 @@ budgets = st.floats(0.0, 1.2)
 policies = st.sampled_from(POLICIES.names())
 
 
-def assert_lanes_and_residency(tl, name: str) -> None:
+def assert_lanes_and_residency(tl, name: str, spec=SPEC) -> None:
     """Each lane does one thing at a time; and replayed from the rows (a load's bits count
     from its end, an eviction's loss from its start; at one instant loads land, then
     evictions, then runs start), every run's expert is resident at its bits, whichever
-    step's or layer's load or prefetch brought it."""
+    step's or layer's load or prefetch brought it. Order only: real timelines pass too."""
     for lane, kinds in (("io", ("load", "prefetch")),
                         ("compute", ("run", "substitute", "stall", "non_expert"))):
         rows = sorted((e.start_us, e.end_us) for e in tl.events if e.kind in kinds)
         assert all(e.lane == lane for e in tl.events if e.kind in kinds)
         assert all(a[1] <= b[0] + 1e-9 for a, b in zip(rows, rows[1:], strict=False)), lane
     cfg = policy_config(name)  # a pinned policy starts with every expert at its bits
-    bits = {(layer, e): cfg.uniform_bits for layer in range(SPEC.layers)
-            for e in range(SPEC.experts)} if cfg.pin else {}
+    bits = {(layer, e): cfg.uniform_bits for layer in range(spec.layers)
+            for e in range(spec.experts)} if cfg.pin else {}
     order = {"load": 0, "prefetch": 0, "evict": 1, "run": 2}
     moves = sorted(((e.end_us if e.kind in ("load", "prefetch") else e.start_us,
                      order[e.kind], i, e) for i, e in enumerate(tl.events) if e.kind in order),
