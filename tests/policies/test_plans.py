@@ -199,6 +199,24 @@ def test_unknown_names_are_user_errors_listing_the_choices():
             reg.create("nope")
 
 
+def test_every_scheduler_and_residency_rule_runs_in_some_preset():
+    """The registry tests run presets (sim/test_presets.py, executor/test_backend.py): a
+    scheduler or residency rule no preset names would never run there."""
+    configs = [policy_config(n) for n in POLICIES.names()]
+    assert {c.scheduler for c in configs} == set(SCHEDULERS.names())
+    assert {c.residency for c in configs} == set(RESIDENCY.names())
+
+
+def test_a_name_registers_once():
+    from d2moe.policies.registry import Registry
+
+    reg: Registry[object] = Registry("thing")
+    reg.register("a", "first")(object)
+    with pytest.raises(ValueError, match="thing 'a' registered twice"):
+        reg.register("a")(dict)
+    assert reg.names() == ["a"] and reg.doc("a") == "first"
+
+
 def test_residency_rankings():
     k = [ExpertKey(0, i) for i in range(3)]
     lru, lfu, hot = Lru(), Lfu(), Hottest(half_life_layers=1.0)
