@@ -127,3 +127,17 @@ def test_kept_parameters_and_shared_scratch_stay_exact_across_interleaved_calls(
     assert all(sorted(v.prepared) == [2, 3, 4, 5, 6] for v in views)
     assert all(tf.prepared_nbytes(v, 6) == v.rows * v.groups * 4 * (6 if kind == "mwq" else 2)
                for v in views)
+
+
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_the_off_cpu_dequant_path_equals_the_reference(kind):
+    """dequantize_fast and dequant_matmul send a packed matrix on a GPU to torch ops
+    (`_dequantize_torch`) that only ever ran on a GPU machine; the ops run on CPU tensors
+    too, so the formulas are checked here, bit for bit, on every shape and range above."""
+    for i, (rows, cols, group) in enumerate(SHAPES):
+        for b1, bK in RANGES:
+            m = _matrix(kind, rows, cols, group, b1, bK, seed=i)
+            p = PackedExpertMatrix.from_nested(m)
+            for b in range(b1, bK + 1):
+                got = tf._dequantize_torch(p, b)  # noqa: SLF001
+                assert _same_bits(got, dequantize(m, b)), (rows, cols, group, b1, bK, b)

@@ -93,6 +93,32 @@ def test_every_policy_makes_feasible_plans(data, name):
         apply_plan(plan, pool)
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), name=st.sampled_from(POLICIES.names()))
+def test_victims_are_taken_outside_the_layer_first_and_prefetch_spares_the_layer(data, name):
+    """planner.py's preference: a load frees bytes from experts this layer does not run
+    before it touches one it runs, so an eviction of a layer expert (other than a copy
+    replaced by its own load) comes only once no other expert is resident; a prefetch
+    evicts neither the layer's experts nor another prefetch's."""
+    pool, layers, seed = data.draw(scenarios(name))
+    policy = make_policy(name, stats=random_stats(2, 12, seed))
+    if policy.config.pin:
+        return  # everything resident up front: nothing is ever evicted
+    for i, demands in enumerate(layers):
+        plan = policy.plan(i % 2, demands, pool.view, Costs())
+        layer = {r.source for r in plan.runs}
+        fetched = {ld.key for ld in plan.loads if ld.prefetch}
+        for ld in plan.loads:
+            for ev in ld.evict:
+                if ld.prefetch:
+                    assert ev.key not in layer | fetched, (ld, ev)
+                elif ev.key in layer and ev.key != ld.key:
+                    others = [k for k in pool.bits if k not in layer]
+                    assert others == [], (ld, ev, others)
+                pool.apply_evict(ev)
+            pool.apply_load(ld)
+
+
 def test_check_plan_catches_a_run_before_its_bits_exist():
     pool = ResidentSet(SIZES, 10**6)
     d = Demand(ExpertKey(0, 0), 4, 1)
@@ -114,10 +140,81 @@ def test_check_plan_catches_budget_overrun_and_deadlock():
         check_plan(cycle, [a, b], pool)
 
 
+def test_check_plan_catches_runs_that_do_not_match_the_demands():
+    """The property tests above trust check_plan to see every demand run exactly once at
+    its routed bits: a missing, doubled or re-routed run is refused."""
+    pool = ResidentSet(SIZES, 10**6)
+    a, b = Demand(ExpertKey(0, 0), 4, 2), Demand(ExpertKey(0, 1), 2, 1)
+    for ld in (Load(a.key, 0, 4), Load(b.key, 0, 2)):
+        pool.apply_load(ld)
+    check_plan(Plan(runs=(Run(a.key, 4, 2), Run(b.key, 2, 1))), [a, b], pool)  # the good one
+    for runs in [(Run(a.key, 4, 2),),  # b never runs
+                 (Run(a.key, 4, 2), Run(b.key, 2, 1), Run(b.key, 2, 1)),  # b twice
+                 (Run(a.key, 4, 1), Run(b.key, 2, 1)),  # a token lost
+                 (Run(a.key, 4, 2), Run(b.key, 4, 1, asked=4))]:  # b's tokens re-routed
+        with pytest.raises(PlanError, match="do not match demands"):
+            check_plan(Plan(runs=runs), [a, b], pool)
+
+
+def test_check_plan_refuses_substituting_an_important_demand():
+    pool = ResidentSet(SIZES, 10**6)
+    pool.apply_load(Load(ExpertKey(0, 1), 0, 4))
+    low, high = Demand(ExpertKey(0, 0), 4, 1, 0.2), Demand(ExpertKey(0, 2), 4, 1, 0.6)
+    src = ExpertKey(0, 1)
+    ok = Plan(runs=(Run(low.key, 4, 1, served_by=src),))
+    check_plan(ok, [low], pool, substitute_below=0.3)
+    bad = Plan(runs=(Run(high.key, 4, 1, served_by=src),))
+    with pytest.raises(PlanError, match=r"substitutes a demand of importance 0\.6 >= 0\.3"):
+        check_plan(bad, [high], pool, substitute_below=0.3)
+    with pytest.raises(PlanError, match="substitutes"):  # no substitution allowed by default
+        check_plan(ok, [low], pool, substitute_below=0.0)
+
+
+@pytest.mark.parametrize("sizes,ops,match", [
+    (SIZES, [Evict(ExpertKey(0, 5), 4, 0)], "resident at 0 bits"),  # not resident
+    (SIZES, [Evict(ExpertKey(0, 0), 3, 0)], "resident at 4 bits"),  # wrong bits_from
+    (SIZES, [Evict(ExpertKey(0, 0), 4, 4)], "resident at 4 bits"),  # lowers nothing
+    (COPIES, [Evict(ExpertKey(0, 0), 4, 2)], "plane drop needs a nested layout"),
+    (SIZES, [Load(ExpertKey(0, 0), 0, 4)], "resident at 4 bits"),  # already there
+    (SIZES, [Load(ExpertKey(0, 0), 4, 3)], "resident at 4 bits"),  # a load that lowers
+    (COPIES, [Load(ExpertKey(0, 0), 4, 5)], "raising in place needs a nested layout"),
+])
+def test_resident_set_refuses_evictions_and_loads_that_do_not_match_the_pool(sizes, ops,
+                                                                            match):
+    """The accounting both backends share (and check_plan replays) refuses an eviction of an
+    expert that is not resident at the bits it names, and a load from the wrong bits; the
+    pool is left as it was."""
+    pool = ResidentSet(sizes, 10**6)
+    pool.apply_load(Load(ExpertKey(0, 0), 0, 4))
+    before = (dict(pool.bits), pool.used_bytes, pool.version)
+    for op in ops:
+        with pytest.raises(PlanError, match=match):
+            (pool.apply_evict if isinstance(op, Evict) else pool.apply_load)(op)
+    assert (pool.bits, pool.used_bytes, pool.version) == before
+
+
 def test_unknown_names_are_user_errors_listing_the_choices():
     for reg in (POLICIES, SCHEDULERS, RESIDENCY):
         with pytest.raises(UserError, match="choose one of"):
             reg.create("nope")
+
+
+def test_every_scheduler_and_residency_rule_runs_in_some_preset():
+    """The registry tests run presets (sim/test_presets.py, executor/test_backend.py): a
+    scheduler or residency rule no preset names would never run there."""
+    configs = [policy_config(n) for n in POLICIES.names()]
+    assert {c.scheduler for c in configs} == set(SCHEDULERS.names())
+    assert {c.residency for c in configs} == set(RESIDENCY.names())
+
+
+def test_a_name_registers_once():
+    from d2moe.policies.registry import Registry
+
+    reg: Registry[object] = Registry("thing")
+    reg.register("a", "first")(object)
+    with pytest.raises(ValueError, match="thing 'a' registered twice"):
+        reg.register("a")(dict)
+    assert reg.names() == ["a"] and reg.doc("a") == "first"
 
 
 def test_residency_rankings():

@@ -131,3 +131,33 @@ def test_row_blocks_give_the_whole_matrix_bit_for_bit(monkeypatch, kind, fit, ro
     assert (blocks.rows, blocks.cols, blocks.kind) == (rows, cols, kind)
     for b in range(2, 8):
         assert encode_level(blocks, b) == encode_level(whole, b)
+
+
+def _sq_err(m, w, b) -> float:
+    return float(((dequantize(m, b).numpy().astype(np.float64) - w) ** 2).sum())
+
+
+def test_mwq_plane_fits_trade_as_documented():
+    """`--fit` (d2moe eval ppl): 'halve' stores max |r| / 2; at b1 + 1 (same base, same
+    signs) the paper's 'mean' is the least-squares plane, so no fit beats it there;
+    'lookahead' picks per group the scale that, with 'halve' after it, sums the least error
+    over the widths b1+1..bK, so over those widths it never loses to 'halve' itself."""
+    from d2moe.quant.mwq import quantize_mwq
+
+    w = _rng().standard_normal((24, 200)).astype(np.float32)  # a partial last group
+    fits = {f: quantize_mwq(w, b1=2, bK=6, group=64, fit=f)
+            for f in ("mean", "halve", "lookahead")}
+    for m in fits.values():  # one base: the fits differ only in the plane scales
+        assert np.array_equal(m.scale, fits["mean"].scale)
+        assert torch.equal(dequantize(m, 2), dequantize(fits["mean"], 2))
+    resid = (w - dequantize(fits["halve"], 2).numpy()).reshape(24, -1)
+    groups = [np.abs(resid[:, g:g + 64]).max(1) / 2 for g in range(0, 200, 64)]
+    np.testing.assert_allclose(fits["halve"].plane_scale[0].astype(np.float32),
+                               np.stack(groups, 1), rtol=1e-3)
+    first = {f: _sq_err(m, w, 3) for f, m in fits.items()}
+    assert first["mean"] <= min(first["halve"], first["lookahead"]) * (1 + 1e-6), first
+    total = {f: sum(_sq_err(m, w, b) for b in range(3, 7)) for f, m in fits.items()}
+    assert total["lookahead"] <= total["halve"] * (1 + 1e-6), total
+    assert len({round(v, 3) for v in total.values()}) == 3  # three different fits
+    with pytest.raises(UserError, match="unknown plane-scale fit"):
+        quantize_mwq(w, fit="best")
