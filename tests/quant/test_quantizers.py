@@ -75,6 +75,12 @@ def test_level_bytes_match_core_sizes_and_round_trip(kind, shape, group):
 def test_bad_input_is_user_error():
     with pytest.raises(UserError, match="NaN"):
         quantize_matrix(np.full((2, 64), np.nan), QuantLayout(kind="mwq"))
+    for bad, what in ((np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"),
+                      (-np.inf, "NaN or infinite"), (7e4, "fp16 range"), (-7e4, "fp16 range")):
+        w = np.zeros((3, 70), np.float32)
+        w[2, 69] = bad  # one weight, in the last partial group of the last row
+        with pytest.raises(UserError, match=what):
+            quantize_matrix(w, QuantLayout(kind="bitplane"))
     with pytest.raises(UserError, match="2-D"):
         quantize_matrix(np.ones(64), QuantLayout(kind="bitplane"))
     with pytest.raises(UserError, match="not a nested"):
