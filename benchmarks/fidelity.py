@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import load_spec
 from d2moe.executor.validate import ValidateConfig, validate_rounds
@@ -57,6 +58,14 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     device = torch.device(args.device)
+    profile = None if args.measure else load_profile(args.profile)
+    if profile and args.mixtral:  # before a store of gigabytes is written for nothing
+        spec = dataclasses.replace(load_spec("mixtral-8x7b"), layers=args.layers)
+        try:
+            profile.run_us(spec, 4, 1, MIXTRAL_LAYOUT)
+            profile.non_expert_us(spec, 1)
+        except UserError as exc:
+            ap.error(f"{exc} -- pass --measure (the shipped profiles time the tiny model only)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.mixtral:
             model, spec, store, prompt = _mixtral(args, Path(tmp))
@@ -68,7 +77,6 @@ def main() -> None:
         cfg = ValidateConfig(policies=args.policies, budgets=budgets, max_new_tokens=tokens,
                              device=args.device, threads=args.threads, repeats=args.repeats,
                              rounds=args.rounds, out=args.out)
-        profile = None if args.measure else load_profile(args.profile)
         print(f"machine: {platform.machine()}, {platform.node()}; torch {torch.__version__}; "
               + (f"profile {profile.name} ({profile.source.kind}, {profile.source.date})"
                  if profile else "profiles measured between the runs of each round (--measure)"))
