@@ -177,3 +177,25 @@ def split_list(text: str, field: str, *, example: str, path: str | None = None,
                                 fix=f"name {item!r} once")
             seen.add(item)
     return items
+
+
+def int_ranges(text: str, field: str, *, example: str) -> list[int]:
+    """'2-4,8' -> [2, 3, 4, 8]: a comma list of whole numbers and LOW-HIGH ranges, in the
+    order written (the bit-width lists of several verbs). A number listed twice, also
+    through overlapping ranges ('2-4,3'), is a UserError naming it, as `split_list` refuses
+    an item given twice; so is an empty range ('4-2') or an item that is no number."""
+    out: list[int] = []
+    for part in split_list(text, field, example=example):
+        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
+        if not m:
+            raise UserError(f"cannot read {part!r} in {text!r} as a number or a range",
+                            field=field, fix=f"write e.g. {example}")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UserError(f"empty range {part!r}", field=field, fix="write LOW-HIGH")
+        for n in range(lo, hi + 1):
+            if n in out:
+                raise UserError(f"{n} is given twice in {text!r}", field=field,
+                                fix=f"name each value once, e.g. {example}")
+            out.append(n)
+    return out

@@ -10,14 +10,13 @@ corpus. `fp` is the model's own experts (no backend passed), so it equals `perpl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from d2moe.core.cliargs import model_field, split_list
+from d2moe.core.cliargs import int_ranges, model_field, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
 from d2moe.core.sizes import QuantLayout, layout_from_options
@@ -106,18 +105,8 @@ class PplTable:
 
 
 def parse_bits_list(text: str) -> tuple[int, ...]:
-    """'2,3,4' or '2-8' or '2-4,8' -> sorted unique bit-widths."""
-    out: set[int] = set()
-    for part in split_list(text, "bits", example="--bits 2-4,8"):
-        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
-        if not m:
-            raise UserError(f"cannot read {text!r} as bit-widths", field="bits",
-                            fix="write a comma list like 2,3,4 or a range like 2-8")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise UserError(f"empty range {part!r}", field="bits", fix="write LOW-HIGH")
-        out.update(range(lo, hi + 1))
-    return tuple(sorted(out))
+    """'2,3,4' or '2-8' or '2-4,8' -> sorted bit-widths (each named once)."""
+    return tuple(sorted(int_ranges(text, "bits", example="--bits 2-4,8")))
 
 
 def parse_formats(text: str, store_kind: str | None) -> tuple[str, ...]:

@@ -28,13 +28,12 @@ probabilities with this very code and no torch (d2moe/sim/adaptive.py).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import split_list
+from d2moe.core.cliargs import int_ranges, split_list
 from d2moe.core.errors import UserError
 
 
@@ -50,14 +49,7 @@ def parse_floats(text: str, field: str) -> tuple[float, ...]:
 
 def parse_bits(text: str) -> tuple[int, ...]:
     """'2,3,4' or '2-4' -> (2, 3, 4), strictly increasing."""
-    out: list[int] = []
-    for part in split_list(text, "bits", example="--bits 2,3,4"):
-        m = re.fullmatch(r"(\d+)\s*(?:-\s*(\d+))?", part)
-        if not m:
-            raise UserError(f"cannot read {text!r} as bit-widths", field="bits",
-                            fix="write a comma list like 2,3,4 or a range like 5-8")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        out.extend(range(lo, hi + 1))
+    out = int_ranges(text, "bits", example="--bits 2,3,4")
     if len(out) < 2 or any(b >= c for b, c in zip(out, out[1:], strict=False)):
         raise UserError(f"need at least two increasing bit-widths, got {text!r}", field="bits",
                         fix="e.g. --bits 2,3,4")

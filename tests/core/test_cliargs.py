@@ -95,3 +95,16 @@ def test_model_field_takes_a_verbs_own_wording():
     assert dict(shared.metadata) == {"help": "`tiny` (built in) or an HF checkpoint directory "
                                              "(Mixtral)"}
     assert dict(own.metadata) == {"help": "a model", "metavar": "M"}
+
+
+def test_int_ranges_expand_in_order_and_refuse_what_a_typo_would_give():
+    from d2moe.core.cliargs import int_ranges
+
+    assert int_ranges("5-8, 2,3", "bits", example="--bits 2-4") == [5, 6, 7, 8, 2, 3]
+    assert int_ranges("4-4", "bits", example="--bits 2-4") == [4]
+    for text, what in (("2-4,3", "3 is given twice"), ("2-4,4-6", "4 is given twice"),
+                       ("4-2", "empty range '4-2'"), ("2,x", "cannot read 'x'"),
+                       ("2,,3", "empty item"), ("", "nothing given"), ("-1", "cannot read")):
+        with pytest.raises(UserError, match=what) as exc:
+            int_ranges(text, "bits", example="--bits 2-4")
+        assert exc.value.field == "bits", text

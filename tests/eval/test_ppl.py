@@ -63,7 +63,7 @@ def test_store_matches_in_memory_and_cli(tmp_path, capsys):
 @pytest.mark.parametrize("cfg, match", [
     (PplConfig(bits="1,2"), r"field 'bits'.*1 bits is outside the bitplane store's range 2\.\.8"),
     (PplConfig(format="rtn", bits="9"), r"outside RTN 1\.\.8.*fix: ask for 1\.\.8 bits"),
-    (PplConfig(bits="two"), "cannot read 'two' as bit-widths"),
+    (PplConfig(bits="two"), "field 'bits': cannot read 'two' in 'two' as a number or a range"),
     (PplConfig(bits="4-2"), "empty range"),
     (PplConfig(format="int4"), "field 'format': unknown format 'int4'"),
     (PplConfig(format="mwq", fit="best"), "field 'fit'"),
@@ -77,4 +77,6 @@ def test_bad_options(cfg, match):
 
 
 def test_parse_bits_list():
-    assert parse_bits_list("2-4,8, 3") == (2, 3, 4, 8)
+    assert parse_bits_list("8, 2-4,5") == (2, 3, 4, 5, 8)
+    with pytest.raises(UserError, match="field 'bits': 3 is given twice in '2-4,8, 3'"):
+        parse_bits_list("2-4,8, 3")  # overlapping: a typo, as '3,3' is
