@@ -6,9 +6,17 @@ against RTN copies at every width b1..bK (what a Matryoshka-Free store quantizes
 Per format and matrix shape: the median of `--repeats` timings (the variants alternate,
 which goes first alternating too), M weights/s, the ratios one-piece / blocked and
 rtn-copies / blocked, whether blocked and one-piece give the same bytes, and each variant's
-peak of allocated bytes (tracemalloc, in a separate untimed pass). Last, the quantizer
+peak of allocated bytes (tracemalloc, in a separate untimed pass). Then the quantizer
 compute a whole model's experts would take at the blocked rate: derived from the rates
 measured here (weights / rate), reading the checkpoint and writing the store not included.
+
+`--checkpoint-experts N` (default 2; 0 skips it) times `d2moe quantize` end to end
+(`quant.cmd.quantize_checkpoint`: safetensors reads, bf16 -> float32, quantizing, the store's
+atomic writes and checksums) on a random-weight bf16 checkpoint of one layer of N experts
+of the spec's shapes with Mixtral's tensor names, written to the cache directory first (so
+its reads come from the page cache: a checkpoint cold on disk reads slower), against the I/O
+alone in the same run: the same tensor reads and a file of the store's size written and
+fsynced.
 
 Usage: python benchmarks/quantize.py [--spec mixtral-8x7b] [--formats bitplane,mwq]
                                      [--repeats 3]
@@ -17,8 +25,12 @@ Usage: python benchmarks/quantize.py [--spec mixtral-8x7b] [--formats bitplane,m
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -30,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from d2moe.core.cliargs import split_list  # noqa: E402
 from d2moe.core.sizes import QuantLayout  # noqa: E402
-from d2moe.core.spec import load_spec  # noqa: E402
+from d2moe.core.spec import ModelSpec, load_spec  # noqa: E402
+from d2moe.executor.setup import cache_dir  # noqa: E402
 from d2moe.quant.bitplane import quantize_bitplane  # noqa: E402
+from d2moe.quant.cmd import _load, find_expert_tensors, quantize_checkpoint  # noqa: E402
 from d2moe.quant.mwq import quantize_mwq  # noqa: E402
 from d2moe.quant.nested import NestedMatrix, quantize_matrix  # noqa: E402
 from d2moe.quant.rtn import quantize_rtn  # noqa: E402
@@ -81,6 +95,8 @@ def main() -> None:
     ap.add_argument("--spec", default="mixtral-8x7b", help="model spec of the expert shapes")
     ap.add_argument("--formats", default="bitplane,mwq")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--checkpoint-experts", type=int, default=2,
+                    help="experts of the end-to-end checkpoint (0: skip it)")
     args = ap.parse_args()
     spec = load_spec(args.spec)
     shapes = sorted(set(spec.expert_shapes))
@@ -114,6 +130,74 @@ def main() -> None:
         print(f"{spec.name}'s experts ({weights / 1e9:.1f} G weights) in {kind} at the blocked "
               f"rates above: ~{seconds / 60:.1f} min of quantizer compute on one core "
               "(derived, not timed; reads and writes not included)")
+    if args.checkpoint_experts > 0:
+        end_to_end(spec, args.checkpoint_experts, args.formats)
+
+
+def write_checkpoint(model_dir: Path, spec: ModelSpec, experts: int) -> int:
+    """A random bf16 HF checkpoint (Mixtral names) of one layer of `experts` experts of
+    `spec`'s shapes; returns its expert weight count."""
+    import torch
+    from safetensors.torch import save_file
+
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "num_hidden_layers": 1, "hidden_size": spec.hidden,
+        "intermediate_size": spec.ffn, "num_attention_heads": spec.heads,
+        "num_key_value_heads": spec.kv_heads, "vocab_size": spec.vocab,
+        "num_local_experts": experts, "num_experts_per_tok": min(spec.top_k, experts)}))
+    gen = torch.Generator().manual_seed(0)
+    count = 0
+    for e in range(experts):
+        tensors = {}
+        for t, (rows, cols) in zip(("w1", "w3", "w2"), spec.expert_shapes, strict=True):
+            tensors[f"model.layers.0.block_sparse_moe.experts.{e}.{t}.weight"] = (
+                torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+            count += rows * cols
+        save_file(tensors, str(model_dir / f"model-{e:05d}.safetensors"))
+    return count
+
+
+def io_only(model_dir: Path, out: Path, nbytes: int) -> None:
+    """The end-to-end run's I/O without the quantizer: every expert tensor read as float32,
+    then `nbytes` (the store's size) written in 4 MiB pieces and fsynced."""
+    for path, name in find_expert_tensors(model_dir).values():
+        _load(path, name)
+    chunk = bytes(4 << 20)
+    with open(out, "wb") as f:
+        for start in range(0, nbytes, len(chunk)):
+            f.write(chunk[:min(len(chunk), nbytes - start)])
+        f.flush()
+        os.fsync(f.fileno())
+    out.unlink()
+
+
+def end_to_end(spec: ModelSpec, experts: int, formats: str) -> None:
+    """`d2moe quantize` on a written checkpoint against its I/O alone (module docstring)."""
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="quantize-bench-", dir=root) as tmp:
+        model_dir = Path(tmp) / "checkpoint"
+        weights = write_checkpoint(model_dir, spec, experts)
+        print(f"\nend to end: one layer of {experts} {spec.name} experts ({weights / 1e9:.2f} G "
+              "weights, bf16 safetensors in the page cache), one run each")
+        for kind in split_list(formats, "formats", example="--formats bitplane,mwq"):
+            store = Path(tmp) / f"store-{kind}"
+            t0 = time.perf_counter()
+            quantize_checkpoint(model_dir, store, QuantLayout(kind=kind), progress=False)
+            quantize_s = time.perf_counter() - t0
+            nbytes = sum(p.stat().st_size for p in store.iterdir() if p.is_file())
+            t0 = time.perf_counter()
+            io_only(model_dir, Path(tmp) / "io-only.bin", nbytes)
+            io_s = time.perf_counter() - t0
+            total = spec.layers * spec.experts * sum(r * c for r, c in spec.expert_shapes)
+            rate = weights / quantize_s / 1e6
+            print(f"{kind:9} d2moe quantize {quantize_s:6.1f} s ({rate:.0f} M "
+                  f"weights/s, store {nbytes / 2**30:.2f} GiB); I/O alone {io_s:5.1f} s "
+                  f"({io_s / quantize_s:.0%} of it); all {total / 1e9:.1f} G of "
+                  f"{spec.name}'s experts at this rate: ~{total / weights * quantize_s / 60:.0f} "
+                  "min (derived)")
+            shutil.rmtree(store)
 
 
 if __name__ == "__main__":
