@@ -10,7 +10,8 @@ peak of allocated bytes (tracemalloc, in a separate untimed pass). Then the quan
 compute a whole model's experts would take at the blocked rate: derived from the rates
 measured here (weights / rate), reading the checkpoint and writing the store not included.
 
-`--checkpoint-experts N` (default 2; 0 skips it) times `d2moe quantize` end to end
+`--checkpoint-experts N` (default 2; 0 skips it) times `d2moe quantize` end to end, with
+`--jobs 1` (one expert at a time: the baseline) and with its default (an expert per core)
 (`quant.cmd.quantize_checkpoint`: safetensors reads, bf16 -> float32, quantizing, the store's
 atomic writes and checksums) on a random-weight bf16 checkpoint of one layer of N experts
 of the spec's shapes with Mixtral's tensor names, written to the cache directory first (so
@@ -45,7 +46,12 @@ from d2moe.core.sizes import QuantLayout  # noqa: E402
 from d2moe.core.spec import ModelSpec, load_spec  # noqa: E402
 from d2moe.executor.setup import cache_dir  # noqa: E402
 from d2moe.quant.bitplane import quantize_bitplane  # noqa: E402
-from d2moe.quant.cmd import _load, find_expert_tensors, quantize_checkpoint  # noqa: E402
+from d2moe.quant.cmd import (  # noqa: E402
+    _load,
+    check_jobs,
+    find_expert_tensors,
+    quantize_checkpoint,
+)
 from d2moe.quant.mwq import quantize_mwq  # noqa: E402
 from d2moe.quant.nested import NestedMatrix, quantize_matrix  # noqa: E402
 from d2moe.quant.rtn import quantize_rtn  # noqa: E402
@@ -183,22 +189,26 @@ def end_to_end(spec: ModelSpec, experts: int, formats: str) -> None:
               "weights, bf16 safetensors in the page cache), one run each")
         for kind in split_list(formats, "formats", example="--formats bitplane,mwq"):
             store = Path(tmp) / f"store-{kind}"
-            t0 = time.perf_counter()
-            quantize_checkpoint(model_dir, store, QuantLayout(kind=kind), progress=False)
-            quantize_s = time.perf_counter() - t0
-            nbytes = sum(p.stat().st_size for p in store.iterdir() if p.is_file())
+            seconds = {}
+            for jobs in (1, 0):  # one expert at a time (the baseline), then --jobs' default
+                t0 = time.perf_counter()
+                quantize_checkpoint(model_dir, store, QuantLayout(kind=kind), progress=False,
+                                    jobs=jobs)
+                seconds[jobs] = time.perf_counter() - t0
+                nbytes = sum(p.stat().st_size for p in store.iterdir() if p.is_file())
+                shutil.rmtree(store)
             t0 = time.perf_counter()
             io_only(model_dir, Path(tmp) / "io-only.bin", nbytes)
             io_s = time.perf_counter() - t0
             total = spec.layers * spec.experts * sum(r * c for r, c in spec.expert_shapes)
-            rate = weights / quantize_s / 1e6
-            print(f"{kind:9} d2moe quantize {quantize_s:6.1f} s ({rate:.0f} M "
-                  f"weights/s, store {nbytes / 2**30:.2f} GiB); I/O alone {io_s:5.1f} s "
-                  f"({io_s / quantize_s:.0%} of it); all {total / 1e9:.1f} G of "
-                  f"{spec.name}'s experts at this rate: ~{total / weights * quantize_s / 60:.0f} "
-                  "min (derived)")
-            shutil.rmtree(store)
-
+            for jobs, quantize_s in seconds.items():
+                rate, minutes = weights / quantize_s / 1e6, total / weights * quantize_s / 60
+                print(f"{kind:9} --jobs {jobs or check_jobs(0)}: d2moe quantize "
+                      f"{quantize_s:6.1f} s ({rate:.0f} M weights/s, "
+                      f"{seconds[1] / quantize_s:.2f}x --jobs 1; store {nbytes / 2**30:.2f} GiB); "
+                      f"I/O alone {io_s:5.1f} s ({io_s / quantize_s:.0%} of it); "
+                      f"{total / 1e9:.1f} G weights of {spec.name}'s experts at this rate: "
+                      f"~{minutes:.0f} min (derived)")
 
 if __name__ == "__main__":
     main()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from d2moe.core.cliargs import add_fields, from_args
 from d2moe.core.errors import UserError
@@ -20,6 +24,11 @@ from d2moe.quant.store import TENSORS, StoreWriter
 
 DEFAULT_FORMAT = QuantLayout.kind  # measured on the tiny model: docs/results/mwq.md (verdict)
 _DEFAULT_BITS = f"{QuantLayout.b1}:{QuantLayout.bK}"
+# --jobs 0: a thread per core, at most this many: each holds one float32 matrix and its
+# block's temporaries while it works, and its expert's planes until written (Mixtral: ~0.6 GB)
+MAX_AUTO_JOBS = 8
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class QuantizeConfig:
         "choices": PLANE_FITS})
     progress: bool = field(default=True, metadata={
         "help": "progress bar on a terminal, as every other verb"})
+    jobs: int = field(default=0, metadata={
+        "help": "experts quantized at once, in threads (0: one per core, at most "
+                f"{MAX_AUTO_JOBS}); the store is the same whatever the count"})
 
 
 def parse_bits_range(text: str, field: str = "bits") -> tuple[int, int]:
@@ -94,10 +106,13 @@ def _load(path: Path, name: str):  # -> np.ndarray float32
 
 
 def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLayout,
-                        progress: bool = True, fit: str = "mean") -> Path:
+                        progress: bool = True, fit: str = "mean", jobs: int = 1) -> Path:
     """Quantize every expert of an HF checkpoint (or `tiny`) into a nested store at `out`.
 
     `fit` is MWQ's plane-scale fit (d2moe.quant.mwq.PLANE_FITS); bitplane ignores it.
+    `jobs` experts of a layer are read and quantized at once, in threads (numpy releases the
+    GIL in its array loops), and written in order: the same store whatever `jobs` (0: one per
+    core, at most `MAX_AUTO_JOBS`).
     """
     from d2moe.core.spec import load_spec, read_hf_config
     from d2moe.model.hf_names import check_model_type
@@ -105,6 +120,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
     if fit not in PLANE_FITS:
         raise UserError(f"unknown plane-scale fit {fit!r}", field="fit",
                         fix=f"use one of {', '.join(PLANE_FITS)}")
+    jobs = check_jobs(jobs)
     from d2moe.model.load import check_model_ref
 
     tiny = str(model_dir) == "tiny"
@@ -122,15 +138,19 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
                         f"weights in {len(hf_layers)}", path=str(model_dir),
                         fix="check the checkpoint is complete")
 
+    def quantized(key: tuple[int, int]) -> dict[str, NestedMatrix]:
+        hf_layer, e = key
+        mats = {}
+        for t in TENSORS:
+            if (hf_layer, e, t) not in found:
+                raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
+                                path=str(model_dir), fix="check the checkpoint")
+            mats[t] = quantize_matrix(_load(*found[(hf_layer, e, t)]), layout, fit=fit)
+        return mats
+
     def experts_of(hf_layer: int) -> Iterator[tuple[int, dict[str, NestedMatrix]]]:
-        for e in range(spec.experts):
-            mats = {}
-            for t in TENSORS:
-                if (hf_layer, e, t) not in found:
-                    raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
-                                    path=str(model_dir), fix="check the checkpoint")
-                w = _load(*found[(hf_layer, e, t)])
-                mats[t] = quantize_matrix(w, layout, fit=fit)
+        keys = [(hf_layer, e) for e in range(spec.experts)]
+        for (_, e), mats in _in_order(quantized, keys, jobs):
             yield e, mats
             bar.update(1)
 
@@ -147,6 +167,37 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
               "source: whether they were made from these weights cannot be checked",
               file=sys.stderr)
     return index
+
+
+def check_jobs(jobs: int) -> int:
+    """`--jobs`: 0 is one per core (at most MAX_AUTO_JOBS); below 0 is a UserError."""
+    if jobs < 0:
+        raise UserError(f"must be >= 0, got {jobs}", field="jobs",
+                        fix="pass 0 (one per core) or a count of experts at once")
+    return jobs or max(1, min(os.cpu_count() or 1, MAX_AUTO_JOBS))
+
+
+def _in_order(work: Callable[[T], R], items: Sequence[T], jobs: int) -> Iterator[tuple[T, R]]:
+    """(item, work(item)) in the order of `items`, `jobs` of them computed at once in
+    threads, at most jobs + 1 results held at a time; an error is raised where its item's
+    turn comes, the items not started then are cancelled."""
+    if jobs == 1:
+        yield from ((item, work(item)) for item in items)
+        return
+    with ThreadPoolExecutor(jobs, thread_name_prefix="d2moe-quantize") as pool:
+        pending: deque[tuple[T, Future[R]]] = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(work, item)))
+                if len(pending) > jobs:  # jobs at work while the consumer takes one
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:  # an error or a close: start nothing more
+                future.cancel()
 
 
 def _kept_unchecked(out: Path) -> list[str]:
@@ -187,7 +238,8 @@ def _run(args: argparse.Namespace) -> int:
     b1, bK = parse_bits_range(cfg.bits)
     layout = layout_from_options(cfg.format, b1, bK, cfg.group, kind_option="format",
                                  bits_option="bits")
-    index = quantize_checkpoint(cfg.model, cfg.out, layout, progress=cfg.progress, fit=cfg.fit)
+    index = quantize_checkpoint(cfg.model, cfg.out, layout, progress=cfg.progress, fit=cfg.fit,
+                                jobs=cfg.jobs)
     from d2moe.quant.store import StoreReader
 
     with StoreReader(index.parent) as reader:

@@ -164,3 +164,53 @@ def test_quiet_is_the_earlier_spelling_of_no_progress():
     assert parse(["quantize", "--model", "tiny", "--out", "s"]).progress is True
     for flag in ("--no-progress", "--quiet"):
         assert parse(["quantize", "--model", "tiny", "--out", "s", flag]).progress is False
+
+
+def test_quantize_jobs_write_the_same_store_and_pass_errors_on(tmp_path, monkeypatch):
+    """Experts quantized in threads are written in order: the store is byte for byte the
+    one-at-a-time one; a worker's error reaches the caller, and no store is left."""
+    model, _ = _checkpoint(tmp_path, "mixtral")
+    layout = cmd.QuantLayout(kind="mwq", b1=2, bK=5, group=32)
+    stores = {}
+    for jobs in (1, 3):
+        out = tmp_path / f"store{jobs}"
+        cmd.quantize_checkpoint(model, out, layout, progress=False, jobs=jobs)
+        stores[jobs] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    assert stores[1] == stores[3] and len(stores[1]) >= 3  # index + a data file per layer
+    seen = []
+    real = cmd.quantize_matrix
+
+    def failing(w, layout, *, fit="mean"):
+        seen.append(w.shape)
+        if len(seen) == 4:  # the second expert's first matrix
+            raise UserError("boom", field="weight", fix="none")
+        return real(w, layout, fit=fit)
+
+    monkeypatch.setattr(cmd, "quantize_matrix", failing)
+    with pytest.raises(UserError, match="boom"):
+        cmd.quantize_checkpoint(model, tmp_path / "bad", layout, progress=False, jobs=2)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(UserError, match="field 'jobs': must be >= 0"):
+        cmd.quantize_checkpoint(model, tmp_path / "bad", layout, progress=False, jobs=-1)
+
+
+def test_in_order_keeps_order_and_bounds_the_results_held():
+    import threading
+    import time
+
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        time.sleep(0.001 * ((7 * i) % 5))  # finish out of order
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        return i * i
+
+    out = []
+    for i, r in cmd._in_order(work, list(range(20)), 3):
+        out.append((i, r))
+        with lock:
+            held[0] -= 1
+    assert out == [(i, i * i) for i in range(20)]
+    assert 1 <= peak[0] <= 4  # jobs + 1 results at most
