@@ -1,4 +1,5 @@
-"""`d2moe quantize`: an HF safetensors MoE checkpoint -> a nested store (one tensor at a time)."""
+"""`d2moe quantize`: an HF safetensors MoE checkpoint -> a nested store (tensor by tensor,
+`--jobs` experts at once)."""
 
 from __future__ import annotations
 
@@ -255,8 +256,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "quantize", help="quantize an MoE checkpoint into a nested store",
         description="Quantize every routed expert of an HF safetensors MoE checkpoint (or the "
-                    "built-in tiny model) into a nested store of bit-widths b1..bK, one "
-                    "tensor at a time, for `d2moe run`, `serve`, `validate` and `eval ppl`.")
+                    "built-in tiny model) into a nested store of bit-widths b1..bK, reading "
+                    "it tensor by tensor (--jobs experts at once), for `d2moe run`, `serve`, "
+                    "`validate` and `eval ppl`.")
     add_fields(p, QuantizeConfig)
     p.add_argument("--quiet", dest="progress", action="store_false",
                    help=argparse.SUPPRESS)  # the earlier spelling of --no-progress
