@@ -49,7 +49,13 @@ from d2moe.core.cliargs import split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.core.sizes import QuantLayout
-from d2moe.eval.policy_ppl import PolicyPplConfig, budget_bytes, open_served, score, stats_for
+from d2moe.eval.policy_ppl import (
+    PolicyPplConfig,
+    budget_bytes,
+    open_scoring_inputs,
+    score,
+    stats_for,
+)
 from d2moe.executor.cmd import RunConfig, run
 from d2moe.executor.setup import store_layout, tiny_store
 from d2moe.executor.validate import record_run, simulate_trace
@@ -96,16 +102,16 @@ def main() -> None:
     names = [n for n in asked if n in POLICIES.names()]
     skipped = [n for n in asked if n not in names]
     budgets = split_list(args.budgets, "budgets", example="--budgets 25%,50%")
-    served = open_served(PolicyPplConfig(heldout_kib=args.heldout_kib))
+    inputs = open_scoring_inputs(PolicyPplConfig(heldout_kib=args.heldout_kib))
     store_path = tiny_store(store_layout(policy_config("fifo"), QuantLayout()))
-    assert served.store_path == store_path, "every policy here runs on the same store"
-    stats = {n: stats_for(served, n) for n in names}
+    assert inputs.store_path == store_path, "every policy here runs on the same store"
+    stats = {n: stats_for(inputs, n) for n in names}
     used = next((s for s in stats.values() if s is not None), None)
     profile = load_profile(args.profile)
     prompt = list(encode(args.prompt))
     with torch_threads(args.threads):
-        full = budget_bytes(served.spec, served.store, "100%", BITS)
-        _, trace = record_run(served.model, served.spec, served.store, "fifo", full, BITS,
+        full = budget_bytes(inputs.spec, inputs.store, "100%", BITS)
+        _, trace = record_run(inputs.model, inputs.spec, inputs.store, "fifo", full, BITS,
                               prompt, args.tokens)
     cells = [(budget, name) for budget in budgets for name in names]
     quality, simulated, refused = {}, {}, []
@@ -113,7 +119,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:6.0f}s] perplexity: {name} at {budget}",
               file=sys.stderr)
         try:
-            q = score(served, name, budget, bits=BITS, stats=stats[name], ctx=args.ctx,
+            q = score(inputs, name, budget, bits=BITS, stats=stats[name], ctx=args.ctx,
                       threads=args.threads)
         except UserError as exc:  # a pinned preset over budget: left out, and said so
             if exc.field != "budget":
@@ -122,7 +128,7 @@ def main() -> None:
             refused.append(f"{name} at {budget}: {exc}")
             continue
         quality[(budget, name)] = q
-        simulated[(budget, name)] = _simulated(served, trace, profile, name, q.budget_bytes,
+        simulated[(budget, name)] = _simulated(inputs, trace, profile, name, q.budget_bytes,
                                                stats[name])
     # real runs interleaved: repeat r runs every cell once, starting at a rotating cell, so a
     # change of load on the shared machine spreads over all cells instead of a block of them
@@ -147,7 +153,7 @@ def main() -> None:
                               "hit_rate": m.hit_rate, "exposed_io_us": m.exposed_io_us,
                               "bytes_loaded": m.bytes_loaded, "all_decode_tokens_per_s": speeds},
                      "sim": simulated[(budget, name)], "quality_run": q.as_dict()})
-    served.store.close()
+    inputs.store.close()
     table = _table(rows)
     print(table)
     record = {
@@ -184,11 +190,11 @@ def _real(name: str, budget: str, args: argparse.Namespace, out: Path) -> Any:
         return run(cfg)["metrics"]
 
 
-def _simulated(served: Any, trace: Any, profile: Any, name: str, nbytes: int,
+def _simulated(inputs: Any, trace: Any, profile: Any, name: str, nbytes: int,
                stats: Any) -> dict[str, Any]:
     """The simulator on the recorded trace at the same budget in bytes."""
-    layout = policy_config(name).quant_layout(served.store.layout)
-    tl = simulate_trace(trace, served.spec, layout, profile, name, nbytes, BITS, stats=stats)
+    layout = policy_config(name).quant_layout(inputs.store.layout)
+    tl = simulate_trace(trace, inputs.spec, layout, profile, name, nbytes, BITS, stats=stats)
     m = compute_metrics(tl)
     subs = sum(1 for e in tl.events if e.kind == "substitute")
     return {"decode_tokens_per_s": m.decode_tokens_per_s, "hit_rate": m.hit_rate,
@@ -227,9 +233,9 @@ def compare_sources(args: argparse.Namespace) -> None:
     from d2moe.traces.record import record_trace
 
     t0 = time.perf_counter()
-    served = open_served(PolicyPplConfig(heldout_kib=1))
-    output = stats_for(served, "sub-similar")
-    served.store.close()
+    inputs = open_scoring_inputs(PolicyPplConfig(heldout_kib=1))
+    output = stats_for(inputs, "sub-similar")
+    inputs.store.close()
     model, spec = load_tiny()
     ids = heldout_ids("tiny", spec, -(-args.trace_tokens // 1024))
     with torch_threads(args.threads):
@@ -285,8 +291,8 @@ def controls(args: argparse.Namespace) -> None:
     from d2moe.traces.record import record_trace
 
     t0 = time.perf_counter()
-    served = open_served(PolicyPplConfig(heldout_kib=args.heldout_kib))
-    output = stats_for(served, "sub-similar")
+    inputs = open_scoring_inputs(PolicyPplConfig(heldout_kib=args.heldout_kib))
+    output = stats_for(inputs, "sub-similar")
     model, spec = load_tiny()
     with torch_threads(args.threads):
         trace = record_trace(model, spec, calibration_ids("tiny", spec, 2), prefill_tokens=64,
@@ -306,14 +312,14 @@ def controls(args: argparse.Namespace) -> None:
     }
     rows = []
     for budget in split_list(args.budgets, "budgets", example="--budgets 25%,50%"):
-        base = score(served, "hebf", budget, bits=BITS, ctx=args.ctx, threads=args.threads)
+        base = score(inputs, "hebf", budget, bits=BITS, ctx=args.ctx, threads=args.threads)
         rows.append({"budget": budget, "similarity": "(hebf, no substitution)", **_brief(base)})
         for label, stats in variants.items():
             print(f"[{time.perf_counter() - t0:6.0f}s] {label} at {budget}", file=sys.stderr)
-            q = score(served, "sub-similar", budget, bits=BITS, stats=stats, ctx=args.ctx,
+            q = score(inputs, "sub-similar", budget, bits=BITS, stats=stats, ctx=args.ctx,
                       threads=args.threads)
             rows.append({"budget": budget, "similarity": label, **_brief(q)})
-    served.store.close()
+    inputs.store.close()
     lines = ["| budget | similarity | ppl | x hebf | hit % | substituted runs |",
              "|---|---|---|---|---|---|"]
     for r in rows:

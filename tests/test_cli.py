@@ -74,6 +74,13 @@ def test_simulate_help_names_every_shipped_spec_and_profile():
     assert [p for p in shipped_profiles() if p not in helps["profile"]] == []
 
 
+@pytest.mark.parametrize(("group", "verb"), [("eval", "ppl"), ("model", "train-tiny")])
+def test_a_verb_group_without_a_sub_verb_prints_its_help_and_exits_2(capsys, group, verb):
+    pytest.importorskip("torch")
+    code, out, err = run(capsys, group)
+    assert code == 2 and out.startswith(f"usage: d2moe {group} ") and verb in out and not err
+
+
 def _one_line_error(capsys, *argv: str) -> str:
     code, _, err = run(capsys, *argv)
     assert code == 2

@@ -124,6 +124,16 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     return cls(**kwargs)
 
 
+def group_usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """The `func` of a verb group (`d2moe eval`, `d2moe model`) run without a sub-verb: it
+    prints the group's help, listing the sub-verbs, and returns exit status 2."""
+    def usage(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return usage
+
+
 def require_modules(*names: str, verb: str) -> None:
     """Raise ImportError (the CLI then lists `verb` as unavailable) unless every module in
     `names` is installed; finds them without importing, so `d2moe --help` stays fast."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from d2moe.core.cliargs import add_fields, from_args, require_modules
+from d2moe.core.cliargs import add_fields, from_args, group_usage, require_modules
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,12 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "perplexity per width and format next to the unquantized model's.")
     add_fields(ppl, PplConfig)
     ppl.set_defaults(func=_ppl)
-    ev.set_defaults(func=lambda args: _usage(ev))
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
+    ev.set_defaults(func=group_usage(ev))
 
 
 def _ppl(args: argparse.Namespace) -> int:

@@ -92,9 +92,9 @@ class PolicyPpl:
 
 
 @dataclass(frozen=True)
-class Served:
-    """A model without its experts, its open store and the held-out ids: what every
-    (policy, budget) scored on it shares."""
+class ScoringInputs:
+    """What every (policy, budget) scored shares: a model without its experts, its spec,
+    its open store (and path) and the held-out ids."""
 
     model: Transformer
     spec: ModelSpec
@@ -103,7 +103,7 @@ class Served:
     ids: list[int]
 
 
-def open_served(cfg: PolicyPplConfig) -> Served:
+def open_scoring_inputs(cfg: PolicyPplConfig) -> ScoringInputs:
     """Load the model (no experts), open and check the store, take the held-out slice."""
     from d2moe.core.sizes import QuantLayout
     from d2moe.eval.ppl import heldout_ids
@@ -113,18 +113,18 @@ def open_served(cfg: PolicyPplConfig) -> Served:
     store_path = resolve_store(cfg.model, cfg.store,
                                store_layout(policy_config(cfg.policy), QuantLayout()))
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
-    return Served(model.eval(), spec, store, store_path, heldout_ids(cfg.model, spec,
-                                                                     cfg.heldout_kib))
+    return ScoringInputs(model.eval(), spec, store, store_path,
+                         heldout_ids(cfg.model, spec, cfg.heldout_kib))
 
 
-def stats_for(served: Served, policy: str, option: str = "auto",
+def stats_for(inputs: ScoringInputs, policy: str, option: str = "auto",
               model: str = "tiny") -> ExpertStats | None:
     """The expert statistics `policy` needs (None when it needs none), found as `d2moe run`
     finds them: FILE, or `auto` (beside the store, computed once when missing)."""
     from d2moe.executor.setup import expert_stats
     from d2moe.policies import policy_config
 
-    return expert_stats(policy_config(policy), option, model, served.store_path)
+    return expert_stats(policy_config(policy), option, model, inputs.store_path)
 
 
 def budget_bytes(spec: ModelSpec, store: StoreReader, budget: str, bits: int,
@@ -136,11 +136,12 @@ def budget_bytes(spec: ModelSpec, store: StoreReader, budget: str, bits: int,
     return expert_budget(spec, store.layout, budget, bits, widest)
 
 
-def score(served: Served, policy: str, budget: str, *, bits: int = 4,
+def score(inputs: ScoringInputs, policy: str, budget: str, *, bits: int = 4,
           stats: ExpertStats | None = None, ctx: int = 256, batch: int = 1,
           mode: str = "decode", threads: int = 1) -> PolicyPpl:
-    """Perplexity of `served` with its experts streamed under `policy` (built with `stats`
-    when it uses them) and `budget`, and the same run's timeline metrics."""
+    """Perplexity of `inputs.model` on `inputs.ids` with its experts streamed from
+    `inputs.store` under `policy` (built with `stats` when it uses them) and `budget`, and
+    the same run's timeline metrics."""
     from d2moe.profiles.measure import torch_threads
 
     if mode not in MODES:
@@ -149,10 +150,10 @@ def score(served: Served, policy: str, budget: str, *, bits: int = 4,
         raise UserError(f"need ctx >= 2 and batch >= 1, got {ctx} and {batch}",
                         field="ctx" if ctx < 2 else "batch", fix="e.g. --ctx 256 --batch 1")
     with torch_threads(threads):
-        return _score(served, policy, budget, bits, stats, ctx, batch, mode)
+        return _score(inputs, policy, budget, bits, stats, ctx, batch, mode)
 
 
-def _score(served: Served, policy: str, budget: str, bits: int, stats: ExpertStats | None,
+def _score(inputs: ScoringInputs, policy: str, budget: str, bits: int, stats: ExpertStats | None,
            ctx: int, batch: int, mode: str) -> PolicyPpl:
     import time
 
@@ -163,21 +164,21 @@ def _score(served: Served, policy: str, budget: str, bits: int, stats: ExpertSta
     from d2moe.policies import make_policy, policy_config
 
     pcfg = policy_config(policy)
-    copies = check_store_layout(pcfg, policy, served.store.layout, served.store_path)
+    copies = check_store_layout(pcfg, policy, inputs.store.layout, inputs.store_path)
     pol = make_policy(policy, stats=stats if pcfg.needs_stats else None)
-    nbytes = budget_bytes(served.spec, served.store, budget, bits, pol.max_bits(bits))
-    device = next(served.model.parameters()).device
-    pool = ExpertPool(served.spec, served.store.layout, nbytes, device, copies=copies)
-    backend = StreamingExperts(served.store, pol, pool, bits=bits)
+    nbytes = budget_bytes(inputs.spec, inputs.store, budget, bits, pol.max_bits(bits))
+    device = next(inputs.model.parameters()).device
+    pool = ExpertPool(inputs.spec, inputs.store.layout, nbytes, device, copies=copies)
+    backend = StreamingExperts(inputs.store, pol, pool, bits=bits)
     t0 = time.perf_counter()
     try:
         if mode == "windows":
             from d2moe.model.perplexity import perplexity
 
-            p = perplexity(served.model, served.ids, ctx=ctx, batch=batch, backend=backend)
+            p = perplexity(inputs.model, inputs.ids, ctx=ctx, batch=batch, backend=backend)
             nll, count = p.nll_nats, p.tokens_scored
         else:
-            nll, count = _decode_nll(served.model, served.ids, ctx, batch, backend)
+            nll, count = _decode_nll(inputs.model, inputs.ids, ctx, batch, backend)
     finally:
         timeline = backend.finish()
     wall = time.perf_counter() - t0
@@ -193,13 +194,13 @@ def _score(served: Served, policy: str, budget: str, bits: int, stats: ExpertSta
 
 def policy_ppl(cfg: PolicyPplConfig) -> PolicyPpl:
     """Open what `cfg` names and score its one (policy, budget)."""
-    served = open_served(cfg)
+    inputs = open_scoring_inputs(cfg)
     try:
-        stats = stats_for(served, cfg.policy, cfg.stats, cfg.model)
-        return score(served, cfg.policy, cfg.budget, bits=cfg.bits, stats=stats, ctx=cfg.ctx,
+        stats = stats_for(inputs, cfg.policy, cfg.stats, cfg.model)
+        return score(inputs, cfg.policy, cfg.budget, bits=cfg.bits, stats=stats, ctx=cfg.ctx,
                      batch=cfg.batch, mode=cfg.mode, threads=cfg.threads)
     finally:
-        served.store.close()
+        inputs.store.close()
 
 
 def _decode_nll(model: Transformer, ids: list[int], ctx: int, batch: int,

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from d2moe.core.cliargs import (
     add_fields,
@@ -33,6 +33,22 @@ from d2moe.core.cliargs import (
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
 from d2moe.core.fileio import atomic_write
+
+if TYPE_CHECKING:  # torch and numpy stay out of `d2moe` imports for simulator-only use
+    from collections.abc import Sequence
+
+    import numpy as np
+    import torch
+
+    from d2moe.core.sizes import QuantLayout
+    from d2moe.core.spec import ModelSpec
+    from d2moe.model.transformer import Transformer
+    from d2moe.policies.stats import ExpertStats
+    from d2moe.profiles.schema import Profile
+    from d2moe.quant.store import StoreReader
+    from d2moe.router.adaptive import CapacityConfig
+    from d2moe.router.gate import BitRouter
+    from d2moe.traces.schema import Trace
 
 
 @dataclass(frozen=True)
@@ -96,7 +112,7 @@ class ValidateConfig:
         return split_list(self.policies, "policies", example="--policies fifo,hebf")
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `validate` verb (needs torch)."""
     require_modules("torch", "safetensors", verb="validate")
     p = subparsers.add_parser(
@@ -124,7 +140,7 @@ def _main(args: argparse.Namespace) -> int:
     return 0
 
 
-def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
+def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dict[str, Any]:
     """Load model, store and profile; run and simulate every (policy, budget); write results.
     `capacity` (a d2moe.router.adaptive.CapacityConfig) sets the router's capacity mode."""
     import torch
@@ -148,8 +164,9 @@ def validate(cfg: ValidateConfig, capacity: Any = None) -> dict[str, Any]:
                            capacity=capacity)
 
 
-def validate_rounds(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                    prompt_ids: list[int], capacity: Any = None,
+def validate_rounds(model: Transformer, spec: ModelSpec, store: StoreReader,
+                    profile: Profile | None, cfg: ValidateConfig, prompt_ids: list[int],
+                    capacity: CapacityConfig | None = None,
                     **measure: Any) -> dict[str, Any]:
     """`cfg.rounds` comparisons of `validate_model` in a row, each measuring its own profile
     of this machine when `profile` is None (`measure`: ProfileConfig overrides); with more
@@ -184,8 +201,8 @@ def validate_rounds(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
 MEASURE = "measure"  # --profile value: measure this machine in this invocation
 
 
-def measure_here(spec: Any, store: Any, cfg: ValidateConfig, command: str = "",
-                 **overrides: Any) -> Any:
+def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, command: str = "",
+                 **overrides: Any) -> Profile:
     """A profile of this machine for `spec` and `store`'s layout, with cfg's device and
     threads, written to OUT/profile.yaml; `overrides` are ProfileConfig fields (fewer points
     for a large model, say). Measured beside the runs it is compared with, it drifts with
@@ -211,7 +228,7 @@ def measure_here(spec: Any, store: Any, cfg: ValidateConfig, command: str = "",
     return profile
 
 
-def _check_capacity(cfg: ValidateConfig, capacity: Any) -> None:
+def _check_capacity(cfg: ValidateConfig, capacity: CapacityConfig | None) -> None:
     """Capacity options without a router fail before any work."""
     from d2moe.executor.cmd import capacity_controller
 
@@ -223,9 +240,10 @@ def _check_capacity(cfg: ValidateConfig, capacity: Any) -> None:
                             fix="pass --router DIR (d2moe router train) or drop the option")
 
 
-def validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                   prompt_ids: list[int], capacity: Any = None,
-                   measure: Callable[[], Any] | None = None) -> dict[str, Any]:
+def validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
+                   profile: Profile | None, cfg: ValidateConfig, prompt_ids: list[int],
+                   capacity: CapacityConfig | None = None,
+                   measure: Callable[[], Profile] | None = None) -> dict[str, Any]:
     """The comparison for an already loaded model and store (benchmarks pass their own);
     `capacity` (a CapacityConfig) applies with `cfg.router`. With `measure` (returns a
     fresh Profile; `profile` is then ignored) a profile is measured before each of the
@@ -239,7 +257,8 @@ def validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Validat
                                measure)
 
 
-def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any:
+def _load_router(cfg: ValidateConfig, spec: ModelSpec, store: StoreReader, device: str
+                 ) -> BitRouter | None:
     """The BitRouter of `cfg.router` checked against the model and the store (None: none)."""
     if not cfg.router:
         return None
@@ -250,9 +269,10 @@ def _load_router(cfg: ValidateConfig, spec: Any, store: Any, device: str) -> Any
                        store_layout=store.layout, store_source=store.source)
 
 
-def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: ValidateConfig,
-                    prompt_ids: list[int], capacity: Any,
-                    measure: Callable[[], Any] | None) -> dict[str, Any]:
+def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
+                    profile: Profile | None, cfg: ValidateConfig, prompt_ids: list[int],
+                    capacity: CapacityConfig | None,
+                    measure: Callable[[], Profile] | None) -> dict[str, Any]:
     from d2moe.analysis import format_table
     from d2moe.analysis.fidelity import fidelity_row, plot_side_by_side, summarize, summary_line
     from d2moe.core.events import save_timeline
@@ -284,7 +304,7 @@ def _validate_model(model: Any, spec: Any, store: Any, profile: Any, cfg: Valida
     record_run(model, spec, store, policies[0], total, cfg.bits, prompt_ids,
                min(4, cfg.max_new_tokens), router=router,
                capacity=capacity)  # warm-up, discarded
-    runs: dict[tuple[str, str], list[tuple[Timeline, Any]]] = {}
+    runs: dict[tuple[str, str], list[tuple[Timeline, Trace]]] = {}
     measured = []
     order = [(label, nbytes, name) for label, nbytes in budgets for name in policies]
     for k in range(cfg.repeats):
@@ -395,7 +415,7 @@ def router_line(row: dict[str, Any]) -> str:
             f"real {shares(row['real_shares'])}, simulated {shares(row['sim_shares'])}")
 
 
-def other_machine_line(profile: Any, device: str) -> str | None:
+def other_machine_line(profile: Profile, device: str) -> str | None:
     """A report line for a measured profile of another machine than the run's (its
     recorded device name against this one's, same torch threads); None when they match or
     the profile is estimated (its `basis` names what it stands for)."""
@@ -422,11 +442,11 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _device_of(model: Any) -> str:
+def _device_of(model: torch.nn.Module) -> str:
     return str(next(model.parameters()).device)
 
 
-def _median_run(runs: list[tuple[Timeline, Any]]) -> tuple[Timeline, Any]:
+def _median_run(runs: list[tuple[Timeline, Trace]]) -> tuple[Timeline, Trace]:
     from d2moe.analysis import compute_metrics
 
     speeds = [compute_metrics(tl).decode_tokens_per_s for tl, _ in runs]
@@ -434,9 +454,10 @@ def _median_run(runs: list[tuple[Timeline, Any]]) -> tuple[Timeline, Any]:
     return runs[speeds.index(target)]
 
 
-def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int, bits: int,
-               prompt_ids: list[int], max_new_tokens: int, stats: Any = None, *,
-               router: Any = None, capacity: Any = None) -> tuple[Timeline, Any]:
+def record_run(model: Transformer, spec: ModelSpec, store: StoreReader, policy: str,
+               budget_bytes: int, bits: int, prompt_ids: list[int], max_new_tokens: int,
+               stats: ExpertStats | None = None, *, router: BitRouter | None = None,
+               capacity: CapacityConfig | None = None) -> tuple[Timeline, Trace]:
     """One real generation under the budget: (its timeline, the routing trace it took);
     `stats`: expert statistics for the policies that use them.
 
@@ -462,10 +483,10 @@ def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int
     trained = None if router is None else (router.capacities, router.window_tokens)
     controller = capacity_controller(capacity, router)  # fixed: applies --capacity-window
     router_config = None if router is None else router.describe()  # before any move
-    steps: list[list[tuple[Any, Any]]] = []
-    chosen: list[dict[int, tuple[Any, Any]]] = []  # per forward: layer -> (probs, index)
+    steps: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    chosen: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # layer -> (probs, index)
 
-    def observe(layer: int, ids: Any, weights: Any) -> None:
+    def observe(layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         # keep the tensors (fresh per forward) and convert after the run, so recording the
         # trace adds next to nothing to the non-expert time being measured; the router is
         # asked after the observer, so a forward's choices are taken at the next one's start
@@ -513,14 +534,14 @@ def record_run(model: Any, spec: Any, store: Any, policy: str, budget_bytes: int
     return timeline, trace
 
 
-def _router_choices(router: Any) -> dict[int, tuple[Any, Any]]:
+def _router_choices(router: BitRouter) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The router's last forward: layer -> (gate probabilities, width index)."""
     return {layer: (router.last_probs[layer], router.last_index[layer])
             for layer in router.last_index}
 
 
-def _step_widths(widths: Any, choices: dict[int, tuple[Any, Any]], shape: tuple[int, ...]
-                 ) -> tuple[Any, Any]:
+def _step_widths(widths: Sequence[int], choices: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                 shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """One forward's bits [T, L, k] (int8) and gate probabilities [T, L, k, K] (float32) per
     (token, slot); a per-token router's choice repeats over the token's slots (as
     `BitRoutedExperts.token_bits` and `token_prefs`)."""
@@ -541,9 +562,9 @@ def _step_widths(widths: Any, choices: dict[int, tuple[Any, Any]], shape: tuple[
     return bits, prefs
 
 
-def simulate_trace(trace: Any, spec: Any, layout: Any, profile: Any, policy: str,
-                   budget_bytes: int, bits: int, stats: Any = None, *,
-                   capacity: Any = None) -> Timeline:
+def simulate_trace(trace: Trace, spec: ModelSpec, layout: QuantLayout, profile: Profile,
+                   policy: str, budget_bytes: int, bits: int, stats: ExpertStats | None = None,
+                   *, capacity: CapacityConfig | None = None) -> Timeline:
     """The simulator on a recorded trace, at the real run's budget in bytes (the same
     expert statistics as the real run, for the policies that use them). A trace recorded
     with a router goes through `capacity_source` under `capacity` (a CapacityConfig: fixed

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
+from d2moe.core.cliargs import add_fields, from_args, group_usage, model_field, require_modules
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import check_writable
 from d2moe.executor.cmd import RunConfig
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "tiny model's training record).")
     add_fields(info, InfoConfig)
     info.set_defaults(func=_info)
-    model.set_defaults(func=lambda args: _usage(model))
+    model.set_defaults(func=group_usage(model))
 
     gen = sub.add_parser("generate", help="greedy generation with all experts resident "
                                           "(reference for `d2moe run`)",
@@ -77,11 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "reference output and speed for `d2moe run`.")
     add_fields(gen, GenerateConfig)
     gen.set_defaults(func=_generate)
-
-
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
-    return 2
 
 
 def _train_tiny(args: argparse.Namespace) -> int:

@@ -6,19 +6,39 @@ The predictor counts, per layer pair (l, l+1), how often expert e at l is follow
 l+1 (token-weighted: a step's co-occurrence t_e * t_f / T, exact for one token per step), and
 predicts P(f | layer l's demands) = sum_e t_e * P(f | e) / sum_e t_e. Experts with a predicted
 probability of at least `min_prob` are prefetched, most likely first, at most as many as
-layer l needed. After the last layer it predicts layer 0 of the next step.
+layer l needed. After the last layer it predicts layer 0 of the next step. Prefetchers are
+registered by name in `PREFETCHERS`, which a preset's `prefetch` field names.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Protocol
 
 from d2moe.core.jobs import Demand, ExpertKey
+from d2moe.policies.registry import Registry
+from d2moe.policies.stats import ExpertStats
 
 
-class HeatPredictor:
+class Prefetcher:
+    """Guesses the next layer's experts; this base class (`none`) never guesses, so every
+    load is on demand. Subclasses override `observe` and `predict`."""
+
+    name = "none"
+
+    def observe(self, layer: int, demands: Sequence[Demand]) -> None:
+        """Record layer `layer`'s demands (call in execution order)."""
+
+    def predict(self, layer: int, demands: Sequence[Demand]) -> list[tuple[ExpertKey, float]]:
+        """Likely experts of the layer after `layer` as (key, probability), most likely first."""
+        return []
+
+
+class HeatPredictor(Prefetcher):
     """Online first-order transition counts between consecutive layers."""
+
+    name = "heat"
 
     def __init__(self, min_prob: float = 0.3) -> None:
         self.min_prob = min_prob
@@ -29,7 +49,6 @@ class HeatPredictor:
         self._prev: tuple[int, dict[int, int]] | None = None  # last layer's (layer, tokens)
 
     def observe(self, layer: int, demands: Sequence[Demand]) -> None:
-        """Record layer `layer`'s demands (call in execution order)."""
         now: dict[int, int] = defaultdict(int)
         for d in demands:
             now[d.key.expert] += d.tokens
@@ -47,7 +66,6 @@ class HeatPredictor:
         return b == a + 1 or (b == 0 and a == self.layers - 1)
 
     def predict(self, layer: int, demands: Sequence[Demand]) -> list[tuple[ExpertKey, float]]:
-        """Likely experts of the layer after `layer` as (key, probability), most likely first."""
         if self.layers < 2:
             return []
         nxt = 0 if layer == self.layers - 1 else layer + 1
@@ -67,3 +85,25 @@ class HeatPredictor:
         ranked = sorted(((p / total, f) for f, p in score.items() if p / total >= self.min_prob),
                         key=lambda t: (-t[0], t[1]))[:limit]
         return [(ExpertKey(nxt, f), p) for p, f in ranked]
+
+
+class PrefetchOptions(Protocol):
+    """The prefetcher's settings in a policy's config (`presets.PolicyConfig`)."""
+
+    prefetch_min_prob: float
+
+
+# name -> factory(options, stats): a new prefetcher is one class and one registration here
+PREFETCHERS: Registry[Prefetcher] = Registry("prefetcher")
+
+
+@PREFETCHERS.register("none")
+def _none(options: PrefetchOptions, stats: ExpertStats | None) -> Prefetcher:
+    """loads on demand only"""
+    return Prefetcher()
+
+
+@PREFETCHERS.register("heat")
+def _heat(options: PrefetchOptions, stats: ExpertStats | None) -> Prefetcher:
+    """the next layer's likely experts by learned transitions (at least prefetch_min_prob)"""
+    return HeatPredictor(options.prefetch_min_prob)

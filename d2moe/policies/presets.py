@@ -15,12 +15,12 @@ from d2moe.core.jobs import Demand, ExpertKey, Load, Plan
 from d2moe.core.sizes import QuantLayout
 from d2moe.policies.bitrules import BIT_RULES, BitRule
 from d2moe.policies.planner import Planner, make_jobs
-from d2moe.policies.prefetch import HeatPredictor
+from d2moe.policies.prefetch import PREFETCHERS, Prefetcher
 from d2moe.policies.registry import Registry
 from d2moe.policies.residency import RESIDENCY, Residency
 from d2moe.policies.schedulers import SCHEDULERS, Costs, Job, Scheduler
 from d2moe.policies.stats import ExpertStats
-from d2moe.policies.substitute import Substituter, Substitution
+from d2moe.policies.substitute import SUBSTITUTIONS, Substituter, Substitution
 from d2moe.policies.view import ResidentView
 
 
@@ -33,9 +33,9 @@ class PolicyConfig:
     run's layout when nested, else bitplane). `bits` is the bit rule (`bitrules.py`):
     asked, uniform (at `uniform_bits`) or static (by importance: `static_bits` most bits
     first, filling `static_shares` of each layer). `pin` loads every expert before the
-    first step (Hold-in-Memory). `prefetch` is none or heat (`prefetch.py`); `substitute`
-    none, similar or lower (`substitute.py`), for demands whose router weight is below
-    `substitute_below`.
+    first step (Hold-in-Memory). `prefetch` names a prefetcher (`prefetch.py`: none or
+    heat); `substitute` a substitution mode (`substitute.py`: none, similar or lower), for
+    demands whose router weight is below `substitute_below`.
     """
 
     scheduler: str
@@ -92,9 +92,10 @@ class Policy:
         cfg = self.config
         self.residency: Residency = RESIDENCY.create(cfg.residency)
         self.planner = Planner(self.residency, plane_drop=cfg.plane_drop)
-        self.substituter = Substituter(cfg.substitute, cfg.substitute_below, self.stats)
-        self.predictor = HeatPredictor(cfg.prefetch_min_prob) if cfg.prefetch == "heat" \
-            else None
+        self.substituter: Substituter = SUBSTITUTIONS.factory(
+            cfg.substitute, field="substitute")(cfg, self.stats)
+        self.prefetcher: Prefetcher = PREFETCHERS.factory(cfg.prefetch, field="prefetch")(
+            cfg, self.stats)
 
     def max_bits(self, asked_max: int) -> int:
         """The most bits a run can use when the workload asks at most `asked_max`."""
@@ -125,13 +126,12 @@ class Policy:
         if len(jobs) > 1:
             jobs = self.scheduler.order(jobs, costs)
         plan = self.planner.plan(jobs, resident)
-        if self.predictor is not None:
-            self.predictor.observe(layer, demands)
-            guess = self.predictor.predict(layer, demands)
-            if guess:
-                bits = max(d.bits for d in demands)
-                wanted = [(k, self.bit_rule.bits(k, bits)) for k, _ in guess]
-                plan = self.planner.prefetch(plan, wanted, resident)
+        self.prefetcher.observe(layer, demands)
+        guess = self.prefetcher.predict(layer, demands)
+        if guess:
+            bits = max(d.bits for d in demands)
+            wanted = [(k, self.bit_rule.bits(k, bits)) for k, _ in guess]
+            plan = self.planner.prefetch(plan, wanted, resident)
         return plan
 
     def __repr__(self) -> str:

@@ -11,7 +11,8 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Name -> factory for one family (schedulers, residency, presets)."""
+    """Name -> factory for one family (schedulers, residency, bit rules, substitution modes,
+    prefetchers, presets)."""
 
     def __init__(self, family: str) -> None:
         self.family = family

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from d2moe.core.spec import ModelSpec
 from d2moe.model.moe import swiglu
-from d2moe.quant.store import TENSORS
+from d2moe.quant.nested import NestedMatrix
+from d2moe.quant.store import TENSORS, StoreReader
 from d2moe.router.capacity import CapacityWindow, assign, capacity_counts
 from d2moe.router.gate import BitGate, relaxed_choice
 
@@ -35,7 +37,8 @@ class WidthWeights:
     w2: torch.Tensor
 
     @classmethod
-    def from_nested(cls, nested: dict, spec: Any, bits: Sequence[int]) -> WidthWeights:
+    def from_nested(cls, nested: dict[tuple[int, int, str], NestedMatrix], spec: ModelSpec,
+                    bits: Sequence[int]) -> WidthWeights:
         """From {(layer, expert, tensor): NestedMatrix} (the store's or in-memory)."""
         from d2moe.quant.reference import dequantize
 
@@ -48,7 +51,7 @@ class WidthWeights:
         return cls(tuple(bits), out["w1"], out["w3"], out["w2"])
 
     @classmethod
-    def from_store(cls, reader: Any, bits: Sequence[int]) -> WidthWeights:
+    def from_store(cls, reader: StoreReader, bits: Sequence[int]) -> WidthWeights:
         """From an open `StoreReader` (every expert read once at its highest width); the last
         two results are kept per (store, index mtime, widths): dequantizing costs seconds."""
         index = Path(reader.path) / "index.json"

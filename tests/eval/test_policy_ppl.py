@@ -14,8 +14,8 @@ pytest.importorskip("safetensors")
 from d2moe.core.sizes import all_experts_bytes  # noqa: E402
 from d2moe.eval.policy_ppl import (  # noqa: E402
     PolicyPplConfig,
-    Served,
-    open_served,
+    ScoringInputs,
+    open_scoring_inputs,
     policy_ppl,
     score,
     stats_for,
@@ -31,61 +31,61 @@ def store(tiny_store_path):
 
 
 @pytest.fixture(scope="module")
-def served(store):
-    s = open_served(PolicyPplConfig(store=str(store), heldout_kib=1))
-    yield Served(s.model, s.spec, s.store, s.store_path, s.ids[:4 * CTX])
+def inputs(store):
+    s = open_scoring_inputs(PolicyPplConfig(store=str(store), heldout_kib=1))
+    yield ScoringInputs(s.model, s.spec, s.store, s.store_path, s.ids[:4 * CTX])
     s.store.close()
 
 
-def _plain_streaming_ppl(served, budget_bytes):
+def _plain_streaming_ppl(inputs, budget_bytes):
     """perplexity() with a StreamingExperts backend built by hand (fifo)."""
     from d2moe.executor.backend import StreamingExperts
     from d2moe.executor.pool import ExpertPool
     from d2moe.model.perplexity import perplexity
     from d2moe.policies import make_policy
 
-    pool = ExpertPool(served.spec, served.store.layout, budget_bytes, torch.device("cpu"))
-    backend = StreamingExperts(served.store, make_policy("fifo"), pool, bits=4)
+    pool = ExpertPool(inputs.spec, inputs.store.layout, budget_bytes, torch.device("cpu"))
+    backend = StreamingExperts(inputs.store, make_policy("fifo"), pool, bits=4)
     try:
-        return perplexity(served.model, served.ids, ctx=CTX, batch=4, backend=backend).ppl
+        return perplexity(inputs.model, inputs.ids, ctx=CTX, batch=4, backend=backend).ppl
     finally:
         backend.finish()
 
 
-def test_full_budget_equals_the_plain_streaming_run(served):
-    full = all_experts_bytes(served.spec, 4, served.store.layout)
-    plain = _plain_streaming_ppl(served, full)
-    windows = score(served, "fifo", "100%", ctx=CTX, batch=4, mode="windows")
+def test_full_budget_equals_the_plain_streaming_run(inputs):
+    full = all_experts_bytes(inputs.spec, 4, inputs.store.layout)
+    plain = _plain_streaming_ppl(inputs, full)
+    windows = score(inputs, "fifo", "100%", ctx=CTX, batch=4, mode="windows")
     assert windows.ppl == plain and windows.tokens_scored == 4 * (CTX - 1)
     assert windows.budget_bytes == full
-    decode = score(served, "hebf", "100%", ctx=CTX)  # one token per step, KV cache
+    decode = score(inputs, "hebf", "100%", ctx=CTX)  # one token per step, KV cache
     assert decode.ppl == pytest.approx(plain, rel=1e-5)
     assert decode.tokens_scored == windows.tokens_scored and decode.substitutes == 0
     assert decode.hit_rate > 0.9 and decode.expert_us > 0 and decode.runs > 0
 
 
 @pytest.mark.parametrize("policy", ["fifo", "hebf"])
-def test_scheduling_alone_does_not_change_the_perplexity(served, policy):
-    full = score(served, policy, "100%", ctx=CTX)
-    tight = score(served, policy, "25%", ctx=CTX)
+def test_scheduling_alone_does_not_change_the_perplexity(inputs, policy):
+    full = score(inputs, policy, "100%", ctx=CTX)
+    tight = score(inputs, policy, "25%", ctx=CTX)
     assert tight.ppl == pytest.approx(full.ppl, rel=1e-6)
     assert tight.hit_rate < full.hit_rate and tight.bytes_loaded > full.bytes_loaded
     assert set(tight.as_dict()) >= {"policy", "budget", "ppl", "hit_rate", "expert_us"}
 
 
 @pytest.mark.skipif("sub-similar" not in POLICIES.names(), reason="no sub-similar preset")
-def test_substitution_changes_the_outputs(served, tmp_path):
+def test_substitution_changes_the_outputs(inputs, tmp_path):
     from d2moe.experts import save_stats, stats_from_trace
     from d2moe.traces import synth_trace
     from d2moe.traces.synth import SynthConfig
 
-    stats = stats_from_trace(synth_trace(served.spec, SynthConfig(decode_steps=16)))
-    base = score(served, "hebf", "25%", ctx=CTX)
-    sub = score(served, "sub-similar", "25%", ctx=CTX, stats=stats)
+    stats = stats_from_trace(synth_trace(inputs.spec, SynthConfig(decode_steps=16)))
+    base = score(inputs, "hebf", "25%", ctx=CTX)
+    sub = score(inputs, "sub-similar", "25%", ctx=CTX, stats=stats)
     assert sub.substitutes > 0 and sub.ppl != base.ppl and math.isfinite(sub.ppl)
     save_stats(tmp_path, stats)
-    assert stats_for(served, "sub-similar", str(tmp_path)) == stats
-    assert stats_for(served, "fifo", str(tmp_path)) is None  # fifo uses none
+    assert stats_for(inputs, "sub-similar", str(tmp_path)) == stats
+    assert stats_for(inputs, "fifo", str(tmp_path)) is None  # fifo uses none
 
 
 def test_config_end_to_end(store):
@@ -100,7 +100,7 @@ def test_config_end_to_end(store):
     ({"ctx": 1}, "field 'ctx'"),
     ({"budget": "1KiB"}, "field 'budget'.*smaller than one expert"),
 ])
-def test_bad_options(served, kwargs, match):
+def test_bad_options(inputs, kwargs, match):
     args = {"policy": "fifo", "budget": "50%", **kwargs}
     with pytest.raises(UserError, match=match):
-        score(served, **args)
+        score(inputs, **args)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 
 from d2moe.core.errors import UserError
-from d2moe.core.jobs import Demand, ExpertKey, Load
+from d2moe.core.jobs import Demand, ExpertKey, Load, Plan
 from d2moe.core.sizes import QuantLayout
-from d2moe.policies import POLICIES, ExpertStats, ResidentSet, Sizes, make_policy, policy_config
+from d2moe.policies import (
+    POLICIES,
+    ExpertStats,
+    Policy,
+    ResidentSet,
+    Sizes,
+    make_policy,
+    policy_config,
+)
 from d2moe.policies.bitrules import Static
 from d2moe.policies.check import check_plan
 from d2moe.policies.prefetch import HeatPredictor
@@ -52,6 +60,58 @@ def test_every_registered_bit_rule_keeps_its_bits_within_its_bounds():
         BIT_RULES.factory("nope", field="bits")
 
 
+def test_every_registered_substitution_mode_serves_only_low_misses_from_resident_experts():
+    from d2moe.policies.presets import PolicyConfig
+    from d2moe.policies.substitute import SUBSTITUTIONS
+
+    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+    pool = ResidentSet(sizes, 10 * sizes.by_bits[4])
+    for key, bits in ((K[0], 2), (K[1], 4), (K[2], 4)):
+        pool.apply_load(Load(key, 0, bits))
+    stats = _similarity({(3, 1): 0.9, (4, 2): 0.8, (5, 1): 0.7}, n=6)
+    cfg = PolicyConfig("fifo", "lru", False)
+    demands = [Demand(K[0], 4, 1, importance=0.1),  # partly resident, low
+               Demand(K[1], 4, 2, importance=0.1),  # a hit
+               Demand(K[3], 4, 1, importance=0.1),  # missing, low
+               Demand(K[4], 4, 1, importance=0.2),  # missing, low
+               Demand(K[5], 4, 1, importance=0.9)]  # missing, high
+    seen = {}
+    for name in SUBSTITUTIONS.names():
+        keep, subs = SUBSTITUTIONS.factory(name)(cfg, stats).split(demands, pool.view)
+        served = [s.demand for s in subs]
+        assert sorted(d.key for d in keep + served) == [d.key for d in demands], name
+        for s in subs:
+            assert pool.bits.get(s.source, 0) >= s.demand.bits > 0, name
+            assert s.demand.importance < cfg.substitute_below, name
+            assert pool.bits.get(s.demand.key, 0) < s.demand.asked, name  # was a miss
+        seen[name] = [(s.demand.key.expert, s.source.expert, s.demand.bits) for s in subs]
+    assert seen["none"] == [] and seen["lower"] == [(0, 0, 2)]
+    assert seen["similar"] == [(3, 1, 4), (4, 2, 4)]
+    with pytest.raises(UserError, match="field 'substitute'.*choose one of: lower, none, sim"):
+        SUBSTITUTIONS.factory("nope", field="substitute")
+
+
+def test_every_registered_prefetcher_loads_only_the_next_layers_missing_experts():
+    from d2moe.policies.prefetch import PREFETCHERS
+    from d2moe.policies.presets import PolicyConfig
+
+    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+    prefetched = {}
+    for name in PREFETCHERS.names():
+        policy = Policy("t", PolicyConfig("hebf", "hottest", True, prefetch=name))
+        count = 0
+        # _alternate's check_plan: each load starts from the bits resident at that point
+        for _, layer, plan in _alternate(policy, ResidentSet(sizes, 3 * sizes.by_bits[4])):
+            for ld in plan.loads:
+                if ld.prefetch:
+                    assert ld.key.layer == (layer + 1) % 2, name
+                    count += 1
+        prefetched[name] = count
+    assert prefetched["none"] == 0 and prefetched["heat"] > 0
+    with pytest.raises(UserError, match="field 'prefetch'.*choose one of: heat, none"):
+        PREFETCHERS.factory("nope", field="prefetch")
+
+
 def test_policies_that_need_statistics_say_so_without_them():
     for name in POLICIES.names():
         if policy_config(name).needs_stats:
@@ -61,11 +121,11 @@ def test_policies_that_need_statistics_say_so_without_them():
             make_policy(name)
 
 
-def _similarity(pairs: dict[tuple[int, int], float]) -> ExpertStats:
-    sim = [[1.0 if i == j else 0.0 for j in range(4)] for i in range(4)]
+def _similarity(pairs: dict[tuple[int, int], float], n: int = 4) -> ExpertStats:
+    sim = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
     for (i, j), v in pairs.items():
         sim[i][j] = sim[j][i] = v
-    return ExpertStats.from_lists([[1.0] * 4], [sim])
+    return ExpertStats.from_lists([[1.0] * n], [sim])
 
 
 def test_sub_similar_serves_a_low_importance_miss_by_the_most_similar_resident_expert():
@@ -111,13 +171,10 @@ def test_heat_predictor_learns_a_fixed_layer_to_layer_map():
     assert p.predict(0, [Demand(ExpertKey(0, 5), 4, 1)]) == []  # never seen: no guess
 
 
-def test_hebf_prefetch_queues_the_predicted_expert_behind_the_layers_own_loads():
-    """Two slots; steps alternate expert 0 -> 1 and 2 -> 3 over two layers: once the map is
-    learned, layer 0's plan prefetches the layer-1 expert its demand predicts."""
-    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
-    pool = ResidentSet(sizes, 2 * sizes.by_bits[4])
-    policy = make_policy("hebf-prefetch")
-    plans = []
+def _alternate(policy: Policy, pool: ResidentSet) -> list[tuple[int, int, Plan]]:
+    """Six steps over two layers alternating expert 0 -> 1 and 2 -> 3, each plan checked and
+    applied to `pool`: (step, layer, plan) per layer."""
+    out = []
     for step in range(6):
         e = 0 if step % 2 == 0 else 2
         for layer, expert in ((0, e), (1, e + 1)):
@@ -128,7 +185,15 @@ def test_hebf_prefetch_queues_the_predicted_expert_behind_the_layers_own_loads()
                 for ev in ld.evict:
                     pool.apply_evict(ev)
                 pool.apply_load(ld)
-            plans.append((step, layer, plan))
+            out.append((step, layer, plan))
+    return out
+
+
+def test_hebf_prefetch_queues_the_predicted_expert_behind_the_layers_own_loads():
+    """Two slots; steps alternate expert 0 -> 1 and 2 -> 3 over two layers: once the map is
+    learned, layer 0's plan prefetches the layer-1 expert its demand predicts."""
+    sizes = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
+    plans = _alternate(make_policy("hebf-prefetch"), ResidentSet(sizes, 2 * sizes.by_bits[4]))
     prefetched = {(step, ld.key) for step, layer, p in plans if layer == 0
                   for ld in p.loads if ld.prefetch}
     assert {(4, ExpertKey(1, 1)), (5, ExpertKey(1, 3))} <= prefetched
