@@ -146,13 +146,18 @@ def decode_levels(layout: QuantLayout, rows: int, cols: int,
                         plane_scale=pscale)
 
 
-def check_matrix(w: np.ndarray, *, name: str = "weight") -> np.ndarray:
-    """A finite 2-D float matrix as float32, or a UserError naming it."""
+def as_matrix(w: np.ndarray, *, name: str = "weight") -> np.ndarray:
+    """A non-empty 2-D matrix as float32 (values unchecked), or a UserError naming it."""
     arr = np.asarray(w)
     if arr.ndim != 2 or arr.size == 0:
         raise UserError(f"expected a non-empty 2-D matrix, got shape {arr.shape}", field=name,
                         fix="pass one [out, in] weight matrix")
-    arr = arr.astype(np.float32, copy=False)
+    return arr.astype(np.float32, copy=False)
+
+
+def check_matrix(w: np.ndarray, *, name: str = "weight") -> np.ndarray:
+    """A finite 2-D float matrix as float32, or a UserError naming it."""
+    arr = as_matrix(w, name=name)
     lo, hi = float(arr.min()), float(arr.max())  # a NaN or an inf shows in these: no temporaries
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise UserError("holds NaN or infinite values", field=name,
@@ -218,7 +223,7 @@ def quantize_matrix(w: np.ndarray, layout: QuantLayout, *, fit: str = "mean") ->
     else:
         raise UserError(f"{layout.kind!r} is not a nested format", field="format",
                         fix=f"use one of {', '.join(NESTED_KINDS)}")
-    w = check_matrix(w)
+    w = as_matrix(w)  # (each block's quantizer checks its values: one pass in all)
     rows, cols = w.shape
     # a multiple of 8 rows: every block but the last fills whole bytes of each plane's bit
     # stream, so the packed streams of the blocks concatenate into the matrix's stream

@@ -137,6 +137,9 @@ def test_row_blocks_give_the_whole_matrix_bit_for_bit(monkeypatch, kind, fit, ro
     assert (blocks.rows, blocks.cols, blocks.kind) == (rows, cols, kind)
     for b in range(2, 8):
         assert encode_level(blocks, b) == encode_level(whole, b)
+    w[-1, -1] = np.inf  # in the last block: each block's values are checked
+    with pytest.raises(UserError, match="NaN or infinite"):
+        quantize_matrix(w, layout, fit=fit)
 
 
 def _sq_err(m, w, b) -> float:
