@@ -47,9 +47,9 @@ from d2moe.core.spec import ModelSpec, load_spec  # noqa: E402
 from d2moe.executor.setup import cache_dir  # noqa: E402
 from d2moe.quant.bitplane import quantize_bitplane  # noqa: E402
 from d2moe.quant.cmd import (  # noqa: E402
-    _load,
     check_jobs,
     find_expert_tensors,
+    load_tensor,
     quantize_checkpoint,
 )
 from d2moe.quant.mwq import quantize_mwq  # noqa: E402
@@ -168,7 +168,7 @@ def io_only(model_dir: Path, out: Path, nbytes: int) -> None:
     """The end-to-end run's I/O without the quantizer: every expert tensor read as float32,
     then `nbytes` (the store's size) written in 4 MiB pieces and fsynced."""
     for path, name in find_expert_tensors(model_dir).values():
-        _load(path, name)
+        load_tensor(path, name)
     chunk = bytes(4 << 20)
     with open(out, "wb") as f:
         for start in range(0, nbytes, len(chunk)):

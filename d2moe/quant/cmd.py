@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from d2moe.core.cliargs import add_fields, from_args
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
@@ -96,7 +98,7 @@ def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Pat
     return found
 
 
-def _load(path: Path, name: str):  # -> np.ndarray float32
+def load_tensor(path: Path, name: str) -> np.ndarray:
     """One tensor of a checkpoint file as float32 (a damaged file: a UserError naming it)."""
     from safetensors import safe_open
 
@@ -146,7 +148,7 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
             if (hf_layer, e, t) not in found:
                 raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
                                 path=str(model_dir), fix="check the checkpoint")
-            mats[t] = quantize_matrix(_load(*found[(hf_layer, e, t)]), layout, fit=fit)
+            mats[t] = quantize_matrix(load_tensor(*found[(hf_layer, e, t)]), layout, fit=fit)
         return mats
 
     def experts_of(hf_layer: int) -> Iterator[tuple[int, dict[str, NestedMatrix]]]:

@@ -202,14 +202,14 @@ def test_a_damaged_safetensors_file_is_a_user_error_naming_it(tmp_path, capsys, 
 
 
 def test_a_tensor_read_from_a_file_damaged_later_is_a_user_error(tmp_path) -> None:
-    from d2moe.quant.cmd import _load, find_expert_tensors
+    from d2moe.quant.cmd import find_expert_tensors, load_tensor
 
     d = _tiny_copy(tmp_path)
     found = find_expert_tensors(d)
     path, name = next(iter(found.values()))
     _damage(path, "truncated")  # damaged between listing and reading
     with pytest.raises(UserError, match="damaged") as err:
-        _load(path, name)
+        load_tensor(path, name)
     assert err.value.path == str(path)
 
 
