@@ -423,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = split_list(args.kinds, "kinds", example="--kinds bitplane,mwq")
     bits_list = [int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")]
     tokens_list = [int(t) for t in split_list(args.tokens, "tokens", example="--tokens 1,8")]
-    # "" when --models is absent (split_list(None) would be the one model "None": no rows)
-    models = split_list(args.models or "", "models", example="--models llama-moe-3.5b",
+    # no --models: none named here (the default shapes below)
+    models = split_list(args.models, "models", example="--models llama-moe-3.5b",
                         allow_none=True)
     layout = QuantLayout(kind="bitplane", b1=2, bK=8, group=64)
     context = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),

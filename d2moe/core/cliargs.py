@@ -164,18 +164,20 @@ def check_at_least(value: int, low: int, field: str, *, note: str = "") -> int:
     return value
 
 
-def split_list(text: str, field: str, *, example: str, path: str | None = None,
+def split_list(text: str | None, field: str, *, example: str, path: str | None = None,
                unique: bool = True, allow_none: bool = False) -> list[str]:
     """The stripped items of a comma-separated option, in order: the one splitter of every
     list a user writes. An empty item ('a,,b', a trailing comma) and, when `unique`, an item
     given twice are UserErrors naming `field` (and `path`): dropping or repeating them
     silently hides a typo. Nothing at all is [] when `allow_none`, else an error too.
-    `example` (the option written right, e.g. '--policy fifo,hebf') goes in the fix."""
-    if not str(text).strip():
+    `example` (the option written right, e.g. '--policy fifo,hebf') goes in the fix. None
+    (an option left unset) is nothing given, never the one item 'None'."""
+    text = "" if text is None else str(text)
+    if not text.strip():
         if allow_none:
             return []
         raise UserError("nothing given", path=path, field=field, fix=f"write e.g. {example}")
-    items = [item.strip() for item in str(text).split(",")]
+    items = [item.strip() for item in text.split(",")]
     if "" in items:
         raise UserError(f"empty item in {text!r}", path=path, field=field,
                         fix=f"drop the extra comma, e.g. {example}")

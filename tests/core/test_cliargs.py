@@ -108,3 +108,9 @@ def test_int_ranges_expand_in_order_and_refuse_what_a_typo_would_give():
         with pytest.raises(UserError, match=what) as exc:
             int_ranges(text, "bits", example="--bits 2-4")
         assert exc.value.field == "bits", text
+
+
+def test_split_list_reads_an_unset_option_as_nothing_not_as_none():
+    assert split_list(None, "models", example="--models a", allow_none=True) == []
+    with pytest.raises(UserError, match="field 'models': nothing given"):
+        split_list(None, "models", example="--models a")
