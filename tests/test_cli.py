@@ -494,3 +494,14 @@ def test_converted_verbs_take_their_defaults_from_the_dataclass_that_owns_them()
     assert (g.prompt, g.max_new_tokens) == (r.prompt, r.max_new_tokens)
     rec, syn = RecordConfig(), SynthConfig()
     assert (rec.prefill_tokens, rec.decode_steps) == (syn.prefill_tokens, syn.decode_steps)
+
+
+def test_python_dash_m_runs_the_cli():
+    """`python -m d2moe` is the same command: a user error gives its exit code 2, one line."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "d2moe", "simulate", "--policy", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "unknown policy 'nope'" in done.stderr and "Traceback" not in done.stderr
