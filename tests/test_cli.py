@@ -372,30 +372,111 @@ def test_simulate_budget_1_5_suggests_150_percent_not_1_byte(capsys, tmp_path):
     assert "field 'budget'" in line and "150%" in line and "1 B" not in line
 
 
-@pytest.mark.parametrize("option,value,field", [("--b1", "3", "b1"), ("--bK", "3", "bK")])
-def test_simulate_refuses_trace_bits_outside_b1_bk_alike(capsys, tmp_path, option, value,
-                                                         field):
-    """A trace of 2..4-bit experts fits neither a store from 3 bits nor one up to 3 bits."""
+@pytest.mark.parametrize("argv,fix", [(("--store-bits", "3:8"), "2:8"),
+                                      (("--store-bits", "2:3"), "2:4"),
+                                      (("--b1", "3"), "2:8"), (("--bK", "3"), "2:4")])
+def test_simulate_refuses_trace_bits_outside_the_stored_range_alike(capsys, tmp_path, argv,
+                                                                    fix):
+    """A trace of 2..4-bit experts fits neither a store from 3 bits nor one up to 3 bits;
+    the older --b1/--bK are told the one spelling, --store-bits."""
     trace = tmp_path / "t.npz"
     assert run(capsys, "trace", "synth", "--model-spec", "tiny", "--bits", "2,3,4",
                "--decode-steps", "2", "--out", str(trace))[0] == 0
     line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--trace", str(trace),
-                           "--profile", "cpu-2core", option, value, "--out",
+                           "--profile", "cpu-2core", *argv, "--out",
                            str(tmp_path / "o"))
-    assert f"field '{field}'" in line and "2..4-bit experts" in line
-    assert f"fix: pass {option} " in line and not (tmp_path / "o").exists()
+    assert "field 'store-bits'" in line and "2..4-bit experts" in line
+    assert f"fix: pass --store-bits {fix}," in line and not (tmp_path / "o").exists()
+    assert "--b1" not in line and "--bK" not in line
 
 
 @pytest.mark.parametrize("argv,field,fix", [
-    (("simulate", "--b1", "5", "--bK", "3"), "b1", "--b1 2 --bK 8"),
-    (("profile", "--b1", "5", "--bK", "2"), "b1", "--b1 2 --bK 8"),
+    (("simulate", "--b1", "5", "--bK", "3"), "store-bits", "--store-bits 2:8"),
+    (("simulate", "--store-bits", "5:3"), "store-bits", "--store-bits 2:8"),
+    (("profile", "--b1", "5", "--bK", "2"), "store-bits", "--store-bits 2:8"),
+    (("profile", "--store-bits", "5:2"), "store-bits", "--store-bits 2:8"),
     (("simulate", "--layout", "foo"), "layout", "use mwq, bitplane"),
-    (("eval", "ppl", "--store-bits", "9:2"), "store-bits", "--store-bits 2:8")])
+    (("eval", "ppl", "--store-bits", "9:2"), "store-bits", "--store-bits 2:8"),
+    (("quantize", "--model", "tiny", "--bits", "9:2"), "bits", "--bits 2:8")])
 def test_layout_errors_name_the_verbs_own_options(capsys, tmp_path, argv, field, fix):
     out = () if argv[0] == "eval" else ("--out", str(tmp_path / "o"))
     line = _one_line_error(capsys, *argv, *out)
     assert f"field '{field}'" in line and fix in line
     assert "--bits" not in line or field == "bits"
+    assert "--b1" not in line and "--bK" not in line
+
+
+def _exit_2(capsys, *argv: str) -> str:
+    """The one error line of a command refused with exit 2, while parsing (SystemExit) or
+    while running (main's return)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("verb,config", [("simulate", "d2moe.sim.cmd:SimulateConfig"),
+                                         ("profile", "d2moe.profiles.measure:ProfileConfig")])
+def test_store_bits_and_the_older_b1_bk_give_the_same_config(verb, config):
+    import importlib
+
+    from d2moe.core.cliargs import from_args
+    from d2moe.core.sizes import QuantLayout
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    parse = build_parser().parse_args
+    assert from_args(cls, parse([verb])) == cls()
+    assert cls().quant_layout == QuantLayout()
+    new = from_args(cls, parse([verb, "--store-bits", "3:6"]))
+    for old in (["--b1", "3", "--bK", "6"], ["--bK", "6", "--b1", "3"],
+                ["--store-bits", "3:6", "--b1", "3"], ["--bK", "6", "--store-bits", "3:6"],
+                ["--store-bits", "2:2", "--store-bits", "3:6"]):  # the last one wins
+        assert from_args(cls, parse([verb, *old])) == new, old
+    assert (new.b1, new.bK) == (3, 6) and new == dataclasses.replace(cls(), b1=3, bK=6)
+    assert new.quant_layout == QuantLayout(b1=3, bK=6)
+    assert from_args(cls, parse([verb, "--b1", "3"])) == dataclasses.replace(cls(), b1=3)
+
+
+@pytest.mark.parametrize("verb", ["simulate", "profile"])
+@pytest.mark.parametrize("argv,first,second", [
+    (("--store-bits", "3:6", "--b1", "2"), "--store-bits gives b1 3", "--b1 gives 2"),
+    (("--bK", "8", "--store-bits", "3:6"), "--bK gives bK 8", "--store-bits gives 6")])
+def test_store_bits_and_b1_bk_disagreeing_are_refused(capsys, tmp_path, verb, argv, first,
+                                                      second):
+    line = _exit_2(capsys, verb, *argv, "--out", str(tmp_path / "o"))
+    assert line.startswith(f"d2moe {verb}: error: field 'store-bits': {first}, {second}")
+    assert "fix: give the range once: --store-bits B1:BK" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("verb", ["simulate", "profile"])
+@pytest.mark.parametrize("value,what", [("x", "cannot read 'x' as a bit range"),
+                                        ("3", "cannot read '3' as a bit range"),
+                                        ("5:3", "need 1 <= b1 <= bK <= 8"),
+                                        ("0:4", "need 1 <= b1 <= bK <= 8"),
+                                        ("2:9", "need 1 <= b1 <= bK <= 8")])
+def test_a_bad_store_bits_range_names_store_bits(capsys, tmp_path, verb, value, what):
+    line = _exit_2(capsys, verb, "--store-bits", value, "--model-spec", "tiny", "--out",
+                   str(tmp_path / "o"))
+    assert f"field 'store-bits': {what}" in line and "(fix: " in line
+    assert "--store-bits" in line.split("(fix: ")[1] and not (tmp_path / "o").exists()
+
+
+def test_every_verb_with_a_stored_range_takes_store_bits():
+    """One spelling of the stored bit range: a verb with the older --b1/--bK has
+    --store-bits too (quantize's own --bits is an alias of it)."""
+    verbs = set()
+    for name, parser in _parsers():
+        flags = {f for a in _options(parser) for f in a.option_strings}
+        if flags & {"--b1", "--bK"}:
+            assert "--store-bits" in flags, name
+        if "--store-bits" in flags:
+            verbs.add(name)
+    assert {"d2moe simulate", "d2moe profile", "d2moe quantize", "d2moe eval ppl"} <= verbs
 
 
 @pytest.mark.parametrize("verb", [("run",), ("serve", "--backend", "real"), ("quantize",),

@@ -16,6 +16,13 @@ it as `{out}/sub`. It is a UserError naming the option, raised while parsing (`o
 Where `out` defaults to empty, empty means "the default place" and the help says which. A
 required `out` (no default) is checked alike; `metadata={"example": "..."}` is the path its fix
 suggests (else the default, else OUT).
+
+The stored bit range, int fields named `b1` and `bK` (a config describing a store's layout),
+is one option, `--store-bits B1:BK`, as in every verb (`d2moe quantize --bits`, `eval ppl`),
+setting both fields; its default is theirs. `--b1 N` and `--bK N`, the older spelling, still
+set one end each. Both spellings naming one end with different values is a UserError naming
+both, raised while parsing (`_StoreBits`). Whether the range is valid is the layout's check
+(`d2moe.core.sizes.layout_from_options`).
 """
 
 from __future__ import annotations
@@ -27,8 +34,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from d2moe.core.errors import UserError
+from d2moe.core.sizes import parse_bits_range
 
 T = TypeVar("T")
+
+STORE_BITS = ("b1", "bK")  # the fields `--store-bits B1:BK` sets (`add_fields`)
+_BITS_GIVEN = "_store_bits_given"  # namespace attribute: field -> (spelling, value) as given
 
 
 # a default shown as is in help; any other string (spaces, brackets, quotes, a newline) is
@@ -72,10 +83,59 @@ def add_out_option(parser: argparse.ArgumentParser, *, default: str, help_text: 
                         metavar=metavar, help=help_text + default_note(help_text, default))
 
 
+class _StoreBits(argparse.Action):
+    """`--store-bits B1:BK` (dest store_bits: sets the fields b1 and bK) and the older
+    `--b1 N`, `--bK N` (one each). A field given in both spellings with different values is a
+    UserError naming both, whichever came first; one spelling given twice: the last wins."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        spelling = option_string or self.dest
+        ends = dict(zip(STORE_BITS, values, strict=True)) if self.dest == "store_bits" \
+            else {self.dest: values}
+        given: dict[str, tuple[str, int]] = getattr(namespace, _BITS_GIVEN, None) or {}
+        for name, value in ends.items():
+            before, was = given.get(name, (spelling, value))
+            if before != spelling and was != value:
+                raise UserError(f"{before} gives {name} {was}, {spelling} gives {value}",
+                                field="store-bits",
+                                fix="give the range once: --store-bits B1:BK (--b1 and --bK "
+                                    "are its older spelling)")
+            given[name] = (spelling, value)
+            setattr(namespace, name, value)
+        setattr(namespace, _BITS_GIVEN, given)
+
+
+def _add_store_bits(parser: argparse.ArgumentParser, low: dataclasses.Field[Any],
+                    high: dataclasses.Field[Any]) -> None:
+    """`--store-bits B1:BK` for the fields b1 and bK (their defaults its default), then
+    their own options, the older spelling (`add_fields`)."""
+    shown = f"{low.default}:{high.default}"
+    parser.add_argument("--store-bits", dest="store_bits", action=_StoreBits,
+                        default=argparse.SUPPRESS, metavar="B1:BK",
+                        type=lambda text: parse_bits_range(text, "store-bits"),
+                        help=f"stored bit range: lowest and highest bit-width, as in "
+                             f"quantize and eval ppl (default: {shown})")
+    for f in (low, high):
+        help_text = f.metadata.get("help", "")
+        parser.add_argument(f"--{f.name}", dest=f.name, default=f.default, type=int,
+                            action=_StoreBits, metavar="N",
+                            help=f"older spelling of --store-bits: the {help_text} alone "
+                                 f"(default: {f.default})")
+
+
 def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one option per dataclass field of `cls` (bools become --flag / --no-flag)."""
-    for f in dataclasses.fields(cls):
+    """Add one option per dataclass field of `cls` (bools become --flag / --no-flag; the
+    fields b1 and bK: --store-bits B1:BK, with --b1 and --bK kept)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bit_range = all(n in fields and n not in skip and isinstance(fields[n].default, int)
+                    for n in STORE_BITS)
+    for f in fields.values():
         if f.name in skip or f.name.startswith("_"):
+            continue
+        if bit_range and f.name in STORE_BITS:
+            if f.name == STORE_BITS[0]:
+                _add_store_bits(parser, fields[STORE_BITS[0]], fields[STORE_BITS[1]])
             continue
         required = (f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]

@@ -60,11 +60,28 @@ class QuantLayout:
                             field="bits", fix=f"ask for {self.b1}..{self.bK} bits")
 
 
+# The stored bit range of every verb's `--store-bits B1:BK` (`d2moe quantize --bits`), as
+# QuantLayout's defaults: written out for the options that take the range as one string.
+DEFAULT_STORE_BITS = f"{QuantLayout.b1}:{QuantLayout.bK}"
+
+
+def parse_bits_range(text: str, field: str = "store-bits") -> tuple[int, int]:
+    """'2:8' -> (2, 8): the stored bit range b1:bK as one option; errors name the option
+    `field`. Whether the range is valid (1 <= b1 <= bK <= 8) is QuantLayout's check
+    (`layout_from_options`)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"cannot read {text!r} as a bit range", field=field,
+                        fix=f"write B1:BK, e.g. --{field} {DEFAULT_STORE_BITS}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def layout_from_options(kind: str, b1: int, bK: int, group: int = 64, *,
-                        kind_option: str = "layout", bits_option: str = "") -> QuantLayout:
+                        kind_option: str = "layout",
+                        bits_option: str = "store-bits") -> QuantLayout:
     """The QuantLayout a verb's options describe, its errors naming that verb's options (the
     dataclass names fields, not options): `kind_option` holds the kind (layout, format),
-    `bits_option` b1:bK as one (bits, store-bits; empty: the separate --b1 and --bK)."""
+    `bits_option` the range b1:bK (store-bits; quantize's bits)."""
     try:
         return QuantLayout(kind=kind, b1=b1, bK=bK, group=group)
     except UserError as exc:
@@ -72,9 +89,7 @@ def layout_from_options(kind: str, b1: int, bK: int, group: int = 64, *,
         if exc.field == "kind":
             field = kind_option
         elif exc.field == "bits":
-            field, fix = ((bits_option, f"e.g. --{bits_option} 2:8") if bits_option
-                          else ("b1" if not 1 <= b1 <= 8 or b1 > bK else "bK",
-                                "e.g. --b1 2 --bK 8"))
+            field, fix = bits_option, f"e.g. --{bits_option} {DEFAULT_STORE_BITS}"
         raise UserError(bare(exc), field=field, fix=fix) from None
 
 

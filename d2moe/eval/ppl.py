@@ -19,7 +19,12 @@ import numpy as np
 from d2moe.core.cliargs import int_ranges, model_field, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.progress import progress_bar
-from d2moe.core.sizes import QuantLayout, layout_from_options
+from d2moe.core.sizes import (
+    DEFAULT_STORE_BITS,
+    QuantLayout,
+    layout_from_options,
+    parse_bits_range,
+)
 from d2moe.quant.mwq import PLANE_FITS
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix
 from d2moe.quant.store import TENSORS  # also DenseExperts' parameter names
@@ -48,8 +53,9 @@ class PplConfig:
                 "store's format, else bitplane (d2moe quantize's default)"})
     bits: str = field(default="2,3,4,5,6,7,8", metadata={
         "help": "comma list of uniform bit-widths to score (ranges like 2-8 allowed)"})
-    store_bits: str = field(default="2:8", metadata={
-        "help": "b1:bK of the nested formats when quantizing in memory (no --store)"})
+    store_bits: str = field(default=DEFAULT_STORE_BITS, metadata={
+        "help": "b1:bK, the stored range of the nested formats when quantizing in memory "
+                "(no --store)"})
     group: int = field(default=64, metadata={"help": "weights per scale group (no --store)"})
     fit: str = field(default="mean", metadata={
         "help": "MWQ plane-scale fit when quantizing in memory: mean (the paper's), halve, "
@@ -232,7 +238,6 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
     """Score the model at every requested (format, bit-width), plus fp."""
     from d2moe.model.load import load_model
     from d2moe.model.perplexity import perplexity
-    from d2moe.quant.cmd import parse_bits_range
 
     if cfg.group < 1:
         raise UserError(f"group must be positive, got {cfg.group}", field="group",
@@ -258,7 +263,7 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
             low, high, group = reader.layout.b1, reader.bits_stored, reader.layout.group
         else:
             low, high = parse_bits_range(cfg.store_bits, "store-bits")
-            layout_from_options("bitplane", low, high, cfg.group, bits_option="store-bits")
+            layout_from_options("bitplane", low, high, cfg.group)
             group = cfg.group
         for f in fmts:
             check_bits_for(f, bits, low, high)

@@ -114,6 +114,7 @@ class BitOptions(Protocol):
 
 
 # name -> factory(options, stats): a new rule is one class and one registration here
+# (needs_stats=True when it cannot work without the statistics: PolicyConfig.needs_stats)
 BIT_RULES: Registry[BitRule] = Registry("bit rule")
 
 
@@ -129,7 +130,7 @@ def _uniform(options: BitOptions, stats: ExpertStats | None) -> BitRule:
     return Uniform(options.uniform_bits)
 
 
-@BIT_RULES.register("static")
+@BIT_RULES.register("static", needs_stats=True)
 def _static(options: BitOptions, stats: ExpertStats | None) -> BitRule:
     """per-expert bits fixed offline by importance (static_bits over static_shares)"""
     return Static(stats, options.static_bits, options.static_shares)

@@ -54,8 +54,13 @@ class PolicyConfig:
 
     @property
     def needs_stats(self) -> bool:
-        """Whether the policy needs offline expert statistics (importance, similarity)."""
-        return self.bits == "static" or self.substitute == "similar"
+        """Whether the policy needs offline expert statistics (importance, similarity): as
+        its parts built with them (bit rule, substitution mode, prefetcher) declare in their
+        registries (`register(..., needs_stats=True)`). Schedulers and residency rules are
+        built without statistics."""
+        return (BIT_RULES.needs_stats(self.bits, field="bits")
+                or SUBSTITUTIONS.needs_stats(self.substitute, field="substitute")
+                or PREFETCHERS.needs_stats(self.prefetch, field="prefetch"))
 
     def quant_layout(self, run: QuantLayout) -> QuantLayout:
         """The storage layout this policy runs on, given the run's own layout."""

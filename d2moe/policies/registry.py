@@ -18,15 +18,20 @@ class Registry(Generic[T]):
         self.family = family
         self._items: dict[str, Callable[..., T]] = {}
         self._docs: dict[str, str] = {}
+        self._needs_stats: dict[str, bool] = {}
 
-    def register(self, name: str, doc: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, doc: str = "", *, needs_stats: bool = False
+                 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """A decorator registering a factory as `name` (its docstring's first line when `doc`
-        is empty); a name registered twice is a ValueError."""
+        is empty); a name registered twice is a ValueError. `needs_stats`: the factory
+        cannot build without offline expert statistics (its `stats` argument; a policy using
+        it asks for them: `PolicyConfig.needs_stats`)."""
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._items:
                 raise ValueError(f"{self.family} {name!r} registered twice")
             self._items[name] = factory
             self._docs[name] = doc or (factory.__doc__ or "").strip().splitlines()[0]
+            self._needs_stats[name] = needs_stats
             return factory
         return deco
 
@@ -41,6 +46,12 @@ class Registry(Generic[T]):
     def create(self, name: str, **kwargs: object) -> T:
         """A fresh object from the factory registered as `name`."""
         return self.factory(name)(**kwargs)
+
+    def needs_stats(self, name: str, *, field: str = "") -> bool:
+        """Whether `name` was registered as needing expert statistics (a UserError naming
+        `field` if unknown, as `factory`)."""
+        self.factory(name, field=field)
+        return self._needs_stats[name]
 
     def names(self) -> list[str]:
         """The registered names, sorted."""

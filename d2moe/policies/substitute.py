@@ -127,6 +127,7 @@ class SubstituteOptions(Protocol):
 
 
 # name -> factory(options, stats): a new mode is one class and one registration here
+# (needs_stats=True when it cannot work without the statistics: PolicyConfig.needs_stats)
 SUBSTITUTIONS: Registry[Substituter] = Registry("substitution mode")
 
 
@@ -142,7 +143,7 @@ def _lower(options: SubstituteOptions, stats: ExpertStats | None) -> Substituter
     return Lower(options.substitute_below)
 
 
-@SUBSTITUTIONS.register("similar")
+@SUBSTITUTIONS.register("similar", needs_stats=True)
 def _similar(options: SubstituteOptions, stats: ExpertStats | None) -> Substituter:
     """a low-importance miss on the most similar resident expert (needs expert stats)"""
     return Similar(options.substitute_below, stats)

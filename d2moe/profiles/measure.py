@@ -101,7 +101,7 @@ class ProfileConfig:
     tokens: str = field(default="1,2,4,8,16", metadata={
         "help": "token counts of the expert-run and non-expert tables"})
     bits: str = field(default="", metadata={
-        "help": "bit-widths of the expert table (default: every one from b1 to bK)"})
+        "help": "bit-widths of the expert table (default: every stored one, --store-bits)"})
     disk_sizes: str = field(default="4KiB,16KiB,64KiB,256KiB,1MiB,4MiB", metadata={
         "help": "read (and copy) sizes of the disk and link probes; the disk's also go on "
                 "in powers of 4 up to the spec's largest stored level"})
@@ -116,9 +116,10 @@ class ProfileConfig:
     lane_layers: int = field(default=128, metadata={
         "help": "layers the lane probe runs through the real backend"})
     layout: str = field(default="bitplane", metadata={"help": "store layout: bitplane or mwq"})
-    b1: int = field(default=2, metadata={"help": "lowest stored bit-width"})
-    bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
-    group: int = field(default=64, metadata={"help": "quantization group size"})
+    # --store-bits B1:BK sets both (d2moe.core.cliargs); --b1 and --bK are its older spelling
+    b1: int = field(default=QuantLayout.b1, metadata={"help": "lowest stored bit-width"})
+    bK: int = field(default=QuantLayout.bK, metadata={"help": "highest stored bit-width"})
+    group: int = field(default=QuantLayout.group, metadata={"help": "quantization group size"})
     dir: str = field(default="", metadata={
         "help": "directory on the disk to measure: the probe files go in a temporary "
                 "directory made in it and removed at the end (default: under the d2moe cache "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -18,7 +17,13 @@ import numpy as np
 
 from d2moe.core.cliargs import add_fields, from_args
 from d2moe.core.errors import UserError
-from d2moe.core.sizes import QuantLayout, fmt_bytes, layout_from_options
+from d2moe.core.sizes import (
+    DEFAULT_STORE_BITS,
+    QuantLayout,
+    fmt_bytes,
+    layout_from_options,
+    parse_bits_range,
+)
 from d2moe.model.hf_names import expert_key
 from d2moe.quant.mwq import PLANE_FITS
 from d2moe.quant.nested import NESTED_KINDS, NestedMatrix, quantize_matrix
@@ -26,7 +31,6 @@ from d2moe.quant.source import source_record
 from d2moe.quant.store import TENSORS, StoreWriter
 
 DEFAULT_FORMAT = QuantLayout.kind  # measured on the tiny model: docs/results/mwq.md (verdict)
-_DEFAULT_BITS = f"{QuantLayout.b1}:{QuantLayout.bK}"
 # --jobs 0: a thread per core, at most this many: each holds one float32 matrix and its
 # block's temporaries while it works, and its expert's planes until written (Mixtral: ~0.6 GB)
 MAX_AUTO_JOBS = 8
@@ -43,9 +47,9 @@ class QuantizeConfig:
         "help": "`tiny` (the built-in model) or an HF checkpoint directory "
                 "(config.json + *.safetensors)"})
     out: str = field(metadata={"help": "store directory to write", "example": "out/store"})
-    bits: str = field(default=_DEFAULT_BITS, metadata={
-        "help": f"b1:bK, smallest and largest bit-width (default: {_DEFAULT_BITS}; "
-                "--store-bits as in eval ppl)",
+    bits: str = field(default=DEFAULT_STORE_BITS, metadata={
+        "help": f"b1:bK, smallest and largest bit-width (default: {DEFAULT_STORE_BITS}; "
+                "--store-bits, as every verb spells the stored range)",
         "aliases": ("--store-bits",)})
     group: int = field(default=QuantLayout.group, metadata={
         "help": "weights per scale group along the input dimension"})
@@ -61,15 +65,6 @@ class QuantizeConfig:
     jobs: int = field(default=0, metadata={
         "help": "experts quantized at once, in threads (0: one per core, at most "
                 f"{MAX_AUTO_JOBS}); the store is the same whatever the count"})
-
-
-def parse_bits_range(text: str, field: str = "bits") -> tuple[int, int]:
-    """'2:8' -> (2, 8); errors name the option `field`."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
-    if not m:
-        raise UserError(f"cannot read {text!r} as a bit range", field=field,
-                        fix="write LOW:HIGH, e.g. 2:8")
-    return int(m.group(1)), int(m.group(2))
 
 
 def find_expert_tensors(model_dir: Path) -> dict[tuple[int, int, str], tuple[Path, str]]:
@@ -238,7 +233,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc.name} is not installed", field="quantize",
                         fix="pip install 'd2moe[executor]'") from None
     cfg = from_args(QuantizeConfig, args)
-    b1, bK = parse_bits_range(cfg.bits)
+    b1, bK = parse_bits_range(cfg.bits, "bits")
     layout = layout_from_options(cfg.format, b1, bK, cfg.group, kind_option="format",
                                  bits_option="bits")
     index = quantize_checkpoint(cfg.model, cfg.out, layout, progress=cfg.progress, fit=cfg.fit,

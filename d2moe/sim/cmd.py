@@ -44,9 +44,11 @@ class SimulateConfig:
         "help": "expert storage: bitplane (nested bit planes of one code, the default), mwq "
                 "(the paper's nested residual planes), copies (one RTN copy per bit-width: "
                 "Matryoshka-Free), dense (fp16)"})
-    b1: int = field(default=2, metadata={"help": "lowest stored bit-width"})
-    bK: int = field(default=8, metadata={"help": "highest stored bit-width"})
-    group: int = field(default=64, metadata={"help": "quantization group size (weights)"})
+    # --store-bits B1:BK sets both (d2moe.core.cliargs); --b1 and --bK are its older spelling
+    b1: int = field(default=QuantLayout.b1, metadata={"help": "lowest stored bit-width"})
+    bK: int = field(default=QuantLayout.bK, metadata={"help": "highest stored bit-width"})
+    group: int = field(default=QuantLayout.group, metadata={
+        "help": "quantization group size (weights)"})
     expert_stats: str = field(default="", metadata={
         "help": "expert importance and similarity (d2moe experts stats) for the policies that "
                 "use them (edgemoe, sub-similar); empty: derived from the trace's routing"},)
@@ -163,20 +165,19 @@ def prepare(cfg: SimulateConfig, capacity: Any = None) -> Prepared:
 
 def _check_stored(layout: QuantLayout, low: int, top: int) -> None:
     """The bit-widths the workload asks for (the trace's, --bits where it has none, a
-    router's any) must lie in --b1..--bK, both ends alike: a store of b1.. bits cannot serve
-    fewer, nor more than bK (dense stores every width)."""
+    router's any) must lie in the stored range (--store-bits B1:BK), both ends alike: a
+    store of b1.. bits cannot serve fewer, nor more than bK (dense stores every width)."""
     if layout.kind == "dense":
         return
     asks = f"the workload asks for {low}..{top}-bit experts (the trace's bits, --bits where " \
            "it has none)"
-    if low < layout.b1:
-        raise UserError(f"{asks}, below --b1 {layout.b1}", field="b1",
-                        fix=f"pass --b1 {low} or lower, or a trace of {layout.b1}..{layout.bK} "
-                            "bits")
-    if top > layout.bK:
-        raise UserError(f"{asks}, above --bK {layout.bK}", field="bK",
-                        fix=f"pass --bK {top} or higher, or a trace of {layout.b1}..{layout.bK} "
-                            "bits")
+    if layout.b1 <= low and top <= layout.bK:
+        return
+    side = "below" if low < layout.b1 else "above"
+    raise UserError(f"{asks}, {side} the stored range {layout.b1}:{layout.bK}",
+                    field="store-bits",
+                    fix=f"pass --store-bits {min(low, layout.b1)}:{max(top, layout.bK)}, or a "
+                        f"trace of {layout.b1}..{layout.bK} bits")
 
 
 def build_policy(prep: Prepared, name: str) -> Any:

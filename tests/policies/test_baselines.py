@@ -121,6 +121,89 @@ def test_policies_that_need_statistics_say_so_without_them():
             make_policy(name)
 
 
+def _stats(n: int = 10) -> ExpertStats:
+    return ExpertStats.from_lists([[0.1 * e for e in range(n)]],
+                                  [[[1.0 if i == j else 0.0 for j in range(n)]
+                                    for i in range(n)]])
+
+
+def _stats_parts():
+    """(registry, PolicyConfig field) of each part a policy builds with its statistics."""
+    from d2moe.policies.bitrules import BIT_RULES
+    from d2moe.policies.prefetch import PREFETCHERS
+    from d2moe.policies.substitute import SUBSTITUTIONS
+
+    return ((BIT_RULES, "bits"), (SUBSTITUTIONS, "substitute"), (PREFETCHERS, "prefetch"))
+
+
+def test_every_part_needs_stats_exactly_as_registered():
+    """A part declared needs_stats cannot be built without statistics; any other can."""
+    from d2moe.policies import PolicyConfig
+
+    options = PolicyConfig("fifo", "lru", False)
+    declared = set()
+    for registry, _ in _stats_parts():
+        for name in registry.names():
+            factory = registry.factory(name)
+            if registry.needs_stats(name):
+                declared.add((registry.family, name))
+                with pytest.raises(UserError, match="expert-stats"):
+                    factory(options, None)
+            else:
+                factory(options, None)
+            factory(options, _stats())
+    assert declared == {("bit rule", "static"), ("substitution mode", "similar")}
+
+
+def test_every_preset_needs_stats_as_its_parts_declare():
+    from dataclasses import replace
+
+    needing = set()
+    for name in POLICIES.names():
+        cfg = policy_config(name)
+        parts = [registry.needs_stats(getattr(cfg, f)) for registry, f in _stats_parts()]
+        assert cfg.needs_stats == any(parts), name
+        # as the rule was written before the registries declared it
+        assert cfg.needs_stats == (cfg.bits == "static" or cfg.substitute == "similar"), name
+        if cfg.needs_stats:
+            needing.add(name)
+    assert needing == {"edgemoe", "sub-similar"}
+    with pytest.raises(UserError, match="field 'substitute'.*choose one of"):
+        _ = replace(policy_config("fifo"), substitute="nope").needs_stats
+
+
+def test_a_part_registered_as_needing_stats_is_honoured(monkeypatch):
+    """A prefetcher registered (in a fresh registry, not the global one) with
+    needs_stats=True makes the policy that names it ask for statistics, and gets them."""
+    from dataclasses import replace
+
+    import d2moe.policies.presets as presets
+    from d2moe.policies import PolicyConfig
+    from d2moe.policies.prefetch import PREFETCHERS, Prefetcher
+    from d2moe.policies.registry import Registry
+
+    fresh: Registry[Prefetcher] = Registry("prefetcher")
+    fresh.register("none")(PREFETCHERS.factory("none"))
+    seen = []
+
+    @fresh.register("peek", needs_stats=True)
+    def _peek(options: object, stats: ExpertStats | None) -> Prefetcher:
+        """a test prefetcher that records the statistics it was built with"""
+        seen.append(stats)
+        return Prefetcher()
+
+    assert fresh.needs_stats("peek") and not fresh.needs_stats("none")
+    with pytest.raises(UserError, match="field 'prefetch': unknown prefetcher 'nope'"):
+        fresh.needs_stats("nope", field="prefetch")
+    monkeypatch.setattr(presets, "PREFETCHERS", fresh)
+    cfg = PolicyConfig("hebf", "hottest", True, prefetch="peek")
+    assert cfg.needs_stats and not replace(cfg, prefetch="none").needs_stats
+    stats = _stats()
+    Policy("t", cfg, stats)
+    assert seen == [stats]
+    assert "peek" not in PREFETCHERS.names()  # the global registry is untouched
+
+
 def _similarity(pairs: dict[tuple[int, int], float], n: int = 4) -> ExpertStats:
     sim = [[1.0 if i == j else 0.0 for j in range(n)] for i in range(n)]
     for (i, j), v in pairs.items():

@@ -36,7 +36,8 @@ def test_pinned_presets_refuse_a_budget_they_exceed():
 
 def test_a_policy_running_below_the_stored_b1_is_refused_before_it_runs(tmp_path):
     """edgemoe runs its least important experts at 2 bits whatever the trace asks: with
-    --b1 3 that is refused up front, as running above --bK is (not mid-run by the costs)."""
+    --store-bits 3:8 that is refused up front, as running above it is (not mid-run by the
+    costs)."""
     from d2moe.core.spec import load_spec
     from d2moe.traces import save_trace, synth_trace
     from d2moe.traces.synth import SynthConfig
