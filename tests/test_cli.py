@@ -397,7 +397,7 @@ def test_simulate_refuses_trace_bits_outside_the_stored_range_alike(capsys, tmp_
     (("profile", "--store-bits", "5:2"), "store-bits", "--store-bits 2:8"),
     (("simulate", "--layout", "foo"), "layout", "use mwq, bitplane"),
     (("eval", "ppl", "--store-bits", "9:2"), "store-bits", "--store-bits 2:8"),
-    (("quantize", "--model", "tiny", "--bits", "9:2"), "bits", "--bits 2:8")])
+    (("quantize", "--model", "tiny", "--bits", "9:2"), "store-bits", "--store-bits 2:8")])
 def test_layout_errors_name_the_verbs_own_options(capsys, tmp_path, argv, field, fix):
     out = () if argv[0] == "eval" else ("--out", str(tmp_path / "o"))
     line = _one_line_error(capsys, *argv, *out)
@@ -468,7 +468,7 @@ def test_a_bad_store_bits_range_names_store_bits(capsys, tmp_path, verb, value, 
 
 def test_every_verb_with_a_stored_range_takes_store_bits():
     """One spelling of the stored bit range: a verb with the older --b1/--bK has
-    --store-bits too (quantize's own --bits is an alias of it)."""
+    --store-bits too (quantize's older --bits is an alias of it)."""
     verbs = set()
     for name, parser in _parsers():
         flags = {f for a in _options(parser) for f in a.option_strings}
@@ -570,7 +570,7 @@ def test_converted_verbs_take_their_defaults_from_the_dataclass_that_owns_them()
     from d2moe.traces.synth import SynthConfig
 
     q = QuantizeConfig(model="tiny", out="s")
-    assert layout_from_options(q.format, *parse_bits_range(q.bits), q.group) == QuantLayout()
+    assert layout_from_options(q.format, *parse_bits_range(q.store_bits), q.group) == QuantLayout()
     g, r = GenerateConfig(), RunConfig()
     assert (g.prompt, g.max_new_tokens) == (r.prompt, r.max_new_tokens)
     rec, syn = RecordConfig(), SynthConfig()

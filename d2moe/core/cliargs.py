@@ -18,7 +18,7 @@ required `out` (no default) is checked alike; `metadata={"example": "..."}` is t
 suggests (else the default, else OUT).
 
 The stored bit range, int fields named `b1` and `bK` (a config describing a store's layout),
-is one option, `--store-bits B1:BK`, as in every verb (`d2moe quantize --bits`, `eval ppl`),
+is one option, `--store-bits B1:BK`, as in every verb (`d2moe quantize`, `eval ppl`),
 setting both fields; its default is theirs. `--b1 N` and `--bK N`, the older spelling, still
 set one end each. Both spellings naming one end with different values is a UserError naming
 both, raised while parsing (`_StoreBits`). Whether the range is valid is the layout's check

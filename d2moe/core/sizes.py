@@ -40,7 +40,7 @@ class QuantLayout:
                             fix="use mwq, bitplane, copies or dense")
         if not 1 <= self.b1 <= self.bK <= 8:
             raise UserError(f"need 1 <= b1 <= bK <= 8, got b1={self.b1}, bK={self.bK}",
-                            field="bits", fix="e.g. --bits 2:8")
+                            field="store-bits", fix=f"e.g. --store-bits {DEFAULT_STORE_BITS}")
         if self.group < 1:  # weights per scale: the byte counts divide by it
             raise UserError(f"must be >= 1, got {self.group}", field="group",
                             fix="e.g. --group 64")
@@ -60,7 +60,7 @@ class QuantLayout:
                             field="bits", fix=f"ask for {self.b1}..{self.bK} bits")
 
 
-# The stored bit range of every verb's `--store-bits B1:BK` (`d2moe quantize --bits`), as
+# The stored bit range of every verb's `--store-bits B1:BK`, as
 # QuantLayout's defaults: written out for the options that take the range as one string.
 DEFAULT_STORE_BITS = f"{QuantLayout.b1}:{QuantLayout.bK}"
 

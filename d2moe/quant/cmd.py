@@ -47,10 +47,10 @@ class QuantizeConfig:
         "help": "`tiny` (the built-in model) or an HF checkpoint directory "
                 "(config.json + *.safetensors)"})
     out: str = field(metadata={"help": "store directory to write", "example": "out/store"})
-    bits: str = field(default=DEFAULT_STORE_BITS, metadata={
-        "help": f"b1:bK, smallest and largest bit-width (default: {DEFAULT_STORE_BITS}; "
-                "--store-bits, as every verb spells the stored range)",
-        "aliases": ("--store-bits",)})
+    store_bits: str = field(default=DEFAULT_STORE_BITS, metadata={
+        "help": f"B1:BK, smallest and largest bit-width stored (default: "
+                f"{DEFAULT_STORE_BITS}; --bits is its older spelling)",
+        "aliases": ("--bits",), "metavar": "B1:BK"})
     group: int = field(default=QuantLayout.group, metadata={
         "help": "weights per scale group along the input dimension"})
     format: str = field(default=DEFAULT_FORMAT, metadata={
@@ -233,9 +233,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc.name} is not installed", field="quantize",
                         fix="pip install 'd2moe[executor]'") from None
     cfg = from_args(QuantizeConfig, args)
-    b1, bK = parse_bits_range(cfg.bits, "bits")
-    layout = layout_from_options(cfg.format, b1, bK, cfg.group, kind_option="format",
-                                 bits_option="bits")
+    b1, bK = parse_bits_range(cfg.store_bits)
+    layout = layout_from_options(cfg.format, b1, bK, cfg.group, kind_option="format")
     index = quantize_checkpoint(cfg.model, cfg.out, layout, progress=cfg.progress, fit=cfg.fit,
                                 jobs=cfg.jobs)
     from d2moe.quant.store import StoreReader

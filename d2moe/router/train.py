@@ -144,7 +144,8 @@ def check_store(reader: Any, spec: Any, bits: tuple[int, ...], path: Path, model
     if bad:
         raise UserError(f"{','.join(map(str, bad))} bits is outside the store's {lo}..{hi}",
                         path=str(path), field="bits",
-                        fix="choose widths the store serves or re-quantize with --bits LOW:HIGH")
+                        fix="choose widths the store serves or re-quantize with "
+                            "--store-bits LOW:HIGH")
 
 
 def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
