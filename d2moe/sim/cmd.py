@@ -174,10 +174,11 @@ def _check_stored(layout: QuantLayout, low: int, top: int) -> None:
     if layout.b1 <= low and top <= layout.bK:
         return
     side = "below" if low < layout.b1 else "above"
+    wider = f"pass --store-bits {min(low, layout.b1)}:{max(top, layout.bK)}" if top <= 8 else \
+        "pass --layout dense (fp16 experts: a quantized store holds at most 8 bits)"
     raise UserError(f"{asks}, {side} the stored range {layout.b1}:{layout.bK}",
                     field="store-bits",
-                    fix=f"pass --store-bits {min(low, layout.b1)}:{max(top, layout.bK)}, or a "
-                        f"trace of {layout.b1}..{layout.bK} bits")
+                    fix=f"{wider}, or a trace of {layout.b1}..{layout.bK} bits")
 
 
 def build_policy(prep: Prepared, name: str) -> Any:
