@@ -390,6 +390,17 @@ def test_simulate_refuses_trace_bits_outside_the_stored_range_alike(capsys, tmp_
     assert "--b1" not in line and "--bK" not in line
 
 
+def test_simulate_sends_a_16_bit_trace_to_the_dense_layout(capsys, tmp_path):
+    """No --store-bits range holds 16 bits: the fix names --layout dense instead."""
+    trace = tmp_path / "t.npz"
+    assert run(capsys, "trace", "synth", "--model-spec", "tiny", "--bits", "4,16",
+               "--capacities", "0.5,0.5", "--decode-steps", "2", "--out", str(trace))[0] == 0
+    line = _one_line_error(capsys, "simulate", "--model-spec", "tiny", "--trace", str(trace),
+                           "--profile", "cpu-2core", "--out", str(tmp_path / "o"))
+    assert "4..16-bit experts" in line and "fix: pass --layout dense" in line
+    assert "--store-bits 2:16" not in line
+
+
 @pytest.mark.parametrize("argv,field,fix", [
     (("simulate", "--b1", "5", "--bK", "3"), "store-bits", "--store-bits 2:8"),
     (("simulate", "--store-bits", "5:3"), "store-bits", "--store-bits 2:8"),
