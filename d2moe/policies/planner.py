@@ -1,12 +1,15 @@
 """Turn one job order into a feasible plan under the budget.
 
 Both queues follow the job order. When a load does not fit, victims are freed in this
-preference: (1) experts this layer does not need, coldest first; (2) experts of this layer
-whose runs come earlier in the order (the eviction then waits for their runs: the one
-place where the two lanes interact); (3) as a last resort, a later job's resident expert,
-which then becomes a miss and is reloaded in its turn. With `plane_drop` (MWQ), a victim
-whose residual planes cover the shortfall only loses those planes (it stays resident at
-b1); otherwise it is evicted whole.
+preference: (1) experts neither this layer nor the prefetcher's prediction for the next
+layer (`protect`) needs, coldest first; (1b) the predicted next-layer experts, least likely
+first; (2) experts of this layer whose runs come earlier in the order (the eviction then
+waits for their runs: the one place where the two lanes interact); (3) as a last resort, a
+later job's resident expert, which then becomes a miss and is reloaded in its turn. (1) and
+(1b) together are every resident expert outside the layer, so protecting the prediction
+changes which victims go first, never whether a load fits; without a prediction (no
+prefetcher) (1b) is empty. With `plane_drop` (MWQ), a victim whose residual planes cover the
+shortfall only loses those planes (it stays resident at b1); otherwise it is evicted whole.
 Invariant: every run's expert is resident at >= its bits when it starts, and used bytes
 never exceed the budget (checked by `check.check_plan`).
 """
@@ -51,8 +54,15 @@ class Planner:
         self.residency.observe(demands)
         self.cold.push([d.key for d in demands], self.residency.scores)
 
-    def plan(self, order: Sequence[Job], resident: ResidentView) -> Plan:
-        """Derive the I/O and compute queues from `order` and fit the loads into the budget."""
+    def plan(self, order: Sequence[Job], resident: ResidentView,
+             protect: Sequence[ExpertKey] = ()) -> Plan:
+        """Derive the I/O and compute queues from `order` and fit the loads into the budget.
+
+        `protect`: the experts the next layer will probably need (the keys `prefetch` will
+        be asked for next), most likely first; a load evicts them only once every other
+        expert outside this layer is gone, least likely first (preference (1b)), so the
+        plan does not evict what its own prefetches would load back.
+        """
         sizes = resident.sizes
         budget = resident.budget_bytes
         plane_drop = self.plane_drop and sizes.nested
@@ -64,7 +74,13 @@ class Planner:
         have = self._have  # projected forward as the plan unfolds; backends apply the same
         self._used, self._by_bits = resident.used_bytes, sizes.by_bits
         self._b1 = sizes.b1 if plane_drop else 0
-        self._in_layer = {j.key for j in order}
+        in_layer = {j.key for j in order}
+        # (1b) least likely first, not coldest: the predicted probability estimates the one
+        # thing protection is for (the next layer running the expert); the residency score
+        # ranks by past use, and under LRU the next layer's experts (last run a whole step
+        # ago) are the coldest of all, the pattern that made plans evict them to begin with
+        self._predicted = [k for k in reversed(protect) if k not in in_layer]
+        self._protected = in_layer.union(self._predicted)  # _free_cold skips these
         ops = 0
         done: list[ExpertKey] = []  # keys of jobs earlier in the order (their runs come first)
         loads: list[Load] = []
@@ -79,6 +95,7 @@ class Planner:
                 target = budget - need_bytes
                 if self._used > target:
                     self._free_cold(target, evicts)
+                    self._free_ordered(self._predicted, target, evicts)
                     self._free_list(done, target, evicts)
                     if self._used > target:  # rarely reached: skip building the list
                         self._free_list([j.key for j in order[pos + 1:]], target, evicts)
@@ -99,13 +116,14 @@ class Planner:
                  resident: ResidentView) -> Plan:
         """`plan` with prefetch loads for `wanted` (key, bits) appended to its I/O queue.
 
-        Call right after `plan`. A prefetch may only evict experts that neither this layer
-        nor another prefetch needs (coldest first); a prefetch that cannot fit so is skipped.
+        Call right after `plan` (given the keys of `wanted` as `protect`). A prefetch may only
+        evict experts that neither this layer nor another prefetch needs (coldest first); a
+        prefetch that cannot fit so is skipped.
         """
         sizes, budget, have, by_bits = resident.sizes, resident.budget_bytes, self._have, \
             self._by_bits
-        protect = set(self._in_layer) | {k for k, _ in wanted}
-        self._in_layer = protect  # _free_cold skips these
+        protect = set(self._protected) | {k for k, _ in wanted}
+        self._protected = protect  # _free_cold skips these
         # bytes that evictions could free at most (every unprotected expert, whole)
         freeable = sum(by_bits[b] for k, b in have.items() if k not in protect)
         loads = list(plan.loads)
@@ -150,16 +168,28 @@ class Planner:
             del self._have[key]
 
     def _free_cold(self, target: int, evicts: list[Evict]) -> None:
-        """Free bytes from the coldest experts this layer does not need."""
+        """Free bytes from the coldest experts outside `_protected` (this layer and the
+        prediction; in `prefetch`, also the other prefetches)."""
         have, cold = self._have, self.cold
         while self._used > target:
-            victim = cold.pop(have, 0, self._in_layer)
+            victim = cold.pop(have, 0, self._protected)
             if victim is None:
                 return
             floor = self._victim_floor(have[victim], self._used - target)
             self._lower(victim, floor, evicts)
             if floor:  # still resident at b1: back in the queue
                 cold.push((victim,), self.residency.scores)
+
+    def _free_ordered(self, group: Sequence[ExpertKey], target: int,
+                      evicts: list[Evict]) -> None:
+        """Free bytes from `group` in its order (the predicted experts, least likely first)."""
+        have = self._have
+        for victim in group:
+            if self._used <= target:
+                return
+            if victim in have:
+                self._lower(victim, self._victim_floor(have[victim], self._used - target),
+                            evicts)
 
     def _free_list(self, group: Sequence[ExpertKey], target: int, evicts: list[Evict]) -> None:
         """Free bytes from the coldest of `group` (a few keys of this layer)."""

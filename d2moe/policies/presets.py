@@ -130,12 +130,16 @@ class Policy:
             jobs = _with_substitutes(jobs, subs, resident)
         if len(jobs) > 1:
             jobs = self.scheduler.order(jobs, costs)
-        plan = self.planner.plan(jobs, resident)
+        # predict before planning (it reads only the demands), so the layer's own loads
+        # spare the experts its prefetches are about to ask for (planner.py, (1b))
         self.prefetcher.observe(layer, demands)
         guess = self.prefetcher.predict(layer, demands)
+        wanted: list[tuple[ExpertKey, int]] = []
         if guess:
             bits = max(d.bits for d in demands)
             wanted = [(k, self.bit_rule.bits(k, bits)) for k, _ in guess]
+        plan = self.planner.plan(jobs, resident, protect=[k for k, _ in wanted])
+        if wanted:
             plan = self.planner.prefetch(plan, wanted, resident)
         return plan
 

@@ -39,8 +39,9 @@ class Costs:
 
 
 @st.composite
-def scenarios(draw, name):
-    """A pool in the policy's own layout, warm or cold, and 2 steps of 2 layers of demands."""
+def scenarios(draw, name, steps=2):
+    """A pool in the policy's own layout, warm or cold, and `steps` steps of 2 layers of
+    demands."""
     run_layout = draw(st.sampled_from([QuantLayout(b1=2, bK=4),
                                        QuantLayout(kind="copies", b1=2, bK=4)]))
     layout = policy_config(name).quant_layout(run_layout)
@@ -54,7 +55,7 @@ def scenarios(draw, name):
         if pool.used_bytes + sizes.by_bits[b] <= budget and key not in pool.bits:
             pool.apply_load(Load(key, 0, b))
     layers = []
-    for _ in range(4):  # step 0 layers 0, 1; step 1 layers 0, 1
+    for _ in range(2 * steps):  # step 0 layers 0, 1; step 1 layers 0, 1; ...
         experts = draw(st.lists(st.integers(0, 11), min_size=1, max_size=4, unique=True))
         demands = []
         for e in sorted(experts):
@@ -117,6 +118,104 @@ def test_victims_are_taken_outside_the_layer_first_and_prefetch_spares_the_layer
                     assert others == [], (ld, ev, others)
                 pool.apply_evict(ev)
             pool.apply_load(ld)
+
+
+def _bounced(plan: Plan, pool: ResidentSet, layer: set[ExpertKey],
+             predicted: set[ExpertKey]) -> list[tuple[Load, Evict, list[ExpertKey]]]:
+    """Evictions of a predicted next-layer expert while another expert outside the layer
+    and the prediction was still resident, each with those others; applies `plan` to
+    `pool`. With the preference of planner.py ((1) before (1b)) the list is empty."""
+    bad = []
+    for ld in plan.loads:
+        for ev in ld.evict:
+            if ev.key in predicted and ev.key not in layer:
+                others = [k for k in pool.bits if k not in layer | predicted]
+                if others:
+                    bad.append((ld, ev, others))
+            pool.apply_evict(ev)
+        pool.apply_load(ld)
+    return bad
+
+
+def _recording_predictions(policy) -> list[set[ExpertKey]]:
+    """Record each layer's prediction (the keys the policy will protect and prefetch)."""
+    seen: list[set[ExpertKey]] = []
+    predict = policy.prefetcher.predict
+
+    def recording(layer, demands):
+        guess = predict(layer, demands)
+        seen.append({k for k, _ in guess})
+        return guess
+
+    policy.prefetcher.predict = recording
+    return seen
+
+
+def test_a_load_spares_the_expert_its_own_prefetch_would_load_back():
+    """Layer 0's e0 has always been followed by layer 1's e1; with e0, e5 (hot) and (1, e1)
+    resident and a budget of three, layer 0 asks for e0 and a new e2. The coldest expert
+    outside the layer is (1, e1): planning before predicting evicted it for e2 and then
+    prefetched it back, evicting e5 (two loads, one wasted). Protected, e5 goes and e1
+    stays: one load, no prefetch."""
+    pool = ResidentSet(SIZES, 3 * SIZES.by_bits[2])
+    policy = make_policy("hebf-prefetch")
+    seen = _recording_predictions(policy)
+    history = [(0, [(0, 1)]), (1, [(1, 1)]), (0, [(0, 1), (5, 8)]), (1, [(1, 1)]),
+               (0, [(0, 1), (2, 1)])]
+    for layer, asked in history:
+        demands = [Demand(ExpertKey(layer, e), 2, t) for e, t in asked]
+        plan = policy.plan(layer, demands, pool.view, Costs())
+        check_plan(plan, demands, pool)
+        before = dict(pool.bits)
+        apply_plan(plan, pool)
+    assert ExpertKey(1, 1) in seen[-1]  # predicted for the next layer
+    assert set(before) == {ExpertKey(0, 0), ExpertKey(0, 5), ExpertKey(1, 1)}
+    assert plan.loads == (Load(ExpertKey(0, 2), 0, 2, (Evict(ExpertKey(0, 5), 2, 0),)),)
+    assert set(pool.bits) == {ExpertKey(0, 0), ExpertKey(0, 2), ExpertKey(1, 1)}
+
+
+def test_a_load_evicts_predicted_experts_least_likely_first_once_nothing_else_is_left():
+    """Preference (1b): when only the layer and the prediction are resident, a load evicts
+    the least likely predicted expert (not the coldest), and the plan still fits."""
+    pool = ResidentSet(SIZES, 3 * SIZES.by_bits[2])
+    policy = make_policy("hebf-prefetch")
+    seen = _recording_predictions(policy)
+    # layer 0's e0 is followed by layer 1's e1 twice and e3 once: P(e1) = 2/3, P(e3) = 1/3
+    # (diluted by e2's one token: 0.63 and 0.32, both above min_prob 0.3)
+    history = [(0, [(0, 1)]), (1, [(1, 1)]), (0, [(0, 1)]), (1, [(1, 1)]),
+               (0, [(0, 1)]), (1, [(3, 9)]), (0, [(0, 20), (2, 1)])]
+    for layer, asked in history:
+        demands = [Demand(ExpertKey(layer, e), 2, t) for e, t in asked]
+        before = ResidentSet(SIZES, pool.budget_bytes)
+        before.bits, before.used_bytes = dict(pool.bits), pool.used_bytes
+        plan = policy.plan(layer, demands, pool.view, Costs())
+        check_plan(plan, demands, pool)
+        apply_plan(plan, pool)
+    assert set(before.bits) == {ExpertKey(0, 0), ExpertKey(1, 1), ExpertKey(1, 3)}
+    assert seen[-1] == {ExpertKey(1, 1), ExpertKey(1, 3)}
+    # (1, e3) is hotter (9 tokens, recent) but less likely: it goes, (1, e1) stays
+    assert policy.residency.scores[ExpertKey(1, 3)] > policy.residency.scores[ExpertKey(1, 1)]
+    assert plan.loads[0] == Load(ExpertKey(0, 2), 0, 2, (Evict(ExpertKey(1, 3), 2, 0),))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), name=st.sampled_from(["hebf-prefetch", "edgemoe"]))
+def test_no_plan_evicts_a_predicted_expert_while_another_could_go(data, name):
+    """With heat prefetch, a layer's loads (and prefetches) evict an expert the prediction
+    for the next layer names only once every resident expert outside the layer is
+    predicted too (feasibility forced it); so no plan evicts a key and loads it back by
+    prefetch unless forced. Every plan still passes check_plan."""
+    pool, layers, seed = data.draw(scenarios(name, steps=4))
+    policy = make_policy(name, stats=random_stats(2, 12, seed))
+    seen = _recording_predictions(policy)
+    for i, demands in enumerate(layers):
+        plan = policy.plan(i % 2, demands, pool.view, Costs())
+        check_plan(plan, demands, pool)
+        layer = {r.source for r in plan.runs}
+        predicted = seen[-1]
+        evicted = {ev.key for ld in plan.loads for ev in ld.evict}
+        bounced = evicted & {ld.key for ld in plan.loads if ld.prefetch}
+        assert _bounced(plan, pool, layer, predicted) == [], (bounced, plan)
 
 
 def test_check_plan_catches_a_run_before_its_bits_exist():
