@@ -77,20 +77,15 @@ def parse_bits_range(text: str, field: str = "store-bits") -> tuple[int, int]:
 
 
 def layout_from_options(kind: str, b1: int, bK: int, group: int = 64, *,
-                        kind_option: str = "layout",
-                        bits_option: str = "store-bits") -> QuantLayout:
+                        kind_option: str = "layout") -> QuantLayout:
     """The QuantLayout a verb's options describe, its errors naming that verb's options (the
-    dataclass names fields, not options): `kind_option` holds the kind (layout, format),
-    `bits_option` the range b1:bK (store-bits; quantize's bits)."""
+    dataclass names its kind `kind`; `kind_option` is the verb's: layout, format). The range
+    b1:bK is every verb's --store-bits, the name QuantLayout's own error gives it."""
     try:
         return QuantLayout(kind=kind, b1=b1, bK=bK, group=group)
     except UserError as exc:
-        field, fix = exc.field, exc.fix
-        if exc.field == "kind":
-            field = kind_option
-        elif exc.field == "bits":
-            field, fix = bits_option, f"e.g. --{bits_option} {DEFAULT_STORE_BITS}"
-        raise UserError(bare(exc), field=field, fix=fix) from None
+        field = kind_option if exc.field == "kind" else exc.field
+        raise UserError(bare(exc), field=field, fix=exc.fix) from None
 
 
 def _matrix_bytes(out: int, inp: int, bits: int, layout: QuantLayout, dtype_bytes: int) -> int:

@@ -269,9 +269,9 @@ def _check(grid: Grid) -> None:
                         fix=f"use one of: {', '.join(ENGINES)}")
     try:
         layout = QuantLayout(kind=grid.layout, b1=grid.b1, bK=grid.bK, group=grid.group)
-    except UserError as exc:  # QuantLayout names kind, bits (b1:bK) or group
-        field = {"kind": "layout", "bits": "b1"}.get(exc.field or "", exc.field)
-        fix = "write b1 and bK with 1 <= b1 <= bK <= 8" if exc.field == "bits" else exc.fix
+    except UserError as exc:  # QuantLayout names kind, store-bits (b1:bK) or group
+        field = {"kind": "layout", "store-bits": "b1"}.get(exc.field or "", exc.field)
+        fix = "write b1 and bK with 1 <= b1 <= bK <= 8" if exc.field == "store-bits" else exc.fix
         raise UserError(bare(exc), path=path, field=field, fix=fix) from None
     try:
         layout.check_bits(grid.bits)
