@@ -42,8 +42,8 @@ needs nearly every expert at every layer, so each of its pairs counts as "always
 (predictions of 0.9-1.0 came true 34-42% of the time); in a(e, f) the prompt weighs
 t_e t_f / T, its own mix. The estimator until 2026-11-24, a(e, f) / n(e) without the factor
 k, summed to 1 over l+1's experts: an expert needed by every token scored 1/k, so 0.3 was out
-of reach for top-4. Experts predicted at `min_prob` or more (presets: `prefetch_min_prob`)
-are prefetched, most likely first, at most as many as layer l needed.
+of reach for top-4. Experts predicted at `min_prob` or more (presets: `prefetch_min_prob`,
+default 0.9) are prefetched, most likely first, at most as many as layer l needed.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class HeatPredictor(Prefetcher):
 
     name = "heat"
 
-    def __init__(self, min_prob: float = 0.3) -> None:
+    def __init__(self, min_prob: float = 0.9) -> None:
         self.min_prob = min_prob
         # (layer, e) -> {f: a(e, f) = sum t_e t_f / S of e at `layer` then f at the next layer}
         self.counts: dict[tuple[int, int], dict[int, float]] = defaultdict(
