@@ -48,7 +48,8 @@ class PolicyConfig:
     static_shares: tuple[float, ...] = (0.3, 0.4, 0.3)
     pin: bool = False
     prefetch: str = "none"
-    prefetch_min_prob: float = 0.3
+    # 0.9: best of 0.3/0.5/0.7/0.9 in every cell of benchmarks/prefetch_use.py (evaluation.md)
+    prefetch_min_prob: float = 0.9
     substitute: str = "none"
     substitute_below: float = 0.3
 

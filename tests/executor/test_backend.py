@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from d2moe.executor.setup import check_store_layout
 from d2moe.model.generate import generate
 from d2moe.model.load import load_tiny
 from d2moe.model.tokenizer import encode
-from d2moe.policies import POLICIES, make_policy, policy_config
+from d2moe.policies import POLICIES, Policy, make_policy, policy_config
 from d2moe.quant.reference import dequantize
 from d2moe.quant.store import StoreReader
 from tests.sim.test_invariants import assert_lanes_and_residency
@@ -111,7 +112,10 @@ def test_rows_follow_the_simulators_rules(store_path, reference, policy):
     store = StoreReader(store_path)
     budget = _budgets(spec, store.layout)["25%"]
     pool = ExpertPool(spec, store.layout, budget, torch.device("cpu"))
-    backend = StreamingExperts(store, make_policy(policy), pool, bits=BITS)
+    made = make_policy(policy)
+    if policy == "hebf-prefetch":  # a threshold that prefetches within 8 tokens of tiny
+        made = Policy(policy, replace(made.config, prefetch_min_prob=0.3))
+    backend = StreamingExperts(store, made, pool, bits=BITS)
     generate(model, PROMPT, 8 if policy == "hebf-prefetch" else 4, backend=backend)
     tl = backend.finish()
     assert_lanes_and_residency(tl, policy, spec)  # the simulator's row invariants

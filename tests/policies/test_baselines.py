@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from d2moe.core.errors import UserError
 from d2moe.core.jobs import Demand, ExpertKey, Load, Plan
@@ -252,6 +254,87 @@ def test_heat_predictor_learns_a_fixed_layer_to_layer_map():
     assert p.predict(0, [Demand(ExpertKey(0, 2), 4, 1)]) == [(ExpertKey(1, 3), 1.0)]
     assert p.predict(0, [Demand(ExpertKey(0, 0), 4, 1)]) == [(ExpertKey(1, 1), 1.0)]
     assert p.predict(0, [Demand(ExpertKey(0, 5), 4, 1)]) == []  # never seen: no guess
+
+
+def _layer(layer: int, tokens: dict[int, int]) -> list[Demand]:
+    """One execution of `layer`: the demands of `tokens` (expert -> tokens), at 4 bits."""
+    return [Demand(ExpertKey(layer, e), 4, t) for e, t in sorted(tokens.items())]
+
+
+def _decode(p: HeatPredictor, steps: list[tuple[list[int], list[int]]]) -> None:
+    """One token per step over two layers: (its experts at layer 0, its experts at layer 1)."""
+    for first, second in steps:
+        p.observe(0, _layer(0, dict.fromkeys(first, 1)))
+        p.observe(1, _layer(1, dict.fromkeys(second, 1)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_heat_predictor_gives_a_certain_follower_probability_one_for_any_top_k(k):
+    """Two token patterns alternate; each of a pattern's k experts at layer 0 is always
+    followed by the same k experts at layer 1. Each follower is needed with probability 1
+    (the slot-share estimator before 2026-11-24 said 1/k: 0.25 for top-4, below 0.3), the
+    other pattern's experts are not scored; and the prediction is the next layer's keys."""
+    a, b = list(range(k)), list(range(k, 2 * k))
+    follow = {0: [(e + 3) % 16 for e in a], 1: [(e + 3) % 16 for e in b]}
+    p = HeatPredictor(min_prob=0.9)
+    _decode(p, [(a, follow[0]), (b, follow[1])] * 5)
+    prob = p.probabilities(0, _layer(0, dict.fromkeys(a, 1)))
+    assert prob == pytest.approx(dict.fromkeys(follow[0], 1.0))  # the others never followed
+    assert p.predict(0, _layer(0, dict.fromkeys(a, 1))) == [
+        (ExpertKey(1, f), pytest.approx(1.0)) for f in sorted(follow[0])]
+    assert p.top_k == k
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_heat_predictor_gives_a_50_50_alternation_one_half(k):
+    """The same k experts at layer 0, followed in turn by two disjoint sets at layer 1: every
+    expert of either set is needed half the time."""
+    a = list(range(k))
+    x, y = [8 + e for e in a], [12 + e for e in a]
+    p = HeatPredictor(min_prob=0.4)
+    _decode(p, [(a, x), (a, y)] * 6)
+    demands = _layer(0, dict.fromkeys(a, 1))
+    assert p.probabilities(0, demands) == pytest.approx(dict.fromkeys(x + y, 0.5))
+    guess = p.predict(0, demands)  # at most as many as the layer needed, ties by expert id
+    assert guess == [(ExpertKey(1, f), pytest.approx(0.5)) for f in sorted(x + y)[:k]]
+    assert HeatPredictor(min_prob=0.6).predict(0, demands) == []
+
+
+def test_heat_predictor_counts_a_prompt_step_at_its_per_token_mix():
+    """A prompt of 8 tokens at top-2 needs all 8 experts at both layers (each expert 2
+    tokens). Counted as one execution, every pair would look certain; counted per token it
+    says each expert at layer 1 takes 2 of the 8 tokens: 0.25 for a single token, and for a
+    second 8-token step 1 - 0.75^8."""
+    p = HeatPredictor()
+    for layer in (0, 1):
+        p.observe(layer, _layer(layer, dict.fromkeys(range(8), 2)))
+    _decode(p, [([0, 1], [2, 3])])  # teaches k = 2 (and one decode transition)
+    prob = p.probabilities(0, _layer(0, {5: 1, 6: 1}))  # seen in the prompt only
+    assert prob == pytest.approx(dict.fromkeys(range(8), 0.25))
+    prompt = p.probabilities(0, _layer(0, {e: 2 for e in range(5, 8)} | {4: 10}))
+    assert prompt == pytest.approx(dict.fromkeys(range(8), 1 - 0.75 ** 8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.dictionaries(st.integers(0, 7), st.integers(0, 6), max_size=5),
+                min_size=1, max_size=40),
+       st.integers(1, 4), st.floats(0.0, 1.0))
+def test_heat_predictions_are_probabilities(executions, layers, min_prob):
+    """Any sequence of executions (layers in turn, any tokens, experts never seen, empty
+    layers): every probability is in [0, 1]; the prediction is the probabilities at least
+    min_prob, most likely first, at most as many as the layer needed, for the next layer."""
+    p = HeatPredictor(min_prob=min_prob)
+    for i, tokens in enumerate(executions):
+        layer = i % layers
+        demands = _layer(layer, tokens)
+        p.observe(layer, demands)
+        prob = p.probabilities(layer, demands)
+        assert all(0.0 <= v <= 1.0 for v in prob.values())
+        guess = p.predict(layer, demands)
+        assert len(guess) <= len({d.key.expert for d in demands})
+        assert [v for _, v in guess] == sorted((v for _, v in guess), reverse=True)
+        assert all(v >= min_prob and prob[k.expert] == v for k, v in guess)
+        assert all(k.layer == (layer + 1) % p.layers for k, _ in guess)
 
 
 def _alternate(policy: Policy, pool: ResidentSet) -> list[tuple[int, int, Plan]]:

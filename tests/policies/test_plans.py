@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +16,7 @@ from d2moe.policies import (
     RESIDENCY,
     SCHEDULERS,
     PlanError,
+    Policy,
     ResidentSet,
     Sizes,
     make_policy,
@@ -178,12 +181,13 @@ def test_a_load_evicts_predicted_experts_least_likely_first_once_nothing_else_is
     """Preference (1b): when only the layer and the prediction are resident, a load evicts
     the least likely predicted expert (not the coldest), and the plan still fits."""
     pool = ResidentSet(SIZES, 3 * SIZES.by_bits[2])
-    policy = make_policy("hebf-prefetch")
+    policy = Policy("t", replace(policy_config("hebf-prefetch"), prefetch_min_prob=0.3))
     seen = _recording_predictions(policy)
-    # layer 0's e0 is followed by layer 1's e1 twice and e3 once: P(e1) = 2/3, P(e3) = 1/3
-    # (diluted by e2's one token: 0.63 and 0.32, both above min_prob 0.3)
+    # layer 0's e0 is followed by layer 1's e1 twice and e3 once: P(e1) = 2/3, P(e3) = 1/3 per
+    # token (top-1; e2 never seen: no evidence); the last layer has 2 tokens, so 1 - (1/3)^2
+    # and 1 - (2/3)^2 (0.89, 0.56), both above min_prob 0.3
     history = [(0, [(0, 1)]), (1, [(1, 1)]), (0, [(0, 1)]), (1, [(1, 1)]),
-               (0, [(0, 1)]), (1, [(3, 9)]), (0, [(0, 20), (2, 1)])]
+               (0, [(0, 1)]), (1, [(3, 9)]), (0, [(0, 1), (2, 1)])]
     for layer, asked in history:
         demands = [Demand(ExpertKey(layer, e), 2, t) for e, t in asked]
         before = ResidentSet(SIZES, pool.budget_bytes)
