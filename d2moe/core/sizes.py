@@ -60,8 +60,8 @@ class QuantLayout:
                             field="bits", fix=f"ask for {self.b1}..{self.bK} bits")
 
 
-# The stored bit range of every verb's `--store-bits B1:BK`, as
-# QuantLayout's defaults: written out for the options that take the range as one string.
+# The default of every verb's stored bit range, `--store-bits B1:BK`: QuantLayout's defaults,
+# written out for the options that take the range as one string.
 DEFAULT_STORE_BITS = f"{QuantLayout.b1}:{QuantLayout.bK}"
 
 
