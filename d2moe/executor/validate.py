@@ -574,7 +574,8 @@ def simulate_trace(trace: Trace, spec: ModelSpec, layout: QuantLayout, profile: 
     from d2moe.sim.adaptive import capacity_source
     from d2moe.sim.simulator import SimSetup, simulate
 
-    setup = SimSetup(spec, profile, layout, budget_bytes, meta={"trace": "recorded"})
+    setup = SimSetup(spec, profile, layout, budget_bytes, meta={"trace": "recorded"},
+                     emulate_copies=True)  # as the real run on that store did
     source = capacity_source(trace, bits, capacity)
     tl = simulate(setup, source, make_policy(policy, stats=stats))
     if source.record() is not None:

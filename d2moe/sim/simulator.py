@@ -69,7 +69,12 @@ class StepSource:
 
 @dataclass(frozen=True)
 class SimSetup:
-    """Everything fixed across the policies compared on one trace."""
+    """Everything fixed across the policies compared on one trace.
+
+    `emulate_copies`: a policy of separate copies runs on the nested store `layout` as the
+    real executor emulates it (`executor.setup.check_store_layout`: the b-bit prefix of a
+    bitplane code, one read per level, an expert reloaded whole on a raise), not on a store
+    of copies (one read per copy); set where a real run on that store is replayed."""
 
     spec: ModelSpec
     profile: Any
@@ -78,6 +83,7 @@ class SimSetup:
     host_cache_bytes: int = 0
     engine: str = "fast"
     meta: dict[str, Any] = field(default_factory=dict)
+    emulate_copies: bool = False
 
 
 def check_budget(setup: SimSetup, max_bits: int) -> None:
@@ -124,6 +130,8 @@ class SimSession:
     def __init__(self, setup: SimSetup, policy: Policy) -> None:
         self.setup, self.policy = setup, policy
         self.sizes = Sizes.of(setup.spec, setup.layout)
+        if setup.emulate_copies and not policy.config.quant_layout(setup.layout).nested:
+            self.sizes = replace(self.sizes, nested=False)  # copies on the nested store
         self.costs = ProfileCosts(setup.profile, setup.spec, self.sizes, setup.layout)
         self.pool = ResidentSet(self.sizes, setup.budget_bytes)
         self.host = HostCache(setup.host_cache_bytes, self.sizes)
@@ -189,6 +197,9 @@ def policy_setup(setup: SimSetup, policy: Policy, asked_max: int,
     bits the policy runs at (from the fewest the workload asks, `asked_min`, when known, to
     the most) are stored and the budget holds the largest expert."""
     layout = policy.config.quant_layout(setup.layout)
+    if setup.emulate_copies and not layout.nested:  # the executor's store, as it emulates
+        layout = setup.layout if setup.layout.kind == "bitplane" else \
+            replace(setup.layout, kind="bitplane")
     bits = policy.max_bits(asked_max)
     low = policy.min_bits(asked_min) if asked_min is not None else bits
     if layout.kind != "dense" and not layout.b1 <= low <= bits <= layout.bK:

@@ -51,3 +51,36 @@ def test_a_policy_running_below_the_stored_b1_is_refused_before_it_runs(tmp_path
     with pytest.raises(UserError, match=r"policy edgemoe runs experts at 2\.\.4 bits but its "
                                         r"copies layout stores 3\.\.8"):
         simulate_policy(prep, build_policy(prep, "edgemoe"))
+
+
+def test_copies_emulated_on_the_nested_store_load_as_the_executor_does():
+    """A real run of a copies baseline reads the bitplane store's levels, one request each
+    (executor.setup.check_store_layout): replayed with `emulate_copies`, matryoshka-free's
+    loads (LRU on copies, one 4-bit width) are fifo's exactly; on a store of copies (the
+    default) each is one read, and shorter."""
+    from dataclasses import replace
+
+    from d2moe.core.jobs import Demand, ExpertKey
+    from d2moe.core.sizes import QuantLayout
+    from d2moe.core.spec import load_spec
+    from d2moe.policies import make_policy
+    from d2moe.profiles import load_profile
+    from d2moe.sim import SimSetup, StepWork, simulate
+
+    spec = load_spec("tiny")
+    steps = [StepWork("decode", 1, [[Demand(ExpertKey(layer, (s + layer) % spec.experts), 4,
+                                            1, 0.9)] for layer in range(spec.layers)])
+             for s in range(12)]
+    setup = SimSetup(spec, load_profile("cpu-2core"), QuantLayout(), 10**6)
+
+    def loads(name: str, emulate: bool) -> list[tuple[int, int, float]]:
+        tl = simulate(replace(setup, emulate_copies=emulate), steps, make_policy(name))
+        return [(e.step, e.expert, round(e.end_us - e.start_us, 6)) for e in tl.events
+                if e.kind == "load"]
+
+    fifo = loads("fifo", True)
+    assert fifo == loads("fifo", False)  # nested policies: the flag changes nothing
+    assert loads("matryoshka-free", True) == fifo
+    copies = loads("matryoshka-free", False)
+    assert [r[:2] for r in copies] == [r[:2] for r in fifo]
+    assert all(c[2] < f[2] for c, f in zip(copies, fifo, strict=True))
