@@ -528,9 +528,28 @@ def test_one_thing_has_its_common_name_in_every_verb():
     ("router train", ["--capacity", "0.5,0.5"], ["--capacities", "0.5,0.5"]),
     ("quantize --model tiny --out s", ["--bits", "3:5"], ["--store-bits", "3:5"])])
 def test_aliases_parse_to_the_same_options(verb, own, common):
-    parse = build_parser().parse_args
+    def parse(argv: list[str]) -> dict:  # the options, not the parser's own bookkeeping
+        return {k: v for k, v in vars(build_parser().parse_args(argv)).items()
+                if not k.startswith("_")}
+
     a, b = parse([*verb.split(), *own]), parse([*verb.split(), *common])
-    assert vars(a) == vars(b) and vars(a) != vars(parse(verb.split()))
+    assert a == b and a != parse(verb.split())
+
+
+@pytest.mark.parametrize("verb,first,second", [
+    ("quantize --model tiny", ["--bits", "2:6"], ["--store-bits", "3:6"]),
+    ("model train-tiny", ["--batch", "3"], ["--batch-size", "4"]),
+    ("router train", ["--capacities", "0.5,0.5"], ["--capacity", "0.4,0.6"])])
+def test_two_spellings_of_one_option_must_agree(capsys, tmp_path, verb, first, second):
+    """An option and its alias giving different values is refused, whichever comes first;
+    the same value under both is accepted."""
+    out = ["--out", str(tmp_path / "o")] if verb.startswith("quantize") else []
+    for argv in ([*first, *second], [*second, *first]):
+        line = _exit_2(capsys, *verb.split(), *argv, *out)
+        assert first[0] in line and second[0] in line and "(fix: give --" in line
+    same = [*first, second[0], first[1]]
+    parsed = build_parser().parse_args([*verb.split(), *same, *out])
+    assert first[1] in str(vars(parsed))
 
 
 @pytest.mark.parametrize("verb,config,required", [

@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 STORE_BITS = ("b1", "bK")  # the fields `--store-bits B1:BK` sets (`add_fields`)
 _BITS_GIVEN = "_store_bits_given"  # namespace attribute: field -> (spelling, value) as given
+_SPELLINGS_GIVEN = "_spellings_given"  # the same for options with aliases (`_OneSpelling`)
 
 
 # a default shown as is in help; any other string (spaces, brackets, quotes, a newline) is
@@ -106,6 +107,24 @@ class _StoreBits(argparse.Action):
         setattr(namespace, _BITS_GIVEN, given)
 
 
+class _OneSpelling(argparse.Action):
+    """Store the value; an option given under two of its spellings (`aliases`) with different
+    values is a UserError naming both (one spelling given twice: the last wins, as argparse)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given: dict[str, tuple[str, Any]] = getattr(namespace, _SPELLINGS_GIVEN, None) or {}
+        before, was = given.get(self.dest, (option_string, values))
+        if before != option_string and was != values:
+            raise UserError(f"{before} gives {was!r}, {option_string} gives {values!r}",
+                            field=self.option_strings[0].lstrip("-"),
+                            fix=f"give {self.option_strings[0]} once ("
+                                f"{', '.join(self.option_strings[1:])}: its other spelling)")
+        given[self.dest] = (option_string, values)
+        setattr(namespace, _SPELLINGS_GIVEN, given)
+        setattr(namespace, self.dest, values)
+
+
 def _add_store_bits(parser: argparse.ArgumentParser, low: dataclasses.Field[Any],
                     high: dataclasses.Field[Any]) -> None:
     """`--store-bits B1:BK` for the fields b1 and bK (their defaults its default), then
@@ -155,6 +174,8 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
         if f.name == "out" and (default or required):
             kind = out_path(option, f.metadata.get("example") or default or option.upper())
         extra: dict[str, Any] = {"required": True} if required else {"default": default}
+        if len(names) > 1:
+            extra["action"] = _OneSpelling
         parser.add_argument(*names, dest=f.name, type=kind, help=help_text,
                             metavar=f.metadata.get("metavar"),
                             choices=f.metadata.get("choices"), **extra)
