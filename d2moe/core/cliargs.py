@@ -39,8 +39,7 @@ from d2moe.core.sizes import parse_bits_range
 T = TypeVar("T")
 
 STORE_BITS = ("b1", "bK")  # the fields `--store-bits B1:BK` sets (`add_fields`)
-_BITS_GIVEN = "_store_bits_given"  # namespace attribute: field -> (spelling, value) as given
-_SPELLINGS_GIVEN = "_spellings_given"  # the same for options with aliases (`_OneSpelling`)
+_GIVEN = "_spellings_given"  # namespace attribute: field -> (spelling, value) as given
 
 
 # a default shown as is in help; any other string (spaces, brackets, quotes, a newline) is
@@ -84,6 +83,21 @@ def add_out_option(parser: argparse.ArgumentParser, *, default: str, help_text: 
                         metavar=metavar, help=help_text + default_note(help_text, default))
 
 
+def _set_once(namespace: argparse.Namespace, name: str, spelling: str, value: Any, *,
+              field: str, fix: str, what: str = "") -> None:
+    """Set `name` to `value`, given as `spelling`: a UserError naming `field` and both
+    spellings if another spelling gave it a different value before (`what`: the first
+    value's label; the same spelling given twice: the last wins, as argparse)."""
+    given: dict[str, tuple[str, Any]] = getattr(namespace, _GIVEN, None) or {}
+    before, was = given.get(name, (spelling, value))
+    if before != spelling and was != value:
+        raise UserError(f"{before} gives {what}{was}, {spelling} gives {value}", field=field,
+                        fix=fix)
+    given[name] = (spelling, value)
+    setattr(namespace, _GIVEN, given)
+    setattr(namespace, name, value)
+
+
 class _StoreBits(argparse.Action):
     """`--store-bits B1:BK` (dest store_bits: sets the fields b1 and bK) and the older
     `--b1 N`, `--bK N` (one each). A field given in both spellings with different values is a
@@ -94,17 +108,10 @@ class _StoreBits(argparse.Action):
         spelling = option_string or self.dest
         ends = dict(zip(STORE_BITS, values, strict=True)) if self.dest == "store_bits" \
             else {self.dest: values}
-        given: dict[str, tuple[str, int]] = getattr(namespace, _BITS_GIVEN, None) or {}
         for name, value in ends.items():
-            before, was = given.get(name, (spelling, value))
-            if before != spelling and was != value:
-                raise UserError(f"{before} gives {name} {was}, {spelling} gives {value}",
-                                field="store-bits",
-                                fix="give the range once: --store-bits B1:BK (--b1 and --bK "
-                                    "are its older spelling)")
-            given[name] = (spelling, value)
-            setattr(namespace, name, value)
-        setattr(namespace, _BITS_GIVEN, given)
+            _set_once(namespace, name, spelling, value, field="store-bits", what=f"{name} ",
+                      fix="give the range once: --store-bits B1:BK (--b1 and --bK are its "
+                          "older spelling)")
 
 
 class _OneSpelling(argparse.Action):
@@ -113,16 +120,10 @@ class _OneSpelling(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        given: dict[str, tuple[str, Any]] = getattr(namespace, _SPELLINGS_GIVEN, None) or {}
-        before, was = given.get(self.dest, (option_string, values))
-        if before != option_string and was != values:
-            raise UserError(f"{before} gives {was!r}, {option_string} gives {values!r}",
-                            field=self.option_strings[0].lstrip("-"),
-                            fix=f"give {self.option_strings[0]} once ("
-                                f"{', '.join(self.option_strings[1:])}: its other spelling)")
-        given[self.dest] = (option_string, values)
-        setattr(namespace, _SPELLINGS_GIVEN, given)
-        setattr(namespace, self.dest, values)
+        name = self.option_strings[0]
+        _set_once(namespace, self.dest, option_string or name, values, field=name.lstrip("-"),
+                  fix=f"give {name} once ({', '.join(self.option_strings[1:])}: its other "
+                      "spelling)")
 
 
 def _add_store_bits(parser: argparse.ArgumentParser, low: dataclasses.Field[Any],
