@@ -40,7 +40,9 @@ def main() -> None:
                   f"pool, {args.rounds} rounds, pipelined from {args.min_bytes} B levels")
 
     def pipeline(min_bytes: int | None):
-        return lambda reader: setattr(reader, "pipeline_min_bytes", min_bytes)
+        def setup(reader) -> None:  # one read per level in both: only the checks differ
+            reader.pipeline_min_bytes, reader.coalesce = min_bytes, False
+        return setup
 
     times = alternate_loads(args.spec, args.bits, args.rounds, torch.device(args.device),
                             {"inline": pipeline(None), "pipelined": pipeline(args.min_bytes)})

@@ -7,7 +7,7 @@ throughput in TFLOP/s, so flops / (TFLOPs * 1e6) is microseconds.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 BYTES_PER_US_PER_GBPS = 1e3  # 1 GB/s = 1e9 B/s = 1e3 B/us
 FLOPS_PER_US_PER_TFLOPS = 1e6  # 1 TFLOP/s = 1e12 FLOP/s = 1e6 FLOP/us
@@ -50,6 +50,21 @@ def checked_reads_us(levels: Sequence[tuple[int, float]], check_GBps: float,
         else:
             t += check_us
     return max(t, helper)
+
+
+def store_reads_us(levels: Sequence[int], request_us: Callable[[int], float],
+                   check_GBps: float, pipeline_min_bytes: int | None) -> float:
+    """A raise's disk reads with their checks, as `quant.store.StoreReader` makes them: the
+    levels (bytes, file order) joined into reads by `quant.store.read_sizes`, each read
+    `request_us(bytes)`, checked by `checked_reads_us`. `d2moe profile` subtracts this from
+    a measured load to find the lane's own work, and the simulator adds that work back to
+    it: both price a read here, so they cannot disagree on what one is (they did once: the
+    profile took each level as a read while the reader joined small ones, 2026-11-24)."""
+    from d2moe.quant.store import read_sizes  # the reader's own grouping
+
+    reads = read_sizes(levels, pipeline_min_bytes)
+    return checked_reads_us([(n, request_us(n)) for n in reads], check_GBps,
+                            pipeline_min_bytes)
 
 
 def roofline_us(nbytes: float, flops: float, mem_GBps: float, peak_TFLOPs: float) -> float:

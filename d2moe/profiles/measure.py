@@ -64,7 +64,7 @@ from d2moe.profiles.backend_probes import (
     measure_non_expert,
     overlap_speeds_from_rows,
 )
-from d2moe.profiles.cost import checked_reads_us
+from d2moe.profiles.cost import store_reads_us
 from d2moe.profiles.load_probes import measure_check_GBps, measure_cold_loads, measure_loads
 from d2moe.profiles.run_probes import measure_first_runs, measure_runs
 from d2moe.profiles.schema import (
@@ -234,6 +234,17 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
         executor=fields(first.executor, lambda p: p.executor))
 
 
+def lane_load_costs(loads: Sequence[tuple[Sequence[int], float]],
+                    request_us: Callable[[int], float],
+                    check_GBps: float) -> tuple[float, float]:
+    """(load_us, load_GBps): the I/O lane's work per load beyond its reads and checks (layout
+    conversion, placement), fitted over measured loads of (level bytes in file order, us);
+    the reads priced as the simulator prices them (`profiles.cost.store_reads_us`)."""
+    return fit_latency_bandwidth([
+        (sum(levels), us - store_reads_us(levels, request_us, check_GBps, PIPELINE_MIN_BYTES))
+        for levels, us in loads])
+
+
 def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profile:
     import torch
 
@@ -292,10 +303,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 reader.close()
     finally:
         bar.close()
-    extra = [(sum(levels), us - checked_reads_us(
-        [(n, disk.request_us(n)) for n in levels], check_gbps, PIPELINE_MIN_BYTES))
-        for levels, us in loads]
-    load_us, load_gbps = fit_latency_bandwidth(extra)
+    load_us, load_gbps = lane_load_costs(loads, disk.request_us, check_gbps)
     executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
                              load_GBps=_sig(load_gbps), check_GBps=_sig(check_gbps),
                              run_us=lanes["run_us"], wake_us=lanes["wake_us"],

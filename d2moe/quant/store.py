@@ -22,7 +22,7 @@ import shutil
 import threading
 import weakref
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,29 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + ALIGN_BYTES, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGN_BYTES
     return raw[start:start + nbytes]
+
+
+def read_groups(sizes: Sequence[int], pipeline_min_bytes: int | None) -> list[list[int]]:
+    """Which of a raise's levels (`sizes`: bytes, in file order) each read takes, as index
+    lists: a level of `pipeline_min_bytes` or more is read alone (its checksum then runs on
+    the helper thread while the next read goes on); a run of smaller neighbours is one read,
+    since below that size the disk's per-request latency costs more than a check that
+    overlaps (a tiny expert's 0->4 bit raise: one 64 KiB read, not three of 16-32 KiB).
+    The store reader and the simulator (`sim.costs`) both take their reads from here."""
+    groups: list[list[int]] = []
+    for i, n in enumerate(sizes):
+        small = pipeline_min_bytes is None or n < pipeline_min_bytes
+        if small and groups and groups[-1][-1] == i - 1 and \
+                (pipeline_min_bytes is None or sizes[i - 1] < pipeline_min_bytes):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def read_sizes(sizes: Sequence[int], pipeline_min_bytes: int | None) -> list[int]:
+    """Bytes of each read that fetches levels of `sizes` (`read_groups`)."""
+    return [sum(sizes[i] for i in g) for g in read_groups(sizes, pipeline_min_bytes)]
 
 
 def _first_damaged(items: list[tuple[StoreEntry, np.ndarray]]) -> StoreEntry | None:
@@ -275,14 +298,18 @@ class StoreReader:
 
     `direct=True` asks for O_DIRECT (page cache bypassed) where the OS and file system
     allow it; `direct_io` says whether it is on. Levels of `pipeline_min_bytes` or more are
-    checksummed on one helper thread while the next level is read (None: never).
+    read alone and checksummed on one helper thread while the next read goes on (None:
+    never); with `coalesce`, neighbouring smaller levels of one raise are one read
+    (`read_groups`; False: one read per level, the reader before 2026-11-24).
     """
 
     def __init__(self, path: str | Path, *, verify: bool = True, direct: bool = False,
-                 pipeline_min_bytes: int | None = PIPELINE_MIN_BYTES) -> None:
+                 pipeline_min_bytes: int | None = PIPELINE_MIN_BYTES,
+                 coalesce: bool = True) -> None:
         self.path = Path(path)
         self.verify = verify
         self.pipeline_min_bytes = pipeline_min_bytes
+        self.coalesce = coalesce
         self._checker: ThreadPoolExecutor | None = None  # started at the first pipelined level
         index_path = self.path / STORE_INDEX
         if not index_path.is_file():
@@ -417,28 +444,31 @@ class StoreReader:
                     bits_to: int) -> dict[int, dict[str, np.ndarray]]:
         """{bits: {tensor: uint8 bytes}} of levels bits_from+1..bits_to, checksums verified.
 
-        A large level's checksum runs on the helper thread while the next level is read;
-        every check has finished (or raised, naming the first damaged entry) on return."""
+        Reads as `reads` groups the levels; a large read's checksums run on the helper
+        thread while the next read goes on; every check has finished (or raised, naming the
+        first damaged entry) on return."""
         entries = self.entries_for(layer, expert, bits_from, bits_to)
         out: dict[int, dict[str, np.ndarray]] = {}
         by_level: dict[int, list[StoreEntry]] = {}
         for e in entries:
             by_level.setdefault(e.bits, []).append(e)
-        ranges = self.byte_ranges(layer, expert, bits_from, bits_to)
+        reads = self.reads(self.byte_ranges(layer, expert, bits_from, bits_to))
         checks: list[Future[StoreEntry | None] | StoreEntry | None] = []
-        for k, r in enumerate(ranges):
-            buf = np.frombuffer(self.read_range(r), dtype=np.uint8)
-            level = out.setdefault(r.bits, {})
+        for k, (span, levels) in enumerate(reads):
+            buf = np.frombuffer(self.read_range(span), dtype=np.uint8)
             items = []
-            for e in by_level[r.bits]:
-                level[e.tensor] = data = buf[e.offset - r.offset:e.offset - r.offset + e.nbytes]
-                if data.size != e.nbytes:  # a short read: the file was cut
-                    raise self._damaged(e, "the data file ends inside")
-                items.append((e, data))
+            for r in levels:
+                level = out.setdefault(r.bits, {})
+                for e in by_level[r.bits]:
+                    at = e.offset - span.offset
+                    level[e.tensor] = data = buf[at:at + e.nbytes]
+                    if data.size != e.nbytes:  # a short read: the file was cut
+                        raise self._damaged(e, "the data file ends inside")
+                    items.append((e, data))
             if not self.verify:
                 continue
             min_bytes = self.pipeline_min_bytes
-            if k + 1 < len(ranges) and min_bytes is not None and r.nbytes >= min_bytes:
+            if k + 1 < len(reads) and min_bytes is not None and span.nbytes >= min_bytes:
                 checks.append(self._helper().submit(_first_damaged, items))
             else:  # the last level (nothing left to overlap with) or a small one
                 checks.append(_first_damaged(items))
@@ -446,6 +476,26 @@ class StoreReader:
             bad = c.result() if isinstance(c, Future) else c
             if bad is not None:
                 raise self._damaged(bad, "checksum mismatch in")
+        return out
+
+    def reads(self, ranges: Sequence[ByteRange]) -> list[tuple[ByteRange, list[ByteRange]]]:
+        """The reads that fetch `ranges` (one raise's levels, in file order): (the span read,
+        the levels in it), grouped by `read_groups` where `coalesce` is on and neighbours
+        lie back to back in one file (only the alignment padding between them)."""
+        groups = read_groups([r.nbytes for r in ranges], self.pipeline_min_bytes) \
+            if self.coalesce else [[i] for i in range(len(ranges))]
+        out: list[tuple[ByteRange, list[ByteRange]]] = []
+        for group in groups:
+            levels = [ranges[group[0]]]
+            for r in (ranges[i] for i in group[1:]):
+                prev = levels[-1]
+                gap = r.offset - (prev.offset + prev.nbytes)
+                if r.file == prev.file and 0 <= gap < ALIGN_BYTES:
+                    levels.append(r)
+                else:  # not back to back (a store written otherwise): a read of its own
+                    out.append((_span(levels), levels))
+                    levels = [r]
+            out.append((_span(levels), levels))
         return out
 
     def _damaged(self, e: StoreEntry, what: str) -> UserError:
@@ -572,3 +622,10 @@ def cut_store(src: str | Path, dst: str | Path, bits: int) -> Path:
             experts = sorted({e.expert for e in reader.entries.values() if e.layer == layer})
             writer.write_layer(layer, ((e, reader.read_expert(layer, e, bits)) for e in experts))
         return writer.close()
+
+
+def _span(levels: Sequence[ByteRange]) -> ByteRange:
+    """One read covering `levels` (back to back in one file), named for the first's bits."""
+    first, last = levels[0], levels[-1]
+    return ByteRange(first.file, first.offset, last.offset + last.nbytes - first.offset,
+                     first.bits)

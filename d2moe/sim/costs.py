@@ -1,8 +1,10 @@
 """Durations from a hardware profile, memoized: the simulator asks for one per job.
 
 When the profile carries executor lane costs (`Profile.executor`, measured by `d2moe
-profile`), a load pays one disk request per stored level it moves, the levels' checksums as
-the store reader pipelines them (`profiles.cost.checked_reads_us`; profiles without
+profile`), a load pays one disk request per read of the store reader (a large level alone,
+neighbouring small ones together: `quant.store.read_groups`), the reads' checksums as the
+store reader pipelines them (`profiles.cost.store_reads_us`, as `d2moe profile` prices the
+reads it subtracts to find the lane's own work; profiles without
 `check_GBps` count them in the lane's work) and the I/O lane's work beyond the reads, a run
 pays the compute lane's fixed cost beyond its expert, a layer with expert work pays
 `layer_us` before its plan starts (and `handoff_us` more when its plan has loads: the
@@ -25,8 +27,8 @@ from d2moe.core.jobs import ExpertKey, Load, Run
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import ModelSpec
 from d2moe.policies.view import Sizes
-from d2moe.profiles.cost import checked_reads_us
-from d2moe.quant.store import PIPELINE_MIN_BYTES
+from d2moe.profiles.cost import store_reads_us
+from d2moe.quant.store import PIPELINE_MIN_BYTES, read_sizes
 
 
 class ProfileCosts:
@@ -72,22 +74,31 @@ class ProfileCosts:
         return us
 
     def requests(self, bits_from: int, bits_to: int) -> int:
-        """Read requests of a raise: one per stored level moved (nested), else one copy."""
+        """Read requests of a raise: as the store reader groups its levels (nested), else
+        one copy."""
         if self.lane_costs is None or not self.layout.nested:
             return 1
-        return max(1, bits_to - (self.layout.b1 - 1 if bits_from == 0 else bits_from))
+        return max(1, len(self.reads(bits_from, bits_to)))
 
     def levels(self, bits_from: int, bits_to: int) -> list[int]:
-        """Bytes of each stored level a raise reads, in order (one copy when not nested)."""
+        """Bytes of each stored level a raise moves, in order (one copy when not nested)."""
         if not self.layout.nested:
             return [self.sizes.load(bits_from, bits_to)]
         by_bits, b1 = self.sizes.by_bits, self.layout.b1
         return [by_bits[b] - (by_bits[b - 1] if b > b1 else 0)
                 for b in range(b1 if bits_from == 0 else bits_from + 1, bits_to + 1)]
 
+    def reads(self, bits_from: int, bits_to: int) -> list[int]:
+        """Bytes of each read of a raise: its levels grouped as the store reader reads them
+        (`quant.store.read_groups`: small neighbours in one request)."""
+        levels = self.levels(bits_from, bits_to)
+        if not self.layout.nested:
+            return levels
+        return read_sizes(levels, PIPELINE_MIN_BYTES)
+
     def raise_us(self, bits_from: int, bits_to: int, tier: str = "disk") -> float:
-        """A raise from `bits_from` to `bits_to` bits read from `tier`: from disk, each level
-        its own request, checked as the store reader checks it, when the profile measured
+        """A raise from `bits_from` to `bits_to` bits read from `tier`: from disk, read and
+        checked as the store reader reads and checks it, when the profile measured
         the checks (`check_GBps`); else `bytes_us` of the whole."""
         key = (bits_from, bits_to, tier)
         us = self._raise.get(key)
@@ -97,9 +108,9 @@ class ProfileCosts:
             if tier != "disk" or math.isinf(self.check_GBps) or nbytes <= 0:
                 us = self.bytes_us(nbytes, tier, self.requests(bits_from, bits_to))
             else:
-                reads = [(n, float(self.profile.load_us(n, tier)))
-                         for n in self.levels(bits_from, bits_to)]
-                us = (checked_reads_us(reads, self.check_GBps, PIPELINE_MIN_BYTES)
+                us = (store_reads_us(self.levels(bits_from, bits_to),
+                                     lambda n: float(self.profile.load_us(n, tier)),
+                                     self.check_GBps, PIPELINE_MIN_BYTES)
                       + self.lane_costs.load_extra_us(nbytes))
             self._raise[key] = us
         return us

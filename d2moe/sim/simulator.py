@@ -73,7 +73,7 @@ class SimSetup:
 
     `emulate_copies`: a policy of separate copies runs on the nested store `layout` as the
     real executor emulates it (`executor.setup.check_store_layout`: the b-bit prefix of a
-    bitplane code, one read per level, an expert reloaded whole on a raise), not on a store
+    bitplane code, read as the store reader reads a raise, reloaded whole), not on a store
     of copies (one read per copy); set where a real run on that store is replayed."""
 
     spec: ModelSpec

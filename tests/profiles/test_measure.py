@@ -34,6 +34,7 @@ from d2moe.profiles.load_probes import (
 from d2moe.profiles.measure import (
     ProfileConfig,
     device_name,
+    lane_load_costs,
     measure_profile,
     median_profile,
     sizes_up_to,
@@ -57,6 +58,26 @@ def test_fit_recovers_a_line() -> None:
     pts = [(n, 50.0 + n / 2000.0) for n in (4096, 65536, 1 << 20)]
     latency, gbps = fit_latency_bandwidth(pts)
     assert latency == pytest.approx(50.0)
+    assert gbps == pytest.approx(2.0)
+
+
+def test_lane_load_costs_subtract_the_reads_the_reader_makes() -> None:
+    """Loads timed as the reader's reads (small levels joined) plus 20 us + bytes at 2 GB/s
+    of lane work: the fit finds exactly that work. Subtracting one request per level, as
+    the profile did before 2026-11-24, would take the 50 us latency of the joined levels
+    off too and find less."""
+    from d2moe.profiles.cost import store_reads_us
+    from d2moe.quant.store import PIPELINE_MIN_BYTES
+
+    def request(n: int) -> float:
+        return 50.0 + n / 1000
+
+    raises = [(30000,), (30000, 14000), (30000, 14000, 14000), (14000,), (14000, 14000),
+              (2 << 20, 1 << 20, 14000)]  # the last: two large levels read alone
+    loads = [(levels, store_reads_us(levels, request, 7.0, PIPELINE_MIN_BYTES)
+              + 20.0 + sum(levels) / 2000) for levels in raises]
+    load_us, gbps = lane_load_costs(loads, request, 7.0)
+    assert load_us == pytest.approx(20.0)
     assert gbps == pytest.approx(2.0)
 
 

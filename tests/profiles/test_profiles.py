@@ -283,6 +283,23 @@ def test_checked_reads_by_hand() -> None:
     assert checked_reads_us([], 1.0, 0) == 0.0
 
 
+def test_store_reads_join_small_levels_as_the_reader_does() -> None:
+    """Requests of 50 us + 1 us/kB, checks at 1 GB/s: small neighbours are one request and
+    one inline check; a large level is its own request, checked beside the next read."""
+    from d2moe.profiles.cost import store_reads_us
+
+    def request(n: int) -> float:
+        return 50.0 + n / 1000
+
+    # 30 kB + 14 kB + 14 kB below the threshold: one 58 kB read, then its 58 us check
+    assert store_reads_us([30000, 14000, 14000], request, 1.0, 10**6) == pytest.approx(166.0)
+    # at a 20 kB threshold the 30 kB level is read alone (its check, 30 us, hides behind
+    # the 78 us read of the joined 28 kB), then the joined pair's 28 us check inline
+    assert store_reads_us([30000, 14000, 14000], request, 1.0, 20000) == pytest.approx(
+        80.0 + 78.0 + 28.0)
+    assert store_reads_us([], request, 1.0, 10**6) == 0.0
+
+
 @given(levels=st.lists(st.tuples(st.integers(0, 10**6), st.floats(0.0, 1e4)), max_size=8),
        gbps=st.floats(0.01, 100.0), min_bytes=st.one_of(st.none(), st.integers(0, 10**6)))
 def test_checked_reads_lie_between_the_overlapped_and_the_serial(levels, gbps, min_bytes):

@@ -16,10 +16,12 @@ from d2moe.quant.nested import quantize_matrix
 from d2moe.quant.store import (
     ALIGN_BYTES,
     TENSORS,
+    ByteRange,
     StoreReader,
     StoreWriter,
     aligned_buffer,
     cut_store,
+    read_groups,
 )
 
 torch = pytest.importorskip("torch")
@@ -151,6 +153,61 @@ def test_pipelined_checks_report_the_first_damage_and_stop_on_close(store):
     assert thread
     reader.close()
     assert reader._checker is None and not any(t.is_alive() for t in thread)
+
+
+def test_read_groups_keep_large_levels_alone_and_join_small_neighbours():
+    assert read_groups([100, 100, 100], 1000) == [[0, 1, 2]]
+    assert read_groups([2000, 100, 100], 1000) == [[0], [1, 2]]
+    assert read_groups([100, 2000, 100, 100], 1000) == [[0], [1], [2, 3]]
+    assert read_groups([1000, 1000], 1000) == [[0], [1]]  # at the threshold: large
+    assert read_groups([5000, 5000], None) == [[0, 1]]  # never pipelined: one read
+    assert read_groups([], 1000) == []
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_coalesced_reads_give_the_same_bytes_in_fewer_requests(store, direct):
+    """Every raise of the small test store is one request where the levels are small; the
+    bytes equal one read per level (coalesce off) and each level the threshold makes large
+    (pipeline_min_bytes=0) is read alone."""
+    path, layout, _ = store
+    counts = []
+
+    def counting(reader):
+        plain = reader.read_range
+
+        def read_range(r):
+            counts[-1] += 1
+            return plain(r)
+        reader.read_range = read_range
+        return reader
+
+    with counting(StoreReader(path, direct=direct)) as joined, \
+            counting(StoreReader(path, direct=direct, coalesce=False)) as apart, \
+            counting(StoreReader(path, direct=direct, pipeline_min_bytes=0)) as large:
+        for b in (0, *range(layout.b1, layout.bK)):
+            for b2 in range(max(b + 1, layout.b1), layout.bK + 1):
+                levels = b2 - max(b, layout.b1 - 1)
+                got = []
+                for reader, want in ((joined, 1), (apart, levels), (large, levels)):
+                    counts.append(0)
+                    got.append(reader.read_planes(1, 2, b, b2))
+                    assert counts[-1] == want, (b, b2, reader.coalesce)
+                for bits, level in got[0].items():
+                    for t in TENSORS:
+                        assert np.array_equal(level[t], got[1][bits][t])
+                        assert np.array_equal(level[t], got[2][bits][t])
+
+
+def test_reads_split_where_levels_are_not_back_to_back(store):
+    """Only the alignment padding may lie between levels joined in one read."""
+    path, _, _ = store
+    with StoreReader(path) as reader:
+        name = reader.byte_ranges(0, 0, 0, 3)[0].file
+        ranges = [ByteRange(name, 0, 100, 2), ByteRange(name, ALIGN_BYTES, 100, 3),
+                  ByteRange(name, 3 * ALIGN_BYTES, 100, 4), ByteRange("other", 0, 100, 5)]
+        reads = reader.reads(ranges)
+    assert [[r.bits for r in levels] for _, levels in reads] == [[2, 3], [4], [5]]
+    assert reads[0][0] == ByteRange(name, 0, ALIGN_BYTES + 100, 2)
 
 
 def test_direct_io_flag_and_reads(store):

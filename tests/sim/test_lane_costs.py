@@ -1,6 +1,6 @@
-"""Executor lane costs in the simulator (a profile's `executor` section): per-level read
-requests, per-load/run/layer fixed costs and the hand-off between lanes, by hand and on random
-plans where both engines must write identical rows."""
+"""Executor lane costs in the simulator (a profile's `executor` section): read requests as
+the store reader groups levels, per-load/run/layer fixed costs and the hand-off between
+lanes, by hand and on random plans where both engines must write identical rows."""
 
 from __future__ import annotations
 
@@ -20,6 +20,16 @@ from d2moe.sim import SimSetup, StepWork, simulate
 from tests.sim.workloads import SPEC, LinearProfile, simulate_or_skip, step_lists
 
 LAYOUT = QuantLayout(kind="mwq", b1=2, bK=4)
+
+
+@pytest.fixture(autouse=True)
+def _levels_read_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hand-worked numbers below read each level in its own request: SPEC's levels
+    (3840-7680 B) count as large here, as a Mixtral expert's do (quant.store.read_groups);
+    `test_small_levels_share_one_request` checks the default, where they share one."""
+    import d2moe.sim.costs as sim_costs
+
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 1000)
 SIZES = Sizes.of(SPEC, LAYOUT)
 ALL_BYTES = SPEC.layers * SPEC.experts * SIZES.by_bits[4]
 
@@ -66,6 +76,19 @@ def test_lane_costs_by_hand(engine: str) -> None:
         (1, "run", 0, 66.29, 72.54),
         (1, "run", 1, 72.54, 78.79),
     ]
+
+
+def test_small_levels_share_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the store reader's own threshold SPEC's three levels are one read: E0's 0->4 load
+    in step 1 pays one request, 5 + 15360/1000 + 0.5 = 20.86, not 30.86, and every row
+    after it moves 10 earlier than in test_lane_costs_by_hand."""
+    import d2moe.sim.costs as sim_costs
+    from d2moe.quant.store import PIPELINE_MIN_BYTES
+
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", PIPELINE_MIN_BYTES)
+    rows = _rows("fast")
+    assert (1, "load", 0, 33.43, 54.29) in rows and (1, "decode", -1, 27.43, 68.79) in rows
+    assert rows == _rows("simpy")
 
 
 def test_without_lane_costs_a_load_is_one_request() -> None:
@@ -430,6 +453,14 @@ def test_checked_loads_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     import d2moe.sim.costs as sim_costs
     from d2moe.sim.costs import ProfileCosts
 
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 1 << 20)  # the reader's: one read
+    small = ProfileCosts(LaneProfile(), SPEC, SIZES, LAYOUT)
+    assert small.reads(0, 4) == [15360] and small.raise_us(0, 4) == pytest.approx(5 + 15.36 + 0.5)
+    checked_small = dataclass_replace(LaneProfile(), executor=dataclass_replace(
+        LaneProfile().executor, check_GBps=1.0))
+    assert ProfileCosts(checked_small, SPEC, SIZES, LAYOUT).raise_us(0, 4) == \
+        pytest.approx(5 + 15.36 + 15.36 + 0.5)  # its check after it
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 1000)  # each level alone
     # LaneProfile reads: 5 us + bytes / 1000 per request; levels of E 0->4: 7680, 3840, 3840
     # bytes; checks at 1 GB/s: 7.68, 3.84, 3.84 us; the lane's own 0.5 us per load
     plain = ProfileCosts(LaneProfile(), SPEC, SIZES, LAYOUT)
@@ -437,12 +468,17 @@ def test_checked_loads_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert plain.raise_us(0, 4) == pytest.approx(15 + 15.36 + 0.5)  # no check_GBps
     checked = dataclass_replace(LaneProfile(), executor=dataclass_replace(
         LaneProfile().executor, check_GBps=1.0))
-    serial = 12.68 + 7.68 + 8.84 + 3.84 + 8.84 + 3.84 + 0.5
-    assert ProfileCosts(checked, SPEC, SIZES, LAYOUT).raise_us(0, 4) == pytest.approx(serial)
-    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 5000)  # the base goes to the helper
+    # each level its own read, every check but the last's on the helper: reads end at 12.68,
+    # 21.52, 30.36; the helper's checks at 20.36 and 25.36; the last check inline: 34.2
+    assert ProfileCosts(checked, SPEC, SIZES, LAYOUT).raise_us(0, 4) == \
+        pytest.approx(12.68 + 8.84 + 8.84 + 3.84 + 0.5)
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 5000)
     costs = ProfileCosts(checked, SPEC, SIZES, LAYOUT)
-    assert costs.raise_us(0, 4) == pytest.approx(serial - 7.68)
-    assert costs.raise_us(2, 4) == pytest.approx(8.84 + 3.84 + 8.84 + 3.84 + 0.5)
+    # the base (7680) alone, its check on the helper; the two planes (3840) one read of 7680,
+    # checked inline: 12.68 + 12.68 + 7.68 (the helper's check ends at 20.36, before)
+    assert costs.reads(0, 4) == [7680, 7680]
+    assert costs.raise_us(0, 4) == pytest.approx(12.68 + 12.68 + 7.68 + 0.5)
+    assert costs.raise_us(2, 4) == pytest.approx(5 + 7.68 + 7.68 + 0.5)
     assert costs.raise_us(0, 4, "host") == pytest.approx(1.0 + 15360 / 10000 + 0.5)
     copies = ProfileCosts(checked, SPEC, Sizes.of(SPEC, QuantLayout(kind="copies", b1=2, bK=4)),
                           QuantLayout(kind="copies", b1=2, bK=4))

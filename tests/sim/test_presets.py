@@ -53,12 +53,16 @@ def test_a_policy_running_below_the_stored_b1_is_refused_before_it_runs(tmp_path
         simulate_policy(prep, build_policy(prep, "edgemoe"))
 
 
-def test_copies_emulated_on_the_nested_store_load_as_the_executor_does():
-    """A real run of a copies baseline reads the bitplane store's levels, one request each
-    (executor.setup.check_store_layout): replayed with `emulate_copies`, matryoshka-free's
-    loads (LRU on copies, one 4-bit width) are fifo's exactly; on a store of copies (the
-    default) each is one read, and shorter."""
+def test_copies_emulated_on_the_nested_store_load_as_the_executor_does(monkeypatch):
+    """A real run of a copies baseline reads the bitplane store's levels as the store reader
+    reads any raise (executor.setup.check_store_layout): replayed with `emulate_copies`,
+    matryoshka-free's loads (LRU on copies, one 4-bit width) are fifo's exactly. On a store
+    of copies (the default) each is one read: shorter where the levels are large enough to
+    be read alone (here from 1000 B, as a Mixtral expert's are from 1 MiB), the same where
+    the reader joins them (the tiny model's levels at the real threshold)."""
     from dataclasses import replace
+
+    from d2moe.sim import costs as sim_costs
 
     from d2moe.core.jobs import Demand, ExpertKey
     from d2moe.core.sizes import QuantLayout
@@ -78,8 +82,12 @@ def test_copies_emulated_on_the_nested_store_load_as_the_executor_does():
         return [(e.step, e.expert, round(e.end_us - e.start_us, 6)) for e in tl.events
                 if e.kind == "load"]
 
-    fifo = loads("fifo", True)
+    fifo = loads("fifo", True)  # the tiny model's levels joined: one read per load
     assert fifo == loads("fifo", False)  # nested policies: the flag changes nothing
+    assert loads("matryoshka-free", True) == fifo == loads("matryoshka-free", False)
+    monkeypatch.setattr(sim_costs, "PIPELINE_MIN_BYTES", 1000)  # each level read alone
+    fifo = loads("fifo", True)
+    assert fifo == loads("fifo", False)
     assert loads("matryoshka-free", True) == fifo
     copies = loads("matryoshka-free", False)
     assert [r[:2] for r in copies] == [r[:2] for r in fifo]
