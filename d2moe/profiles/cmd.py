@@ -68,7 +68,7 @@ def summary(profile: Any) -> str:
         lines.append(f"executor lanes: layer {ex.layer_us:.0f} us (+{ex.handoff_us:.0f} with "
                      f"loads), load {ex.load_us:.0f} us + "
                      f"bytes at {ex.load_GBps:.3g} GB/s, checks at {ex.check_GBps:.3g} "
-                     f"GB/s, run {ex.run_us:.0f} us, wake "
+                     f"GB/s, eviction {ex.evict_us:.0f} us, run {ex.run_us:.0f} us, wake "
                      f"{ex.wake_us:.0f} us; first run +{ex.first_run_us:.0f} us after a load, "
                      f"+{ex.layer_first_run_us:.0f} us in each layer; non-expert "
                      f"+{ex.non_expert_after_load_us:.0f} us after a plan with loads")

@@ -1,6 +1,6 @@
 """The load probes of `d2moe profile`, through the I/O lane's own steps (`executor/lanes.py`):
-whole loads (read, check, convert, place), the store's checksum speed, and what loads cost
-beyond a steady stream after the lane sat idle (cold loads)."""
+whole loads (read, check, convert, place), evictions, the store's checksum speed, and what
+loads cost beyond a steady stream after the lane sat idle (cold loads)."""
 
 from __future__ import annotations
 
@@ -67,6 +67,29 @@ def measure_check_GBps(nbytes: int, repeats: int) -> float:
             zlib.crc32(buf)
         rates.append(calls * buf.nbytes / (time.perf_counter() - t0) / 1e9)
     return statistics.median(rates)
+
+
+def measure_evict_us(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
+                     bits: int, repeats: int) -> float:
+    """Median us of one eviction as the I/O lane makes it before a load (`ExpertPool.evict`
+    of an expert resident at `bits` that has run: its level blocks freed, its views and
+    kernel inputs forgotten); at least 20 timed, about 10 us each on the development VM."""
+    from d2moe.core.jobs import Evict, ExpertKey, Load
+    from d2moe.core.sizes import all_experts_bytes
+    from d2moe.executor.pool import ExpertPool
+
+    pool = ExpertPool(probe, layout, all_experts_bytes(probe, layout.bK, layout), device)
+    keys = [ExpertKey(0, e) for e in range(probe.experts)]
+    times = []
+    for i in range(max(20, 10 * repeats)):
+        key = keys[i % len(keys)]
+        load_into(reader, pool, Load(key, 0, bits))
+        with pool.moving:  # its kernel inputs, as a run leaves them
+            pool.matrices(key, bits)
+        t0 = time.perf_counter()
+        pool.evict(Evict(key, bits, 0))
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
 
 
 def drop_expert(pool: Any, key: Any) -> None:

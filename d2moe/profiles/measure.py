@@ -65,7 +65,12 @@ from d2moe.profiles.backend_probes import (
     overlap_speeds_from_rows,
 )
 from d2moe.profiles.cost import store_reads_us
-from d2moe.profiles.load_probes import measure_check_GBps, measure_cold_loads, measure_loads
+from d2moe.profiles.load_probes import (
+    measure_check_GBps,
+    measure_cold_loads,
+    measure_evict_us,
+    measure_loads,
+)
 from d2moe.profiles.run_probes import measure_first_runs, measure_runs
 from d2moe.profiles.schema import (
     ExecutorCosts,
@@ -288,6 +293,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 loads = measure_loads(reader, probe, layout, device, raises, cfg.repeats,
                                       sync, bar)
                 check_gbps = measure_check_GBps(max(max(lv) for lv, _ in loads), cfg.repeats)
+                evict_us = measure_evict_us(reader, probe, layout, device,
+                                            min(layout.b1 + 2, layout.bK), cfg.repeats)
                 runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
                                               scratch, bar)
@@ -312,7 +319,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              first_run_us=round(first_run_us, 2),
                              layer_first_run_us=resident.layer_first_run_us,
                              non_expert_after_load_us=resident.non_expert_after_load_us,
-                             handoff_us=lanes["handoff_us"])
+                             handoff_us=lanes["handoff_us"], evict_us=round(evict_us, 2))
     shape = expert_shape_key(spec)
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
     profile = Profile(

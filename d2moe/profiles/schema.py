@@ -138,12 +138,15 @@ class NonExpertTable:
 class ExecutorCosts:
     """Fixed costs of the real executor's lanes, beyond the disk reads and the expert kernels.
 
-    A load issues one read request per stored level (each pays the disk's `latency_us`),
-    checks each level's CRC-32 at `check_GBps` (a large level's on a helper thread while
-    the next is read: `profiles.cost.checked_reads_us`) and then pays `load_us` + bytes /
-    `load_GBps` on the I/O lane (layout conversion, placement in the pool; the checksums
-    too in profiles without `check_GBps`, measured before 2026-11-23); a layer with expert
-    work pays `layer_us` on the compute lane before its first run (grouping tokens,
+    A load issues the store reader's read requests (a large level alone, small neighbours
+    joined; each pays the disk's `latency_us`), checks each read's CRC-32s at `check_GBps`
+    (a large read's on a helper thread while the next is read:
+    `profiles.cost.store_reads_us`), pays `evict_us` for each eviction it makes first
+    (freeing the expert's blocks, forgetting its views and kernel inputs: 10-15 us on the
+    development VM, 2026-11-24) and then `load_us` + bytes / `load_GBps` on the I/O lane
+    (layout conversion, placement in the pool; the checksums too in profiles without
+    `check_GBps`, measured before 2026-11-23); a layer with expert work pays `layer_us` on
+    the compute lane before its first run (grouping tokens,
     planning), and a layer whose plan has loads `handoff_us` more (planning the loads and
     evictions, waking the I/O lane's thread and handing it the plan; the executor hands
     plans without loads to no one); a run pays `run_us` beyond its expert; a lane blocked
@@ -179,6 +182,7 @@ class ExecutorCosts:
     layer_first_run_us: float = 0.0
     handoff_us: float = 0.0
     non_expert_after_load_us: float = 0.0
+    evict_us: float = 0.0
 
     def cold_us(self, idle_us: float) -> float:
         """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`."""

@@ -116,9 +116,13 @@ class ProfileCosts:
         return us
 
     def load_us_of(self, ld: Load, nbytes: int, host: HostCache) -> float:
-        """Duration of `ld` moving `nbytes`, from host RAM when the host tier holds it."""
-        return self.raise_us(ld.bits_from, ld.bits_to,
-                             host.tier_for(ld) if host.capacity_bytes > 0 else "disk")
+        """Duration of `ld` moving `nbytes`, from host RAM when the host tier holds it, with
+        its evictions (the executor makes them on the I/O lane, inside the load)."""
+        us = self.raise_us(ld.bits_from, ld.bits_to,
+                           host.tier_for(ld) if host.capacity_bytes > 0 else "disk")
+        if ld.evict and self.lane_costs is not None:
+            us += len(ld.evict) * self.lane_costs.evict_us
+        return us
 
     def load_us(self, key: ExpertKey, bits_from: int, bits_to: int) -> float:
         return self.raise_us(bits_from, bits_to)

@@ -29,6 +29,7 @@ from d2moe.profiles.load_probes import (
     COLD_MAX_ROUNDS,
     measure_check_GBps,
     measure_cold_loads,
+    measure_evict_us,
     measure_loads,
 )
 from d2moe.profiles.measure import (
@@ -480,6 +481,8 @@ def test_loads_report_each_level_and_checks_have_a_speed(tmp_path: Path) -> None
     assert loads[1][0] == [base, plane, plane, plane] and loads[2][0] == [plane, plane]
     assert all(us > 0 for _, us in loads)
     assert 0.05 < measure_check_GBps(1 << 16, 3) < 1000
+    with StoreReader(write_random_store(tmp_path / "e", probe, layout)) as reader:
+        assert 0 < measure_evict_us(reader, probe, layout, torch.device("cpu"), 4, 1) < 1e5
 
 
 def test_median_profile_takes_every_figure_apart() -> None:

@@ -96,6 +96,30 @@ def test_without_lane_costs_a_load_is_one_request() -> None:
     assert (1, "load", 0, 24.68, 45.04) in plain  # the golden test's numbers
 
 
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_a_load_pays_for_its_evictions(engine: str) -> None:
+    """Room for one 4-bit expert: decode loads E0 (evicting E1) and E1 back (evicting E0);
+    each load takes `evict_us` (3) more per eviction it makes, the one without none."""
+    steps = [StepWork("prefill", 2, [[Demand(ExpertKey(0, 1), 2, 2, 0.8)]]),
+             StepWork("decode", 2, [[Demand(ExpertKey(0, 0), 4, 1, 0.9),
+                                     Demand(ExpertKey(0, 1), 2, 2, 0.8)]])]
+
+    def loads(evict_us: float) -> list[tuple[int, int, float]]:
+        profile = LaneProfile(executor=dataclass_replace(LaneProfile().executor,
+                                                         evict_us=evict_us))
+        tl = simulate(SimSetup(SPEC, profile, LAYOUT, SIZES.by_bits[4], engine=engine),
+                      steps, make_policy("fifo"))
+        evicts = [e.start_us for e in tl.events if e.kind == "evict"]
+        return [(e.expert, sum(t == e.start_us for t in evicts), e.end_us - e.start_us)
+                for e in tl.events if e.kind == "load"]
+
+    free, paid = loads(0.0), loads(3.0)
+    assert [(x, n) for x, n, _ in paid] == [(x, n) for x, n, _ in free] == [(1, 0), (0, 1),
+                                                                            (1, 1)]
+    assert [b - a for (_, _, a), (_, n, b) in zip(free, paid, strict=True)] == \
+        pytest.approx([3.0 * n for _, n, _ in paid])
+
+
 @settings(max_examples=40, deadline=None)
 @given(steps=step_lists(), frac=st.floats(0.0, 1.2), name=st.sampled_from(POLICIES.names()))
 def test_engines_match_exactly_with_lane_costs(steps, frac, name) -> None:
@@ -103,7 +127,7 @@ def test_engines_match_exactly_with_lane_costs(steps, frac, name) -> None:
     layout = QuantLayout(b1=2, bK=4)
     profile = LaneProfile(head_us_flat=1.5, executor=ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        non_expert_after_load_us=0.75))
+        non_expert_after_load_us=0.75, evict_us=0.125))
     fast = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="fast"), steps, name)
     slow = simulate_or_skip(SimSetup(SPEC, profile, layout, budget, engine="simpy"), steps, name)
     key = lambda e: (e.start_us, e.end_us, e.lane, e.kind, e.layer, e.expert)  # noqa: E731

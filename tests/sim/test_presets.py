@@ -62,14 +62,13 @@ def test_copies_emulated_on_the_nested_store_load_as_the_executor_does(monkeypat
     the reader joins them (the tiny model's levels at the real threshold)."""
     from dataclasses import replace
 
-    from d2moe.sim import costs as sim_costs
-
     from d2moe.core.jobs import Demand, ExpertKey
     from d2moe.core.sizes import QuantLayout
     from d2moe.core.spec import load_spec
     from d2moe.policies import make_policy
     from d2moe.profiles import load_profile
     from d2moe.sim import SimSetup, StepWork, simulate
+    from d2moe.sim import costs as sim_costs
 
     spec = load_spec("tiny")
     steps = [StepWork("decode", 1, [[Demand(ExpertKey(layer, (s + layer) % spec.experts), 4,
