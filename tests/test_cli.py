@@ -366,6 +366,20 @@ def test_comma_lists_reject_empty_and_repeated_items(capsys, tmp_path, head, opt
     assert ("given twice" if bad == "{a},{a}" else "empty item") in line
 
 
+@pytest.mark.parametrize("head,option,bad", [
+    (("trace", "synth", "--out", "{out}"), "--bits", "2,02"),
+    (("eval", "ppl"), "--bits", "2,02"),
+    (("router", "train", "--out", "{out}"), "--bits", "2,4,04"),
+    (("profile", "--out", "{out}"), "--tokens", "1,01"),
+    (("validate", "--out", "{out}"), "--budgets", "50%,50.0%"),
+])
+def test_numeric_lists_reject_one_value_written_twice(capsys, tmp_path, head, option, bad):
+    """'2,02' names the value 2 twice, though not the same text."""
+    argv = [h.format(out=tmp_path / "out") for h in head]
+    line = _one_line_error(capsys, *argv, option, bad)
+    assert f"field '{option[2:]}'" in line and "given twice" in line
+
+
 def test_simulate_budget_1_5_suggests_150_percent_not_1_byte(capsys, tmp_path):
     line = _one_line_error(capsys, "simulate", "--budget", "1.5", "--steps", "2",
                            "--out", str(tmp_path))

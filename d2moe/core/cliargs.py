@@ -273,6 +273,18 @@ def split_list(text: str | None, field: str, *, example: str, path: str | None =
     return items
 
 
+def once_each(values: list[T], texts: list[str], field: str, *, example: str,
+              path: str | None = None) -> list[T]:
+    """`values` parsed from the items `texts` of one list, in order, checked that no value is
+    named twice in other words ('2,02', '4KiB,4096', '50%,0.5'): a UserError naming both."""
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            first = texts[values.index(v)]
+            raise UserError(f"{first!r} and {texts[i]!r} are the same value, given twice",
+                            path=path, field=field, fix=f"name each value once, e.g. {example}")
+    return values
+
+
 def int_ranges(text: str, field: str, *, example: str) -> list[int]:
     """'2-4,8' -> [2, 3, 4, 8]: a comma list of whole numbers and LOW-HIGH ranges, in the
     order written (the bit-width lists of several verbs). A number listed twice, also

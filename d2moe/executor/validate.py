@@ -27,6 +27,7 @@ from d2moe.core.cliargs import (
     check_at_least,
     from_args,
     model_field,
+    once_each,
     require_modules,
     split_list,
 )
@@ -291,12 +292,14 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
     total = all_experts_bytes(spec, top, store.layout)
     one = total // (spec.layers * spec.experts)
     budgets = []
-    for text in split_list(cfg.budgets, "budgets", example="--budgets 25%,50%"):
+    texts = split_list(cfg.budgets, "budgets", example="--budgets 25%,50%")
+    for text in texts:
         nbytes = parse_budget(text, total)
         if nbytes < one:
             raise UserError(f"budget {text} = {fmt_bytes(nbytes)} is smaller than one expert "
                             f"({fmt_bytes(one)})", field="budgets", fix="give larger budgets")
         budgets.append((text, nbytes))
+    once_each([n for _, n in budgets], texts, "budgets", example="--budgets 25%,50%")
     if cfg.repeats < 1:
         raise UserError("must be >= 1", field="repeats", fix="pass --repeats 1")
     out = Path(cfg.out)

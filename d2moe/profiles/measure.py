@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import check_at_least, check_threads, split_list
+from d2moe.core.cliargs import check_at_least, check_threads, once_each, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir, path_error
 from d2moe.core.sizes import QuantLayout, expert_bytes, layout_from_options, parse_bytes
@@ -138,8 +138,10 @@ class ProfileConfig:
 
 def _ints(text: str, where: str) -> list[int]:
     """A comma list of positive integers, sorted (each given once)."""
+    texts = split_list(text, where, example=f"--{where} 1,2,4,8")
     try:
-        out = sorted({int(t) for t in split_list(text, where, example=f"--{where} 1,2,4,8")})
+        out = sorted(once_each([int(t) for t in texts], texts, where,
+                               example=f"--{where} 1,2,4,8"))
     except ValueError:
         raise UserError(f"not a list of integers: {text!r}", field=where,
                         fix="e.g. 1,2,4,8") from None
@@ -263,7 +265,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     for b in bits:
         layout.check_bits(b)
     texts = split_list(cfg.disk_sizes, "disk-sizes", example="--disk-sizes 4KiB,1MiB")
-    sizes = sorted({parse_bytes(s, field="disk-sizes") for s in texts})
+    sizes = sorted(once_each([parse_bytes(s, field="disk-sizes") for s in texts], texts,
+                             "disk-sizes", example="--disk-sizes 4KiB,1MiB"))
     if not sizes or sizes[0] < 1:
         raise UserError("needs at least one read size", field="disk-sizes", fix="e.g. 4KiB,1MiB")
     for name, low in (("repeats", 1), ("probe_experts", 2), ("lane_layers", 2)):

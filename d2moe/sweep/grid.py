@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import split_list
+from d2moe.core.cliargs import once_each, split_list
 from d2moe.core.errors import UserError, bare
 from d2moe.core.fileio import check_keys, read_yaml
 from d2moe.sim.cmd import SimulateConfig
@@ -259,6 +259,9 @@ def _check(grid: Grid) -> None:
             parse_budget(text, 1)
         except UserError as exc:  # unreadable, or a bare 1.5 (bytes, not whole)
             raise UserError(bare(exc), path=path, field=f"budgets[{i}]", fix=exc.fix) from None
+    # one budget written twice ('50%', '0.5'): the same bytes whatever the model's total
+    once_each([(parse_budget(t, 1 << 40), parse_budget(t, 1 << 41)) for t in grid.budgets],
+              list(grid.budgets), "budgets", example="budgets: [25%, 50%]", path=path)
     try:
         parse_budget(grid.host_cache, 1)
     except UserError:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import split_list
+from d2moe.core.cliargs import once_each, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.spec import ModelSpec
 from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace
@@ -114,10 +114,11 @@ def _parse_list(text: str, kind: type, name: str, example: str, *, unique: bool)
     """A comma list of `kind`; '' is (). Capacities may repeat (0.5,0.5), bit-widths not."""
     parts = split_list(text, name, example=example, unique=unique, allow_none=True)
     try:
-        return tuple(kind(p) for p in parts)
+        values = tuple(kind(p) for p in parts)
     except ValueError:
         raise UserError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}",
                         field=name, fix=f"write e.g. {example}") from None
+    return tuple(once_each(list(values), parts, name, example=example)) if unique else values
 
 
 def layer_popularity(spec: ModelSpec, cfg: SynthConfig) -> np.ndarray:

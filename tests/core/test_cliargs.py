@@ -24,6 +24,16 @@ def test_split_list_rejects_empty_and_repeated_items(text, what):
         split_list(text, "policy", example="--policy fifo,hebf", path="x.yaml")
 
 
+def test_once_each_names_both_spellings_of_one_value():
+    from d2moe.core.cliargs import once_each
+
+    assert once_each([4096, 1 << 20], ["4KiB", "1MiB"], "disk-sizes", example="x") == \
+        [4096, 1 << 20]
+    with pytest.raises(UserError, match=r"field 'disk-sizes': '4KiB' and '4096' are the same "
+                                        r"value, given twice.*fix: name each value once"):
+        once_each([1, 4096, 4096], ["1", "4KiB", "4096"], "disk-sizes", example="x")
+
+
 def test_add_fields_adds_each_alias_to_the_same_field():
     import argparse
     import dataclasses

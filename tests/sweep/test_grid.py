@@ -98,6 +98,8 @@ def _tiny():
     ("policies: []\nbudgets: [50%]\ntraces: [synth:tiny]\n", "policies"),
     ("policies: [fifo, fifo]\nbudgets: [50%]\ntraces: [synth:tiny]\n", "policies"),
     ("policies: [fifo]\nbudgets: [50%, lots]\ntraces: [synth:tiny]\n", "budgets[1]"),
+    ("policies: [fifo]\nbudgets: [50%, '0.5']\ntraces: [synth:tiny]\n", "budgets"),
+    ("policies: [fifo]\nbudgets: [4KiB, 4096B]\ntraces: [synth:tiny]\n", "budgets"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny:decode_steps=-1]\n",
      "traces[0].decode_steps"),
     ("policies: [fifo]\nbudgets: [50%]\ntraces: [synth:tiny, synth:tiny:color=red]\n",
