@@ -73,7 +73,8 @@ def measure_evict_us(reader: Any, probe: ModelSpec, layout: QuantLayout, device:
                      bits: int, repeats: int) -> float:
     """Median us of one eviction as the I/O lane makes it before a load (`ExpertPool.evict`
     of an expert resident at `bits` that has run: its level blocks freed, its views and
-    kernel inputs forgotten); at least 20 timed, about 10 us each on the development VM."""
+    kernel inputs forgotten); at least 20 timed. A lower bound: on the development VM 6 us
+    here, 11-13 us inside the tiny model's runs, whose caches are colder."""
     from d2moe.core.jobs import Evict, ExpertKey, Load
     from d2moe.core.sizes import all_experts_bytes
     from d2moe.executor.pool import ExpertPool

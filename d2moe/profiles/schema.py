@@ -139,33 +139,32 @@ class ExecutorCosts:
     """Fixed costs of the real executor's lanes, beyond the disk reads and the expert kernels.
 
     A load issues the store reader's read requests (a large level alone, small neighbours
-    joined; each pays the disk's `latency_us`), checks each read's CRC-32s at `check_GBps`
-    (a large read's on a helper thread while the next is read:
-    `profiles.cost.store_reads_us`), pays `evict_us` for each eviction it makes first
-    (freeing the expert's blocks, forgetting its views and kernel inputs: 10-15 us on the
-    development VM, 2026-11-24) and then `load_us` + bytes / `load_GBps` on the I/O lane
-    (layout conversion, placement in the pool; the checksums too in profiles without
-    `check_GBps`, measured before 2026-11-23); a layer with expert work pays `layer_us` on
-    the compute lane before its first run (grouping tokens,
-    planning), and a layer whose plan has loads `handoff_us` more (planning the loads and
-    evictions, waking the I/O lane's thread and handing it the plan; the executor hands
-    plans without loads to no one); a run pays `run_us` beyond its expert; a lane blocked
-    on the other resumes `wake_us` after the signal. While both lanes are busy they share
-    the CPU: the I/O lane runs at `overlap_io_speed` and the compute lane at
-    `overlap_compute_speed` of their own speed (1: no contention, as with a DMA engine and a
-    GPU). A load that starts after the I/O
-    lane has been idle for `idle` us pays `cold_load_us * min(1, idle / cold_ramp_us)` more:
-    the first load after a pause is slower than one right behind another, in its disk
-    requests and in its CPU work on a core gone cold, and the loads right after it a little
-    (measured on the development VM, a 62 KB load: +74 us after 0.5 ms idle, +266 us after
-    5 ms; benchmarks/cold_loads.py, 2026-11-23 08:21 UTC). The first run of an
-    expert after its load pays `first_run_us` more (its planes were just written by the I/O
-    lane, on another core), and the first run of each layer's plan pays `layer_first_run_us`
-    more (the layer's non-expert slice ran in between and cycled the caches that back-to-back
-    runs, as the expert table times them, keep warm). A layer's non-expert slice right after a
-    plan with loads pays `non_expert_after_load_us` more than with every expert resident
-    (development VM, tiny model, 24 rounds of 2026-11-23: median decode row 544-591 us after
-    a plan with loads, 443-444 in runs without loads). Profiles without a field pay none of it.
+    joined; each pays the disk's `latency_us`), checks each read's CRC-32s at `check_GBps` (a
+    large read's on a helper thread while the next is read: `profiles.cost.store_reads_us`),
+    pays `evict_us` for each eviction it makes first (freeing the expert's blocks, forgetting
+    its views and kernel inputs: 11-13 us inside the tiny model's runs on the development VM, 6
+    us in the probe's loop) and then `load_us` + bytes / `load_GBps` on the I/O lane (layout
+    conversion, placement in the pool; the checksums too in profiles without `check_GBps`,
+    measured before 2026-11-23); a layer with expert work pays `layer_us` on the compute lane
+    before its first run (grouping tokens, planning), and a layer whose plan has loads
+    `handoff_us` more (planning the loads and evictions, waking the I/O lane's thread and
+    handing it the plan; the executor hands plans without loads to no one); a run pays `run_us`
+    beyond its expert; a lane blocked on the other resumes `wake_us` after the signal. While
+    both lanes are busy they share the CPU: the I/O lane runs at `overlap_io_speed` and the
+    compute lane at `overlap_compute_speed` of their own speed (1: no contention, as with a DMA
+    engine and a GPU). A load that starts after the I/O lane has been idle for `idle` us pays
+    `cold_load_us * min(1, idle / cold_ramp_us)` more: the first load after a pause is slower
+    than one right behind another, in its disk requests and in its CPU work on a core gone cold,
+    and the loads right after it a little (measured on the development VM, a 62 KB load: +74 us
+    after 0.5 ms idle, +266 us after 5 ms; benchmarks/cold_loads.py, 2026-11-23 08:21 UTC). The
+    first run of an expert after its load pays `first_run_us` more (its planes were just written
+    by the I/O lane, on another core), and the first run of each layer's plan pays
+    `layer_first_run_us` more (the layer's non-expert slice ran in between and cycled the caches
+    that back-to-back runs, as the expert table times them, keep warm). A layer's non-expert
+    slice right after a plan with loads pays `non_expert_after_load_us` more than with every
+    expert resident (development VM, tiny model, 24 rounds of 2026-11-23: median decode row
+    544-591 us after a plan with loads, 443-444 in runs without loads). Profiles without a field
+    pay none of it.
     """
 
     layer_us: float = 0.0

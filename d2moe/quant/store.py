@@ -114,7 +114,7 @@ def read_groups(sizes: Sequence[int], pipeline_min_bytes: int | None) -> list[li
     lists: a level of `pipeline_min_bytes` or more is read alone (its checksum then runs on
     the helper thread while the next read goes on); a run of smaller neighbours is one read,
     since below that size the disk's per-request latency costs more than a check that
-    overlaps (a tiny expert's 0->4 bit raise: one 64 KiB read, not three of 16-32 KiB).
+    overlaps (a tiny expert's 0->4 bit raise: one 62 KB read, not three of 14-35 KB).
     The store reader and the simulator (`sim.costs`) both take their reads from here."""
     groups: list[list[int]] = []
     for i, n in enumerate(sizes):
@@ -470,7 +470,7 @@ class StoreReader:
             min_bytes = self.pipeline_min_bytes
             if k + 1 < len(reads) and min_bytes is not None and span.nbytes >= min_bytes:
                 checks.append(self._helper().submit(_first_damaged, items))
-            else:  # the last level (nothing left to overlap with) or a small one
+            else:  # the last read (nothing left to overlap with) or a small one
                 checks.append(_first_damaged(items))
         for c in checks:  # in file order: the first damaged entry is the one reported
             bad = c.result() if isinstance(c, Future) else c
