@@ -18,14 +18,13 @@ Usage: python benchmarks/load_coalesce.py [--spec tiny] [--rounds 24] [--bits 4]
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from unittest import mock
 
 import torch
-from decode_ab import print_machine, run_ab
-from read_buffers import alternate_loads, print_times
+from decode_ab import run_ab
+from read_buffers import alternate_loads, load_ab_args, print_times
 
 import d2moe.quant.store as store_module
 
@@ -45,15 +44,7 @@ def decode() -> None:
 def main() -> None:
     if "--decode" in sys.argv:
         return decode()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", default="tiny", help="shipped spec name or YAML")
-    ap.add_argument("--rounds", type=int, default=24)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {args.device} "
-                  f"pool, {args.rounds} rounds")
+    args = load_ab_args(__doc__, 24)
 
     def coalesce(on: bool):
         return lambda reader: setattr(reader, "coalesce", on)

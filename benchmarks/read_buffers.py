@@ -87,16 +87,23 @@ def print_times(times: dict[str, list[float]], baseline: str, new: str) -> None:
           f"{statistics.median(ratios):.2f}x")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load_ab_args(doc: str, rounds: int) -> argparse.Namespace:
+    """The options of a whole-load A/B (`alternate_loads`: spec, rounds, bits, device),
+    parsed; one torch thread set and the machine line printed."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--spec", default="tiny", help="shipped spec name or YAML")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {args.device} "
                   f"pool, {args.rounds} rounds")
+    return args
+
+
+def main() -> None:
+    args = load_ab_args(__doc__, 12)
 
     def use(kind: str) -> Callable[[StoreReader], None]:
         return lambda reader: setattr(store_mod, "aligned_buffer", BUFFERS[kind])
