@@ -31,7 +31,7 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "check_GBps", "run_us", "wake_us",
                  "overlap_io_speed", "overlap_compute_speed", "cold_load_us", "cold_ramp_us",
                  "first_run_us", "layer_first_run_us", "handoff_us", "non_expert_after_load_us",
-                 "evict_us")
+                 "evict_us", "cold_floor_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 

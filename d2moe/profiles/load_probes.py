@@ -113,7 +113,7 @@ def load_into(reader: Any, pool: Any, ld: Any) -> int:
                                for bits in pool.levels_of(ld)}))
 
 
-COLD_IDLE_MS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # I/O lane idle before a burst
+COLD_IDLE_MS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # I/O lane idle before a burst
 COLD_BURST = 3  # loads timed after each pause: the coldness outlasts the first one
 # Rounds go on past the asked count until the probe has run this long (at most
 # COLD_MAX_ROUNDS): a small expert's round takes ~50 ms, and its ~100 us cold cost needs

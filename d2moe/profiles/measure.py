@@ -28,9 +28,9 @@ preemptions that some timings catch are part of what a long run pays):
   the per-run bookkeeping (`run_us`) and the wake-up of a lane blocked on the other
   (`wake_us`), read from its timeline rows; an expert's first run
   after an I/O thread loaded it against the run right after (`first_run_us`); bursts of
-  whole loads on an I/O thread after it sat idle for 0.5 .. 20 ms against a steady stream:
-  the loads after a pause cost more, summed on the first (`executor.cold_load_us`, reached
-  after `cold_ramp_us` of idle time, linearly before);
+  whole loads on an I/O thread after it sat idle for 0.25 .. 20 ms against a steady stream:
+  the loads after a pause cost more, summed on the first (`executor.cold_floor_us` after any
+  pause, plus `cold_load_us`, reached after `cold_ramp_us` of idle time, linearly before);
 - each lane's speed while the other is busy (`overlap_io_speed`, `overlap_compute_speed`):
   read last, from the rows of the decode under a quarter of the experts, every job's nominal
   time from the figures above, scaled per lane by the same rows' jobs alone (`overlap_speeds`).
@@ -73,6 +73,7 @@ from d2moe.profiles.load_probes import (
 )
 from d2moe.profiles.run_probes import measure_first_runs, measure_runs
 from d2moe.profiles.schema import (
+    COLD_FLOOR_RAMP_US,
     ExecutorCosts,
     ExpertRow,
     ExpertTable,
@@ -83,7 +84,7 @@ from d2moe.profiles.schema import (
     Source,
     expert_shape_key,
 )
-from d2moe.profiles.timing import Bar, fit_latency_bandwidth, fit_ramp, interleaved_means
+from d2moe.profiles.timing import Bar, fit_cold, fit_latency_bandwidth, interleaved_means
 from d2moe.quant.store import PIPELINE_MIN_BYTES
 
 PROBE_FILE = "probe.bin"
@@ -302,9 +303,9 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
                                               scratch, bar)
                 lanes = measure_lanes(reader, probe, layout, device, cfg.lane_layers, sync)
-                cold_load_us, cold_ramp_us = fit_ramp(measure_cold_loads(
+                cold_floor_us, cold_load_us, cold_ramp_us = fit_cold(measure_cold_loads(
                     reader, probe, layout, device, min(layout.b1 + 2, layout.bK),
-                    2 * cfg.repeats, sync, bar))
+                    2 * cfg.repeats, sync, bar), COLD_FLOOR_RAMP_US)
                 first_run_us = measure_first_runs(reader, probe, layout, device,
                                                   min(layout.b1 + 2, layout.bK),
                                                   4 * cfg.repeats, sync)
@@ -319,6 +320,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              run_us=lanes["run_us"], wake_us=lanes["wake_us"],
                              cold_load_us=round(cold_load_us, 2),
                              cold_ramp_us=round(cold_ramp_us, 1),
+                             cold_floor_us=round(cold_floor_us, 2),
                              first_run_us=round(first_run_us, 2),
                              layer_first_run_us=resident.layer_first_run_us,
                              non_expert_after_load_us=resident.non_expert_after_load_us,

@@ -134,6 +134,12 @@ class NonExpertTable:
     rows: tuple[NonExpertRow, ...]
 
 
+# The cold cost's floor is reached after this much idle time (linearly before): the shortest
+# pause the cold-load probe makes (`profiles.load_probes.COLD_IDLE_MS`), below which nothing
+# is measured.
+COLD_FLOOR_RAMP_US = 250.0
+
+
 @dataclass(frozen=True)
 class ExecutorCosts:
     """Fixed costs of the real executor's lanes, beyond the disk reads and the expert kernels.
@@ -182,14 +188,25 @@ class ExecutorCosts:
     handoff_us: float = 0.0
     non_expert_after_load_us: float = 0.0
     evict_us: float = 0.0
+    cold_floor_us: float = 0.0
+
+    @property
+    def any_cold(self) -> bool:
+        """Whether a load after a pause costs anything more."""
+        return self.cold_load_us > 0.0 or self.cold_floor_us > 0.0
 
     def cold_us(self, idle_us: float) -> float:
-        """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`."""
-        if self.cold_load_us <= 0.0 or idle_us <= 0.0:
+        """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`:
+        the floor, reached within the shortest pause probed, plus the ramp."""
+        if idle_us <= 0.0:
             return 0.0
-        if self.cold_ramp_us <= 0.0 or idle_us >= self.cold_ramp_us:
-            return self.cold_load_us
-        return self.cold_load_us * idle_us / self.cold_ramp_us
+        us = self.cold_floor_us * min(1.0, idle_us / COLD_FLOOR_RAMP_US)
+        if self.cold_load_us > 0.0:
+            if self.cold_ramp_us <= 0.0 or idle_us >= self.cold_ramp_us:
+                us += self.cold_load_us
+            else:
+                us += self.cold_load_us * idle_us / self.cold_ramp_us
+        return us
 
     def load_extra_us(self, nbytes: int) -> float:
         """What a load of `nbytes` costs the I/O lane beyond its reads (and its checks,

@@ -73,6 +73,63 @@ def fit_ramp(points: Sequence[tuple[float, float]], z: float = 2.0) -> tuple[flo
     return (0.0, 0.0) if full <= 0 or clear_excess(past, z=z) <= 0 else (full, ramp)
 
 
+def fit_cold(points: Sequence[tuple[float, float]], floor_ramp_us: float,
+             z: float = 2.0) -> tuple[float, float, float]:
+    """Fit extra_us = floor_us * min(1, idle_us / floor_ramp_us) + full_us * min(1, idle_us /
+    ramp_us) to (idle_us, extra_us) points: (floor_us, full_us, ramp_us), both amounts >= 0,
+    least squares over the same ramp candidates as `fit_ramp`. A load after any pause pays a
+    floor that the line through zero of `fit_ramp` misses (development VM, tiny loads,
+    2026-11-24: 20-25 us after pauses of 0.27-3 ms, growing only beyond). Each part is kept
+    only where the points stand `z` standard errors clear of 0 once the other part is taken
+    off (`clear_excess`: the floor over the points past `floor_ramp_us`, the ramp over those
+    past `ramp_us`); a part dropped, the other is fitted alone again."""
+    idle = np.array([p[0] for p in points], float)
+    extra = np.array([p[1] for p in points], float)
+    top = float(idle.max(initial=0.0))
+    if top <= 0:
+        return 0.0, 0.0, 0.0
+    x1 = np.minimum(1.0, np.maximum(idle, 0.0) / floor_ramp_us)
+    best = (math.inf, 0.0, 0.0, 0.0)
+    for ramp in sorted({*np.linspace(top / 64, top, 64).tolist(), *idle[idle > 0].tolist()}):
+        x2 = np.minimum(1.0, idle / ramp)
+        floor, full = _nonnegative_pair(x1, x2, extra)
+        err = float(((floor * x1 + full * x2 - extra) ** 2).sum())
+        if err < best[0]:
+            best = (err, floor, full, ramp)
+    _, floor, full, ramp = best
+    if full > 0 and clear_excess([e - floor for i, e in zip(idle, extra, strict=True)
+                                  if i >= ramp], z=z) <= 0:
+        full, ramp = 0.0, 0.0
+    if floor > 0:
+        rest = [e - (full * min(1.0, i / ramp) if full > 0 else 0.0)
+                for i, e in zip(idle, extra, strict=True) if i >= floor_ramp_us]
+        if clear_excess(rest, z=z) <= 0:
+            floor = 0.0
+    if floor == 0.0:
+        full, ramp = fit_ramp(points, z=z)
+    elif full == 0.0:
+        floor = float((x1 * extra).sum() / (x1 * x1).sum())
+        if floor <= 0 or clear_excess([e for i, e in zip(idle, extra, strict=True)
+                                       if i >= floor_ramp_us], z=z) <= 0:
+            floor = 0.0
+    return float(floor), float(full), float(ramp)
+
+
+def _nonnegative_pair(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) >= 0 minimising |a x1 + b x2 - y|^2 (two columns: the unconstrained solution,
+    else the better of each column alone)."""
+    a11, a12, a22 = float(x1 @ x1), float(x1 @ x2), float(x2 @ x2)
+    b1, b2 = float(x1 @ y), float(x2 @ y)
+    det = a11 * a22 - a12 * a12
+    if det > 1e-12 * max(a11 * a22, 1e-300):
+        a, b = (b1 * a22 - b2 * a12) / det, (b2 * a11 - b1 * a12) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    alone = [(max(0.0, b1 / a11) if a11 > 0 else 0.0, 0.0),
+             (0.0, max(0.0, b2 / a22) if a22 > 0 else 0.0)]
+    return min(alone, key=lambda ab: float(((ab[0] * x1 + ab[1] * x2 - y) ** 2).sum()))
+
+
 def interleaved_means(fns: Sequence[Callable[[int], float | None]], repeats: int,
                       sync: Callable[[], None], bar: Bar | None = None, what: str = "",
                       min_s: float = 0.1, max_rounds: int = 2000) -> list[float]:

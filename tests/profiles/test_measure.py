@@ -44,6 +44,7 @@ from d2moe.profiles.schema import ExecutorCosts, ExpertTable, NonExpertTable
 from d2moe.profiles.timing import (
     Bar,
     clear_excess,
+    fit_cold,
     fit_latency_bandwidth,
     fit_ramp,
     interleaved_means,
@@ -345,6 +346,34 @@ def test_fit_ramp_charges_no_cost_it_cannot_tell_from_noise() -> None:
     assert full == pytest.approx(152.5, abs=5.0) and ramp > 0
 
 
+def test_fit_cold_finds_a_floor_and_a_ramp_by_hand() -> None:
+    # 20 us after any pause (reached by 250 us) plus a ramp to 200 us at 20 ms: both found
+    def cost(idle: float) -> float:
+        return 20.0 * min(1.0, idle / 250.0) + 200.0 * min(1.0, idle / 20000.0)
+
+    idles = (250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 40000.0)
+    pts = [(i, cost(i) + d) for i in idles for d in (-2.0, 0.0, 2.0, 1.0)]
+    floor, full, ramp = fit_cold(pts, 250.0)
+    assert floor == pytest.approx(20.0, abs=1.0) and full == pytest.approx(200.0, abs=3.0)
+    assert ramp == pytest.approx(20000.0, rel=0.1)
+    # no floor in the points: none fitted, the ramp as fit_ramp finds it
+    line = [(i, 200.0 * min(1.0, i / 20000.0) + d) for i in idles for d in (-2.0, 2.0, 1.0)]
+    assert fit_cold(line, 250.0) == pytest.approx((0.0, *fit_ramp(line)), abs=1.0)
+    # only a floor (flat from the shortest pause on): a floor, no ramp
+    flat = [(i, 25.0 + d) for i in idles for d in (-2.0, 2.0, 1.0)]
+    floor, full, ramp = fit_cold(flat, 250.0)
+    assert floor + full == pytest.approx(25.0, abs=1.5)
+    assert fit_cold([(0.0, 0.0), (1000.0, -5.0)], 250.0) == (0.0, 0.0, 0.0)
+
+
+def test_fit_cold_charges_no_floor_it_cannot_tell_from_noise() -> None:
+    # the Mixtral-shaped bursts of the fit_ramp test: stalls make no floor either
+    noise = [-1500.0, 1000.0, -500.0, 2000.0, -1200.0, 800.0]
+    pts = [(idle, e) for idle in (250.0, 1000.0, 5000.0, 20000.0) for e in noise]
+    pts += [(250.0, 30000.0), (1000.0, 30000.0), (20000.0, 30000.0)]
+    assert fit_cold(pts, 250.0) == (0.0, 0.0, 0.0)
+
+
 def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> None:
     import dataclasses
 
@@ -367,7 +396,7 @@ def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> 
     for ms, (idle_us, extra_us) in zip(idle_ms, points, strict=True):
         # the thread's own idle: the sleep and the hand-over, under a second more on any box
         assert ms * 1e3 <= idle_us < ms * 1e3 + 1e6 and math.isfinite(extra_us)
-    # a round sleeps sum(COLD_IDLE_MS) = 41.5 ms at least: 0.5 s takes more than one, and at
+    # a round sleeps sum(COLD_IDLE_MS) = 41.75 ms at least: 0.5 s takes more than one, and at
     # most COLD_MAX_ROUNDS; every round gives one point per idle time
     assert len(more) % len(idle_ms) == 0
     assert len(idle_ms) < len(more) <= COLD_MAX_ROUNDS * len(idle_ms)

@@ -279,6 +279,27 @@ def test_cold_cost_ramps_then_saturates() -> None:
         [0.0, 0.0, 75.0, 300.0, 300.0, 300.0]
     assert ExecutorCosts(cold_load_us=50.0).cold_us(1.0) == 50.0  # no ramp: any idle time
     assert ExecutorCosts().cold_us(math.inf) == 0.0
+    # a floor reached after 250 us of idle time (COLD_FLOOR_RAMP_US), on top of the ramp
+    f = ExecutorCosts(cold_floor_us=20.0, cold_load_us=300.0, cold_ramp_us=6000.0)
+    assert [f.cold_us(t) for t in (0.0, 125.0, 250.0, 1500.0, 60000.0)] == \
+        [0.0, 10.0 + 6.25, 20.0 + 12.5, 95.0, 320.0]
+    assert ExecutorCosts(cold_floor_us=20.0).cold_us(1e6) == 20.0 and \
+        ExecutorCosts(cold_floor_us=20.0).any_cold and not ExecutorCosts().any_cold
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_a_cold_floor_alone_makes_loads_cold(engine: str) -> None:
+    """A profile with only a floor still charges it: the simulator does not skip cold
+    costs because `cold_load_us` is 0."""
+    def end(executor: ExecutorCosts) -> float:
+        steps = [StepWork("decode", 1, [[Demand(ExpertKey(0, 0), 4, 1, 0.9)]]),
+                 StepWork("decode", 1, [[Demand(ExpertKey(0, 1), 4, 1, 0.9)]])]
+        tl = simulate(SimSetup(SPEC, LaneProfile(executor=executor), LAYOUT, 10**6,
+                               engine=engine), steps, make_policy("fifo"))
+        return max(e.end_us for e in tl.events)
+
+    warm = LaneProfile().executor
+    assert end(dataclass_replace(warm, cold_floor_us=40.0)) > end(warm)
 
 
 def test_fluid_schedule_with_cold_loads_by_hand() -> None:
@@ -296,22 +317,22 @@ def test_fluid_schedule_with_cold_loads_by_hand() -> None:
 
 @dataclass(frozen=True)
 class ColdContendedProfile(LaneProfile):
-    """Cold loads and contended lanes together."""
+    """Cold loads (with a floor) and contended lanes together."""
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
         overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_load_us=8.0, cold_ramp_us=40.0,
-        first_run_us=0.75, layer_first_run_us=0.5, handoff_us=1.25))
+        first_run_us=0.75, layer_first_run_us=0.5, handoff_us=1.25, cold_floor_us=3.0))
 
 
 @dataclass(frozen=True)
 class ColdFirstProfile(LaneProfile):
-    """Cold loads and first runs, no contention."""
+    """Cold loads (with a floor) and first runs, no contention."""
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
         cold_load_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5,
-        handoff_us=1.25))
+        handoff_us=1.25, cold_floor_us=3.0))
 
 
 @dataclass(frozen=True)
