@@ -81,8 +81,10 @@ def fit_cold(points: Sequence[tuple[float, float]], floor_ramp_us: float,
     floor that the line through zero of `fit_ramp` misses (development VM, tiny loads,
     2026-11-24: 20-25 us after pauses of 0.27-3 ms, growing only beyond). Each part is kept
     only where the points stand `z` standard errors clear of 0 once the other part is taken
-    off (`clear_excess`: the floor over the points past `floor_ramp_us`, the ramp over those
-    past `ramp_us`); a part dropped, the other is fitted alone again."""
+    off (`clear_excess`): the ramp over the points past `ramp_us`; the floor over each of the
+    two shortest octaves of pauses, [1, 2) and [2, 4) x `floor_ramp_us`, on its own (one
+    mean over every pause let a Mixtral-sized probe's stalls and drift, +-10 ms on 40 ms
+    loads, through as a 3 ms floor). A part dropped, the other is fitted alone again."""
     idle = np.array([p[0] for p in points], float)
     extra = np.array([p[1] for p in points], float)
     top = float(idle.max(initial=0.0))
@@ -100,19 +102,25 @@ def fit_cold(points: Sequence[tuple[float, float]], floor_ramp_us: float,
     if full > 0 and clear_excess([e - floor for i, e in zip(idle, extra, strict=True)
                                   if i >= ramp], z=z) <= 0:
         full, ramp = 0.0, 0.0
-    if floor > 0:
-        rest = [e - (full * min(1.0, i / ramp) if full > 0 else 0.0)
-                for i, e in zip(idle, extra, strict=True) if i >= floor_ramp_us]
-        if clear_excess(rest, z=z) <= 0:
-            floor = 0.0
+    if floor > 0 and not _floor_is_clear(idle, extra - (full * np.minimum(1.0, idle / ramp)
+                                                         if full > 0 else 0.0),
+                                         floor_ramp_us, z):
+        floor = 0.0
     if floor == 0.0:
         full, ramp = fit_ramp(points, z=z)
     elif full == 0.0:
         floor = float((x1 * extra).sum() / (x1 * x1).sum())
-        if floor <= 0 or clear_excess([e for i, e in zip(idle, extra, strict=True)
-                                       if i >= floor_ramp_us], z=z) <= 0:
+        if floor <= 0 or not _floor_is_clear(idle, extra, floor_ramp_us, z):
             floor = 0.0
     return float(floor), float(full), float(ramp)
+
+
+def _floor_is_clear(idle: np.ndarray, rest: np.ndarray, floor_ramp_us: float,
+                    z: float) -> bool:
+    """Whether the pauses of [1, 2) and of [2, 4) x `floor_ramp_us` each leave an extra
+    `z` standard errors clear of 0 (`rest`: the extra less the ramp's part)."""
+    return all(clear_excess(rest[(idle >= lo * floor_ramp_us) & (idle < 2 * lo * floor_ramp_us)]
+                            .tolist(), z=z) > 0 for lo in (1, 2))
 
 
 def _nonnegative_pair(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
