@@ -159,18 +159,18 @@ class ExecutorCosts:
     both lanes are busy they share the CPU: the I/O lane runs at `overlap_io_speed` and the
     compute lane at `overlap_compute_speed` of their own speed (1: no contention, as with a DMA
     engine and a GPU). A load that starts after the I/O lane has been idle for `idle` us pays
-    `cold_load_us * min(1, idle / cold_ramp_us)` more: the first load after a pause is slower
-    than one right behind another, in its disk requests and in its CPU work on a core gone cold,
-    and the loads right after it a little (measured on the development VM, a 62 KB load: +74 us
-    after 0.5 ms idle, +266 us after 5 ms; benchmarks/cold_loads.py, 2026-11-23 08:21 UTC). The
-    first run of an expert after its load pays `first_run_us` more (its planes were just written
-    by the I/O lane, on another core), and the first run of each layer's plan pays
-    `layer_first_run_us` more (the layer's non-expert slice ran in between and cycled the caches
-    that back-to-back runs, as the expert table times them, keep warm). A layer's non-expert
-    slice right after a plan with loads pays `non_expert_after_load_us` more than with every
-    expert resident (development VM, tiny model, 24 rounds of 2026-11-23: median decode row
-    544-591 us after a plan with loads, 443-444 in runs without loads). Profiles without a field
-    pay none of it.
+    `cold_floor_us * min(1, idle / COLD_FLOOR_RAMP_US) + cold_load_us * min(1, idle /
+    cold_ramp_us)` more: the first load after a pause is slower than one right behind another,
+    in its disk requests and in its CPU work on a core gone cold, and the loads right after it a
+    little (measured on the development VM, a 62 KB load: +74 us after 0.5 ms idle, +266 us
+    after 5 ms; benchmarks/cold_loads.py, 2026-11-23 08:21 UTC). The first run of an expert
+    after its load pays `first_run_us` more (its planes were just written by the I/O lane, on
+    another core), and the first run of each layer's plan pays `layer_first_run_us` more (the
+    layer's non-expert slice ran in between and cycled the caches that back-to-back runs, as the
+    expert table times them, keep warm). A layer's non-expert slice right after a plan with
+    loads pays `non_expert_after_load_us` more than with every expert resident (development VM,
+    tiny model, 24 rounds of 2026-11-23: median decode row 544-591 us after a plan with loads,
+    443-444 in runs without loads). Profiles without a field pay none of it.
     """
 
     layer_us: float = 0.0
