@@ -62,7 +62,7 @@ def fit_ramp(points: Sequence[tuple[float, float]], z: float = 2.0) -> tuple[flo
     if top <= 0:
         return 0.0, 0.0
     best = (math.inf, 0.0, 0.0)
-    for ramp in sorted({*np.linspace(top / 64, top, 64).tolist(), *idle[idle > 0].tolist()}):
+    for ramp in _ramp_candidates(idle, top):
         x = np.minimum(1.0, idle / ramp)
         full = float((x * extra).sum() / (x * x).sum())
         err = float(((full * x - extra) ** 2).sum())
@@ -71,6 +71,11 @@ def fit_ramp(points: Sequence[tuple[float, float]], z: float = 2.0) -> tuple[flo
     _, full, ramp = best
     past = [e for i, e in zip(idle.tolist(), extra.tolist(), strict=True) if i >= ramp]
     return (0.0, 0.0) if full <= 0 or clear_excess(past, z=z) <= 0 else (full, ramp)
+
+
+def _ramp_candidates(idle: np.ndarray, top: float) -> list[float]:
+    """The ramp lengths a cold fit tries: a grid up to the longest pause, and every pause."""
+    return sorted({*np.linspace(top / 64, top, 64).tolist(), *idle[idle > 0].tolist()})
 
 
 def fit_cold(points: Sequence[tuple[float, float]], floor_ramp_us: float,
@@ -92,7 +97,7 @@ def fit_cold(points: Sequence[tuple[float, float]], floor_ramp_us: float,
         return 0.0, 0.0, 0.0
     x1 = np.minimum(1.0, np.maximum(idle, 0.0) / floor_ramp_us)
     best = (math.inf, 0.0, 0.0, 0.0)
-    for ramp in sorted({*np.linspace(top / 64, top, 64).tolist(), *idle[idle > 0].tolist()}):
+    for ramp in _ramp_candidates(idle, top):
         x2 = np.minimum(1.0, idle / ramp)
         floor, full = _nonnegative_pair(x1, x2, extra)
         err = float(((floor * x1 + full * x2 - extra) ** 2).sum())
