@@ -71,7 +71,9 @@ def summary(profile: Any) -> str:
                      f"GB/s, eviction {ex.evict_us:.0f} us, run {ex.run_us:.0f} us, wake "
                      f"{ex.wake_us:.0f} us; first run +{ex.first_run_us:.0f} us after a load, "
                      f"+{ex.layer_first_run_us:.0f} us in each layer; non-expert "
-                     f"+{ex.non_expert_after_load_us:.0f} us after a plan with loads")
+                     f"+{ex.non_expert_after_load_us:.0f} us after a plan with loads; a load "
+                     f"after a pause +{ex.cold_floor_us:.0f} us, rising by "
+                     f"{ex.cold_load_us:.0f} us more over {ex.cold_ramp_us / 1e3:.1f} ms")
     rows = getattr(profile.expert, "rows", ())
     if rows:
         lines.append(f"expert runs: {len(rows)} points, {min(r.latency_us for r in rows):.0f}-"

@@ -545,8 +545,13 @@ def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys)
             "--bits", "4", "--disk-sizes", "4KiB,8KiB", "--repeats", "1", "--probe-experts", "2",
             "--lane-layers", "2", "--no-progress"]
     assert main(args) == 0
-    assert load_profile(out).source.kind == "measured"
-    assert "wrote" in capsys.readouterr().out
+    profile = load_profile(out)
+    assert profile.source.kind == "measured"
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    ex = profile.executor  # every lane cost it measured, as the summary prints them
+    assert ex.evict_us > 0 and f"eviction {ex.evict_us:.0f} us" in printed
+    assert f"a load after a pause +{ex.cold_floor_us:.0f} us" in printed
     assert list((tmp_path / "s").iterdir()) == []  # no d2moe-probe-store/-model left behind
     assert main(args[:-1] + ["--tokens", "0,x", "--no-progress"]) == 2
     assert main(["profile", "--device", "tpu", "--out", str(out)]) == 2
