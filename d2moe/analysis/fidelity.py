@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2moe.analysis.metrics import Metrics, compute_metrics
-from d2moe.core.events import Timeline
+from d2moe.core.events import Event, Timeline
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,11 @@ def fidelity_row(policy: str, budget: str, real: Timeline, sim: Timeline,
 # The costs a step is made of, by the event kinds that carry them
 COSTS = {"loads": ("load", "prefetch"), "expert runs": ("run", "substitute"),
          "non-expert": ("non_expert",)}
+# The loads apart, by what the real run did beside them: under ALONE_OVERLAP of a load's time
+# beside a run, it ran alone (what the profile's load probe times); else beside runs (where
+# the overlap speed counts too). Printed with "loads", never in the drift hint (loads twice).
+LOAD_SPLIT = ("loads alone", "loads beside runs")
+ALONE_OVERLAP = 0.1
 
 
 def cost_time_us(timeline: Timeline, kinds: Sequence[str]) -> float:
@@ -103,7 +108,34 @@ def cost_ratios(real: Timeline, sim: Timeline) -> dict[str, float]:
         s = cost_time_us(sim, kinds)
         if s > 0:
             out[name] = cost_time_us(real, kinds) / s
-    return out
+    return out | load_split_ratios(real, sim)
+
+
+def load_split_ratios(real: Timeline, sim: Timeline) -> dict[str, float]:
+    """Real over simulated time of the decode loads that ran alone in the real run and of
+    those beside its runs (LOAD_SPLIT), each load paired with its simulated twin (the same
+    plan makes the same loads, in the same order per layer); empty when the two timelines'
+    loads differ."""
+    def decode_loads(tl: Timeline) -> list[Event]:
+        decode = {e.step for e in tl.events if e.lane == "step" and e.kind == "decode"}
+        return sorted((e for e in tl.events if e.kind == "load" and e.step in decode),
+                      key=lambda e: (e.step, e.layer, e.start_us))
+
+    real_loads, sim_loads = decode_loads(real), decode_loads(sim)
+    pairs = list(zip(real_loads, sim_loads, strict=False))
+    if not pairs or len(real_loads) != len(sim_loads) or any(
+            (a.layer, a.expert, a.bits_from, a.bits_to) != (b.layer, b.expert, b.bits_from,
+                                                            b.bits_to) for a, b in pairs):
+        return {}
+    runs = [(e.start_us, e.end_us) for e in real.events if e.kind in COSTS["expert runs"]]
+    sums = {name: [0.0, 0.0] for name in LOAD_SPLIT}  # real, sim
+    for a, b in pairs:
+        took = a.end_us - a.start_us
+        beside = sum(max(0.0, min(t, a.end_us) - max(s, a.start_us)) for s, t in runs)
+        name = LOAD_SPLIT[0] if beside < ALONE_OVERLAP * took else LOAD_SPLIT[1]
+        sums[name][0] += took
+        sums[name][1] += b.end_us - b.start_us
+    return {name: r / s for name, (r, s) in sums.items() if s > 0}
 
 
 def median_step_us(timeline: Timeline) -> float:
@@ -158,7 +190,7 @@ def summarize(rows: Sequence[FidelityRow]) -> dict[str, object]:
         "same_ranking": {b: _same_order([r for r in rows if r.budget == b]) for b in budgets},
         "ranking": ranking,
         "cost_ratios": {c: _geomean([r.cost_ratios[c] for r in rows if c in r.cost_ratios])
-                        for c in COSTS if any(c in r.cost_ratios for r in rows)},
+                        for c in (*COSTS, *LOAD_SPLIT) if any(c in r.cost_ratios for r in rows)},
     }
 
 
@@ -187,14 +219,22 @@ def summary_line(summary: dict[str, object]) -> str:
         f"ranking differs at {', '.join(differ)}"
     ratios = summary.get("cost_ratios") or {}
     assert isinstance(ratios, dict)
-    costs = ", ".join(f"{c} {r:.2f}x" for c, r in ratios.items())
-    hint = drift_hint(ratios)
+    costs = costs_text(ratios)
+    hint = drift_hint({c: r for c, r in ratios.items() if c in COSTS})
     return (f"tokens/s error: mean |{summary['mean_abs_error_pct']:.1f}|%, worst "
             f"|{summary['worst_abs_error_pct']:.1f}|%; median-step error: mean "
             f"|{summary['mean_abs_step_error_pct']:.1f}|%, worst "
             f"|{summary['worst_abs_step_error_pct']:.1f}|%; {rank}"
             + (f"\nreal / simulated time in decode steps (geomean over rows): {costs}"
                if costs else "") + (f"\n{hint}" if hint else ""))
+
+
+def costs_text(ratios: dict[str, float]) -> str:
+    """'loads 1.09x (alone 1.12x, beside runs 1.03x), expert runs 1.01x, ...'."""
+    split = [f"{c.removeprefix('loads ')} {ratios[c]:.2f}x" for c in LOAD_SPLIT if c in ratios]
+    return ", ".join(f"{c} {r:.2f}x" + (f" ({', '.join(split)})" if c == "loads" and split
+                                        else "")
+                     for c, r in ratios.items() if c in COSTS)
 
 
 DRIFT_RATIO = 1.15  # every cost this much off, one way: the machine moved, not one cost
@@ -251,7 +291,8 @@ def summarize_rounds(rounds: Sequence[Sequence[FidelityRow]]) -> dict[str, objec
                                 for b in budgets},
         "cost_ratios": {c: _geomean([r.cost_ratios[c] for r in all_rows
                                      if c in r.cost_ratios])
-                        for c in COSTS if any(c in r.cost_ratios for r in all_rows)},
+                        for c in (*COSTS, *LOAD_SPLIT)
+                        if any(c in r.cost_ratios for r in all_rows)},
     }
 
 
@@ -266,7 +307,7 @@ def rounds_report(summary: dict[str, object]) -> str:
     rounds = ", ".join(f"{m:.1f}/{w:.1f}" for m, w in zip(
         summary["round_mean_abs_error_pct"], summary["round_worst_abs_error_pct"], strict=True))
     same = ", ".join(f"{b} {k}/{n}" for b, k in summary["same_ranking_rounds"].items())
-    costs = ", ".join(f"{c} {r:.2f}x" for c, r in summary["cost_ratios"].items())
+    costs = costs_text(summary["cost_ratios"])
     return "\n".join([
         f"{n} rounds pooled: per row the mean signed tokens/s error (sim - real) / real and "
         f"two standard errors of it", table,

@@ -110,7 +110,28 @@ def test_cost_ratios_name_the_cost_that_moved() -> None:
 
     row = fidelity_row("fifo", "50%", tl(1500.0, 400.0), tl(1000.0, 500.0))
     assert row.cost_ratios == pytest.approx({"loads": 1.5, "expert runs": 0.8,
-                                             "non-expert": 1.0})
+                                             "non-expert": 1.0, "loads alone": 1.5})
     s = summarize([row, fidelity_row("hebf", "50%", tl(1000.0, 500.0), tl(1000.0, 500.0))])
     assert s["cost_ratios"]["loads"] == pytest.approx(1.5 ** 0.5)
-    assert "loads 1.22x, expert runs 0.89x, non-expert 1.00x" in summary_line(s)
+    assert "loads 1.22x (alone 1.22x), expert runs 0.89x, non-expert 1.00x" in summary_line(s)
+
+
+def test_loads_split_by_what_ran_beside_them_in_the_real_run() -> None:
+    """Decode loads paired in plan order: the first ran alone (a run overlaps 5% of it), the
+    second beside a run; real / simulated time of each group."""
+    def tl(first: tuple[float, float], second: tuple[float, float], expert: int = 2) -> Timeline:
+        rows = [Event("step", "decode", 1, -1, -1, 0, 0, 1, 0, 0.0, 9000.0),
+                Event("io", "load", 1, 0, 1, 0, 4, 0, 100, *first),
+                Event("io", "load", 1, 0, expert, 0, 4, 0, 100, *second),
+                Event("compute", "run", 1, 0, 1, 4, 4, 1, 0, 950.0, 2500.0)]
+        return Timeline(rows, {})
+
+    real = tl((0.0, 1000.0), (1000.0, 3000.0))  # run beside: 50 us of the first, all the next
+    ratios = fidelity_row("fifo", "50%", real, tl((0.0, 800.0), (800.0, 2400.0))).cost_ratios
+    assert ratios["loads alone"] == pytest.approx(1000.0 / 800.0)
+    assert ratios["loads beside runs"] == pytest.approx(2000.0 / 1600.0)
+    other = fidelity_row("fifo", "50%", real, tl((0.0, 800.0), (800.0, 2400.0), expert=3))
+    assert "loads alone" not in other.cost_ratios  # another plan: no pairs
+    s = summary_line(summarize([fidelity_row("fifo", "50%", real,
+                                             tl((0.0, 800.0), (800.0, 2400.0)))]))
+    assert "loads 1.25x (alone 1.25x, beside runs 1.25x)" in s
