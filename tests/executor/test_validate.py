@@ -59,8 +59,12 @@ def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_
     assert len(tail) <= 2 and all("the profile's time" in line or line.startswith(
         "the profile was measured on") for line in tail)
     rows = json.loads((out / "fidelity.json").read_text())["rows"]
-    assert all(set(r["real / sim time"]) <= {"loads", "expert runs", "non-expert"}
+    assert all(set(r["real / sim time"]) <= {"loads", "expert runs", "non-expert",
+                                             "loads alone", "loads beside runs"}
                and r["real / sim time"]["expert runs"] > 0 for r in rows)
+    # the loads apart only where both sides made decode loads (every row at 25% does here)
+    assert all({"loads alone", "loads beside runs"} & set(r["real / sim time"])
+               for r in rows if r["budget"] == "25%")
     data = json.loads((out / "fidelity.json").read_text())
     assert len(data["rows"]) == 4 and set(data["summary"]["same_ranking"]) == {"25%", "100%"}
     for name in ("timeline-25pct.png", "timeline-100pct.png", "trace.npz"):
