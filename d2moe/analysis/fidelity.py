@@ -122,10 +122,11 @@ def load_split_ratios(real: Timeline, sim: Timeline) -> dict[str, float]:
                       key=lambda e: (e.step, e.layer, e.start_us))
 
     real_loads, sim_loads = decode_loads(real), decode_loads(sim)
-    pairs = list(zip(real_loads, sim_loads, strict=False))
-    if not pairs or len(real_loads) != len(sim_loads) or any(
-            (a.layer, a.expert, a.bits_from, a.bits_to) != (b.layer, b.expert, b.bits_from,
-                                                            b.bits_to) for a, b in pairs):
+    if not real_loads or len(real_loads) != len(sim_loads):
+        return {}
+    pairs = list(zip(real_loads, sim_loads, strict=True))
+    if any((a.layer, a.expert, a.bits_from, a.bits_to) != (b.layer, b.expert, b.bits_from,
+                                                           b.bits_to) for a, b in pairs):
         return {}
     runs = [(e.start_us, e.end_us) for e in real.events if e.kind in COSTS["expert runs"]]
     sums = {name: [0.0, 0.0] for name in LOAD_SPLIT}  # real, sim
