@@ -65,6 +65,7 @@ class Row:
     speedup_vs_dequant: float
     time_vs_fp16: float
     config: str
+    numpy_path_us: float = float("nan")  # CPU: the numpy path alone (no compiled kernel)
 
 
 def random_packed(kind: str, rows: int, cols: int, layout: QuantLayout,
@@ -351,11 +352,13 @@ def bench_cuda(device: str, kinds: list[str], bits_list: list[int], tokens_list:
 
 def bench_cpu(kinds: list[str], bits_list: list[int], tokens_list: list[int],
               layout: QuantLayout, models: list[str]) -> list[Row]:
-    """The executor's CPU path against two baselines, medians of perf_counter, same run:
-    `matmul_views` on kept `PlaneViews` (what the CPU pool hands the compute lane: chunk by
-    chunk, the float32 matrix never fills DRAM) against dequantize-then-matmul (the same
-    dequantizer writing the whole float32 matrix, then one product) and the dense float32
-    product (the `x fp16 time` column holds this on the CPU)."""
+    """The executor's CPU path against three baselines, medians of perf_counter, same run:
+    `matmul_views` on kept `PlaneViews` (what the CPU pool hands the compute lane: the
+    compiled fused kernel for a few tokens, else chunk by chunk, the float32 matrix never
+    filling DRAM) against its numpy path alone (`native=False`), dequantize-then-matmul
+    (the numpy dequantizer writing the whole float32 matrix, then one product) and the dense
+    float32 product (the `x fp16 time` column holds this on the CPU)."""
+    from d2moe.kernels import cpu_native
     from d2moe.kernels.torch_fallback import PlaneViews, dequantize_fast, matmul_views
 
     rows_out = []
@@ -371,12 +374,15 @@ def bench_cpu(kinds: list[str], bits_list: list[int], tokens_list: list[int],
                 v = PlaneViews.from_packed(packed)
                 for bits in bits_list:
                     us = _cpu_median_us(lambda x=x, v=v, b=bits: matmul_views(x, v, b))
+                    np_us = _cpu_median_us(
+                        lambda x=x, v=v, b=bits: matmul_views(x, v, b, native=False))
                     deq_us = _cpu_median_us(
                         lambda x=x, v=v, b=bits: x @ dequantize_fast(v, b).t())
                     nbytes = packed.nbytes_at(bits)
                     rows_out.append(Row(model, tensor, rows, cols, kind, bits, tokens, us, us,
                                         deq_us, dense_us, nbytes, nbytes / (us * 1e-6) / 1e9,
-                                        float("nan"), deq_us / us, us / dense_us, "torch-cpu"))
+                                        float("nan"), deq_us / us, us / dense_us,
+                                        cpu_native.status(), np_us))
                     print(_fmt(rows_out[-1]), flush=True)
     return rows_out
 
@@ -393,9 +399,16 @@ def _cpu_median_us(fn, repeats: int = 7) -> float:
 
 HEADER = ("| model | tensor | kind | bits | tokens | fused us | GB/s | x copy BW | eager us | "
           "dequant+mm us | speedup | x fp16 time |")
+CPU_HEADER = ("| model | tensor | kind | bits | tokens | CPU path us | numpy path us | "
+              "x numpy path | dequant+mm us | x dequant+mm | x dense fp32 time |")
 
 
 def _fmt(r: Row) -> str:
+    if r.numpy_path_us == r.numpy_path_us:  # a CPU row (not NaN)
+        return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | "
+                f"{r.tokens} | {r.fused_us:.1f} | {r.numpy_path_us:.1f} | "
+                f"{r.numpy_path_us / r.fused_us:.2f} | {r.dequant_matmul_us:.1f} | "
+                f"{r.speedup_vs_dequant:.2f} | {r.time_vs_fp16:.2f} |")
     return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | {r.tokens} | "
             f"{r.fused_us:.1f} | {r.read_GBps:.3g} | {r.copy_bw_frac:.2f} | {r.eager_us:.1f} | "
             f"{r.dequant_matmul_us:.1f} | {r.speedup_vs_dequant:.1f} | {r.time_vs_fp16:.2f} |")
@@ -456,12 +469,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         context.update(device=f"CPU ({platform.processor() or platform.machine()})",
                        threads=torch.get_num_threads())
-        print(f"{context['device']}: no CUDA; timing the CPU path (chunked dequantize and "
-              f"product) against dequantize-then-matmul and the dense float32 product")
+        from d2moe.kernels.cpu_native import NATIVE_MAX_TOKENS, status
+
+        context["cpu_kernel"] = status()
+        print(f"{context['device']}: no CUDA; timing the CPU path ({status()} up to "
+              f"{NATIVE_MAX_TOKENS} tokens, numpy chunks above) against its numpy path, "
+              "dequantize-then-matmul and the dense float32 product")
         rows = bench_cpu(kinds, bits_list, tokens_list, layout,
                          models or ["llama-moe-3.5b"])
-    print(HEADER)
-    print("|" + "---|" * 12)
+    cpu = bool(rows) and rows[0].numpy_path_us == rows[0].numpy_path_us
+    print(CPU_HEADER if cpu else HEADER)
+    print("|" + "---|" * 11 if cpu else "|" + "---|" * 12)
     for r in rows:
         print(_fmt(r))
     if args.json:

@@ -20,6 +20,11 @@ from typing import IO, Any
 from d2moe.core.errors import UserError
 
 
+def cache_dir() -> Path:
+    """Where built-in artefacts are built once: $D2MOE_CACHE or ~/.cache/d2moe."""
+    return Path(os.environ.get("D2MOE_CACHE") or Path.home() / ".cache" / "d2moe")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Write to a temp file beside `path`, fsync, then rename over it.

@@ -4,19 +4,14 @@ the policy's storage on that store, its expert statistics, and the budget in byt
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from d2moe.core.errors import UserError, bare
+from d2moe.core.fileio import cache_dir
 from d2moe.core.sizes import QuantLayout
-
-
-def cache_dir() -> Path:
-    """Where built-in artefacts are built once: $D2MOE_CACHE or ~/.cache/d2moe."""
-    return Path(os.environ.get("D2MOE_CACHE") or Path.home() / ".cache" / "d2moe")
 
 
 def tiny_store(layout: Any) -> Path:

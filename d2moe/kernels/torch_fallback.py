@@ -163,19 +163,28 @@ class _Params:
     pscale: tuple[torch.Tensor, ...]  # MWQ: the residual planes' scales up to `bits`
 
     @classmethod
+    def kept(cls, v: PlaneViews, bits: int) -> _Params:
+        """v's parameters at `bits`, built on first use and kept in `v.prepared`."""
+        params = v.prepared.get(bits)
+        if params is None:
+            params = v.prepared[bits] = cls.of(v, bits)
+        return params
+
+    @classmethod
     def of(cls, v: PlaneViews, bits: int) -> _Params:
         """Built from v's float16 parameters (reference: s_b = s 2^shift, z_b = z + s
         (2^shift - 1) / 2 for bitplane)."""
         import torch
 
-        s = v.scale.astype(np.float32)[:, :, None]
-        z = v.zero.astype(np.float32)[:, :, None]
+        def f32(a: np.ndarray) -> torch.Tensor:  # C-contiguous: the native kernel's rows
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)[:, :, None])
+
+        s, z = v.scale.astype(np.float32), v.zero.astype(np.float32)
         if v.kind == "bitplane":
             shift = v.bK - bits
             s, z = s * np.float32(2 ** shift), z + s * np.float32((2 ** shift - 1) / 2)
-        pscale = tuple(torch.from_numpy(a.astype(np.float32)[:, :, None])
-                       for a in v.plane_scale[:bits - v.b1]) if v.kind == "mwq" else ()
-        return cls(torch.from_numpy(s), torch.from_numpy(z), pscale)
+        pscale = tuple(f32(a) for a in v.plane_scale[:bits - v.b1]) if v.kind == "mwq" else ()
+        return cls(f32(s), f32(z), pscale)
 
 
 @dataclass(frozen=True)
@@ -235,9 +244,7 @@ class _Dequantizer:
         if self.nbytes < sc.code64.shape[1]:  # codes past the planes' words stay zero (the
             self.code64[:, self.nbytes:] = 0  # buffers are shared with other geometries)
             self.lane64[:, self.nbytes:] = 0
-        params = v.prepared.get(bits)
-        if params is None:
-            params = v.prepared[bits] = _Params.of(v, bits)
+        params = _Params.kept(v, bits)
         self.s, self.z, self.pscale = params.s, params.z, params.pscale
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
@@ -282,12 +289,15 @@ def dequantize_views(v: PlaneViews, bits: int) -> np.ndarray:
     return out
 
 
-def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int) -> torch.Tensor:
-    """y = x @ W^T for CPU views, chunk by chunk; y in x.dtype. One chunk (a small matrix)
-    is exactly `x.float() @ W.t()` with W dense."""
+def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int, *,
+                 native: bool = True) -> torch.Tensor:
+    """y = x @ W^T for CPU views; y in x.dtype. A few tokens go to the compiled fused kernel
+    (`cpu_native`, within float32 rounding) where it runs and `native`; otherwise chunk by
+    chunk, and then one chunk (a small matrix) is exactly `x.float() @ W.t()` with W dense."""
     import torch
 
-    deq = _Dequantizer(v, bits)
+    from d2moe.kernels import cpu_native
+
     if x.device.type != "cpu":
         raise UserError(f"the CPU fallback got an input on {x.device}", field="device",
                         fix="keep x on the CPU with CPU-resident planes")
@@ -296,6 +306,11 @@ def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int) -> torch.Tensor:
         raise UserError(f"x has {cols} columns, the matrix {v.cols}", field="shape",
                         fix="pass x with the matrix's input width")
     x2 = x.reshape(-1, cols).float()
+    if native and cpu_native.usable(v, x2.shape[0]):  # a few tokens: the fused compiled kernel
+        v.check_bits(bits)
+        y = cpu_native.matmul(x2, v, bits, _Params.kept(v, bits))
+        return y.to(x.dtype).reshape(*lead, v.rows)
+    deq = _Dequantizer(v, bits)
     if deq.step >= v.rows:
         return (x2 @ deq.rows(0, v.rows).t()).to(x.dtype).reshape(*lead, v.rows)
     y = torch.empty(v.rows, x2.shape[0], dtype=torch.float32)  # y^T: each chunk contiguous

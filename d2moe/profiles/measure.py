@@ -179,7 +179,7 @@ def _scratch(cfg: ProfileConfig) -> Iterator[Path]:
     if cfg.dir:
         root = ensure_dir(cfg.dir, field="dir")
     else:
-        from d2moe.executor.setup import cache_dir
+        from d2moe.core.fileio import cache_dir
 
         root = ensure_dir(cache_dir())
     try:
@@ -379,7 +379,8 @@ def _device(text: str) -> Any:
 def device_name(device: Any) -> str:
     """What a profile records of the machine: the GPU's name and host, or the CPU's model
     name with its family and model numbers (a VM's name, "AMD EPYC", spans generations whose
-    speed differs 2x), cores and torch threads."""
+    speed differs 2x), cores, torch threads and the CPU kernel (native or numpy: 3-6x apart
+    on one machine)."""
     import torch
 
     if device.type == "cuda":
@@ -396,7 +397,10 @@ def device_name(device: Any) -> str:
     model = info.get("model name") or platform.processor() or platform.machine()
     if info.get("cpu family") and info.get("model"):
         model += f" (family {info['cpu family']}, model {info['model']})"
-    return f"{model}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    from d2moe.kernels.cpu_native import kernel_name
+
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads, "
+            f"{kernel_name()} kernel")
 
 
 def _host_memory_bytes() -> int:

@@ -37,4 +37,7 @@ def test_cpu_table_times_llama_moe_shapes_without_models(tmp_path, monkeypatch, 
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["kind"], r["bits"], r["tokens"]) for r in rows] == \
         [("llama-moe-3.5b", "bitplane", 2, 1)]
-    assert "| llama-moe-3.5b | w1 64x128 | bitplane | 2 | 1 |" in capsys.readouterr().out
+    assert rows[0]["numpy_path_us"] > 0 and rows[0]["fused_us"] > 0  # both paths timed
+    out = capsys.readouterr().out
+    assert "| llama-moe-3.5b | w1 64x128 | bitplane | 2 | 1 |" in out
+    assert "| CPU path us | numpy path us | x numpy path |" in out

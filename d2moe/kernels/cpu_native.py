@@ -1,0 +1,161 @@
+"""The CPU path's compiled kernel (`cpu_nested.c`): a fused nested product for a few tokens.
+
+Built on first use with the machine's C compiler (`$CC`, else cc, gcc or clang) for this CPU
+(`-march=native`) into the cache directory, keyed by the source, the compiler and the CPU,
+and loaded with ctypes (which releases the interpreter lock for the call: the executor's
+I/O lane runs beside it). Where no compiler works, or `D2MOE_NATIVE=0`, the numpy path of
+`torch_fallback` runs instead; `status()` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from d2moe.core.fileio import cache_dir
+
+if TYPE_CHECKING:
+    import torch
+
+    from d2moe.kernels.torch_fallback import PlaneViews, _Params
+
+SOURCE = Path(__file__).with_name("cpu_nested.c")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+MAX_PLANES = 16  # as in cpu_nested.c
+MAX_TOKENS = 8
+# The fused kernel's cost grows with the tokens, the numpy path's (dequantize a chunk, then
+# one sgemm) hardly does: above this many tokens the numpy path runs (benchmarks/cpu_kernel.py).
+NATIVE_MAX_TOKENS = 4
+
+
+class NestedArgs(ctypes.Structure):
+    """Field for field `NestedArgs` in cpu_nested.c."""
+
+    _fields_ = [
+        ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("words", ctypes.c_int64),
+        ("group", ctypes.c_int64), ("groups", ctypes.c_int64), ("tokens", ctypes.c_int64),
+        ("nbase", ctypes.c_int64), ("nres", ctypes.c_int64),
+        ("planes", ctypes.c_void_p * MAX_PLANES),
+        ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+        ("plane_scale", ctypes.c_void_p * MAX_PLANES),
+        ("x", ctypes.c_void_p), ("y", ctypes.c_void_p),
+    ]
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: the CPU's model and flags (Linux), else the machine."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    keep = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return platform.machine() + "\n" + "\n".join(keep)
+
+
+def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
+    """The library's path, compiled first when the cache lacks it (temp file, then rename:
+    a build killed half-way leaves no library behind). OSError when the compiler fails."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags),
+                                    _cpu_tag()]).encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"cpu_nested-{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".cpu_nested-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
+                              text=True, timeout=120)
+        if done.returncode != 0:
+            raise OSError(f"{cc} failed: {done.stderr.strip()[-300:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    """The built library with its one entry point typed."""
+    lib = ctypes.CDLL(str(path))
+    lib.nested_rows.argtypes = [ctypes.POINTER(NestedArgs), ctypes.c_int64, ctypes.c_int64]
+    lib.nested_rows.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """(the library or None, what runs and why), once per process."""
+    if os.environ.get("D2MOE_NATIVE", "1") == "0":
+        return None, "numpy (D2MOE_NATIVE=0)"
+    cc = _compiler()
+    if cc is None:
+        return None, "numpy (no C compiler: set CC, or install cc)"
+    try:
+        lib = open_library(build(cc))
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"numpy (the native kernel did not build: {exc})"
+    return lib, f"native ({Path(cc).name} {' '.join(FLAGS[:2])})"
+
+
+def status() -> str:
+    """Which CPU kernel runs ("native (...)" or "numpy (why)"); builds it on first call."""
+    return _load()[1]
+
+
+def kernel_name() -> str:
+    """"native" or "numpy": what a profile records of the CPU kernel it measured."""
+    return "native" if _load()[0] is not None else "numpy"
+
+
+def usable(v: PlaneViews, tokens: int) -> bool:
+    """Whether the fused kernel takes this matrix and this many tokens."""
+    return (tokens <= NATIVE_MAX_TOKENS and v.group % 16 == 0 and v.bits_held <= MAX_PLANES
+            and all(p.flags.c_contiguous for p in v.planes) and _load()[0] is not None)
+
+
+def matmul(x2: torch.Tensor, v: PlaneViews, bits: int, params: _Params, *,
+           out: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """float32 [tokens, rows] = x2 @ W^T, x2 float32 [tokens, cols] (`usable` checked);
+    into `out` when given, with `lib` when given (a test's build), else this process's."""
+    import torch
+
+    lib = lib or _load()[0]
+    x2 = x2.contiguous()
+    tokens = x2.shape[0]
+    if not 1 <= tokens <= MAX_TOKENS or x2.dtype != torch.float32:
+        raise ValueError(f"the native kernel takes 1-{MAX_TOKENS} float32 rows, got "
+                         f"{tokens} {x2.dtype}")
+    y = torch.empty(tokens, v.rows, dtype=torch.float32) if out is None else out
+    if y.shape != (tokens, v.rows) or y.dtype != torch.float32 or not y.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {(tokens, v.rows)}, got "
+                         f"{tuple(y.shape)} {y.dtype}")
+    nbase = bits if v.kind == "bitplane" else v.b1
+    args = NestedArgs(rows=v.rows, cols=v.cols, words=v.words, group=v.group, groups=v.groups,
+                      tokens=tokens, nbase=nbase, nres=bits - nbase,
+                      scale=params.s.data_ptr(), zero=params.z.data_ptr(),
+                      x=x2.data_ptr(), y=y.data_ptr())
+    for j in range(bits):
+        args.planes[j] = v.planes[j].ctypes.data
+    for q, a in enumerate(params.pscale):
+        args.plane_scale[q] = a.data_ptr()
+    if lib.nested_rows(ctypes.byref(args), 0, v.rows) != 0:
+        raise MemoryError("the native CPU kernel could not allocate its scratch")
+    return y

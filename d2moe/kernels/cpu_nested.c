@@ -1,0 +1,161 @@
+/* Fused nested dequant + product for a few tokens on the CPU: y = x @ W^T, W at b bits,
+ * read straight from the bit planes; the dequantized matrix never exists.
+ *
+ * Bit-serial form (the planes are 0/1 masks, so the product needs no codes): for row r,
+ * group g and token t, with S_p the sum of x[t, i] over g's columns i whose bit in plane p
+ * is set, and X the sum of x[t, i] over all of g's columns,
+ *     sum_i w_i x_i = s sum_j 2^(nbase-1-j) S_j + z X       (base: w = code s + z,
+ *                                                             code plane 0 the top bit)
+ *                   + sum_q a_q (2 S_q - X)                  (MWQ: w += +-a_q per plane)
+ * so y[t, r] = sum_{p, g} c_pg S_pg + sum_g (z_g - sum_q a_qg) X_g, with c = s 2^k for a
+ * code plane and 2 a for a residual plane: one masked multiply-add per plane, token and 16
+ * columns, into accumulators that stay in registers (the token count is a compile-time
+ * constant in each specialisation below).
+ *
+ * Built by d2moe/kernels/cpu_native.py (cc -O3 -march=native) and called through ctypes,
+ * which releases the interpreter lock for the call. The floats are summed in another order
+ * than x @ W^T: equal within float32 rounding, not bit for bit.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define MAX_PLANES 16
+#define MAX_TOKENS 8
+
+/* Field for field the ctypes Structure `NestedArgs` in cpu_native.py. */
+typedef struct {
+    /* geometry: group % 16 == 0 (the wrapper checks) */
+    int64_t rows, cols, words, group, groups, tokens;
+    int64_t nbase, nres;                  /* code planes, then MWQ residual planes */
+    /* the matrix: planes [rows, words] uint32 each (bit t of word w: column 32w + t) */
+    const uint32_t *planes[MAX_PLANES];   /* nbase code planes, top bit first; then nres */
+    const float *scale, *zero;            /* [rows, groups] float32 at this bit-width */
+    const float *plane_scale[MAX_PLANES]; /* [rows, groups] per residual plane (a_q) */
+    const float *x;                       /* [tokens, cols] float32 */
+    float *y;                             /* [tokens, rows] float32 */
+} NestedArgs;
+
+/* Column c's 16-bit mask in plane row `prow`, without columns at or past `cols`. */
+static inline uint32_t mask16(const uint32_t *prow, int64_t c, int64_t cols) {
+    uint32_t k = (prow[c >> 5] >> (c & 16)) & 0xFFFFu;
+    return cols - c >= 16 ? k : k & ((1u << (cols - c)) - 1u);
+}
+
+#if defined(__AVX512F__)
+/* One row for T tokens: acc[t][u] += c_pg * (x[t] where plane p's bit is set), U chains a
+ * token so the multiply-adds overlap (latency 4, two a cycle). */
+static inline __attribute__((always_inline)) void row_avx512(const NestedArgs *a, int64_t r,
+                                                             const int T, const int U,
+                                                             float *out) {
+    const int64_t ng = a->groups, G = a->group, cols = a->cols;
+    __m512 acc[MAX_TOKENS][4];
+    for (int t = 0; t < T; t++)
+        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < a->nbase + a->nres; p++) {
+        const uint32_t *prow = a->planes[p] + r * a->words;
+        const int code = p < a->nbase;
+        const float *ps = code ? a->scale + r * ng : a->plane_scale[p - a->nbase] + r * ng;
+        const float mult = code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f;  /* exact */
+        for (int64_t g = 0; g < ng; g++) {
+            const __m512 cv = _mm512_set1_ps(ps[g] * mult);
+            const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
+            int64_t c = g * G;
+            for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
+                for (int u = 0; u < U; u++) {
+                    const __mmask16 k = (__mmask16)(prow[(c + 16 * u) >> 5] >> ((c + 16 * u) & 16));
+                    for (int t = 0; t < T; t++) {
+                        const __m512 xv = _mm512_loadu_ps(a->x + t * cols + c + 16 * u);
+                        acc[t][u] = _mm512_mask3_fmadd_ps(xv, cv, acc[t][u], k);
+                    }
+                }
+            for (; c < end; c += 16) {  /* the rest: partial chunks masked at cols */
+                const __mmask16 k = (__mmask16)mask16(prow, c, cols);
+                const __mmask16 in = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1u);
+                for (int t = 0; t < T; t++) {
+                    const __m512 xv = _mm512_maskz_loadu_ps(in, a->x + t * cols + c);
+                    acc[t][0] = _mm512_mask3_fmadd_ps(xv, cv, acc[t][0], k);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        __m512 s = acc[t][0];
+        for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[t][u]);
+        out[t] = _mm512_reduce_add_ps(s);
+    }
+}
+#endif
+
+/* The same in portable C (the compiler vectorises the 16 lanes). */
+static void row_c(const NestedArgs *a, int64_t r, float *out) {
+    const int64_t ng = a->groups, G = a->group, cols = a->cols, T = a->tokens;
+    float acc[MAX_TOKENS][16];
+    memset(acc, 0, sizeof(acc));
+    for (int64_t p = 0; p < a->nbase + a->nres; p++) {
+        const uint32_t *prow = a->planes[p] + r * a->words;
+        const int code = p < a->nbase;
+        const float *ps = code ? a->scale + r * ng : a->plane_scale[p - a->nbase] + r * ng;
+        const float mult = code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f;
+        for (int64_t g = 0; g < ng; g++) {
+            const float cv = ps[g] * mult;
+            const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
+            for (int64_t c = g * G; c < end; c += 16) {
+                const uint32_t k = mask16(prow, c, cols);
+                for (int64_t t = 0; t < T; t++)
+                    for (int i = 0; i < 16; i++)
+                        if ((k >> i) & 1u) acc[t][i] += a->x[t * cols + c + i] * cv;
+            }
+        }
+    }
+    for (int64_t t = 0; t < T; t++) {
+        float s = 0.0f;
+        for (int i = 0; i < 16; i++) s += acc[t][i];
+        out[t] = s;
+    }
+}
+
+/* y for rows [r0, r1); 0, or -1 when scratch could not be allocated. */
+int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
+    const int64_t T = a->tokens, ng = a->groups, G = a->group, cols = a->cols;
+    float *xsum = malloc(sizeof(float) * (size_t)(T * ng));  /* X of each token and group */
+    if (xsum == NULL) return -1;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
+            for (int64_t c = g * G; c < end; c++) s += a->x[t * cols + c];
+            xsum[t * ng + g] = s;
+        }
+    for (int64_t r = r0; r < r1; r++) {
+        float dot[MAX_TOKENS];
+#if defined(__AVX512F__)
+        switch (T) {  /* constant T and U: the accumulators stay in registers */
+            case 1: row_avx512(a, r, 1, 4, dot); break;
+            case 2: row_avx512(a, r, 2, 2, dot); break;
+            case 3: row_avx512(a, r, 3, 2, dot); break;
+            case 4: row_avx512(a, r, 4, 2, dot); break;
+            case 5: row_avx512(a, r, 5, 1, dot); break;
+            case 6: row_avx512(a, r, 6, 1, dot); break;
+            case 7: row_avx512(a, r, 7, 1, dot); break;
+            default: row_avx512(a, r, 8, 1, dot); break;  /* T <= MAX_TOKENS */
+        }
+#else
+        row_c(a, r, dot);
+#endif
+        for (int64_t t = 0; t < T; t++) {  /* + sum_g (z_g - sum_q a_qg) X_g */
+            float lin = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                float zeff = a->zero[r * ng + g];
+                for (int64_t q = 0; q < a->nres; q++) zeff -= a->plane_scale[q][r * ng + g];
+                lin += zeff * xsum[t * ng + g];
+            }
+            a->y[t * a->rows + r] = dot[t] + lin;
+        }
+    }
+    free(xsum);
+    return 0;
+}

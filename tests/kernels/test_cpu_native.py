@@ -1,0 +1,141 @@
+"""The compiled CPU kernel (cpu_nested.c): the fused nested product equals the dequantized
+product within float32 rounding, in its AVX-512 and portable builds; the numpy path takes
+over where it cannot run, and says why."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from d2moe.core.sizes import QuantLayout
+from d2moe.quant.nested import quantize_matrix
+
+torch = pytest.importorskip("torch")
+from d2moe.kernels import cpu_native as cn  # noqa: E402
+from d2moe.kernels import torch_fallback as tf  # noqa: E402
+from d2moe.kernels.packed import plane_words  # noqa: E402
+from d2moe.quant.reference import dequantize  # noqa: E402
+
+needs_native = pytest.mark.skipif(cn._compiler() is None, reason="no C compiler")
+
+# (rows, cols, group): whole words; a partial word; a partial group and word; groups of 16,
+# 48 (not a multiple of a word), 128 (wider than the matrix's last word)
+SHAPES = [(7, 128, 64), (5, 100, 32), (9, 200, 64), (4, 80, 16), (6, 150, 48), (3, 40, 128)]
+
+
+def _views(kind: str, rows: int, cols: int, group: int, b1: int, bK: int, seed: int):
+    w = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    m = quantize_matrix(w, QuantLayout(kind=kind, b1=b1, bK=bK, group=group))
+    v = tf.PlaneViews(kind=m.kind, b1=m.b1, bK=m.bK, group=m.group, rows=m.rows, cols=m.cols,
+                      planes=tuple(plane_words(m.planes[j], m.rows, m.cols)
+                                   for j in range(m.bits_stored)),
+                      scale=m.scale, zero=m.zero, plane_scale=tuple(m.plane_scale))
+    return m, v
+
+
+def _check(lib, kind: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for i, (rows, cols, group) in enumerate(SHAPES):
+        for b1, bK in [(2, 8), (1, 3), (3, 5)]:
+            m, v = _views(kind, rows, cols, group, b1, bK, seed=seed + i)
+            for b in range(b1, bK + 1):
+                tokens = int(rng.integers(1, cn.MAX_TOKENS + 1))
+                x = torch.from_numpy(rng.standard_normal((tokens, cols)).astype(np.float32))
+                out = torch.full((tokens, rows), float("nan"))  # poisoned: every y written
+                y = cn.matmul(x, v, b, tf._Params.kept(v, b), out=out, lib=lib)
+                ref = x.double() @ dequantize(m, b).double().t()
+                scale = float((x.double().abs() @ dequantize(m, b).double().abs().t()).max())
+                err = float((y.double() - ref).abs().max())
+                assert err <= 1e-5 * scale, (kind, rows, cols, group, b1, bK, b, tokens, err)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_native_product_equals_the_dequantized_product(kind):
+    lib = cn._load()[0]
+    assert lib is not None, cn.status()
+    _check(lib, kind, seed=int.from_bytes(os.urandom(2), "little"))
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_portable_build_equals_the_dequantized_product(kind):
+    """The C path of machines without AVX-512, built here with it turned off."""
+    lib = cn.open_library(cn.build(cn._compiler(), cn.FLAGS + ("-mno-avx512f",)))
+    _check(lib, kind, seed=int.from_bytes(os.urandom(2), "little"))
+
+
+@needs_native
+def test_matmul_views_takes_the_native_kernel_for_a_few_tokens_only(monkeypatch):
+    m, v = _views("mwq", 33, 256, 64, 2, 6, seed=1)
+    calls = []
+    real = cn.matmul
+    monkeypatch.setattr(cn, "matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    w = dequantize(m, 4).double()
+    for tokens in (1, cn.NATIVE_MAX_TOKENS, cn.NATIVE_MAX_TOKENS + 1):
+        x = torch.randn(tokens, 256, dtype=torch.bfloat16)
+        y = tf.matmul_views(x, v, 4)
+        assert y.dtype == torch.bfloat16 and y.shape == (tokens, 33)
+        ref = x.double() @ w.t()
+        assert float((y.double() - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    assert calls == [1, cn.NATIVE_MAX_TOKENS]  # more tokens: dequantize, then one sgemm
+    _, odd = _views("mwq", 5, 100, 40, 2, 4, seed=2)  # group 40: not 16 columns a mask
+    assert not cn.usable(odd, 1) and cn.usable(v, 1)
+
+
+def test_without_a_compiler_or_when_turned_off_the_numpy_path_runs(monkeypatch):
+    m, v = _views("bitplane", 8, 64, 32, 2, 4, seed=3)
+    x = torch.randn(1, 64)
+    try:
+        monkeypatch.setattr(cn.shutil, "which", lambda name: None)
+        cn._load.cache_clear()
+        assert cn.status() == "numpy (no C compiler: set CC, or install cc)"
+        assert cn.kernel_name() == "numpy" and not cn.usable(v, 1)
+        assert torch.equal(tf.matmul_views(x, v, 3), x @ dequantize(m, 3).t())  # bit for bit
+        monkeypatch.undo()
+        monkeypatch.setenv("D2MOE_NATIVE", "0")
+        cn._load.cache_clear()
+        assert cn.status() == "numpy (D2MOE_NATIVE=0)"
+    finally:
+        monkeypatch.undo()
+        cn._load.cache_clear()
+
+
+def test_a_failing_compiler_is_reported_and_leaves_no_library(tmp_path, monkeypatch):
+    cc = tmp_path / "badcc"
+    cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'no such flag' >&2\n"
+                  "exit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path / "cache"))
+    try:
+        cn._load.cache_clear()
+        assert cn.status().startswith("numpy (the native kernel did not build: ")
+        assert "no such flag" in cn.status()
+        assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # temp file removed
+    finally:
+        monkeypatch.undo()
+        cn._load.cache_clear()
+
+
+@needs_native
+def test_a_build_is_cached_by_source_compiler_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
+    cc = cn._compiler()
+    first = cn.build(cc)
+    stamp = first.stat().st_mtime_ns
+    assert cn.build(cc) == first and first.stat().st_mtime_ns == stamp  # not built again
+    other = cn.build(cc, cn.FLAGS + ("-mno-avx512f",))
+    assert other != first and sorted(p.name for p in first.parent.iterdir()) == \
+        sorted([first.name, other.name])
+
+
+def test_matmul_refuses_what_the_kernel_cannot_take():
+    _, v = _views("mwq", 4, 64, 32, 2, 4, seed=4)
+    params = tf._Params.kept(v, 3)
+    with pytest.raises(ValueError, match="1-8 float32 rows"):
+        cn.matmul(torch.randn(cn.MAX_TOKENS + 1, 64), v, 3, params)
+    with pytest.raises(ValueError, match="out must be"):
+        cn.matmul(torch.randn(2, 64), v, 3, params, out=torch.empty(4, 2))
