@@ -147,15 +147,25 @@ def matmul(x2: torch.Tensor, v: PlaneViews, bits: int, params: _Params, *,
     if y.shape != (tokens, v.rows) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"out must be contiguous float32 {(tokens, v.rows)}, got "
                          f"{tuple(y.shape)} {y.dtype}")
+    block = params.native.get(lib._handle)
+    if block is None:
+        block = params.native[lib._handle] = _block(v, bits, params)
+    args = NestedArgs.from_buffer_copy(block)  # per call: safe from several threads
+    args.tokens, args.x, args.y = tokens, x2.data_ptr(), y.data_ptr()
+    if lib.nested_rows(ctypes.byref(args), 0, v.rows) != 0:
+        raise MemoryError("the native CPU kernel could not allocate its scratch")
+    return y
+
+
+def _block(v: PlaneViews, bits: int, params: _Params) -> NestedArgs:
+    """v's argument block at `bits`, without the call's tokens, x and y (the pointers stay
+    valid while `params` and `v` live: `params` is kept in `v.prepared`)."""
     nbase = bits if v.kind == "bitplane" else v.b1
     args = NestedArgs(rows=v.rows, cols=v.cols, words=v.words, group=v.group, groups=v.groups,
-                      tokens=tokens, nbase=nbase, nres=bits - nbase,
-                      scale=params.s.data_ptr(), zero=params.z.data_ptr(),
-                      x=x2.data_ptr(), y=y.data_ptr())
+                      nbase=nbase, nres=bits - nbase, scale=params.s.data_ptr(),
+                      zero=params.z.data_ptr())
     for j in range(bits):
         args.planes[j] = v.planes[j].ctypes.data
     for q, a in enumerate(params.pscale):
         args.plane_scale[q] = a.data_ptr()
-    if lib.nested_rows(ctypes.byref(args), 0, v.rows) != 0:
-        raise MemoryError("the native CPU kernel could not allocate its scratch")
-    return y
+    return args

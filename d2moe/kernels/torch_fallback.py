@@ -30,11 +30,12 @@ import math
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from d2moe.core.errors import UserError
+from d2moe.kernels import cpu_native
 from d2moe.kernels.packed import NestedGeometry
 
 if TYPE_CHECKING:
@@ -161,6 +162,9 @@ class _Params:
     s: torch.Tensor  # code scale (bitplane: of the b-bit prefix)
     z: torch.Tensor  # zero point
     pscale: tuple[torch.Tensor, ...]  # MWQ: the residual planes' scales up to `bits`
+    # the native kernel's argument block for this matrix and bit-width, by library
+    # (`cpu_native.matmul`: built on first use, then copied per call)
+    native: dict[int, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def kept(cls, v: PlaneViews, bits: int) -> _Params:
@@ -296,8 +300,6 @@ def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int, *,
     chunk, and then one chunk (a small matrix) is exactly `x.float() @ W.t()` with W dense."""
     import torch
 
-    from d2moe.kernels import cpu_native
-
     if x.device.type != "cpu":
         raise UserError(f"the CPU fallback got an input on {x.device}", field="device",
                         fix="keep x on the CPU with CPU-resident planes")
@@ -305,11 +307,13 @@ def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int, *,
     if cols != v.cols:
         raise UserError(f"x has {cols} columns, the matrix {v.cols}", field="shape",
                         fix="pass x with the matrix's input width")
-    x2 = x.reshape(-1, cols).float()
+    x2 = x if x.dim() == 2 else x.reshape(-1, cols)
+    x2 = x2 if x2.dtype == torch.float32 else x2.float()
     if native and cpu_native.usable(v, x2.shape[0]):  # a few tokens: the fused compiled kernel
         v.check_bits(bits)
         y = cpu_native.matmul(x2, v, bits, _Params.kept(v, bits))
-        return y.to(x.dtype).reshape(*lead, v.rows)
+        y = y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if x.dim() == 2 else y.reshape(*lead, v.rows)
     deq = _Dequantizer(v, bits)
     if deq.step >= v.rows:
         return (x2 @ deq.rows(0, v.rows).t()).to(x.dtype).reshape(*lead, v.rows)
