@@ -81,8 +81,8 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".cpu_nested-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise OSError(f"{cc} failed: {done.stderr.strip()[-300:]}")
         os.replace(tmp, out)
@@ -97,6 +97,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.nested_rows.argtypes = [ctypes.POINTER(NestedArgs), ctypes.c_int64, ctypes.c_int64]
     lib.nested_rows.restype = ctypes.c_int
+    lib.nested_swiglu.argtypes = [ctypes.POINTER(NestedArgs)] * 3
+    lib.nested_swiglu.restype = ctypes.c_int
     return lib
 
 
@@ -147,14 +149,49 @@ def matmul(x2: torch.Tensor, v: PlaneViews, bits: int, params: _Params, *,
     if y.shape != (tokens, v.rows) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"out must be contiguous float32 {(tokens, v.rows)}, got "
                          f"{tuple(y.shape)} {y.dtype}")
-    block = params.native.get(lib._handle)
-    if block is None:
-        block = params.native[lib._handle] = _block(v, bits, params)
-    args = NestedArgs.from_buffer_copy(block)  # per call: safe from several threads
-    args.tokens, args.x, args.y = tokens, x2.data_ptr(), y.data_ptr()
+    args = _args(lib, v, bits, params, tokens, x2.data_ptr(), y.data_ptr())
     if lib.nested_rows(ctypes.byref(args), 0, v.rows) != 0:
         raise MemoryError("the native CPU kernel could not allocate its scratch")
     return y
+
+
+def swiglu(x2: torch.Tensor, mats: tuple[PlaneViews, PlaneViews, PlaneViews], bits: int,
+           params: tuple[_Params, _Params, _Params], *,
+           lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """float32 [tokens, w2.rows] = w2 @ (silu(w1 @ x) * (w3 @ x)), x2 float32 [tokens, cols]
+    contiguous, (w1, w3, w2) = `mats` (`usable` checked for each): one C call, no tensors
+    between the three products but two [tokens, ffn] buffers."""
+    import torch
+
+    lib = lib or _load()[0]
+    (v1, v3, v2), (p1, p3, p2), tokens = mats, params, x2.shape[0]
+    if not 1 <= tokens <= MAX_TOKENS or x2.dtype != torch.float32 or not x2.is_contiguous():
+        raise ValueError(f"the native kernel takes 1-{MAX_TOKENS} contiguous float32 rows, "
+                         f"got {tokens} {x2.dtype}")
+    if v1.rows != v3.rows or v2.cols != v1.rows or v1.cols != v3.cols:
+        raise ValueError(f"not one SwiGLU expert: w1 {v1.rows}x{v1.cols}, w3 "
+                         f"{v3.rows}x{v3.cols}, w2 {v2.rows}x{v2.cols}")
+    h = torch.empty(2, tokens, v1.rows, dtype=torch.float32)
+    y = torch.empty(tokens, v2.rows, dtype=torch.float32)
+    x, g, u = x2.data_ptr(), h[0].data_ptr(), h[1].data_ptr()
+    a1 = _args(lib, v1, bits, p1, tokens, x, g)
+    a3 = _args(lib, v3, bits, p3, tokens, x, u)
+    a2 = _args(lib, v2, bits, p2, tokens, g, y.data_ptr())
+    if lib.nested_swiglu(ctypes.byref(a1), ctypes.byref(a3), ctypes.byref(a2)) != 0:
+        raise MemoryError("the native CPU kernel could not allocate its scratch")
+    return y
+
+
+def _args(lib: ctypes.CDLL, v: PlaneViews, bits: int, params: _Params, tokens: int,
+          x: int, y: int) -> NestedArgs:
+    """The call's argument block: v's at `bits` (built once, kept in `params`) copied, with
+    this call's tokens and x and y pointers (a copy per call: safe from several threads)."""
+    block = params.native.get(lib._handle)
+    if block is None:
+        block = params.native[lib._handle] = _block(v, bits, params)
+    args = NestedArgs.from_buffer_copy(block)
+    args.tokens, args.x, args.y = tokens, x, y
+    return args
 
 
 def _block(v: PlaneViews, bits: int, params: _Params) -> NestedArgs:

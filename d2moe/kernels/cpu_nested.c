@@ -16,6 +16,7 @@
  * which releases the interpreter lock for the call. The floats are summed in another order
  * than x @ W^T: equal within float32 rounding, not bit for bit.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -158,4 +159,16 @@ int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
     }
     free(xsum);
     return 0;
+}
+
+/* One SwiGLU expert (Mixtral's): y = w2 @ (silu(w1 @ x) * (w3 @ x)), all three nested.
+ * w1 and w3 read the same x and write [tokens, ffn] buffers; w2 reads w1's buffer, which
+ * holds the gated product by then, and writes y. 0, or -1 as nested_rows. */
+int nested_swiglu(const NestedArgs *w1, const NestedArgs *w3, const NestedArgs *w2) {
+    if (nested_rows(w1, 0, w1->rows) != 0 || nested_rows(w3, 0, w3->rows) != 0) return -1;
+    float *g = w1->y;
+    const float *u = w3->y;
+    for (int64_t i = 0; i < w1->tokens * w1->rows; i++)
+        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];  /* silu(a) = a sigmoid(a) */
+    return nested_rows(w2, 0, w2->rows);
 }

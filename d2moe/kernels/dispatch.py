@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from d2moe.core.errors import UserError
+from d2moe.kernels.torch_fallback import PlaneViews, swiglu_views
 
 if TYPE_CHECKING:
     import torch
 
     from d2moe.kernels.packed import PackedExpertMatrix
-    from d2moe.kernels.torch_fallback import PlaneViews
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -64,9 +64,15 @@ def expert_swiglu(x: torch.Tensor, w1: PackedExpertMatrix | PlaneViews,
                   bits: int, backend: str = "auto",
                   fused: bool = FUSED_GATE_UP) -> torch.Tensor:
     """One SwiGLU expert (Mixtral): w2 @ (silu(w1 @ x) * (w3 @ x)), all at `bits` bits;
-    `fused`: w1 and w3 in one launch where the Triton GEMV path runs (`FUSED_GATE_UP`)."""
+    `fused`: w1 and w3 in one launch where the Triton GEMV path runs (`FUSED_GATE_UP`). CPU
+    views at a few tokens: the whole expert in one native call (`swiglu_views`)."""
     import torch.nn.functional as F
 
+    if (isinstance(w1, PlaneViews) and isinstance(w3, PlaneViews) and isinstance(w2, PlaneViews)
+            and _backend(x, w1, backend) == "torch"):  # (checks `backend`)
+        y = swiglu_views(x, w1, w3, w2, bits)
+        if y is not None:
+            return y
     h = None
     if fused and _backend(x, w1, backend) == "triton":
         from d2moe.kernels.triton_launch import GEMV_MAX_TOKENS, gate_up

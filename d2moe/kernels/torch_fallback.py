@@ -325,6 +325,26 @@ def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int, *,
     return y.t().to(x.dtype).reshape(*lead, v.rows)
 
 
+def swiglu_views(x: torch.Tensor, w1: PlaneViews, w3: PlaneViews, w2: PlaneViews,
+                 bits: int) -> torch.Tensor | None:
+    """w2 @ (silu(w1 @ x) * (w3 @ x)) for CPU views in one native call, y in x.dtype; None
+    where the native kernel does not take all three (the caller then runs three products)."""
+    import torch
+
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0]
+    if (x.device.type != "cpu" or x.shape[-1] != w1.cols
+            or not all(cpu_native.usable(v, tokens) for v in (w1, w3, w2))):
+        return None
+    for v in (w1, w3, w2):
+        v.check_bits(bits)
+    x2 = x2.float().contiguous()
+    y = cpu_native.swiglu(x2, (w1, w3, w2), bits,
+                          tuple(_Params.kept(v, bits) for v in (w1, w3, w2)))
+    y = y if x.dtype == torch.float32 else y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w2.rows)
+
+
 def _plane_bits(words: torch.Tensor, rows: int, cols_padded: int) -> torch.Tensor:
     """int32 [words, rows] plane -> uint8 0/1 [rows, cols_padded] (column 32w + t = bit t)."""
     import torch

@@ -139,3 +139,40 @@ def test_matmul_refuses_what_the_kernel_cannot_take():
         cn.matmul(torch.randn(cn.MAX_TOKENS + 1, 64), v, 3, params)
     with pytest.raises(ValueError, match="out must be"):
         cn.matmul(torch.randn(2, 64), v, 3, params, out=torch.empty(4, 2))
+
+
+def _swiglu_ref(x, m1, m3, m2, b):
+    x = x.double()
+    g = x @ dequantize(m1, b).double().t()
+    h = torch.nn.functional.silu(g) * (x @ dequantize(m3, b).double().t())
+    return h @ dequantize(m2, b).double().t(), h.abs() @ dequantize(m2, b).double().abs().t()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["mwq", "bitplane"])
+def test_one_call_swiglu_equals_the_three_products(kind, monkeypatch):
+    from d2moe.kernels.dispatch import expert_swiglu
+
+    seed = int.from_bytes(os.urandom(2), "little")
+    (m1, v1), (m3, v3) = (_views(kind, 48, 80, 16, 2, 6, seed + i) for i in (0, 1))
+    m2, v2 = _views(kind, 80, 48, 16, 2, 6, seed + 2)  # ffn 48, hidden 80
+    calls = []
+    real = cn.swiglu
+    monkeypatch.setattr(cn, "swiglu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for b in (2, 4, 6):
+        for tokens in (1, 3, cn.NATIVE_MAX_TOKENS + 1):
+            x = torch.randn(tokens, 80)
+            ref, scale = _swiglu_ref(x, m1, m3, m2, b)
+            y = expert_swiglu(x, v1, v3, v2, b)
+            assert y.shape == (tokens, 80) and y.dtype == torch.float32
+            assert float((y.double() - ref).abs().max()) <= 1e-5 * float(scale.max()) + 1e-6
+    assert len(calls) == 6  # tokens above NATIVE_MAX_TOKENS: three products, no native call
+
+
+@needs_native
+def test_swiglu_refuses_matrices_that_are_not_one_expert():
+    _, v1 = _views("bitplane", 48, 80, 16, 2, 4, 0)
+    _, v2 = _views("bitplane", 80, 40, 16, 2, 4, 1)  # w2 must take w1's 48 rows
+    params = tuple(tf._Params.kept(v, 3) for v in (v1, v1, v2))
+    with pytest.raises(ValueError, match="not one SwiGLU expert"):
+        cn.swiglu(torch.randn(1, 80), (v1, v1, v2), 3, params)
