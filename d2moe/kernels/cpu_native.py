@@ -30,9 +30,11 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("cpu_nested.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 MAX_PLANES = 16  # as in cpu_nested.c
-MAX_TOKENS = 8
+MAX_TOKENS = 8  # as in cpu_nested.c: one specialisation per token count
 # The fused kernel's cost grows with the tokens, the numpy path's (dequantize a chunk, then
-# one sgemm) hardly does: above this many tokens the numpy path runs (benchmarks/cpu_kernel.py).
+# one sgemm) hardly does: above this many tokens the numpy path runs. Measured on Mixtral's
+# w1 (benchmarks/kernels.py, docs/results/kernels.md): 1.8-3.3x the numpy path at 4 tokens,
+# 0.9-1.7x at 8 (bitplane 8-bit the slower).
 NATIVE_MAX_TOKENS = 4
 
 
@@ -51,6 +53,7 @@ class NestedArgs(ctypes.Structure):
 
 
 def _compiler() -> str | None:
+    """The C compiler's path: $CC, else the first of cc, gcc, clang on PATH; None if none."""
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -93,7 +96,7 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
 
 
 def open_library(path: Path) -> ctypes.CDLL:
-    """The built library with its one entry point typed."""
+    """The built library with its two entry points typed."""
     lib = ctypes.CDLL(str(path))
     lib.nested_rows.argtypes = [ctypes.POINTER(NestedArgs), ctypes.c_int64, ctypes.c_int64]
     lib.nested_rows.restype = ctypes.c_int
