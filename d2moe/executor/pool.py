@@ -185,14 +185,9 @@ class ExpertPool:
         if hit is not None and hit[0] == block.offset:
             return hit[1]
         views: dict[str, dict[str, np.ndarray]] = {t: {} for t in TENSORS}
-        offset = block.offset
-        for tensor, part, n in self.fmt.parts(bits):
-            g = self.fmt.geoms[tensor]
-            raw = self.host[offset:offset + n]
-            views[tensor][part] = (raw.view(np.int32).reshape(g.rows, g.words)
-                                   if part.startswith("plane") else
-                                   raw.view(np.float16).reshape(g.rows, g.groups))
-            offset += n
+        at = block.offset
+        for tensor, part, start, n, dtype, shape in self.fmt.slots(bits):
+            views[tensor][part] = self.host[at + start:at + start + n].view(dtype).reshape(shape)
         self._views[(key, bits)] = (block.offset, views)
         return views
 

@@ -53,3 +53,19 @@ def test_a_level_of_the_wrong_length_names_the_level(stored, cut):
         other.convert(2, levels[2])
     with pytest.raises(UserError, match="stored level 4 of tensor w2 .* has 0 bytes"):
         fmt.convert(4, {t: a for t, a in levels[4].items() if t != "w2"})
+
+
+def test_a_row_major_level_of_whole_words_is_its_stored_bytes(stored, monkeypatch):
+    """The copy-through path (`stored_is_pool`) writes what the part-by-part path writes."""
+    layout, levels = stored
+    fmt = LevelFormat(SPEC, layout, row_major=True)
+    assert fmt.stored_is_pool  # 64 and 96 columns: whole words
+    assert not LevelFormat(SPEC, layout).stored_is_pool  # word-major: transposed parts
+    for bits, level in levels.items():
+        fast = fmt.convert(bits, level)
+        monkeypatch.setattr(fmt, "stored_is_pool", False)
+        assert np.array_equal(fast, fmt.convert(bits, level)), bits
+        monkeypatch.setattr(fmt, "stored_is_pool", True)
+    odd = ModelSpec(name="odd", layers=1, experts=1, top_k=1, hidden=64, ffn=40, heads=1,
+                    kv_heads=1, vocab=16)  # w2 has 40 columns: a partial word per row
+    assert not LevelFormat(odd, layout, row_major=True).stored_is_pool
