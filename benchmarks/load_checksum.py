@@ -40,7 +40,7 @@ def main() -> None:
                   f"pool, {args.rounds} rounds, pipelined from {args.min_bytes} B levels")
 
     def pipeline(min_bytes: int | None):
-        def setup(reader) -> None:  # one read per level in both: only the checks differ
+        def setup(reader, pool) -> None:  # one read per level in both: only the checks differ
             reader.pipeline_min_bytes, reader.coalesce = min_bytes, False
         return setup
 

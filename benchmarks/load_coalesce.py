@@ -47,7 +47,7 @@ def main() -> None:
     args = load_ab_args(__doc__, 24)
 
     def coalesce(on: bool):
-        return lambda reader: setattr(reader, "coalesce", on)
+        return lambda reader, pool: setattr(reader, "coalesce", on)
 
     times = alternate_loads(args.spec, args.bits, args.rounds, torch.device(args.device),
                             {"per-level": coalesce(False), "joined": coalesce(True)})

@@ -44,11 +44,12 @@ BUFFERS = {"heap": store_mod.aligned_buffer,
 
 
 def alternate_loads(spec_name: str, bits: int, rounds: int, device: torch.device,
-                    variants: dict[str, Callable[[StoreReader], None]]) -> dict[str, list[float]]:
+                    variants: dict[str, Callable[[StoreReader, ExpertPool], None]]
+                    ) -> dict[str, list[float]]:
     """ms of the I/O lane's whole 0->`bits` load of one expert per round and variant (a
-    variant sets the reader up before its load), on a random-weight store of `spec_name`'s
-    expert shape (one expert per variant, O_DIRECT); the variants alternate, which goes
-    first alternating too; round 0 warms up and is dropped."""
+    variant sets the reader and the pool up before its load), on a random-weight store of
+    `spec_name`'s expert shape (one expert per variant, O_DIRECT); the variants alternate,
+    which goes first alternating too; round 0 warms up and is dropped."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     layout = QuantLayout()
     spec = dataclasses.replace(load_spec(spec_name), layers=1, experts=len(variants), top_k=1)
@@ -65,7 +66,7 @@ def alternate_loads(spec_name: str, bits: int, rounds: int, device: torch.device
                 for k, kind in enumerate(order):
                     key = keys[k]
                     drop_expert(pool, key)
-                    variants[kind](reader)
+                    variants[kind](reader, pool)
                     sync()
                     t0 = time.perf_counter()
                     load_into(reader, pool, Load(key, 0, bits))
@@ -105,8 +106,8 @@ def load_ab_args(doc: str, rounds: int) -> argparse.Namespace:
 def main() -> None:
     args = load_ab_args(__doc__, 12)
 
-    def use(kind: str) -> Callable[[StoreReader], None]:
-        return lambda reader: setattr(store_mod, "aligned_buffer", BUFFERS[kind])
+    def use(kind: str) -> Callable[[StoreReader, ExpertPool], None]:
+        return lambda reader, pool: setattr(store_mod, "aligned_buffer", BUFFERS[kind])
 
     try:
         times = alternate_loads(args.spec, args.bits, args.rounds, torch.device(args.device),
