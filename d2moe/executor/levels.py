@@ -53,7 +53,8 @@ class LevelFormat:
                       for t, (o, i) in zip(TENSORS, _shapes(spec), strict=True)}
         # Row-major with every row whole words (and little-endian): `_plane` and `_aux` are
         # views of the stored bytes in store order, so a level's pool bytes are its stored
-        # bytes, one copy a tensor (a tiny 0->4-bit load: 14 small copies fewer per level)
+        # bytes, one copy a tensor (a base level of b1 = 2: 3 copies instead of 12, and no
+        # views to build; benchmarks/level_copy.py)
         self.stored_is_pool = row_major and sys.byteorder == "little" and all(
             g.cols % 32 == 0 for g in self.geoms.values())
         self._slots: dict[int, tuple[tuple[str, str, int, int, type, tuple[int, int]], ...]] = {}

@@ -379,7 +379,7 @@ def _device(text: str) -> Any:
 def device_name(device: Any) -> str:
     """What a profile records of the machine: the GPU's name and host, or the CPU's model
     name with its family and model numbers (a VM's name, "AMD EPYC", spans generations whose
-    speed differs 2x), cores, torch threads and the CPU kernel (native or numpy: 3-6x apart
+    speed differs 2x), cores, torch threads and the CPU kernel (native or numpy: 2-6x apart
     on one machine)."""
     import torch
 
