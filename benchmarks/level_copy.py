@@ -7,8 +7,8 @@ conversion, placement, the level views) on a random-weight nested store of the s
 shape, O_DIRECT, the two variants alternating (`read_buffers.alternate_loads`). Rows of
 whole 32-bit words lie in the store as the CPU pool keeps them, so the conversion is one
 copy a tensor: a base level of b1 = 2 bits takes 3 copies instead of 12 (and the views
-those built), a Mixtral-shaped load the same bytes in fewer calls. Prints the median load of each and the median of the
-per-round ratios part-by-part / copied.
+those built), a Mixtral-shaped load the same bytes in fewer calls. Prints the median load
+of each and the median of the per-round ratios part-by-part / copied.
 
 Usage: python benchmarks/level_copy.py [--spec tiny] [--rounds 48] [--bits 4]
 """

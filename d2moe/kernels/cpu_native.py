@@ -1,10 +1,11 @@
 """The CPU path's compiled kernel (`cpu_nested.c`): a fused nested product for a few tokens.
 
 Built on first use with the machine's C compiler (`$CC`, else cc, gcc or clang) for this CPU
-(`-march=native`) into the cache directory, keyed by the source, the compiler and the CPU,
-and loaded with ctypes (which releases the interpreter lock for the call: the executor's
-I/O lane runs beside it). Where no compiler works, or `D2MOE_NATIVE=0`, the numpy path of
-`torch_fallback` runs instead; `status()` says which and why.
+(`-march=native`; AVX-512 or AVX2, else no library) into the cache directory, keyed by the
+source, the compiler and the CPU, and loaded with ctypes (which releases the interpreter
+lock for the call: the executor's I/O lane runs beside it). Where no compiler works, or
+`D2MOE_NATIVE=0`, the numpy path of `torch_fallback` runs instead; `status()` says which
+and why.
 """
 
 from __future__ import annotations
@@ -86,8 +87,10 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     try:
         done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise OSError(f"{cc} failed: {done.stderr.strip()[-300:]}")
+        if done.returncode != 0:  # the first error says why; later ones follow from it
+            lines = done.stderr.strip().splitlines() or ["no output"]
+            first = next((ln for ln in lines if "error" in ln), lines[-1])
+            raise OSError(f"{cc} failed: {first.strip()[:300]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

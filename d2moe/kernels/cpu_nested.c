@@ -20,8 +20,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#else
+#error "the nested CPU kernel needs AVX2 or AVX-512 (elsewhere d2moe runs its numpy path)"
 #endif
 
 #define MAX_PLANES 16
@@ -91,33 +93,74 @@ static inline __attribute__((always_inline)) void row_avx512(const NestedArgs *a
 }
 #endif
 
-/* The same in portable C (the compiler vectorises the 16 lanes). */
-static void row_c(const NestedArgs *a, int64_t r, float *out) {
-    const int64_t ng = a->groups, G = a->group, cols = a->cols, T = a->tokens;
-    float acc[MAX_TOKENS][16];
-    memset(acc, 0, sizeof(acc));
+#if !defined(__AVX512F__)
+/* AVX2: 8 lanes and no mask registers, so a byte of a plane selects its 8 columns through
+ * a table of the 256 lane masks (8 KiB, stays in L1): one load and one AND per 8 columns. */
+static float LANES[256][8] __attribute__((aligned(32)));
+
+__attribute__((constructor)) static void fill_lanes(void) {
+    for (int v = 0; v < 256; v++)
+        for (int i = 0; i < 8; i++) {
+            const uint32_t bits = (v >> i) & 1u ? 0xFFFFFFFFu : 0u;
+            memcpy(&LANES[v][i], &bits, sizeof bits);
+        }
+}
+
+/* One row for T tokens, as row_avx512: acc[t][u][h] for the half h of 16 columns. */
+static inline __attribute__((always_inline)) void row_avx2(const NestedArgs *a, int64_t r,
+                                                           const int T, const int U,
+                                                           float *out) {
+    const int64_t ng = a->groups, G = a->group, cols = a->cols;
+    __m256 acc[MAX_TOKENS][2][2];
+    for (int t = 0; t < T; t++)
+        for (int u = 0; u < U; u++) acc[t][u][0] = acc[t][u][1] = _mm256_setzero_ps();
     for (int64_t p = 0; p < a->nbase + a->nres; p++) {
         const uint32_t *prow = a->planes[p] + r * a->words;
         const int code = p < a->nbase;
         const float *ps = code ? a->scale + r * ng : a->plane_scale[p - a->nbase] + r * ng;
-        const float mult = code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f;
+        const float mult = code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f;  /* exact */
         for (int64_t g = 0; g < ng; g++) {
-            const float cv = ps[g] * mult;
+            const __m256 cv = _mm256_set1_ps(ps[g] * mult);
             const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
-            for (int64_t c = g * G; c < end; c += 16) {
+            int64_t c = g * G;
+            for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
+                for (int u = 0; u < U; u++) {
+                    const uint32_t k = (prow[(c + 16 * u) >> 5] >> ((c + 16 * u) & 16)) & 0xFFFFu;
+                    const __m256 lo = _mm256_load_ps(LANES[k & 0xFF]);
+                    const __m256 hi = _mm256_load_ps(LANES[k >> 8]);
+                    for (int t = 0; t < T; t++) {
+                        const float *xt = a->x + t * cols + c + 16 * u;
+                        acc[t][u][0] = _mm256_fmadd_ps(_mm256_and_ps(lo, _mm256_loadu_ps(xt)),
+                                                       cv, acc[t][u][0]);
+                        acc[t][u][1] = _mm256_fmadd_ps(_mm256_and_ps(hi, _mm256_loadu_ps(xt + 8)),
+                                                       cv, acc[t][u][1]);
+                    }
+                }
+            for (; c < end; c += 16) {  /* the rest, one column at a time past cols */
                 const uint32_t k = mask16(prow, c, cols);
-                for (int64_t t = 0; t < T; t++)
-                    for (int i = 0; i < 16; i++)
-                        if ((k >> i) & 1u) acc[t][i] += a->x[t * cols + c + i] * cv;
+                const int n = cols - c >= 16 ? 16 : (int)(cols - c);
+                for (int t = 0; t < T; t++) {
+                    float part[16] = {0};
+                    for (int i = 0; i < n; i++) part[i] = a->x[t * cols + c + i];
+                    const __m256 l = _mm256_and_ps(_mm256_load_ps(LANES[k & 0xFF]),
+                                                   _mm256_loadu_ps(part));
+                    const __m256 h = _mm256_and_ps(_mm256_load_ps(LANES[k >> 8]),
+                                                   _mm256_loadu_ps(part + 8));
+                    acc[t][0][0] = _mm256_fmadd_ps(l, cv, acc[t][0][0]);
+                    acc[t][0][1] = _mm256_fmadd_ps(h, cv, acc[t][0][1]);
+                }
             }
         }
     }
-    for (int64_t t = 0; t < T; t++) {
-        float s = 0.0f;
-        for (int i = 0; i < 16; i++) s += acc[t][i];
-        out[t] = s;
+    for (int t = 0; t < T; t++) {
+        __m256 s = _mm256_add_ps(acc[t][0][0], acc[t][0][1]);
+        for (int u = 1; u < U; u++) s = _mm256_add_ps(s, _mm256_add_ps(acc[t][u][0], acc[t][u][1]));
+        const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        out[t] = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
     }
 }
+#endif
 
 /* y for rows [r0, r1); 0, or -1 when scratch could not be allocated. */
 int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
@@ -134,19 +177,24 @@ int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
         float dot[MAX_TOKENS];
 #if defined(__AVX512F__)
-        switch (T) {  /* constant T and U: the accumulators stay in registers */
-            case 1: row_avx512(a, r, 1, 4, dot); break;
-            case 2: row_avx512(a, r, 2, 2, dot); break;
-            case 3: row_avx512(a, r, 3, 2, dot); break;
-            case 4: row_avx512(a, r, 4, 2, dot); break;
-            case 5: row_avx512(a, r, 5, 1, dot); break;
-            case 6: row_avx512(a, r, 6, 1, dot); break;
-            case 7: row_avx512(a, r, 7, 1, dot); break;
-            default: row_avx512(a, r, 8, 1, dot); break;  /* T <= MAX_TOKENS */
-        }
+#define ROW row_avx512
+#define U1 4  /* chains for one token */
 #else
-        row_c(a, r, dot);
+#define ROW row_avx2
+#define U1 2  /* each of two halves: 4 chains */
 #endif
+        switch (T) {  /* constant T and U: the accumulators stay in registers */
+            case 1: ROW(a, r, 1, U1, dot); break;
+            case 2: ROW(a, r, 2, 2, dot); break;
+            case 3: ROW(a, r, 3, 2, dot); break;
+            case 4: ROW(a, r, 4, 2, dot); break;
+            case 5: ROW(a, r, 5, 1, dot); break;
+            case 6: ROW(a, r, 6, 1, dot); break;
+            case 7: ROW(a, r, 7, 1, dot); break;
+            default: ROW(a, r, 8, 1, dot); break;  /* T <= MAX_TOKENS */
+        }
+#undef ROW
+#undef U1
         for (int64_t t = 0; t < T; t++) {  /* + sum_g (z_g - sum_q a_qg) X_g */
             float lin = 0.0f;
             for (int64_t g = 0; g < ng; g++) {

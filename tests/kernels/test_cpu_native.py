@@ -5,6 +5,8 @@ over where it cannot run, and says why."""
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,12 +61,35 @@ def test_native_product_equals_the_dequantized_product(kind):
     _check(lib, kind, seed=int.from_bytes(os.urandom(2), "little"))
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "flags:")
+    return set(line.split(":", 1)[1].split())
+
+
+x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flags")
+
+
 @needs_native
+@x86
+@pytest.mark.skipif("avx2" not in _cpu_flags(), reason="no AVX2 on this CPU")
 @pytest.mark.parametrize("kind", ["mwq", "bitplane"])
-def test_portable_build_equals_the_dequantized_product(kind):
-    """The C path of machines without AVX-512, built here with it turned off."""
+def test_avx2_build_equals_the_dequantized_product(kind):
+    """The AVX2 path (machines without AVX-512), built here with AVX-512 turned off."""
     lib = cn.open_library(cn.build(cn._compiler(), cn.FLAGS + ("-mno-avx512f",)))
     _check(lib, kind, seed=int.from_bytes(os.urandom(2), "little"))
+
+
+@needs_native
+@x86
+def test_a_cpu_without_avx2_gets_no_library_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("D2MOE_CACHE", str(tmp_path))
+    with pytest.raises(OSError, match="needs AVX2 or AVX-512"):
+        cn.build(cn._compiler(), cn.FLAGS + ("-mno-avx512f", "-mno-avx2"))
+    assert [p for p in (tmp_path / "kernels").iterdir()] == []  # no half-built library
 
 
 @needs_native
