@@ -42,6 +42,22 @@ typedef struct {
     float *y;                             /* [tokens, rows] float32 */
 } NestedArgs;
 
+/* Plane p of row r: its bits, its per-group scales, and the power of 2 they take in the
+ * sum (exact in float): a code plane j weighs s 2^(nbase-1-j), a residual plane 2 a. */
+typedef struct {
+    const uint32_t *bits;
+    const float *scale;
+    float mult;
+} PlaneRow;
+
+static inline PlaneRow plane_row(const NestedArgs *a, int64_t r, int64_t p) {
+    const int code = p < a->nbase;
+    const PlaneRow pr = {a->planes[p] + r * a->words,
+                         (code ? a->scale : a->plane_scale[p - a->nbase]) + r * a->groups,
+                         code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f};
+    return pr;
+}
+
 /* Column c's 16-bit mask in plane row `prow`, without columns at or past `cols`. */
 static inline uint32_t mask16(const uint32_t *prow, int64_t c, int64_t cols) {
     uint32_t k = (prow[c >> 5] >> (c & 16)) & 0xFFFFu;
@@ -59,12 +75,10 @@ static inline __attribute__((always_inline)) void row_avx512(const NestedArgs *a
     for (int t = 0; t < T; t++)
         for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
     for (int64_t p = 0; p < a->nbase + a->nres; p++) {
-        const uint32_t *prow = a->planes[p] + r * a->words;
-        const int code = p < a->nbase;
-        const float *ps = code ? a->scale + r * ng : a->plane_scale[p - a->nbase] + r * ng;
-        const float mult = code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f;  /* exact */
+        const PlaneRow pr = plane_row(a, r, p);
+        const uint32_t *prow = pr.bits;
         for (int64_t g = 0; g < ng; g++) {
-            const __m512 cv = _mm512_set1_ps(ps[g] * mult);
+            const __m512 cv = _mm512_set1_ps(pr.scale[g] * pr.mult);
             const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
             int64_t c = g * G;
             for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
@@ -115,12 +129,10 @@ static inline __attribute__((always_inline)) void row_avx2(const NestedArgs *a, 
     for (int t = 0; t < T; t++)
         for (int u = 0; u < U; u++) acc[t][u][0] = acc[t][u][1] = _mm256_setzero_ps();
     for (int64_t p = 0; p < a->nbase + a->nres; p++) {
-        const uint32_t *prow = a->planes[p] + r * a->words;
-        const int code = p < a->nbase;
-        const float *ps = code ? a->scale + r * ng : a->plane_scale[p - a->nbase] + r * ng;
-        const float mult = code ? (float)(1u << (a->nbase - 1 - p)) : 2.0f;  /* exact */
+        const PlaneRow pr = plane_row(a, r, p);
+        const uint32_t *prow = pr.bits;
         for (int64_t g = 0; g < ng; g++) {
-            const __m256 cv = _mm256_set1_ps(ps[g] * mult);
+            const __m256 cv = _mm256_set1_ps(pr.scale[g] * pr.mult);
             const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
             int64_t c = g * G;
             for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
