@@ -32,11 +32,15 @@ SOURCE = Path(__file__).with_name("cpu_nested.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 MAX_PLANES = 16  # as in cpu_nested.c
 MAX_TOKENS = 8  # as in cpu_nested.c: one specialisation per token count
-# The fused kernel's cost grows with the tokens, the numpy path's (dequantize a chunk, then
-# one sgemm) hardly does: above this many tokens the numpy path runs. Measured on Mixtral's
-# w1 (benchmarks/kernels.py, docs/results/kernels.md): 1.8-3.3x the numpy path at 4 tokens,
-# 0.9-1.7x at 8 (bitplane 8-bit the slower).
-NATIVE_MAX_TOKENS = 4
+# The fused kernel's cost grows with tokens x planes, the numpy path's (dequantize a chunk,
+# then one sgemm) hardly with the tokens: above NATIVE_MAX_TOKENS the numpy path runs, and
+# for bitplane above BITPLANE_MAX_TOKEN_BITS tokens x bits too. Measured against the numpy
+# path (2026-11-24 14:30 UTC, this VM, AVX-512; docs/results/kernels.md): Mixtral w1 at 8
+# tokens 1.75x (bitplane 2 bits), 1.20x (4), 0.98x (6), 0.90x (8); MWQ 1.53-1.81x at any
+# bits (the numpy path pays a multiply-add per residual plane too); a tiny 192x192 matrix
+# 1.6-4.0x everywhere up to 8 tokens.
+NATIVE_MAX_TOKENS = MAX_TOKENS
+BITPLANE_MAX_TOKEN_BITS = 48
 
 
 class NestedArgs(ctypes.Structure):
@@ -133,9 +137,12 @@ def kernel_name() -> str:
     return "native" if _load()[0] is not None else "numpy"
 
 
-def usable(v: PlaneViews, tokens: int) -> bool:
-    """Whether the fused kernel takes this matrix and this many tokens."""
-    return (tokens <= NATIVE_MAX_TOKENS and v.group % 16 == 0 and v.bits_held <= MAX_PLANES
+def usable(v: PlaneViews, tokens: int, bits: int) -> bool:
+    """Whether the fused kernel takes this matrix, this many tokens at `bits`, and is the
+    faster path for them (NATIVE_MAX_TOKENS, BITPLANE_MAX_TOKEN_BITS)."""
+    return (tokens <= NATIVE_MAX_TOKENS
+            and (v.kind == "mwq" or tokens * bits <= BITPLANE_MAX_TOKEN_BITS)
+            and v.group % 16 == 0 and v.bits_held <= MAX_PLANES
             and all(p.flags.c_contiguous for p in v.planes) and _load()[0] is not None)
 
 

@@ -309,7 +309,7 @@ def matmul_views(x: torch.Tensor, v: PlaneViews, bits: int, *,
                         fix="pass x with the matrix's input width")
     x2 = x if x.dim() == 2 else x.reshape(-1, cols)
     x2 = x2 if x2.dtype == torch.float32 else x2.float()
-    if native and cpu_native.usable(v, x2.shape[0]):  # a few tokens: the fused compiled kernel
+    if native and cpu_native.usable(v, x2.shape[0], bits):  # a few tokens: the fused kernel
         v.check_bits(bits)
         y = cpu_native.matmul(x2, v, bits, _Params.kept(v, bits))
         y = y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -334,7 +334,7 @@ def swiglu_views(x: torch.Tensor, w1: PlaneViews, w3: PlaneViews, w2: PlaneViews
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     if (x.device.type != "cpu" or x.shape[-1] != w1.cols
-            or not all(cpu_native.usable(v, tokens) for v in (w1, w3, w2))):
+            or not all(cpu_native.usable(v, tokens, bits) for v in (w1, w3, w2))):
         return None
     for v in (w1, w3, w2):
         v.check_bits(bits)

@@ -107,7 +107,9 @@ def test_matmul_views_takes_the_native_kernel_for_a_few_tokens_only(monkeypatch)
         assert float((y.double() - ref).abs().max()) < 0.02 * float(ref.abs().max())
     assert calls == [1, cn.NATIVE_MAX_TOKENS]  # more tokens: dequantize, then one sgemm
     _, odd = _views("mwq", 5, 100, 40, 2, 4, seed=2)  # group 40: not 16 columns a mask
-    assert not cn.usable(odd, 1) and cn.usable(v, 1)
+    assert not cn.usable(odd, 1, 4) and cn.usable(v, 1, 4)
+    _, bp = _views("bitplane", 5, 64, 32, 2, 8, seed=2)  # many tokens x bits: numpy faster
+    assert cn.usable(bp, 8, 6) and not cn.usable(bp, 8, 7) and cn.usable(v, 8, 6)
 
 
 def test_without_a_compiler_or_when_turned_off_the_numpy_path_runs(monkeypatch):
@@ -117,7 +119,7 @@ def test_without_a_compiler_or_when_turned_off_the_numpy_path_runs(monkeypatch):
         monkeypatch.setattr(cn.shutil, "which", lambda name: None)
         cn._load.cache_clear()
         assert cn.status() == "numpy (no C compiler: set CC, or install cc)"
-        assert cn.kernel_name() == "numpy" and not cn.usable(v, 1)
+        assert cn.kernel_name() == "numpy" and not cn.usable(v, 1, 3)
         assert torch.equal(tf.matmul_views(x, v, 3), x @ dequantize(m, 3).t())  # bit for bit
         monkeypatch.undo()
         monkeypatch.setenv("D2MOE_NATIVE", "0")
