@@ -47,7 +47,6 @@ class ResidentRows:
     layer_first_run_us: float
     non_expert_after_load_us: float = 0.0
     loaded_rows: tuple[Any, ...] = ()  # the decode steps under a quarter of the experts
-    hebf_rows: tuple[Any, ...] = ()  # HEBF's decode steps under half of the experts
 
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
@@ -64,8 +63,7 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     slice, and what it takes beyond the layer's later runs is kept too. In turn with each
     resident round, the same model decodes under a quarter of the experts (FIFO: each layer
     loads): its rows right after a plan with loads, against the resident rows, give
-    `non_expert_after_load_us`, and its loads and runs the overlap speeds, pooled with those
-    of HEBF decoding under half of the experts, in turn too (on a large shape,
+    `non_expert_after_load_us`, and its loads and runs the overlap speeds (on a large shape,
     which loads one or two experts a step, it decodes on until MIN_BESIDE loads overlapped
     runs, at most MORE_DECODES more times).
     """
@@ -94,9 +92,6 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     few = max(small.top_k, small.layers * small.experts // 4) * one
     loaded = StreamingExperts(reader, make_policy("fifo"), ExpertPool(small, layout, few, device),
                               bits=bits)
-    half = max(small.top_k, small.layers * small.experts // 2) * one
-    hebf = StreamingExperts(reader, make_policy("hebf"), ExpertPool(small, layout, half, device),
-                            bits=bits)  # the overlap speeds in HEBF's interleaving too
     gen = torch.Generator().manual_seed(5)
 
     def prompt(n: int) -> list[int]:
@@ -108,15 +103,13 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
 
     run(backend, 8, 2 + small.layers)  # warm: every expert in
     run(loaded, 2, 3)
-    run(hebf, 2, 3)
-    first, first_loaded, first_hebf = backend.step + 1, loaded.step + 1, hebf.step + 1
+    first, first_loaded = backend.step + 1, loaded.step + 1
     for _ in range(repeats):
         for n in tokens:
             if n == 1:
                 run(backend, 2, 3)  # two decode steps
                 run(loaded, 2, 6)  # five: the overlap speeds' samples (few per step on
                 #                    a large shape, where each layer loads one or two)
-                run(hebf, 2, 6)
             else:
                 run(backend, n, 1)
             bar.step("non-expert")
@@ -128,16 +121,13 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
             break
         run(backend, 2, 3)
         run(loaded, 2, 6)
-        run(hebf, 2, 6)
     timeline = backend.finish()
     loaded_events = [e for e in loaded.finish().events if e.step >= first_loaded]
-    hebf_events = [e for e in hebf.finish().events if e.step >= first_hebf]
     reader.close()
     events = [e for e in timeline.events if e.step >= first]
     return ResidentRows(non_expert_per_layer(events, tokens), layer_first_run_excess(events),
                         after_load_excess(loaded_events, events),
-                        tuple(e for e in loaded_events if e.lane in ("io", "compute")),
-                        tuple(e for e in hebf_events if e.lane in ("io", "compute")))
+                        tuple(e for e in loaded_events if e.lane in ("io", "compute")))
 
 
 MIN_ALONE = 3  # jobs alone a lane needs before its nominal times are scaled to them
@@ -153,8 +143,7 @@ def _loads_beside_runs(events: Sequence[Any]) -> int:
 
 
 def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, float], float],
-                             run_us: Callable[[Any, bool, bool], float],
-                             also: Sequence[Sequence[Any]] = ()) -> dict[str, float]:
+                             run_us: Callable[[Any, bool, bool], float]) -> dict[str, float]:
     """Each lane's speed while the other is busy, read from a real run's rows as the fluid
     model of `sim/contention.py` has it: a job's nominal time = its time alone + speed x its
     time beside the other lane's jobs, summed over the jobs that overlapped (a ratio of
@@ -171,40 +160,7 @@ def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, floa
     the other lane with jobs alone in the same rows: the figures above were measured
     seconds to minutes earlier, and on a shared machine a slow stretch would otherwise be
     read as contention (a 1-layer Mixtral-shaped probe, runs alone 1.34x their table time:
-    compute speed 0.05 without, 0.44 with; docs/results/fidelity.md).
-
-    `also`: the rows of other runs (each on its own clock), pooled into the same sums: the
-    probe reads FIFO's interleaving and HEBF's, whose runs meet loads more (fitted on HEBF
-    rows alone, compute speeds were a third to a half of FIFO's: docs/results/fidelity.md)."""
-    io: list[tuple[float, float, float]] = []  # per job (nominal, took, overlap) us
-    cpu: list[tuple[float, float, float]] = []
-    for group in (events, *also):
-        group_io, group_cpu = _lane_jobs(group, load_us, run_us)
-        io += group_io
-        cpu += group_cpu
-
-    def speed(jobs: list[tuple[float, float, float]]) -> float:
-        alone = [(nominal, took) for nominal, took, over in jobs if over == 0]
-        scale = (sum(took for _, took in alone) / sum(nominal for nominal, _ in alone)
-                 if len(alone) >= MIN_ALONE and all(n > 0 for n, _ in alone) else 1.0)
-        # fluid model: took = nominal - speed x over + over, so the work done beside the
-        # other lane, nominal - (took - over), is speed x over; summed over the jobs, the
-        # simulated lane is as busy as the real one. (Least squares weighted each job by its
-        # overlap: a few stalled loads, 3-4x the others, pulled a Mixtral-shaped profile's io
-        # speed to 0.05-0.5 where the real rows' loads ran 0.83 of their speed alone.)
-        beside = [job for job in jobs if job[2] > 0]
-        num = sum(nominal * scale - (took - over) for nominal, took, over in beside)
-        den = sum(over for _, _, over in beside)
-        return round(min(1.0, max(0.05, num / den)), 3) if den > 0 else 1.0
-
-    return {"overlap_io_speed": speed(io), "overlap_compute_speed": speed(cpu)}
-
-
-def _lane_jobs(events: Sequence[Any], load_us: Callable[[Any, float], float],
-               run_us: Callable[[Any, bool, bool], float]
-               ) -> tuple[list[tuple[float, float, float]], list[tuple[float, float, float]]]:
-    """(I/O jobs, compute jobs) of one run's rows, each (nominal, took, overlap with the
-    other lane's jobs) in us (`overlap_speeds_from_rows`)."""
+    compute speed 0.05 without, 0.44 with; docs/results/fidelity.md)."""
     loads = sorted((e for e in events if e.kind in ("load", "prefetch")),
                    key=lambda e: e.start_us)
     runs = sorted((e for e in events if e.kind in ("run", "substitute")),
@@ -233,7 +189,22 @@ def _lane_jobs(events: Sequence[Any], load_us: Callable[[Any, float], float],
         cpu.append((run_us(r, first_after, plan not in plan_started), r.end_us - r.start_us,
                     overlap(r, loads)))
         plan_started.add(plan)
-    return io, cpu
+
+    def speed(jobs: list[tuple[float, float, float]]) -> float:
+        alone = [(nominal, took) for nominal, took, over in jobs if over == 0]
+        scale = (sum(took for _, took in alone) / sum(nominal for nominal, _ in alone)
+                 if len(alone) >= MIN_ALONE and all(n > 0 for n, _ in alone) else 1.0)
+        # fluid model: took = nominal - speed x over + over, so the work done beside the
+        # other lane, nominal - (took - over), is speed x over; summed over the jobs, the
+        # simulated lane is as busy as the real one. (Least squares weighted each job by its
+        # overlap: a few stalled loads, 3-4x the others, pulled a Mixtral-shaped profile's io
+        # speed to 0.05-0.5 where the real rows' loads ran 0.83 of their speed alone.)
+        beside = [job for job in jobs if job[2] > 0]
+        num = sum(nominal * scale - (took - over) for nominal, took, over in beside)
+        den = sum(over for _, _, over in beside)
+        return round(min(1.0, max(0.05, num / den)), 3) if den > 0 else 1.0
+
+    return {"overlap_io_speed": speed(io), "overlap_compute_speed": speed(cpu)}
 
 
 def after_load_excess(loaded: Sequence[Any], resident: Sequence[Any]) -> float:

@@ -32,9 +32,8 @@ preemptions that some timings catch are part of what a long run pays):
   the loads after a pause cost more, summed on the first (`executor.cold_floor_us` after any
   pause, plus `cold_load_us`, reached after `cold_ramp_us` of idle time, linearly before);
 - each lane's speed while the other is busy (`overlap_io_speed`, `overlap_compute_speed`):
-  read last, from the rows of the decode under a quarter of the experts (FIFO) and of HEBF
-  decoding under half, pooled; every job's nominal time from the figures above, scaled per
-  lane by the same rows' jobs alone (`overlap_speeds`).
+  read last, from the rows of the decode under a quarter of the experts, every job's nominal
+  time from the figures above, scaled per lane by the same rows' jobs alone (`overlap_speeds`).
 """
 
 from __future__ import annotations
@@ -341,15 +340,13 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                                         for t, us, head_us in resident.non_expert)),
         executor=executor)
     return dataclasses.replace(profile, executor=dataclasses.replace(
-        executor, **overlap_speeds(profile, spec, layout, resident.loaded_rows,
-                                   also=(resident.hebf_rows,))))
+        executor, **overlap_speeds(profile, spec, layout, resident.loaded_rows)))
 
 
 def overlap_speeds(profile: Profile, spec: ModelSpec, layout: QuantLayout,
-                   rows: Sequence[Any], also: Sequence[Sequence[Any]] = ()) -> dict[str, float]:
-    """The lanes' overlap speeds from a real run's rows (and `also` other runs' rows, pooled:
-    `overlap_speeds_from_rows`), each job's nominal time from `profile`'s other figures, as
-    the simulator would charge it."""
+                   rows: Sequence[Any]) -> dict[str, float]:
+    """The lanes' overlap speeds from a real run's rows (`overlap_speeds_from_rows`), each
+    job's nominal time from `profile`'s other figures, as the simulator would charge it."""
     from d2moe.policies.view import Sizes
     from d2moe.sim.costs import ProfileCosts
 
@@ -365,7 +362,7 @@ def overlap_speeds(profile: Profile, spec: ModelSpec, layout: QuantLayout,
                 + (ex.first_run_us if first_after_load else 0.0)
                 + (ex.layer_first_run_us if first_of_plan else 0.0))
 
-    return overlap_speeds_from_rows(rows, load_us, run_us, also)
+    return overlap_speeds_from_rows(rows, load_us, run_us)
 
 
 def _device(text: str) -> Any:

@@ -167,27 +167,6 @@ def test_overlap_speeds_by_hand() -> None:
         {"overlap_io_speed": 1.0, "overlap_compute_speed": 1.0}
 
 
-def test_overlap_speeds_pool_other_runs_on_their_own_clocks() -> None:
-    """`also` runs (the probe's HEBF decode beside its FIFO one) add their jobs to the same
-    sums; a job of one run never overlaps a job of another, whatever their times."""
-    load = Event("io", "load", 1, 0, 3, 0, 4, 0, 100, 0.0, 20.0)
-    run = Event("compute", "run", 1, 0, 5, 4, 4, 1, 0, 5.0, 25.0)  # 15 us beside the load
-    other = Event("compute", "run", 1, 0, 6, 4, 4, 1, 0, 0.0, 40.0)  # 40 us, nothing beside
-
-    def speeds(rows, also=()):
-        return overlap_speeds_from_rows(rows, lambda e, idle: 10.0,
-                                        lambda e, first, plan_first: 15.0, also)
-
-    # alone: run 15 nominal in 20, 15 beside -> (15 - 5) / 15
-    assert speeds([load, run])["overlap_compute_speed"] == 0.667
-    # a second run whose run has the same shape but half the work beside: pooled sums
-    slow = run._replace(start_us=5.0, end_us=30.0)  # 25 us, 15 beside -> (15 - 10) / 15
-    assert speeds([load, run], also=([load, slow],))["overlap_compute_speed"] == \
-        round((10 + 5) / (15 + 15), 3)
-    # `other` lies across the first run's load in time, but on its own clock: no overlap
-    assert speeds([load, run], also=([other],)) == speeds([load, run])
-
-
 def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
     """A slow stretch (every job alone 1.5x its nominal time) is not read as contention once
     a lane has MIN_ALONE jobs alone; with fewer the nominal times stand."""
