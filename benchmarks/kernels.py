@@ -469,11 +469,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         context.update(device=f"CPU ({platform.processor() or platform.machine()})",
                        threads=torch.get_num_threads())
-        from d2moe.kernels.cpu_native import NATIVE_MAX_TOKENS, status
+        from d2moe.kernels.cpu_native import routing, status
 
         context["cpu_kernel"] = status()
         print(f"{context['device']}: no CUDA; timing the CPU path ({status()} up to "
-              f"{NATIVE_MAX_TOKENS} tokens, numpy chunks above) against its numpy path, "
+              f"{routing().native_max_tokens} tokens, numpy chunks above) against its numpy path, "
               "dequantize-then-matmul and the dense float32 product")
         rows = bench_cpu(kinds, bits_list, tokens_list, layout,
                          models or ["llama-moe-3.5b"])

@@ -1,4 +1,4 @@
-"""The CPU path's compiled kernel (`cpu_nested.c`): a fused nested product for a few tokens.
+"""The CPU path's compiled kernel (`cpu_nested.c`): the fused nested product, 1-48 tokens.
 
 Built on first use with the machine's C compiler (`$CC`, else cc, gcc or clang) for this CPU
 (`-march=native`; AVX-512 or AVX2, else no library) into the cache directory, keyed by the
@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,16 +32,30 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("cpu_nested.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 MAX_PLANES = 16  # as in cpu_nested.c
-MAX_TOKENS = 8  # as in cpu_nested.c: one specialisation per token count
-# The fused kernel's cost grows with tokens x planes, the numpy path's (dequantize a chunk,
-# then one sgemm) hardly with the tokens: above NATIVE_MAX_TOKENS the numpy path runs, and
-# for bitplane above BITPLANE_MAX_TOKEN_BITS tokens x bits too. Measured against the numpy
-# path (2026-11-24 14:30 UTC, this VM, AVX-512; docs/results/kernels.md): Mixtral w1 at 8
-# tokens 1.75x (bitplane 2 bits), 1.20x (4), 0.98x (6), 0.90x (8); MWQ 1.53-1.81x at any
-# bits (the numpy path pays a multiply-add per residual plane too); a tiny 192x192 matrix
-# 1.6-4.0x everywhere up to 8 tokens.
-NATIVE_MAX_TOKENS = MAX_TOKENS
-BITPLANE_MAX_TOKEN_BITS = 48
+FORM_BITSERIAL, FORM_REGISTER = 1, 2  # as in cpu_nested.c
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which form and which path run, by the build's vector width: bit-serial while tokens,
+    bits and tokens x bits are within the serial_ limits, else in registers; the numpy path
+    above native_max_tokens."""
+
+    serial_max_tokens: int
+    serial_max_bits: int
+    serial_max_token_bits: int
+    native_max_tokens: int
+
+
+# Measured on this VM (AMD EPYC, one thread, 2026-11-24 15:20-15:28 UTC, scratch timings;
+# docs/results/kernels.md), Mixtral w1, LLaMA-MoE w1 and tiny shapes, 2-8 bits:
+# - AVX-512: bit-serial 1.1-1.5x the register form at 2 bits and 1-3 tokens, and at 3 bits
+#   and one token; tied at tokens x bits = 4-6 otherwise; 0.4x at 4 tokens and 8 bits. The
+#   register form against the numpy path (dequantize a chunk, then one sgemm): 4-10x at
+#   one token, 1.6-3.2x at 16-24 tokens, 1.06-1.7x at 48, 0.91-1.4x at 64.
+# - AVX2 (built with -mno-avx512f): bit-serial 1.2-1.4x at one token, slower from two; the
+#   register form 1.4-5.4x the numpy path up to 8 tokens, 0.89-1.7x at 16, 0.56-0.96x at 32.
+ROUTING = {512: Routing(3, 3, 6, 48), 256: Routing(1, MAX_PLANES, MAX_PLANES, 16)}
 
 
 class NestedArgs(ctypes.Structure):
@@ -49,7 +64,7 @@ class NestedArgs(ctypes.Structure):
     _fields_ = [
         ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("words", ctypes.c_int64),
         ("group", ctypes.c_int64), ("groups", ctypes.c_int64), ("tokens", ctypes.c_int64),
-        ("nbase", ctypes.c_int64), ("nres", ctypes.c_int64),
+        ("nbase", ctypes.c_int64), ("nres", ctypes.c_int64), ("form", ctypes.c_int64),
         ("planes", ctypes.c_void_p * MAX_PLANES),
         ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
         ("plane_scale", ctypes.c_void_p * MAX_PLANES),
@@ -103,12 +118,14 @@ def build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
 
 
 def open_library(path: Path) -> ctypes.CDLL:
-    """The built library with its two entry points typed."""
+    """The built library with its entry points typed."""
     lib = ctypes.CDLL(str(path))
     lib.nested_rows.argtypes = [ctypes.POINTER(NestedArgs), ctypes.c_int64, ctypes.c_int64]
     lib.nested_rows.restype = ctypes.c_int
     lib.nested_swiglu.argtypes = [ctypes.POINTER(NestedArgs)] * 3
     lib.nested_swiglu.restype = ctypes.c_int
+    lib.nested_vector_bits.argtypes = []
+    lib.nested_vector_bits.restype = ctypes.c_int
     return lib
 
 
@@ -137,32 +154,52 @@ def kernel_name() -> str:
     return "native" if _load()[0] is not None else "numpy"
 
 
+def routing(lib: ctypes.CDLL | None = None) -> Routing:
+    """The routing of `lib` (default: this process's library) by its vector width."""
+    lib = lib or _load()[0]
+    return ROUTING[_vector_bits(lib)] if lib is not None else ROUTING[512]
+
+
+@functools.cache
+def _vector_bits(lib: ctypes.CDLL) -> int:
+    return lib.nested_vector_bits()
+
+
 def usable(v: PlaneViews, tokens: int, bits: int) -> bool:
-    """Whether the fused kernel takes this matrix, this many tokens at `bits`, and is the
-    faster path for them (NATIVE_MAX_TOKENS, BITPLANE_MAX_TOKEN_BITS)."""
-    return (tokens <= NATIVE_MAX_TOKENS
-            and (v.kind == "mwq" or tokens * bits <= BITPLANE_MAX_TOKEN_BITS)
+    """Whether the fused kernel takes this matrix and is the faster path for this many
+    tokens (`Routing.native_max_tokens`)."""
+    lib = _load()[0]
+    return (lib is not None and tokens <= routing(lib).native_max_tokens
             and v.group % 16 == 0 and v.bits_held <= MAX_PLANES
-            and all(p.flags.c_contiguous for p in v.planes) and _load()[0] is not None)
+            and all(p.flags.c_contiguous for p in v.planes))
+
+
+def form(tokens: int, bits: int, lib: ctypes.CDLL | None = None) -> int:
+    """The kernel's faster form for `tokens` at `bits` on `lib`'s vector width."""
+    r = routing(lib)
+    serial = (tokens <= r.serial_max_tokens and bits <= r.serial_max_bits
+              and tokens * bits <= r.serial_max_token_bits)
+    return FORM_BITSERIAL if serial else FORM_REGISTER
 
 
 def matmul(x2: torch.Tensor, v: PlaneViews, bits: int, params: _Params, *,
-           out: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, lib: ctypes.CDLL | None = None,
+           form: int | None = None) -> torch.Tensor:
     """float32 [tokens, rows] = x2 @ W^T, x2 float32 [tokens, cols] (`usable` checked);
-    into `out` when given, with `lib` when given (a test's build), else this process's."""
+    into `out` when given, with `lib` when given (a test's build), else this process's; in
+    `form` when given (FORM_BITSERIAL or FORM_REGISTER), else the faster one."""
     import torch
 
     lib = lib or _load()[0]
     x2 = x2.contiguous()
     tokens = x2.shape[0]
-    if not 1 <= tokens <= MAX_TOKENS or x2.dtype != torch.float32:
-        raise ValueError(f"the native kernel takes 1-{MAX_TOKENS} float32 rows, got "
-                         f"{tokens} {x2.dtype}")
+    if tokens < 1 or x2.dtype != torch.float32:
+        raise ValueError(f"the native kernel takes float32 rows, got {tokens} {x2.dtype}")
     y = torch.empty(tokens, v.rows, dtype=torch.float32) if out is None else out
     if y.shape != (tokens, v.rows) or y.dtype != torch.float32 or not y.is_contiguous():
         raise ValueError(f"out must be contiguous float32 {(tokens, v.rows)}, got "
                          f"{tuple(y.shape)} {y.dtype}")
-    args = _args(lib, v, bits, params, tokens, x2.data_ptr(), y.data_ptr())
+    args = _args(lib, v, bits, params, tokens, x2.data_ptr(), y.data_ptr(), form)
     if lib.nested_rows(ctypes.byref(args), 0, v.rows) != 0:
         raise MemoryError("the native CPU kernel could not allocate its scratch")
     return y
@@ -170,40 +207,42 @@ def matmul(x2: torch.Tensor, v: PlaneViews, bits: int, params: _Params, *,
 
 def swiglu(x2: torch.Tensor, mats: tuple[PlaneViews, PlaneViews, PlaneViews], bits: int,
            params: tuple[_Params, _Params, _Params], *,
-           lib: ctypes.CDLL | None = None) -> torch.Tensor:
+           lib: ctypes.CDLL | None = None, form: int | None = None) -> torch.Tensor:
     """float32 [tokens, w2.rows] = w2 @ (silu(w1 @ x) * (w3 @ x)), x2 float32 [tokens, cols]
     contiguous, (w1, w3, w2) = `mats` (`usable` checked for each): one C call, no tensors
-    between the three products but two [tokens, ffn] buffers."""
+    between the three products but two [tokens, ffn] buffers. `lib`, `form` as `matmul`."""
     import torch
 
     lib = lib or _load()[0]
     (v1, v3, v2), (p1, p3, p2), tokens = mats, params, x2.shape[0]
-    if not 1 <= tokens <= MAX_TOKENS or x2.dtype != torch.float32 or not x2.is_contiguous():
-        raise ValueError(f"the native kernel takes 1-{MAX_TOKENS} contiguous float32 rows, "
-                         f"got {tokens} {x2.dtype}")
+    if tokens < 1 or x2.dtype != torch.float32 or not x2.is_contiguous():
+        raise ValueError(f"the native kernel takes contiguous float32 rows, got {tokens} "
+                         f"{x2.dtype}")
     if v1.rows != v3.rows or v2.cols != v1.rows or v1.cols != v3.cols:
         raise ValueError(f"not one SwiGLU expert: w1 {v1.rows}x{v1.cols}, w3 "
                          f"{v3.rows}x{v3.cols}, w2 {v2.rows}x{v2.cols}")
     h = torch.empty(2, tokens, v1.rows, dtype=torch.float32)
     y = torch.empty(tokens, v2.rows, dtype=torch.float32)
     x, g, u = x2.data_ptr(), h[0].data_ptr(), h[1].data_ptr()
-    a1 = _args(lib, v1, bits, p1, tokens, x, g)
-    a3 = _args(lib, v3, bits, p3, tokens, x, u)
-    a2 = _args(lib, v2, bits, p2, tokens, g, y.data_ptr())
+    a1 = _args(lib, v1, bits, p1, tokens, x, g, form)
+    a3 = _args(lib, v3, bits, p3, tokens, x, u, form)
+    a2 = _args(lib, v2, bits, p2, tokens, g, y.data_ptr(), form)
     if lib.nested_swiglu(ctypes.byref(a1), ctypes.byref(a3), ctypes.byref(a2)) != 0:
         raise MemoryError("the native CPU kernel could not allocate its scratch")
     return y
 
 
 def _args(lib: ctypes.CDLL, v: PlaneViews, bits: int, params: _Params, tokens: int,
-          x: int, y: int) -> NestedArgs:
+          x: int, y: int, form_: int | None) -> NestedArgs:
     """The call's argument block: v's at `bits` (built once, kept in `params`) copied, with
-    this call's tokens and x and y pointers (a copy per call: safe from several threads)."""
+    this call's tokens, form and x and y pointers (a copy per call: safe from several
+    threads)."""
     block = params.native.get(lib._handle)
     if block is None:
         block = params.native[lib._handle] = _block(v, bits, params)
     args = NestedArgs.from_buffer_copy(block)
     args.tokens, args.x, args.y = tokens, x, y
+    args.form = form(tokens, bits, lib) if form_ is None else form_
     return args
 
 

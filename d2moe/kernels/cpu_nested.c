@@ -1,16 +1,20 @@
-/* Fused nested dequant + product for a few tokens on the CPU: y = x @ W^T, W at b bits,
- * read straight from the bit planes; the dequantized matrix never exists.
+/* Fused nested dequant + product on the CPU: y = x @ W^T, W at b bits, read straight from
+ * the bit planes; the dequantized matrix never exists in memory.
  *
- * Bit-serial form (the planes are 0/1 masks, so the product needs no codes): for row r,
- * group g and token t, with S_p the sum of x[t, i] over g's columns i whose bit in plane p
- * is set, and X the sum of x[t, i] over all of g's columns,
- *     sum_i w_i x_i = s sum_j 2^(nbase-1-j) S_j + z X       (base: w = code s + z,
- *                                                             code plane 0 the top bit)
- *                   + sum_q a_q (2 S_q - X)                  (MWQ: w += +-a_q per plane)
- * so y[t, r] = sum_{p, g} c_pg S_pg + sum_g (z_g - sum_q a_qg) X_g, with c = s 2^k for a
- * code plane and 2 a for a residual plane: one masked multiply-add per plane, token and 16
- * columns, into accumulators that stay in registers (the token count is a compile-time
- * constant in each specialisation below).
+ * Every nested weight is an offset plus a sum of its set bits' weights: for row r, group g
+ * and plane p (code plane j: s 2^(nbase-1-j), code plane 0 the top bit; MWQ residual plane
+ * q: w += +a_q where the bit is set, -a_q where not)
+ *     w_i = zeff_g + sum_p c_pg bit_pi,   c_pg = s_g 2^(nbase-1-p) | 2 a_qg,
+ *                                         zeff_g = z_g - sum_q a_qg
+ * and the product is computed in one of two forms, both in 16-column chunks:
+ * - bit-serial (FORM_BITSERIAL): sum_i w_i x_i = sum_p c_pg S_pg + zeff_g X_g, with S_pg the
+ *   sum of x over g's columns whose bit in plane p is set and X_g over all of them: one
+ *   masked multiply-add per plane, token and chunk. Cheapest at one token.
+ * - dequantize in registers (FORM_REGISTER): w of 16 columns built in a register (one masked
+ *   add per plane), then one multiply-add per token: planes + tokens operations a chunk
+ *   against planes x tokens, so it wins from a few tokens on.
+ * Tokens are taken in blocks whose accumulators stay in registers (a compile-time count per
+ * specialisation).
  *
  * Built by d2moe/kernels/cpu_native.py (cc -O3 -march=native) and called through ctypes,
  * which releases the interpreter lock for the call. The floats are summed in another order
@@ -27,13 +31,15 @@
 #endif
 
 #define MAX_PLANES 16
-#define MAX_TOKENS 8
+#define FORM_BITSERIAL 1
+#define FORM_REGISTER 2
 
 /* Field for field the ctypes Structure `NestedArgs` in cpu_native.py. */
 typedef struct {
     /* geometry: group % 16 == 0 (the wrapper checks) */
     int64_t rows, cols, words, group, groups, tokens;
     int64_t nbase, nres;                  /* code planes, then MWQ residual planes */
+    int64_t form;                         /* FORM_BITSERIAL or FORM_REGISTER */
     /* the matrix: planes [rows, words] uint32 each (bit t of word w: column 32w + t) */
     const uint32_t *planes[MAX_PLANES];   /* nbase code planes, top bit first; then nres */
     const float *scale, *zero;            /* [rows, groups] float32 at this bit-width */
@@ -41,6 +47,85 @@ typedef struct {
     const float *x;                       /* [tokens, cols] float32 */
     float *y;                             /* [tokens, rows] float32 */
 } NestedArgs;
+
+/* ---- 16 float lanes: the only ISA-specific code ---------------------------------------- */
+#if defined(__AVX512F__)
+#define VECTOR_BITS 512
+#define BLOCK_BITSERIAL 8 /* tokens a block */
+#define BLOCK_REGISTER 8
+#define CHAINS_ONE 4      /* bit-serial chains for one token (FMA latency 4, two a cycle) */
+typedef __m512 v16;
+static inline v16 v_zero(void) { return _mm512_setzero_ps(); }
+static inline v16 v_set1(float f) { return _mm512_set1_ps(f); }
+static inline v16 v_load(const float *p) { return _mm512_loadu_ps(p); }
+/* the first n < 16 floats at p, zeros after */
+static inline v16 v_load_part(const float *p, int n) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1u), p);
+}
+static inline v16 v_add(v16 a, v16 b) { return _mm512_add_ps(a, b); }
+static inline v16 v_fma(v16 a, v16 b, v16 acc) { return _mm512_fmadd_ps(a, b, acc); }
+/* w + c in the lanes whose bit of k is set */
+static inline v16 v_mask_add(v16 w, uint32_t k, v16 c) {
+    return _mm512_mask_add_ps(w, (__mmask16)k, w, c);
+}
+/* acc + x c in the lanes whose bit of k is set */
+static inline v16 v_mask_fma(v16 x, v16 c, v16 acc, uint32_t k) {
+    return _mm512_mask3_fmadd_ps(x, c, acc, (__mmask16)k);
+}
+static inline float v_sum(v16 a) { return _mm512_reduce_add_ps(a); }
+
+#else /* AVX2: two 8-lane halves; a byte of a plane selects its 8 lanes through a table of
+       * the 256 lane masks (8 KiB, stays in L1) */
+#define VECTOR_BITS 256
+#define BLOCK_BITSERIAL 8
+#define BLOCK_REGISTER 6 /* 16 registers of 8 lanes */
+#define CHAINS_ONE 2
+typedef struct { __m256 lo, hi; } v16;
+static float LANES[256][8] __attribute__((aligned(32)));
+
+__attribute__((constructor)) static void fill_lanes(void) {
+    for (int v = 0; v < 256; v++)
+        for (int i = 0; i < 8; i++) {
+            const uint32_t bits = (v >> i) & 1u ? 0xFFFFFFFFu : 0u;
+            memcpy(&LANES[v][i], &bits, sizeof bits);
+        }
+}
+
+static inline v16 v_zero(void) { return (v16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline v16 v_set1(float f) { return (v16){_mm256_set1_ps(f), _mm256_set1_ps(f)}; }
+static inline v16 v_load(const float *p) {
+    return (v16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+}
+static inline v16 v_load_part(const float *p, int n) {
+    float part[16] = {0};
+    memcpy(part, p, sizeof(float) * (size_t)n);
+    return v_load(part);
+}
+static inline v16 v_add(v16 a, v16 b) {
+    return (v16){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+static inline v16 v_fma(v16 a, v16 b, v16 acc) {
+    return (v16){_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)};
+}
+static inline v16 v_mask_add(v16 w, uint32_t k, v16 c) {
+    return (v16){_mm256_add_ps(w.lo, _mm256_and_ps(_mm256_load_ps(LANES[k & 0xFF]), c.lo)),
+                 _mm256_add_ps(w.hi, _mm256_and_ps(_mm256_load_ps(LANES[k >> 8]), c.hi))};
+}
+static inline v16 v_mask_fma(v16 x, v16 c, v16 acc, uint32_t k) {
+    return (v16){_mm256_fmadd_ps(_mm256_and_ps(_mm256_load_ps(LANES[k & 0xFF]), x.lo), c.lo,
+                                 acc.lo),
+                 _mm256_fmadd_ps(_mm256_and_ps(_mm256_load_ps(LANES[k >> 8]), x.hi), c.hi,
+                                 acc.hi)};
+}
+static inline float v_sum(v16 a) {
+    const __m256 s = _mm256_add_ps(a.lo, a.hi);
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+}
+#endif
+
+/* ---- one row of the matrix -------------------------------------------------------------- */
 
 /* Plane p of row r: its bits, its per-group scales, and the power of 2 they take in the
  * sum (exact in float): a code plane j weighs s 2^(nbase-1-j), a residual plane 2 a. */
@@ -58,164 +143,179 @@ static inline PlaneRow plane_row(const NestedArgs *a, int64_t r, int64_t p) {
     return pr;
 }
 
-/* Column c's 16-bit mask in plane row `prow`, without columns at or past `cols`. */
-static inline uint32_t mask16(const uint32_t *prow, int64_t c, int64_t cols) {
-    uint32_t k = (prow[c >> 5] >> (c & 16)) & 0xFFFFu;
-    return cols - c >= 16 ? k : k & ((1u << (cols - c)) - 1u);
+/* zeff of row r, group g: z - sum_q a_q (the weight of a chunk whose bits are all clear) */
+static inline float zeff(const NestedArgs *a, int64_t r, int64_t g) {
+    float z = a->zero[r * a->groups + g];
+    for (int64_t q = 0; q < a->nres; q++) z -= a->plane_scale[q][r * a->groups + g];
+    return z;
 }
 
-#if defined(__AVX512F__)
-/* One row for T tokens: acc[t][u] += c_pg * (x[t] where plane p's bit is set), U chains a
- * token so the multiply-adds overlap (latency 4, two a cycle). */
-static inline __attribute__((always_inline)) void row_avx512(const NestedArgs *a, int64_t r,
-                                                             const int T, const int U,
-                                                             float *out) {
+/* The 16 bits of column c's chunk in a plane row: its c/16-th 16-bit half-word (16 | group;
+ * the planes are little-endian words, column 32w + t at bit t of word w). Past the last
+ * column x is loaded as zeros, so those bits add nothing. One load, no shifts. */
+static inline uint32_t chunk_bits(const uint32_t *prow, int64_t c) {
+    uint16_t k;
+    memcpy(&k, (const unsigned char *)prow + (c >> 3), sizeof k);
+    return k;
+}
+
+/* Bit-serial, T tokens of x from `x`: acc[t][u] += c_pg (x[t] where p's bit is set), U
+ * chains a token; out[t] = the row's dot product without the zeff X term. */
+static inline __attribute__((always_inline)) void row_bitserial(const NestedArgs *a, int64_t r,
+                                                                const float *x, const int T,
+                                                                const int U, float *out) {
     const int64_t ng = a->groups, G = a->group, cols = a->cols;
-    __m512 acc[MAX_TOKENS][4];
+    v16 acc[BLOCK_BITSERIAL][4];
     for (int t = 0; t < T; t++)
-        for (int u = 0; u < U; u++) acc[t][u] = _mm512_setzero_ps();
+        for (int u = 0; u < U; u++) acc[t][u] = v_zero();
     for (int64_t p = 0; p < a->nbase + a->nres; p++) {
         const PlaneRow pr = plane_row(a, r, p);
-        const uint32_t *prow = pr.bits;
         for (int64_t g = 0; g < ng; g++) {
-            const __m512 cv = _mm512_set1_ps(pr.scale[g] * pr.mult);
+            const v16 cv = v_set1(pr.scale[g] * pr.mult);
             const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
             int64_t c = g * G;
             for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
                 for (int u = 0; u < U; u++) {
-                    const __mmask16 k = (__mmask16)(prow[(c + 16 * u) >> 5] >> ((c + 16 * u) & 16));
-                    for (int t = 0; t < T; t++) {
-                        const __m512 xv = _mm512_loadu_ps(a->x + t * cols + c + 16 * u);
-                        acc[t][u] = _mm512_mask3_fmadd_ps(xv, cv, acc[t][u], k);
-                    }
+                    const uint32_t k = chunk_bits(pr.bits, c + 16 * u);
+                    for (int t = 0; t < T; t++)
+                        acc[t][u] = v_mask_fma(v_load(x + t * cols + c + 16 * u), cv,
+                                               acc[t][u], k);
                 }
-            for (; c < end; c += 16) {  /* the rest: partial chunks masked at cols */
-                const __mmask16 k = (__mmask16)mask16(prow, c, cols);
-                const __mmask16 in = cols - c >= 16 ? 0xFFFF : (__mmask16)((1u << (cols - c)) - 1u);
+            for (; c < end; c += 16) {  /* the rest, the last one partial at cols */
+                const uint32_t k = chunk_bits(pr.bits, c);
+                const int n = end - c >= 16 ? 16 : (int)(end - c);
                 for (int t = 0; t < T; t++) {
-                    const __m512 xv = _mm512_maskz_loadu_ps(in, a->x + t * cols + c);
-                    acc[t][0] = _mm512_mask3_fmadd_ps(xv, cv, acc[t][0], k);
+                    const float *xt = x + t * cols + c;
+                    acc[t][0] = v_mask_fma(n == 16 ? v_load(xt) : v_load_part(xt, n), cv,
+                                           acc[t][0], k);
                 }
             }
         }
     }
     for (int t = 0; t < T; t++) {
-        __m512 s = acc[t][0];
-        for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[t][u]);
-        out[t] = _mm512_reduce_add_ps(s);
+        v16 s = acc[t][0];
+        for (int u = 1; u < U; u++) s = v_add(s, acc[t][u]);
+        out[t] = v_sum(s);
     }
 }
-#endif
 
-#if !defined(__AVX512F__)
-/* AVX2: 8 lanes and no mask registers, so a byte of a plane selects its 8 columns through
- * a table of the 256 lane masks (8 KiB, stays in L1): one load and one AND per 8 columns. */
-static float LANES[256][8] __attribute__((aligned(32)));
-
-__attribute__((constructor)) static void fill_lanes(void) {
-    for (int v = 0; v < 256; v++)
-        for (int i = 0; i < 8; i++) {
-            const uint32_t bits = (v >> i) & 1u ? 0xFFFFFFFFu : 0u;
-            memcpy(&LANES[v][i], &bits, sizeof bits);
-        }
+/* w of the 16 columns from c of a row: zeff + the masked adds of its planes' c_pg. */
+static inline v16 dequant16(const PlaneRow *pr, const v16 *cv, int64_t P, v16 z, int64_t c) {
+    v16 w = z;
+    for (int64_t p = 0; p < P; p++) w = v_mask_add(w, chunk_bits(pr[p].bits, c), cv[p]);
+    return w;
 }
 
-/* One row for T tokens, as row_avx512: acc[t][u][h] for the half h of 16 columns. */
-static inline __attribute__((always_inline)) void row_avx2(const NestedArgs *a, int64_t r,
-                                                           const int T, const int U,
-                                                           float *out) {
-    const int64_t ng = a->groups, G = a->group, cols = a->cols;
-    __m256 acc[MAX_TOKENS][2][2];
+/* Dequantize in registers, T tokens of x from `x`: each chunk's w (dequant16), then
+ * acc[t][u] += w x[t], U chains a token; out[t] = the row's dot product. */
+static inline __attribute__((always_inline)) void row_register(const NestedArgs *a, int64_t r,
+                                                               const float *x, const int T,
+                                                               const int U, float *out) {
+    const int64_t G = a->group, cols = a->cols, P = a->nbase + a->nres;
+    PlaneRow pr[MAX_PLANES];
+    for (int64_t p = 0; p < P; p++) pr[p] = plane_row(a, r, p);
+    v16 acc[BLOCK_REGISTER][4];
     for (int t = 0; t < T; t++)
-        for (int u = 0; u < U; u++) acc[t][u][0] = acc[t][u][1] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < a->nbase + a->nres; p++) {
-        const PlaneRow pr = plane_row(a, r, p);
-        const uint32_t *prow = pr.bits;
-        for (int64_t g = 0; g < ng; g++) {
-            const __m256 cv = _mm256_set1_ps(pr.scale[g] * pr.mult);
-            const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
-            int64_t c = g * G;
-            for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
-                for (int u = 0; u < U; u++) {
-                    const uint32_t k = (prow[(c + 16 * u) >> 5] >> ((c + 16 * u) & 16)) & 0xFFFFu;
-                    const __m256 lo = _mm256_load_ps(LANES[k & 0xFF]);
-                    const __m256 hi = _mm256_load_ps(LANES[k >> 8]);
-                    for (int t = 0; t < T; t++) {
-                        const float *xt = a->x + t * cols + c + 16 * u;
-                        acc[t][u][0] = _mm256_fmadd_ps(_mm256_and_ps(lo, _mm256_loadu_ps(xt)),
-                                                       cv, acc[t][u][0]);
-                        acc[t][u][1] = _mm256_fmadd_ps(_mm256_and_ps(hi, _mm256_loadu_ps(xt + 8)),
-                                                       cv, acc[t][u][1]);
-                    }
-                }
-            for (; c < end; c += 16) {  /* the rest, one column at a time past cols */
-                const uint32_t k = mask16(prow, c, cols);
-                const int n = cols - c >= 16 ? 16 : (int)(cols - c);
-                for (int t = 0; t < T; t++) {
-                    float part[16] = {0};
-                    for (int i = 0; i < n; i++) part[i] = a->x[t * cols + c + i];
-                    const __m256 l = _mm256_and_ps(_mm256_load_ps(LANES[k & 0xFF]),
-                                                   _mm256_loadu_ps(part));
-                    const __m256 h = _mm256_and_ps(_mm256_load_ps(LANES[k >> 8]),
-                                                   _mm256_loadu_ps(part + 8));
-                    acc[t][0][0] = _mm256_fmadd_ps(l, cv, acc[t][0][0]);
-                    acc[t][0][1] = _mm256_fmadd_ps(h, cv, acc[t][0][1]);
-                }
+        for (int u = 0; u < U; u++) acc[t][u] = v_zero();
+    for (int64_t g = 0; g < a->groups; g++) {
+        v16 cv[MAX_PLANES];
+        for (int64_t p = 0; p < P; p++) cv[p] = v_set1(pr[p].scale[g] * pr[p].mult);
+        const v16 z = v_set1(zeff(a, r, g));
+        const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
+        int64_t c = g * G;
+        for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
+            for (int u = 0; u < U; u++) {
+                const v16 w = dequant16(pr, cv, P, z, c + 16 * u);
+                for (int t = 0; t < T; t++)
+                    acc[t][u] = v_fma(w, v_load(x + t * cols + c + 16 * u), acc[t][u]);
+            }
+        for (; c < end; c += 16) {  /* the rest, the last one partial at cols */
+            const v16 w = dequant16(pr, cv, P, z, c);
+            const int n = end - c >= 16 ? 16 : (int)(end - c);
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + t * cols + c;
+                acc[t][0] = v_fma(w, n == 16 ? v_load(xt) : v_load_part(xt, n), acc[t][0]);
             }
         }
     }
     for (int t = 0; t < T; t++) {
-        __m256 s = _mm256_add_ps(acc[t][0][0], acc[t][0][1]);
-        for (int u = 1; u < U; u++) s = _mm256_add_ps(s, _mm256_add_ps(acc[t][u][0], acc[t][u][1]));
-        const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        const __m128 d = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        out[t] = _mm_cvtss_f32(_mm_add_ss(d, _mm_movehdup_ps(d)));
+        v16 s = acc[t][0];
+        for (int u = 1; u < U; u++) s = v_add(s, acc[t][u]);
+        out[t] = v_sum(s);
     }
 }
-#endif
 
-/* y for rows [r0, r1); 0, or -1 when scratch could not be allocated. */
-int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
-    const int64_t T = a->tokens, ng = a->groups, G = a->group, cols = a->cols;
-    float *xsum = malloc(sizeof(float) * (size_t)(T * ng));  /* X of each token and group */
-    if (xsum == NULL) return -1;
+/* ---- the entry points ------------------------------------------------------------------- */
+
+/* Rows [r0, r1) of y for the T tokens of x from `x`, bit-serial (T <= BLOCK_BITSERIAL);
+ * xsum holds X of each token and group. */
+static void rows_bitserial(const NestedArgs *a, const float *x, float *y, int T,
+                           float *xsum, int64_t r0, int64_t r1) {
+    const int64_t ng = a->groups, G = a->group, cols = a->cols;
     for (int64_t t = 0; t < T; t++)
         for (int64_t g = 0; g < ng; g++) {
             float s = 0.0f;
             const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
-            for (int64_t c = g * G; c < end; c++) s += a->x[t * cols + c];
+            for (int64_t c = g * G; c < end; c++) s += x[t * cols + c];
             xsum[t * ng + g] = s;
         }
     for (int64_t r = r0; r < r1; r++) {
-        float dot[MAX_TOKENS];
-#if defined(__AVX512F__)
-#define ROW row_avx512
-#define U1 4  /* chains for one token */
-#else
-#define ROW row_avx2
-#define U1 2  /* each of two halves: 4 chains */
-#endif
+        float dot[BLOCK_BITSERIAL];
         switch (T) {  /* constant T and U: the accumulators stay in registers */
-            case 1: ROW(a, r, 1, U1, dot); break;
-            case 2: ROW(a, r, 2, 2, dot); break;
-            case 3: ROW(a, r, 3, 2, dot); break;
-            case 4: ROW(a, r, 4, 2, dot); break;
-            case 5: ROW(a, r, 5, 1, dot); break;
-            case 6: ROW(a, r, 6, 1, dot); break;
-            case 7: ROW(a, r, 7, 1, dot); break;
-            default: ROW(a, r, 8, 1, dot); break;  /* T <= MAX_TOKENS */
+            case 1: row_bitserial(a, r, x, 1, CHAINS_ONE, dot); break;
+            case 2: row_bitserial(a, r, x, 2, 2, dot); break;
+            case 3: row_bitserial(a, r, x, 3, 2, dot); break;
+            case 4: row_bitserial(a, r, x, 4, 2, dot); break;
+            case 5: row_bitserial(a, r, x, 5, 1, dot); break;
+            case 6: row_bitserial(a, r, x, 6, 1, dot); break;
+            case 7: row_bitserial(a, r, x, 7, 1, dot); break;
+            default: row_bitserial(a, r, x, 8, 1, dot); break;  /* T <= BLOCK_BITSERIAL */
         }
-#undef ROW
-#undef U1
-        for (int64_t t = 0; t < T; t++) {  /* + sum_g (z_g - sum_q a_qg) X_g */
+        for (int64_t t = 0; t < T; t++) {  /* + sum_g zeff_g X_g */
             float lin = 0.0f;
-            for (int64_t g = 0; g < ng; g++) {
-                float zeff = a->zero[r * ng + g];
-                for (int64_t q = 0; q < a->nres; q++) zeff -= a->plane_scale[q][r * ng + g];
-                lin += zeff * xsum[t * ng + g];
-            }
-            a->y[t * a->rows + r] = dot[t] + lin;
+            for (int64_t g = 0; g < ng; g++) lin += zeff(a, r, g) * xsum[t * ng + g];
+            y[t * a->rows + r] = dot[t] + lin;
         }
+    }
+}
+
+/* Rows [r0, r1) of y for the T tokens of x from `x`, in registers (T <= BLOCK_REGISTER). */
+static void rows_register(const NestedArgs *a, const float *x, float *y, int T, int64_t r0,
+                          int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        float dot[BLOCK_REGISTER];
+#define CASE(n, u) case n: row_register(a, r, x, n, u, dot); break;
+        switch (T) {  /* constant T and U: the accumulators stay in registers */
+            CASE(1, 1) CASE(2, 1) CASE(3, 1) CASE(4, 1) CASE(5, 1)
+#if BLOCK_REGISTER > 6
+            CASE(6, 1) CASE(7, 1)
+#endif
+            default: row_register(a, r, x, BLOCK_REGISTER, 1, dot); break;
+        }
+#undef CASE
+        for (int64_t t = 0; t < T; t++) y[t * a->rows + r] = dot[t];
+    }
+}
+
+/* The vector width of this build, 512 (AVX-512) or 256 (AVX2): the wrapper routes by it. */
+int nested_vector_bits(void) { return VECTOR_BITS; }
+
+/* y for rows [r0, r1), any number of tokens (in blocks: each block reads the rows' planes
+ * again, its x stays in cache); 0, or -1 when scratch could not be allocated. */
+int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
+    const int serial = a->form == FORM_BITSERIAL;
+    const int64_t block = serial ? BLOCK_BITSERIAL : BLOCK_REGISTER;
+    float *xsum = NULL;
+    if (serial && (xsum = malloc(sizeof(float) * (size_t)(block * a->groups))) == NULL)
+        return -1;
+    for (int64_t t0 = 0; t0 < a->tokens; t0 += block) {
+        const int T = (int)(a->tokens - t0 < block ? a->tokens - t0 : block);
+        const float *x = a->x + t0 * a->cols;
+        float *y = a->y + t0 * a->rows;
+        if (serial)
+            rows_bitserial(a, x, y, T, xsum, r0, r1);
+        else
+            rows_register(a, x, y, T, r0, r1);
     }
     free(xsum);
     return 0;

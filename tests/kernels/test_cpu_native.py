@@ -1,6 +1,7 @@
 """The compiled CPU kernel (cpu_nested.c): the fused nested product equals the dequantized
-product within float32 rounding, in its AVX-512 and portable builds; the numpy path takes
-over where it cannot run, and says why."""
+product within float32 rounding, in both forms (bit-serial, dequantized in registers), in
+its AVX-512 and AVX2 builds, for token counts inside and across its token blocks; the numpy
+path takes over where it cannot run or is faster, and says why."""
 
 from __future__ import annotations
 
@@ -43,14 +44,19 @@ def _check(lib, kind: str, seed: int) -> None:
         for b1, bK in [(2, 8), (1, 3), (3, 5)]:
             m, v = _views(kind, rows, cols, group, b1, bK, seed=seed + i)
             for b in range(b1, bK + 1):
-                tokens = int(rng.integers(1, cn.MAX_TOKENS + 1))
-                x = torch.from_numpy(rng.standard_normal((tokens, cols)).astype(np.float32))
-                out = torch.full((tokens, rows), float("nan"))  # poisoned: every y written
-                y = cn.matmul(x, v, b, tf._Params.kept(v, b), out=out, lib=lib)
-                ref = x.double() @ dequantize(m, b).double().t()
-                scale = float((x.double().abs() @ dequantize(m, b).double().abs().t()).max())
-                err = float((y.double() - ref).abs().max())
-                assert err <= 1e-5 * scale, (kind, rows, cols, group, b1, bK, b, tokens, err)
+                w = dequantize(m, b).double()
+                # one token block, or several and a part (blocks of 6 or 8 tokens a pass)
+                for tokens in (int(rng.integers(1, 9)), int(rng.integers(9, 21))):
+                    x = torch.from_numpy(rng.standard_normal((tokens, cols)).astype(np.float32))
+                    ref = x.double() @ w.t()
+                    scale = float((x.double().abs() @ w.abs().t()).max())
+                    for form in (cn.FORM_BITSERIAL, cn.FORM_REGISTER):
+                        out = torch.full((tokens, rows), float("nan"))  # poisoned
+                        y = cn.matmul(x, v, b, tf._Params.kept(v, b), out=out, lib=lib,
+                                      form=form)
+                        err = float((y.double() - ref).abs().max())
+                        assert err <= 1e-5 * scale, (kind, rows, cols, group, b1, bK, b,
+                                                     tokens, form, err)
 
 
 @needs_native
@@ -58,6 +64,7 @@ def _check(lib, kind: str, seed: int) -> None:
 def test_native_product_equals_the_dequantized_product(kind):
     lib = cn._load()[0]
     assert lib is not None, cn.status()
+    assert lib.nested_vector_bits() == (512 if "avx512f" in _cpu_flags() else 256)
     _check(lib, kind, seed=int.from_bytes(os.urandom(2), "little"))
 
 
@@ -80,6 +87,7 @@ x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="
 def test_avx2_build_equals_the_dequantized_product(kind):
     """The AVX2 path (machines without AVX-512), built here with AVX-512 turned off."""
     lib = cn.open_library(cn.build(cn._compiler(), cn.FLAGS + ("-mno-avx512f",)))
+    assert lib.nested_vector_bits() == 256
     _check(lib, kind, seed=int.from_bytes(os.urandom(2), "little"))
 
 
@@ -93,23 +101,44 @@ def test_a_cpu_without_avx2_gets_no_library_and_says_why(tmp_path, monkeypatch):
 
 
 @needs_native
-def test_matmul_views_takes_the_native_kernel_for_a_few_tokens_only(monkeypatch):
+def test_matmul_views_takes_the_native_kernel_up_to_its_token_limit(monkeypatch):
     m, v = _views("mwq", 33, 256, 64, 2, 6, seed=1)
+    top = cn.routing().native_max_tokens
     calls = []
     real = cn.matmul
     monkeypatch.setattr(cn, "matmul", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     w = dequantize(m, 4).double()
-    for tokens in (1, cn.NATIVE_MAX_TOKENS, cn.NATIVE_MAX_TOKENS + 1):
+    for tokens in (1, top, top + 1):
         x = torch.randn(tokens, 256, dtype=torch.bfloat16)
         y = tf.matmul_views(x, v, 4)
         assert y.dtype == torch.bfloat16 and y.shape == (tokens, 33)
         ref = x.double() @ w.t()
         assert float((y.double() - ref).abs().max()) < 0.02 * float(ref.abs().max())
-    assert calls == [1, cn.NATIVE_MAX_TOKENS]  # more tokens: dequantize, then one sgemm
+    assert calls == [1, top]  # more tokens: dequantize, then one sgemm
     _, odd = _views("mwq", 5, 100, 40, 2, 4, seed=2)  # group 40: not 16 columns a mask
     assert not cn.usable(odd, 1, 4) and cn.usable(v, 1, 4)
-    _, bp = _views("bitplane", 5, 64, 32, 2, 8, seed=2)  # many tokens x bits: numpy faster
-    assert cn.usable(bp, 8, 6) and not cn.usable(bp, 8, 7) and cn.usable(v, 8, 6)
+
+
+def test_the_form_follows_the_measured_routing():
+    r512, r256 = cn.ROUTING[512], cn.ROUTING[256]
+    assert r512.native_max_tokens > r256.native_max_tokens >= 8
+    serial = {(t, b) for t in range(1, 9) for b in range(1, 9)
+              if (t <= r512.serial_max_tokens and b <= r512.serial_max_bits
+                  and t * b <= r512.serial_max_token_bits)}
+    assert (1, 2) in serial and (3, 2) in serial and (4, 2) not in serial
+    assert (1, 4) not in serial and (2, 3) in serial and (3, 3) not in serial
+    assert r256.serial_max_tokens == 1  # AVX2: bit-serial at one token only, any bits
+
+
+@needs_native
+def test_the_built_library_routes_by_its_vector_width():
+    lib = cn._load()[0]
+    assert cn.routing(lib) is cn.ROUTING[lib.nested_vector_bits()]
+    r = cn.routing(lib)
+    assert cn.form(1, 2, lib) == cn.FORM_BITSERIAL
+    assert cn.form(r.serial_max_tokens + 1, 2, lib) == cn.FORM_REGISTER
+    if r.serial_max_bits < cn.MAX_PLANES:
+        assert cn.form(1, r.serial_max_bits + 1, lib) == cn.FORM_REGISTER
 
 
 def test_without_a_compiler_or_when_turned_off_the_numpy_path_runs(monkeypatch):
@@ -162,8 +191,8 @@ def test_a_build_is_cached_by_source_compiler_and_flags(tmp_path, monkeypatch):
 def test_matmul_refuses_what_the_kernel_cannot_take():
     _, v = _views("mwq", 4, 64, 32, 2, 4, seed=4)
     params = tf._Params.kept(v, 3)
-    with pytest.raises(ValueError, match="1-8 float32 rows"):
-        cn.matmul(torch.randn(cn.MAX_TOKENS + 1, 64), v, 3, params)
+    with pytest.raises(ValueError, match="float32 rows, got 2 torch.float64"):
+        cn.matmul(torch.randn(2, 64, dtype=torch.float64), v, 3, params)
     with pytest.raises(ValueError, match="out must be"):
         cn.matmul(torch.randn(2, 64), v, 3, params, out=torch.empty(4, 2))
 
@@ -186,14 +215,15 @@ def test_one_call_swiglu_equals_the_three_products(kind, monkeypatch):
     calls = []
     real = cn.swiglu
     monkeypatch.setattr(cn, "swiglu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    top = cn.routing().native_max_tokens
     for b in (2, 4, 6):
-        for tokens in (1, 3, cn.NATIVE_MAX_TOKENS + 1):
+        for tokens in (1, 3, 12, top + 1):  # bit-serial, in registers, numpy
             x = torch.randn(tokens, 80)
             ref, scale = _swiglu_ref(x, m1, m3, m2, b)
             y = expert_swiglu(x, v1, v3, v2, b)
             assert y.shape == (tokens, 80) and y.dtype == torch.float32
             assert float((y.double() - ref).abs().max()) <= 1e-5 * float(scale.max()) + 1e-6
-    assert len(calls) == 6  # tokens above NATIVE_MAX_TOKENS: three products, no native call
+    assert len(calls) == 9  # above native_max_tokens: three products, no native call
 
 
 @needs_native
