@@ -52,8 +52,8 @@ class Routing:
 # - AVX-512: bit-serial 1.1-1.5x the register form at 2 bits and 1-3 tokens, and at 3 bits
 #   and one token; tied at tokens x bits = 4-6 otherwise; 0.4x at 4 tokens and 8 bits. The
 #   register form against the numpy path (dequantize a chunk, then one sgemm): 4-10x at
-#   one token, 1.6-3.2x at 16-24 tokens, 1.06-1.7x at 48, 0.91-1.4x at 64.
-# - AVX2 (built with -mno-avx512f): bit-serial 1.2-1.4x at one token, slower from two; the
+#   one token, 1.6-4.4x at 16-24 tokens, 1.06-1.7x at 48, 0.93-1.48x at 64.
+# - AVX2 (built with -mno-avx512f): bit-serial 1.0-1.45x at one token, slower from two; the
 #   register form 1.4-5.4x the numpy path up to 8 tokens, 0.89-1.7x at 16, 0.56-0.96x at 32.
 ROUTING = {512: Routing(3, 3, 6, 48), 256: Routing(1, MAX_PLANES, MAX_PLANES, 16)}
 
