@@ -47,9 +47,9 @@ class Routing:
     native_max_tokens: int
 
 
-# Measured on this VM (AMD EPYC, one thread, 2026-11-24 15:20-15:28 UTC, scratch timings;
+# Measured on this VM (AMD EPYC, one thread, 2026-11-24 15:15-15:45 UTC, scratch timings;
 # docs/results/kernels.md), Mixtral w1, LLaMA-MoE w1 and tiny shapes, 2-8 bits:
-# - AVX-512: bit-serial 1.1-1.5x the register form at 2 bits and 1-3 tokens, and at 3 bits
+# - AVX-512: bit-serial 1.05-1.4x the register form at 2 bits and 1-3 tokens, and at 3 bits
 #   and one token; tied at tokens x bits = 4-6 otherwise; 0.4x at 4 tokens and 8 bits. The
 #   register form against the numpy path (dequantize a chunk, then one sgemm): 4-10x at
 #   one token, 1.6-4.4x at 16-24 tokens, 1.06-1.7x at 48, 0.93-1.48x at 64.
