@@ -144,10 +144,14 @@ def _loads_beside_runs(events: Sequence[Any]) -> int:
 
 def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, float], float],
                              run_us: Callable[[Any, bool, bool], float]) -> dict[str, float]:
-    """Each lane's speed while the other is busy, read from a real run's rows as the fluid
-    model of `sim/contention.py` has it: a job's nominal time = its time alone + speed x its
-    time beside the other lane's jobs, summed over the jobs that overlapped (a ratio of
-    sums: the lane's total time is kept, and a few stalled jobs weigh by their length).
+    """How the lanes slow each other, read from a real run's rows as the fluid model of
+    `sim/contention.py` has it. The I/O lane: a load's nominal time = its time alone + speed
+    x its time beside runs, summed over the loads that overlapped (a ratio of sums: the
+    lane's total time is kept, and a few stalled loads weigh by their length). The compute
+    lane: a run beside a load takes its nominal time plus a wait, `overlap_run_wait_us`, the
+    mean excess of the runs that overlapped a load (compute speed 1): on the development VM
+    such a tiny run took about 100 us more than alone whichever kernel ran it, where a speed
+    would shrink with a faster kernel (docs/results/fidelity.md, 2026-11-24).
 
     `load_us(row, idle_us)`: a load row's nominal time (cold cost after `idle_us` included);
     `run_us(row, first_after_its_load, first_of_plan)`: a run row's. How the two lanes share
@@ -190,10 +194,13 @@ def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, floa
                     overlap(r, loads)))
         plan_started.add(plan)
 
-    def speed(jobs: list[tuple[float, float, float]]) -> float:
+    def scale_of(jobs: list[tuple[float, float, float]]) -> float:
         alone = [(nominal, took) for nominal, took, over in jobs if over == 0]
-        scale = (sum(took for _, took in alone) / sum(nominal for nominal, _ in alone)
-                 if len(alone) >= MIN_ALONE and all(n > 0 for n, _ in alone) else 1.0)
+        return (sum(took for _, took in alone) / sum(nominal for nominal, _ in alone)
+                if len(alone) >= MIN_ALONE and all(n > 0 for n, _ in alone) else 1.0)
+
+    def speed(jobs: list[tuple[float, float, float]]) -> float:
+        scale = scale_of(jobs)
         # fluid model: took = nominal - speed x over + over, so the work done beside the
         # other lane, nominal - (took - over), is speed x over; summed over the jobs, the
         # simulated lane is as busy as the real one. (Least squares weighted each job by its
@@ -204,7 +211,13 @@ def overlap_speeds_from_rows(events: Sequence[Any], load_us: Callable[[Any, floa
         den = sum(over for _, _, over in beside)
         return round(min(1.0, max(0.05, num / den)), 3) if den > 0 else 1.0
 
-    return {"overlap_io_speed": speed(io), "overlap_compute_speed": speed(cpu)}
+    def wait(jobs: list[tuple[float, float, float]]) -> float:
+        scale = scale_of(jobs)
+        beside = [took - nominal * scale for nominal, took, over in jobs if over > 0]
+        return round(max(0.0, statistics.fmean(beside)), 2) if beside else 0.0
+
+    return {"overlap_io_speed": speed(io), "overlap_compute_speed": 1.0,
+            "overlap_run_wait_us": wait(cpu)}
 
 
 def after_load_excess(loaded: Sequence[Any], resident: Sequence[Any]) -> float:

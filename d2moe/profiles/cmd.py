@@ -73,7 +73,10 @@ def summary(profile: Any) -> str:
                      f"+{ex.layer_first_run_us:.0f} us in each layer; non-expert "
                      f"+{ex.non_expert_after_load_us:.0f} us after a plan with loads; a load "
                      f"after a pause +{ex.cold_floor_us:.0f} us, rising by "
-                     f"{ex.cold_load_us:.0f} us more over {ex.cold_ramp_us / 1e3:.1f} ms")
+                     f"{ex.cold_load_us:.0f} us more over {ex.cold_ramp_us / 1e3:.1f} ms; "
+                     f"beside each other the I/O lane at {ex.overlap_io_speed:.2f} of its "
+                     f"speed, a run +{ex.overlap_run_wait_us:.0f} us (compute speed "
+                     f"{ex.overlap_compute_speed:.2f})")
     rows = getattr(profile.expert, "rows", ())
     if rows:
         lines.append(f"expert runs: {len(rows)} points, {min(r.latency_us for r in rows):.0f}-"

@@ -29,7 +29,8 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
                 "device_memory_bytes", "io_lanes", "shared_bandwidth", "expert", "non_expert",
                 "executor")
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "check_GBps", "run_us", "wake_us",
-                 "overlap_io_speed", "overlap_compute_speed", "cold_load_us", "cold_ramp_us",
+                 "overlap_io_speed", "overlap_compute_speed", "overlap_run_wait_us",
+                 "cold_load_us", "cold_ramp_us",
                  "first_run_us", "layer_first_run_us", "handoff_us", "non_expert_after_load_us",
                  "evict_us", "cold_floor_us")
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",

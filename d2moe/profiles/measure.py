@@ -31,9 +31,10 @@ preemptions that some timings catch are part of what a long run pays):
   whole loads on an I/O thread after it sat idle for 0.25 .. 20 ms against a steady stream:
   the loads after a pause cost more, summed on the first (`executor.cold_floor_us` after any
   pause, plus `cold_load_us`, reached after `cold_ramp_us` of idle time, linearly before);
-- each lane's speed while the other is busy (`overlap_io_speed`, `overlap_compute_speed`):
-  read last, from the rows of the decode under a quarter of the experts, every job's nominal
-  time from the figures above, scaled per lane by the same rows' jobs alone (`overlap_speeds`).
+- how the lanes slow each other (`overlap_io_speed`: the I/O lane's speed beside runs;
+  `overlap_run_wait_us`: what a run beside a load takes more, once): read last, from the
+  rows of the decode under a quarter of the experts, every job's nominal time from the
+  figures above, scaled per lane by the same rows' jobs alone (`overlap_speeds`).
 """
 
 from __future__ import annotations
@@ -345,7 +346,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
 
 def overlap_speeds(profile: Profile, spec: ModelSpec, layout: QuantLayout,
                    rows: Sequence[Any]) -> dict[str, float]:
-    """The lanes' overlap speeds from a real run's rows (`overlap_speeds_from_rows`), each
+    """The lanes' overlap costs from a real run's rows (`overlap_speeds_from_rows`), each
     job's nominal time from `profile`'s other figures, as the simulator would charge it."""
     from d2moe.policies.view import Sizes
     from d2moe.sim.costs import ProfileCosts

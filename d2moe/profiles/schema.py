@@ -158,7 +158,10 @@ class ExecutorCosts:
     beyond its expert; a lane blocked on the other resumes `wake_us` after the signal. While
     both lanes are busy they share the CPU: the I/O lane runs at `overlap_io_speed` and the
     compute lane at `overlap_compute_speed` of their own speed (1: no contention, as with a DMA
-    engine and a GPU). A load that starts after the I/O lane has been idle for `idle` us pays
+    engine and a GPU), and a run that overlaps a load pays `overlap_run_wait_us` more, once
+    (on the development VM a tiny run beside a load took about 100 us more than alone
+    whichever kernel ran it: a wait, not a slower rate; docs/results/fidelity.md). A load
+    that starts after the I/O lane has been idle for `idle` us pays
     `cold_floor_us * min(1, idle / COLD_FLOOR_RAMP_US) + cold_load_us * min(1, idle /
     cold_ramp_us)` more: the first load after a pause is slower than one right behind another,
     in its disk requests and in its CPU work on a core gone cold, and the loads right after it a
@@ -181,6 +184,7 @@ class ExecutorCosts:
     wake_us: float = 0.0
     overlap_io_speed: float = 1.0
     overlap_compute_speed: float = 1.0
+    overlap_run_wait_us: float = 0.0
     cold_load_us: float = 0.0
     cold_ramp_us: float = 0.0  # 0: the whole cold_load_us after any idle time
     first_run_us: float = 0.0

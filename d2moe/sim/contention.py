@@ -3,7 +3,9 @@ interpreter lock of the real executor on a CPU), so each runs slower while the o
 
 Model (fluid): a job has its nominal duration from the profile; while both lanes execute a
 job, the I/O job progresses at `io_speed` and the compute job at `compute_speed` (fractions
-of nominal speed, measured by `d2moe profile`); otherwise at full speed. A stalled lane is not
+of nominal speed, measured by `d2moe profile`); otherwise at full speed. A run gets
+`run_wait_us` more work the first time a load runs beside it (a wait for what the load
+holds, the same whatever the run's length). A stalled lane is not
 busy. The dependency rules are the plan's (`core.jobs.run_waits/load_waits`) with the same
 hand-off (`wake_us`) and cold loads (`cold_us`: extra nominal work of a load that starts
 after the I/O lane sat idle) as the uncontended engines. Both simulator engines take a contended
@@ -49,15 +51,15 @@ def start_after(free: float, ready: float, wake_us: float) -> float:
 def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequence[int],
                    lw: Sequence[int], t0: float, wake_us: float, io_speed: float,
                    compute_speed: float, cold_us: Callable[[float], float] | None = None,
-                   io_last_end: float = -INF) -> tuple[list[float], list[float], list[float],
-                                                       list[float]]:
+                   io_last_end: float = -INF, run_wait_us: float = 0.0
+                   ) -> tuple[list[float], list[float], list[float], list[float]]:
     """(load starts, load ends, run starts, run ends) of one layer's plan under contention.
 
     Loads run in order on the I/O lane (load i after the run lw[i], if any), runs in order on
     the compute lane (run j after the load rw[j], if any); the I/O lane takes its first load
     `wake_us` after t0, and a lane that waited on the other starts `wake_us` after the signal.
     A load starting `idle` us after the previous one ended (`io_last_end` before this layer)
-    has `cold_us(idle)` more nominal work.
+    has `cold_us(idle)` more nominal work; a run beside a load, `run_wait_us` more, once.
     """
     nl, nr = len(load_us), len(run_us)
     ls, le, rs, re = [0.0] * nl, [0.0] * nl, [0.0] * nr, [0.0] * nr
@@ -65,6 +67,7 @@ def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequen
     i = j = 0  # the next job each lane starts
     io: _Job | None = None
     cpu: _Job | None = None
+    waited = False  # whether the run in progress has been charged its wait
     while i < nl or j < nr or io is not None or cpu is not None:
         io_next = cpu_next = INF
         if io is None and i < nl:
@@ -100,12 +103,16 @@ def fluid_schedule(load_us: Sequence[float], run_us: Sequence[float], rw: Sequen
         if cpu is None and cpu_next == t:
             rs[j] = t
             cpu = _Job(j, run_us[j], t, 1.0)
+            waited = False
             j += 1
         both = io is not None and cpu is not None
         if io is not None:
             io.reprice(t, io_speed if both else 1.0)
         if cpu is not None:
             cpu.reprice(t, compute_speed if both else 1.0)
+            if both and not waited:
+                cpu.left += run_wait_us
+                waited = True
     return ls, le, rs, re
 
 
@@ -128,7 +135,8 @@ def execute_contended(ctx: object, plan: Plan, t0: float) -> float:
     runs_us = [ctx.run_us(r) + extra
                for r, extra in zip(plan.runs, run_extras_us(ctx, rw), strict=True)]
     ls, le, rs, re = fluid_schedule(durations, runs_us, rw, load_waits(plan), t0, ctx.wake_us,
-                                    ctx.io_speed, ctx.compute_speed, ctx.cold_us, ctx.io_last_end)
+                                    ctx.io_speed, ctx.compute_speed, ctx.cold_us, ctx.io_last_end,
+                                    ctx.run_wait_us)
     if le:
         ctx.io_last_end = le[-1]
     for k, ld in enumerate(plan.loads):

@@ -42,6 +42,8 @@ class ProfileCosts:
         self.wake_us = float(lc.wake_us) if lc is not None else 0.0
         self.io_speed = float(lc.overlap_io_speed) if lc is not None else 1.0
         self.compute_speed = float(lc.overlap_compute_speed) if lc is not None else 1.0
+        self.run_wait_us = float(getattr(lc, "overlap_run_wait_us", 0.0)) \
+            if lc is not None else 0.0
         self._run_fixed_us = float(lc.run_us) if lc is not None else 0.0
         self.cold_us = lc.cold_us if lc is not None and lc.any_cold \
             else None  # (idle us) -> extra us of a load, or None: loads are never cold

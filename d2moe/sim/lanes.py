@@ -54,12 +54,13 @@ class LayerCtx:
     first_run_us: float = 0.0  # extra time of the first run after its expert's load
     layer_first_run_us: float = 0.0  # extra time of the plan's first run (after non-expert)
     handoff_us: float = 0.0  # a plan with loads starts this much later (the I/O hand-off)
+    run_wait_us: float = 0.0  # what a run overlapping a load pays more, once (contention)
     loaded: bool = False  # whether the last plan had loads (the drivers set it)
 
     @property
     def contended(self) -> bool:
         """Whether the lanes slow each other down (then `sim/contention.py` times the plan)."""
-        return self.io_speed < 1.0 or self.compute_speed < 1.0
+        return self.io_speed < 1.0 or self.compute_speed < 1.0 or self.run_wait_us > 0.0
 
 
 def plan_start(ctx: LayerCtx, plan: Plan, t0: float) -> float:

@@ -245,7 +245,8 @@ def layer_ctx(costs: ProfileCosts, pool: ResidentSet, events: list[Event], load_
     return LayerCtx(0, 0, pool, events, load_us, costs.run_us_of, costs.wake_us,
                     costs.io_speed, costs.compute_speed, costs.cold_us,
                     first_run_us=costs.first_run_us,
-                    layer_first_run_us=costs.layer_first_run_us, handoff_us=costs.handoff_us)
+                    layer_first_run_us=costs.layer_first_run_us, handoff_us=costs.handoff_us,
+                    run_wait_us=costs.run_wait_us)
 
 
 def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet,

@@ -157,14 +157,16 @@ def _step_row(kind: str, step: int, layer: int, tokens: int, start: float, end: 
 def test_overlap_speeds_by_hand() -> None:
     load = Event("io", "load", 1, 0, 3, 0, 4, 0, 100, 0.0, 20.0)
     run = Event("compute", "run", 1, 0, 5, 4, 4, 1, 0, 5.0, 25.0)
-    # load: 10 us nominal, 5 alone + 15 beside the run -> (10 - 5) / 15; run: 15 nominal
+    # load: 10 us nominal, 5 alone + 15 beside the run -> (10 - 5) / 15; run: 15 nominal,
+    # took 20 beside the load -> waited 5
     speeds = overlap_speeds_from_rows([load, run], lambda e, idle: 10.0,
                                       lambda e, first, plan_first: 15.0)
-    assert speeds == {"overlap_io_speed": round(5 / 15, 3), "overlap_compute_speed": 0.667}
+    assert speeds == {"overlap_io_speed": round(5 / 15, 3), "overlap_compute_speed": 1.0,
+                      "overlap_run_wait_us": 5.0}
     apart = run._replace(start_us=20.0, end_us=35.0)  # never beside each other
     assert overlap_speeds_from_rows([load, apart], lambda e, idle: 10.0,
                                     lambda e, first, plan_first: 15.0) == \
-        {"overlap_io_speed": 1.0, "overlap_compute_speed": 1.0}
+        {"overlap_io_speed": 1.0, "overlap_compute_speed": 1.0, "overlap_run_wait_us": 0.0}
 
 
 def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
@@ -181,13 +183,15 @@ def test_overlap_speeds_compare_with_the_same_rows_jobs_alone() -> None:
         return overlap_speeds_from_rows(rows, lambda e, idle: 10.0,
                                         lambda e, first, plan_first: 20.0)
 
-    # scaled x1.5: load (15 - 5) / 15 beside the run; run (30 - 20) / 15
+    # scaled x1.5: load (15 - 5) / 15 beside the run; the run took 35 against 30
     assert speeds([load, run, *alone]) == {"overlap_io_speed": 0.667,
-                                           "overlap_compute_speed": 0.667}
-    # one job alone short of the count: (10 - 5) / 15 and (20 - 20) / 15 (floored at 0.05)
+                                           "overlap_compute_speed": 1.0,
+                                           "overlap_run_wait_us": 5.0}
+    # one job alone short of the count: (10 - 5) / 15, and 35 against 20
     fewer = [e for e in alone if e.step != 2]
     assert speeds([load, run, *fewer]) == {"overlap_io_speed": 0.333,
-                                           "overlap_compute_speed": 0.05}
+                                           "overlap_compute_speed": 1.0,
+                                           "overlap_run_wait_us": 15.0}
 
 
 def test_the_loaded_probe_counts_its_loads_beside_runs() -> None:
@@ -219,16 +223,17 @@ def test_overlap_speed_keeps_the_lanes_total_time_through_a_stall() -> None:
 
 @given(st.lists(st.tuples(st.floats(1, 50), st.floats(1, 50), st.integers(-1, 3)),
                 min_size=1, max_size=5),
-       st.floats(0.1, 1.0), st.floats(0.1, 1.0))
-def test_overlap_speeds_recover_the_fluid_model(jobs, io_speed, compute_speed) -> None:
-    """Rows made by the simulator's fluid model at known speeds give those speeds back."""
+       st.floats(0.1, 1.0), st.floats(0.0, 30.0))
+def test_overlap_speeds_recover_the_fluid_model(jobs, io_speed, wait_us) -> None:
+    """Rows made by the simulator's fluid model at a known I/O speed and run wait give them
+    back."""
     from d2moe.sim.contention import fluid_schedule
 
     loads_us = [a for a, _, _ in jobs]
     runs_us = [b for _, b, _ in jobs]
     rw = [d if d < k else -1 for k, (_, _, d) in enumerate(jobs)]  # run k waits on a load
     ls, le, rs, re = fluid_schedule(loads_us, runs_us, rw, [-1] * len(jobs), 0.0, 0.0,
-                                    io_speed, compute_speed)
+                                    io_speed, 1.0, run_wait_us=wait_us)
     rows = [Event("io", "load", 1, 0, k, 0, 4, 0, k, ls[k], le[k]) for k in range(len(jobs))]
     rows += [Event("compute", "run", 1, 0, 10 + k, 4, 4, 1, 0, rs[k], re[k])
              for k in range(len(jobs))]
@@ -239,9 +244,11 @@ def test_overlap_speeds_recover_the_fluid_model(jobs, io_speed, compute_speed) -
     assume(most <= 0 or most > 1e-3)  # a sliver of overlap: rounding decides its speed
     if most > 0:
         assert got["overlap_io_speed"] == pytest.approx(io_speed, abs=2e-3)
-        assert got["overlap_compute_speed"] == pytest.approx(compute_speed, abs=2e-3)
+        assert got["overlap_compute_speed"] == 1.0
+        assert got["overlap_run_wait_us"] == pytest.approx(wait_us, abs=0.01)
     else:
-        assert got == {"overlap_io_speed": 1.0, "overlap_compute_speed": 1.0}
+        assert got == {"overlap_io_speed": 1.0, "overlap_compute_speed": 1.0,
+                       "overlap_run_wait_us": 0.0}
 
 
 def test_after_load_excess_by_hand() -> None:
@@ -433,6 +440,14 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     d["executor"] = {"layer_us": 1.0, "cold_read_us": 250.0, "cold_ramp_us": 5000.0,
                      "first_run_us": 80.0, "layer_first_run_us": 40.0}
     assert profile_from_dict(d, path="old.yaml") == cold  # the key's name before 2026-11-23
+    d["executor"] = {"layer_us": 1.0, "overlap_run_wait_us": 140.5}
+    waited = profile_from_dict(d, path="hand.yaml")
+    assert waited.executor.overlap_run_wait_us == 140.5 and p.executor.overlap_run_wait_us == 0.0
+    save_profile(tmp_path / "w.yaml", waited)
+    assert load_profile(tmp_path / "w.yaml") == waited
+    d["executor"] = {"overlap_run_wait_us": -1.0}
+    with pytest.raises(UserError, match="executor.overlap_run_wait_us"):
+        profile_from_dict(d, path="hand.yaml")
     d["executor"] = {"cold_load_us": -1.0}
     with pytest.raises(UserError, match="executor.cold_load_us"):
         profile_from_dict(d, path="hand.yaml")

@@ -207,6 +207,25 @@ def test_fluid_schedule_by_hand() -> None:
     assert (ls, le, rs, re) == ([1.0, 5.0], [5.0, 13.0], [6.0, 14.0], [10.0, 17.0])
 
 
+def test_fluid_schedule_with_a_run_wait_by_hand() -> None:
+    from d2moe.sim.contention import fluid_schedule
+
+    # a load of 10 us from 0; three resident runs of 5 us, each charged 3 us once when a
+    # load runs beside it: run 0 [0, 8]; run 1 from 8, the load still running -> [8, 16];
+    # run 2 from 16, no load left -> [16, 21]
+    assert fluid_schedule([10.0], [5.0, 5.0, 5.0], [-1, -1, -1], [-1], 0.0, 0.0, 1.0, 1.0,
+                          run_wait_us=3.0) == ([0.0], [10.0], [0.0, 8.0, 16.0],
+                                               [8.0, 16.0, 21.0])
+    # loads that start while a run is under way (at the I/O wake, 2 us) charge it once:
+    # run 0 [0, 5 + 3] beside two loads
+    assert fluid_schedule([4.0, 4.0], [5.0], [-1], [-1, -1], 0.0, 2.0, 1.0, 1.0,
+                          run_wait_us=3.0) == ([2.0, 6.0], [6.0, 10.0], [0.0], [8.0])
+    # with a speed and a wait, the wait is work at that speed: 10 us run at 0.5 beside a
+    # 10 us load (speed 1): by 10 it did 5 of 10 + 4 -> 9 left alone -> ends 19
+    assert fluid_schedule([10.0], [10.0], [-1], [-1], 0.0, 0.0, 1.0, 0.5,
+                          run_wait_us=4.0) == ([0.0], [10.0], [0.0], [19.0])
+
+
 @dataclass(frozen=True)
 class ContendedProfile(LaneProfile):
     """LaneProfile whose lanes slow each other down."""
@@ -214,6 +233,15 @@ class ContendedProfile(LaneProfile):
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
         overlap_io_speed=0.6, overlap_compute_speed=0.4))
+
+
+@dataclass(frozen=True)
+class WaitProfile(LaneProfile):
+    """LaneProfile whose runs beside a load wait 3 us more (the compute lane at full speed)."""
+
+    executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
+        layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
+        overlap_io_speed=0.6, overlap_run_wait_us=3.0))
 
 
 @settings(max_examples=40, deadline=None)
@@ -234,6 +262,9 @@ def test_contended_engines_match_and_full_speed_equals_the_recurrence(steps, fra
     plain = run(LaneProfile(), "fast")
     end = lambda rows: max(e.end_us for e in rows)  # noqa: E731
     assert end(contended) >= end(plain) - 1e-9  # contention never helps
+    waited = run(WaitProfile(), "fast")
+    assert waited == run(WaitProfile(), "simpy")
+    assert end(waited) >= end(plain) - 1e-9
     # the fluid solver at full speed is the exact recurrence
     original = lanes.LayerCtx.contended
     lanes.LayerCtx.contended = property(lambda self: True)
