@@ -9,7 +9,7 @@
  * and the product is computed in one of two forms, both in 16-column chunks:
  * - bit-serial (FORM_BITSERIAL): sum_i w_i x_i = sum_p c_pg S_pg + zeff_g X_g, with S_pg the
  *   sum of x over g's columns whose bit in plane p is set and X_g over all of them: one
- *   masked multiply-add per plane, token and chunk. Cheapest at one token.
+ *   masked multiply-add per plane, token and chunk. Cheapest at 1-3 tokens and 2-3 bits.
  * - dequantize in registers (FORM_REGISTER): w of 16 columns built in a register (one masked
  *   add per plane), then one multiply-add per token: planes + tokens operations a chunk
  *   against planes x tokens, so it wins from a few tokens on.
