@@ -207,42 +207,34 @@ static inline v16 dequant16(const PlaneRow *pr, const v16 *cv, int64_t P, v16 z,
 }
 
 /* Dequantize in registers, T tokens of x from `x`: each chunk's w (dequant16), then
- * acc[t][u] += w x[t], U chains a token; out[t] = the row's dot product. */
+ * acc[t] += w x[t]; out[t] = the row's dot product. One accumulator a token: four chains
+ * at one token, as the bit-serial form has, ran slower while this form was developed (8.0
+ * against 6.8 ms, a 2-bit Mixtral w1, 2026-11-24 scratch timing). */
 static inline __attribute__((always_inline)) void row_register(const NestedArgs *a, int64_t r,
                                                                const float *x, const int T,
-                                                               const int U, float *out) {
+                                                               float *out) {
     const int64_t G = a->group, cols = a->cols, P = a->nbase + a->nres;
     PlaneRow pr[MAX_PLANES];
     for (int64_t p = 0; p < P; p++) pr[p] = plane_row(a, r, p);
-    v16 acc[BLOCK_REGISTER][4];
-    for (int t = 0; t < T; t++)
-        for (int u = 0; u < U; u++) acc[t][u] = v_zero();
+    v16 acc[BLOCK_REGISTER];
+    for (int t = 0; t < T; t++) acc[t] = v_zero();
     for (int64_t g = 0; g < a->groups; g++) {
         v16 cv[MAX_PLANES];
         for (int64_t p = 0; p < P; p++) cv[p] = v_set1(pr[p].scale[g] * pr[p].mult);
         const v16 z = v_set1(zeff(a, r, g));
         const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
         int64_t c = g * G;
-        for (; c + 16 * U <= end; c += 16 * U)  /* whole chunks, U chains */
-            for (int u = 0; u < U; u++) {
-                const v16 w = dequant16(pr, cv, P, z, c + 16 * u);
-                for (int t = 0; t < T; t++)
-                    acc[t][u] = v_fma(w, v_load(x + t * cols + c + 16 * u), acc[t][u]);
-            }
-        for (; c < end; c += 16) {  /* the rest, the last one partial at cols */
+        for (; c + 16 <= end; c += 16) {  /* whole chunks */
             const v16 w = dequant16(pr, cv, P, z, c);
-            const int n = end - c >= 16 ? 16 : (int)(end - c);
-            for (int t = 0; t < T; t++) {
-                const float *xt = x + t * cols + c;
-                acc[t][0] = v_fma(w, n == 16 ? v_load(xt) : v_load_part(xt, n), acc[t][0]);
-            }
+            for (int t = 0; t < T; t++) acc[t] = v_fma(w, v_load(x + t * cols + c), acc[t]);
+        }
+        if (c < end) {  /* the last chunk, partial at cols: x is zero past it */
+            const v16 w = dequant16(pr, cv, P, z, c);
+            for (int t = 0; t < T; t++)
+                acc[t] = v_fma(w, v_load_part(x + t * cols + c, (int)(end - c)), acc[t]);
         }
     }
-    for (int t = 0; t < T; t++) {
-        v16 s = acc[t][0];
-        for (int u = 1; u < U; u++) s = v_add(s, acc[t][u]);
-        out[t] = v_sum(s);
-    }
+    for (int t = 0; t < T; t++) out[t] = v_sum(acc[t]);
 }
 
 /* ---- the entry points ------------------------------------------------------------------- */
@@ -284,13 +276,13 @@ static void rows_register(const NestedArgs *a, const float *x, float *y, int T, 
                           int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
         float dot[BLOCK_REGISTER];
-#define CASE(n, u) case n: row_register(a, r, x, n, u, dot); break;
-        switch (T) {  /* constant T and U: the accumulators stay in registers */
-            CASE(1, 1) CASE(2, 1) CASE(3, 1) CASE(4, 1) CASE(5, 1)
+#define CASE(n) case n: row_register(a, r, x, n, dot); break;
+        switch (T) {  /* constant T: the accumulators stay in registers */
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5)
 #if BLOCK_REGISTER > 6
-            CASE(6, 1) CASE(7, 1)
+            CASE(6) CASE(7)
 #endif
-            default: row_register(a, r, x, BLOCK_REGISTER, 1, dot); break;
+            default: row_register(a, r, x, BLOCK_REGISTER, dot); break;
         }
 #undef CASE
         for (int64_t t = 0; t < T; t++) y[t * a->rows + r] = dot[t];
