@@ -6,7 +6,7 @@ On the tiny model's nested store (O_DIRECT): "read" is the first level's read re
 conversion, placement in the pool) on a thread woken through a queue, as
 `executor/lanes.py`. Each round times every (kind, idle) once in shuffled order: idle 0 is a
 load right behind another (the warm baseline), the others sleep first. Prints medians and
-the extra over the baseline per idle time; the profile's `cold_load_us` probes the whole
+the extra over the baseline per idle time; the profile's `cold_curve_us` probes the whole
 load because its extra is several times the read's (docs/profiling.md).
 
 Usage: python benchmarks/cold_loads.py [--rounds 40]

@@ -83,7 +83,7 @@ def main() -> None:
         result = validate_rounds(model, spec, store, profile, cfg, prompt,
                                  command="benchmarks/fidelity.py --measure", **(
                                      {"tokens": "1,8", "bits": "4", "repeats": 3,
-                                      "lane_layers": 6, "probe_experts": 3}
+                                      "probe_experts": 3}
                                      if args.mixtral else {}))
         print(result["report"])
         print(f"figures and timelines in {args.out}; took {time.perf_counter() - t0:.0f} s")

@@ -1,7 +1,8 @@
 """The probes of `d2moe profile` that run the real backend (`StreamingExperts`) and read its
 timeline rows: the non-expert rows (head apart) and a decode layer's first-run excess with
-every expert resident, the non-expert row right after loads, the lanes' fixed costs, and
-each lane's speed while the other is busy (the overlap speeds)."""
+every expert resident, the non-expert row right after loads, the lanes' fixed costs (from
+the same decode steps), and each lane's speed while the other is busy (the overlap
+speeds)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class ResidentRows:
     layer_first_run_us: float
     non_expert_after_load_us: float = 0.0
     loaded_rows: tuple[Any, ...] = ()  # the decode steps under a quarter of the experts
+    resident_rows: tuple[Any, ...] = ()  # the steps with every expert resident
 
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
@@ -63,7 +65,8 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     slice, and what it takes beyond the layer's later runs is kept too. In turn with each
     resident round, the same model decodes under a quarter of the experts (FIFO: each layer
     loads): its rows right after a plan with loads, against the resident rows, give
-    `non_expert_after_load_us`, and its loads and runs the overlap speeds (on a large shape,
+    `non_expert_after_load_us`, its loads and runs the overlap speeds, and both backends'
+    decode layers the lanes' fixed costs (`lane_costs_from_rows`) (on a large shape,
     which loads one or two experts a step, it decodes on until MIN_BESIDE loads overlapped
     runs, at most MORE_DECODES more times).
     """
@@ -127,7 +130,8 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     events = [e for e in timeline.events if e.step >= first]
     return ResidentRows(non_expert_per_layer(events, tokens), layer_first_run_excess(events),
                         after_load_excess(loaded_events, events),
-                        tuple(e for e in loaded_events if e.lane in ("io", "compute")))
+                        tuple(e for e in loaded_events if e.lane in ("io", "compute")),
+                        tuple(e for e in events if e.lane in ("io", "compute")))
 
 
 MIN_ALONE = 3  # jobs alone a lane needs before its nominal times are scaled to them
@@ -286,76 +290,25 @@ def layer_first_run_excess(events: Sequence[Any]) -> float:
     return round(clear_excess(firsts, laters), 2)
 
 
-def measure_lanes(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
-                  layers: int, sync: Callable[[], None]) -> dict[str, float]:
-    """The executor lanes' fixed costs, read from the rows of the real backend run on the
-    probe store (FIFO, a budget of two experts, one token per layer). Layers alternate: one
-    routed to the experts the last one left resident (no loads: the plan stays on the compute
-    lane), one routed at random to a different set (loads, handed to the I/O lane), so both
-    kinds see the machine alike and `handoff_us` is their difference."""
-    import torch
+def lane_costs_from_rows(*timelines: Sequence[Any]) -> dict[str, float]:
+    """layer_us, run_us, wake_us and handoff_us from real timelines' decode rows (means over
+    every timeline given; 0 when unseen).
 
-    from d2moe.core.sizes import all_experts_bytes
-    from d2moe.executor.backend import StreamingExperts
-    from d2moe.executor.pool import ExpertPool
-    from d2moe.policies import make_policy
-
-    bits = min(layout.b1 + 2, layout.bK)
-    budget = 2 * all_experts_bytes(probe, bits, layout) // probe.experts
-    pool = ExpertPool(probe, layout, budget, device)
-    backend = StreamingExperts(reader, make_policy("fifo"), pool, bits=bits)
-    gen = torch.Generator().manual_seed(4)
-    ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k]
-    with torch.inference_mode():
-        for i in range(layers):
-            if i % 2:  # a different set: at least one load
-                old = set(ids.tolist())
-                while set(ids.tolist()) == old:
-                    ids = torch.randperm(probe.experts, generator=gen)[:probe.top_k]
-            x = torch.randn(1, probe.hidden, generator=gen).to(device)
-            weights = torch.full((1, probe.top_k), 1.0 / probe.top_k, device=device)
-            backend.run_layer(0, x, ids[None].to(device), weights)
-            sync()
-    timeline = backend.finish()
-    return lane_costs_from_rows(timeline.events)
-
-
-def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
-    """layer_us, run_us, wake_us and handoff_us from a real timeline's rows (means; 0 when
-    unseen).
-
-    A layer's dispatch is from its non-expert end to its first compute row, plus from its
-    last run to the next non-expert start. layer_us: the mean dispatch of the layers without
-    loads (of all layers when every one loads), less one run_us (the simulator charges
-    run_us to every run, the last one too, and the gap after the last run holds that run's
-    bookkeeping); handoff_us: the mean dispatch of the layers with loads less that of the
-    layers without (both seen, else 0); run_us: the gap between consecutive runs with no
-    stall between; wake_us: from a load's end to the end of the stall waiting for it."""
-    by_layer: dict[tuple[int, int], list[Any]] = {}
-    for e in events:
-        if e.lane in ("compute", "io"):
-            by_layer.setdefault((e.step, e.layer), []).append(e)
-    ne_start = {k: r.start_us for k, rs in by_layer.items() for r in rs if r.kind == "non_expert"}
+    A decode layer's dispatch is from its non-expert end to its first compute row, plus
+    from its last run to the next non-expert start, when that is the same step's next layer
+    or the next step's first and both are one-token rows (a later generation begins with
+    a prefill after `resume()`, and what ran in between is no dispatch). layer_us: the
+    mean dispatch of the layers without loads (of all layers when every one loads), less
+    one run_us (the simulator charges run_us to every run, the last one too, and the gap
+    after the last run holds that run's bookkeeping); handoff_us: the mean dispatch of the
+    layers with loads less that of the layers without (both seen, else 0); run_us: the gap
+    between consecutive runs with no stall between; wake_us: from a load's end to the end
+    of the stall waiting for it."""
     dispatch: dict[bool, list[float]] = {False: [], True: []}  # has loads -> head + tail
-    gaps, wakes = [], []
-    order = sorted(by_layer)
-    for idx, k in enumerate(order):
-        rows = sorted(by_layer[k], key=lambda e: e.start_us)
-        ne = [r for r in rows if r.kind == "non_expert"]
-        comp = [r for r in rows if r.kind in ("run", "stall")]
-        if not ne or not comp:
-            continue
-        runs = [r for r in comp if r.kind == "run"]
-        nxt = ne_start.get(order[idx + 1]) if idx + 1 < len(order) else None
-        loads = {r.expert: r for r in rows if r.kind == "load"}
-        if nxt is not None and runs:
-            dispatch[bool(loads)].append(comp[0].start_us - ne[0].end_us + nxt - runs[-1].end_us)
-        for a, b in zip(comp, comp[1:], strict=False):
-            if a.kind == "run" and b.kind == "run":
-                gaps.append(b.start_us - a.end_us)
-        for r in comp:
-            if r.kind == "stall" and r.expert in loads:
-                wakes.append(r.end_us - loads[r.expert].end_us)
+    gaps: list[float] = []
+    wakes: list[float] = []
+    for events in timelines:
+        _dispatch_rows(events, dispatch, gaps, wakes)
 
     def mean(xs: list[float]) -> float:
         return max(statistics.fmean(xs), 0.0) if xs else 0.0
@@ -365,3 +318,34 @@ def lane_costs_from_rows(events: Sequence[Any]) -> dict[str, float]:
     handoff = mean(dispatch[True]) - mean(free) if dispatch[False] and dispatch[True] else 0.0
     return {"layer_us": round(max(mean(free) - run_us, 0.0), 2), "run_us": run_us,
             "wake_us": round(mean(wakes), 2), "handoff_us": round(max(handoff, 0.0), 2)}
+
+
+def _dispatch_rows(events: Sequence[Any], dispatch: dict[bool, list[float]],
+                   gaps: list[float], wakes: list[float]) -> None:
+    """Add one timeline's decode dispatches, gaps between runs and wakes (see
+    `lane_costs_from_rows`)."""
+    by_layer: dict[tuple[int, int], list[Any]] = {}
+    for e in events:
+        if e.lane in ("compute", "io"):
+            by_layer.setdefault((e.step, e.layer), []).append(e)
+    ne = {k: r for k, rs in by_layer.items() for r in rs if r.kind == "non_expert"}
+    order = sorted(k for k in by_layer if k in ne and ne[k].tokens == 1)
+    for idx, k in enumerate(order):
+        rows = sorted(by_layer[k], key=lambda e: e.start_us)
+        comp = [r for r in rows if r.kind in ("run", "stall")]
+        if not comp:
+            continue
+        runs = [r for r in comp if r.kind == "run"]
+        nxt = order[idx + 1] if idx + 1 < len(order) else None
+        follows = nxt is not None and (nxt == (k[0], k[1] + 1) or (nxt[0] == k[0] + 1
+                                                                  and nxt[1] == 0))
+        loads = {r.expert: r for r in rows if r.kind == "load"}
+        if follows and runs:
+            dispatch[bool(loads)].append(comp[0].start_us - ne[k].end_us
+                                         + ne[nxt].start_us - runs[-1].end_us)
+        for a, b in zip(comp, comp[1:], strict=False):
+            if a.kind == "run" and b.kind == "run":
+                gaps.append(b.start_us - a.end_us)
+        for r in comp:
+            if r.kind == "stall" and r.expert in loads:
+                wakes.append(r.end_us - loads[r.expert].end_us)

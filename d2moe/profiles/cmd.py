@@ -55,6 +55,13 @@ def _reads_line(reads: Any) -> str:
         f"{fmt_bytes(n)} {n / us / 1e3:.2g} GB/s" for n, us in reads)
 
 
+def _cold_line(curve: Any) -> str:
+    """What a load pays after each pause the probe made."""
+    if not curve:
+        return "no more than one right behind another"
+    return ", ".join(f"+{us:.0f} us after {idle / 1e3:.2g} ms" for idle, us in curve)
+
+
 def summary(profile: Any) -> str:
     """A few lines naming the fitted figures of a measured profile."""
     lines = [f"{profile.name}: {profile.source.device} (measured {profile.source.date})",
@@ -72,8 +79,7 @@ def summary(profile: Any) -> str:
                      f"{ex.wake_us:.0f} us; first run +{ex.first_run_us:.0f} us after a load, "
                      f"+{ex.layer_first_run_us:.0f} us in each layer; non-expert "
                      f"+{ex.non_expert_after_load_us:.0f} us after a plan with loads; a load "
-                     f"after a pause +{ex.cold_floor_us:.0f} us, rising by "
-                     f"{ex.cold_load_us:.0f} us more over {ex.cold_ramp_us / 1e3:.1f} ms; "
+                     f"after a pause {_cold_line(ex.cold_curve_us)}; "
                      f"beside each other the I/O lane at {ex.overlap_io_speed:.2f} of its "
                      f"speed, a run +{ex.overlap_run_wait_us:.0f} us (compute speed "
                      f"{ex.overlap_compute_speed:.2f})")

@@ -30,9 +30,12 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
                 "executor")
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "check_GBps", "run_us", "wake_us",
                  "overlap_io_speed", "overlap_compute_speed", "overlap_run_wait_us",
-                 "cold_load_us", "cold_ramp_us",
                  "first_run_us", "layer_first_run_us", "handoff_us", "non_expert_after_load_us",
-                 "evict_us", "cold_floor_us")
+                 "evict_us", "cold_curve_us")
+# the cold cost as profiles before 2026-11-24 21:00 UTC wrote it: floor_us * min(1, idle /
+# 250 us) + load_us * min(1, idle / ramp_us) (cold_read_us: load_us's name before 2026-11-23)
+OLD_COLD_KEYS = ("cold_floor_us", "cold_load_us", "cold_ramp_us", "cold_read_us")
+OLD_COLD_FLOOR_RAMP_US = 250.0
 _REQUIRED = ("name", "source", "disk", "link", "unified_memory", "device_memory_bytes",
              "expert", "non_expert")
 
@@ -143,20 +146,42 @@ def profile_from_dict(data: Any, *, path: str) -> Profile:
                    executor=None if d.get("executor") is None else _executor(r, d["executor"]))
 
 
-OLD_EXECUTOR_KEYS = {"cold_read_us": "cold_load_us"}  # profiles measured before 2026-11-23
-
-
 def _executor(r: _Reader, data: Any) -> ExecutorCosts:
-    if isinstance(data, dict):
-        data = {OLD_EXECUTOR_KEYS.get(k, k): v for k, v in data.items()}
-    d = r.keys(data, EXECUTOR_KEYS, "executor", ())
-    costs = {k: r.number(d, k, "executor", positive=k.endswith("GBps") or "speed" in k)
-             for k in d}
+    d = r.keys(data, EXECUTOR_KEYS + OLD_COLD_KEYS, "executor", ())
+    old = {k: r.number(d, k, "executor", positive=False) for k in OLD_COLD_KEYS if k in d}
+    if old and "cold_curve_us" in d:
+        raise r.fail("executor.cold_curve_us", "is given with the older cold keys "
+                     f"{', '.join(old)}", "keep cold_curve_us and remove the others")
+    costs: dict[str, Any] = {
+        k: r.number(d, k, "executor", positive=k.endswith("GBps") or "speed" in k)
+        for k in d if k not in OLD_COLD_KEYS and k != "cold_curve_us"}
     for k in ("overlap_io_speed", "overlap_compute_speed"):
         if costs.get(k, 1.0) > 1.0:
             raise r.fail(f"executor.{k}", f"must be in (0, 1], got {costs[k]}",
                          "write the fraction of its own speed the lane keeps (1: no contention)")
+    if "cold_curve_us" in d:
+        costs["cold_curve_us"] = _pairs(r, d["cold_curve_us"], "executor.cold_curve_us", 0,
+                                        ("idle_us", "extra_us"),
+                                        "write [[idle_us, extra_us], ...], idle rising")
+    elif old:
+        costs["cold_curve_us"] = _old_cold_curve(old)
     return ExecutorCosts(**costs)
+
+
+def _old_cold_curve(old: dict[str, float]) -> tuple[tuple[float, float], ...]:
+    """An older profile's floor and ramp as the curve through their corners (the same
+    function: both are linear between them and flat past the last)."""
+    floor = old.get("cold_floor_us", 0.0)
+    full = old.get("cold_load_us", old.get("cold_read_us", 0.0))
+    ramp = old.get("cold_ramp_us", 0.0) or 1.0  # 0: the whole amount after any idle time
+
+    def at(idle: float) -> float:
+        return floor * min(1.0, idle / OLD_COLD_FLOOR_RAMP_US) + full * min(1.0, idle / ramp)
+
+    if floor <= 0 and full <= 0:
+        return ()
+    corners = sorted({OLD_COLD_FLOOR_RAMP_US, ramp})
+    return tuple((idle, at(idle)) for idle in corners)
 
 
 def _link(r: _Reader, data: Any, where: str, reads: bool = False) -> Link:
@@ -169,20 +194,33 @@ def _link(r: _Reader, data: Any, where: str, reads: bool = False) -> Link:
 
 def _reads(r: _Reader, data: Any, where: str) -> tuple[tuple[int, float], ...]:
     """[[bytes, us], ...]: at least two requests, bytes increasing, times >= 0."""
-    fix = "write [[bytes, us], ...] with at least two sizes, bytes increasing (d2moe profile)"
-    if not isinstance(data, list) or len(data) < 2:
-        raise r.fail(where, f"must be a list of at least two [bytes, us], got {data!r}", fix)
-    out: list[tuple[int, float]] = []
+    pairs = _pairs(r, data, where, 2, ("bytes", "us"), "write [[bytes, us], ...] with at "
+                   "least two sizes, bytes increasing (d2moe profile)", whole=True)
+    return tuple((int(n), us) for n, us in pairs)
+
+
+def _pairs(r: _Reader, data: Any, where: str, least: int, names: tuple[str, str], fix: str,
+           whole: bool = False) -> tuple[tuple[float, float], ...]:
+    """[[x, y], ...] (`names`: what x and y are): at least `least` pairs, x > 0 and rising
+    (whole numbers if `whole`), y >= 0."""
+    x_name, y_name = names
+    if not isinstance(data, list) or len(data) < least:
+        raise r.fail(where, f"must be a list of at least {least} [{x_name}, {y_name}], "
+                     f"got {data!r}", fix)
+    out: list[tuple[float, float]] = []
     for i, pair in enumerate(data):
         ok = isinstance(pair, list | tuple) and len(pair) == 2
-        n, us = pair if ok else (None, None)
-        if not ok or isinstance(n, bool) or not isinstance(n, int) or n < 1 \
-                or isinstance(us, bool) or not isinstance(us, int | float) \
-                or not math.isfinite(us) or us < 0 or (out and n <= out[-1][0]):
-            raise r.fail(f"{where}[{i}]", f"must be [bytes >= 1, us >= 0] after the previous "
-                         f"size, got {pair!r}", fix)
-        out.append((n, float(us)))
+        x, y = pair if ok else (None, None)
+        if not ok or not _finite(x) or (whole and not isinstance(x, int)) or x <= 0 \
+                or not _finite(y) or y < 0 or (out and x <= out[-1][0]):
+            raise r.fail(f"{where}[{i}]", f"must be [{x_name} > 0, {y_name} >= 0] with "
+                         f"{x_name} past the previous one's, got {pair!r}", fix)
+        out.append((x if whole else float(x), float(y)))
     return tuple(out)
+
+
+def _finite(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
 
 
 def _one_of(r: _Reader, data: Any, where: str) -> tuple[str, Any]:

@@ -117,7 +117,7 @@ COLD_IDLE_MS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)  # I/O lane idle befo
 COLD_BURST = 3  # loads timed after each pause: the coldness outlasts the first one
 # Rounds go on past the asked count until the probe has run this long (at most
 # COLD_MAX_ROUNDS): a small expert's round takes ~50 ms, and its ~100 us cold cost needs
-# more bursts than a few rounds give to stand clear of their noise (fit_ramp's gate);
+# more bursts than a few rounds give to stand clear of their noise (fit_cold_curve's gate);
 # Mixtral-sized rounds (1-2 s) stop at the asked count as before.
 COLD_MIN_S = 3.0
 COLD_MAX_ROUNDS = 120
@@ -126,18 +126,20 @@ STEADY_LOADS = (4, 12)  # of a long hand-over, loads [4, 12) are the warm baseli
 
 def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
                        bits: int, rounds: int, sync: Callable[[], None],
-                       bar: Bar, min_s: float = COLD_MIN_S) -> list[tuple[float, float]]:
-    """(idle us, extra us) of whole loads (read, checksum, convert, place) on an I/O thread
-    woken through a queue (as `executor/lanes.py`) after it sat idle: the extra of the
-    first COLD_BURST loads after the pause over a steady stream of loads, summed (the
+                       bar: Bar, min_s: float = COLD_MIN_S
+                       ) -> list[tuple[float, float, float]]:
+    """(pause us, idle us, extra us) of whole loads (read, checksum, convert, place) on an
+    I/O thread woken through a queue (as `executor/lanes.py`) after it sat idle: the extra
+    of the first COLD_BURST loads after the pause over a steady stream of loads, summed (the
     simulator charges it to the first): the disk's first requests after a pause and the
     lane's core and caches gone cold. A whole load's extra is 2-4x what one read shows, and
     the next load still pays about a fifth of it (development VM, 2026-11-23: after 3 ms
     idle 1510, 1114, 1049 us for loads 1-3 against 1011 in a stream;
-    benchmarks/cold_loads.py). Each round takes every idle time once, shuffled, and one
-    stream; idle is measured on the thread (last load's end to the burst's start). One
-    point per burst, so that `fit_ramp` can tell a cost from the bursts' noise; at least
-    `rounds` rounds, more until `min_s` seconds have gone (at most COLD_MAX_ROUNDS)."""
+    benchmarks/cold_loads.py). Each round makes every pause in COLD_IDLE_MS once, shuffled,
+    and one stream; idle is measured on the thread (last load's end to the burst's start:
+    the pause and the hand-over). One point per burst, so that `fit_cold_curve` can tell a
+    cost from the bursts' noise; at least `rounds` rounds, more until `min_s` seconds have
+    gone (at most COLD_MAX_ROUNDS)."""
     import queue
     import threading
 
@@ -194,5 +196,5 @@ def measure_cold_loads(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
     for key in list(pool.blocks):
         drop_expert(pool, key)
     warm = statistics.fmean(steady)
-    return [(idle_us, sum(spans) - len(spans) * warm)
-            for got in bursts.values() for idle_us, spans in got]
+    return [(pause_ms * 1e3, idle_us, sum(spans) - len(spans) * warm)
+            for pause_ms, got in bursts.items() for idle_us, spans in got]

@@ -22,15 +22,16 @@ preemptions that some timings catch are part of what a long run pays):
   largest level);
 - the executor lanes' fixed costs: a full load (read, checksum, conversion, placement) minus
   its reads and checks (the disk fit and `check_GBps`, as the reader pipelines them) gives
-  `load_us` + bytes / `load_GBps`; a run of the real backend on a small random
-  store gives the per-layer dispatch (`layer_us`, layers without loads), what a layer with
-  loads pays beyond it (`handoff_us`: planning them, handing them to the I/O lane's thread),
-  the per-run bookkeeping (`run_us`) and the wake-up of a lane blocked on the other
-  (`wake_us`), read from its timeline rows; an expert's first run
+  `load_us` + bytes / `load_GBps`; the decode steps of the non-expert probe (every
+  expert resident, and under a quarter of the experts) give the per-layer dispatch
+  (`layer_us`, layers without loads), what a layer with loads pays beyond it (`handoff_us`:
+  planning them, handing them to the I/O lane's thread), the per-run bookkeeping (`run_us`)
+  and the wake-up of a lane blocked on the other (`wake_us`), read from their timeline rows
+  (`backend_probes.lane_costs_from_rows`); an expert's first run
   after an I/O thread loaded it against the run right after (`first_run_us`); bursts of
   whole loads on an I/O thread after it sat idle for 0.25 .. 20 ms against a steady stream:
-  the loads after a pause cost more, summed on the first (`executor.cold_floor_us` after any
-  pause, plus `cold_load_us`, reached after `cold_ramp_us` of idle time, linearly before);
+  the loads after a pause cost more, summed on the first (`executor.cold_curve_us`: the mean
+  per pause, where clear of the noise, made non-decreasing);
 - how the lanes slow each other (`overlap_io_speed`: the I/O lane's speed beside runs;
   `overlap_run_wait_us`: what a run beside a load takes more, once): read last, from the
   rows of the decode under a quarter of the experts, every job's nominal time from the
@@ -61,7 +62,7 @@ from d2moe.core.fileio import ensure_dir, path_error
 from d2moe.core.sizes import QuantLayout, expert_bytes, layout_from_options, parse_bytes
 from d2moe.core.spec import ModelSpec, load_spec
 from d2moe.profiles.backend_probes import (
-    measure_lanes,
+    lane_costs_from_rows,
     measure_non_expert,
     overlap_speeds_from_rows,
 )
@@ -74,7 +75,6 @@ from d2moe.profiles.load_probes import (
 )
 from d2moe.profiles.run_probes import measure_first_runs, measure_runs
 from d2moe.profiles.schema import (
-    COLD_FLOOR_RAMP_US,
     ExecutorCosts,
     ExpertRow,
     ExpertTable,
@@ -85,7 +85,7 @@ from d2moe.profiles.schema import (
     Source,
     expert_shape_key,
 )
-from d2moe.profiles.timing import Bar, fit_cold, fit_latency_bandwidth, interleaved_means
+from d2moe.profiles.timing import Bar, fit_cold_curve, fit_latency_bandwidth, interleaved_means
 from d2moe.quant.store import PIPELINE_MIN_BYTES
 
 PROBE_FILE = "probe.bin"
@@ -119,9 +119,7 @@ class ProfileConfig:
         "help": "measure the whole profile this many times and keep every figure's median "
                 "(a machine whose speed drifts: one profile can catch a slow stretch)"})
     probe_experts: int = field(default=4, metadata={
-        "help": "experts in the random probe store (loads and the lane probe)"})
-    lane_layers: int = field(default=128, metadata={
-        "help": "layers the lane probe runs through the real backend"})
+        "help": "experts in the random probe store (the load probes)"})
     layout: str = field(default="bitplane", metadata={"help": "store layout: bitplane or mwq"})
     # --store-bits B1:BK sets both (d2moe.core.cliargs); --b1 and --bK are its older spelling
     b1: int = field(default=QuantLayout.b1, metadata={"help": "lowest stored bit-width"})
@@ -208,7 +206,8 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
     """Every figure the median of the same figure over `profiles` (measured with one
     configuration: the same table rows), the first one's name and source, its date the
     last one's. Each figure separately: a fit's latency and bandwidth may come from two
-    different rounds."""
+    different rounds; the cold curve at the pauses of the longest one (the pointwise median
+    of rising curves rises)."""
     first = profiles[0]
 
     def med(get: Callable[[Profile], float]) -> float:
@@ -235,12 +234,19 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
         disk = dataclasses.replace(disk, reads=tuple(
             (n, med(lambda p, i=i: p.disk.reads[i][1])) for i, (n, _) in
             enumerate(first.disk.reads)))
+    executor = fields(first.executor, lambda p: p.executor)
+    if executor is not None:  # the cold curve: each one's cost at the longest one's pauses
+        idles = max((p.executor.cold_curve_us for p in profiles if p.executor), key=len)
+        curve = tuple((idle, round(med(lambda p, t=idle: p.executor.cold_us(t)), 2))
+                      for idle, _ in idles)
+        executor = dataclasses.replace(executor, cold_curve_us=curve if any(
+            us > 0 for _, us in curve) else ())
     last = profiles[-1].source
     return dataclasses.replace(
         first, source=dataclasses.replace(first.source, date=last.date), disk=disk,
         link=fields(first.link, lambda p: p.link),
         expert=rows(lambda p: p.expert), non_expert=rows(lambda p: p.non_expert),
-        executor=fields(first.executor, lambda p: p.executor))
+        executor=executor)
 
 
 def lane_load_costs(loads: Sequence[tuple[Sequence[int], float]],
@@ -271,7 +277,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              "disk-sizes", example="--disk-sizes 4KiB,1MiB"))
     if not sizes or sizes[0] < 1:
         raise UserError("needs at least one read size", field="disk-sizes", fix="e.g. 4KiB,1MiB")
-    for name, low in (("repeats", 1), ("probe_experts", 2), ("lane_layers", 2)):
+    for name, low in (("repeats", 1), ("probe_experts", 2)):
         check_at_least(getattr(cfg, name), low, name)
     probe = dataclasses.replace(spec, layers=1, experts=min(spec.experts, cfg.probe_experts),
                                 top_k=min(spec.top_k, 2, cfg.probe_experts - 1))
@@ -303,10 +309,10 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
                                               scratch, bar)
-                lanes = measure_lanes(reader, probe, layout, device, cfg.lane_layers, sync)
-                cold_floor_us, cold_load_us, cold_ramp_us = fit_cold(measure_cold_loads(
+                lanes = lane_costs_from_rows(resident.resident_rows, resident.loaded_rows)
+                cold_curve_us = fit_cold_curve(measure_cold_loads(
                     reader, probe, layout, device, min(layout.b1 + 2, layout.bK),
-                    2 * cfg.repeats, sync, bar), COLD_FLOOR_RAMP_US)
+                    2 * cfg.repeats, sync, bar))
                 first_run_us = measure_first_runs(reader, probe, layout, device,
                                                   min(layout.b1 + 2, layout.bK),
                                                   4 * cfg.repeats, sync)
@@ -319,9 +325,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
                              load_GBps=_sig(load_gbps), check_GBps=_sig(check_gbps),
                              run_us=lanes["run_us"], wake_us=lanes["wake_us"],
-                             cold_load_us=round(cold_load_us, 2),
-                             cold_ramp_us=round(cold_ramp_us, 1),
-                             cold_floor_us=round(cold_floor_us, 2),
+                             cold_curve_us=cold_curve_us,
                              first_run_us=round(first_run_us, 2),
                              layer_first_run_us=resident.layer_first_run_us,
                              non_expert_after_load_us=resident.non_expert_after_load_us,

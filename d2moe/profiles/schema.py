@@ -134,12 +134,6 @@ class NonExpertTable:
     rows: tuple[NonExpertRow, ...]
 
 
-# The cold cost's floor is reached after this much idle time (linearly before): the shortest
-# pause the cold-load probe makes (`profiles.load_probes.COLD_IDLE_MS`), below which nothing
-# is measured.
-COLD_FLOOR_RAMP_US = 250.0
-
-
 @dataclass(frozen=True)
 class ExecutorCosts:
     """Fixed costs of the real executor's lanes, beyond the disk reads and the expert kernels.
@@ -161,12 +155,13 @@ class ExecutorCosts:
     engine and a GPU), and a run that overlaps a load pays `overlap_run_wait_us` more, once
     (on the development VM a tiny run beside a load took about 100 us more than alone
     whichever kernel ran it: a wait, not a slower rate; docs/results/fidelity.md). A load
-    that starts after the I/O lane has been idle for `idle` us pays
-    `cold_floor_us * min(1, idle / COLD_FLOOR_RAMP_US) + cold_load_us * min(1, idle /
-    cold_ramp_us)` more: the first load after a pause is slower than one right behind another,
-    in its disk requests and in its CPU work on a core gone cold, and the loads right after it a
-    little (measured on the development VM, a 62 KB load: +74 us after 0.5 ms idle, +266 us
-    after 5 ms; benchmarks/cold_loads.py, 2026-11-23 08:21 UTC). The first run of an expert
+    that starts after the I/O lane has been idle for `idle` us pays `cold_us(idle)` more, read
+    off `cold_curve_us`: [(idle_us, extra_us), ...] measured after each pause the probe makes,
+    linear between them and from (0, 0), flat past the last. The first load after a pause is
+    slower than one right behind another, in its disk requests and in its CPU work on a core
+    gone cold, and the loads right after it a little (measured on the development VM, a 62 KB
+    load: +74 us after 0.5 ms idle, +266 us after 5 ms; benchmarks/cold_loads.py, 2026-11-23
+    08:21 UTC). The first run of an expert
     after its load pays `first_run_us` more (its planes were just written by the I/O lane, on
     another core), and the first run of each layer's plan pays `layer_first_run_us` more (the
     layer's non-expert slice ran in between and cycled the caches that back-to-back runs, as the
@@ -185,32 +180,29 @@ class ExecutorCosts:
     overlap_io_speed: float = 1.0
     overlap_compute_speed: float = 1.0
     overlap_run_wait_us: float = 0.0
-    cold_load_us: float = 0.0
-    cold_ramp_us: float = 0.0  # 0: the whole cold_load_us after any idle time
     first_run_us: float = 0.0
     layer_first_run_us: float = 0.0
     handoff_us: float = 0.0
     non_expert_after_load_us: float = 0.0
     evict_us: float = 0.0
-    cold_floor_us: float = 0.0
+    cold_curve_us: tuple[tuple[float, float], ...] = ()  # (idle_us, extra_us), idle rising
 
     @property
     def any_cold(self) -> bool:
         """Whether a load after a pause costs anything more."""
-        return self.cold_load_us > 0.0 or self.cold_floor_us > 0.0
+        return any(extra > 0.0 for _, extra in self.cold_curve_us)
 
     def cold_us(self, idle_us: float) -> float:
         """What a load pays beyond a warm one after the I/O lane sat idle for `idle_us`:
-        the floor, reached within the shortest pause probed, plus the ramp."""
-        if idle_us <= 0.0:
+        `cold_curve_us` interpolated, from 0 after no idle time, flat past its last point."""
+        if idle_us <= 0.0 or not self.cold_curve_us:
             return 0.0
-        us = self.cold_floor_us * min(1.0, idle_us / COLD_FLOOR_RAMP_US)
-        if self.cold_load_us > 0.0:
-            if self.cold_ramp_us <= 0.0 or idle_us >= self.cold_ramp_us:
-                us += self.cold_load_us
-            else:
-                us += self.cold_load_us * idle_us / self.cold_ramp_us
-        return us
+        lo_idle, lo_us = 0.0, 0.0
+        for idle, us in self.cold_curve_us:
+            if idle_us <= idle:
+                return lo_us + (us - lo_us) * (idle_us - lo_idle) / (idle - lo_idle)
+            lo_idle, lo_us = idle, us
+        return lo_us
 
     def load_extra_us(self, nbytes: int) -> float:
         """What a load of `nbytes` costs the I/O lane beyond its reads (and its checks,
@@ -417,8 +409,10 @@ class Profile:
                              else {"table": [{k: v for k, v in _fields(r).items()
                                               if k != "head_us" or v} for r in n.rows]})
         if self.executor is not None:
-            out["executor"] = {k: v for k, v in _fields(self.executor).items()
-                               if math.isfinite(v)}
+            ex = _fields(self.executor)
+            curve = ex.pop("cold_curve_us")
+            out["executor"] = {k: v for k, v in ex.items() if math.isfinite(v)} | (
+                {"cold_curve_us": [[idle, us] for idle, us in curve]} if curve else {})
         return out
 
 

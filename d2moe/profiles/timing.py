@@ -48,99 +48,46 @@ def clear_excess(a: Sequence[float], b: Sequence[float] = (), z: float = 2.0) ->
     return diff if diff > z * se else 0.0
 
 
-def fit_ramp(points: Sequence[tuple[float, float]], z: float = 2.0) -> tuple[float, float]:
-    """Fit extra_us = full_us * min(1, idle_us / ramp_us) to (idle_us, extra_us) points:
-    (full_us, ramp_us), least squares; ramp_us from the points' idle times and a grid between
-    them (0: the full amount after any idle time). A fit below 0 gives (0, 0): no cost; so
-    does one whose points past the ramp do not stand `z` standard errors clear of 0
-    (`clear_excess`): on a Mixtral-sized load (40 ms, bursts varying by tens of ms) two
-    stalls made a 7-17 ms "cold cost" that the real loads after a pause never paid
-    (docs/results/fidelity.md, 2026-11-24)."""
-    idle = np.array([p[0] for p in points], float)
-    extra = np.array([p[1] for p in points], float)
-    top = float(idle.max(initial=0.0))
-    if top <= 0:
-        return 0.0, 0.0
-    best = (math.inf, 0.0, 0.0)
-    for ramp in _ramp_candidates(idle, top):
-        x = np.minimum(1.0, idle / ramp)
-        full = float((x * extra).sum() / (x * x).sum())
-        err = float(((full * x - extra) ** 2).sum())
-        if err < best[0]:
-            best = (err, full, ramp)
-    _, full, ramp = best
-    past = [e for i, e in zip(idle.tolist(), extra.tolist(), strict=True) if i >= ramp]
-    return (0.0, 0.0) if full <= 0 or clear_excess(past, z=z) <= 0 else (full, ramp)
+def fit_cold_curve(points: Sequence[tuple[float, float, float]],
+                   z: float = 2.0) -> tuple[tuple[float, float], ...]:
+    """The cold cost per pause from (pause_us, idle_us, extra_us) points, one per burst of
+    loads after the probe paused `pause_us`: ((mean idle_us, mean extra_us), ...) per pause,
+    rising with it; () when nothing stands clear of 0.
+
+    A mean stays only where it stands `z` standard errors clear of 0 (`clear_excess`), and
+    the means are then made non-decreasing (pool-adjacent-violators, weighted by points): a
+    load after a longer pause is no faster. Two-part fits (a floor plus a ramp, or a ramp
+    alone) swung from round to round on the development VM between a 45-93 us floor and a
+    ramp charging 10-25 us at the decode's 0.25-1 ms pauses, while the probe's own means were
+    12-27 us there in every run (docs/results/fidelity.md, 2026-11-24); on a Mixtral-sized
+    load (40 ms, bursts varying by tens of ms) the gate keeps stalls from reading as a
+    cost."""
+    by_pause: dict[float, list[tuple[float, float]]] = {}
+    for pause, idle, extra in points:
+        by_pause.setdefault(pause, []).append((idle, extra))
+    # in the order of the idle the thread saw (a slow hand-over can reorder two pauses)
+    groups = sorted((statistics.fmean(i for i, _ in g), [e for _, e in g])
+                    for g in by_pause.values())
+    means = _rising([max(clear_excess(extras, z=z), 0.0) for _, extras in groups],
+                    [len(extras) for _, extras in groups])
+    curve: list[tuple[float, float]] = []
+    for (idle, _), us in zip(groups, means, strict=True):
+        if curve and round(idle, 1) <= curve[-1][0]:
+            curve.pop()  # the same idle once rounded: the later point, no lower, stays
+        curve.append((round(idle, 1), round(us, 2)))
+    return tuple(curve) if any(us > 0 for _, us in curve) else ()
 
 
-def _ramp_candidates(idle: np.ndarray, top: float) -> list[float]:
-    """The ramp lengths a cold fit tries: a grid up to the longest pause, and every pause."""
-    return sorted({*np.linspace(top / 64, top, 64).tolist(), *idle[idle > 0].tolist()})
-
-
-def fit_cold(points: Sequence[tuple[float, float]], floor_ramp_us: float,
-             z: float = 2.0) -> tuple[float, float, float]:
-    """Fit extra_us = floor_us * min(1, idle_us / floor_ramp_us) + full_us * min(1, idle_us /
-    ramp_us) to (idle_us, extra_us) points: (floor_us, full_us, ramp_us), both amounts >= 0,
-    least squares over the same ramp candidates as `fit_ramp`. A load after any pause pays a
-    floor that the line through zero of `fit_ramp` misses (development VM, tiny loads,
-    2026-11-24: 20-25 us after pauses of 0.27-3 ms, growing only beyond). Each part is kept
-    only where the points stand `z` standard errors clear of 0 once the other part is taken
-    off (`clear_excess`): the ramp over the points past `ramp_us`; the floor over each of the
-    two shortest octaves of pauses, [1, 2) and [2, 4) x `floor_ramp_us`, on its own (one
-    mean over every pause let a Mixtral-sized probe's stalls and drift, +-10 ms on 40 ms
-    loads, through as a 3 ms floor). A part dropped, the other is fitted alone again."""
-    idle = np.array([p[0] for p in points], float)
-    extra = np.array([p[1] for p in points], float)
-    top = float(idle.max(initial=0.0))
-    if top <= 0:
-        return 0.0, 0.0, 0.0
-    x1 = np.minimum(1.0, np.maximum(idle, 0.0) / floor_ramp_us)
-    best = (math.inf, 0.0, 0.0, 0.0)
-    for ramp in _ramp_candidates(idle, top):
-        x2 = np.minimum(1.0, idle / ramp)
-        floor, full = _nonnegative_pair(x1, x2, extra)
-        err = float(((floor * x1 + full * x2 - extra) ** 2).sum())
-        if err < best[0]:
-            best = (err, floor, full, ramp)
-    _, floor, full, ramp = best
-    if full > 0 and clear_excess([e - floor for i, e in zip(idle, extra, strict=True)
-                                  if i >= ramp], z=z) <= 0:
-        full, ramp = 0.0, 0.0
-    if floor > 0 and not _floor_is_clear(idle, extra - (full * np.minimum(1.0, idle / ramp)
-                                                         if full > 0 else 0.0),
-                                         floor_ramp_us, z):
-        floor = 0.0
-    if floor == 0.0:
-        full, ramp = fit_ramp(points, z=z)
-    elif full == 0.0:
-        floor = float((x1 * extra).sum() / (x1 * x1).sum())
-        if floor <= 0 or not _floor_is_clear(idle, extra, floor_ramp_us, z):
-            floor = 0.0
-    return float(floor), float(full), float(ramp)
-
-
-def _floor_is_clear(idle: np.ndarray, rest: np.ndarray, floor_ramp_us: float,
-                    z: float) -> bool:
-    """Whether the pauses of [1, 2) and of [2, 4) x `floor_ramp_us` each leave an extra
-    `z` standard errors clear of 0 (`rest`: the extra less the ramp's part)."""
-    return all(clear_excess(rest[(idle >= lo * floor_ramp_us) & (idle < 2 * lo * floor_ramp_us)]
-                            .tolist(), z=z) > 0 for lo in (1, 2))
-
-
-def _nonnegative_pair(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(a, b) >= 0 minimising |a x1 + b x2 - y|^2 (two columns: the unconstrained solution,
-    else the better of each column alone)."""
-    a11, a12, a22 = float(x1 @ x1), float(x1 @ x2), float(x2 @ x2)
-    b1, b2 = float(x1 @ y), float(x2 @ y)
-    det = a11 * a22 - a12 * a12
-    if det > 1e-12 * max(a11 * a22, 1e-300):
-        a, b = (b1 * a22 - b2 * a12) / det, (b2 * a11 - b1 * a12) / det
-        if a >= 0 and b >= 0:
-            return a, b
-    alone = [(max(0.0, b1 / a11) if a11 > 0 else 0.0, 0.0),
-             (0.0, max(0.0, b2 / a22) if a22 > 0 else 0.0)]
-    return min(alone, key=lambda ab: float(((ab[0] * x1 + ab[1] * x2 - y) ** 2).sum()))
+def _rising(values: Sequence[float], weights: Sequence[float]) -> list[float]:
+    """The non-decreasing sequence nearest `values` in weighted least squares
+    (pool-adjacent-violators)."""
+    blocks: list[tuple[float, float, int]] = []  # (weight, mean, members)
+    for v, w in zip(values, weights, strict=True):
+        blocks.append((w, v, 1))
+        while len(blocks) > 1 and blocks[-2][1] > blocks[-1][1]:
+            (w2, v2, n2), (w1, v1, n1) = blocks.pop(), blocks.pop()
+            blocks.append((w1 + w2, (w1 * v1 + w2 * v2) / (w1 + w2), n1 + n2))
+    return [v for _, v, n in blocks for _ in range(n)]
 
 
 def interleaved_means(fns: Sequence[Callable[[int], float | None]], repeats: int,

@@ -103,7 +103,7 @@ def test_validate_can_measure_its_profile_first(tmp_path, store_path, monkeypatc
 
     def small(spec, store, cfg, command="", **overrides):
         return real_measure(spec, store, cfg, command, tokens="1", bits="4", repeats=1,
-                            disk_sizes="4KiB,64KiB", lane_layers=4, probe_experts=2)
+                            disk_sizes="4KiB,64KiB", probe_experts=2)
 
     monkeypatch.setattr(v, "measure_here", small)
     out = tmp_path / "m"

@@ -4,6 +4,7 @@ measurement that writes a profile which loads and drives the simulator (no timin
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -44,15 +45,14 @@ from d2moe.profiles.schema import ExecutorCosts, ExpertTable, NonExpertTable
 from d2moe.profiles.timing import (
     Bar,
     clear_excess,
-    fit_cold,
+    fit_cold_curve,
     fit_latency_bandwidth,
-    fit_ramp,
     interleaved_means,
 )
 from tests.profiles.test_profiles import hand, headed
 
 TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
-            lane_layers=3, progress=False)
+            progress=False)
 
 
 def test_fit_recovers_a_line() -> None:
@@ -152,6 +152,38 @@ def test_lane_costs_split_layers_with_and_without_loads_by_hand() -> None:
 def _step_row(kind: str, step: int, layer: int, tokens: int, start: float, end: float) -> Event:
     lane = "compute" if kind in ("run", "stall", "non_expert") else "io"
     return Event(lane, kind, step, layer, 0, 0, 4, tokens, 0, start, end)
+
+
+def test_lane_costs_read_decode_layers_of_every_timeline_by_hand() -> None:
+    # the resident timeline: step 1 decodes two layers without loads; step 2 is the next
+    # generation's prefill (after resume(): the gap before it is no dispatch, and its
+    # layers are not decode layers)
+    resident = [
+        _step_row("non_expert", 1, 0, 1, 0, 10),
+        _step_row("run", 1, 0, 1, 13, 20),  # head 3
+        _step_row("non_expert", 1, 1, 1, 22, 30),  # tail 2: dispatch 5
+        _step_row("run", 1, 1, 1, 34, 40),  # head 4; the next row opens a prefill
+        _step_row("non_expert", 2, 0, 8, 5000, 5100),
+        _step_row("run", 2, 0, 8, 5190, 5300),
+        _step_row("non_expert", 2, 1, 8, 5310, 5400),
+    ]
+    # the loaded timeline, its own step numbers: step 1 layer 0 loads, layer 1 does not;
+    # step 2 layer 0 follows (a decode step's first layer after the last one)
+    loaded = [
+        _step_row("non_expert", 1, 0, 1, 0, 10),
+        _step_row("load", 1, 0, 0, 15, 30),
+        _step_row("stall", 1, 0, 1, 20, 33),  # head 10, wake 3
+        _step_row("run", 1, 0, 1, 33, 40),
+        _step_row("non_expert", 1, 1, 1, 45, 50),  # tail 5: dispatch 15
+        _step_row("run", 1, 1, 1, 54, 60),  # head 4
+        _step_row("non_expert", 2, 0, 1, 63, 70),  # tail 3: dispatch 7
+    ]
+    costs = lane_costs_from_rows(resident, loaded)
+    # without loads: dispatches 5 and 7 (mean 6); with loads: 15 -> hand-off 9; no run
+    # pairs, so run_us 0 and layer_us the whole mean
+    assert costs == {"layer_us": 6.0, "run_us": 0.0, "wake_us": 3.0, "handoff_us": 9.0}
+    # each timeline keyed on its own: merged into one, the steps would collide
+    assert lane_costs_from_rows(resident + loaded) != costs
 
 
 def test_overlap_speeds_by_hand() -> None:
@@ -326,59 +358,52 @@ def test_resident_probe_spec_is_whole_when_small() -> None:
     assert resident_probe_spec(tiny, QuantLayout(), cap_bytes=1).layers == 2
 
 
-def test_fit_ramp_by_hand() -> None:
-    # an exact ramp to 300 us at 4 ms of idle time, flat after: recovered exactly
-    pts = [(0.0, 0.0), (1000.0, 75.0), (2000.0, 150.0), (4000.0, 300.0), (8000.0, 300.0)]
-    full, ramp = fit_ramp(pts)
-    assert full == pytest.approx(300.0) and ramp == pytest.approx(4000.0)
-    # flat from the first idle point on: the ramp is as short as the grid allows
-    full, ramp = fit_ramp([(0.0, 0.0), (500.0, 40.0), (5000.0, 40.0)])
-    assert full == pytest.approx(40.0) and ramp <= 500.0
-    assert fit_ramp([(0.0, 0.0), (1000.0, -5.0)]) == (0.0, 0.0)  # warm is as fast: no cost
-    assert fit_ramp([(0.0, 3.0)]) == (0.0, 0.0)
+PAUSES_US = (250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0)
 
 
-def test_fit_ramp_charges_no_cost_it_cannot_tell_from_noise() -> None:
-    # bursts of 40 ms loads: +-2 ms of noise and two 30 ms stalls (the Mixtral-shaped probe,
-    # 2026-11-24): least squares alone would charge a few ms to every load after a pause
-    noise = [-1500.0, 1000.0, -500.0, 2000.0, -1200.0, 800.0]
-    pts = [(idle, e) for idle in (1000.0, 5000.0, 20000.0) for e in noise]
-    pts += [(1000.0, 30000.0), (20000.0, 30000.0)]
-    assert fit_ramp(pts, z=-math.inf)[0] > 2000.0
-    assert fit_ramp(pts) == (0.0, 0.0)
-    # a steady 150 us after 20 ms of idle, +-10 us: clear of its noise, kept
-    clear = [(idle, 150.0 * min(1.0, idle / 10000.0) + d) for idle in (1000.0, 20000.0)
-             for d in (-10.0, 0.0, 10.0, 5.0)]
-    full, ramp = fit_ramp(clear)
-    assert full == pytest.approx(152.5, abs=5.0) and ramp > 0
-
-
-def test_fit_cold_finds_a_floor_and_a_ramp_by_hand() -> None:
-    # 20 us after any pause (reached by 250 us) plus a ramp to 200 us at 20 ms: both found
+def test_fit_cold_curve_takes_each_pause_mean_by_hand() -> None:
+    # 20 us after 250 us, rising to 220 us at 20 ms; the thread's idle runs a little past
+    # each pause (the hand-over): the curve is at the mean idle the thread saw
     def cost(idle: float) -> float:
         return 20.0 * min(1.0, idle / 250.0) + 200.0 * min(1.0, idle / 20000.0)
 
-    idles = (250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0, 40000.0)
-    pts = [(i, cost(i) + d) for i in idles for d in (-2.0, 0.0, 2.0, 1.0)]
-    floor, full, ramp = fit_cold(pts, 250.0)
-    assert floor == pytest.approx(20.0, abs=1.0) and full == pytest.approx(200.0, abs=3.0)
-    assert ramp == pytest.approx(20000.0, rel=0.1)
-    # no floor in the points: none fitted, the ramp as fit_ramp finds it
-    line = [(i, 200.0 * min(1.0, i / 20000.0) + d) for i in idles for d in (-2.0, 2.0, 1.0)]
-    assert fit_cold(line, 250.0) == pytest.approx((0.0, *fit_ramp(line)), abs=1.0)
-    # only a floor (flat from the shortest pause on): a floor, no ramp
-    flat = [(i, 25.0 + d) for i in idles for d in (-2.0, 2.0, 1.0)]
-    floor, full, ramp = fit_cold(flat, 250.0)
-    assert floor + full == pytest.approx(25.0, abs=1.5)
-    assert fit_cold([(0.0, 0.0), (1000.0, -5.0)], 250.0) == (0.0, 0.0, 0.0)
+    pts = [(p, p + h, cost(p) + d) for p in PAUSES_US
+           for h, d in ((80.0, -2.0), (100.0, 0.0), (120.0, 2.0), (100.0, 4.0))]
+    curve = fit_cold_curve(pts)
+    assert [idle for idle, _ in curve] == pytest.approx([p + 100.0 for p in PAUSES_US])
+    assert [us for _, us in curve] == pytest.approx([cost(p) + 1.0 for p in PAUSES_US])
+    # grouped by the pause made, not by the idle seen: a long hand-over stays in its group;
+    # the curve follows the idle seen even where the pauses' order flips (then 40 us at 550
+    # and 30 at 600 pool to 35)
+    late = [(250.0, 600.0, 30.0 + d) for d in (-1.0, 1.0)] + \
+        [(500.0, 550.0, 40.0 + d) for d in (-1.0, 1.0)]
+    assert fit_cold_curve(late) == ((550.0, 35.0), (600.0, 35.0))
+    # a pause without points is left out; warm loads as fast as cold ones: no curve at all
+    assert len(fit_cold_curve(pts[4:])) == len(PAUSES_US) - 1
+    assert fit_cold_curve([(1000.0, 1000.0, e) for e in (-5.0, -6.0, -4.0)]) == ()
+    assert fit_cold_curve([]) == ()
 
 
-def test_fit_cold_charges_no_floor_it_cannot_tell_from_noise() -> None:
-    # the Mixtral-shaped bursts of the fit_ramp test: stalls make no floor either
+def test_fit_cold_curve_rises_with_the_pause() -> None:
+    # a noisy dip (20 us at 1 ms after 32 at 0.25 ms) is pooled with its neighbour: a load
+    # after a longer pause is no cheaper; the pool is weighted by the points each mean has
+    pts = [(250.0, 250.0, 32.0 + d) for d in (-1.0, 1.0)] + \
+        [(1000.0, 1000.0, 20.0 + d) for d in (-1.0, 1.0, 0.0, 0.0)] + \
+        [(5000.0, 5000.0, 90.0 + d) for d in (-1.0, 1.0)]
+    assert fit_cold_curve(pts) == ((250.0, 24.0), (1000.0, 24.0), (5000.0, 90.0))
+
+
+def test_fit_cold_curve_charges_no_cost_it_cannot_tell_from_noise() -> None:
+    # bursts of 40 ms loads: +-2 ms of noise and 30 ms stalls (the Mixtral-shaped probe,
+    # 2026-11-24): each pause's mean stays under two standard errors, so nothing is charged
     noise = [-1500.0, 1000.0, -500.0, 2000.0, -1200.0, 800.0]
-    pts = [(idle, e) for idle in (250.0, 1000.0, 5000.0, 20000.0) for e in noise]
-    pts += [(250.0, 30000.0), (1000.0, 30000.0), (20000.0, 30000.0)]
-    assert fit_cold(pts, 250.0) == (0.0, 0.0, 0.0)
+    pts = [(p, p, e) for p in (250.0, 1000.0, 5000.0, 20000.0) for e in noise]
+    pts += [(250.0, 250.0, 30000.0), (1000.0, 1000.0, 30000.0), (20000.0, 20000.0, 30000.0)]
+    assert fit_cold_curve(pts) == ()
+    # a steady 150 us after 20 ms, +-10 us: clear of its noise, kept; 1 ms: noise, 0
+    clear = [(1000.0, 1000.0, d) for d in (-10.0, 0.0, 10.0, 5.0)] + \
+        [(20000.0, 20000.0, 150.0 + d) for d in (-10.0, 0.0, 10.0, 5.0)]
+    assert fit_cold_curve(clear) == ((1000.0, 0.0), (20000.0, 151.25))
 
 
 def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> None:
@@ -399,10 +424,10 @@ def test_cold_loads_time_every_idle_after_at_least_that_idle(tmp_path: Path) -> 
         more = measure_cold_loads(reader, probe, layout, torch.device("cpu"), 4, 1,
                                   lambda: None, Bar(1, False), min_s=0.5)
     idle_ms = [ms for ms in COLD_IDLE_MS if ms]
-    assert len(points) == len(idle_ms)
-    for ms, (idle_us, extra_us) in zip(idle_ms, points, strict=True):
+    assert [pause for pause, _, _ in points] == [ms * 1e3 for ms in idle_ms]
+    for pause_us, idle_us, extra_us in points:
         # the thread's own idle: the sleep and the hand-over, under a second more on any box
-        assert ms * 1e3 <= idle_us < ms * 1e3 + 1e6 and math.isfinite(extra_us)
+        assert pause_us <= idle_us < pause_us + 1e6 and math.isfinite(extra_us)
     # a round sleeps sum(COLD_IDLE_MS) = 41.75 ms at least: 0.5 s takes more than one, and at
     # most COLD_MAX_ROUNDS; every round gives one point per idle time
     assert len(more) % len(idle_ms) == 0
@@ -423,7 +448,7 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     assert load_profile(tmp_path / "p.yaml") == p
     # per-request latency: 3 requests pay the disk and link latencies three times
     assert p.load_us(1_000_000, requests=3) == pytest.approx(3 * (100 + 10) + 1_000_000 / 500)
-    d["executor"] = {"layer_us": 1.0, "cold_load_us": 250.0, "cold_ramp_us": 5000.0,
+    d["executor"] = {"layer_us": 1.0, "cold_curve_us": [[250, 12.5], [5000.0, 250.0]],
                      "first_run_us": 80.0, "layer_first_run_us": 40.0}
     cold = profile_from_dict(d, path="hand.yaml")
     assert cold.executor.cold_us(2500.0) == pytest.approx(125.0)
@@ -440,6 +465,27 @@ def test_executor_costs_round_trip_and_validation(tmp_path: Path) -> None:
     d["executor"] = {"layer_us": 1.0, "cold_read_us": 250.0, "cold_ramp_us": 5000.0,
                      "first_run_us": 80.0, "layer_first_run_us": 40.0}
     assert profile_from_dict(d, path="old.yaml") == cold  # the key's name before 2026-11-23
+    # the floor and ramp of profiles before the curve: the same function, through its corners
+    d["executor"] = {"cold_floor_us": 20.0, "cold_load_us": 300.0, "cold_ramp_us": 6000.0}
+    old = profile_from_dict(d, path="old.yaml").executor
+    assert old.cold_curve_us == ((250.0, 32.5), (6000.0, 320.0))
+    assert [old.cold_us(t) for t in (125.0, 3000.0, 60000.0)] == \
+        pytest.approx([16.25, 20.0 + 150.0, 320.0])
+    d["executor"] = {"cold_load_us": 50.0}  # no ramp: the whole amount after any idle time
+    assert profile_from_dict(d, path="old.yaml").executor.cold_us(1.0) == 50.0
+    d["executor"] = {"cold_floor_us": 0.0, "cold_load_us": 0.0}
+    assert not profile_from_dict(d, path="old.yaml").executor.any_cold
+    d["executor"] = {"cold_curve_us": []}  # none measured clear of the noise
+    assert profile_from_dict(d, path="hand.yaml").executor == ExecutorCosts()
+    for bad, where in (([[500, 1.0], [500, 2.0]], "cold_curve_us[1]"),
+                       ([[500, -1.0]], "cold_curve_us[0]"), ([[0, 1.0]], "cold_curve_us[0]"),
+                       ("fast", "cold_curve_us")):
+        d["executor"] = {"cold_curve_us": bad}
+        with pytest.raises(UserError, match=re.escape(f"executor.{where}")):
+            profile_from_dict(d, path="hand.yaml")
+    d["executor"] = {"cold_curve_us": [[500, 1.0]], "cold_load_us": 5.0}
+    with pytest.raises(UserError, match="older cold keys"):
+        profile_from_dict(d, path="hand.yaml")
     d["executor"] = {"layer_us": 1.0, "overlap_run_wait_us": 140.5}
     waited = profile_from_dict(d, path="hand.yaml")
     assert waited.executor.overlap_run_wait_us == 140.5 and p.executor.overlap_run_wait_us == 0.0
@@ -486,7 +532,9 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert all(r.shape == "192x192" and r.latency_us > 0 for r in q.expert.rows)
     assert {r.tokens for r in q.non_expert.rows} == {1, 3}
     assert q.executor is not None and q.executor.layer_us >= 0
-    assert q.executor.cold_load_us >= 0 and q.executor.cold_ramp_us >= 0
+    curve = q.executor.cold_curve_us  # idle rising, costs rising, at the probe's pauses
+    assert all(a[0] < b[0] and 0 <= a[1] <= b[1] for a, b in zip(curve, curve[1:], strict=False))
+    assert all(ms * 1e3 <= idle for (idle, _), ms in zip(curve, COLD_IDLE_MS, strict=False))
     assert q.executor.first_run_us >= 0 and q.executor.layer_first_run_us >= 0
     assert q.executor.handoff_us >= 0 and q.executor.non_expert_after_load_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
@@ -539,7 +587,8 @@ def test_median_profile_takes_every_figure_apart() -> None:
         d["disk"]["read_GBps"] = bw
         d["expert"]["table"][0]["latency_us"] = run
         d["non_expert"]["table"][0]["head_us"] = head
-        d["executor"] = {"layer_us": 1.0 + k, "wake_us": wake}
+        d["executor"] = {"layer_us": 1.0 + k, "wake_us": wake, "cold_curve_us": [
+            [[250.0, 10.0], [1000.0, 40.0]], [[250.0, 30.0]], []][k]}
         d["disk"]["reads"] = [[4096, 100.0 + k], [65536, [300.0, 100.0, 200.0][k]]]
         dicts.append(d)
     rounds = [profile_from_dict(d, path=f"p{k}.yaml") for k, d in enumerate(dicts)]
@@ -550,6 +599,8 @@ def test_median_profile_takes_every_figure_apart() -> None:
     assert m.expert.rows[1:] == rounds[0].expert.rows[1:]  # equal in every round
     assert m.non_expert.rows[0].head_us == 6.0
     assert (m.executor.layer_us, m.executor.wake_us) == (2.0, 60.0)
+    # the cold curve at the longest one's pauses: 10, 30, 0 at 250 us; 40, 30, 0 at 1 ms
+    assert m.executor.cold_curve_us == ((250.0, 10.0), (1000.0, 30.0))
     assert m.source.date == "day 2" and m.name == rounds[0].name
     assert median_profile(rounds[:1]) == rounds[0]
 
@@ -558,7 +609,7 @@ def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys)
     out = tmp_path / "p.yaml"
     args = ["profile", "--out", str(out), "--dir", str(tmp_path / "s"), "--tokens", "1",
             "--bits", "4", "--disk-sizes", "4KiB,8KiB", "--repeats", "1", "--probe-experts", "2",
-            "--lane-layers", "2", "--no-progress"]
+            "--no-progress"]
     assert main(args) == 0
     profile = load_profile(out)
     assert profile.source.kind == "measured"
@@ -566,7 +617,8 @@ def test_profile_cli_writes_a_file_and_rejects_bad_input(tmp_path: Path, capsys)
     assert "wrote" in printed
     ex = profile.executor  # every lane cost it measured, as the summary prints them
     assert ex.evict_us > 0 and f"eviction {ex.evict_us:.0f} us" in printed
-    assert f"a load after a pause +{ex.cold_floor_us:.0f} us" in printed
+    assert "a load after a pause " + (f"+{ex.cold_curve_us[0][1]:.0f} us after"
+                                      if ex.cold_curve_us else "no more") in printed
     assert list((tmp_path / "s").iterdir()) == []  # no d2moe-probe-store/-model left behind
     assert main(args[:-1] + ["--tokens", "0,x", "--no-progress"]) == 2
     assert main(["profile", "--device", "tpu", "--out", str(out)]) == 2
@@ -643,8 +695,7 @@ def test_profile_cli_rejects_a_scratch_dir_under_a_file_and_huge_sizes(tmp_path:
 
 
 @pytest.mark.parametrize("option,value,field", [("--repeats", "0", "repeats"),
-                                                ("--probe-experts", "1", "probe-experts"),
-                                                ("--lane-layers", "0", "lane-layers")])
+                                                ("--probe-experts", "1", "probe-experts")])
 def test_profile_names_the_count_option_that_is_too_small(tmp_path: Path, capsys, option: str,
                                                           value: str, field: str) -> None:
     assert main(["profile", "--out", str(tmp_path / "p.yaml"), "--dir", str(tmp_path / "s"),

@@ -280,7 +280,7 @@ class ColdProfile(LaneProfile):
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        cold_load_us=8.0, cold_ramp_us=40.0))
+        cold_curve_us=((40.0, 8.0),)))
 
 
 @pytest.mark.parametrize("engine", ["fast", "simpy"])
@@ -304,24 +304,22 @@ def test_cold_loads_by_hand(engine: str) -> None:
     ]
 
 
-def test_cold_cost_ramps_then_saturates() -> None:
-    c = ExecutorCosts(cold_load_us=300.0, cold_ramp_us=6000.0)
+def test_cold_cost_follows_the_curve_then_saturates() -> None:
+    c = ExecutorCosts(cold_curve_us=((6000.0, 300.0),))
     assert [c.cold_us(t) for t in (-1.0, 0.0, 1500.0, 6000.0, 60000.0, math.inf)] == \
         [0.0, 0.0, 75.0, 300.0, 300.0, 300.0]
-    assert ExecutorCosts(cold_load_us=50.0).cold_us(1.0) == 50.0  # no ramp: any idle time
-    assert ExecutorCosts().cold_us(math.inf) == 0.0
-    # a floor reached after 250 us of idle time (COLD_FLOOR_RAMP_US), on top of the ramp
-    f = ExecutorCosts(cold_floor_us=20.0, cold_load_us=300.0, cold_ramp_us=6000.0)
-    assert [f.cold_us(t) for t in (0.0, 125.0, 250.0, 1500.0, 60000.0)] == \
-        [0.0, 10.0 + 6.25, 20.0 + 12.5, 95.0, 320.0]
-    assert ExecutorCosts(cold_floor_us=20.0).cold_us(1e6) == 20.0 and \
-        ExecutorCosts(cold_floor_us=20.0).any_cold and not ExecutorCosts().any_cold
+    assert ExecutorCosts().cold_us(math.inf) == 0.0 and not ExecutorCosts().any_cold
+    # from (0, 0) to the first pause, then between the pauses, flat past the last
+    f = ExecutorCosts(cold_curve_us=((250.0, 20.0), (1000.0, 20.0), (6000.0, 300.0)))
+    assert [f.cold_us(t) for t in (125.0, 250.0, 500.0, 3500.0, 1e6)] == \
+        [10.0, 20.0, 20.0, 160.0, 300.0]
+    assert f.any_cold and not ExecutorCosts(cold_curve_us=((250.0, 0.0),)).any_cold
 
 
 @pytest.mark.parametrize("engine", ["fast", "simpy"])
-def test_a_cold_floor_alone_makes_loads_cold(engine: str) -> None:
-    """A profile with only a floor still charges it: the simulator does not skip cold
-    costs because `cold_load_us` is 0."""
+def test_a_short_cold_curve_makes_loads_cold(engine: str) -> None:
+    """A curve of one point, reached after the shortest pause, still charges every load
+    after a pause: the simulator does not skip it."""
     def end(executor: ExecutorCosts) -> float:
         steps = [StepWork("decode", 1, [[Demand(ExpertKey(0, 0), 4, 1, 0.9)]]),
                  StepWork("decode", 1, [[Demand(ExpertKey(0, 1), 4, 1, 0.9)]])]
@@ -330,7 +328,7 @@ def test_a_cold_floor_alone_makes_loads_cold(engine: str) -> None:
         return max(e.end_us for e in tl.events)
 
     warm = LaneProfile().executor
-    assert end(dataclass_replace(warm, cold_floor_us=40.0)) > end(warm)
+    assert end(dataclass_replace(warm, cold_curve_us=((250.0, 40.0),))) > end(warm)
 
 
 def test_fluid_schedule_with_cold_loads_by_hand() -> None:
@@ -348,22 +346,22 @@ def test_fluid_schedule_with_cold_loads_by_hand() -> None:
 
 @dataclass(frozen=True)
 class ColdContendedProfile(LaneProfile):
-    """Cold loads (with a floor) and contended lanes together."""
+    """Cold loads (a two-point curve) and contended lanes together."""
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_load_us=8.0, cold_ramp_us=40.0,
-        first_run_us=0.75, layer_first_run_us=0.5, handoff_us=1.25, cold_floor_us=3.0))
+        overlap_io_speed=0.6, overlap_compute_speed=0.4, cold_curve_us=((40.0, 8.5), (250.0, 11.0)),
+        first_run_us=0.75, layer_first_run_us=0.5, handoff_us=1.25))
 
 
 @dataclass(frozen=True)
 class ColdFirstProfile(LaneProfile):
-    """Cold loads (with a floor) and first runs, no contention."""
+    """Cold loads (a two-point curve) and first runs, no contention."""
 
     executor: ExecutorCosts = field(default_factory=lambda: ExecutorCosts(
         layer_us=1.0, load_us=0.5, load_GBps=math.inf, run_us=0.25, wake_us=2.0,
-        cold_load_us=8.0, cold_ramp_us=40.0, first_run_us=0.75, layer_first_run_us=0.5,
-        handoff_us=1.25, cold_floor_us=3.0))
+        cold_curve_us=((40.0, 8.5), (250.0, 11.0)), first_run_us=0.75,
+        layer_first_run_us=0.5, handoff_us=1.25))
 
 
 @dataclass(frozen=True)
