@@ -58,10 +58,10 @@ def fit_cold_curve(points: Sequence[tuple[float, float, float]],
     the means are then made non-decreasing (pool-adjacent-violators, weighted by points): a
     load after a longer pause is no faster. Two-part fits (a floor plus a ramp, or a ramp
     alone) swung from round to round on the development VM between a 45-93 us floor and a
-    ramp charging 10-25 us at the decode's 0.25-1 ms pauses, while the probe's own means were
-    12-27 us there in every run (docs/results/fidelity.md, 2026-11-24); on a Mixtral-sized
-    load (40 ms, bursts varying by tens of ms) the gate keeps stalls from reading as a
-    cost."""
+    ramp charging 10-25 us at the decode's 0.25-1 ms pauses, while the probe's own means
+    there were 0-27 us in every run but one (docs/results/fidelity.md, 2026-11-24); on a
+    Mixtral-sized load (40 ms, bursts varying by tens of ms) the gate keeps stalls from
+    reading as a cost."""
     by_pause: dict[float, list[tuple[float, float]]] = {}
     for pause, idle, extra in points:
         by_pause.setdefault(pause, []).append((idle, extra))
