@@ -393,6 +393,23 @@ def test_fit_cold_curve_rises_with_the_pause() -> None:
     assert fit_cold_curve(pts) == ((250.0, 24.0), (1000.0, 24.0), (5000.0, 90.0))
 
 
+@given(st.lists(st.lists(st.floats(-50.0, 500.0), min_size=2, max_size=6), min_size=1,
+                max_size=8))
+def test_fit_cold_curve_rises_and_keeps_a_rising_set(groups: list[list[float]]) -> None:
+    # one group of bursts per pause (250 us apart, the thread's idle 30 us past it)
+    pts = [(250.0 * (k + 1), 250.0 * (k + 1) + 30.0, e)
+           for k, g in enumerate(groups) for e in g]
+    curve = fit_cold_curve(pts)
+    pairs = list(zip(curve, curve[1:], strict=False))
+    assert all(a[0] < b[0] and 0 <= a[1] <= b[1] for a, b in pairs)
+    means = [max(clear_excess(g), 0.0) for g in groups]
+    rising = all(a <= b for a, b in zip(means, means[1:], strict=False))
+    if rising and any(round(m, 2) > 0 for m in means):
+        # already rising: each pause keeps its own gated mean
+        assert [us for _, us in curve] == pytest.approx([round(m, 2) for m in means],
+                                                        abs=0.006)
+
+
 def test_fit_cold_curve_charges_no_cost_it_cannot_tell_from_noise() -> None:
     # bursts of 40 ms loads: +-2 ms of noise and 30 ms stalls (the Mixtral-shaped probe,
     # 2026-11-24): each pause's mean stays under two standard errors, so nothing is charged
