@@ -60,15 +60,16 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     `StreamingExperts` with every expert resident, so the rows hold what a real run's do:
     attention, router, the backend's bookkeeping; layer 0's row also holds the step's head
     (LM head, sampling, embedding), kept apart (`non_expert_per_layer`).
-    One token: decode steps; more: one prefill per generation. The expert table times runs
-    back to back; here the first run of each decode layer follows the layer's non-expert
-    slice, and what it takes beyond the layer's later runs is kept too. In turn with each
-    resident round, the same model decodes under a quarter of the experts (FIFO: each layer
-    loads): its rows right after a plan with loads, against the resident rows, give
-    `non_expert_after_load_us`, its loads and runs the overlap speeds, and both backends'
-    decode layers the lanes' fixed costs (`lane_costs_from_rows`) (on a large shape,
-    which loads one or two experts a step, it decodes on until MIN_BESIDE loads overlapped
-    runs, at most MORE_DECODES more times).
+    Decode steps in every repeat (1 token; the lanes' costs and the overlap speeds come from
+    them, whatever `tokens` asks); more tokens: one prefill per generation. The expert
+    table times runs back to back; here the first run of each decode layer follows the
+    layer's non-expert slice, and what it takes beyond the layer's later runs is kept too.
+    In turn with each resident round, the same model decodes under a quarter of the experts
+    (FIFO: each layer loads): its rows right after a plan with loads, against the resident
+    rows, give `non_expert_after_load_us`, its loads and runs the overlap speeds, and both
+    backends' decode layers the lanes' fixed costs (`lane_costs_from_rows`) (on a large
+    shape, which loads one or two experts a step, it decodes on until MIN_BESIDE loads
+    overlapped runs, at most MORE_DECODES more times).
     """
     import torch
 
@@ -108,15 +109,16 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     run(loaded, 2, 3)
     first, first_loaded = backend.step + 1, loaded.step + 1
     for _ in range(repeats):
+        # decode steps whatever `tokens` asks: the lanes' costs and the overlap speeds come
+        # from them (the 1-token table row too, when asked)
+        run(backend, 2, 3)  # two decode steps
+        run(loaded, 2, 6)  # five: the overlap speeds' samples (few per step on a large
+        #                    shape, where each layer loads one or two)
         for n in tokens:
-            if n == 1:
-                run(backend, 2, 3)  # two decode steps
-                run(loaded, 2, 6)  # five: the overlap speeds' samples (few per step on
-                #                    a large shape, where each layer loads one or two)
-            else:
+            if n != 1:
                 run(backend, n, 1)
             bar.step("non-expert")
-    for _ in range(MORE_DECODES if 1 in tokens else 0):  # a large shape loads one or two
+    for _ in range(MORE_DECODES):  # a large shape loads one or two
         # experts a step: decode on, in turn as above, until the overlap speeds have enough
         # loads beside runs to read (six in a Mixtral-shaped profile gave io 0.57-1.0)
         if _loads_beside_runs([e for e in loaded.events if e.step >= first_loaded]) \

@@ -20,6 +20,7 @@ from d2moe.profiles.backend_probes import (
     after_load_excess,
     lane_costs_from_rows,
     layer_first_run_excess,
+    measure_non_expert,
     non_expert_per_layer,
     overlap_speeds_from_rows,
     resident_probe_spec,
@@ -184,6 +185,23 @@ def test_lane_costs_read_decode_layers_of_every_timeline_by_hand() -> None:
     assert costs == {"layer_us": 6.0, "run_us": 0.0, "wake_us": 3.0, "handoff_us": 9.0}
     # each timeline keyed on its own: merged into one, the steps would collide
     assert lane_costs_from_rows(resident + loaded) != costs
+
+
+def test_decode_rows_come_whatever_tokens_asks(tmp_path: Path) -> None:
+    """The lanes' costs and the overlap speeds are read from decode steps, so a profile
+    whose tables skip one token still has them (they were all 0 before)."""
+    import torch
+
+    from d2moe.core.sizes import QuantLayout
+
+    rows = measure_non_expert(load_spec("tiny"), QuantLayout(), torch.device("cpu"), (3,), 1,
+                              tmp_path, Bar(1, False))
+    assert [n for n, _, _ in rows.non_expert] == [3]
+    for timeline in (rows.resident_rows, rows.loaded_rows):
+        assert any(e.kind == "non_expert" and e.tokens == 1 for e in timeline)
+    assert any(e.kind == "load" for e in rows.loaded_rows)
+    costs = lane_costs_from_rows(rows.resident_rows, rows.loaded_rows)
+    assert costs["layer_us"] > 0 and costs["wake_us"] >= 0
 
 
 def test_overlap_speeds_by_hand() -> None:
