@@ -189,7 +189,7 @@ def test_lane_costs_read_decode_layers_of_every_timeline_by_hand() -> None:
 
 def test_decode_rows_come_whatever_tokens_asks(tmp_path: Path) -> None:
     """The lanes' costs and the overlap speeds are read from decode steps, so a profile
-    whose tables skip one token still has them (they were all 0 before)."""
+    whose tables skip one token still has them (before: lane costs 0, overlap speeds 1)."""
     import torch
 
     from d2moe.core.sizes import QuantLayout
