@@ -83,8 +83,12 @@ def main() -> None:
             for bits in (int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")):
                 a = nested_matmul(x, q, bits)
                 b = nested_matmul(x, stacked(q, bits), bits)
-                if not torch.equal(a, b):
-                    sys.exit(f"outputs differ: {name} {kind} {bits} bits")
+                # not bit for bit: the one-token launch splits each sum across programs
+                # whose fp32 partials meet in atomic adds, in an order that varies per launch
+                # (a wrong plane or scale errs by > 1e-2)
+                err = float((a.double() - b.double()).norm() / b.double().norm())
+                if err > 1e-3:
+                    sys.exit(f"outputs differ: {name} {kind} {bits} bits (relative {err:.1e})")
                 here = do_bench(lambda q=q, x=x, b=bits: nested_matmul(x, q, b))
                 stack = do_bench(lambda q=q, x=x, b=bits: nested_matmul(x, stacked(q, b), b))
                 ratios.append(stack / here)
