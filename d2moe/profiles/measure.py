@@ -249,14 +249,18 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
         executor=executor)
 
 
-def lane_load_costs(loads: Sequence[tuple[Sequence[int], float]],
-                    request_us: Callable[[int], float],
+def lane_load_costs(loads: Sequence[tuple[Sequence[int], float]], profile: Profile,
                     check_GBps: float) -> tuple[float, float]:
     """(load_us, load_GBps): the I/O lane's work per load beyond its reads and checks (layout
-    conversion, placement), fitted over measured loads of (level bytes in file order, us);
-    the reads priced as the simulator prices them (`profiles.cost.store_reads_us`)."""
+    conversion, placement and, on CUDA, the copy to the device), fitted over measured loads
+    of (level bytes in file order, us); the reads priced as the simulator prices them
+    (`profiles.cost.store_reads_us` of `profile.load_us` from disk: with a link, its
+    latency too, which the simulator charges per read on top of this work)."""
+    def read_us(n: int) -> float:
+        return float(profile.load_us(n, "disk"))
+
     return fit_latency_bandwidth([
-        (sum(levels), us - store_reads_us(levels, request_us, check_GBps, PIPELINE_MIN_BYTES))
+        (sum(levels), us - store_reads_us(levels, read_us, check_GBps, PIPELINE_MIN_BYTES))
         for levels, us in loads])
 
 
@@ -321,15 +325,6 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 reader.close()
     finally:
         bar.close()
-    load_us, load_gbps = lane_load_costs(loads, disk.request_us, check_gbps)
-    executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
-                             load_GBps=_sig(load_gbps), check_GBps=_sig(check_gbps),
-                             run_us=lanes["run_us"], wake_us=lanes["wake_us"],
-                             cold_curve_us=cold_curve_us,
-                             first_run_us=round(first_run_us, 2),
-                             layer_first_run_us=resident.layer_first_run_us,
-                             non_expert_after_load_us=resident.non_expert_after_load_us,
-                             handoff_us=lanes["handoff_us"], evict_us=round(evict_us, 2))
     shape = expert_shape_key(spec)
     name = cfg.name or Path(cfg.out).name.removesuffix(".yaml")
     profile = Profile(
@@ -342,8 +337,17 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              else _host_memory_bytes()),
         expert=ExpertTable(tuple(ExpertRow(shape, b, t, round(us, 2)) for b, t, us in runs)),
         non_expert=NonExpertTable(tuple(NonExpertRow(spec.name, t, us, head_us)
-                                        for t, us, head_us in resident.non_expert)),
-        executor=executor)
+                                        for t, us, head_us in resident.non_expert)))
+    load_us, load_gbps = lane_load_costs(loads, profile, check_gbps)  # reads priced by it
+    executor = ExecutorCosts(layer_us=lanes["layer_us"], load_us=round(load_us, 2),
+                             load_GBps=_sig(load_gbps), check_GBps=_sig(check_gbps),
+                             run_us=lanes["run_us"], wake_us=lanes["wake_us"],
+                             cold_curve_us=cold_curve_us,
+                             first_run_us=round(first_run_us, 2),
+                             layer_first_run_us=resident.layer_first_run_us,
+                             non_expert_after_load_us=resident.non_expert_after_load_us,
+                             handoff_us=lanes["handoff_us"], evict_us=round(evict_us, 2))
+    profile = dataclasses.replace(profile, executor=executor)
     return dataclasses.replace(profile, executor=dataclasses.replace(
         executor, **overlap_speeds(profile, spec, layout, resident.loaded_rows)))
 

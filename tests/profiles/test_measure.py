@@ -50,7 +50,7 @@ from d2moe.profiles.timing import (
     fit_latency_bandwidth,
     interleaved_means,
 )
-from tests.profiles.test_profiles import hand, headed
+from tests.profiles.test_profiles import hand, headed, unified
 
 TINY = dict(tokens="1,3", bits="2,4", disk_sizes="4KiB,8KiB", repeats=1, probe_experts=2,
             progress=False)
@@ -72,6 +72,10 @@ def test_lane_load_costs_subtract_the_reads_the_reader_makes() -> None:
     from d2moe.profiles.cost import store_reads_us
     from d2moe.quant.store import PIPELINE_MIN_BYTES
 
+    d = unified()
+    d["disk"] = {"read_GBps": 1.0, "latency_us": 50.0}
+    profile = profile_from_dict(d, path="test")
+
     def request(n: int) -> float:
         return 50.0 + n / 1000
 
@@ -79,9 +83,34 @@ def test_lane_load_costs_subtract_the_reads_the_reader_makes() -> None:
               (2 << 20, 1 << 20, 14000)]  # the last: two large levels read alone
     loads = [(levels, store_reads_us(levels, request, 7.0, PIPELINE_MIN_BYTES)
               + 20.0 + sum(levels) / 2000) for levels in raises]
-    load_us, gbps = lane_load_costs(loads, request, 7.0)
+    load_us, gbps = lane_load_costs(loads, profile, 7.0)
     assert load_us == pytest.approx(20.0)
     assert gbps == pytest.approx(2.0)
+
+
+def test_lane_load_costs_round_trip_through_the_simulator_with_a_link() -> None:
+    """Loads priced by the simulator (`ProfileCosts.raise_us`: each read from disk over the
+    link, its latency per read, then the lane's work) fit back to that lane work exactly. Reads
+    priced on the disk alone would leave the link's 10 us per read in the lane's work, which
+    the simulator would then charge twice."""
+    import dataclasses
+
+    from d2moe.core.sizes import QuantLayout
+    from d2moe.policies.view import Sizes
+    from d2moe.sim.costs import ProfileCosts
+
+    bare = profile_from_dict(hand(), path="test")  # disk 1 GB/s + 100 us, link 0.5 GB/s + 10 us
+    work = ExecutorCosts(load_us=20.0, load_GBps=2.0, check_GBps=7.0)
+    profile = dataclasses.replace(bare, executor=work)
+    spec, layout = load_spec("tiny"), QuantLayout()
+    costs = ProfileCosts(profile, spec, Sizes.of(spec, layout), layout)
+    raises = [(0, 2), (0, 4), (2, 3), (2, 8), (4, 6), (0, 8)]
+    loads = [(costs.levels(a, b), costs.raise_us(a, b)) for a, b in raises]
+    assert lane_load_costs(loads, bare, 7.0) == pytest.approx((20.0, 2.0))
+    # the link's latency is in the simulator's price of every read
+    assert costs.raise_us(0, 2) == pytest.approx(
+        bare.load_us(costs.reads(0, 2)[0], "disk") + costs.reads(0, 2)[0] / 7000
+        + 20.0 + costs.levels(0, 2)[0] / 2000)
 
 
 def test_interleaved_means_average_reported_times_over_enough_rounds() -> None:
