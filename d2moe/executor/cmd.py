@@ -10,7 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, from_args, model_field, require_modules
+from d2moe.core.cliargs import (
+    add_fields,
+    check_threads,
+    from_args,
+    model_field,
+    require_modules,
+)
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
 from d2moe.executor.setup import (
@@ -43,6 +49,10 @@ class RunConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     direct_io: bool = field(default=True, metadata={
         "help": "read the store with O_DIRECT so the page cache does not hide the disk"})
+    threads: int = field(default=1, metadata={
+        "help": "torch intra-op threads (0: torch's default); 1 by default, as in serve and "
+                "validate: the I/O lane needs a core (tiny on a 2-core CPU under a budget: "
+                "1.02-1.07x the decode tokens/s of torch's default 2; docs/results/executor.md)"})
     out: str = field(default="out/run", metadata={"help": "output directory"})
     router: str = field(default="", metadata={
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
@@ -54,6 +64,9 @@ class RunConfig:
                 "computed once for tiny"})
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar of new tokens on a terminal when it takes over a second"})
+
+    def __post_init__(self) -> None:
+        check_threads(self.threads)
 
 
 def register(subparsers: Any) -> None:
@@ -95,6 +108,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     from d2moe.model.generate import check_positions, generate
     from d2moe.model.tokenizer import decode, encode
     from d2moe.policies import make_policy, policy_config
+    from d2moe.profiles.measure import torch_threads
     from d2moe.router.adaptive import describe as describe_capacity
     from d2moe.router.adaptive import run_bits
 
@@ -131,8 +145,9 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router,
                                capacity=controller)
     try:
-        gen = generate(model, prompt_ids, cfg.max_new_tokens, backend=backend,
-                       progress=cfg.progress)
+        with torch_threads(cfg.threads):
+            gen = generate(model, prompt_ids, cfg.max_new_tokens, backend=backend,
+                           progress=cfg.progress)
     finally:
         timeline = backend.finish()
     resident_params = sum(p.numel() * p.element_size() for p in model.parameters())

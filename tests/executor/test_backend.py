@@ -167,9 +167,24 @@ def test_plans_without_loads_are_not_handed_to_the_io_lane(store_path, reference
     assert backend.io_submits == len(loaded) > 0
 
 
-def test_run_command_and_its_errors(store_path, tmp_path):
+def test_run_command_and_its_errors(store_path, tmp_path, monkeypatch):
+    import d2moe.model.generate as gen_mod
+
     cfg = RunConfig(store=str(store_path), max_new_tokens=4, out=str(tmp_path), budget="30%")
-    result = run(cfg)
+    threads, seen, original = torch.get_num_threads(), [], gen_mod.generate
+
+    def spy(*args, **kwargs):  # the torch thread count generation runs under
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "generate", spy)
+    torch.set_num_threads(2)
+    try:
+        result = run(cfg)
+        assert seen == [1] and torch.get_num_threads() == 2  # --threads 1, then restored
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
     assert (tmp_path / "events.npz").is_file() and (tmp_path / "bubbles.png").is_file()
     assert "tok/s" in result["summary"] and result["text"].startswith(cfg.prompt)
     meta = json.loads((tmp_path / "metrics.json").read_text())["meta"]  # formats.md's keys
@@ -182,6 +197,9 @@ def test_run_command_and_its_errors(store_path, tmp_path):
         run(RunConfig(store=str(tmp_path), out=str(tmp_path)))
     with pytest.raises(UserError, match="device"):
         run(RunConfig(store=str(store_path), device="tpu", out=str(tmp_path)))
+    with pytest.raises(UserError, match=">= 0") as err:
+        RunConfig(threads=-1)
+    assert err.value.field == "threads"
     with pytest.raises(UserError, match="maximum of 4096 positions") as err:
         run(RunConfig(store=str(store_path), max_new_tokens=4200, out=str(tmp_path / "long")))
     assert err.value.field == "max-new-tokens" and not (tmp_path / "long").exists()
