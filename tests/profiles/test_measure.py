@@ -18,6 +18,7 @@ from d2moe.core.spec import load_spec
 from d2moe.profiles.backend_probes import (
     MIN_ALONE,
     after_load_excess,
+    decode_runs,
     lane_costs_from_rows,
     layer_first_run_excess,
     measure_non_expert,
@@ -372,6 +373,26 @@ def test_layer_first_run_excess_by_hand() -> None:
     assert layer_first_run_excess(rows[:3]) == 0.0  # no decode layer with two runs
     faster_first = [rows[3], _step_row("run", 1, 0, 1, 61, 69), _step_row("run", 1, 0, 1, 70, 82)]
     assert layer_first_run_excess(faster_first) == 0.0  # never below 0
+
+
+def test_preempted_decode_runs_are_left_out_of_the_first_run_excess() -> None:
+    def layer(step: int, first_us: float, later_us: float) -> list:
+        t = step * 1000.0
+        return [_step_row("non_expert", step, 0, 1, t, t + 10),
+                _step_row("run", step, 0, 1, t + 10, t + 10 + first_us),
+                _step_row("run", step, 0, 1, t + 20 + first_us, t + 20 + first_us + later_us)]
+
+    rows = [r for s, (f, lt) in enumerate([(60, 48), (62, 50), (58, 49), (61, 47)] * 4)
+            for r in layer(s, f, lt)]
+    assert layer_first_run_excess(rows) == pytest.approx(11.75)  # 60.25 against 48.5
+    # a first run preempted (338 us, over 3x the later runs' median) and a later one (300):
+    # left out; kept, the 338 would have hidden the excess in its noise
+    hit = rows + layer(16, 338, 49) + layer(17, 60, 300)
+    firsts, laters = decode_runs(hit)
+    assert max(firsts) == 62 and max(laters) == 50 and len(firsts) == 17 and len(laters) == 17
+    assert layer_first_run_excess(hit) == pytest.approx(11.75, abs=0.1)
+    assert clear_excess([60, 62, 58, 61] * 4 + [338, 60],
+                        [48, 50, 49, 47] * 4 + [49, 300]) == 0.0  # what keeping them gave
 
 
 def test_clear_excess_charges_only_what_stands_above_the_noise() -> None:
