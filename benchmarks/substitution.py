@@ -184,10 +184,9 @@ def main() -> None:
 def _real(name: str, budget: str, args: argparse.Namespace, out: Path) -> Any:
     """One `d2moe run` (generation of --tokens after --prompt): its timeline's metrics."""
     cfg = RunConfig(policy=name, budget=budget, bits=BITS, prompt=args.prompt,
-                    max_new_tokens=args.tokens, device="cpu", out=str(out),
-                    progress=False)  # one table, not a bar per run
-    with torch_threads(args.threads):
-        return run(cfg)["metrics"]
+                    max_new_tokens=args.tokens, device="cpu", threads=args.threads,
+                    out=str(out), progress=False)  # one table, not a bar per run
+    return run(cfg)["metrics"]
 
 
 def _simulated(inputs: Any, trace: Any, profile: Any, name: str, nbytes: int,
