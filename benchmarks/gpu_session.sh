@@ -3,15 +3,16 @@
 # call at the times measured on an H100 of 2026-11-23 (the Triton compiles are most of the
 # kernel phase; the fidelity and mixtral phases' step limits add up to under 600 s).
 # Usage, on the GPU machine, repo root (the repo goes on PYTHONPATH here):
-#   OUT=dir bash benchmarks/gpu_session.sh kernels   # GPU tests, launch sweep, 1/4/16-token
-#                                                    # tables, planes in place vs stacked,
-#                                                    # gate and up in one launch
+#   OUT=dir bash benchmarks/gpu_session.sh kernels   # GPU tests, 1/4/16-token tables, gate
+#                                                    # and up in one launch, planes in place
+#                                                    # vs stacked, launch sweep
 #   OUT=dir bash benchmarks/gpu_session.sh fidelity  # CUDA profile, validate (tiny), loads
 #                                                    # into the CUDA pool
 #   OUT=dir bash benchmarks/gpu_session.sh mixtral   # Mixtral-shaped fidelity, its profile
 #                                                    # measured in the run
 # Each step has its own time limit, so one that runs long costs only itself; logs and JSON land
-# in $OUT (docs/reproduce.md says which result file each feeds).
+# in $OUT (docs/reproduce.md says which result file each feeds), at most 8 files a phase (what
+# one device call brings back).
 set -u -o pipefail
 phase=${1:?usage: gpu_session.sh kernels|fidelity|mixtral}
 case "$phase" in kernels|fidelity|mixtral) ;; *)
@@ -26,9 +27,10 @@ D2MOE="$PY -m d2moe.cli"  # (a word list, so that `timeout` can run it)
 step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
 
 step device
-{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  $PY -c "import simpy" 2>/dev/null || echo "simpy missing: the fidelity phase needs it"
+{ date -u; timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+    --format=csv
+  timeout 30 $PY -c "import torch, triton; print('torch', torch.__version__, triton.__version__)"
+  timeout 10 $PY -c "import simpy" 2>/dev/null || echo "simpy missing: the fidelity phase needs it"
 } 2>&1 | tee "$OUT/device.txt"
 
 case "$phase" in
@@ -74,9 +76,10 @@ mixtral)
   # ~270 s on 2026-11-23; the profile has gained probes since (cold loads per pause, a
   # quarter-budget decode), so it has the phase to itself
   step "Mixtral-shaped, 2 layers, profile measured in the run (~400 s)"
-  timeout 560 $PY benchmarks/fidelity.py --device cuda --mixtral --layers 2 --tokens 4 \
-    --measure --store /tmp/d2moe-mix --out "$OUT/fidelity-mixtral" 2>&1 | grep -v "^wrote" \
-    | tail -12
+  timeout 500 $PY benchmarks/fidelity.py --device cuda --mixtral --layers 2 --tokens 4 \
+    --measure --store /tmp/d2moe-mix --out /tmp/d2moe-fmix 2>&1 | grep -v "^wrote" | tail -12
+  for f in fidelity.json table.txt profile.yaml timeline-50pct.png; do  # (8 files at most)
+    cp "/tmp/d2moe-fmix/$f" "$OUT/fidelity-mixtral-$f" 2>/dev/null; done
   ;;
 esac
 step done

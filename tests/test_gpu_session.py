@@ -86,7 +86,7 @@ def test_every_option_the_gpu_script_passes_exists() -> None:
     for target, argv, options in uses:
         text = helps[target + " " + " ".join(argv)]
         assert "usage:" in text, (target, text[-300:])
-        missing = [o for o in options if not re.search(re.escape(o) + r"\b", text)]
+        missing = [o for o in options if not re.search(re.escape(o) + r"(?![\w-])", text)]
         assert not missing, f"{target}: {missing} not in its --help"
 
 
@@ -95,9 +95,19 @@ def test_the_phases_fit_a_device_call_and_name_only_what_exists() -> None:
     assert set(phases) == {"kernels", "fidelity", "mixtral"}
     usage = next(line for line in _commands() if "usage: gpu_session.sh" in line)
     assert "kernels|fidelity|mixtral" in usage
+    device = [int(n) for line in _commands() if "--query-gpu" in line or "import torch" in line
+              or "import simpy" in line for n in re.findall(r"timeout (\d+)", line)]
+    assert len(device) == 3  # the device lines every phase runs first are limited too
     for name in ("fidelity", "mixtral"):  # the kernels phase is ordered by priority instead
         limits = [int(n) for line in phases[name] for n in re.findall(r"timeout (\d+)", line)]
-        assert limits and sum(limits) < CALL_LIMIT_S, (name, limits)
+        assert limits and sum(device) + sum(limits) < CALL_LIMIT_S, (name, device, limits)
+    for name, lines in phases.items():  # a call brings back at most 8 files from $OUT
+        outs = {m for line in lines for m in re.findall(r'\$OUT/([\w.-]+)', line)}
+        outs |= {f"fidelity-mixtral-{f}" for line in lines if "for f in" in line
+                 for f in line.split(" in ", 1)[1].split(";")[0].split()}
+        folders = re.findall(r'--out "\$OUT/[\w-]+"', " ".join(lines))  # no extension
+        assert not folders, (name, folders)  # a whole folder of results: too many files
+        assert 0 < len(outs) + 1 <= 8, (name, sorted(outs))  # + device.txt
     for line in _commands():  # the pytest marker it selects is declared
         if "-m gpu" in line:
             assert '"gpu:' in (ROOT / "pyproject.toml").read_text()
