@@ -272,15 +272,16 @@ def non_expert_per_layer(events: Sequence[Any],
     return out
 
 
-PREEMPTED = 3.0  # a decode run over this many times the median later run was preempted
+PREEMPTED = 3.0  # a decode run over this many times the median of its kind was preempted
 
 
 def decode_runs(events: Sequence[Any]) -> tuple[list[float], list[float]]:
     """(first runs, later runs) in us of the layers of one-token (decode) steps with two runs
-    or more and no stall (every expert resident), without the runs over PREEMPTED times the
-    median later run: a run the OS took the core from (a 60 us tiny run once took 338 us in
+    or more and no stall (every expert resident), each without its runs over PREEMPTED times
+    its own median: a run the OS took the core from (a 60 us tiny run once took 338 us in
     the probe) says nothing of the costs read from these, and one such run in 30 layers
-    kept the first-run excess from clearing its noise in some profiles."""
+    kept the first-run excess from clearing its noise in some profiles. (Each against its
+    own median: a first run may cost several later ones where the later are cheap.)"""
     decode = {e.step for e in events if e.kind == "non_expert" and e.tokens == 1}
     layers: dict[tuple[int, int], list[Any]] = {}
     for e in events:
@@ -293,10 +294,11 @@ def decode_runs(events: Sequence[Any]) -> tuple[list[float], list[float]]:
             continue
         firsts.append(rows[0].end_us - rows[0].start_us)
         laters += [r.end_us - r.start_us for r in rows[1:]]
-    if not laters:
-        return firsts, laters
-    cap = PREEMPTED * statistics.median(laters)
-    return [us for us in firsts if us <= cap], [us for us in laters if us <= cap]
+    def kept(runs: list[float]) -> list[float]:
+        cap = PREEMPTED * statistics.median(runs) if runs else 0.0
+        return [us for us in runs if us <= cap]
+
+    return kept(firsts), kept(laters)
 
 
 def layer_first_run_excess(events: Sequence[Any]) -> float:

@@ -19,10 +19,12 @@ def test_parse_index_holds_what_the_reader_serves_and_checks_the_digest_first(tm
     _write(tmp_path / "s", layout)
     raw = json.loads((tmp_path / "s" / "index.json").read_text())
     ix = parse_index(copy.deepcopy(raw), "index.json")  # no file touched: a dict in
-    with StoreReader(tmp_path / "s") as reader:
-        assert (ix.spec, ix.layout, ix.bits_stored) == (reader.spec, reader.layout, 5)
-        assert ix.entries == reader.entries and ix.shapes == reader.shapes
-    assert ix.spec == SPEC and len(ix.entries) == SPEC.layers * SPEC.experts * 3 * 4
+    assert (ix.spec, ix.layout, ix.bits_stored) == (SPEC, layout, 5)
+    assert ix.shapes == dict(zip(("w1", "w3", "w2"), SPEC.expert_shapes, strict=True))
+    assert len(ix.entries) == SPEC.layers * SPEC.experts * 3 * 4  # levels 2..5
+    with StoreReader(tmp_path / "s") as reader:  # and what it holds is what a reader serves
+        assert reader.expert_nbytes(1, 2, 0, 5) == sum(
+            e.nbytes for (lay, ex, _, _), e in ix.entries.items() if (lay, ex) == (1, 2))
     assert all(e.offset % ALIGN_BYTES == 0 for e in ix.entries.values() if e.tensor == "w1")
     edited = copy.deepcopy(raw)
     edited["bits_stored"] = 9  # out of range, but the digest no longer matches: that first
