@@ -11,7 +11,7 @@ Usage:
   python benchmarks/fidelity.py [--measure] [--tokens 32] [--repeats 3]
   python benchmarks/fidelity.py --mixtral [--layers 2] [--tokens 3] [--measure]
       (random-weight Mixtral-8x7B-shaped model, bitplane 2..4 bits; slow on a CPU)
-  python benchmarks/fidelity.py --device cuda --measure   (on a GPU)
+  python benchmarks/fidelity.py --device cuda --measure [--sync-rows]   (on a GPU)
   python benchmarks/fidelity.py --measure --rounds 8
       (eight comparisons in a row, each with its own profiles, pooled: the simulator's bias
       per (policy, budget) with two standard errors, apart from the machine's drift)
@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--measure", action="store_true", help="measure a fresh profile first")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    ap.add_argument("--sync-rows", action="store_true",
+                    help="CUDA: rows end after the GPU's work (d2moe validate --sync-rows); "
+                         "the profile under --measure too")
     ap.add_argument("--store", default="", help="Mixtral: directory to keep the store in")
     ap.add_argument("--rounds", type=int, default=1,
                     help="whole comparisons in a row (each with its own profile under "
@@ -76,12 +79,13 @@ def main() -> None:
         model.to(device)
         cfg = ValidateConfig(policies=args.policies, budgets=budgets, max_new_tokens=tokens,
                              device=args.device, threads=args.threads, repeats=args.repeats,
-                             rounds=args.rounds, out=args.out)
+                             rounds=args.rounds, out=args.out, sync_rows=args.sync_rows)
         print(f"machine: {platform.machine()}, {platform.node()}; torch {torch.__version__}; "
               + (f"profile {profile.name} ({profile.source.kind}, {profile.source.date})"
                  if profile else "profiles measured between the runs of each round (--measure)"))
         result = validate_rounds(model, spec, store, profile, cfg, prompt,
-                                 command="benchmarks/fidelity.py --measure", **(
+                                 command="benchmarks/fidelity.py --measure"
+                                 + (" --sync-rows" if args.sync_rows else ""), **(
                                      {"tokens": "1,8", "bits": "4", "repeats": 3,
                                       "probe_experts": 3}
                                      if args.mixtral else {}))

@@ -1,5 +1,5 @@
 """benchmarks/gpu_session.sh, which only a lent GPU runs: every option it passes exists, and
-the phases that must fit one 10-minute device call do."""
+every phase fits one 10-minute device call."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _commands() -> list[str]:
 
 
 def _phases() -> dict[str, list[str]]:
-    """Lines per `case` branch (kernels, fidelity, mixtral)."""
+    """Lines per `case` branch (kernels, fidelity, ...)."""
     phases: dict[str, list[str]] = {}
     name = None
     for line in _commands():
@@ -34,6 +34,33 @@ def _phases() -> dict[str, list[str]]:
             if line.strip() == ";;":
                 name = None
     return phases
+
+
+def _unrolled(lines: list[str]) -> list[str]:
+    """`lines` with each `for V in A B; do` ... `done` loop written out once per word, `$V`
+    replaced by it (as the loop runs them)."""
+    out: list[str] = []
+    loop: tuple[str, list[str]] | None = None
+    body: list[str] = []
+    for line in lines:
+        head = re.match(r"\s*for (\w+) in ([^;]*); do\b", line)
+        if head:
+            loop, body = (head.group(1), head.group(2).split()), []
+            continue
+        if loop is None:
+            out.append(line)
+            continue
+        body.append(line)
+        if line.strip() == "done" or line.rstrip().endswith("; done"):
+            var, words = loop
+            out += [re.sub(r"\$\{?" + var + r"\b\}?", w, b) for w in words for b in body]
+            loop = None
+    return out
+
+
+def _limits(lines: list[str]) -> list[int]:
+    """The `timeout N` limits of `lines`, each as often as it runs."""
+    return [int(n) for line in _unrolled(lines) for n in re.findall(r"timeout (\d+)", line)]
 
 
 def _options(line: str, after: str) -> list[str]:
@@ -92,19 +119,19 @@ def test_every_option_the_gpu_script_passes_exists() -> None:
 
 def test_the_phases_fit_a_device_call_and_name_only_what_exists() -> None:
     phases = _phases()
-    assert set(phases) == {"kernels", "fidelity", "mixtral"}
+    assert set(phases) == {"kernels", "fidelity", "mixtral", "followups"}
     usage = next(line for line in _commands() if "usage: gpu_session.sh" in line)
-    assert "kernels|fidelity|mixtral" in usage
+    assert "kernels|fidelity|mixtral|followups" in usage
     device = [int(n) for line in _commands() if "--query-gpu" in line or "import torch" in line
               or "import simpy" in line for n in re.findall(r"timeout (\d+)", line)]
     assert len(device) == 3  # the device lines every phase runs first are limited too
-    for name in ("fidelity", "mixtral"):  # the kernels phase is ordered by priority instead
-        limits = [int(n) for line in phases[name] for n in re.findall(r"timeout (\d+)", line)]
+    for name, lines in phases.items():
+        limits = _limits(lines)
         assert limits and sum(device) + sum(limits) < CALL_LIMIT_S, (name, device, limits)
+    assert _unrolled(["for m in a b; do  # c", "x $m", "y ${m}; done", "z $m"]) == [
+        "x a", "y a; done", "x b", "y b; done", "z $m"]
     for name, lines in phases.items():  # a call brings back at most 8 files from $OUT
-        outs = {m for line in lines for m in re.findall(r'\$OUT/([\w.-]+)', line)}
-        outs |= {f"fidelity-mixtral-{f}" for line in lines if "for f in" in line
-                 for f in line.split(" in ", 1)[1].split(";")[0].split()}
+        outs = {m for line in _unrolled(lines) for m in re.findall(r'\$OUT/([\w.-]+)', line)}
         folders = re.findall(r'--out "\$OUT/[\w-]+"', " ".join(lines))  # no extension
         assert not folders, (name, folders)  # a whole folder of results: too many files
         assert 0 < len(outs) + 1 <= 8, (name, sorted(outs))  # + device.txt

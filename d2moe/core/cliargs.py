@@ -198,6 +198,16 @@ def model_field(note: str = "", *, help_text: str = "", metavar: str | None = No
     return dataclasses.field(default="tiny", metadata=metadata)
 
 
+def sync_rows_field(note: str = "") -> Any:
+    """The `--sync-rows` option shared by the verbs that run the executor, off by default
+    (`note`: what it means for this verb)."""
+    return dataclasses.field(default=False, metadata={"help": (
+        "CUDA: wait for the GPU before each timeline row ends, so expert and non-expert rows "
+        "hold the kernels' time rather than their launches (it gives up the launches' "
+        "overlap with the GPU; no effect on the CPU, whose rows are synchronous)"
+        + (f"; {note}" if note else ""))})
+
+
 def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Instantiate `cls` from parsed args (fields missing from args keep their defaults)."""
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,13 +64,24 @@ class StreamingExperts:
     first run, where the woken thread takes the interpreter lock), hundreds under load.
     `handoff_empty=True` hands every plan over, loads or not (the behaviour before
     2026-11-23, kept only so benchmarks and probes can measure what skipping it saves).
+
+    `sync_rows=True` (CUDA) waits for the compute stream before the clock reads a
+    non-expert or run row's end, so the rows hold the GPU's work rather than its launches
+    (whose kernels otherwise finish inside the next `.tolist()`, outside every row); it
+    gives up the overlap of launches with the GPU. On the CPU every row is synchronous
+    already and it changes nothing.
     """
 
     def __init__(self, store: StoreReader, policy: Policy, pool: ExpertPool, *,
                  bits: int, kernel_backend: str = "auto", router: Any = None,
-                 capacity: Any = None, handoff_empty: bool = False) -> None:
+                 capacity: Any = None, handoff_empty: bool = False,
+                 sync_rows: bool = False) -> None:
         self.store, self.policy, self.pool, self.bits = store, policy, pool, bits
         self.handoff_empty = handoff_empty
+        # called before each non-expert and run row's end is read (None: no wait)
+        self.row_sync: Callable[[], None] | None = (
+            torch.cuda.current_stream(pool.device).synchronize
+            if sync_rows and pool.device.type == "cuda" else None)
         self.io_submits = 0  # layers handed to the I/O lane (tests count them)
         # router: a d2moe.router BitRouter; asked live for each token's bits (else `bits`)
         self.router = router
@@ -165,7 +177,8 @@ class StreamingExperts:
                 "initial_resident_bytes": self.initial_bytes,
                 "arena_bytes": self.pool.capacity_bytes,
                 "arena_compactions": self.pool.arena.compactions,
-                "device": str(self.pool.device), "direct_io": self.store.direct_io}
+                "device": str(self.pool.device), "direct_io": self.store.direct_io,
+                "sync_rows": self.row_sync is not None}
         return Timeline(self.events, meta)
 
     # -- the seam ------------------------------------------------------------------------
@@ -184,7 +197,7 @@ class StreamingExperts:
         if self.router is not None:
             chosen = self.router.choose(layer, x, weights)  # [T] or [T, k]
             slot_bits = (chosen if chosen.dim() == 2 else chosen[:, None].expand_as(ids)).tolist()
-        now = self.clock()
+        now = self._row_end()
         self.events.append(Event("compute", "non_expert", self.step, layer, -1, 0, 0,
                                  int(x.shape[0]), 0, self._last_end, now))
         groups = _group(ids, weights, self.bits, slot_bits)  # (expert, bits) -> (tok, w)
@@ -205,6 +218,12 @@ class StreamingExperts:
             raise work.error
         self._last_end = self.clock()
         return y
+
+    def _row_end(self) -> float:
+        """The clock at a row's end: after `row_sync`, when set."""
+        if self.row_sync is not None:
+            self.row_sync()
+        return self.clock()
 
     def _hand_over(self, work: LayerWork) -> None:
         """Queue the layer's loads on the I/O lane; a plan without loads stays here (its
@@ -238,7 +257,7 @@ class StreamingExperts:
                 out = expert_swiglu(x[tok], m["w1"], m["w3"], m["w2"], run.bits,
                                     self.kernel_backend)
             y.index_add_(0, tok, out * w[:, None].to(out.dtype))
-            free = end = self.clock()
+            free = end = self._row_end()
             self.costs.observe_run(run.bits, run.tokens, end - start)
             self.events.append(run_event(self.step, layer, run, start, end))
             work.run_done[j].set()

@@ -16,6 +16,7 @@ from d2moe.core.cliargs import (
     from_args,
     model_field,
     require_modules,
+    sync_rows_field,
 )
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import atomic_write
@@ -53,6 +54,7 @@ class RunConfig:
         "help": "torch intra-op threads (0: torch's default); 1 by default, as in serve and "
                 "validate: the I/O lane needs a core (tiny on a 2-core CPU under a budget: "
                 "1.02-1.07x the decode tokens/s of torch's default 2; docs/results/executor.md)"})
+    sync_rows: bool = sync_rows_field()
     out: str = field(default="out/run", metadata={"help": "output directory"})
     router: str = field(default="", metadata={
         "help": "trained bit-width router (d2moe router train): DIR, or auto for "
@@ -143,7 +145,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     model.to(device)
     pool = ExpertPool(spec, store.layout, budget, device, copies=copies)
     backend = StreamingExperts(store, policy, pool, bits=cfg.bits, router=router,
-                               capacity=controller)
+                               capacity=controller, sync_rows=cfg.sync_rows)
     try:
         with torch_threads(cfg.threads):
             gen = generate(model, prompt_ids, cfg.max_new_tokens, backend=backend,

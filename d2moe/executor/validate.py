@@ -30,6 +30,7 @@ from d2moe.core.cliargs import (
     once_each,
     require_modules,
     split_list,
+    sync_rows_field,
 )
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
@@ -82,6 +83,7 @@ class ValidateConfig:
         "help": "torch intra-op threads of the run (0: torch's default); measure the profile "
                 "with the same count"})
     direct_io: bool = field(default=True, metadata={"help": "read the store with O_DIRECT"})
+    sync_rows: bool = sync_rows_field("measure the profile with the same setting")
     repeats: int = field(default=1, metadata={
         "help": "real runs per (policy, budget); the run with the median tokens/s is kept"})
     rounds: int = field(default=1, metadata={
@@ -204,10 +206,10 @@ MEASURE = "measure"  # --profile value: measure this machine in this invocation
 
 def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, command: str = "",
                  **overrides: Any) -> Profile:
-    """A profile of this machine for `spec` and `store`'s layout, with cfg's device and
-    threads, written to OUT/profile.yaml; `overrides` are ProfileConfig fields (fewer points
-    for a large model, say). Measured beside the runs it is compared with, it drifts with
-    them on a shared machine (docs/results/fidelity.md)."""
+    """A profile of this machine for `spec` and `store`'s layout, with cfg's device,
+    threads and sync_rows, written to OUT/profile.yaml; `overrides` are ProfileConfig fields
+    (fewer points for a large model, say). Measured beside the runs it is compared with, it
+    drifts with them on a shared machine (docs/results/fidelity.md)."""
     import os
     import platform
     import tempfile
@@ -218,7 +220,7 @@ def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, comma
     lay = store.layout
     near = Path(store.path).resolve().parent  # measure the disk the store is on
     with tempfile.TemporaryDirectory(dir=near if os.access(near, os.W_OK) else None) as scratch:
-        pcfg = ProfileConfig(device=cfg.device, threads=cfg.threads,
+        pcfg = ProfileConfig(device=cfg.device, threads=cfg.threads, sync_rows=cfg.sync_rows,
                              out=str(Path(cfg.out) / "profile.yaml"),
                              name=f"measured-{platform.node() or 'here'}",
                              progress=sys.stderr.isatty(), layout=lay.kind, b1=lay.b1,
@@ -305,8 +307,8 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
     out = Path(cfg.out)
     t0 = time.perf_counter()
     record_run(model, spec, store, policies[0], total, cfg.bits, prompt_ids,
-               min(4, cfg.max_new_tokens), router=router,
-               capacity=capacity)  # warm-up, discarded
+               min(4, cfg.max_new_tokens), router=router, capacity=capacity,
+               sync_rows=cfg.sync_rows)  # warm-up, discarded
     runs: dict[tuple[str, str], list[tuple[Timeline, Trace]]] = {}
     measured = []
     order = [(label, nbytes, name) for label, nbytes in budgets for name in policies]
@@ -318,7 +320,7 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
         for label, nbytes, name in (order if k % 2 == 0 else order[::-1]):
             runs.setdefault((name, label), []).append(record_run(
                 model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens,
-                router=router, capacity=capacity))
+                router=router, capacity=capacity, sync_rows=cfg.sync_rows))
     if measure is not None:
         from d2moe.profiles import save_profile
         from d2moe.profiles.measure import median_profile
@@ -460,7 +462,8 @@ def _median_run(runs: list[tuple[Timeline, Trace]]) -> tuple[Timeline, Trace]:
 def record_run(model: Transformer, spec: ModelSpec, store: StoreReader, policy: str,
                budget_bytes: int, bits: int, prompt_ids: list[int], max_new_tokens: int,
                stats: ExpertStats | None = None, *, router: BitRouter | None = None,
-               capacity: CapacityConfig | None = None) -> tuple[Timeline, Trace]:
+               capacity: CapacityConfig | None = None, sync_rows: bool = False
+               ) -> tuple[Timeline, Trace]:
     """One real generation under the budget: (its timeline, the routing trace it took);
     `stats`: expert statistics for the policies that use them.
 
@@ -469,7 +472,7 @@ def record_run(model: Transformer, spec: ModelSpec, store: StoreReader, policy: 
     run); the trace then carries the widths it chose, its gate probabilities (`prefs`) and
     meta `router_config` (its trained capacities and window), and the timeline's meta
     `capacity` (as `d2moe run` writes it). The router is left with the capacities and window
-    it had."""
+    it had. `sync_rows`: as `StreamingExperts`'s."""
     import numpy as np
 
     from d2moe.executor.backend import StreamingExperts
@@ -501,7 +504,7 @@ def record_run(model: Transformer, spec: ModelSpec, store: StoreReader, policy: 
 
     try:
         backend = StreamingExperts(store, make_policy(policy, stats=stats), pool, bits=bits,
-                                   router=router, capacity=controller)
+                                   router=router, capacity=controller, sync_rows=sync_rows)
         try:
             generate(model, prompt_ids, max_new_tokens, backend=backend, observer=observe)
         finally:

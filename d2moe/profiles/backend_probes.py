@@ -53,7 +53,7 @@ class ResidentRows:
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
                        tokens: Sequence[int], repeats: int, scratch: Path,
-                       bar: Bar) -> ResidentRows:
+                       bar: Bar, *, sync_rows: bool = False) -> ResidentRows:
     """The non-expert rows the executor itself records, and the first-run excess per layer.
 
     A random-weight copy of the model (`resident_probe_spec`: whole where small) runs through
@@ -69,7 +69,8 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     rows, give `non_expert_after_load_us`, its loads and runs the overlap speeds, and both
     backends' decode layers the lanes' fixed costs (`lane_costs_from_rows`) (on a large
     shape, which loads one or two experts a step, it decodes on until MIN_BESIDE loads
-    overlapped runs, at most MORE_DECODES more times).
+    overlapped runs, at most MORE_DECODES more times). `sync_rows`: both backends', as
+    the executor's runs will have it.
     """
     import torch
 
@@ -91,11 +92,12 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     model.to(device)
     every = all_experts_bytes(small, bits, layout)
     backend = StreamingExperts(reader, make_policy("hebf"),
-                               ExpertPool(small, layout, every, device), bits=bits)
+                               ExpertPool(small, layout, every, device), bits=bits,
+                               sync_rows=sync_rows)
     one = every // (small.layers * small.experts)
     few = max(small.top_k, small.layers * small.experts // 4) * one
     loaded = StreamingExperts(reader, make_policy("fifo"), ExpertPool(small, layout, few, device),
-                              bits=bits)
+                              bits=bits, sync_rows=sync_rows)
     gen = torch.Generator().manual_seed(5)
 
     def prompt(n: int) -> list[int]:

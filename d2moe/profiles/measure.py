@@ -56,7 +56,13 @@ from typing import Any
 
 import numpy as np
 
-from d2moe.core.cliargs import check_at_least, check_threads, once_each, split_list
+from d2moe.core.cliargs import (
+    check_at_least,
+    check_threads,
+    once_each,
+    split_list,
+    sync_rows_field,
+)
 from d2moe.core.errors import UserError
 from d2moe.core.fileio import ensure_dir, path_error
 from d2moe.core.sizes import QuantLayout, expert_bytes, layout_from_options, parse_bytes
@@ -99,6 +105,8 @@ class ProfileConfig:
     threads: int = field(default=1, metadata={
         "help": "torch intra-op threads while measuring (0: torch's default); use the count "
                 "the executor runs with (d2moe validate --threads)"})
+    sync_rows: bool = sync_rows_field("the executor's rows the non-expert and lane costs are "
+                                      "read from; use the setting the runs will have")
     model_spec: str = field(default="tiny", metadata={
         "help": "spec whose expert shapes and non-expert layers are measured (shipped name, "
                 "spec YAML or HF config.json)", "metavar": "SPEC"})
@@ -312,7 +320,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                                             min(layout.b1 + 2, layout.bK), cfg.repeats)
                 runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
-                                              scratch, bar)
+                                              scratch, bar, sync_rows=cfg.sync_rows)
                 lanes = lane_costs_from_rows(resident.resident_rows, resident.loaded_rows)
                 cold_curve_us = fit_cold_curve(measure_cold_loads(
                     reader, probe, layout, device, min(layout.b1 + 2, layout.bK),

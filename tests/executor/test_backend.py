@@ -167,10 +167,41 @@ def test_plans_without_loads_are_not_handed_to_the_io_lane(store_path, reference
     assert backend.io_submits == len(loaded) > 0
 
 
+def test_row_sync_waits_inside_each_non_expert_and_run_row(store_path, reference):
+    """`sync_rows` on CUDA waits for the GPU before a row's end is read; here a wait of
+    2 ms stands in for the GPU's queued work: it is called once per non-expert and run
+    row, and lands inside that row (no stall, load or dispatch gap holds it). On the CPU
+    the option changes nothing."""
+    model, spec, want = reference
+    store = StoreReader(store_path)
+    pool = ExpertPool(spec, store.layout, _budgets(spec, store.layout)["25%"],
+                      torch.device("cpu"))
+    backend = StreamingExperts(store, make_policy("hebf"), pool, bits=BITS, sync_rows=True)
+    assert backend.row_sync is None  # CPU rows are synchronous already
+    waits: list[tuple[float, float]] = []
+
+    def wait() -> None:
+        start = backend.clock()
+        time.sleep(0.002)
+        waits.append((start, backend.clock()))
+
+    backend.row_sync = wait
+    got = generate(model, PROMPT, 4, backend=backend)
+    tl = backend.finish()
+    assert got.new_ids == want.new_ids[:4]
+    rows = [e for e in tl.events if e.kind in ("non_expert", "run")]
+    assert any(e.kind == "stall" for e in tl.events)  # loads were waited for, outside waits
+    assert len(waits) == len(rows)
+    for e, (start, end) in zip(sorted(rows, key=lambda e: e.end_us), waits, strict=True):
+        assert e.start_us <= start and end <= e.end_us, (e, start, end)
+        assert e.end_us - e.start_us >= 2000, e
+
+
 def test_run_command_and_its_errors(store_path, tmp_path, monkeypatch):
     import d2moe.model.generate as gen_mod
 
-    cfg = RunConfig(store=str(store_path), max_new_tokens=4, out=str(tmp_path), budget="30%")
+    cfg = RunConfig(store=str(store_path), max_new_tokens=4, out=str(tmp_path), budget="30%",
+                    sync_rows=True)
     threads, seen, original = torch.get_num_threads(), [], gen_mod.generate
 
     def spy(*args, **kwargs):  # the torch thread count generation runs under
@@ -191,6 +222,7 @@ def test_run_command_and_its_errors(store_path, tmp_path, monkeypatch):
     assert load_timeline(tmp_path / "events.npz").meta == meta
     assert {"prompt", "bits", "store", "non_expert_bytes"} <= meta.keys()
     assert meta["non_expert_bytes"] > 0 and meta["bits"] == cfg.bits
+    assert meta["sync_rows"] is False  # asked for, but CPU rows have no GPU work to wait on
     with pytest.raises(UserError, match="smaller than one expert"):
         run(RunConfig(store=str(store_path), budget="1KiB", out=str(tmp_path)))
     with pytest.raises(UserError, match="not a nested store"):
