@@ -151,15 +151,11 @@ def heldout_ids(model_ref: str, spec: ModelSpec, kib: int) -> list[int]:
     if kib < 1:
         raise UserError(f"need at least 1 KiB, got {kib}", field="heldout_kib",
                         fix="e.g. --heldout-kib 64")
+    from d2moe.model.tokenizer import text_codec
+
     text = load_corpus(1, kib * 1024).heldout  # train split: 1 byte, unused
-    if spec.vocab == 256:
-        return list(text)
-    from pathlib import Path
-
-    from d2moe.model.cmd import _hf_tokenizer
-
-    encode, _ = _hf_tokenizer(Path(model_ref))
-    return list(encode(text.decode("utf-8", errors="replace")))
+    encode, _ = text_codec(model_ref, spec.vocab)
+    return list(encode(text))
 
 
 def expert_weights(model: Transformer) -> dict[Key, np.ndarray]:

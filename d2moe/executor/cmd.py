@@ -43,7 +43,8 @@ class RunConfig:
         "help": "expert memory budget: bytes (64MiB; a bare whole number above 1 is bytes), a "
                 "percentage (40%%) or a fraction (0.4) of all experts at --bits"})
     bits: int = field(default=4, metadata={"help": "bit-width every expert runs at"})
-    prompt: str = field(default="def fib(", metadata={"help": "prompt text (bytes for tiny)"})
+    prompt: str = field(default="def fib(", metadata={
+        "help": "prompt text (bytes for tiny; an HF checkpoint's own tokenizer.json)"})
     max_new_tokens: int = field(default=64, metadata={
         "help": "tokens to generate; with the prompt at most the model's "
                 "max_position_embeddings"})
@@ -108,7 +109,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     from d2moe.executor.backend import StreamingExperts
     from d2moe.executor.pool import ExpertPool
     from d2moe.model.generate import check_positions, generate
-    from d2moe.model.tokenizer import decode, encode
+    from d2moe.model.tokenizer import text_codec
     from d2moe.policies import make_policy, policy_config
     from d2moe.profiles.measure import torch_threads
     from d2moe.router.adaptive import describe as describe_capacity
@@ -125,6 +126,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     pcfg = policy_config(cfg.policy)  # unknown names fail before any work
     store_path = resolve_store(cfg.model, cfg.store, store_layout(pcfg, QuantLayout()))
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    encode, decode = text_codec(cfg.model, spec.vocab)
     prompt_ids = list(encode(cfg.prompt))
     check_positions(model, len(prompt_ids), cfg.max_new_tokens)  # before the pool is built
     store.layout.check_bits(cfg.bits)

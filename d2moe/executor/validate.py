@@ -149,7 +149,7 @@ def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dic
     import torch
 
     from d2moe.executor.setup import open_model, resolve_store
-    from d2moe.model.tokenizer import encode
+    from d2moe.model.tokenizer import text_codec
     from d2moe.profiles import load_profile
 
     profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
@@ -161,6 +161,7 @@ def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dic
                         fix="use --device cpu")
     store_path = resolve_store(cfg.model, cfg.store)
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    encode, _ = text_codec(cfg.model, spec.vocab)
     device = torch.device(cfg.device)
     model.to(device)
     return validate_rounds(model, spec, store, profile, cfg, list(encode(cfg.prompt)),

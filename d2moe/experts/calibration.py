@@ -23,7 +23,6 @@ normalised per layer (`measures.importance_from`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,13 +51,11 @@ def calibration_ids(model_ref: str, spec: ModelSpec, kib: int) -> list[int]:
     if kib < 1:
         raise UserError(f"need at least 1 KiB, got {kib}", field="calib_kib",
                         fix="e.g. --calib-kib 32")
-    text = load_corpus(kib * 1024, 1).train  # held-out split: 1 byte, unused
-    if spec.vocab == 256:
-        return list(text)
-    from d2moe.model.cmd import _hf_tokenizer
+    from d2moe.model.tokenizer import text_codec
 
-    encode, _ = _hf_tokenizer(Path(model_ref))
-    return list(encode(text.decode("utf-8", errors="replace")))
+    text = load_corpus(kib * 1024, 1).train  # held-out split: 1 byte, unused
+    encode, _ = text_codec(model_ref, spec.vocab)
+    return list(encode(text))
 
 
 class _Capture:

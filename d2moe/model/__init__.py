@@ -9,6 +9,7 @@ only when a name is used):
 - `perplexity(model, bytes, backend=...)`, `unigram_perplexity(train, heldout)`
 - `generate(model, prompt_ids, max_new_tokens, backend=..., observer=...)`
 - `encode(text)`, `decode(ids)`                                 byte-level tokenizer
+- `text_codec(dir, vocab)`            (encode, decode): bytes, or the checkpoint's tokenizer
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ _WHERE = {
     "ExpertBackend": "moe", "DenseExperts": "moe", "RouterObserver": "moe", "route": "moe",
     "load_hf": "hf", "save_hf": "hf", "load_tiny": "load", "load_model": "load",
     "tiny_dir": "load", "perplexity": "perplexity", "unigram_perplexity": "perplexity",
-    "generate": "generate", "encode": "tokenizer", "decode": "tokenizer",
+    "generate": "generate", "encode": "tokenizer", "decode": "tokenizer", "text_codec": "tokenizer",
 }
 __all__ = sorted(_WHERE)
 

@@ -7,13 +7,11 @@ ImportError when torch is absent so the CLI lists these verbs as unavailable.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from d2moe.core.cliargs import add_fields, from_args, group_usage, model_field, require_modules
-from d2moe.core.errors import UserError
 from d2moe.core.fileio import check_writable
 from d2moe.executor.cmd import RunConfig
 
@@ -132,26 +130,13 @@ def _generate(args: argparse.Namespace) -> int:
     from d2moe.model.load import load_model
 
     cfg = from_args(GenerateConfig, args)
+    from d2moe.model.tokenizer import text_codec
+
     model, spec = load_model(cfg.model)
-    if spec.vocab == 256:
-        from d2moe.model.tokenizer import decode, encode
-    else:
-        encode, decode = _hf_tokenizer(Path(cfg.model))
+    encode, decode = text_codec(cfg.model, spec.vocab)
     gen = generate(model, encode(cfg.prompt), cfg.max_new_tokens, progress=cfg.progress)
     sys.stdout.write(cfg.prompt + decode(list(gen.new_ids)) + "\n")
     print(f"[{len(gen.prompt_ids)} prompt tokens, prefill {gen.prefill_s * 1e3:.1f} ms; "
           f"{len(gen.new_ids)} new tokens, decode {gen.decode_tokens_per_s:.1f} tokens/s; "
           f"all experts resident (DenseExperts), greedy]", file=sys.stderr)
     return 0
-
-
-def _hf_tokenizer(model_dir: Path):  # -> (encode, decode)
-    """encode/decode from the directory's tokenizer.json (needs the `tokenizers` package)."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file() or importlib.util.find_spec("tokenizers") is None:
-        raise UserError("this model is not byte-level and has no usable tokenizer.json",
-                        path=str(path), fix="add tokenizer.json and pip install tokenizers")
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    return (lambda text: tok.encode(text).ids), (lambda ids: tok.decode(ids))

@@ -1,6 +1,13 @@
-"""Byte-level tokenizer: token id = byte value (vocabulary 256), UTF-8 text."""
+"""Text <-> token ids: byte-level for the tiny model (token id = byte value, vocabulary 256,
+UTF-8 text); an HF checkpoint's own `tokenizer.json` for every other model (`text_codec`)."""
 
 from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from d2moe.core.errors import UserError
 
 VOCAB = 256
 
@@ -15,3 +22,44 @@ def encode(text: str | bytes) -> list[int]:
 def decode(ids: list[int]) -> str:
     """Token ids -> text; byte sequences that are not valid UTF-8 become U+FFFD."""
     return bytes(ids).decode("utf-8", errors="replace")
+
+
+Encode = Callable[[str | bytes], list[int]]
+Decode = Callable[[list[int]], str]
+
+
+def text_codec(model_ref: str | Path, vocab: int) -> tuple[Encode, Decode]:
+    """(encode, decode) for a model of `vocab` tokens: the byte-level pair above for a byte
+    vocabulary (tiny), else the checkpoint directory's tokenizer.json through the
+    `tokenizers` package. Byte ids in a model of another vocabulary would run, and mean
+    nothing: a model without a tokenizer.json is a UserError naming the file."""
+    if vocab == VOCAB:
+        return encode, decode
+    path = Path(model_ref) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"this model's vocabulary is {vocab} tokens, not bytes, and its "
+                        "directory has no tokenizer.json", path=str(path),
+                        fix="copy the checkpoint's tokenizer.json into the model directory")
+    if importlib.util.find_spec("tokenizers") is None:
+        raise UserError("reading tokenizer.json needs the `tokenizers` package",
+                        path=str(path), fix="pip install tokenizers")
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust library's own error type, whatever the damage
+        raise UserError(f"cannot read the tokenizer: {str(exc).splitlines()[0][:200]}",
+                        path=str(path), fix="copy the checkpoint's own tokenizer.json "
+                        "again") from None
+
+    def hf_encode(text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        ids = tok.encode(text).ids
+        if ids and max(ids) >= vocab:
+            raise UserError(f"the tokenizer gives token id {max(ids)}, the model has "
+                            f"{vocab} tokens", path=str(path),
+                            fix="use the tokenizer.json of this checkpoint")
+        return ids
+
+    return hf_encode, lambda ids: tok.decode(list(ids))

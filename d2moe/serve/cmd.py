@@ -219,7 +219,7 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    prompts = make_prompts(requests)
+    prompts = make_prompts(requests, vocab=spec.vocab)
 
     def build(name: str) -> Any:
         """The policy, with the store's expert statistics when it uses them."""

@@ -15,17 +15,21 @@ from d2moe.core.events import Event
 from d2moe.serve.arrivals import Request
 from d2moe.serve.batching import PREFILL, ContinuousBatcher
 
-# Prompt text for the byte-level tiny model: request i reads from offset 7i, cycling.
+# Prompt text: request i reads from offset 7i of its bytes, cycling (the bytes taken modulo
+# the vocabulary: serving measures time and routing, so a model of another vocabulary gets
+# valid ids without a tokenizer).
 PROMPT_TEXT = ("def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n"
                "\n\nclass Stack:\n    def __init__(self):\n        self.items = []\n\n"
                "    def push(self, item):\n        self.items.append(item)\n\n"
                "import os\nimport sys\n\nfor line in sys.stdin:\n    print(line.strip())\n")
 
 
-def make_prompts(requests: Sequence[Request], text: str = PROMPT_TEXT) -> dict[int, list[int]]:
-    """Byte token ids of each request's prompt, `prompt_tokens` long, cut from `text`."""
+def make_prompts(requests: Sequence[Request], text: str = PROMPT_TEXT,
+                 vocab: int = 256) -> dict[int, list[int]]:
+    """Token ids of each request's prompt, `prompt_tokens` long, cut from `text`'s bytes
+    (each modulo `vocab`: the tiny model's byte ids as they are)."""
     data = text.encode()
-    return {r.id: [data[(7 * r.id + i) % len(data)] for i in range(r.prompt_tokens)]
+    return {r.id: [data[(7 * r.id + i) % len(data)] % vocab for i in range(r.prompt_tokens)]
             for r in requests}
 
 

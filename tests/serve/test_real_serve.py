@@ -18,7 +18,7 @@ from d2moe.quant.store import StoreReader
 from d2moe.serve.arrivals import ArrivalConfig, Request
 from d2moe.serve.cmd import ServeConfig, serve
 from d2moe.serve.metrics import serve_metrics
-from d2moe.serve.real import fix_steps, make_prompts, serve_model
+from d2moe.serve.real import PROMPT_TEXT, fix_steps, make_prompts, serve_model
 
 BITS = 4
 
@@ -75,6 +75,16 @@ def test_ragged_forward_gives_each_requests_own_logits():
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     assert [c.length for c in caches] == [len(prompts[0]) + 3, len(prompts[1]) + 3,
                                           len(prompts[2]) + 2]
+
+
+def test_prompts_are_the_texts_bytes_within_the_models_vocabulary():
+    reqs = [Request(0, 0.0, 6, 4), Request(1, 0.0, 40, 3)]
+    tiny, small = make_prompts(reqs), make_prompts(reqs, vocab=97)
+    assert tiny[1][:3] == list(PROMPT_TEXT.encode()[7:10])  # request i starts at byte 7i
+    assert [len(tiny[r.id]) for r in reqs] == [6, 40]
+    for r in reqs:  # an HF model of 97 tokens: every id valid, the same text underneath
+        assert small[r.id] == [b % 97 for b in tiny[r.id]] and max(small[r.id]) < 97
+    assert max(tiny[1]) >= 97  # (so the modulo was needed)
 
 
 def test_served_tokens_equal_each_request_generated_alone(store_path):
