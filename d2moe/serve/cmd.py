@@ -34,7 +34,8 @@ class ServeConfig:
         "help": "policy name(s), comma-separated (d2moe simulate --list)", "metavar": "P1,P2"})
     budget: str = field(default="50%", metadata={
         "help": "expert memory budget: bytes (64MiB; a bare whole number above 1 is bytes), a "
-                "percentage (40%%) or a fraction (0.4) of all experts at --bits"})
+                "percentage (40%%) or a fraction (0.4) of all experts at --bits (with --trace, "
+                "at the larger of --bits and the trace's widest bits)"})
     bits: int = field(default=4, metadata={"help": "bit-width experts run at (where the "
                                                    "routing has none)"})
     model_spec: str = field(default="tiny", metadata={
