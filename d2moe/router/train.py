@@ -154,6 +154,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
 
     from d2moe.model.corpus import load_corpus
     from d2moe.model.load import load_model
+    from d2moe.model.tokenizer import text_codec
     from d2moe.router.capacity import check_capacities, parse_bits, parse_floats
     from d2moe.router.experts import MixExperts, WidthWeights
     from d2moe.router.gate import BitGate
@@ -165,9 +166,7 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, spec = load_model(cfg.model)
-    if spec.vocab != 256 and cfg.model != "tiny":
-        raise UserError("router training reads the byte-level corpus", field="model",
-                        fix="train on the tiny model (byte vocabulary)")
+    encode, _ = text_codec(cfg.model, spec.vocab)  # bytes for tiny; else its tokenizer.json
     reader, store_path = open_store(cfg.model, cfg.store)
     try:
         check_store(reader, spec, bits, store_path, cfg.model)
@@ -177,10 +176,11 @@ def train_router(cfg: RouterTrainConfig) -> RouterTrainResult:
     finally:
         reader.close()
     model.eval().requires_grad_(False)
-    data = torch.frombuffer(bytearray(load_corpus(cfg.train_kib * 1024, 1024).train),
-                            dtype=torch.uint8)
-    n_val = cfg.val_kib * 1024
-    val_data, data = data[len(data) - n_val:], data[:len(data) - n_val]
+    text = load_corpus(cfg.train_kib * 1024, 1024).train
+    n_val = cfg.val_kib * 1024  # the text's last n_val bytes, encoded apart
+    cut = max(len(text) - n_val, 0)
+    data = torch.tensor(encode(text[:cut]), dtype=torch.long)  # [tokens]
+    val_data = torch.tensor(encode(text[cut:]) if n_val else [], dtype=torch.long)
     if len(data) <= cfg.ctx + 1 or (n_val and len(val_data) <= cfg.ctx + 1):
         raise UserError("training text shorter than one window after holding back "
                         f"{cfg.val_kib} KiB for validation", field="train-kib",

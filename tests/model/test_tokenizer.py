@@ -24,6 +24,24 @@ def _write_tokenizer(directory, words=WORDS) -> dict[str, int]:
     return vocab
 
 
+def hf_checkpoint(tmp_path, *, tokenizer: bool = True):
+    """A transformers-made 2-layer Mixtral checkpoint of 97 tokens in tmp_path/mixtral, its
+    nested store in tmp_path/store, and (`tokenizer`) a word-level tokenizer.json with a word
+    for every id: (model dir, store dir, the words by id)."""
+    pytest.importorskip("transformers")
+    from d2moe.core.sizes import QuantLayout
+    from d2moe.quant.cmd import quantize_checkpoint
+    from tests.model.test_hf import VOCAB, _hf_model
+
+    model_dir, store = tmp_path / "mixtral", tmp_path / "store"
+    _hf_model("mixtral").save_pretrained(model_dir)
+    quantize_checkpoint(model_dir, store, QuantLayout(), progress=False)
+    words = WORDS + [f"w{i}" for i in range(len(WORDS), VOCAB)]
+    if tokenizer:
+        _write_tokenizer(model_dir, words)
+    return model_dir, store, words
+
+
 def test_a_byte_vocabulary_is_bytes_whatever_the_directory_holds(tmp_path):
     _write_tokenizer(tmp_path)
     enc, dec = text_codec(tmp_path, 256)
@@ -61,17 +79,10 @@ def test_run_and_generate_encode_an_hf_checkpoints_prompt_with_its_tokenizer(
         tmp_path, capsys, monkeypatch):
     """Before, `d2moe run` fed an HF model the prompt's bytes as token ids (valid ids in a
     large vocabulary, meaning nothing) and decoded its tokens as bytes."""
-    pytest.importorskip("transformers")
     import d2moe.model.generate as gen_mod
     from d2moe.cli import main
-    from d2moe.core.sizes import QuantLayout
-    from d2moe.quant.cmd import quantize_checkpoint
-    from tests.model.test_hf import _hf_model
 
-    model_dir = tmp_path / "mixtral"
-    _hf_model("mixtral").save_pretrained(model_dir)
-    store = tmp_path / "store"
-    quantize_checkpoint(model_dir, store, QuantLayout(), progress=False)
+    model_dir, store, words = hf_checkpoint(tmp_path, tokenizer=False)
     capsys.readouterr()  # transformers' own progress bar
     argv = ["--model", str(model_dir), "--prompt", "def fib(n) :", "--max-new-tokens", "3",
             "--no-progress"]
@@ -81,7 +92,6 @@ def test_run_and_generate_encode_an_hf_checkpoints_prompt_with_its_tokenizer(
     err = capsys.readouterr().err
     assert "tokenizer.json" in err and "Traceback" not in err and err.count("\n") == 1, err
 
-    words = WORDS + [f"w{i}" for i in range(len(WORDS), 97)]  # a word for every id
     vocab = _write_tokenizer(model_dir, words)
     seen: list[list[int]] = []
     original = gen_mod.generate

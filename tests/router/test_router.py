@@ -223,3 +223,29 @@ def test_router_cli_rejects_bad_numbers_before_training(option, value, field, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"field '{field}'" in err and "fix:" in err
+
+
+def test_a_router_trains_on_an_hf_checkpoint_through_its_tokenizer(tmp_path, capsys):
+    """The corpus reaches an HF model as its own tokenizer's ids (before, router training
+    took byte-vocabulary models only; the corpus's bytes, up to 126, would not even index
+    this model's 97 embeddings), and `d2moe run --router auto` serves with the gate."""
+    from d2moe.cli import main
+    from tests.model.test_tokenizer import hf_checkpoint
+
+    model_dir, store, words = hf_checkpoint(tmp_path)
+    cfg = RouterTrainConfig(model=str(model_dir), store=str(store), steps=2, batch=2, ctx=16,
+                            train_kib=8, val_kib=1, val_every=1, progress=False)
+    result = train_router(cfg)
+    record = json.loads((store / "router" / "router.json").read_text())
+    assert result.out_dir == store / "router" and record["spec"] == "mixtral"
+    assert [s for s, _, _ in result.val] == [0, 1, 2]
+    capsys.readouterr()
+    assert main(["run", "--model", str(model_dir), "--store", str(store), "--router", "auto",
+                 "--prompt", "def fib(n) :", "--max-new-tokens", "3", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    text = capsys.readouterr().out.splitlines()[0]
+    new = text.removeprefix("def fib(n) :").split()  # the tokenizer's words, not bytes
+    assert text.startswith("def fib(n) :") and 1 <= len(new) <= 3, text
+    assert all(w in words for w in new), text
+    meta = json.loads((tmp_path / "run" / "metrics.json").read_text())["meta"]
+    assert meta["router"] == str(store / "router")
