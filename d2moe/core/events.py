@@ -7,6 +7,9 @@ Files: JSON lines (a header line, then one event per line) or .npz (one column p
 from __future__ import annotations
 
 import json
+import operator
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,24 +128,88 @@ def _check_header(path: Path, header: Any) -> dict[str, Any]:
     return dict(header.get("meta") or {})
 
 
+# what a damaged .npz raises while it is read: a bad CRC or directory (BadZipFile), bad
+# compressed data (zlib.error), a cut-off member (EOFError), a bad .npy header or a pickled
+# member (ValueError), a flipped flag or method byte (NotImplementedError / RuntimeError)
+_DAMAGED_NPZ = (OSError, ValueError, EOFError, RuntimeError, zlib.error, zipfile.BadZipFile)
+_FIX_DAMAGED = "re-create the timeline (d2moe simulate, run or validate)"
+_FIELD_SET = set(FIELDS)
+
+
 def load_timeline(path: str | Path) -> Timeline:
-    """Read a timeline written by `save_timeline`, validating format and version."""
+    """Read a timeline written by `save_timeline`, validating format, version and every
+    row's fields (a damaged or foreign file is a UserError naming it, never a traceback)."""
     path = require_file(path, what="a timeline file")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            meta = _check_header(path, json.loads(str(z["header"])))
-            cols = {n: z[n].tolist() for n in FIELDS}
-        events = [Event(*row) for row in zip(*(cols[n] for n in FIELDS), strict=True)]
-        return Timeline(events, meta)
-    with open(path) as f:
-        lines = f.read().splitlines()
-    try:
-        meta = _check_header(path, json.loads(lines[0]) if lines else None)
-        events = [Event(**json.loads(line)) for line in lines[1:] if line.strip()]
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise UserError(f"malformed timeline row: {exc}", path=str(path),
-                        fix="re-create the timeline") from None
-    return Timeline(events, meta)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [n for n in ("header", *FIELDS) if n not in z.files]
+                if "header" in missing:
+                    raise UserError("no header: not a d2moe timeline", path=str(path),
+                                    field="header", fix=_FIX_DAMAGED)
+                meta = _check_header(path, json.loads(str(z["header"])))
+                if missing:
+                    raise UserError(f"no column {missing[0]!r}", path=str(path),
+                                    field=missing[0], fix=_FIX_DAMAGED)
+                cols = {n: z[n] for n in FIELDS}
+        except _DAMAGED_NPZ as exc:
+            reason = " ".join(str(exc).split())  # one line
+            raise UserError(f"unreadable timeline .npz ({reason})", path=str(path),
+                            fix=_FIX_DAMAGED) from None
+    else:
+        with open(path) as f:
+            lines = f.read().splitlines()
+        try:
+            meta = _check_header(path, json.loads(lines[0]) if lines else None)
+            rows = [json.loads(line) for line in lines[1:] if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise UserError(f"malformed timeline row: {exc}", path=str(path),
+                            fix=_FIX_DAMAGED) from None
+        get = operator.itemgetter(*FIELDS)
+        try:
+            if any(len(r) != len(FIELDS) for r in rows):
+                raise TypeError
+            values = [get(r) for r in rows]
+        except (TypeError, KeyError):  # a row that is no object, or of other fields
+            i, row = next((i, r) for i, r in enumerate(rows)
+                          if not isinstance(r, dict) or r.keys() != _FIELD_SET)
+            got = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise UserError(f"row {i} has fields {got}, expected {list(FIELDS)}",
+                            path=str(path), fix=_FIX_DAMAGED) from None
+        cols = dict(zip(FIELDS, map(list, zip(*values, strict=True)), strict=True)) \
+            if values else {n: [] for n in FIELDS}
+    cols = _checked_columns(path, cols)
+    return Timeline([Event(*row) for row in zip(*(cols[n] for n in FIELDS), strict=True)],
+                    meta)
+
+
+def _checked_columns(path: Path, cols: dict[str, Any]) -> dict[str, list]:
+    """The columns as lists, checked as every metric and plot reads them: one length, a
+    known (lane, kind) pair per row, whole numbers, finite times (a UserError naming the
+    first bad field). Column-wise in numpy: a check per row would triple a large .npz's
+    load time."""
+    def bad(name: str, what: str) -> UserError:
+        return UserError(what, path=str(path), field=name, fix=_FIX_DAMAGED)
+
+    out = {n: cols[n].tolist() if isinstance(cols[n], np.ndarray) else cols[n]
+           for n in ("lane", "kind")}
+    arrays = {n: np.asarray(cols[n]) for n in (*INT_FIELDS, "start_us", "end_us")}
+    n = len(out["lane"])
+    if len(out["kind"]) != n or any(a.shape != (n,) for a in arrays.values()):
+        raise bad("lane", "columns of different lengths")
+    for lane, kind in set(zip(out["lane"], out["kind"], strict=True)):
+        if not isinstance(kind, str) or KINDS.get(kind) != lane:
+            raise bad("kind", f"kind {kind!r} on lane {lane!r}")
+    for name in INT_FIELDS:
+        if arrays[name].size and arrays[name].dtype.kind not in "iu":
+            raise bad(name, f"not whole numbers ({arrays[name].dtype})")
+        out[name] = arrays[name].tolist()
+    for name in ("start_us", "end_us"):
+        a = arrays[name]
+        if a.size and (a.dtype.kind not in "iuf" or not np.isfinite(a).all()):
+            raise bad(name, "not finite numbers")
+        out[name] = a.astype(np.float64).tolist()
+    return out
 
 
 def shift(events: Sequence[Event], offset_us: float) -> list[Event]:

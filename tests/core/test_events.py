@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -34,3 +35,69 @@ def test_version_and_format_are_checked(tmp_path):
         load_timeline(path)
     with pytest.raises(UserError, match="no such file"):
         load_timeline(tmp_path / "none.jsonl")
+
+
+def _npz(path, **cols):
+    """An .npz of EVENTS' columns and header, with `cols` replacing (None: dropping) some."""
+    import numpy as np
+
+    arrays = {n: np.array([getattr(e, n) for e in EVENTS]) for n in Event._fields}
+    arrays["header"] = np.array(json.dumps({"format": "d2moe.timeline", "version": 1,
+                                            "meta": {}}))
+    for name, value in cols.items():
+        arrays.pop(name) if value is None else arrays.__setitem__(name, value)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("damage,named", [
+    ("garbage", "unreadable timeline .npz"),
+    ("truncated", "unreadable timeline .npz"),
+    ("no header", "field 'header': no header"),
+    ("no column", "field 'bytes': no column 'bytes'"),
+    ("short column", "columns of different lengths"),
+    ("float step", "field 'step': not whole numbers"),
+    ("bad kind", "field 'kind': kind 'load' on lane 'compute'"),
+    ("nan time", "field 'end_us': not finite numbers"),
+    ("pickled", "unreadable timeline .npz"),
+])
+def test_a_damaged_npz_is_one_user_error_naming_it(tmp_path, damage, named):
+    import numpy as np
+
+    path, good = tmp_path / "t.npz", tmp_path / "good.npz"
+    save_timeline(good, Timeline(EVENTS, {}))
+    if damage == "garbage":
+        path.write_bytes(b"not a zip at all")
+    elif damage == "truncated":
+        path.write_bytes(good.read_bytes()[:200])
+    elif damage == "pickled":
+        np.savez(path, header=np.array([{"a": 1}], dtype=object), **{
+            n: np.zeros(3) for n in Event._fields})
+    else:
+        _npz(path, **{
+            "no header": {"header": None}, "no column": {"bytes": None},
+            "short column": {"tokens": np.array([1, 2])},
+            "float step": {"step": np.array([0.5, 1.0, 2.0])},
+            "bad kind": {"lane": np.array(["compute", "compute", "memory"])},
+            "nan time": {"end_us": np.array([1.0, np.nan, 2.0])}}[damage])
+    with pytest.raises(UserError, match=named) as err:
+        load_timeline(path)
+    assert err.value.path == str(path)
+
+
+@pytest.mark.parametrize("row,named", [
+    ('[1, 2]', "row 1 has fields list"),
+    ('{"lane": "io"}', "row 1 has fields ['lane']"),
+    (json.dumps({**EVENTS[0]._asdict(), "bits_to": "4"}), "field 'bits_to': not whole"),
+    (json.dumps({**EVENTS[0]._asdict(), "start_us": "x"}), "field 'start_us': not finite"),
+    (json.dumps({**EVENTS[0]._asdict(), "kind": "nap"}), "kind 'nap' on lane 'io'"),
+])
+def test_a_damaged_jsonl_row_is_one_user_error_naming_it(tmp_path, row, named):
+    path = tmp_path / "t.jsonl"
+    save_timeline(path, Timeline(EVENTS[:1], {}))
+    path.write_text(path.read_text() + row + "\n")
+    with pytest.raises(UserError, match=re.escape(named)):
+        load_timeline(path)
+    lines = path.read_text().splitlines()  # whole-number times are read as floats
+    path.write_text("\n".join([lines[0], json.dumps({**EVENTS[0]._asdict(), "end_us": 3})]))
+    assert load_timeline(path).events[0].end_us == 3.0
+    assert type(load_timeline(path).events[0].end_us) is float
