@@ -198,6 +198,25 @@ def model_field(note: str = "", *, help_text: str = "", metavar: str | None = No
     return dataclasses.field(default="tiny", metadata=metadata)
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype of the verbs that run a real model
+
+
+def dtype_field() -> Any:
+    """The `--dtype` option of the verbs that run a real model: its non-expert weights,
+    activations and KV cache (the routed experts keep their store's bits)."""
+    return dataclasses.field(default="float32", metadata={"choices": DTYPES, "help": (
+        "dtype of the non-expert weights, activations and KV cache (bfloat16, float16: half "
+        "float32's memory, for a small GPU; the experts keep their bits)")})
+
+
+def check_dtype(name: str) -> str:
+    """`name` when it is one of DTYPES, else a UserError naming --dtype."""
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}", field="dtype",
+                        fix="use " + ", ".join(DTYPES[:-1]) + " or " + DTYPES[-1])
+    return name
+
+
 def sync_rows_field(note: str = "") -> Any:
     """The `--sync-rows` option shared by the verbs that run the executor, off by default
     (`note`: what it means for this verb)."""

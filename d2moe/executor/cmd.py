@@ -12,7 +12,9 @@ from typing import Any
 
 from d2moe.core.cliargs import (
     add_fields,
+    check_dtype,
     check_threads,
+    dtype_field,
     from_args,
     model_field,
     require_modules,
@@ -55,6 +57,7 @@ class RunConfig:
         "help": "torch intra-op threads (0: torch's default); 1 by default, as in serve and "
                 "validate: the I/O lane needs a core (tiny on a 2-core CPU under a budget: "
                 "1.02-1.07x the decode tokens/s of torch's default 2; docs/results/executor.md)"})
+    dtype: str = dtype_field()
     sync_rows: bool = sync_rows_field()
     out: str = field(default="out/run", metadata={"help": "output directory"})
     router: str = field(default="", metadata={
@@ -70,6 +73,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_threads(self.threads)
+        check_dtype(self.dtype)
 
 
 def register(subparsers: Any) -> None:
@@ -125,7 +129,8 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
                           else "cpu" if cfg.device == "auto" else cfg.device)
     pcfg = policy_config(cfg.policy)  # unknown names fail before any work
     store_path = resolve_store(cfg.model, cfg.store, store_layout(pcfg, QuantLayout()))
-    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io,
+                                    dtype=cfg.dtype)
     encode, decode = text_codec(cfg.model, spec.vocab)
     prompt_ids = list(encode(cfg.prompt))
     check_positions(model, len(prompt_ids), cfg.max_new_tokens)  # before the pool is built

@@ -96,13 +96,19 @@ def resolve_store(model: str, store: str, layout: QuantLayout | None = None) -> 
                         "pass --store STORE")
 
 
-def open_model(model: str, store_path: Path, *, direct_io: bool) -> tuple[Any, Any, Any]:
-    """(model without its experts, its spec, the store's reader), checked to match."""
+def open_model(model: str, store_path: Path, *, direct_io: bool,
+               dtype: str = "float32") -> tuple[Any, Any, Any]:
+    """(model without its experts, in `dtype` (a name of cliargs.DTYPES), its spec, the
+    store's reader), checked to match."""
+    import torch
+
+    from d2moe.core.cliargs import check_dtype
     from d2moe.model.load import load_model
     from d2moe.quant.store import StoreReader
 
+    torch_dtype = getattr(torch, check_dtype(dtype))
     reader = StoreReader(store_path, direct=direct_io)
-    net, spec = load_model(model, with_experts=False)
+    net, spec = load_model(model, with_experts=False, dtype=torch_dtype)
     check_match(spec, reader, store_path, model)
     return net, spec, reader
 

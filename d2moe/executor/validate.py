@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from d2moe.core.cliargs import (
     add_fields,
     check_at_least,
+    check_dtype,
+    dtype_field,
     from_args,
     model_field,
     once_each,
@@ -83,6 +85,7 @@ class ValidateConfig:
         "help": "torch intra-op threads of the run (0: torch's default); measure the profile "
                 "with the same count"})
     direct_io: bool = field(default=True, metadata={"help": "read the store with O_DIRECT"})
+    dtype: str = dtype_field()
     sync_rows: bool = sync_rows_field("measure the profile with the same setting")
     repeats: int = field(default=1, metadata={
         "help": "real runs per (policy, budget); the run with the median tokens/s is kept"})
@@ -105,6 +108,7 @@ class ValidateConfig:
         from d2moe.policies import policy_config
 
         check_at_least(self.plot_steps, 1, "plot_steps")
+        check_dtype(self.dtype)
         for name in self.policy_names:
             policy_config(name, field="policies")
         split_list(self.budgets, "budgets", example="--budgets 25%,50%")
@@ -160,7 +164,8 @@ def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dic
         raise UserError("CUDA was asked for but torch sees no CUDA device", field="device",
                         fix="use --device cpu")
     store_path = resolve_store(cfg.model, cfg.store)
-    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io,
+                                    dtype=cfg.dtype)
     encode, _ = text_codec(cfg.model, spec.vocab)
     device = torch.device(cfg.device)
     model.to(device)
@@ -208,7 +213,7 @@ MEASURE = "measure"  # --profile value: measure this machine in this invocation
 def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, command: str = "",
                  **overrides: Any) -> Profile:
     """A profile of this machine for `spec` and `store`'s layout, with cfg's device,
-    threads and sync_rows, written to OUT/profile.yaml; `overrides` are ProfileConfig fields
+    threads, sync_rows and dtype, written to OUT/profile.yaml; `overrides` are ProfileConfig fields
     (fewer points for a large model, say). Measured beside the runs it is compared with, it
     drifts with them on a shared machine (docs/results/fidelity.md)."""
     import os
@@ -222,6 +227,7 @@ def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, comma
     near = Path(store.path).resolve().parent  # measure the disk the store is on
     with tempfile.TemporaryDirectory(dir=near if os.access(near, os.W_OK) else None) as scratch:
         pcfg = ProfileConfig(device=cfg.device, threads=cfg.threads, sync_rows=cfg.sync_rows,
+                             dtype=cfg.dtype,
                              out=str(Path(cfg.out) / "profile.yaml"),
                              name=f"measured-{platform.node() or 'here'}",
                              progress=sys.stderr.isatty(), layout=lay.kind, b1=lay.b1,

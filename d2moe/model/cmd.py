@@ -11,7 +11,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from d2moe.core.cliargs import add_fields, from_args, group_usage, model_field, require_modules
+from d2moe.core.cliargs import (
+    add_fields,
+    check_dtype,
+    dtype_field,
+    from_args,
+    group_usage,
+    model_field,
+    require_modules,
+)
 from d2moe.core.fileio import check_writable
 from d2moe.executor.cmd import RunConfig
 
@@ -36,8 +44,12 @@ class GenerateConfig:
     max_new_tokens: int = field(default=RunConfig.max_new_tokens, metadata={
         "help": "tokens to generate; with the prompt at most the model's "
                 "max_position_embeddings"})
+    dtype: str = dtype_field()
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar on a terminal when it takes over a second"})
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -126,13 +138,14 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import torch
+
     from d2moe.model.generate import generate
     from d2moe.model.load import load_model
-
-    cfg = from_args(GenerateConfig, args)
     from d2moe.model.tokenizer import text_codec
 
-    model, spec = load_model(cfg.model)
+    cfg = from_args(GenerateConfig, args)
+    model, spec = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     encode, decode = text_codec(cfg.model, spec.vocab)
     gen = generate(model, encode(cfg.prompt), cfg.max_new_tokens, progress=cfg.progress)
     sys.stdout.write(cfg.prompt + decode(list(gen.new_ids)) + "\n")

@@ -53,7 +53,8 @@ class ResidentRows:
 
 def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
                        tokens: Sequence[int], repeats: int, scratch: Path,
-                       bar: Bar, *, sync_rows: bool = False) -> ResidentRows:
+                       bar: Bar, *, sync_rows: bool = False, dtype: Any = None
+                       ) -> ResidentRows:
     """The non-expert rows the executor itself records, and the first-run excess per layer.
 
     A random-weight copy of the model (`resident_probe_spec`: whole where small) runs through
@@ -70,7 +71,7 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
     backends' decode layers the lanes' fixed costs (`lane_costs_from_rows`) (on a large
     shape, which loads one or two experts a step, it decodes on until MIN_BESIDE loads
     overlapped runs, at most MORE_DECODES more times). `sync_rows`: both backends', as
-    the executor's runs will have it.
+    the executor's runs will have it; `dtype`: the model's (None: float32).
     """
     import torch
 
@@ -89,7 +90,7 @@ def measure_non_expert(spec: ModelSpec, layout: QuantLayout, device: Any,
                          direct=True)
     model = Transformer(small, with_experts=False)
     model.init_weights(seed=0)
-    model.to(device)
+    model.to(device, dtype or torch.float32)
     every = all_experts_bytes(small, bits, layout)
     backend = StreamingExperts(reader, make_policy("hebf"),
                                ExpertPool(small, layout, every, device), bits=bits,

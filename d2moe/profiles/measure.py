@@ -58,7 +58,9 @@ import numpy as np
 
 from d2moe.core.cliargs import (
     check_at_least,
+    check_dtype,
     check_threads,
+    dtype_field,
     once_each,
     split_list,
     sync_rows_field,
@@ -107,6 +109,7 @@ class ProfileConfig:
                 "the executor runs with (d2moe validate --threads)"})
     sync_rows: bool = sync_rows_field("the executor's rows the non-expert and lane costs are "
                                       "read from; use the setting the runs will have")
+    dtype: str = dtype_field()
     model_spec: str = field(default="tiny", metadata={
         "help": "spec whose expert shapes and non-expert layers are measured (shipped name, "
                 "spec YAML or HF config.json)", "metavar": "SPEC"})
@@ -276,6 +279,7 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     import torch
 
     device = _device(cfg.device)
+    dtype = getattr(torch, check_dtype(cfg.dtype))
     layout = cfg.quant_layout
     if not layout.nested:
         raise UserError(f"cannot measure layout {layout.kind!r}", field="layout",
@@ -318,16 +322,18 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                 check_gbps = measure_check_GBps(max(max(lv) for lv, _ in loads), cfg.repeats)
                 evict_us = measure_evict_us(reader, probe, layout, device,
                                             min(layout.b1 + 2, layout.bK), cfg.repeats)
-                runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar)
+                runs = measure_runs(probe, layout, device, bits, tokens, cfg.repeats, sync, bar,
+                                    dtype)
                 resident = measure_non_expert(spec, layout, device, tokens, cfg.repeats,
-                                              scratch, bar, sync_rows=cfg.sync_rows)
+                                              scratch, bar, sync_rows=cfg.sync_rows,
+                                              dtype=dtype)
                 lanes = lane_costs_from_rows(resident.resident_rows, resident.loaded_rows)
                 cold_curve_us = fit_cold_curve(measure_cold_loads(
                     reader, probe, layout, device, min(layout.b1 + 2, layout.bK),
                     2 * cfg.repeats, sync, bar))
                 first_run_us = measure_first_runs(reader, probe, layout, device,
                                                   min(layout.b1 + 2, layout.bK),
-                                                  4 * cfg.repeats, sync)
+                                                  4 * cfg.repeats, sync, dtype)
                 bar.step("lanes")
             finally:
                 reader.close()

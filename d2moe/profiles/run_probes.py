@@ -18,9 +18,11 @@ from d2moe.profiles.timing import Bar, clear_excess, interleaved_means
 
 
 def run_bodies(probe: ModelSpec, layout: QuantLayout, device: Any,
-               points: Sequence[tuple[int, int]]) -> list[Callable[[int], None]]:
+               points: Sequence[tuple[int, int]], dtype: Any = None
+               ) -> list[Callable[[int], None]]:
     """The compute lane's run body (gather the resident planes, the expert, the weighted
-    add) on one resident random expert, one closure per (bits, tokens)."""
+    add) on one resident random expert, one closure per (bits, tokens); activations in
+    `dtype` (None: float32), the model's."""
     import torch
 
     from d2moe.core.jobs import ExpertKey, Load
@@ -43,7 +45,7 @@ def run_bodies(probe: ModelSpec, layout: QuantLayout, device: Any,
     gen = torch.Generator().manual_seed(3)
 
     def runner(b: int, n: int) -> Callable[[int], None]:
-        x = torch.randn(n, probe.hidden, generator=gen).to(device)
+        x = torch.randn(n, probe.hidden, generator=gen).to(device, dtype or torch.float32)
         tok = torch.arange(n, device=device)
         w = torch.full((n,), 0.5, device=device)
         y = torch.zeros_like(x)
@@ -62,16 +64,18 @@ def run_bodies(probe: ModelSpec, layout: QuantLayout, device: Any,
 
 def measure_runs(probe: ModelSpec, layout: QuantLayout, device: Any, bits: Sequence[int],
                  tokens: Sequence[int], repeats: int, sync: Callable[[], None],
-                 bar: Bar) -> list[tuple[int, int, float]]:
-    """(bits, tokens, us) of the compute lane's run body on a resident expert."""
+                 bar: Bar, dtype: Any = None) -> list[tuple[int, int, float]]:
+    """(bits, tokens, us) of the compute lane's run body on a resident expert (activations
+    in `dtype`)."""
     points = [(b, n) for b in bits for n in tokens]
-    means = interleaved_means(run_bodies(probe, layout, device, points), repeats, sync,
-                                  bar, "runs")
+    means = interleaved_means(run_bodies(probe, layout, device, points, dtype), repeats,
+                              sync, bar, "runs")
     return [(b, n, us) for (b, n), us in zip(points, means, strict=True)]
 
 
 def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, device: Any,
-                       bits: int, rounds: int, sync: Callable[[], None]) -> float:
+                       bits: int, rounds: int, sync: Callable[[], None],
+                       dtype: Any = None) -> float:
     """How much longer (us, at least 0) an expert's first run after its load takes than the
     run right after it: an I/O thread (woken through a queue, as `executor/lanes.py`) loads
     the expert while this thread waits, then this thread runs it twice; mean of the
@@ -99,7 +103,8 @@ def measure_first_runs(reader: Any, probe: ModelSpec, layout: QuantLayout, devic
             sync()
             done.set()
 
-    x = torch.randn(1, probe.hidden, generator=torch.Generator().manual_seed(7)).to(device)
+    x = torch.randn(1, probe.hidden, generator=torch.Generator().manual_seed(7)).to(
+        device, dtype or torch.float32)
     tok = torch.arange(1, device=device)
     w = torch.full((1,), 0.5, device=device)
     y = torch.zeros_like(x)

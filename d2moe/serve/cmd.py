@@ -10,7 +10,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from d2moe.core.cliargs import add_fields, check_threads, from_args, model_field, split_list
+from d2moe.core.cliargs import (
+    add_fields,
+    check_dtype,
+    check_threads,
+    dtype_field,
+    from_args,
+    model_field,
+    split_list,
+)
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
 from d2moe.core.fileio import atomic_write
@@ -19,7 +27,7 @@ from d2moe.serve.arrivals import ArrivalConfig, Request, make_requests
 BACKENDS = ("sim", "real")
 # Options only one backend reads (docs/serve.md's table): set under the other, an error.
 BACKEND_ONLY = {"sim": ("model_spec", "profile", "trace"),
-                "real": ("model", "store", "direct_io", "threads")}
+                "real": ("model", "store", "direct_io", "threads", "dtype")}
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class ServeConfig:
         "help": "real: torch intra-op threads (0: torch's default); 1 by default: the tiny "
                 "model's matrices gain nothing from more, the I/O lane needs a core, and on a "
                 "busy CPU two threads thrash"})
+    dtype: str = dtype_field()
     out: str = field(default="out/serve", metadata={"help": "output directory"})
     progress: bool = field(default=True, metadata={
         "help": "a progress bar per policy (on a terminal)"})
@@ -66,6 +75,7 @@ class ServeConfig:
             raise UserError(f"must be >= 1, got {self.max_batch}", field="max_batch",
                             fix="pass e.g. --max-batch 4")
         check_threads(self.threads)
+        check_dtype(self.dtype)
 
     def _check_backend_options(self) -> None:
         """An option of the other backend, changed from its default, would be ignored
@@ -212,7 +222,8 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
     from d2moe.serve.real import fix_steps, make_prompts, serve_model
 
     store_path = resolve_store(cfg.model, cfg.store)
-    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io)
+    model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io,
+                                    dtype=cfg.dtype)
     for r in sorted(requests, key=lambda r: -(r.prompt_tokens + r.output_tokens))[:1]:
         check_positions(model, r.prompt_tokens, r.output_tokens, field="output-tokens")
     budget = expert_budget(spec, store.layout, cfg.budget, cfg.bits)

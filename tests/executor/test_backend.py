@@ -300,3 +300,20 @@ def test_resume_keeps_the_gap_between_forwards_out_of_every_row(store_path, refe
             assert second.start_us <= gap_start and second.end_us >= gap_end, second
             assert steps[2].start_us <= gap_start
         assert all(a.end_us <= b.start_us for a, b in zip(steps, steps[1:], strict=False))
+
+
+def test_run_in_half_precision_halves_the_resident_weights(store_path, tmp_path):
+    """--dtype: the non-expert weights, activations and KV cache in bfloat16 or float16 (a
+    small GPU's memory); the experts keep their stored bits. An unknown dtype is refused."""
+    sizes = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        out = tmp_path / dtype
+        result = run(RunConfig(store=str(store_path), max_new_tokens=4, out=str(out),
+                               budget="30%", dtype=dtype, progress=False))
+        sizes[dtype] = json.loads((out / "metrics.json").read_text())["meta"]
+        sizes[dtype] = sizes[dtype]["non_expert_bytes"]
+        assert result["text"].startswith("def fib(")
+    assert sizes["bfloat16"] == sizes["float16"] == sizes["float32"] // 2
+    with pytest.raises(UserError, match="unknown dtype 'float64'") as err:
+        RunConfig(dtype="float64")
+    assert err.value.field == "dtype"
