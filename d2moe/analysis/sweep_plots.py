@@ -48,6 +48,13 @@ def load_table(path: str | Path) -> list[dict[str, Any]]:
         reader = csv.DictReader(text.splitlines())
         rows = []
         for r in reader:
+            if None in r or None in r.values():  # DictReader's keys for extra/missing fields
+                got = len(r) - (None in r) + len(r.get(None) or ()) - sum(
+                    v is None for v in r.values())
+                raise UserError(f"line {reader.line_num} has {got} fields, the header "
+                                f"{len(reader.fieldnames or ())}", path=str(path),
+                                fix="one value per column on every line (quote a value "
+                                    "that holds a comma)")
             row = {k: _number(v) for k, v in r.items()}
             _check_row(row, path, f"line {reader.line_num}")
             rows.append(row)

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from d2moe.core.errors import UserError
 from d2moe.core.jobs import Evict, ExpertKey, Load
-from d2moe.core.sizes import QuantLayout
+from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.core.spec import ModelSpec
 from d2moe.executor.arena import ALIGN, Arena, Block, chunked_move
 from d2moe.executor.levels import LevelFormat
@@ -56,14 +57,25 @@ class ExpertPool:
         levels = range(layout.b1, layout.bK + 1)
         # The pool's level may be a little larger than the store's (rows padded to whole
         # int32 words) and every block is aligned: size the arena for the worst case of
-        # budget_bytes of store levels, so accounting, not the arena, binds.
+        # budget_bytes of store levels, so accounting, not the arena, binds. Never more than
+        # every expert at its widest level (a budget above 100% is a budget of 100%: an
+        # expert holds one prefix of its levels, or one copy, at a time).
         ratio = max(Arena.footprint(self.fmt.nbytes(b)) / self.fmt.store_nbytes(b)
                     for b in levels)
-        self.capacity_bytes = int(budget_bytes * ratio) + ALIGN
+        every = all_experts_bytes(spec, layout.bK, layout)
+        self.capacity_bytes = int(min(budget_bytes, every) * ratio) + ALIGN
         # CPU: zero-filled, so its pages are committed now and a load never pays first-touch
         # page faults (measured: first admits into a fresh Mixtral pool took up to 3x longer)
         alloc = torch.zeros if self.cpu else torch.empty
-        self.buffer = alloc(self.capacity_bytes, dtype=torch.uint8, device=device)
+        try:
+            self.buffer = alloc(self.capacity_bytes, dtype=torch.uint8, device=device)
+        except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory (CPU or CUDA)
+            from d2moe.core.sizes import fmt_bytes
+
+            reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot allocate an expert pool of "
+                            f"{fmt_bytes(self.capacity_bytes)} on {device} ({reason})",
+                            field="budget", fix="give a smaller budget") from None
         self.host = self.buffer.numpy() if self.cpu else None  # the same bytes (CPU)
         # CPU: numpy views of each resident level's parts, parsed once per placement:
         # (key, level bits) -> (block offset they were taken at, {tensor: {part: array}})

@@ -213,6 +213,18 @@ def test_a_csv_value_the_plots_cannot_use_names_file_line_and_column(tmp_path, c
     assert not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.parametrize("extra,got", [(",7", 5), (None, 3)])
+def test_a_csv_line_with_more_or_fewer_fields_than_the_header_is_named(tmp_path, capsys,
+                                                                       extra, got):
+    path = tmp_path / "q.csv"
+    line = "fifo,40%,10,5" + extra if extra else "fifo,40%,10"
+    path.write_text(f"policy,budget,decode_tokens_per_s,ppl\nfifo,20%,9,6\n{line}\n")
+    with pytest.raises(UserError, match=f"line 3 has {got} fields, the header 4") as err:
+        load_table(path)
+    assert err.value.path == str(path)
+    _plot_error(capsys, ["plot", "quality", str(path), "--out", str(tmp_path)], "line 3")
+
+
 def test_a_jsonl_value_the_plots_cannot_use_names_its_row(tmp_path):
     table = rows()
     table[1] = {**table[1], "decode_tokens_per_s": "fast"}

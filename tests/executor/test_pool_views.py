@@ -204,3 +204,30 @@ def test_word_major_pool_hands_the_kernels_its_blocks_and_keeps_them(store):
         want = (torch.nn.functional.silu(nested_matmul(x, moved["w1"], 4))
                 * nested_matmul(x, moved["w3"], 4))
         assert torch.allclose(h, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_budget_above_every_expert_allocates_only_every_expert(store, monkeypatch):
+    """The arena holds at most every expert at its widest level, whatever the budget (200
+    GiB asked of a 24 GiB machine allocated 200 GiB and died in torch's allocator); the
+    accounting keeps the budget. A pool the device cannot hold is a UserError naming it."""
+    from d2moe.core.errors import UserError
+    from d2moe.core.sizes import all_experts_bytes
+
+    layout = store.layout
+    every = all_experts_bytes(SPEC, layout.bK, layout)
+    fits = ExpertPool(SPEC, layout, every, torch.device("cpu"))
+    huge = ExpertPool(SPEC, layout, 200 << 30, torch.device("cpu"))
+    assert huge.capacity_bytes == fits.capacity_bytes < 2 * every
+    assert huge.accounting.budget_bytes == 200 << 30
+    for e in range(SPEC.experts):  # every expert at its widest level fits the capped arena
+        huge.admit_stored(Load(ExpertKey(0, e), 0, layout.bK),
+                          store.read_planes(0, e, 0, layout.bK))
+    _check_views(huge, store, SPEC.experts - 1, layout.bK)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] can't allocate memory")
+
+    monkeypatch.setattr(torch, "zeros", no_memory)
+    with pytest.raises(UserError, match=r"cannot allocate an expert pool of .* on cpu") as err:
+        ExpertPool(SPEC, layout, every, torch.device("cpu"))
+    assert err.value.field == "budget"
