@@ -88,6 +88,13 @@ _POSITIVE = ("layers", "experts", "top_k", "hidden", "ffn", "heads", "kv_heads",
              "dtype_bytes")
 _NON_NEGATIVE = ("head_dim", "shared_ffn", "dense_layers", "dense_ffn",
                  "non_expert_params_per_layer")
+# Upper bounds far above any real MoE (the largest: 256 experts, hidden 7168, vocabulary
+# 256K), so that a typo (an extra digit, 6e20) is an error naming its key rather than an
+# allocation of terabytes or an int64 overflow deep inside the simulator.
+_AT_MOST = {"layers": 1024, "experts": 4096, "hidden": 1 << 16, "ffn": 1 << 20,
+            "heads": 1024, "kv_heads": 1024, "vocab": 1 << 24, "dtype_bytes": 8,
+            "head_dim": 1 << 13, "shared_ffn": 1 << 20, "dense_layers": 1024,
+            "dense_ffn": 1 << 20, "non_expert_params_per_layer": 1 << 40}
 SHIPPED = ("mixtral-8x7b", "llama-moe-3.5b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b",
            "deepseek-v2-lite", "tiny")
 
@@ -96,7 +103,8 @@ def check_sizes(values: Mapping[str, Any], *, path: str,
                 names: Mapping[str, str] | None = None) -> None:
     """Raise UserError unless every ModelSpec field in `values` makes a model.
 
-    Sizes and `dtype_bytes` must be >= 1; the optional sizes (0: derived or absent) >= 0.
+    Sizes and `dtype_bytes` must be >= 1; the optional sizes (0: derived or absent) >= 0;
+    none above `_AT_MOST`.
     Attention must split evenly: hidden into heads (when head_dim is derived), heads into
     kv_heads groups; otherwise the model would fail to build, or the sizes be wrong.
     `path` names the file the values came from (the spec's name when built in code), and
@@ -108,6 +116,10 @@ def check_sizes(values: Mapping[str, Any], *, path: str,
             kind = "a positive integer" if least else "an integer >= 0"
             raise UserError(f"must be {kind}, got {value}", path=path,
                             field=names.get(name, name), fix=f"set a value >= {least}")
+        if value > _AT_MOST.get(name, value):  # top_k: at most experts, below
+            raise UserError(f"{value} is larger than any model this tool runs (at most "
+                            f"{_AT_MOST[name]})", path=path, field=names.get(name, name),
+                            fix="check the value (a digit too many?)")
     if values["top_k"] > values["experts"]:
         raise UserError(f"top_k={values['top_k']} exceeds experts={values['experts']}",
                         path=path, field=names.get("top_k", "top_k"), fix="use top_k <= experts")

@@ -166,6 +166,24 @@ def _check_layer_count(raw: dict[str, Any], where: dict[str, Path], path: Path) 
                             "config.json")
 
 
+def _check_embedding(spec: ModelSpec, where: dict[str, Path]) -> None:
+    """The embedding's shape in its file's header against config.json's vocab_size and
+    hidden_size, before a model of those sizes is built (a hidden_size with a digit too many
+    would allocate its matrices first)."""
+    from safetensors import safe_open
+
+    name = "model.embed_tokens.weight"
+    if name not in where:
+        return  # named as missing once the model is built (cheap then: it is small)
+    with reading_checkpoint(where[name]), safe_open(str(where[name]), framework="pt") as f:
+        shape = tuple(f.get_slice(name).get_shape())
+    if shape != (spec.vocab, spec.hidden):
+        raise UserError(f"tensor {name} has shape {shape}, config.json says vocab_size "
+                        f"{spec.vocab} x hidden_size {spec.hidden}", path=str(where[name]),
+                        field=name, fix="config.json and the weights disagree: use the "
+                        "checkpoint's own config.json")
+
+
 def read_config(model_dir: str | Path) -> tuple[ModelSpec, ModelConfig, dict[str, Any]]:
     """(spec, config, raw dict) of a checkpoint directory's config.json."""
     model_dir = Path(model_dir)
@@ -191,6 +209,7 @@ def load_hf(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     spec, cfg, raw = read_config(model_dir)
     where = _index(model_dir)
     _check_layer_count(raw, where, model_dir / "config.json")  # before building them
+    _check_embedding(spec, where)  # hidden and vocab: before building matrices of them
     # Built on the CPU, not the meta device: meta's first use imports torch's decompositions
     # (seconds). The expert tensors are torch.empty, so building costs little beyond them.
     model = Transformer(spec, cfg, with_experts=with_experts).to(dtype)
@@ -213,6 +232,10 @@ def load_hf(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
                                         path=str(file), field=name,
                                         fix="config.json and the weights disagree")
                     target.copy_(handles[file].get_tensor(name))
+                if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+                    raise UserError(f"tensor {name} holds NaN or infinite values",
+                                    path=str(file), field=name,
+                                    fix="the checkpoint is damaged: convert or copy it again")
     finally:
         handles.clear()
     return model.eval(), spec

@@ -16,7 +16,7 @@ from typing import TypeVar
 import numpy as np
 
 from d2moe.core.cliargs import add_fields, from_args
-from d2moe.core.errors import UserError
+from d2moe.core.errors import UserError, bare
 from d2moe.core.sizes import (
     DEFAULT_STORE_BITS,
     QuantLayout,
@@ -143,7 +143,13 @@ def quantize_checkpoint(model_dir: str | Path, out: str | Path, layout: QuantLay
             if (hf_layer, e, t) not in found:
                 raise UserError(f"missing expert weight (layer {hf_layer}, expert {e}, {t})",
                                 path=str(model_dir), fix="check the checkpoint")
-            mats[t] = quantize_matrix(load_tensor(*found[(hf_layer, e, t)]), layout, fit=fit)
+            file, name = found[(hf_layer, e, t)]
+            try:
+                mats[t] = quantize_matrix(load_tensor(file, name), layout, fit=fit)
+            except UserError as exc:  # the matrix's own checks: name its tensor and file
+                if exc.path:
+                    raise
+                raise UserError(bare(exc), path=str(file), field=name, fix=exc.fix) from None
         return mats
 
     def experts_of(hf_layer: int) -> Iterator[tuple[int, dict[str, NestedMatrix]]]:

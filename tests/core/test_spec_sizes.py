@@ -245,3 +245,19 @@ def test_budget_bare_whole_numbers_count_bytes_and_fractional_units_are_kept():
     assert parse_budget("0.1GiB", 1) == int(0.1 * 2**30)
     with pytest.raises(UserError, match="disk-sizes.*whole number"):
         parse_bytes("0.5", field="disk-sizes")
+
+
+@pytest.mark.parametrize("key,field,value", [
+    ("intermediate_size", "intermediate_size", 6e20), ("hidden_size", "hidden_size", 6e20),
+    ("num_local_experts", "num_local_experts", 100_000_000),
+    ("num_hidden_layers", "num_hidden_layers", 100_000_000)])
+def test_a_size_larger_than_any_model_is_named_before_anything_is_built(tmp_path, key, field,
+                                                                        value):
+    """A digit too many used to pass, then overflow int64 in a timeline or ask numpy for
+    143 GiB; every size now has a bound far above real models, in specs and config.json."""
+    (tmp_path / "config.json").write_text(json.dumps(_hf_cfg(**{key: value})))
+    with pytest.raises(UserError, match="larger than any model this tool runs") as err:
+        load_spec(tmp_path)
+    assert err.value.field == field and err.value.path == str(tmp_path / "config.json")
+    spec = load_spec("mixtral-8x7b")  # the bounds leave room above the real ones
+    assert spec.experts * 16 <= 4096 and spec.hidden * 8 <= 1 << 16

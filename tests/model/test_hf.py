@@ -278,3 +278,35 @@ def test_max_position_embeddings_is_the_models_limit(tmp_path):
     model_cfg = config_from_hf({**cfg, "max_position_embeddings": 512}, path="c.json")
     spec = spec_from_hf_config(cfg, path="c.json")
     assert hf_config_dict(spec, model_cfg)["max_position_embeddings"] == 512  # kept on save
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.self_attn.q_proj.weight",
+                                    "model.layers.2.block_sparse_moe.experts.3.w1.weight"])
+def test_a_nan_weight_is_named_by_tensor_and_file_in_every_verb(tmp_path, capsys, tensor):
+    """Before, generate and run took NaN weights silently (and printed NUL bytes), and
+    quantize named neither the tensor nor the file."""
+    d = _tiny_copy(tmp_path)
+    st = d / "model.safetensors"
+    weights = load_file(str(st))
+    weights[tensor][0, 1] = float("inf") if "experts" in tensor else float("nan")
+    save_file(weights, str(st))
+    with pytest.raises(UserError, match="holds NaN or infinite values") as err:
+        load_hf(d)
+    assert (err.value.path, err.value.field) == (str(st), tensor)
+    _cli_error(capsys, ["generate", "--model", str(d), "--max-new-tokens", "2"], tensor)
+    if "experts" in tensor:  # quantize reads the experts only
+        _cli_error(capsys, ["quantize", "--model", str(d), "--out", str(tmp_path / "q"),
+                            "--no-progress"], f"{st}: field '{tensor}'")
+        assert not (tmp_path / "q").exists()
+
+
+def test_a_hidden_size_the_embedding_does_not_have_is_refused_before_building(tmp_path):
+    """config.json's hidden_size is checked against the embedding's header first: 60000
+    (a digit too many) would otherwise build 60000x60000 attention matrices (57 GB)."""
+    d = _tiny_copy(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": 60000}))
+    with pytest.raises(UserError, match=r"shape \(256, 192\), config.json says vocab_size "
+                                        r"256 x hidden_size 60000") as err:
+        load_hf(d)
+    assert err.value.field == "model.embed_tokens.weight"
