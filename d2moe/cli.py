@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -52,6 +53,10 @@ class OneLineParser(argparse.ArgumentParser):
     d2moe.core.cliargs) is one line of that verb's too."""
 
     def error(self, message: str) -> NoReturn:
+        m = re.match(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message)
+        if m:  # argparse reads a value that starts with '-' (-5%, -1,1) as another option
+            self.exit(2, f"{self.prog}: error: {message} (fix: give it a value; one that "
+                         f"starts with '-' goes after '=': {m.group(1)}=-5)\n")
         self.exit(2, f"{self.prog}: error: {message} (fix: see {self.prog} --help)\n")
 
     def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]

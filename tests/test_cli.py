@@ -206,7 +206,19 @@ def test_a_bad_option_value_is_one_line_not_the_usage_block(capsys, argv):
         main(list(argv))
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
-    assert err.startswith(f"d2moe {argv[0]}: error: argument {argv[1]}") and "--help" in err
+    assert err.startswith(f"d2moe {argv[0]}: error: argument {argv[1]}")
+    assert "--help" in err or f"goes after '=': {argv[1]}=-5" in err  # (a missing value)
+
+
+def test_a_negative_value_is_shown_the_spelling_that_takes_it(capsys):
+    """argparse takes `--budget -5%` for two options; the fix names `--budget=-5%`."""
+    with pytest.raises(SystemExit):
+        main(["simulate", "--budget", "-5%"])
+    assert "(fix: give it a value; one that starts with '-' goes after '=': --budget=-5)" \
+        in capsys.readouterr().err
+    code, _, err = run(capsys, "simulate", "--model-spec", "tiny", "--budget=-5%", "--out",
+                       "unused")
+    assert code == 2 and "field 'budget'" in err, err
 
 
 def _parsers(parser=None, name="d2moe"):

@@ -255,6 +255,31 @@ def require_file(path: str | Path, *, field: str | None = None, fix: str = "chec
     return path
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, line: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.line = key, first, line
+
+
+def _strict_loader() -> Any:
+    """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one:
+    a grid's second `policies:` would replace the first without a word)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str) and key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file, turning a missing file, bytes that are not UTF-8 text or a syntax
     error into a UserError."""
@@ -263,7 +288,11 @@ def read_yaml(path: str | Path) -> Any:
     path = require_file(path, what="a YAML file")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return yaml.load(f, Loader=_strict_loader())  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise UserError(f"key {exc.key!r} is given twice (at lines {exc.first} and "
+                        f"{exc.line}); YAML would keep the last silently", path=str(path),
+                        field=exc.key, fix="keep one of them") from None
     except UnicodeDecodeError:
         raise UserError("not a text file (UTF-8)", path=str(path),
                         fix="point at the YAML file, saved as UTF-8") from None

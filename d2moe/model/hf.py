@@ -47,6 +47,10 @@ def config_from_hf(cfg: Any, *, path: str) -> ModelConfig:
                                 != 1 or cfg.get("use_sliding_window")):
         raise UserError("dense-MLP layers and sliding windows are not supported", path=path,
                         field="mlp_only_layers", fix="use a checkpoint with an MoE every layer")
+    act = cfg.get("hidden_act", "silu")  # the experts and shared experts are SwiGLU
+    if act not in ("silu", "swish"):
+        raise UserError(f"hidden_act {act!r} is not supported", path=path, field="hidden_act",
+                        fix="only SwiGLU experts (hidden_act silu) are implemented")
     default_renorm = arch == "mixtral"  # Mixtral always renormalises; others follow the flag
     eps = _number(cfg, "rms_norm_eps", path)
     positions = _number(cfg, "max_position_embeddings", path)

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import threading
 import weakref
 import zlib
@@ -375,6 +376,10 @@ class StoreReader:
                         raise
                     self.direct_io = False
                     fd = os.open(path, os.O_RDONLY)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory opens, then reads
+                    os.close(fd)  # fail with EISDIR and no file name
+                    raise UserError("not a regular file (a directory?)", path=str(path),
+                                    fix="re-run d2moe quantize")
                 self._fds[name] = fd
             return fd
 

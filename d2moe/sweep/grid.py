@@ -166,7 +166,12 @@ def _option(data: dict, name: str, path: str) -> Any:
 def _trace_entry(text: str, i: int, base: Path, path: str, model_spec: str) -> TraceEntry:
     where = f"traces[{i}]"
     if text.startswith(SYNTH_PREFIX):
-        return parse_synth(text, path=path, where=where)
+        entry = parse_synth(text, path=path, where=where)
+        ref = _spec_ref(entry.spec, base)  # a spec file: from the grid's directory, as the
+        if ref == entry.spec:  # trace files, profiles and model_spec are
+            return entry
+        return dataclasses.replace(entry, spec=ref, text=SYNTH_PREFIX + ref + entry.text[
+            len(SYNTH_PREFIX + entry.spec):])
     file = Path(text) if Path(text).is_absolute() else base / text
     if not file.is_file():
         raise UserError(f"no such trace file {str(file)!r}", path=path, field=where,

@@ -240,3 +240,20 @@ def test_require_file_tells_a_directory_from_a_missing_path(tmp_path):
     with pytest.raises(UserError, match="is a directory") as err:
         read_yaml(tmp_path)  # a grid, a spec or a profile given as a directory
     assert err.value.path == str(tmp_path)
+
+
+@pytest.mark.parametrize("text,key,lines", [
+    ("policies: [fifo]\nbits: 4\npolicies: [hebf]\n", "policies", (1, 3)),
+    ("grid:\n  a: 1\n  b: 2\n  a: 3\nother: 1\n", "a", (2, 4)),  # nested mappings too
+])
+def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path, text, key, lines):
+    """PyYAML keeps the last of two equal keys without a word (a grid's second `policies:`
+    replaced the first); the strict loader names the key and both lines."""
+    p = tmp_path / "g.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=f"key '{key}' is given twice \\(at lines "
+                                        f"{lines[0]} and {lines[1]}\\)") as err:
+        read_yaml(p)
+    assert (err.value.path, err.value.field) == (str(p), key)
+    p.write_text("a: 1\nb: {a: 2}\nc: [{a: 1}, {a: 2}]\n")  # equal keys in other mappings
+    assert read_yaml(p) == {"a": 1, "b": {"a": 2}, "c": [{"a": 1}, {"a": 2}]}

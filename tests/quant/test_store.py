@@ -130,6 +130,21 @@ def test_a_cut_data_file_is_named_even_without_checksums(store):
             reader.read_planes(1, 2, 0, layout.bK)
 
 
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_data_file_that_became_a_directory_is_named(store, direct):
+    """Opening a directory succeeds and reading it fails with EISDIR and no file name: the
+    CLI printed "Is a directory" alone."""
+    path, layout, _ = store
+    with StoreReader(path) as reader:
+        name = reader.entries[(1, 0, "w1", layout.b1)].file
+    (path / name).unlink()
+    (path / name).mkdir()
+    with StoreReader(path, direct=direct) as reader, \
+            pytest.raises(UserError, match="not a regular file") as err:
+        reader.read_planes(1, 0, 0, layout.b1)
+    assert err.value.path == str(path / name)
+
+
 def test_pipelined_checks_report_the_first_damage_and_stop_on_close(store):
     """Checksums on the helper thread: same bytes as inline, the first damaged entry in file
     order is the one named, and close() stops the thread."""

@@ -85,6 +85,26 @@ def test_a_relative_model_spec_is_the_grid_files_not_the_working_directorys(tmp_
     assert grid.traces[0].spec == grid.model_spec
 
 
+def test_a_synth_traces_spec_file_is_the_grid_files_too(tmp_path, monkeypatch):
+    """synth:SPEC with a spec file took SPEC from the working directory, unlike every other
+    path of a grid."""
+    import shutil
+    from importlib import resources
+
+    (tmp_path / "grids").mkdir()
+    spec = resources.files("d2moe.core").joinpath("specs", "tiny.yaml")
+    shutil.copyfile(str(spec), tmp_path / "grids" / "my-spec.yaml")
+    text = ("policies: [fifo]\nbudgets: [50%]\n"
+            "traces: ['synth:../my-spec.yaml:seed=2', 'synth:tiny']\n")
+    monkeypatch.chdir(tmp_path)  # from here, ../my-spec.yaml does not exist
+    (tmp_path / "grids" / "sub").mkdir()
+    grid = load_grid(write(tmp_path / "grids" / "sub", text))
+    want = str(tmp_path / "grids" / "sub" / ".." / "my-spec.yaml")
+    assert [t.spec for t in grid.traces] == [want, "tiny"]
+    assert grid.traces[0].text == f"synth:{want}:seed=2"
+    assert len(expand(grid, tmp_path / "out")) == 2  # the cells build from it
+
+
 def _tiny():
     from d2moe.core.spec import load_spec
 
