@@ -1,0 +1,49 @@
+"""Every script in benchmarks/ still imports and parses its options (`--help`): they run
+rarely, by hand or on a lent GPU, so a rename in the package would otherwise break one
+silently until then. What they measure is not asserted (timings never are)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _scripts() -> list[Path]:
+    """The runnable scripts (not the shared harness modules: no `__main__` block)."""
+    return sorted(p for p in BENCH.glob("*.py") if '__name__ == "__main__"' in p.read_text())
+
+
+def test_every_benchmark_script_parses_its_options() -> None:
+    pytest.importorskip("torch")
+    code = """
+import contextlib, io, json, runpy, sys
+sys.path.insert(0, sys.argv[1])  # as `python benchmarks/x.py` has it: its siblings import
+out = {}
+for path in json.loads(sys.argv[2]):
+    buf = io.StringIO()
+    sys.argv = [path, "--help"]
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            runpy.run_path(path, run_name="__main__")
+        out[path] = "finished without parsing --help"
+    except SystemExit as exc:
+        out[path] = "ok" if exc.code in (0, None) and "usage:" in buf.getvalue() else \\
+            f"exit {exc.code}: {buf.getvalue()[-300:]}"
+    except Exception as exc:
+        out[path] = repr(exc)[:300]
+print(json.dumps(out))
+"""
+    scripts = [str(p) for p in _scripts()]
+    assert len(scripts) >= 25  # the glob found them
+    done = subprocess.run([sys.executable, "-c", code, str(BENCH), json.dumps(scripts)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    broken = {Path(k).name: v for k, v in result.items() if v != "ok"}
+    assert not broken, broken
