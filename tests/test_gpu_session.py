@@ -76,6 +76,7 @@ def _helps(targets: list[tuple[str, list[str]]]) -> dict[str, str]:
     (name, argv) run as `__main__` (a benchmark script) or through `d2moe.cli.main`."""
     code = """
 import io, runpy, sys, contextlib, json
+sys.path.insert(0, "benchmarks")  # as `python benchmarks/x.py` has it: its siblings import
 out = {}
 for name, argv in json.loads(sys.argv[1]):
     buf = io.StringIO()
