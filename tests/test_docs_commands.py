@@ -64,3 +64,16 @@ def test_every_option_the_docs_show_exists() -> None:
             known = {s for a in _options(parsers[target]) for s in a.option_strings}
         missing += [(doc, span[:100], o) for o in options if o not in known]
     assert not missing, missing
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    links, broken = 0, []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for m in re.finditer(r"\]\(([^)\s]+)\)", doc.read_text()):
+            target = m.group(1).split("#")[0]
+            if not target or re.match(r"[a-z]+://", target):
+                continue
+            links += 1
+            if not (doc.parent / target).exists():
+                broken.append((str(doc.relative_to(ROOT)), target))
+    assert links > 50 and not broken, broken
