@@ -9,8 +9,9 @@
 #                                                     # with rows at launches and --sync-rows
 #   OUT=dir bash benchmarks/gpu_session.sh mixtral    # Mixtral-shaped fidelity, its profile
 #                                                     # measured in the run
-#   OUT=dir bash benchmarks/gpu_session.sh followups  # GPU tests, planes in place vs stacked,
-#                                                     # loads into the CUDA pool, launch sweep
+#   OUT=dir bash benchmarks/gpu_session.sh followups  # GPU tests, a bfloat16 run, planes in
+#                                                     # place vs stacked, loads into the CUDA
+#                                                     # pool, launch sweep
 # Each step has its own time limit, so one that runs long costs only itself; logs and JSON land
 # in $OUT (docs/reproduce.md says which result file each feeds), at most 8 files a phase (what
 # one device call brings back).
@@ -75,6 +76,9 @@ followups)
   # the GPU's checks of changes made on the CPU since the H100 session of 2026-11-23
   step "GPU tests (~90 s)"
   timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 | tail -3
+  step "the executor in bfloat16 (--dtype, 2026-11-24: tested on the CPU only) (~30 s)"
+  timeout 60 $D2MOE run --device cuda --dtype bfloat16 --budget 50% --max-new-tokens 16 \
+    --no-progress --out /tmp/d2moe-bf16 2>&1 | tail -3 | tee "$OUT/run_bf16.txt"
   step "planes in place against stacked per run, the pool's change of 2026-11-23 (~40 s)"
   timeout 80 $PY benchmarks/plane_views.py --bits 2,4,8 2>&1 | tail -16 \
     | tee "$OUT/plane_views.txt"
@@ -85,7 +89,7 @@ followups)
   timeout 80 $PY benchmarks/load_checksum.py --device cuda --rounds 6 \
     2>&1 | tail -4 | tee "$OUT/load_checksum.txt"
   step "launch sweep: the default against its split and pipeliner variants (~60 s)"
-  timeout 140 $PY benchmarks/kernels.py --tune --tune-set pipeline \
+  timeout 80 $PY benchmarks/kernels.py --tune --tune-set pipeline \
     --models mixtral-8x7b,llama-moe-3.5b --no-table --kinds bitplane --tokens 1,4 \
     --jobs "$JOBS" --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1
   grep "^tune" "$OUT/tune.log" | head -120
