@@ -71,18 +71,25 @@ def print_machine(what: str) -> None:
           f"{load_average()}", flush=True)
 
 
-def run_ab(doc: str, baseline: tuple[str, Variant], new: tuple[str, Variant],
-           repeats: int = 16) -> None:
-    """Parse the common options, run both variants interleaved and print the table."""
+def parse_common(doc: str, *, repeats: int, budgets: str
+                 ) -> tuple[argparse.Namespace, list[str]]:
+    """The options every decode A/B takes (--repeats, --budgets, --tokens, --threads),
+    parsed, with torch's thread count set: (args, the budgets)."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=repeats)
-    ap.add_argument("--budgets", default="100%,50%,25%")
+    ap.add_argument("--budgets", default=budgets)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args, split_list(args.budgets, "budgets", example="--budgets 25%,50%")
+
+
+def run_ab(doc: str, baseline: tuple[str, Variant], new: tuple[str, Variant],
+           repeats: int = 16) -> None:
+    """Parse the common options, run both variants interleaved and print the table."""
+    args, budgets = parse_common(doc, repeats=repeats, budgets="100%,50%,25%")
     print_machine(f"HEBF, {BITS} bits, {args.tokens} tokens")
-    budgets = split_list(args.budgets, "budgets", example="--budgets 25%,50%")
     variants = dict([baseline, new])
     runs: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,7 +9,6 @@ Usage: python benchmarks/dtype.py [--repeats 6] [--budgets 100%,50%] [--tokens 6
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from d2moe.core.cliargs import DTYPES, split_list
+from d2moe.core.cliargs import DTYPES
 from d2moe.core.sizes import QuantLayout, all_experts_bytes
 from d2moe.model.load import load_tiny, tiny_dir
 from d2moe.model.tokenizer import encode
@@ -27,19 +26,19 @@ from d2moe.quant.cmd import quantize_checkpoint
 from d2moe.quant.store import StoreReader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_ab import BITS, PROMPT, decode_tok_s, load_average, print_machine  # noqa: E402
+from decode_ab import (  # noqa: E402
+    BITS,
+    PROMPT,
+    decode_tok_s,
+    load_average,
+    parse_common,
+    print_machine,
+)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--budgets", default="100%,50%")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args, budgets = parse_common(__doc__, repeats=6, budgets="100%,50%")
     print_machine(f"HEBF, {BITS} bits, {args.tokens} tokens, dtypes {', '.join(DTYPES)}")
-    budgets = split_list(args.budgets, "budgets", example="--budgets 100%,50%")
     runs: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "store"
