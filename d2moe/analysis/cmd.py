@@ -130,9 +130,12 @@ def plot_timelines(paths: list[str], cfg: TimelinePlotConfig) -> Path:
             part = from_step(t, cfg.first_step, cfg.steps)
             if not part.events:
                 last = max((e.step for e in t.events), default=-1)
+                if last < 0:
+                    raise UserError("no steps here: an empty timeline", path=path,
+                                    fix="pass the timeline of a run that took steps")
                 raise UserError(f"no step {cfg.first_step} here (its last step is {last})",
                                 path=path, field="first-step",
-                                fix=f"pass --first-step 0..{max(last, 0)}, or --steps 0")
+                                fix=f"pass --first-step 0..{last}, or --steps 0")
             cropped.append(part)
         timelines = cropped
     return plot_bubbles(timelines, cfg.out, labels=labels, title=cfg.title or None)

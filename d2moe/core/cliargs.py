@@ -201,12 +201,12 @@ def model_field(note: str = "", *, help_text: str = "", metavar: str | None = No
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype of the verbs that run a real model
 
 
-def dtype_field() -> Any:
+def dtype_field(experts: str = "the streamed experts keep their stored bits") -> Any:
     """The `--dtype` option of the verbs that run a real model: its non-expert weights,
-    activations and KV cache (the routed experts keep their store's bits)."""
+    activations and KV cache; `experts` says what becomes of its experts in this verb."""
     return dataclasses.field(default="float32", metadata={"choices": DTYPES, "help": (
         "dtype of the non-expert weights, activations and KV cache (bfloat16, float16: half "
-        "float32's memory, for a small GPU; the experts keep their bits)")})
+        f"float32's memory, for a small GPU); {experts}")})
 
 
 def check_dtype(name: str) -> str:

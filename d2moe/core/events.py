@@ -125,7 +125,11 @@ def _check_header(path: Path, header: Any) -> dict[str, Any]:
         raise UserError(f"timeline version {header.get('version')} is not supported "
                         f"(this d2moe reads version {TIMELINE_VERSION})", path=str(path),
                         field="version", fix="re-create the timeline with this d2moe")
-    return dict(header.get("meta") or {})
+    meta = header.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise UserError(f"expected a mapping, got {type(meta).__name__}", path=str(path),
+                        field="meta", fix=_FIX_DAMAGED)
+    return dict(meta)
 
 
 # what a damaged .npz raises while it is read: a bad CRC or directory (BadZipFile), bad
@@ -157,8 +161,13 @@ def load_timeline(path: str | Path) -> Timeline:
             raise UserError(f"unreadable timeline .npz ({reason})", path=str(path),
                             fix=_FIX_DAMAGED) from None
     else:
-        with open(path) as f:
-            lines = f.read().splitlines()
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except UnicodeDecodeError:
+            raise UserError("not a timeline: binary, and not an .npz", path=str(path),
+                            fix="pass events.npz or a .jsonl timeline (d2moe simulate, run "
+                                "or validate --out)") from None
         try:
             meta = _check_header(path, json.loads(lines[0]) if lines else None)
             rows = [json.loads(line) for line in lines[1:] if line.strip()]
@@ -197,8 +206,12 @@ def _checked_columns(path: Path, cols: dict[str, Any]) -> dict[str, list]:
     n = len(out["lane"])
     if len(out["kind"]) != n or any(a.shape != (n,) for a in arrays.values()):
         raise bad("lane", "columns of different lengths")
+    for name in ("lane", "kind"):
+        odd = next((v for v in out[name] if not isinstance(v, str)), None)
+        if odd is not None:
+            raise bad(name, f"not text: {odd!r}")
     for lane, kind in set(zip(out["lane"], out["kind"], strict=True)):
-        if not isinstance(kind, str) or KINDS.get(kind) != lane:
+        if KINDS.get(kind) != lane:
             raise bad("kind", f"kind {kind!r} on lane {lane!r}")
     for name in INT_FIELDS:
         if arrays[name].size and arrays[name].dtype.kind not in "iu":

@@ -263,18 +263,27 @@ class _DuplicateKey(Exception):
 
 def _strict_loader() -> Any:
     """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one:
-    a grid's second `policies:` would replace the first without a word)."""
+    a grid's second `policies:` would replace the first without a word). Explicit keys
+    only: a merge key (`<<: *base`) may be overridden, as YAML means it to be."""
     import yaml
+
+    merge = "tag:yaml.org,2002:merge"
 
     class StrictLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                line = key_node.start_mark.line + 1
-                if isinstance(key, str) and key in seen:
-                    raise _DuplicateKey(key, seen[key], line)
-                seen[key] = line
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == merge:
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(str(key), seen[key], line)
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: SafeLoader's own error below
+                        continue
             return super().construct_mapping(node, deep=deep)
 
     return StrictLoader
@@ -290,9 +299,11 @@ def read_yaml(path: str | Path) -> Any:
         with open(path, encoding="utf-8") as f:
             return yaml.load(f, Loader=_strict_loader())  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as exc:
-        raise UserError(f"key {exc.key!r} is given twice (at lines {exc.first} and "
-                        f"{exc.line}); YAML would keep the last silently", path=str(path),
-                        field=exc.key, fix="keep one of them") from None
+        where = (f"at lines {exc.first} and {exc.line}" if exc.first != exc.line else
+                 f"on line {exc.line}")
+        raise UserError(f"key {exc.key!r} is given twice ({where}); YAML would keep the "
+                        "last silently", path=str(path), field=exc.key,
+                        fix="keep one of them") from None
     except UnicodeDecodeError:
         raise UserError("not a text file (UTF-8)", path=str(path),
                         fix="point at the YAML file, saved as UTF-8") from None

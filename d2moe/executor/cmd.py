@@ -113,7 +113,7 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
     from d2moe.executor.backend import StreamingExperts
     from d2moe.executor.pool import ExpertPool
     from d2moe.model.generate import check_positions, generate
-    from d2moe.model.tokenizer import text_codec
+    from d2moe.model.tokenizer import continuation, model_codec
     from d2moe.policies import make_policy, policy_config
     from d2moe.profiles.measure import torch_threads
     from d2moe.router.adaptive import describe as describe_capacity
@@ -129,9 +129,9 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
                           else "cpu" if cfg.device == "auto" else cfg.device)
     pcfg = policy_config(cfg.policy)  # unknown names fail before any work
     store_path = resolve_store(cfg.model, cfg.store, store_layout(pcfg, QuantLayout()))
+    encode, decode = model_codec(cfg.model)  # (a missing tokenizer.json before the load)
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io,
                                     dtype=cfg.dtype)
-    encode, decode = text_codec(cfg.model, spec.vocab)
     prompt_ids = list(encode(cfg.prompt))
     check_positions(model, len(prompt_ids), cfg.max_new_tokens)  # before the pool is built
     store.layout.check_bits(cfg.bits)
@@ -188,8 +188,8 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
                    if router is not None else []) + [
         f"generation: {gen.decode_tokens_per_s:.1f} decode tokens/s; "
         f"wrote {out}/events.npz, metrics.json, bubbles.png"])
-    return {"text": cfg.prompt + decode(list(gen.new_ids)), "summary": summary,
-            "timeline": timeline, "metrics": m, "generation": gen}
+    return {"text": cfg.prompt + continuation(decode, prompt_ids, gen.new_ids),
+            "summary": summary, "timeline": timeline, "metrics": m, "generation": gen}
 
 
 def capacity_controller(capacity: Any, router: Any) -> Any:

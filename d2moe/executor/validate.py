@@ -153,7 +153,7 @@ def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dic
     import torch
 
     from d2moe.executor.setup import open_model, resolve_store
-    from d2moe.model.tokenizer import text_codec
+    from d2moe.model.tokenizer import model_codec
     from d2moe.profiles import load_profile
 
     profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
@@ -164,9 +164,9 @@ def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dic
         raise UserError("CUDA was asked for but torch sees no CUDA device", field="device",
                         fix="use --device cpu")
     store_path = resolve_store(cfg.model, cfg.store)
+    encode, _ = model_codec(cfg.model)  # (a missing tokenizer.json before the load)
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io,
                                     dtype=cfg.dtype)
-    encode, _ = text_codec(cfg.model, spec.vocab)
     device = torch.device(cfg.device)
     model.to(device)
     return validate_rounds(model, spec, store, profile, cfg, list(encode(cfg.prompt)),

@@ -44,7 +44,7 @@ class GenerateConfig:
     max_new_tokens: int = field(default=RunConfig.max_new_tokens, metadata={
         "help": "tokens to generate; with the prompt at most the model's "
                 "max_position_embeddings"})
-    dtype: str = dtype_field()
+    dtype: str = dtype_field("the resident dense experts take it too")
     progress: bool = field(default=True, metadata={
         "help": "show a progress bar on a terminal when it takes over a second"})
 
@@ -142,13 +142,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     from d2moe.model.generate import generate
     from d2moe.model.load import load_model
-    from d2moe.model.tokenizer import text_codec
+    from d2moe.model.tokenizer import continuation, model_codec
 
     cfg = from_args(GenerateConfig, args)
+    encode, decode = model_codec(cfg.model)  # (a missing tokenizer.json before the load)
     model, spec = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
-    encode, decode = text_codec(cfg.model, spec.vocab)
     gen = generate(model, encode(cfg.prompt), cfg.max_new_tokens, progress=cfg.progress)
-    sys.stdout.write(cfg.prompt + decode(list(gen.new_ids)) + "\n")
+    sys.stdout.write(cfg.prompt + continuation(decode, gen.prompt_ids, gen.new_ids) + "\n")
     print(f"[{len(gen.prompt_ids)} prompt tokens, prefill {gen.prefill_s * 1e3:.1f} ms; "
           f"{len(gen.new_ids)} new tokens, decode {gen.decode_tokens_per_s:.1f} tokens/s; "
           f"all experts resident (DenseExperts), greedy]", file=sys.stderr)

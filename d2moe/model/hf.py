@@ -235,11 +235,17 @@ def load_hf(model_dir: str | Path, *, dtype: torch.dtype = torch.float32,
                                         f"{tuple(target.shape)} from config.json",
                                         path=str(file), field=name,
                                         fix="config.json and the weights disagree")
-                    target.copy_(handles[file].get_tensor(name))
-                if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+                    src = handles[file].get_tensor(name)
+                if src.is_floating_point() and not bool(torch.isfinite(src).all()):
                     raise UserError(f"tensor {name} holds NaN or infinite values",
                                     path=str(file), field=name,
                                     fix="the checkpoint is damaged: convert or copy it again")
+                target.copy_(src)
+                if target.dtype == torch.float16 and src.dtype != torch.float16 \
+                        and not bool(torch.isfinite(target).all()):  # past 65504
+                    raise UserError(f"tensor {name} holds values beyond float16's range",
+                                    path=str(file), field=name,
+                                    fix="load it in bfloat16 or float32 (--dtype)")
     finally:
         handles.clear()
     return model.eval(), spec

@@ -108,7 +108,7 @@ def _record(args: argparse.Namespace) -> int:
     from d2moe.core.errors import UserError
     from d2moe.core.fileio import require_file
     from d2moe.model.load import load_model
-    from d2moe.model.tokenizer import text_codec
+    from d2moe.model.tokenizer import model_codec
     from d2moe.traces.record import record_trace
 
     cfg = from_args(RecordConfig, args)
@@ -129,8 +129,8 @@ def _record(args: argparse.Namespace) -> int:
         from d2moe.model.corpus import load_corpus
 
         data, source = load_corpus(1, 64 * 1024).heldout, "tiny held-out split"
+    encode, _ = model_codec(cfg.model)  # (a missing tokenizer.json before the load)
     model, spec = load_model(cfg.model)
-    encode, _ = text_codec(cfg.model, spec.vocab)
     routed: dict[str, Any] = {}
     if cfg.router:
         from d2moe.router.evaluate import routed_backend

@@ -108,3 +108,14 @@ def test_bad_input_is_one_line(files, tmp_path, capsys, argv, named):
 def test_plot_config_checks_before_reading(tmp_path):
     with pytest.raises(UserError, match="first-step"):
         plot_timelines([str(tmp_path / "none.npz")], TimelinePlotConfig(first_step=-1))
+
+
+def test_an_empty_timeline_is_named_as_empty(tmp_path, capsys):
+    from d2moe.core.events import Timeline
+
+    path = tmp_path / "empty.npz"
+    save_timeline(path, Timeline([], {"backend": "sim"}))
+    code, _, err = _run(capsys, "timeline", "plot", str(path), "--out", str(tmp_path / "e.png"))
+    assert code == 2 and "no steps here: an empty timeline" in err, err
+    code, out, _ = _run(capsys, "timeline", "info", str(path))
+    assert code == 0 and "0 events, 0 steps" in out

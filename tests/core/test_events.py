@@ -90,6 +90,7 @@ def test_a_damaged_npz_is_one_user_error_naming_it(tmp_path, damage, named):
     (json.dumps({**EVENTS[0]._asdict(), "bits_to": "4"}), "field 'bits_to': not whole"),
     (json.dumps({**EVENTS[0]._asdict(), "start_us": "x"}), "field 'start_us': not finite"),
     (json.dumps({**EVENTS[0]._asdict(), "kind": "nap"}), "kind 'nap' on lane 'io'"),
+    (json.dumps({**EVENTS[0]._asdict(), "lane": ["io"]}), "field 'lane': not text: ['io']"),
 ])
 def test_a_damaged_jsonl_row_is_one_user_error_naming_it(tmp_path, row, named):
     path = tmp_path / "t.jsonl"
@@ -101,3 +102,14 @@ def test_a_damaged_jsonl_row_is_one_user_error_naming_it(tmp_path, row, named):
     path.write_text("\n".join([lines[0], json.dumps({**EVENTS[0]._asdict(), "end_us": 3})]))
     assert load_timeline(path).events[0].end_us == 3.0
     assert type(load_timeline(path).events[0].end_us) is float
+
+
+def test_a_binary_file_or_a_header_of_another_shape_is_one_user_error(tmp_path):
+    png = tmp_path / "bubbles.png"  # `run` writes it beside events.npz: an easy slip
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 8)
+    with pytest.raises(UserError, match="not a timeline: binary"):
+        load_timeline(png)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"format": "d2moe.timeline", "version": 1, "meta": [1]}) + "\n")
+    with pytest.raises(UserError, match="field 'meta': expected a mapping, got list"):
+        load_timeline(path)

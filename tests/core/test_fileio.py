@@ -257,3 +257,26 @@ def test_a_yaml_key_given_twice_is_refused_naming_both_lines(tmp_path, text, key
     assert (err.value.path, err.value.field) == (str(p), key)
     p.write_text("a: 1\nb: {a: 2}\nc: [{a: 1}, {a: 2}]\n")  # equal keys in other mappings
     assert read_yaml(p) == {"a": 1, "b": {"a": 2}, "c": [{"a": 1}, {"a": 2}]}
+
+
+@pytest.mark.parametrize("text,want", [
+    ("base: &b {a: 1, c: 2}\nx: {<<: *b, a: 3}\n", {"a": 3, "c": 2}),  # a merge overridden
+    ("p: &p {a: 1}\nq: &q {b: 2}\nx: {<<: [*p, *q], c: 3}\n", {"a": 1, "b": 2, "c": 3}),
+])
+def test_merge_keys_still_work_under_the_strict_loader(tmp_path, text, want):
+    p = tmp_path / "m.yaml"
+    p.write_text(text)
+    assert read_yaml(p)["x"] == want
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{a: 1, a: 2}\n", r"key 'a' is given twice \(on line 1\)"),
+    ("1: a\n1: b\n", r"key '1' is given twice"),
+    ("yes: a\ntrue: b\n", r"key 'True' is given twice"),  # one key in YAML 1.1
+    ("? [a, b]\n: 1\n", "malformed YAML at line 1"),  # unhashable: no traceback
+])
+def test_other_duplicate_and_odd_keys_are_user_errors(tmp_path, text, match):
+    p = tmp_path / "d.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=match):
+        read_yaml(p)

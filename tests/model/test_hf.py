@@ -312,3 +312,17 @@ def test_a_hidden_size_the_embedding_does_not_have_is_refused_before_building(tm
                                         r"256 x hidden_size 60000") as err:
         load_hf(d)
     assert err.value.field == "model.embed_tokens.weight"
+
+
+def test_a_weight_beyond_float16_is_named_as_the_dtype_s_fault_not_the_checkpoint_s(tmp_path):
+    d = _tiny_copy(tmp_path)
+    st = d / "model.safetensors"
+    weights = load_file(str(st))
+    name = "model.layers.0.self_attn.o_proj.weight"
+    weights[name] = weights[name].float()
+    weights[name][0, 0] = 1e5  # finite, past float16's 65504
+    save_file(weights, str(st))
+    load_hf(d)  # float32: fine
+    with pytest.raises(UserError, match="beyond float16's range") as err:
+        load_hf(d, dtype=torch.float16)
+    assert err.value.field == name and "--dtype" in err.value.fix

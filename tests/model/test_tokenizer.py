@@ -88,9 +88,18 @@ def test_run_and_generate_encode_an_hf_checkpoints_prompt_with_its_tokenizer(
             "--no-progress"]
     run_argv = ["run", "--store", str(store), "--budget", "50%", "--out", str(tmp_path / "o"),
                 *argv]
-    assert main(run_argv) == 2  # no tokenizer.json yet: one line naming it
-    err = capsys.readouterr().err
-    assert "tokenizer.json" in err and "Traceback" not in err and err.count("\n") == 1, err
+    import d2moe.model.load as load_mod
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights loaded before the tokenizer was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(load_mod, "load_model", no_load)
+        for verb in (run_argv, ["generate", *argv]):
+            assert main(verb) == 2  # no tokenizer.json yet: one line naming it, at once
+            err = capsys.readouterr().err
+            assert "tokenizer.json" in err and "Traceback" not in err, err
+            assert err.count("\n") == 1, err
 
     vocab = _write_tokenizer(model_dir, words)
     seen: list[list[int]] = []
@@ -110,6 +119,21 @@ def test_run_and_generate_encode_an_hf_checkpoints_prompt_with_its_tokenizer(
         out = capsys.readouterr().out
         prompt, new = seen
         assert prompt == want, verb[0]
-        assert "def fib(n) :" + " ".join(words[i] for i in new) in out, (verb[0], new, out)
+        # decoded with the prompt (a word-level decoder joins words with spaces)
+        assert "def fib(n) : " + " ".join(words[i] for i in new) in out, (verb[0], new, out)
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["meta"]["prompt"] == "def fib(n) :"
+
+
+def test_new_text_keeps_the_space_a_sentencepiece_decoder_drops_from_ids_alone(tmp_path):
+    from d2moe.model.tokenizer import continuation
+
+    vocab = {"[UNK]": 0, "\u2581Hello": 1, "\u2581world": 2, "!": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    tok.decoder = tokenizers.decoders.Metaspace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    enc, dec = text_codec(tmp_path, 97)
+    assert dec([2]) == "world"  # alone: the leading space is stripped
+    assert continuation(dec, enc("Hello"), [2]) == " world"
+    assert continuation(decode, encode("fib("), encode("n)")) == "n)"  # bytes alike
