@@ -19,7 +19,7 @@ import torch
 
 from d2moe.core.errors import UserError
 from d2moe.core.jobs import Evict, ExpertKey, Load
-from d2moe.core.sizes import QuantLayout, all_experts_bytes
+from d2moe.core.sizes import QuantLayout, all_experts_bytes, fmt_bytes
 from d2moe.core.spec import ModelSpec
 from d2moe.executor.arena import ALIGN, Arena, Block, chunked_move
 from d2moe.executor.levels import LevelFormat
@@ -70,8 +70,6 @@ class ExpertPool:
         try:
             self.buffer = alloc(self.capacity_bytes, dtype=torch.uint8, device=device)
         except (RuntimeError, MemoryError) as exc:  # torch's out-of-memory (CPU or CUDA)
-            from d2moe.core.sizes import fmt_bytes
-
             reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise UserError(f"cannot allocate an expert pool of "
                             f"{fmt_bytes(self.capacity_bytes)} on {device} ({reason})",
