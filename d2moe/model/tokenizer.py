@@ -11,6 +11,9 @@ from d2moe.core.errors import UserError
 
 VOCAB = 256
 
+Encode = Callable[[str | bytes], list[int]]
+Decode = Callable[[list[int]], str]
+
 
 def encode(text: str | bytes) -> list[int]:
     """Text (UTF-8 encoded) or raw bytes -> token ids 0..255. Bytes that are not UTF-8 and
@@ -19,33 +22,9 @@ def encode(text: str | bytes) -> list[int]:
                 else bytes(text))
 
 
-Encode = Callable[[str | bytes], list[int]]
-Decode = Callable[[list[int]], str]
-
-
 def decode(ids: list[int]) -> str:
     """Token ids -> text; byte sequences that are not valid UTF-8 become U+FFFD."""
     return bytes(ids).decode("utf-8", errors="replace")
-
-
-def model_codec(model_ref: str | Path) -> tuple[Encode, Decode]:
-    """`text_codec` of a model named as `--model` takes it (`tiny` or a checkpoint
-    directory), from its config.json alone: a missing tokenizer.json is named before the
-    weights load (tens of seconds for a large model)."""
-    from d2moe.core.spec import load_spec
-    from d2moe.model.load import check_model_ref
-
-    return text_codec(model_ref, load_spec(check_model_ref(model_ref)).vocab)
-
-
-def continuation(decode: Callable[[list[int]], str], prompt_ids: list[int],
-                 new_ids: list[int] | tuple[int, ...]) -> str:
-    """The text `new_ids` add after `prompt_ids`: decoded with the prompt and cut after the
-    prompt's own text, since a SentencePiece-style decoder drops the leading space of ids
-    decoded alone ('Hello' + decode([' world']) would print 'Helloworld')."""
-    head, whole = decode(list(prompt_ids)), decode([*prompt_ids, *new_ids])
-    return whole[len(head):] if whole.startswith(head) else decode(list(new_ids))
-
 
 
 def text_codec(model_ref: str | Path, vocab: int) -> tuple[Encode, Decode]:
@@ -83,3 +62,22 @@ def text_codec(model_ref: str | Path, vocab: int) -> tuple[Encode, Decode]:
         return ids
 
     return hf_encode, lambda ids: tok.decode(list(ids))
+
+
+def model_codec(model_ref: str | Path) -> tuple[Encode, Decode]:
+    """`text_codec` of a model named as `--model` takes it (`tiny` or a checkpoint
+    directory), from its config.json alone: a missing tokenizer.json is named before the
+    weights load (tens of seconds for a large model)."""
+    from d2moe.core.spec import load_spec
+    from d2moe.model.load import check_model_ref
+
+    return text_codec(model_ref, load_spec(check_model_ref(model_ref)).vocab)
+
+
+def continuation(decode: Callable[[list[int]], str], prompt_ids: list[int],
+                 new_ids: list[int] | tuple[int, ...]) -> str:
+    """The text `new_ids` add after `prompt_ids`: decoded with the prompt and cut after the
+    prompt's own text, since a SentencePiece-style decoder drops the leading space of ids
+    decoded alone ('Hello' + decode([' world']) would print 'Helloworld')."""
+    head, whole = decode(list(prompt_ids)), decode([*prompt_ids, *new_ids])
+    return whole[len(head):] if whole.startswith(head) else decode(list(new_ids))
