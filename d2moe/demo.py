@@ -74,7 +74,7 @@ def _real_side(out: str) -> None:
           "simulator replaying its routing on the measured cpu-2core profile")
     # the median of three real runs per row: one short run on a shared machine moves by
     # 10-20% from one to the next (docs/results/fidelity.md)
-    cfg = ValidateConfig(policies="fifo,hebf", budgets="50%", max_new_tokens=24,
+    cfg = ValidateConfig(policies="fifo,hebf", budgets="50%", max_new_tokens=24, progress=False,
                          profile="cpu-2core", repeats=3, out=f"{out}/real")
     result = validate(cfg)
     from d2moe.analysis.fidelity import short_table, summary_line

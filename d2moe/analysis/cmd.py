@@ -13,6 +13,7 @@ from typing import Any
 from d2moe.core.cliargs import add_fields, check_at_least, from_args, split_list
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, load_timeline
+from d2moe.core.sizes import fmt_bytes
 
 META_SHOWN = ("backend", "policy", "model", "budget_bytes", "device", "profile", "engine",
               "sync_rows")  # per file, in `info`, when present
@@ -30,7 +31,8 @@ class TimelinePlotConfig:
     steps: int = field(default=2, metadata={
         "help": "steps shown from --first-step, each timeline shifted to start them at 0 on "
                 "one time axis (0: every step, on each timeline's own clock)"})
-    title: str = field(default="", metadata={"help": "figure title (empty: none)"})
+    title: str = field(default="", metadata={
+        "help": "figure title (empty: which steps are shown and what the captions measure)"})
     out: str = field(default="out/timeline.png", metadata={"help": "PNG to write"})
 
 
@@ -101,7 +103,8 @@ def info_text(paths: list[str], timelines: list[Timeline]) -> str:
 
     lines = []
     for path, t in zip(paths, timelines, strict=True):
-        shown = ", ".join(f"{k} {t.meta[k]}" for k in META_SHOWN if k in t.meta)
+        shown = ", ".join(f"{k} {fmt_bytes(t.meta[k]) if k == 'budget_bytes' else t.meta[k]}"
+                          for k in META_SHOWN if k in t.meta)
         steps = len({e.step for e in t.events if e.lane == "step"})
         lines.append(f"{path}: {len(t.events)} events, {steps} steps" +
                      (f"; {shown}" if shown else ""))
@@ -138,7 +141,10 @@ def plot_timelines(paths: list[str], cfg: TimelinePlotConfig) -> Path:
                                 fix=f"pass --first-step 0..{last}, or --steps 0")
             cropped.append(part)
         timelines = cropped
-    return plot_bubbles(timelines, cfg.out, labels=labels, title=cfg.title or None)
+    title = cfg.title or (f"steps {cfg.first_step}-{cfg.first_step + cfg.steps - 1} of each "
+                          "file, from 0; captions: the metrics of those steps"
+                          if cfg.steps else "whole timelines; captions: whole-run metrics")
+    return plot_bubbles(timelines, cfg.out, labels=labels, title=title)
 
 
 def _plot(args: argparse.Namespace) -> int:

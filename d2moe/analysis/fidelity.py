@@ -14,6 +14,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from d2moe.analysis.metrics import Metrics, compute_metrics
 from d2moe.core.events import Event, Timeline
@@ -340,3 +341,36 @@ def plot_side_by_side(pairs: Sequence[tuple[str, Timeline, Timeline]], path: str
         labels += [f"{label} real", f"{label} simulated"]
     # no window: the cropped timelines are the whole plot, so captions are the shown steps'
     return plot_bubbles(timelines, path, labels=labels, title=title or None)
+
+
+def router_row(policy: str, budget: str, real: Timeline, sim: Timeline) -> dict[str, Any]:
+    """Real against simulated bit-width router of one (policy, budget): the decode runs'
+    average bits and, in adaptive mode, the number of decisions and the final shares."""
+    from d2moe.router.adaptive import run_bits
+
+    row: dict[str, Any] = {"policy": policy, "budget": budget,
+                           "real_bits": run_bits(real.events, first_step=1),
+                           "sim_bits": run_bits(sim.events, first_step=1)}
+    cap_real, cap_sim = real.meta.get("capacity", {}), sim.meta.get("capacity", {})
+    if "decisions" in cap_real:
+        def final(cap: dict) -> list[float]:
+            return list(cap["decisions"][-1]["shares"] if cap["decisions"] else cap["trained"])
+
+        dr, ds = cap_real["decisions"], cap_sim.get("decisions", [])
+        row |= {"real_decisions": len(dr), "sim_decisions": len(ds),
+                "same_decisions": len(dr) == len(ds), "real_shares": final(cap_real),
+                "sim_shares": final(cap_sim) if "decisions" in cap_sim else None,
+                "real_decision_steps": [d["step"] for d in dr],
+                "sim_decision_steps": [d["step"] for d in ds]}
+    return row
+
+
+def router_line(row: dict[str, Any]) -> str:
+    """One report line of an adaptive row (`router_row`)."""
+    def shares(s: list[float] | None) -> str:
+        return "-" if s is None else "/".join(f"{x:.2f}" for x in s)
+
+    return (f"{row['policy']} {row['budget']}: adaptive capacity, "
+            f"{row['real_decisions']} real / {row['sim_decisions']} simulated decisions "
+            f"({'same count' if row['same_decisions'] else 'DIFFERENT counts'}), final shares "
+            f"real {shares(row['real_shares'])}, simulated {shares(row['sim_shares'])}")

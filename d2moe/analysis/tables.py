@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from d2moe.analysis.metrics import Metrics
@@ -80,3 +82,13 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(table[0]), rule, *(line(r) for r in table[1:])])
+
+
+def files_summary(files: Sequence[str], out: str) -> str:
+    """`files` named relative to `out`, those that differ only in a policy or budget
+    grouped with a `*` (events-real-*.npz)."""
+    groups: dict[str, None] = {}
+    for f in files:
+        rel = str(Path(f).relative_to(out)) if Path(f).is_relative_to(out) else f
+        groups[re.sub(r"(events-(?:real|sim)-|timeline-)[^/]*?(\.\w+)$", r"\1*\2", rel)] = None
+    return ", ".join(groups)

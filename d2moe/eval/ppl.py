@@ -295,7 +295,7 @@ def eval_ppl(cfg: PplConfig) -> PplTable:
     finally:
         if reader is not None:
             reader.close()
-    source = cfg.store or (f"in memory, b1:bK {low}:{high}, group {cfg.group}"
+    source = cfg.store or (f"quantized in memory, b1:bK {low}:{high}, group {cfg.group}"
                            + (f", MWQ fit {cfg.fit}" if "mwq" in fmts else ""))
     return PplTable(rows=tuple(rows), fp_ppl=fp.ppl, tokens_scored=fp.tokens_scored,
                     model=cfg.model, source=source)

@@ -186,7 +186,8 @@ def run(cfg: RunConfig, capacity: Any = None) -> dict[str, Any]:
         memory] + ([describe_capacity(timeline.meta["capacity"],
                                       run_bits(timeline.events, first_step=1))]
                    if router is not None else []) + [
-        f"generation: {gen.decode_tokens_per_s:.1f} decode tokens/s; "
+        f"generation loop: {gen.decode_tokens_per_s:.1f} decode tokens/s by the wall clock "
+        f"(the table's tok/s: the timeline's decode steps); "
         f"wrote {out}/events.npz, metrics.json, bubbles.png"])
     return {"text": cfg.prompt + continuation(decode, prompt_ids, gen.new_ids),
             "summary": summary, "timeline": timeline, "metrics": m, "generation": gen}

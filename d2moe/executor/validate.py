@@ -15,6 +15,7 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -94,6 +95,8 @@ class ValidateConfig:
                 "measure), written to OUT/round-K and pooled in OUT/rounds.json: per "
                 "(policy, budget) the mean signed error with two standard errors, the "
                 "simulator's bias apart from the machine's drift"})
+    progress: bool = field(default=True, metadata={
+        "help": "a progress bar of the real runs on a terminal once they take over a second"})
     plot_steps: int = field(default=2, metadata={
         "help": "decode steps shown in the side-by-side timelines (at least 1)"})
     out: str = field(default="out/validate", metadata={"help": "output directory"})
@@ -141,9 +144,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from d2moe.router.adaptive import CapacityConfig
 
-    result = validate(from_args(ValidateConfig, args), capacity=from_args(CapacityConfig, args))
-    print(result["report"])
-    print(f"wrote {', '.join(result['files'])}")
+    cfg = from_args(ValidateConfig, args)
+    result = validate(cfg, capacity=from_args(CapacityConfig, args))
+    print(result["short_report"])  # (the full table, lane times too: OUT/table.txt)
+    from d2moe.analysis.tables import files_summary
+
+    print(f"wrote {len(result['files'])} files to {cfg.out}: " + files_summary(
+        result["files"], cfg.out))
     return 0
 
 
@@ -202,8 +209,10 @@ def validate_rounds(model: Transformer, spec: ModelSpec, store: StoreReader,
         path = Path(cfg.out) / "rounds.json"
         with atomic_write(path) as f:
             json.dump(pooled, f, indent=1, default=float)
+        pooled_text = rounds_report(pooled)
         result = result | {"pooled": pooled, "files": [*result["files"], str(path)],
-                           "report": result["report"] + "\n" + rounds_report(pooled)}
+                           "report": result["report"] + "\n" + pooled_text,
+                           "short_report": result["short_report"] + "\n" + pooled_text}
     return result
 
 
@@ -230,7 +239,7 @@ def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, comma
                              dtype=cfg.dtype,
                              out=str(Path(cfg.out) / "profile.yaml"),
                              name=f"measured-{platform.node() or 'here'}",
-                             progress=sys.stderr.isatty(), layout=lay.kind, b1=lay.b1,
+                             progress=False, layout=lay.kind, b1=lay.b1,  # (validate's bar)
                              bK=lay.bK, group=lay.group, dir=scratch, **overrides)
         profile = measure_profile(pcfg, command=command or "d2moe validate --profile measure",
                                   spec=spec)
@@ -284,8 +293,17 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
                     capacity: CapacityConfig | None,
                     measure: Callable[[], Profile] | None) -> dict[str, Any]:
     from d2moe.analysis import format_table
-    from d2moe.analysis.fidelity import fidelity_row, plot_side_by_side, summarize, summary_line
+    from d2moe.analysis.fidelity import (
+        fidelity_row,
+        plot_side_by_side,
+        router_line,
+        router_row,
+        short_table,
+        summarize,
+        summary_line,
+    )
     from d2moe.core.events import save_timeline
+    from d2moe.core.progress import progress_bar
     from d2moe.core.sizes import all_experts_bytes, fmt_bytes, parse_budget
     from d2moe.executor.cmd import capacity_controller
     from d2moe.traces import save_trace
@@ -319,15 +337,28 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
     runs: dict[tuple[str, str], list[tuple[Timeline, Trace]]] = {}
     measured = []
     order = [(label, nbytes, name) for label, nbytes in budgets for name in policies]
-    for k in range(cfg.repeats):
-        if measure is not None:
-            measured.append(measure())
-        # every other pass backwards: no row is always the one furthest from the profile
-        # (or always the first after it) on a machine whose speed drifts during a pass
-        for label, nbytes, name in (order if k % 2 == 0 else order[::-1]):
-            runs.setdefault((name, label), []).append(record_run(
-                model, spec, store, name, nbytes, cfg.bits, prompt_ids, cfg.max_new_tokens,
-                router=router, capacity=capacity, sync_rows=cfg.sync_rows))
+    bar = progress_bar(cfg.repeats * len(order), cfg.progress, "validate", "run",
+                       delay_s=1.0)
+    try:
+        for k in range(cfg.repeats):
+            if measure is not None:
+                if bar:
+                    bar.set_postfix_str("measuring a profile")
+                measured.append(measure())
+            # every other pass backwards: no row is always the one furthest from the profile
+            # (or always the first after it) on a machine whose speed drifts during a pass
+            for label, nbytes, name in (order if k % 2 == 0 else order[::-1]):
+                if bar:
+                    bar.set_postfix_str(f"{name} {label}")
+                runs.setdefault((name, label), []).append(record_run(
+                    model, spec, store, name, nbytes, cfg.bits, prompt_ids,
+                    cfg.max_new_tokens, router=router, capacity=capacity,
+                    sync_rows=cfg.sync_rows))
+                if bar:
+                    bar.update(1)
+    finally:
+        if bar:
+            bar.close()
     if measure is not None:
         from d2moe.profiles import save_profile
         from d2moe.profiles.measure import median_profile
@@ -370,9 +401,13 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
               f"{cfg.repeats} real run(s) per row (median kept, spread = (max - min) / median); "
               f"error = (sim - real) / real")
     other = None if measure is not None else other_machine_line(profile, _device_of(model))
-    report = "\n".join([header, format_table(table)]
-                       + [router_line(b) for b in routed if "same_decisions" in b]
-                       + [summary_line(summary)] + ([other] if other else []))
+    tail = ([router_line(b) for b in routed if "same_decisions" in b]
+            + [summary_line(summary)] + ([other] if other else []))
+    report = "\n".join([header, format_table(table), *tail])
+    notes = [*tail, f"lane busy and bubble times, spreads: {out / 'table.txt'}"]
+    short = "\n".join([textwrap.fill(header, 100), short_table(rows)]  # (a terminal's width)
+                      + [textwrap.fill(line, 100, subsequent_indent="  ")
+                         for note in notes for line in note.splitlines()])
     with atomic_write(out / "table.txt") as f:
         f.write(report + "\n")
     data = {"config": asdict(cfg), "profile": profile.name, "summary": summary,
@@ -390,41 +425,9 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
             title=f"{spec.name}, budget {label}: real (measured) above simulated "
                   f"({profile.name}), decode steps 1-{cfg.plot_steps}, each from its "
                   f"start")))
-    return {"report": report, "rows": rows, "summary": summary, "files": files,
+    return {"report": report, "short_report": short, "rows": rows, "summary": summary,
+            "files": files,
             "router_rows": routed, "wall_s": time.perf_counter() - t0}
-
-
-def router_row(policy: str, budget: str, real: Timeline, sim: Timeline) -> dict[str, Any]:
-    """Real against simulated bit-width router of one (policy, budget): the decode runs'
-    average bits and, in adaptive mode, the number of decisions and the final shares."""
-    from d2moe.router.adaptive import run_bits
-
-    row: dict[str, Any] = {"policy": policy, "budget": budget,
-                           "real_bits": run_bits(real.events, first_step=1),
-                           "sim_bits": run_bits(sim.events, first_step=1)}
-    cap_real, cap_sim = real.meta.get("capacity", {}), sim.meta.get("capacity", {})
-    if "decisions" in cap_real:
-        def final(cap: dict) -> list[float]:
-            return list(cap["decisions"][-1]["shares"] if cap["decisions"] else cap["trained"])
-
-        dr, ds = cap_real["decisions"], cap_sim.get("decisions", [])
-        row |= {"real_decisions": len(dr), "sim_decisions": len(ds),
-                "same_decisions": len(dr) == len(ds), "real_shares": final(cap_real),
-                "sim_shares": final(cap_sim) if "decisions" in cap_sim else None,
-                "real_decision_steps": [d["step"] for d in dr],
-                "sim_decision_steps": [d["step"] for d in ds]}
-    return row
-
-
-def router_line(row: dict[str, Any]) -> str:
-    """One report line of an adaptive row (`router_row`)."""
-    def shares(s: list[float] | None) -> str:
-        return "-" if s is None else "/".join(f"{x:.2f}" for x in s)
-
-    return (f"{row['policy']} {row['budget']}: adaptive capacity, "
-            f"{row['real_decisions']} real / {row['sim_decisions']} simulated decisions "
-            f"({'same count' if row['same_decisions'] else 'DIFFERENT counts'}), final shares "
-            f"real {shares(row['real_shares'])}, simulated {shares(row['sim_shares'])}")
 
 
 def other_machine_line(profile: Profile, device: str) -> str | None:

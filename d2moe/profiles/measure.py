@@ -140,7 +140,7 @@ class ProfileConfig:
         "help": "directory on the disk to measure: the probe files go in a temporary "
                 "directory made in it and removed at the end (default: under the d2moe cache "
                 "directory)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar on a terminal"})
 
     @property
     def quant_layout(self) -> QuantLayout:
@@ -303,7 +303,8 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
     raises = [(0, b) for b in range(layout.b1, layout.bK + 1)] + \
         [(b, b + 1) for b in range(layout.b1, layout.bK)]
     total = cfg.repeats * (len(disk_sizes) + len(sizes) * cuda + len(raises)
-                           + len(bits) * len(tokens) + len(tokens) + 2) + 1
+                           + len(bits) * len(tokens) + len(tokens) + 1) + 1  # (+1: cold
+    # loads, a step per two of their 2 x repeats rounds; the last +1: the lanes)
     bar = Bar(total, cfg.progress)
     try:
         with _scratch(cfg) as scratch:

@@ -123,14 +123,13 @@ def interleaved_means(fns: Sequence[Callable[[int], float | None]], repeats: int
 
 
 class Bar:
-    """A tqdm bar (or nothing) advanced by measurement points."""
+    """A tqdm bar (or nothing: disabled, or stderr not a terminal) advanced by measurement
+    points."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
+        from d2moe.core.progress import progress_bar
 
-            self.bar = tqdm(total=total, desc="profile", unit="point")
+        self.bar = progress_bar(total, enabled, "profile", "point")
 
     def step(self, what: str) -> None:
         if self.bar is not None:
@@ -139,4 +138,7 @@ class Bar:
 
     def close(self) -> None:
         if self.bar is not None:
+            if self.bar.n != self.bar.total:  # a miscounted total: end the bar at 100%
+                self.bar.total = self.bar.n
+                self.bar.refresh()
             self.bar.close()

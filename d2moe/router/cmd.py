@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train the gate with the base model frozen (minutes on 2 cores for tiny)",
         description="Train a per-layer gate (hidden state -> bit-width logits) on the model's "
                     "training split with the loss CE(p, q) + (alpha/L) sum_l sum_k p_k^l b_k "
-                    "(method.md part 1), the experts running at the chosen widths from the "
+                    "(docs/router.md), the experts running at the chosen widths from the "
                     "nested store, capacities enforced; save it beside the store "
                     "(<store>/router) or to --out.")
     add_fields(train, RouterTrainConfig)
@@ -51,6 +51,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"saved the gate of step {step}: validation CE {ce:.4f} at {bits:.3f} bits, the "
               f"lowest CE + alpha x bits of {len(r.val)} validations on {cfg.val_kib} KiB "
               "held back")
+        if step == 0 and len(r.val) > 1:
+            print("note: no training step beat the untrained gate (its initial ordering by "
+                  "router weight) on the held-back text, so that gate is the one saved; on "
+                  "the tiny model at fixed capacities this is expected, and free capacities "
+                  "(--capacities 1,1,1) let training move the average bits "
+                  "(docs/results/router.md, 'Where the gain comes from')")
     return 0
 
 

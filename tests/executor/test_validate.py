@@ -79,6 +79,21 @@ def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_
     assert runs(real) == runs(sim)
     trace = load_trace(out / "trace.npz")
     assert trace.num_steps == 3 and trace.meta["source"] == "record"
+    # the printed report: the key columns within a terminal's width, the rest in table.txt
+    short = result["short_report"].splitlines()
+    assert max(len(line) for line in short) <= 100
+    assert sum(1 for line in short if line.startswith(("fifo ", "hebf "))) == 4
+    assert "table.txt" in " ".join(short[-3:])
+
+
+def test_the_files_written_are_summarized_by_pattern():
+    from d2moe.analysis.tables import files_summary
+
+    files = [f"o/events-{k}-{p}-{b}pct.npz" for b in (25, 100) for p in ("fifo", "hebf")
+             for k in ("real", "sim")] + ["o/trace.npz", "o/table.txt", "o/timeline-25pct.png",
+                                          "o/timeline-100pct.png", "elsewhere/x.json"]
+    assert files_summary(files, "o") == ("events-real-*.npz, events-sim-*.npz, trace.npz, "
+                                         "table.txt, timeline-*.png, elsewhere/x.json")
 
 
 def test_validate_errors(store_path, tmp_path):

@@ -150,6 +150,8 @@ def test_router_cli_trains_one_step_and_describes_it(store, tmp_path, capsys):
                  "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and "saved the gate of step" in printed
+    saved = int(printed.split("saved the gate of step ")[1].split(":")[0])
+    assert ("note: no training step beat the untrained gate" in printed) == (saved == 0)
     from d2moe.quant.store import StoreReader
 
     with StoreReader(store) as reader:  # the weights it was trained on, for later checks
