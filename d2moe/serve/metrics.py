@@ -84,13 +84,12 @@ def serve_metrics(timeline: Timeline) -> ServeMetrics:
 
 def format_serve_table(rows: list[tuple[str, ServeMetrics]]) -> str:
     """One line per run: requests, throughput, latency, TTFT and TPOT percentiles (every
-    time in milliseconds, named in its column's header)."""
-    head = (f"{'run':<16} {'reqs':>5} {'out tok/s':>10} {'decode tok/s':>12} "
-            f"{'p50 lat ms':>10} {'p99 lat ms':>10} {'p50 TTFT ms':>11} {'p99 TTFT ms':>11} "
-            f"{'p50 TPOT ms':>11}")
-    lines = [head]
-    for name, m in rows:
-        lines.append(f"{name:<16} {m.requests:>5} {m.output_tok_s:>10.1f} {m.decode_tok_s:>12.1f} "
-                     f"{m.latency_p50_ms:>10.1f} {m.latency_p99_ms:>10.1f} "
-                     f"{m.ttft_p50_ms:>11.1f} {m.ttft_p99_ms:>11.1f} {m.tpot_p50_ms:>11.2f}")
-    return "\n".join(lines)
+    time in milliseconds, named in its column's header), as the other verbs' tables are
+    laid out (`analysis.tables.format_table`)."""
+    from d2moe.analysis.tables import format_table
+
+    return format_table([
+        {"run": name, "reqs": m.requests, "out tok/s": m.output_tok_s,
+         "decode tok/s": m.decode_tok_s, "p50 lat ms": m.latency_p50_ms,
+         "p99 lat ms": m.latency_p99_ms, "p50 TTFT ms": m.ttft_p50_ms,
+         "p99 TTFT ms": m.ttft_p99_ms, "p50 TPOT ms": m.tpot_p50_ms} for name, m in rows])

@@ -46,7 +46,8 @@ def test_percentiles_from_hand_built_rows_equal_numpys():
 def test_no_requests_gives_nans_and_table_prints():
     m = serve_metrics(Timeline([], {}))
     assert m.requests == 0 and np.isnan(m.latency_p50_ms) and np.isnan(percentile([], 50))
-    head, row = format_serve_table([("x", m)]).splitlines()
+    head, rule, row = format_serve_table([("x", m)]).splitlines()
+    assert set(rule) == {"-", " "}
     for col in ("p99 lat ms", "p50 TTFT ms", "p99 TTFT ms", "p50 TPOT ms"):  # units named
         assert col in head
     assert len(head) == len(row)  # the wider headers keep the columns aligned
