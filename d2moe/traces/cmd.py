@@ -15,7 +15,8 @@ from d2moe.core.spec import load_spec
 from d2moe.traces.schema import DECODE, MAX_BITS, PREFILL, Trace, load_trace, save_trace
 from d2moe.traces.synth import SynthConfig, synth_trace, synth_units
 
-TRACE_OUT = "trace.npz"  # where synth and record write the trace by default
+TRACE_OUT = "out/trace.npz"  # where synth and record write the trace by default (as
+# every verb writes under out/)
 
 
 @dataclass(frozen=True)
