@@ -29,6 +29,10 @@ def test_simulate_writes_every_output(capsys, tmp_path):
     assert set(metrics["policies"]) == {"fifo", "hebf", "johnson"}
     assert "tok/s" in out and "hebf" in out
     assert (tmp_path / "bubbles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lean = tmp_path / "lean"  # --no-chrome: all but the Perfetto trace (megabytes)
+    assert run(capsys, "simulate", "--model-spec", "tiny", "--steps", "3", "--no-chrome",
+               "--out", str(lean))[0] == 0
+    assert (lean / "metrics.json").is_file() and not (lean / "chrome.json").exists()
 
 
 def test_simulate_replays_a_synthesized_trace(capsys, tmp_path):

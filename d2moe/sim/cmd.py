@@ -61,6 +61,9 @@ class SimulateConfig:
     steps: int = field(default=0, metadata={"help": "simulate only the first N steps (0: all)"})
     plot_steps: int = field(default=2, metadata={
         "help": "steps shown in the bubble timeline, from the first decode step (0: all)"})
+    chrome: bool = field(default=True, metadata={
+        "help": "write chrome.json, a Perfetto trace of every run (its size grows with the "
+                "steps: ~16 MB for Mixtral-8x7B's default trace)"})
     out: str = field(default="out/simulate", metadata={"help": "output directory"})
 
     def __post_init__(self) -> None:
@@ -74,7 +77,6 @@ class SimulateConfig:
 
 def register(subparsers: Any) -> None:
     """Add the `simulate` verb."""
-    from d2moe.policies import POLICIES
 
     p = subparsers.add_parser(
         "simulate", help="simulate scheduling policies on a trace and a hardware profile",
@@ -82,7 +84,7 @@ def register(subparsers: Any) -> None:
                     "profile under a memory budget. Prints a metrics table and writes "
                     "events-POLICY.npz, metrics.json, bubbles.png, resident.png and "
                     "chrome.json (open in ui.perfetto.dev) to --out.",
-        epilog="policies: " + POLICIES.describe())
+        epilog="The registered policies, one per line: d2moe simulate --list.")
     add_fields(p, SimulateConfig)
     from d2moe.router.adaptive import CapacityConfig
 
@@ -276,7 +278,8 @@ def run_simulations(cfg: SimulateConfig, capacity: Any = None) -> dict[str, Any]
                                   title=f"{header}")))
     files.append(str(plot_resident(timelines, out / "resident.png", labels=names,
                                    budget_bytes=budget, title=f"resident expert bytes: {header}")))
-    files.append(str(export_chrome(timelines, out / "chrome.json", labels=names)))
+    if cfg.chrome:
+        files.append(str(export_chrome(timelines, out / "chrome.json", labels=names)))
     return {"table": header + "\n" + table, "files": files, "timelines": timelines,
             "metrics": {name: m for name, m, _ in rows}}
 
