@@ -97,7 +97,8 @@ def _labels(text: str, timelines: list[Timeline]) -> list[str] | None:
 
 
 def info_text(paths: list[str], timelines: list[Timeline]) -> str:
-    """Each file's metadata line, then the metrics table (one row per file)."""
+    """Each file's metadata line, then the metrics table (one row per file; a serving run's
+    in a table of request latencies)."""
     from d2moe.analysis import compute_metrics, format_table, metrics_row
     from d2moe.analysis.timeline_plot import timeline_label
 
@@ -108,9 +109,19 @@ def info_text(paths: list[str], timelines: list[Timeline]) -> str:
         steps = len({e.step for e in t.events if e.lane == "step"})
         lines.append(f"{path}: {len(t.events)} events, {steps} steps" +
                      (f"; {shown}" if shown else ""))
+    # a serving run's lanes idle while requests have yet to arrive: its figures are the
+    # requests' latencies (d2moe serve's table), not bubbles
+    served = [any(e.lane == "request" for e in t.events) for t in timelines]
     rows = [metrics_row(f"{i + 1}: {timeline_label(t)}", compute_metrics(t))
-            for i, t in enumerate(timelines)]
-    return "\n".join(lines) + "\n\n" + format_table(rows)
+            for i, t in enumerate(timelines) if not served[i]]
+    text = "\n".join(lines) + ("\n\n" + format_table(rows) if rows else "")
+    if any(served):
+        from d2moe.serve.metrics import format_serve_table, serve_metrics
+
+        text += "\n\nserved requests:\n" + format_serve_table(
+            [(f"{i + 1}: {timeline_label(t)}", serve_metrics(t))
+             for i, t in enumerate(timelines) if served[i]])
+    return text
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -119,3 +119,16 @@ def test_an_empty_timeline_is_named_as_empty(tmp_path, capsys):
     assert code == 2 and "no steps here: an empty timeline" in err, err
     code, out, _ = _run(capsys, "timeline", "info", str(path))
     assert code == 0 and "0 events, 0 steps" in out
+
+
+def test_a_serving_runs_timeline_gets_its_request_latencies(tmp_path, capsys, files):
+    """Its lanes idle while requests have yet to arrive, which the generic table would
+    count as bubbles: `info` gives it d2moe serve's latency table instead."""
+    served = tmp_path / "serve"
+    assert main(["serve", "--requests", "3", "--out", str(served), "--policy", "fifo"]) == 0
+    capsys.readouterr()
+    code, out, _ = _run(capsys, "timeline", "info", files[0], str(served / "events-fifo.npz"))
+    assert code == 0
+    generic, requests = out.split("served requests:")
+    assert "1: sim / fifo" in generic and "2: " not in generic
+    assert "p99 TTFT ms" in requests and "2: sim / fifo" in requests
