@@ -314,14 +314,18 @@ def plot_budget(rows: Sequence[dict[str, Any]], out: str | Path, *, label: str =
 def _budget_panels(axes: Any, rows: Sequence[dict[str, Any]], names: Sequence[str],
                    styles: dict[str, dict[str, Any]], scale: int, unit: str, log_y: bool, *,
                    label: bool) -> None:
-    """tokens/s (and hit rate against the oracle, when a second axis is given) per policy."""
+    """tokens/s (and hit rate against the oracle, when a second axis is given) per policy;
+    a policy whose curve equals an earlier one's is labelled so (its line lies under it)."""
+    drawn: dict[tuple, str] = {}  # (xs, ys) of each curve drawn -> its policy
     for name in names:
         mine = [r for r in rows if r.get("policy") == name]
         if not mine:
             continue
         xs, ys = _mean_by(mine, "budget_bytes", "decode_tokens_per_s")
+        same = drawn.setdefault((tuple(xs), tuple(ys)), name)
+        shown = name if same == name else f"{name} (= {same})"
         axes[0].plot([x / scale for x in xs], ys, linewidth=1.3, markersize=4,
-                     label=name if label else None, **styles[name])
+                     label=shown if label else None, **styles[name])
         if len(axes) > 1:
             xs, ys = _mean_by(mine, "budget_bytes", "hit_rate")
             axes[1].plot([x / scale for x in xs], [100 * y for y in ys], linewidth=1.3,

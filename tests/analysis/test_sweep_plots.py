@@ -266,3 +266,19 @@ def test_quality_draws_only_the_policies_asked_for(tmp_path):
     assert plot_quality(table, tmp_path, policies=["c", "a"], dpi=50).exists()
     with pytest.raises(UserError, match="policy d is not in the table"):
         plot_quality(table, tmp_path, policies=["d"])
+
+
+def test_a_curve_equal_to_an_earlier_one_says_so_in_the_legend():
+    """Two policies with the same tokens/s at every budget draw one line over the other; the
+    legend names the hidden one's twin."""
+    from matplotlib.figure import Figure
+
+    from d2moe.analysis.sweep_plots import _budget_panels, line_style
+
+    table = [r for r in rows() if r["status"] == "ok"]
+    table += [{**r, "policy": "d2moe"} for r in table if r["policy"] == "hebf"]
+    ax = Figure().subplots()
+    names = ["fifo", "hebf", "d2moe"]
+    _budget_panels([ax], table, names, {n: line_style(i) for i, n in enumerate(names)},
+                   2**20, "MiB", False, label=True)
+    assert ax.get_legend_handles_labels()[1] == ["fifo", "hebf", "d2moe (= hebf)"]
