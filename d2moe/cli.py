@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "d2moe.demo",
     "d2moe.sweep.cmd",
     "d2moe.analysis.cmd",
+    "d2moe.env",
 )
 OPTIONAL_COMMAND_MODULES = (  # need torch; skipped (with a note in --help) when it is missing
     "d2moe.quant.cmd",
