@@ -35,6 +35,8 @@ def main() -> None:
                     help="levels at least this large go to the helper thread (0: all)")
     ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
     torch.set_num_threads(1)
     print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {args.device} "
                   f"pool, {args.rounds} rounds, pipelined from {args.min_bytes} B levels")

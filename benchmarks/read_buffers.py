@@ -97,6 +97,8 @@ def load_ab_args(doc: str, rounds: int) -> argparse.Namespace:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
     torch.set_num_threads(1)
     print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {args.device} "
                   f"pool, {args.rounds} rounds")
