@@ -234,6 +234,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="torch intra-op threads (default: one core left to the I/O lane)")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "

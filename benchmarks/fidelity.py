@@ -59,6 +59,8 @@ def main() -> None:
                          "--measure), pooled: the simulator's bias per row")
     ap.add_argument("--out", default="out/fidelity")
     args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no CUDA device")
     t0 = time.perf_counter()
     device = torch.device(args.device)
     profile = None if args.measure else load_profile(args.profile)
