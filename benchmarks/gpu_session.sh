@@ -31,7 +31,7 @@ step() { echo "== $1 ($(date -u +%H:%M:%S))"; }
 step device
 { date -u; timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
     --format=csv
-  timeout 30 $PY -c "import torch, triton; print('torch', torch.__version__, triton.__version__)"
+  timeout 30 $D2MOE env  # versions, the GPU, the CPU kernel, O_DIRECT on the cache's disk
   timeout 10 $PY -c "import simpy" 2>/dev/null || echo "simpy missing: the fidelity phase needs it"
 } 2>&1 | tee "$OUT/device.txt"
 

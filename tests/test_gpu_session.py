@@ -123,7 +123,7 @@ def test_the_phases_fit_a_device_call_and_name_only_what_exists() -> None:
     assert set(phases) == {"kernels", "fidelity", "mixtral", "followups"}
     usage = next(line for line in _commands() if "usage: gpu_session.sh" in line)
     assert "kernels|fidelity|mixtral|followups" in usage
-    device = [int(n) for line in _commands() if "--query-gpu" in line or "import torch" in line
+    device = [int(n) for line in _commands() if "--query-gpu" in line or "$D2MOE env" in line
               or "import simpy" in line for n in re.findall(r"timeout (\d+)", line)]
     assert len(device) == 3  # the device lines every phase runs first are limited too
     for name, lines in phases.items():
