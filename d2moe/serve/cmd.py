@@ -18,6 +18,7 @@ from d2moe.core.cliargs import (
     from_args,
     model_field,
     split_list,
+    sync_rows_field,
 )
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline, save_timeline
@@ -27,7 +28,7 @@ from d2moe.serve.arrivals import ArrivalConfig, Request, make_requests
 BACKENDS = ("sim", "real")
 # Options only one backend reads (docs/serve.md's table): set under the other, an error.
 BACKEND_ONLY = {"sim": ("model_spec", "profile", "trace"),
-                "real": ("model", "store", "direct_io", "threads", "dtype")}
+                "real": ("model", "store", "direct_io", "threads", "dtype", "sync_rows")}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ServeConfig:
                 "model's matrices gain nothing from more, the I/O lane needs a core, and on a "
                 "busy CPU two threads thrash"})
     dtype: str = dtype_field()
+    sync_rows: bool = sync_rows_field()
     out: str = field(default="out/serve", metadata={"help": "output directory"})
     progress: bool = field(default=True, metadata={
         "help": "a progress bar per policy (on a terminal)"})
@@ -243,7 +245,7 @@ def _real_runner(cfg: ServeConfig, requests: list[Request]) -> Any:
     def run(policy: Any, bar: Any) -> Timeline:
         copies = check_store_layout(policy.config, policy.name, store.layout, store_path)
         pool = ExpertPool(spec, store.layout, budget, device, copies=copies)
-        backend = StreamingExperts(store, policy, pool, bits=cfg.bits)
+        backend = StreamingExperts(store, policy, pool, bits=cfg.bits, sync_rows=cfg.sync_rows)
         threads = torch.get_num_threads()
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
