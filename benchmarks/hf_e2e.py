@@ -5,7 +5,8 @@ tokenizer.json of its 32000 ids; written tensor by tensor), then `d2moe quantize
 budget, as a ratio to the run at the largest budget (the baseline, same invocation), with
 the resident bytes each run reports.
 
-Usage: python benchmarks/hf_e2e.py [--layers 2] [--budgets 25%,50%,100%] [--tokens 8]
+Usage: python benchmarks/hf_e2e.py [--model-spec mixtral-8x7b] [--layers 2]
+           [--budgets 25%,50%,100%] [--tokens 8]
            [--dir DIR (kept and reused; default: a temporary directory)]
 """
 
@@ -46,13 +47,16 @@ def write_checkpoint(out: Path, spec: ModelSpec) -> None:
         return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
 
     d, f, hd = spec.hidden, spec.ffn, spec.dim_head
-    ones = torch.ones(d, dtype=torch.bfloat16)
+
+    def ones() -> torch.Tensor:  # one tensor per name: safetensors refuses shared memory
+        return torch.ones(d, dtype=torch.bfloat16)
+
     save_file({"model.embed_tokens.weight": rnd(spec.vocab, d),
-               "lm_head.weight": rnd(spec.vocab, d), "model.norm.weight": ones},
+               "lm_head.weight": rnd(spec.vocab, d), "model.norm.weight": ones()},
               str(out / "model-00.safetensors"))
     for layer in range(spec.layers):
         p = f"model.layers.{layer}."
-        t = {p + "input_layernorm.weight": ones, p + "post_attention_layernorm.weight": ones,
+        t = {p + "input_layernorm.weight": ones(), p + "post_attention_layernorm.weight": ones(),
              p + "self_attn.q_proj.weight": rnd(spec.heads * hd, d),
              p + "self_attn.k_proj.weight": rnd(spec.kv_heads * hd, d),
              p + "self_attn.v_proj.weight": rnd(spec.kv_heads * hd, d),
@@ -71,6 +75,8 @@ def write_checkpoint(out: Path, spec: ModelSpec) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-spec", default="mixtral-8x7b",
+                    help="the checkpoint's shapes (a built-in spec or a YAML file)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--budgets", default="25%,50%,100%", help="the last is the baseline")
     ap.add_argument("--tokens", type=int, default=8, help="new tokens per run")
@@ -79,12 +85,12 @@ def main() -> None:
     args = ap.parse_args()
     budgets = split_list(args.budgets, "budgets", example="--budgets 25%,100%")
     print(f"machine: {platform.machine()}, {platform.node()}, {os.cpu_count()} cores; torch "
-          f"{torch.__version__}; {args.layers} Mixtral-8x7B-shaped layers; start "
+          f"{torch.__version__}; {args.layers} {args.model_spec}-shaped layers; start "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.dir or tmp)
         ckpt, store = root / "ckpt", root / "store"
-        spec = dataclasses.replace(load_spec("mixtral-8x7b"), layers=args.layers)
+        spec = dataclasses.replace(load_spec(args.model_spec), layers=args.layers)
         if not (ckpt / "tokenizer.json").is_file():
             t0 = time.perf_counter()
             write_checkpoint(ckpt, spec)

@@ -47,3 +47,19 @@ print(json.dumps(out))
     result = json.loads(done.stdout.strip().splitlines()[-1])
     broken = {Path(k).name: v for k, v in result.items() if v != "ok"}
     assert not broken, broken
+
+
+def test_hf_e2e_runs_its_whole_path_at_tiny_shapes(tmp_path: Path) -> None:
+    """The HF-checkpoint benchmark end to end at small shapes: its writer makes a checkpoint
+    that `quantize` and `run` take (a safetensors upgrade broke the writer once, unseen
+    until the next time it ran), and every budget decodes the same text."""
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "hf_e2e.py"), "--model-spec", "tiny", "--layers", "1",
+         "--budgets", "50%,100%", "--tokens", "3", "--dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same text at every budget: yes" in done.stdout
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) == 2  # head + one layer
