@@ -98,16 +98,20 @@ class PplTable:
         raise KeyError((fmt, bits))
 
     def render(self) -> str:
-        """A markdown table: one row per bit-width, one column per format, % above fp."""
-        fmts = list(dict.fromkeys(r.format for r in self.rows if r.format != "fp"))
+        """One row per bit-width, one column per format, % above fp in brackets, then fp;
+        laid out as the terminal's tables are (`analysis.tables.format_table`)."""
+        from d2moe.analysis.tables import format_table
+
+        fmts = list(dict.fromkeys(r.format for r in self.rows if r.format != "fp")) or ["ppl"]
         bits = sorted({r.bits for r in self.rows if r.format != "fp"})
-        lines = ["| bits | " + " | ".join(fmts) + " |", "|---|" + "---|" * len(fmts)]
-        for b in bits:
-            cells = [f"{self.get(f, b):.4f} ({100 * (self.get(f, b) / self.fp_ppl - 1):+.2f}%)"
-                     for f in fmts]
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
-        lines.append(f"| fp | {self.fp_ppl:.4f}" + " |" * max(len(fmts), 1))
-        return "\n".join(lines)
+        w = {f: max(len(f"{r.ppl:.4f}") for r in self.rows  # decimal points in line
+                    if r.format == f or (f == fmts[0] and r.format == "fp")) for f in fmts}
+        rows: list[dict[str, Any]] = [
+            {"bits": b, **{f: f"{self.get(f, b):>{w[f]}.4f} "
+                              f"({100 * (self.get(f, b) / self.fp_ppl - 1):+.2f}%)"
+                           for f in fmts}} for b in bits]
+        rows.append({"bits": "fp", fmts[0]: f"{self.fp_ppl:>{w[fmts[0]]}.4f}"})
+        return format_table(rows, ["bits", *fmts])
 
 
 def parse_bits_list(text: str) -> tuple[int, ...]:

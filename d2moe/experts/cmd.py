@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     stats, path = compute_stats(from_args(StatsConfig, args))
-    print(summarize(stats))
+    print(summary_table(stats))
     print(f"wrote {path}")
     return 0
 
@@ -157,18 +157,45 @@ def _from_model(cfg: StatsConfig, store: Path | None) -> ExpertStats:
                             sample_tokens=cfg.sample_tokens, progress=cfg.progress, meta=meta)
 
 
-def summarize(stats: ExpertStats) -> str:
-    """Per layer: the most and least important expert and the mean off-diagonal similarity."""
-    lines = [f"expert statistics ({stats.source}): {stats.layers} layers x {stats.experts} "
-             "experts", "| layer | most important | least important | mean similarity "
-             "(off-diagonal) | most similar pair |", "|---|---|---|---|---|"]
+SIMILARITY = "mean similarity (off-diagonal)"
+COLUMNS = ("layer", "most important", "least important", SIMILARITY, "most similar pair")
+
+
+def summary_rows(stats: ExpertStats) -> list[dict[str, Any]]:
+    """Per layer: the most and least important expert and the mean off-diagonal similarity,
+    as the cells both tables print (the layer an int)."""
+    rows = []
     for layer in range(stats.layers):
         imp = np.asarray(stats.importance[layer])
         sim = np.asarray(stats.similarity[layer])
         hi, lo = int(imp.argmax()), int(imp.argmin())
         off = sim - 2 * np.eye(len(imp))  # the diagonal can never be the largest
         e, f = np.unravel_index(int(off.argmax()), off.shape)
-        pair = f"{e}~{f} ({sim[e, f]:.3f})" if len(imp) > 1 else "-"
-        lines.append(f"| {layer} | {hi} ({imp[hi]:.3f}) | {lo} ({imp[lo]:.3f}) | "
-                     f"{off_diagonal_mean(sim):.3f} | {pair} |")
+        rows.append({"layer": layer, "most important": f"{hi} ({imp[hi]:.3f})",
+                     "least important": f"{lo} ({imp[lo]:.3f})",
+                     SIMILARITY: f"{off_diagonal_mean(sim):.3f}",
+                     "most similar pair": f"{e}~{f} ({sim[e, f]:.3f})" if len(imp) > 1 else "-"})
+    return rows
+
+
+def _title(stats: ExpertStats) -> str:
+    return f"expert statistics ({stats.source}): {stats.layers} layers x {stats.experts} experts"
+
+
+def summary_table(stats: ExpertStats) -> str:
+    """The per-layer summary for the terminal, laid out by `analysis.tables.format_table`."""
+    from d2moe.analysis.tables import format_table
+
+    rows = summary_rows(stats)
+    width = max((len(r[SIMILARITY]) for r in rows), default=0)
+    for r in rows:  # '-0.078' and '0.320' with their decimal points in line
+        r[SIMILARITY] = r[SIMILARITY].rjust(width)
+    return _title(stats) + "\n" + format_table(rows, COLUMNS)
+
+
+def summarize(stats: ExpertStats) -> str:
+    """The per-layer summary as a Markdown table, for the records and docs that
+    `benchmarks/substitution.py` writes (the terminal gets `summary_table`)."""
+    lines = [_title(stats), "| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in summary_rows(stats)]
     return "\n".join(lines)

@@ -12,7 +12,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 from d2moe.eval import cmd  # noqa: E402
-from d2moe.eval.ppl import PplConfig, eval_ppl, heldout_ids, parse_bits_list  # noqa: E402
+from d2moe.eval.ppl import (  # noqa: E402
+    PplConfig,
+    PplRow,
+    PplTable,
+    eval_ppl,
+    heldout_ids,
+    parse_bits_list,
+)
 
 KIB = 4  # held-out slice: 4 KiB = 16 windows of 256 bytes
 
@@ -48,7 +55,10 @@ def test_store_matches_in_memory_and_cli(tmp_path, capsys):
                    str(KIB), "--no-progress"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "| bits | bitplane |" in out and "| fp |" in out and "| 4 |" in out
+    lines = out.splitlines()  # the title, then the table as `format_table` lays out
+    assert lines[1].split() == ["bits", "bitplane"] and set(lines[2]) == {"-", " "}
+    assert [line.split()[0] for line in lines[3:]] == ["2", "3", "4", "fp"]
+    assert "|" not in out
     from_store = eval_ppl(PplConfig(store=str(store), bits="3", heldout_kib=KIB,
                                     progress=False))
     in_memory = eval_ppl(PplConfig(format="bitplane", store_bits="2:4", bits="3",
@@ -80,3 +90,18 @@ def test_parse_bits_list():
     assert parse_bits_list("8, 2-4,5") == (2, 3, 4, 5, 8)
     with pytest.raises(UserError, match="field 'bits': 3 is given twice in '2-4,8, 3'"):
         parse_bits_list("2-4,8, 3")  # overlapping: a typo, as '3,3' is
+
+
+def test_the_table_is_laid_out_as_the_other_verbs_tables():
+    rows = (PplRow("fp", 0, 9.5, 10), PplRow("mwq", 2, 12.35, 10), PplRow("mwq", 8, 9.5019, 10),
+            PplRow("rtn", 2, 13.0, 10), PplRow("rtn", 8, 9.5, 10))
+    text = PplTable(rows, 9.5, 10, "tiny", "x").render()
+    assert "|" not in text
+    assert text.splitlines() == [
+        "bits  mwq                rtn",
+        "----  -----------------  -----------------",
+        "2     12.3500 (+30.00%)  13.0000 (+36.84%)",
+        "8      9.5019 (+0.02%)    9.5000 (+0.00%)",  # perplexities' decimal points in line
+        "fp     9.5000            -"]
+    only_fp = PplTable(rows[:1], 9.5, 10, "tiny", "x").render()
+    assert only_fp.splitlines() == ["bits  ppl", "----  ------", "fp    9.5000"]
