@@ -48,11 +48,16 @@ class Planner:
         self.cold = ColdQueue()  # resident experts by residency score
         self._have: dict[ExpertKey, int] = {}  # mirror of the pool as our plans leave it
         self._expect = -1  # pool version once our last plan is applied; -1: never synced
+        self._rescales = 0  # the residency's `rescales` the cold index was built at
 
     def observe(self, demands: Sequence[Demand]) -> None:
         """Update the residency statistics and the cold index with one layer's demands."""
-        self.residency.observe(demands)
-        self.cold.push([d.key for d in demands], self.residency.scores)
+        r = self.residency
+        r.observe(demands)
+        if r.rescales != self._rescales:  # every score changed: re-index the resident ones
+            self._rescales = r.rescales
+            self.cold.push(list(self._have), r.scores)
+        self.cold.push([d.key for d in demands], r.scores)
 
     def plan(self, order: Sequence[Job], resident: ResidentView,
              protect: Sequence[ExpertKey] = ()) -> Plan:

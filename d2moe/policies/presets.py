@@ -193,6 +193,8 @@ _preset("fifo-lfu", "expert-ID order, on-demand loads, LFU residency (the LFU-ca
 _preset("hebf", "hottest-expert-bit-first order, hottest retained, MWQ plane drops",
         "hebf", "hottest", True)
 _preset("hebf-lru", "HEBF order with LRU residency and plane drops", "hebf", "lru", True)
+_preset("hebf-recent", "HEBF order, the hottest over a short memory (heat halves every 2 "
+        "steps) retained, plane drops", "hebf", "hot-recent", True)
 _preset("johnson", "Johnson's-rule order (optimal without a memory limit), hottest retained",
         "johnson", "hottest", True)
 # The baselines of D2MoE's evaluation (method.md), and D2MoE itself.

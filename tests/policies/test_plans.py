@@ -23,7 +23,8 @@ from d2moe.policies import (
     policy_config,
 )
 from d2moe.policies.check import check_plan
-from d2moe.policies.residency import Hottest, Lfu, Lru
+from d2moe.policies.planner import Planner, make_jobs
+from d2moe.policies.residency import HotRecent, Hottest, Lfu, Lru
 from tests.sim.workloads import SPEC, LinearProfile, random_stats
 
 SIZES = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
@@ -344,3 +345,51 @@ def test_hebf_puts_resident_then_hottest_then_higher_bits_first():
     assert [ld.key.expert for ld in plan.loads] == [3, 2, 1]
     fifo = make_policy("fifo").plan(0, ds, pool.view, Costs())
     assert [r.key.expert for r in fifo.runs] == [1, 2, 3, 5]
+
+
+@pytest.mark.parametrize("make", [lambda: Hottest(half_life_layers=0.5),
+                                  lambda: HotRecent(half_life_steps=0.5)],
+                         ids=["hottest", "hot-recent"])
+def test_decayed_heat_evicts_the_coldest_across_a_rescale(make) -> None:
+    """The heats are stored scaled by a growing factor, renormalised before it overflows
+    (every ~250 ticks at a half-life of 0.5): an expert whose stored score predates the
+    renormalisation must not look hotter than one observed after it."""
+    residency = make()
+    planner = Planner(residency, plane_drop=False)
+    pool = ResidentSet(SIZES, 2 * SIZES.by_bits[4])
+    e0, e1, e2 = (ExpertKey(0, e) for e in range(3))
+
+    def step(key: ExpertKey) -> Plan:
+        demands = [Demand(key, 4, 1)]
+        planner.observe(demands)
+        plan = planner.plan(make_jobs(demands, pool), pool)
+        apply_plan(plan, pool)
+        return plan
+
+    for t in range(2000):  # e0, e1 in turn until a tick rescales
+        before, key = residency.scale, (e0, e1)[t % 2]
+        step(key)
+        if residency.scale < before:
+            break
+    else:
+        pytest.fail("no rescale")
+    older = e1 if key == e0 else e0  # observed the tick before, its score not rescaled
+    assert residency.heat_now(older) < residency.heat_now(key)
+    evicted = [ev.key for ld in step(e2).loads for ev in ld.evict]
+    assert evicted == [older]
+
+
+def test_hot_recent_ages_heat_per_step_not_per_layer() -> None:
+    """A step is the planning of layers 0, 1, ...: within it nothing decays; each new step
+    halves every heat (half-life 1 step), whatever the number of layers."""
+    a, b, c = ExpertKey(0, 0), ExpertKey(1, 0), ExpertKey(0, 1)
+    hot = HotRecent(half_life_steps=1.0)
+    hot.observe([Demand(a, 4, 4)])  # step 0, layer 0
+    hot.observe([Demand(b, 4, 2)])  # step 0, layer 1: no decay
+    assert [hot.heat_now(k) for k in (a, b)] == pytest.approx([4.0, 2.0])
+    hot.observe([])  # an empty layer neither ticks nor starts a step
+    hot.observe([Demand(c, 4, 1)])  # step 1, layer 0: one halving
+    assert [hot.heat_now(k) for k in (a, b, c)] == pytest.approx([2.0, 1.0, 1.0])
+    hot.observe([Demand(a, 4, 1)])  # step 2 (layer 0 again)
+    assert [hot.heat_now(k) for k in (a, b, c)] == pytest.approx([2.0, 0.5, 0.5])
+    assert HotRecent().growth == pytest.approx(2 ** 0.5)  # the default: 2 steps
