@@ -63,3 +63,16 @@ def test_hf_e2e_runs_its_whole_path_at_tiny_shapes(tmp_path: Path) -> None:
     assert "same text at every budget: yes" in done.stdout
     assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
     assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) == 2  # head + one layer
+
+
+def test_residency_benchmark_compares_every_policy_with_fifo(tmp_path: Path) -> None:
+    """The residency benchmark at its smallest: one spec, budget and locality; its summary
+    names each compared policy with a ratio to FIFO from the same run."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "residency.py"), "--specs", "tiny:cpu-2core",
+         "--budgets", "50%", "--localities", "0.3", "--decode-steps", "16", "--no-tiny"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = done.stdout.split("per policy over 1 cells (x fifo):")[1]
+    for name in ("hebf-lru", "hebf", "hebf-recent"):
+        assert f"  {name} " in summary
