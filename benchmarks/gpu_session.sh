@@ -91,7 +91,8 @@ followups)
   step "launch sweep: the default against its split and pipeliner variants (~60 s)"
   timeout 80 $PY benchmarks/kernels.py --tune --tune-set pipeline \
     --models mixtral-8x7b,llama-moe-3.5b --no-table --kinds bitplane --tokens 1,4 \
-    --jobs "$JOBS" --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+    --jobs "$JOBS" --json "$OUT/tune.json" > "$OUT/tune.log" 2>&1 \
+    || tail -1 "$OUT/tune.log"  # why it stopped (no CUDA: one line), as the steps above show
   grep "^tune" "$OUT/tune.log" | head -120
   ;;
 esac

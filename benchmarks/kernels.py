@@ -11,6 +11,8 @@ dequantize-then-matmul and the dense float32 product, on LLaMA-MoE shapes by def
     python benchmarks/kernels.py --check         # correctness on real quantized matrices first
     python benchmarks/kernels.py --tune          # try launch configs, report the best per case
     python benchmarks/kernels.py --jobs 16       # compile every variant in 16 processes first
+`--check`, `--tune` and `--jobs N` act on CUDA only: without a GPU they stop the run with one
+line (the CPU path ignored them, so a GPU command run on the CPU wrote CPU rows unseen).
 """
 
 from __future__ import annotations
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bits", default="2,3,4,5,6,7,8")
     ap.add_argument("--tokens", default="1,4,16")
     ap.add_argument("--check", action="store_true", help="check correctness first (CUDA)")
-    ap.add_argument("--tune", action="store_true", help="time candidate launch configs")
+    ap.add_argument("--tune", action="store_true", help="time candidate launch configs (CUDA)")
     ap.add_argument("--tune-set", default="all", choices=("all", "pipeline"),
                     help="pipeline: the default GEMV launch against its pipelined variants")
     ap.add_argument("--models", default=None,
@@ -429,10 +431,16 @@ def main(argv: list[str] | None = None) -> int:
                          "(CPU; default llama-moe-3.5b)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--json", help="write rows and context here")
-    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes first")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="compile in this many processes first (CUDA)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads on the CPU (the executor's default: 1; 0: torch's own)")
     args = ap.parse_args(argv)
+    cuda_only = [opt for opt, given in (("--check", args.check), ("--tune", args.tune),
+                                         (f"--jobs {args.jobs}", args.jobs > 1)) if given]
+    if cuda_only and not torch.cuda.is_available():
+        sys.exit(f"kernels.py {' '.join(cuda_only)}: CUDA only, and torch sees no CUDA device "
+                 "(the CPU figures: run it without them)")
     kinds = split_list(args.kinds, "kinds", example="--kinds bitplane,mwq")
     bits_list = [int(b) for b in split_list(args.bits, "bits", example="--bits 2,4")]
     tokens_list = [int(t) for t in split_list(args.tokens, "tokens", example="--tokens 1,8")]

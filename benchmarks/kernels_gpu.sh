@@ -7,6 +7,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PY:-python3}
 JOBS=${JOBS:-$(nproc)}
+# without CUDA, one line (else kernels.py would time its CPU path into $OUT's GPU files)
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || {
+  echo "kernels_gpu.sh needs CUDA: torch sees no GPU (CPU figures: benchmarks/kernels.py)" >&2
+  exit 1; }
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/device.txt"

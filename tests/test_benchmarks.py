@@ -5,6 +5,7 @@ silently until then. What they measure is not asserted (timings never are)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,28 @@ def test_residency_benchmark_compares_every_policy_with_fifo(tmp_path: Path) -> 
     summary = done.stdout.split("per policy over 1 cells (x fifo):")[1]
     for name in ("hebf-lru", "hebf", "hebf-recent"):
         assert f"  {name} " in summary
+
+
+def test_kernel_gpu_commands_stop_in_one_line_without_cuda(tmp_path: Path) -> None:
+    """kernels.py's CUDA-only options and kernels_gpu.sh stop with one line on a machine
+    without CUDA: the CPU path ignored `--check`, `--tune` and `--jobs`, so gpu_session.sh's
+    kernel steps timed the CPU into the GPU tables' files (and its launch sweep ran out its
+    time limit) without a word."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only refusal")
+    out = tmp_path / "k.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "kernels.py"), "--check", "--tune", "--jobs", "2",
+         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and not out.exists(), done.stdout[-500:]
+    assert done.stderr.strip().splitlines() == [
+        "kernels.py --check --tune --jobs 2: CUDA only, and torch sees no CUDA device (the CPU "
+        "figures: run it without them)"]
+    done = subprocess.run(["bash", str(BENCH / "kernels_gpu.sh")], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120,
+                          env={**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "g")})
+    assert done.returncode == 1 and not done.stdout, done.stdout[-500:]
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "kernels_gpu.sh needs CUDA" in done.stderr
+    assert not list((tmp_path / "g").iterdir())  # no device.txt, no bench.json
