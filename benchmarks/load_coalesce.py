@@ -44,7 +44,8 @@ def decode() -> None:
 def main() -> None:
     if "--decode" in sys.argv:
         return decode()
-    args = load_ab_args(__doc__, 24)
+    args = load_ab_args(__doc__, 24, {"--decode": "decode tokens/s instead, with its own "
+                                   "options: --repeats, --budgets, --tokens (see above)"})
 
     def coalesce(on: bool):
         return lambda reader, pool: setattr(reader, "coalesce", on)

@@ -88,10 +88,14 @@ def print_times(times: dict[str, list[float]], baseline: str, new: str) -> None:
           f"{statistics.median(ratios):.2f}x")
 
 
-def load_ab_args(doc: str, rounds: int) -> argparse.Namespace:
+def load_ab_args(doc: str, rounds: int, modes: dict[str, str] | None = None
+                 ) -> argparse.Namespace:
     """The options of a whole-load A/B (`alternate_loads`: spec, rounds, bits, device),
-    parsed; one torch thread set and the machine line printed."""
+    parsed; one torch thread set and the machine line printed. `modes`: a script's other
+    modes (flag: help), which it dispatches before this parser, listed in `--help`."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for flag, text in (modes or {}).items():
+        ap.add_argument(flag, action="store_true", help=text)
     ap.add_argument("--spec", default="tiny", help="shipped spec name or YAML")
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--bits", type=int, default=4)
