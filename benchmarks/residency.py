@@ -1,8 +1,9 @@
 """HEBF's residency memory: which experts stay resident decides whether HEBF beats LRU.
 
 Simulates FIFO (the baseline: expert-ID order, LRU residency), `hebf-lru` (HEBF's order,
-LRU), `hebf` (HEBF's order, the hottest over a long memory: heat halves every 256 layers) and
-`hebf-recent` (the hottest over a short one: every 2 steps) on synthetic routing of several
+LRU), `hebf` (HEBF's order, the hottest over a long memory: heat halves every 256 layers),
+`hebf-recent` (the hottest over a short one: every 2 steps) and `hebf-adaptive` (whichever
+of the two lately predicted demand better) on synthetic routing of several
 locality levels (the chance a token reuses the previous token's experts at a layer) and,
 with `--tiny`, the tiny model's real routing over its held-out text. Prints each policy's
 decode tokens/s as a ratio to FIFO's on the same trace, profile and budget (the same run),
@@ -11,7 +12,7 @@ deterministic, on the named profiles (estimated unless `cpu-2core`/`h100`).
 
 Usage: python benchmarks/residency.py [--specs mixtral-8x7b:jetson-agx-orin,...]
            [--budgets 20%,40%,60%] [--localities 0.1,0.3,0.6] [--decode-steps 128]
-           [--policies hebf-lru,hebf,hebf-recent] [--tiny | --no-tiny]
+           [--policies hebf-lru,hebf,hebf-recent,hebf-adaptive] [--tiny | --no-tiny]
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--localities", default="0.1,0.3,0.6",
                     help="synthetic traces' locality (0.3: the generator's default)")
     ap.add_argument("--decode-steps", type=int, default=128)
-    ap.add_argument("--policies", default="hebf-lru,hebf,hebf-recent",
+    ap.add_argument("--policies", default="hebf-lru,hebf,hebf-recent,hebf-adaptive",
                     help=f"compared with {BASELINE} (the baseline)")
     ap.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
                     help="add the tiny model's recorded routing on the cpu-2core profile")
@@ -82,8 +83,9 @@ def main() -> None:
     print(f"simulated; decode tokens/s over {BASELINE}'s, same trace, profile and budget; "
           f"{args.decode_steps} decode steps; start "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
+    width = max(11, *(len(p) for p in policies))
     head = f"{'spec':17s} {'profile':15s} {'routing':13s} {'budget':>6s} " + \
-        " ".join(f"{p:>11s}" for p in policies)
+        " ".join(f"{p:>{width}s}" for p in policies)
     print(head + "\n" + "-" * len(head), flush=True)
     cells: dict[str, list[float]] = {p: [] for p in policies}
 
@@ -93,7 +95,7 @@ def main() -> None:
             for p in policies:
                 cells[p].append(r[p])
             print(f"{spec:17s} {profile:15s} {routing:13s} {budget:>6s} " +
-                  " ".join(f"{r[p]:11.3f}" for p in policies), flush=True)
+                  " ".join(f"{r[p]:{width}.3f}" for p in policies), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         for spec, profile in pairs:
@@ -108,7 +110,7 @@ def main() -> None:
     for p, xs in cells.items():
         gm = math.exp(sum(math.log(x) for x in xs) / len(xs))
         behind = sum(x < 0.995 for x in xs)
-        print(f"  {p:11s} geomean {gm:.3f}, range {min(xs):.3f}-{max(xs):.3f}, "
+        print(f"  {p:{width}s} geomean {gm:.3f}, range {min(xs):.3f}-{max(xs):.3f}, "
               f"behind {BASELINE} (< 0.995x) in {behind}")
 
 

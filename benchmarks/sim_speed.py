@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import simpy
 
+from d2moe.core.cliargs import split_list
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import load_spec
 from d2moe.policies import make_policy
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1000, help="decode tokens to simulate")
     ap.add_argument("--budget", default="2.5GiB", help="expert budget (bytes or %%)")
     ap.add_argument("--repeats", type=int, default=3, help="timings per figure (median kept)")
+    ap.add_argument("--policies", default="fifo,hebf,johnson", help="registered policy names")
     args = ap.parse_args()
 
     spec = load_spec("mixtral-8x7b")
@@ -99,10 +101,10 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {platform.python_implementation()} "
           f"{platform.python_version()}; Mixtral-8x7B decode, {args.tokens} tokens, "
           f"budget {args.budget}, rtx3060-laptop profile; trace -> demands {prep:.2f} s")
-    print(f"{'policy':8s} {'engine':6s} {'sim tok/s':>10s} {'jobs/s':>10s} "
+    print(f"{'policy':13s} {'engine':6s} {'sim tok/s':>10s} {'jobs/s':>10s} "
           f"{'plain SimPy tok/s':>18s} {'ratio':>6s}")
     simulate(SimSetup(spec, profile, QuantLayout(), budget), steps[:50], make_policy("fifo"))
-    for name in ("fifo", "hebf", "johnson"):
+    for name in split_list(args.policies, "policies", example="--policies fifo,hebf"):
         for engine in ("fast", "simpy"):
             setup = SimSetup(spec, profile, QuantLayout(), budget, engine=engine)
             walls = []
@@ -114,7 +116,7 @@ def main() -> None:
             n_jobs = sum(1 for e in tl.events if e.kind in ("load", "run"))
             jobs = jobs_of(tl)
             base = statistics.median(plain_simpy(jobs) for _ in range(args.repeats))
-            print(f"{name:8s} {engine:6s} {args.tokens / wall:10.0f} {n_jobs / wall:10.0f} "
+            print(f"{name:13s} {engine:6s} {args.tokens / wall:10.0f} {n_jobs / wall:10.0f} "
                   f"{args.tokens / base:18.0f} {base / wall:5.2f}x")
     print("ratio = d2moe tokens/s over plain SimPy tokens/s for the same jobs "
           "(> 1: faster than bare SimPy); target: sim tok/s >= 500")

@@ -75,7 +75,7 @@ def test_residency_benchmark_compares_every_policy_with_fifo(tmp_path: Path) -> 
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = done.stdout.split("per policy over 1 cells (x fifo):")[1]
-    for name in ("hebf-lru", "hebf", "hebf-recent"):
+    for name in ("hebf-lru", "hebf", "hebf-recent", "hebf-adaptive"):
         assert f"  {name} " in summary
 
 

@@ -195,6 +195,8 @@ _preset("hebf", "hottest-expert-bit-first order, hottest retained, MWQ plane dro
 _preset("hebf-lru", "HEBF order with LRU residency and plane drops", "hebf", "lru", True)
 _preset("hebf-recent", "HEBF order, the hottest over a short memory (heat halves every 2 "
         "steps) retained, plane drops", "hebf", "hot-recent", True)
+_preset("hebf-adaptive", "HEBF order, the hottest by the long or the short memory, whichever "
+        "lately predicted demand better, plane drops", "hebf", "hot-adaptive", True)
 _preset("johnson", "Johnson's-rule order (optimal without a memory limit), hottest retained",
         "johnson", "hottest", True)
 # The baselines of D2MoE's evaluation (method.md), and D2MoE itself.

@@ -30,7 +30,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise ValueError(f"{self.family} {name!r} registered twice")
             self._items[name] = factory
-            self._docs[name] = doc or (factory.__doc__ or "").strip().splitlines()[0]
+            self._docs[name] = doc or next(iter((factory.__doc__ or "").strip().splitlines()),
+                                           "")
             self._needs_stats[name] = needs_stats
             return factory
         return deco

@@ -1,5 +1,6 @@
 """Which resident experts to give up when the budget is short: LRU, LFU, hottest-first
-(a long memory, clocked in layers, and a short one clocked in steps).
+(a long memory, clocked in layers, a short one clocked in steps, and the two chosen between
+online).
 
 A residency policy only keeps statistics and scores experts (lower = colder = give up
 first); the planner decides how much to free and whether to drop planes or evict whole.
@@ -130,3 +131,62 @@ class HotRecent(Hottest):
         scale = self.scale
         for d in demands:
             self.scores[d.key] += d.tokens * scale
+
+
+@RESIDENCY.register("hot-adaptive")
+class HotAdaptive:
+    """Keep the hottest by whichever memory, long (`Hottest`) or short (`HotRecent`), has
+    lately predicted the demands better.
+
+    Before a layer's demands are counted, each rule rates how high it ranked the experts now
+    asked for among the layer's experts seen so far (the percentile: 1 = its hottest, ties
+    half); an exponential average over layers (weight `alpha`) keeps each rule's record, and
+    the scores in use are the better rule's. Long wins where routing has little locality,
+    short where tokens reuse their predecessors' experts (docs/results/evaluation.md, "HEBF's
+    residency memory"). A switch changes every score at once, so it counts as a rescale.
+    """
+
+    name = "hot-adaptive"
+
+    def __init__(self, alpha: float = 0.01) -> None:
+        self.alpha = alpha
+        self.rules = (Hottest(), HotRecent())
+        self.record = [0.5, 0.5]  # each rule's averaged percentile of the demanded experts
+        self.using = 0  # index into `rules`
+        self.switches = 0
+        self.seen: defaultdict[int, dict[ExpertKey, None]] = defaultdict(dict)  # per layer
+        self.scores = self.rules[0].scores
+
+    @property
+    def rescales(self) -> int:
+        return self.switches + sum(r.rescales for r in self.rules)
+
+    def observe(self, demands: Sequence[Demand]) -> None:
+        if demands:
+            seen = self.seen[demands[0].key.layer]
+            if len(seen) > 1:
+                for i, rule in enumerate(self.rules):
+                    self.record[i] += self.alpha * (_percentile(rule.scores, seen, demands)
+                                                    - self.record[i])
+            for d in demands:
+                seen[d.key] = None
+        for rule in self.rules:
+            rule.observe(demands)
+        other = 1 - self.using
+        if self.record[other] > self.record[self.using]:
+            self.using, self.switches = other, self.switches + 1
+            self.scores = self.rules[other].scores
+
+
+def _percentile(scores: dict[ExpertKey, float], keys: dict[ExpertKey, None],
+                demands: Sequence[Demand]) -> float:
+    """How high `scores` ranks the demanded experts among `keys`, averaged: 1 when each is
+    the hottest of them, 0 when the coldest, ties counted half."""
+    values = [scores.get(k, 0.0) for k in keys]
+    total = 0.0
+    for d in demands:
+        s = scores.get(d.key, 0.0)
+        below = sum(v < s for v in values)
+        tied = sum(v == s for v in values) - (d.key in keys)
+        total += (below + 0.5 * tied) / (len(values) - (d.key in keys))
+    return total / len(demands)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -24,7 +25,7 @@ from d2moe.policies import (
 )
 from d2moe.policies.check import check_plan
 from d2moe.policies.planner import Planner, make_jobs
-from d2moe.policies.residency import HotRecent, Hottest, Lfu, Lru
+from d2moe.policies.residency import HotAdaptive, HotRecent, Hottest, Lfu, Lru
 from tests.sim.workloads import SPEC, LinearProfile, random_stats
 
 SIZES = Sizes.of(SPEC, QuantLayout(b1=2, bK=4))
@@ -319,6 +320,8 @@ def test_a_name_registers_once():
     with pytest.raises(ValueError, match="thing 'a' registered twice"):
         reg.register("a")(dict)
     assert reg.names() == ["a"] and reg.doc("a") == "first"
+    reg.register("b")(type("B", (), {}))  # no docstring: an empty line, not an IndexError
+    assert reg.doc("b") == ""
 
 
 def test_residency_rankings():
@@ -393,3 +396,35 @@ def test_hot_recent_ages_heat_per_step_not_per_layer() -> None:
     hot.observe([Demand(a, 4, 1)])  # step 2 (layer 0 again)
     assert [hot.heat_now(k) for k in (a, b, c)] == pytest.approx([2.0, 0.5, 0.5])
     assert HotRecent().growth == pytest.approx(2 ** 0.5)  # the default: 2 steps
+
+
+def _routing(streaky: bool, steps: int = 600, experts: int = 8) -> list[list[Demand]]:
+    """One layer's demands per step, top-1: streaky = each expert asked for 10 steps in a
+    row, in turn (locality, no lasting favourite); else drawn independently with a fixed
+    skew (a lasting favourite, no locality)."""
+    rng = random.Random(0)
+    weights = [2.0 ** -e for e in range(experts)]
+    out = []
+    for t in range(steps):
+        e = (t // 10) % experts if streaky else rng.choices(range(experts), weights)[0]
+        out.append([Demand(ExpertKey(0, e), 4, 1)])
+    return out
+
+
+@pytest.mark.parametrize(("streaky", "rule"), [(True, "hot-recent"), (False, "hottest")])
+def test_hot_adaptive_follows_the_memory_that_predicts_demand(streaky: bool, rule: str) -> None:
+    hot = HotAdaptive()
+    for demands in _routing(streaky):
+        hot.observe(demands)
+    assert hot.rules[hot.using].name == rule
+    assert hot.scores is hot.rules[hot.using].scores
+    assert hot.record[hot.using] > hot.record[1 - hot.using]
+
+
+def test_hot_adaptive_switch_counts_as_a_rescale() -> None:
+    """The planner re-indexes on `rescales`; a switch of rule changes every score."""
+    hot = HotAdaptive()
+    before = hot.rescales
+    for demands in _routing(streaky=True):
+        hot.observe(demands)
+    assert hot.switches >= 1 and hot.rescales >= before + hot.switches
