@@ -92,13 +92,15 @@ def test_kernel_gpu_commands_stop_in_one_line_without_cuda(tmp_path: Path) -> No
         [sys.executable, str(BENCH / "kernels.py"), "--check", "--tune", "--jobs", "2",
          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and not out.exists(), done.stdout[-500:]
-    assert done.stderr.strip().splitlines() == [
+    # the last line (a driver without a GPU may make torch warn on stderr first)
+    assert done.stderr.strip().splitlines()[-1] == (
         "kernels.py --check --tune --jobs 2: CUDA only, and torch sees no CUDA device (the CPU "
-        "figures: run it without them)"]
+        "figures: run it without them)")
+    assert "Traceback" not in done.stderr
     done = subprocess.run(["bash", str(BENCH / "kernels_gpu.sh")], cwd=ROOT, text=True,
                           capture_output=True, timeout=120,
                           env={**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "g")})
     assert done.returncode == 1 and not done.stdout, done.stdout[-500:]
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert "kernels_gpu.sh needs CUDA" in done.stderr
+    assert "kernels_gpu.sh needs CUDA" in done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
     assert not list((tmp_path / "g").iterdir())  # no device.txt, no bench.json

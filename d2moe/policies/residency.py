@@ -9,6 +9,7 @@ Scores are plain dict lookups so that ranking stays cheap on the planner's hot p
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Protocol
@@ -22,13 +23,15 @@ class Residency(Protocol):
 
     `scores` maps an expert to how much to keep it (the lowest is evicted first; unseen
     experts score 0). It is a dict, not a method, so the planner ranks at C speed.
-    `rescales` counts the times every score changed at once (the planner then re-indexes
-    the resident experts, whose scores it keeps from their last change).
     """
 
     name: str
     scores: defaultdict[ExpertKey, float]
-    rescales: int
+
+    @property
+    def rescales(self) -> int:
+        """How many times every score changed at once: the planner then re-indexes the
+        resident experts, whose scores it keeps from their last change."""
 
     def observe(self, demands: Sequence[Demand]) -> None:
         """Record one layer's demands (called once per planned layer, in order)."""
@@ -110,9 +113,10 @@ class HotRecent(Hottest):
     A step begins when a layer's demands come at a layer no deeper than the last one's
     (planning goes layer 0, 1, ... once per step). `Hottest`'s clock is layers: 256 of them
     are 8 steps of a 32-layer model, 64 of the 4-layer tiny one. Simulated on synthetic
-    routing, 2 steps never fell behind LRU where the long memory did (at 40-60% budgets),
-    and kept less of the long memory's gain at 20% (docs/results/evaluation.md, "HEBF's
-    residency memory").
+    routing, 2 steps stayed within 1% of FIFO where routing reuses the previous token's
+    experts and the long memory fell to 0.68-0.96x of it, and gained less than the long
+    memory where routing has little locality (docs/results/evaluation.md, "HEBF's residency
+    memory").
     """
 
     name = "hot-recent"
@@ -159,6 +163,7 @@ class HotAdaptive:
 
     @property
     def rescales(self) -> int:
+        """The switches and both rules' own rescales: each changed every score in use."""
         return self.switches + sum(r.rescales for r in self.rules)
 
     def observe(self, demands: Sequence[Demand]) -> None:
@@ -180,13 +185,15 @@ class HotAdaptive:
 
 def _percentile(scores: dict[ExpertKey, float], keys: dict[ExpertKey, None],
                 demands: Sequence[Demand]) -> float:
-    """How high `scores` ranks the demanded experts among `keys`, averaged: 1 when each is
-    the hottest of them, 0 when the coldest, ties counted half."""
-    values = [scores.get(k, 0.0) for k in keys]
+    """How high `scores` ranks the demanded experts among the other `keys`, averaged over
+    the distinct experts asked: 1 when each is above all of them, 0 when below all, ties
+    counted half. `keys` holds at least two experts."""
+    values = sorted(scores.get(k, 0.0) for k in keys)
+    asked = dict.fromkeys(d.key for d in demands)
     total = 0.0
-    for d in demands:
-        s = scores.get(d.key, 0.0)
-        below = sum(v < s for v in values)
-        tied = sum(v == s for v in values) - (d.key in keys)
-        total += (below + 0.5 * tied) / (len(values) - (d.key in keys))
-    return total / len(demands)
+    for key in asked:
+        s = scores.get(key, 0.0)
+        below, upto = bisect_left(values, s), bisect_right(values, s)
+        known = key in keys  # then `values` holds its own score once: not a rival
+        total += (below + 0.5 * (upto - below - known)) / (len(values) - known)
+    return total / len(asked)

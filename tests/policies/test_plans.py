@@ -421,10 +421,34 @@ def test_hot_adaptive_follows_the_memory_that_predicts_demand(streaky: bool, rul
     assert hot.record[hot.using] > hot.record[1 - hot.using]
 
 
-def test_hot_adaptive_switch_counts_as_a_rescale() -> None:
-    """The planner re-indexes on `rescales`; a switch of rule changes every score."""
+def test_hot_adaptive_switches_keep_the_planners_cold_index_current() -> None:
+    """A switch of rule changes every score in use; the planner must re-index the resident
+    experts then (as on a rescale), else it ranks them by the other rule's old scores."""
     hot = HotAdaptive()
-    before = hot.rescales
+    planner = Planner(hot, plane_drop=False)
+    pool = ResidentSet(SIZES, 3 * SIZES.by_bits[4])
+    switches = 0
     for demands in _routing(streaky=True):
-        hot.observe(demands)
-    assert hot.switches >= 1 and hot.rescales >= before + hot.switches
+        planner.observe(demands)
+        apply_plan(planner.plan(make_jobs(demands, pool), pool), pool)
+        for key in pool.bits:
+            assert planner.cold.latest.get(key) == hot.scores[key], (key, hot.switches)
+        switches = hot.switches
+    assert switches >= 1
+
+
+@pytest.mark.parametrize(("scores", "asked", "want"), [
+    ({0: 3.0, 1: 2.0, 2: 1.0}, [0], 1.0),  # above both others
+    ({0: 3.0, 1: 2.0, 2: 1.0}, [2], 0.0),  # below both
+    ({0: 3.0, 1: 2.0, 2: 2.0}, [1], 0.25),  # one below, one tied
+    ({0: 3.0, 1: 2.0, 2: 1.0}, [0, 2], 0.5),  # averaged over the experts asked
+    ({0: 3.0, 1: 2.0}, [7], 0.0),  # never seen: scored 0, below every expert with heat
+    ({0: 3.0, 1: 2.0}, [1, 1], 0.0),  # asked at two bit-widths: counted once
+])
+def test_percentile_ranks_the_demanded_experts(scores, asked, want) -> None:
+    from d2moe.policies.residency import _percentile
+
+    keys = dict.fromkeys(ExpertKey(0, e) for e in scores)
+    table = {ExpertKey(0, e): v for e, v in scores.items()}
+    demands = [Demand(ExpertKey(0, e), 4, 1) for e in asked]
+    assert _percentile(table, keys, demands) == pytest.approx(want)
