@@ -214,6 +214,9 @@ _preset("moqe-dynaio", "one uniform bit-width (INT4 copies), loaded on demand (L
         "fifo", "lru", False, layout="copies:4:4", bits="uniform", uniform_bits=4)
 _preset("d2moe", "D2MoE: routed bits, nested store, HEBF order, hottest retained, plane drops",
         "hebf", "hottest", True, layout="nested")
+_preset("d2moe-adaptive", "D2MoE with hebf-adaptive's residency (the long or the short heat "
+        "memory, whichever lately predicted demand better)", "hebf", "hot-adaptive", True,
+        layout="nested")
 # Ablation, one part at a time (the paper's +Router, +MWQ, +HEBF, +Budget); the last is d2moe.
 _preset("ablate-base", "ablation base: uniform INT4 copies, FIFO order, LRU", "fifo", "lru",
         False, layout="copies:4:4", bits="uniform", uniform_bits=4)
