@@ -3,7 +3,7 @@
 Simulates FIFO (the baseline: expert-ID order, LRU residency), `hebf-lru` (HEBF's order,
 LRU), `hebf` (HEBF's order, the hottest over a long memory: heat halves every 256 layers),
 `hebf-recent` (the hottest over a short one: every 2 steps) and `hebf-adaptive` (whichever
-of the two lately predicted demand better) on synthetic routing of several
+of those two memories or recency lately predicted demand best) on synthetic routing of several
 locality levels (the chance a token reuses the previous token's experts at a layer) and,
 with `--tiny`, the tiny model's real routing over its held-out text. Prints each policy's
 decode tokens/s as a ratio to FIFO's on the same trace, profile and budget (the same run),
@@ -11,7 +11,7 @@ then per policy the geometric mean, the range and the cells behind FIFO. Simulat
 deterministic, on the named profiles (estimated unless `cpu-2core`/`h100`).
 
 Usage: python benchmarks/residency.py [--specs mixtral-8x7b:jetson-agx-orin,...]
-           [--budgets 20%,40%,60%] [--localities 0.1,0.3,0.6] [--decode-steps 128]
+           [--budgets 10%,20%,30%,40%,60%] [--localities 0.1,0.3,0.6] [--decode-steps 128]
            [--policies hebf-lru,hebf,hebf-recent,hebf-adaptive] [--tiny | --no-tiny]
 """
 
@@ -65,7 +65,7 @@ def tiny_trace(out: Path, decode_steps: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", default=SPECS, help="SPEC:PROFILE pairs, comma-separated")
-    ap.add_argument("--budgets", default="20%,40%,60%")
+    ap.add_argument("--budgets", default="10%,20%,30%,40%,60%")
     ap.add_argument("--localities", default="0.1,0.3,0.6",
                     help="synthetic traces' locality (0.3: the generator's default)")
     ap.add_argument("--decode-steps", type=int, default=128)

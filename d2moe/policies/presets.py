@@ -195,8 +195,8 @@ _preset("hebf", "hottest-expert-bit-first order, hottest retained, MWQ plane dro
 _preset("hebf-lru", "HEBF order with LRU residency and plane drops", "hebf", "lru", True)
 _preset("hebf-recent", "HEBF order, the hottest over a short memory (heat halves every 2 "
         "steps) retained, plane drops", "hebf", "hot-recent", True)
-_preset("hebf-adaptive", "HEBF order, the hottest by the long or the short memory, whichever "
-        "lately predicted demand better, plane drops", "hebf", "hot-adaptive", True)
+_preset("hebf-adaptive", "HEBF order, retained by a long or short heat memory or recency, "
+        "whichever lately predicted demand best, plane drops", "hebf", "hot-adaptive", True)
 _preset("johnson", "Johnson's-rule order (optimal without a memory limit), hottest retained",
         "johnson", "hottest", True)
 # The baselines of D2MoE's evaluation (method.md), and D2MoE itself.
@@ -214,8 +214,8 @@ _preset("moqe-dynaio", "one uniform bit-width (INT4 copies), loaded on demand (L
         "fifo", "lru", False, layout="copies:4:4", bits="uniform", uniform_bits=4)
 _preset("d2moe", "D2MoE: routed bits, nested store, HEBF order, hottest retained, plane drops",
         "hebf", "hottest", True, layout="nested")
-_preset("d2moe-adaptive", "D2MoE with hebf-adaptive's residency (the long or the short heat "
-        "memory, whichever lately predicted demand better)", "hebf", "hot-adaptive", True,
+_preset("d2moe-adaptive", "D2MoE with hebf-adaptive's residency (a long or short heat memory "
+        "or recency, whichever lately predicted demand best)", "hebf", "hot-adaptive", True,
         layout="nested")
 # Ablation, one part at a time (the paper's +Router, +MWQ, +HEBF, +Budget); the last is d2moe.
 _preset("ablate-base", "ablation base: uniform INT4 copies, FIFO order, LRU", "fifo", "lru",

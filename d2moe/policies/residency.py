@@ -139,23 +139,23 @@ class HotRecent(Hottest):
 
 @RESIDENCY.register("hot-adaptive")
 class HotAdaptive:
-    """Keep the hottest by whichever memory, long (`Hottest`) or short (`HotRecent`), has
-    lately predicted the demands better.
+    """Keep what whichever of three memories, the hottest over a long one (`Hottest`), over
+    a short one (`HotRecent`) or the most recent (`Lru`), has lately predicted demand best.
 
     Before a layer's demands are counted, each rule rates how high it ranked the experts now
     asked for among the layer's experts seen so far (the percentile: 1 = its hottest, ties
     half); an exponential average over layers (weight `alpha`) keeps each rule's record, and
-    the scores in use are the better rule's. Long wins where routing has little locality,
-    short where tokens reuse their predecessors' experts (docs/results/evaluation.md, "HEBF's
-    residency memory"). A switch changes every score at once, so it counts as a rescale.
+    the scores in use are the best rule's. Long wins where routing has little locality,
+    recency where tokens reuse their predecessors' experts (docs/results/evaluation.md,
+    "HEBF's residency memory"). A switch changes every score at once: a rescale.
     """
 
     name = "hot-adaptive"
 
     def __init__(self, alpha: float = 0.01) -> None:
         self.alpha = alpha
-        self.rules = (Hottest(), HotRecent())
-        self.record = [0.5, 0.5]  # each rule's averaged percentile of the demanded experts
+        self.rules = (Hottest(), HotRecent(), Lru())
+        self.record = [0.5, 0.5, 0.5]  # each rule's averaged percentile of the demanded experts
         self.using = 0  # index into `rules`
         self.switches = 0
         self.seen: defaultdict[int, dict[ExpertKey, None]] = defaultdict(dict)  # per layer
@@ -177,10 +177,10 @@ class HotAdaptive:
                 seen[d.key] = None
         for rule in self.rules:
             rule.observe(demands)
-        other = 1 - self.using
-        if self.record[other] > self.record[self.using]:
-            self.using, self.switches = other, self.switches + 1
-            self.scores = self.rules[other].scores
+        best = max(range(len(self.rules)), key=self.record.__getitem__)
+        if self.record[best] > self.record[self.using]:
+            self.using, self.switches = best, self.switches + 1
+            self.scores = self.rules[best].scores
 
 
 def _percentile(scores: dict[ExpertKey, float], keys: dict[ExpertKey, None],

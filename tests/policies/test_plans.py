@@ -411,14 +411,14 @@ def _routing(streaky: bool, steps: int = 600, experts: int = 8) -> list[list[Dem
     return out
 
 
-@pytest.mark.parametrize(("streaky", "rule"), [(True, "hot-recent"), (False, "hottest")])
+@pytest.mark.parametrize(("streaky", "rule"), [(True, "lru"), (False, "hottest")])
 def test_hot_adaptive_follows_the_memory_that_predicts_demand(streaky: bool, rule: str) -> None:
     hot = HotAdaptive()
     for demands in _routing(streaky):
         hot.observe(demands)
     assert hot.rules[hot.using].name == rule
     assert hot.scores is hot.rules[hot.using].scores
-    assert hot.record[hot.using] > hot.record[1 - hot.using]
+    assert hot.record[hot.using] == max(hot.record)
 
 
 def test_hot_adaptive_switches_keep_the_planners_cold_index_current() -> None:
