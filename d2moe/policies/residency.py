@@ -113,10 +113,9 @@ class HotRecent(Hottest):
     A step begins when a layer's demands come at a layer no deeper than the last one's
     (planning goes layer 0, 1, ... once per step). `Hottest`'s clock is layers: 256 of them
     are 8 steps of a 32-layer model, 64 of the 4-layer tiny one. Simulated on synthetic
-    routing, 2 steps stayed within 1% of FIFO where routing reuses the previous token's
-    experts and the long memory fell to 0.68-0.96x of it, and gained less than the long
-    memory where routing has little locality (docs/results/evaluation.md, "HEBF's residency
-    memory").
+    routing, 2 steps lost less than the long memory where tokens reuse their predecessors'
+    experts (0.75x FIFO at worst against 0.62x) and gained less where they do not
+    (docs/results/evaluation.md, "HEBF's residency memory").
     """
 
     name = "hot-recent"
