@@ -1,6 +1,6 @@
 """Which resident experts to give up when the budget is short: LRU, LFU, hottest-first
-(a long memory, clocked in layers, a short one clocked in steps, and the two chosen between
-online).
+(a long memory, clocked in layers, and a short one, clocked in steps), and an online choice
+among the two and LRU.
 
 A residency policy only keeps statistics and scores experts (lower = colder = give up
 first); the planner decides how much to free and whether to drop planes or evict whole.
@@ -162,7 +162,7 @@ class HotAdaptive:
 
     @property
     def rescales(self) -> int:
-        """The switches and both rules' own rescales: each changed every score in use."""
+        """The switches and the rules' own rescales: each changed every score in use."""
         return self.switches + sum(r.rescales for r in self.rules)
 
     def observe(self, demands: Sequence[Demand]) -> None:
