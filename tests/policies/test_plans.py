@@ -452,3 +452,18 @@ def test_percentile_ranks_the_demanded_experts(scores, asked, want) -> None:
     table = {ExpertKey(0, e): v for e, v in scores.items()}
     demands = [Demand(ExpertKey(0, e), 4, 1) for e in asked]
     assert _percentile(table, keys, demands) == pytest.approx(want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(layers=st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 7),
+                                          st.integers(1, 4)), max_size=6), max_size=60))
+def test_hot_adaptive_uses_its_best_record(layers) -> None:
+    """Whatever the demands (any layer order, repeats, empty layers), each rule's record is
+    an average of percentiles in [0, 1] and the scores in use are the best record's rule's."""
+    hot = HotAdaptive(alpha=0.2)
+    for layer in layers:
+        at = layer[0][0] if layer else 0
+        hot.observe([Demand(ExpertKey(at, e), 4, t) for _, e, t in layer])
+        assert all(0.0 <= r <= 1.0 for r in hot.record)
+        assert hot.record[hot.using] == max(hot.record)
+        assert hot.scores is hot.rules[hot.using].scores
