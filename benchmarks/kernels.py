@@ -11,8 +11,9 @@ dequantize-then-matmul and the dense float32 product, on LLaMA-MoE shapes by def
     python benchmarks/kernels.py --check         # correctness on real quantized matrices first
     python benchmarks/kernels.py --tune          # try launch configs, report the best per case
     python benchmarks/kernels.py --jobs 16       # compile every variant in 16 processes first
-`--check`, `--tune` and `--jobs N` act on CUDA only: without a GPU they stop the run with one
-line (the CPU path ignored them, so a GPU command run on the CPU wrote CPU rows unseen).
+`--check`, `--tune`, `--jobs N` and `--no-table` act on CUDA only: without a GPU they stop the
+run with one line (the CPU path ignored them, so a GPU command run on the CPU wrote CPU rows
+unseen).
 """
 
 from __future__ import annotations
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=None,
                     help="models whose expert shapes are tuned (CUDA; default all) or timed "
                          "(CPU; default llama-moe-3.5b)")
-    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--no-table", action="store_true",
+                    help="skip the timing table, e.g. to --tune alone (CUDA)")
     ap.add_argument("--json", help="write rows and context here")
     ap.add_argument("--jobs", type=int, default=1,
                     help="compile in this many processes first (CUDA)")
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads on the CPU (the executor's default: 1; 0: torch's own)")
     args = ap.parse_args(argv)
     cuda_only = [opt for opt, given in (("--check", args.check), ("--tune", args.tune),
-                                         (f"--jobs {args.jobs}", args.jobs > 1)) if given]
+                                         (f"--jobs {args.jobs}", args.jobs > 1),
+                                         ("--no-table", args.no_table)) if given]
     if cuda_only and not torch.cuda.is_available():
         sys.exit(f"kernels.py {' '.join(cuda_only)}: CUDA only, and torch sees no CUDA device "
                  "(the CPU figures: run it without them)")
