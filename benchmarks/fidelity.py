@@ -2,7 +2,8 @@
 (policy, budget): real and simulated tokens/s and the error in %, lane busy and bubble time,
 hit rate; then mean and worst |error| and whether the policy ranking agrees per budget.
 
-The real runs are measured in this invocation. The profile is the shipped `cpu-2core` unless
+The real runs are measured in this invocation. The profile is the shipped one measured on a
+machine like this (`d2moe validate --profile auto`: cpu-2core-xeon or cpu-2core) unless
 --measure, which measures a fresh profile before each of the --repeats passes over the rows
 and simulates with their median (on a machine shared with other work, costs drift between a
 profile taken earlier and the runs; interleaving them keeps both under the same load).
@@ -31,8 +32,8 @@ import torch
 from d2moe.core.errors import UserError
 from d2moe.core.sizes import QuantLayout
 from d2moe.core.spec import load_spec
+from d2moe.executor.profile_choice import chosen_profile
 from d2moe.executor.validate import ValidateConfig, validate_rounds
-from d2moe.profiles import load_profile
 from d2moe.quant.store import StoreReader
 
 MIXTRAL_LAYOUT = QuantLayout(kind="bitplane", b1=2, bK=4)
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="real runs per row (median kept)")
     ap.add_argument("--budgets", default="", help="default 25%%,50%%,100%% (mixtral 50%%,100%%)")
     ap.add_argument("--policies", default="fifo,hebf")
-    ap.add_argument("--profile", default="cpu-2core", help="profile name or YAML")
+    ap.add_argument("--profile", default="auto",
+                    help="profile name or YAML; auto: the shipped one of a machine like this")
     ap.add_argument("--measure", action="store_true", help="measure a fresh profile first")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
@@ -63,7 +65,11 @@ def main() -> None:
         ap.error(f"--device {args.device}: torch sees no CUDA device")
     t0 = time.perf_counter()
     device = torch.device(args.device)
-    profile = None if args.measure else load_profile(args.profile)
+    try:
+        profile = None if args.measure else chosen_profile(ValidateConfig(
+            profile=args.profile, device=args.device, threads=args.threads))
+    except UserError as exc:
+        ap.error(str(exc))
     if profile and args.mixtral:  # before a store of gigabytes is written for nothing
         spec = dataclasses.replace(load_spec("mixtral-8x7b"), layers=args.layers)
         try:

@@ -7,8 +7,9 @@ KV cache and activations = 2.5 GiB.
 
 Real part (when torch is installed; `--no-real` skips it): the built-in tiny model runs on
 this CPU with its experts streamed from disk under a 50% budget, FIFO against HEBF; the
-simulator replays the same recorded routing on the shipped measured CPU profile (cpu-2core),
-and both timelines are drawn one above the other with the tokens/s error (`d2moe validate`).
+simulator replays the same recorded routing on the shipped profile measured on a CPU like this
+one (`d2moe validate --profile auto`: cpu-2core-xeon or cpu-2core), and both timelines are
+drawn one above the other with the tokens/s error (`d2moe validate`).
 """
 
 from __future__ import annotations
@@ -68,14 +69,16 @@ def _real_side(out: str) -> None:
     if importlib.util.find_spec("torch") is None:
         print("\nreal side skipped: torch is not installed (pip install 'd2moe[executor]')")
         return
+    from d2moe.executor.profile_choice import chosen_profile
     from d2moe.executor.validate import ValidateConfig, validate
 
-    print("\nreal side: the tiny model on this CPU (experts streamed from disk) against the "
-          "simulator replaying its routing on the measured cpu-2core profile")
     # the median of three real runs per row: one short run on a shared machine moves by
     # 10-20% from one to the next (docs/results/fidelity.md)
     cfg = ValidateConfig(policies="fifo,hebf", budgets="50%", max_new_tokens=24, progress=False,
-                         profile="cpu-2core", repeats=3, out=f"{out}/real")
+                         profile="auto", repeats=3, out=f"{out}/real")
+    profile = chosen_profile(cfg)
+    print("\nreal side: the tiny model on this CPU (experts streamed from disk) against the "
+          f"simulator replaying its routing on the measured {profile.name} profile")
     result = validate(cfg)
     from d2moe.analysis.fidelity import short_table, summary_line
 
@@ -85,13 +88,16 @@ def _real_side(out: str) -> None:
           " (timings on a shared machine vary from run to run: docs/profiling.md)")
     import torch
 
-    from d2moe.profiles import load_profile
     from d2moe.profiles.measure import device_name, torch_threads
 
-    src = load_profile("cpu-2core").source
+    src = profile.source
     with torch_threads(cfg.threads):  # as the real side ran
         here = device_name(torch.device("cpu"))
-    print(f"the cpu-2core profile is of the project's development VM ({src.device}, measured "
-          f"{src.date}; this machine: {here}): on another machine "
-          "the error holds the difference between the two; `d2moe validate --profile measure` "
-          "measures this one first")
+    if src.device == here:
+        print(f"the {profile.name} profile was measured on a machine like this one ({here}, "
+              f"{src.date}); `d2moe validate --profile measure` measures this one itself")
+    else:
+        print(f"no shipped profile is of a machine like this one: {profile.name} is of "
+              f"{src.device} (measured {src.date}; this machine: {here}), so the error holds "
+              "the difference between the two; `d2moe validate --profile measure` measures "
+              "this one first")

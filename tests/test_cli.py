@@ -54,9 +54,13 @@ def test_demo_runs_with_no_arguments(capsys, tmp_path):
     rows = [line.split() for line in out.splitlines() if line.startswith(("fifo ", "hebf "))]
     assert [r[:2] for r in rows if r[1] == "50%"] == [["fifo", "50%"], ["hebf", "50%"]]
     assert (tmp_path / "real" / "timeline-50pct.png").exists()
-    from d2moe.profiles import load_profile
+    # on the shipped profile of a CPU like this one, else cpu-2core, named with both machines
+    from d2moe.executor.profile_choice import chosen_profile
+    from d2moe.executor.validate import ValidateConfig
 
-    assert load_profile("cpu-2core").source.device in out and "--profile measure" in out
+    picked = chosen_profile(ValidateConfig(profile="auto", threads=1))
+    assert f"measured {picked.name} profile" in out
+    assert picked.source.device in out and "--profile measure" in out
 
 
 def test_every_verb_has_help_for_every_option(capsys):

@@ -38,6 +38,7 @@ from d2moe.core.cliargs import (
 from d2moe.core.errors import UserError
 from d2moe.core.events import Timeline
 from d2moe.core.fileio import atomic_write
+from d2moe.executor.profile_choice import chosen_profile, other_machine_line
 
 if TYPE_CHECKING:  # torch and numpy stay out of `d2moe` imports for simulator-only use
     from collections.abc import Sequence
@@ -64,8 +65,10 @@ class ValidateConfig:
     store: str = field(default="", metadata={
         "help": "nested store from `d2moe quantize`; empty: for tiny, built once into the "
                 "cache directory"})
-    profile: str = field(default="cpu-2core", metadata={
+    profile: str = field(default="auto", metadata={
         "help": "shipped profile name or profile YAML (measure one with `d2moe profile`); "
+                "`auto`: the shipped profile measured on a machine that describes itself as "
+                "this one does (CPU model, cores, torch threads, kernel), else cpu-2core; "
                 "`measure`: measure this machine in this invocation, with the model's spec, "
                 "the store's layout and --device/--threads, once before each of the "
                 "--repeats passes over the rows, and simulate with the median of them "
@@ -161,15 +164,14 @@ def validate(cfg: ValidateConfig, capacity: CapacityConfig | None = None) -> dic
 
     from d2moe.executor.setup import open_model, resolve_store
     from d2moe.model.tokenizer import model_codec
-    from d2moe.profiles import load_profile
 
-    profile = None if cfg.profile == MEASURE else load_profile(cfg.profile)
     _check_capacity(cfg, capacity)
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise UserError(f"unknown device {cfg.device!r}", field="device", fix="use cpu or cuda")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("CUDA was asked for but torch sees no CUDA device", field="device",
                         fix="use --device cpu")
+    profile = chosen_profile(cfg)
     store_path = resolve_store(cfg.model, cfg.store)
     encode, _ = model_codec(cfg.model)  # (a missing tokenizer.json before the load)
     model, spec, store = open_model(cfg.model, store_path, direct_io=cfg.direct_io,
@@ -217,8 +219,6 @@ def validate_rounds(model: Transformer, spec: ModelSpec, store: StoreReader,
 
 
 MEASURE = "measure"  # --profile value: measure this machine in this invocation
-
-
 def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, command: str = "",
                  **overrides: Any) -> Profile:
     """A profile of this machine for `spec` and `store`'s layout, with cfg's device,
@@ -426,25 +426,8 @@ def _validate_model(model: Transformer, spec: ModelSpec, store: StoreReader,
                   f"({profile.name}), decode steps 1-{cfg.plot_steps}, each from its "
                   f"start")))
     return {"report": report, "short_report": short, "rows": rows, "summary": summary,
-            "files": files,
+            "files": files, "profile": profile,
             "router_rows": routed, "wall_s": time.perf_counter() - t0}
-
-
-def other_machine_line(profile: Profile, device: str) -> str | None:
-    """A report line for a measured profile of another machine than the run's (its
-    recorded device name against this one's, same torch threads); None when they match or
-    the profile is estimated (its `basis` names what it stands for)."""
-    import torch
-
-    from d2moe.profiles.measure import device_name
-
-    src = profile.source
-    here = device_name(torch.device(device))
-    if src.kind != "measured" or src.device == here:
-        return None
-    return (f"the profile was measured on {src.device} ({src.date}), this run on {here}: the "
-            "error holds the difference between the two machines; `--profile measure` "
-            "profiles this one")
 
 
 def _slug(label: str) -> str:

@@ -295,6 +295,17 @@ def shipped_profiles() -> tuple[str, ...]:
     return tuple(sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")))
 
 
+def shipped_profile_of(device: str) -> str | None:
+    """The shipped measured profile of a machine that described itself as `device` does
+    (`measure.device_name`: CPU model with family and model numbers, cores, torch threads,
+    kernel), or None."""
+    for name in shipped_profiles():
+        src = load_profile(name).source
+        if src.kind == "measured" and src.device == device:
+            return name
+    return None
+
+
 def load_profile(ref: str | Path) -> Profile:
     """A shipped profile name (`shipped_profiles()`) or a profile YAML path."""
     ref_s = str(ref)

@@ -26,8 +26,9 @@ class SimulateConfig:
         "help": "shipped spec (mixtral-8x7b, llama-moe-3.5b, qwen1.5-moe-a2.7b, olmoe-1b-7b, "
                 "deepseek-v2-lite, tiny), a spec YAML or an HF config.json", "metavar": "SPEC"})
     profile: str = field(default="rtx3060-laptop", metadata={
-        "help": "shipped profile (rtx3060-laptop, jetson-agx-orin: estimated; cpu-2core, "
-                "h100: measured) or a profile YAML from `d2moe profile`",
+        "help": "shipped profile (rtx3060-laptop, jetson-agx-orin: estimated; cpu-2core "
+                "(2-core AMD EPYC VM), cpu-2core-xeon (2-core Intel Xeon VM), h100: measured) "
+                "or a profile YAML from `d2moe profile`",
         "metavar": "PROFILE"})
     trace: str = field(default="", metadata={
         "help": "trace .npz from `d2moe trace synth|record`; empty: a synthetic trace of the "

@@ -20,27 +20,6 @@ def store_path(tiny_store_path):
     return tiny_store_path
 
 
-def test_a_measured_profile_of_another_machine_is_named_in_the_report():
-    import dataclasses
-
-    import torch
-
-    from d2moe.executor.validate import other_machine_line
-    from d2moe.profiles import load_profile
-    from d2moe.profiles.measure import device_name
-
-    shipped = load_profile("cpu-2core")
-    here = dataclasses.replace(shipped, source=dataclasses.replace(
-        shipped.source, device=device_name(torch.device("cpu"))))
-    assert other_machine_line(here, "cpu") is None
-    away = dataclasses.replace(shipped, source=dataclasses.replace(
-        shipped.source, device="Some CPU (family 1, model 1), 64 cores, torch 1 threads"))
-    line = other_machine_line(away, "cpu")
-    assert line.startswith("the profile was measured on Some CPU (family 1, model 1)")
-    assert device_name(torch.device("cpu")) in line and "--profile measure" in line
-    assert other_machine_line(load_profile("rtx3060-laptop"), "cpu") is None  # estimated
-
-
 def test_validate_writes_every_row_and_the_side_by_side_figures(store_path, tmp_path):
     out = tmp_path / "v"
     cfg = ValidateConfig(store=str(store_path), profile="cpu-2core", policies="fifo,hebf",

@@ -19,6 +19,7 @@ from d2moe.profiles.files import (
     load_profile,
     profile_from_dict,
     save_profile,
+    shipped_profile_of,
     shipped_profiles,
 )
 from d2moe.profiles.schema import Profile
@@ -178,6 +179,20 @@ def test_shipped(name: str, tmp_path: Path) -> None:
     assert p.load_us(expert_bytes(spec, 4)) > 10 * p.run_us(spec, 4, 1)  # I/O dominates
     save_profile(tmp_path / "p.yaml", p)
     assert load_profile(tmp_path / "p.yaml") == p
+
+
+def test_each_measured_shipped_profile_is_found_by_its_own_device_line() -> None:
+    measured = {n: load_profile(n) for n in shipped_profiles()
+                if load_profile(n).source.kind == "measured"}
+    assert {"cpu-2core", "cpu-2core-xeon"} <= set(measured)
+    lines = [p.source.device for p in measured.values()]
+    assert len(set(lines)) == len(lines)  # else `--profile auto` could not tell them apart
+    for name, p in measured.items():
+        assert shipped_profile_of(p.source.device) == name
+        assert p.non_expert_us(load_spec("tiny"), 1) > 0  # they time the tiny model
+    assert shipped_profile_of(measured["cpu-2core"].source.device + " ") is None
+    estimated = load_profile("rtx3060-laptop").source
+    assert shipped_profile_of(estimated.device) is None  # an estimate is nobody's machine
 
 
 def test_shipped_topologies() -> None:
