@@ -69,6 +69,7 @@ class Row:
     time_vs_fp16: float
     config: str
     numpy_path_us: float = float("nan")  # CPU: the numpy path alone (no compiled kernel)
+    other_forms_us: float = float("nan")  # CPU: the fastest form the routing did not pick
 
 
 def random_packed(kind: str, rows: int, cols: int, layout: QuantLayout,
@@ -360,9 +361,12 @@ def bench_cpu(kinds: list[str], bits_list: list[int], tokens_list: list[int],
     compiled fused kernel for a few tokens, else chunk by chunk, the float32 matrix never
     filling DRAM) against its numpy path alone (`native=False`), dequantize-then-matmul
     (the numpy dequantizer writing the whole float32 matrix, then one product) and the dense
-    float32 product (the `x fp16 time` column holds this on the CPU)."""
+    float32 product (the `x fp16 time` column holds this on the CPU); and where the compiled
+    kernel runs, against the fastest of its forms that the routing did not pick."""
     from d2moe.kernels import cpu_native
-    from d2moe.kernels.torch_fallback import PlaneViews, dequantize_fast, matmul_views
+    from d2moe.kernels.torch_fallback import PlaneViews, _Params, dequantize_fast, matmul_views
+
+    forms = (cpu_native.FORM_BITSERIAL, cpu_native.FORM_REGISTER, cpu_native.FORM_LUT)
 
     rows_out = []
     for (model, tensor), (rows, cols) in SHAPES.items():
@@ -381,11 +385,19 @@ def bench_cpu(kinds: list[str], bits_list: list[int], tokens_list: list[int],
                         lambda x=x, v=v, b=bits: matmul_views(x, v, b, native=False))
                     deq_us = _cpu_median_us(
                         lambda x=x, v=v, b=bits: x @ dequantize_fast(v, b).t())
+                    other_us = float("nan")
+                    if cpu_native.usable(v, tokens, bits):
+                        picked = cpu_native.form(tokens, bits, group=v.group)
+                        prm = _Params.kept(v, bits)
+                        other_us = min(_cpu_median_us(
+                            lambda x=x, v=v, b=bits, p=prm, f=f: cpu_native.matmul(x, v, b, p,
+                                                                                   form=f))
+                            for f in forms if f != picked)
                     nbytes = packed.nbytes_at(bits)
                     rows_out.append(Row(model, tensor, rows, cols, kind, bits, tokens, us, us,
                                         deq_us, dense_us, nbytes, nbytes / (us * 1e-6) / 1e9,
                                         float("nan"), deq_us / us, us / dense_us,
-                                        cpu_native.status(), np_us))
+                                        cpu_native.status(), np_us, other_us))
                     print(_fmt(rows_out[-1]), flush=True)
     return rows_out
 
@@ -403,7 +415,8 @@ def _cpu_median_us(fn, repeats: int = 7) -> float:
 HEADER = ("| model | tensor | kind | bits | tokens | fused us | GB/s | x copy BW | eager us | "
           "dequant+mm us | speedup | x fp16 time |")
 CPU_HEADER = ("| model | tensor | kind | bits | tokens | CPU path us | numpy path us | "
-              "x numpy path | dequant+mm us | x dequant+mm | x dense fp32 time |")
+              "x numpy path | dequant+mm us | x dequant+mm | x dense fp32 time | "
+              "x other forms |")
 
 
 def _fmt(r: Row) -> str:
@@ -411,7 +424,8 @@ def _fmt(r: Row) -> str:
         return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | "
                 f"{r.tokens} | {r.fused_us:.1f} | {r.numpy_path_us:.1f} | "
                 f"{r.numpy_path_us / r.fused_us:.2f} | {r.dequant_matmul_us:.1f} | "
-                f"{r.speedup_vs_dequant:.2f} | {r.time_vs_fp16:.2f} |")
+                f"{r.speedup_vs_dequant:.2f} | {r.time_vs_fp16:.2f} | "
+                f"{r.other_forms_us / r.fused_us:.2f} |")
     return (f"| {r.model} | {r.tensor} {r.rows}x{r.cols} | {r.kind} | {r.bits} | {r.tokens} | "
             f"{r.fused_us:.1f} | {r.read_GBps:.3g} | {r.copy_bw_frac:.2f} | {r.eager_us:.1f} | "
             f"{r.dequant_matmul_us:.1f} | {r.speedup_vs_dequant:.1f} | {r.time_vs_fp16:.2f} |")
@@ -490,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                          models or ["llama-moe-3.5b"])
     cpu = bool(rows) and rows[0].numpy_path_us == rows[0].numpy_path_us
     print(CPU_HEADER if cpu else HEADER)
-    print("|" + "---|" * 11 if cpu else "|" + "---|" * 12)
+    print("|" + "---|" * 12)
     for r in rows:
         print(_fmt(r))
     if args.json:

@@ -1,4 +1,5 @@
-"""The CPU path's compiled kernel (`cpu_nested.c`): the fused nested product, 1-48 tokens.
+"""The CPU path's compiled kernel (`cpu_nested.c`): the fused nested product, 1-48 tokens,
+in three forms (table lookups, bit-serial, dequantized in registers).
 
 Built on first use with the machine's C compiler (`$CC`, else cc, gcc or clang) for this CPU
 (`-march=native`; AVX-512 or AVX2, else no library) into the cache directory, keyed by the
@@ -32,19 +33,21 @@ if TYPE_CHECKING:
 SOURCE = Path(__file__).with_name("cpu_nested.c")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 MAX_PLANES = 16  # as in cpu_nested.c
-FORM_BITSERIAL, FORM_REGISTER = 1, 2  # as in cpu_nested.c
+FORM_BITSERIAL, FORM_REGISTER, FORM_LUT = 1, 2, 3  # as in cpu_nested.c
 
 
 @dataclass(frozen=True)
 class Routing:
-    """Which form and which path run, by the build's vector width: bit-serial while tokens,
-    bits and tokens x bits are within the serial_ limits, else in registers; the numpy path
-    above native_max_tokens."""
+    """Which form and which path run, by the build's vector width: table lookups at one
+    token, or while tokens x bits is within lut_max_token_bits (0: no table form; groups of
+    whole 32-column words only); else bit-serial while tokens, bits and tokens x bits are
+    within the serial_ limits; else in registers; the numpy path above native_max_tokens."""
 
     serial_max_tokens: int
     serial_max_bits: int
     serial_max_token_bits: int
     native_max_tokens: int
+    lut_max_token_bits: int = 0
 
 
 # Measured on this VM (AMD EPYC, one thread, 2026-11-24 15:15-15:45 UTC, scratch timings;
@@ -55,7 +58,13 @@ class Routing:
 #   one token, 1.6-4.4x at 16-24 tokens, 1.06-1.7x at 48, 0.93-1.48x at 64.
 # - AVX2 (built with -mno-avx512f): bit-serial 1.0-1.45x at one token, slower from two; the
 #   register form 1.4-5.4x the numpy path up to 8 tokens, 0.89-1.7x at 16, 0.56-0.96x at 32.
-ROUTING = {512: Routing(3, 3, 6, 48), 256: Routing(1, MAX_PLANES, MAX_PLANES, 16)}
+# - table lookups (AVX-512 only), measured on the Intel Xeon VM (family 6, model 167, one
+#   thread, 2026-11-25 04:00-04:20 UTC, scratch timings against the faster of the two forms
+#   above, same run): one token 1.4-2.1x (Mixtral w1), 2.2-3.3x (1024x1024), 1.4-1.6x
+#   (tiny 192x192) at 2-8 bits; two tokens 1.07-1.6x up to 4 bits, 0.8-1.0x from 6; three
+#   tokens 1.1-1.2x at 2 bits, 0.5-1.0x above; four tokens at 2 bits 0.97-1.06x.
+ROUTING = {512: Routing(3, 3, 6, 48, lut_max_token_bits=8),
+           256: Routing(1, MAX_PLANES, MAX_PLANES, 16)}
 
 
 class NestedArgs(ctypes.Structure):
@@ -174,9 +183,13 @@ def usable(v: PlaneViews, tokens: int, bits: int) -> bool:
             and all(p.flags.c_contiguous for p in v.planes))
 
 
-def form(tokens: int, bits: int, lib: ctypes.CDLL | None = None) -> int:
-    """The kernel's faster form for `tokens` at `bits` on `lib`'s vector width."""
+def form(tokens: int, bits: int, lib: ctypes.CDLL | None = None, group: int = 64) -> int:
+    """The kernel's faster form for `tokens` at `bits` on `lib`'s vector width, for a matrix
+    quantized in groups of `group` columns."""
     r = routing(lib)
+    if r.lut_max_token_bits and group % 32 == 0 and (
+            tokens == 1 or tokens * bits <= r.lut_max_token_bits):
+        return FORM_LUT
     serial = (tokens <= r.serial_max_tokens and bits <= r.serial_max_bits
               and tokens * bits <= r.serial_max_token_bits)
     return FORM_BITSERIAL if serial else FORM_REGISTER
@@ -187,7 +200,8 @@ def matmul(x2: torch.Tensor, v: PlaneViews, bits: int, params: _Params, *,
            form: int | None = None) -> torch.Tensor:
     """float32 [tokens, rows] = x2 @ W^T, x2 float32 [tokens, cols] (`usable` checked);
     into `out` when given, with `lib` when given (a test's build), else this process's; in
-    `form` when given (FORM_BITSERIAL or FORM_REGISTER), else the faster one."""
+    `form` when given (FORM_BITSERIAL, FORM_REGISTER or FORM_LUT; FORM_LUT where the build
+    or the groups cannot take it: bit-serial), else the faster one."""
     import torch
 
     lib = lib or _load()[0]
@@ -242,7 +256,7 @@ def _args(lib: ctypes.CDLL, v: PlaneViews, bits: int, params: _Params, tokens: i
         block = params.native[lib._handle] = _block(v, bits, params)
     args = NestedArgs.from_buffer_copy(block)
     args.tokens, args.x, args.y = tokens, x, y
-    args.form = form(tokens, bits, lib) if form_ is None else form_
+    args.form = form(tokens, bits, lib, v.group) if form_ is None else form_
     return args
 
 

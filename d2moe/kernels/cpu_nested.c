@@ -13,6 +13,12 @@
  * - dequantize in registers (FORM_REGISTER): w of 16 columns built in a register (one masked
  *   add per plane), then one multiply-add per token: planes + tokens operations a chunk
  *   against planes x tokens, so it wins from a few tokens on.
+ * - table lookups (FORM_LUT, AVX-512, groups of whole words): for one token, the 16 sums of
+ *   the subsets of each 4 columns of x are tabulated once (`lut`, 64 bytes a chunk); a
+ *   plane's 4 bits of a chunk then pick one entry, and 16 rows take it in one permute (their
+ *   words gathered), so a 512-bit instruction covers 4 columns of 16 rows where a masked
+ *   multiply-add covers 16 columns of one row and reads 16 floats of x to do it (the idea
+ *   of T-MAC, arXiv:2407.00088, in float32). Tokens run one at a time.
  * Tokens are taken in blocks whose accumulators stay in registers (a compile-time count per
  * specialisation).
  *
@@ -33,13 +39,17 @@
 #define MAX_PLANES 16
 #define FORM_BITSERIAL 1
 #define FORM_REGISTER 2
+#define FORM_LUT 3
+#ifndef PREFETCH_WORDS
+#define PREFETCH_WORDS 32 /* FORM_LUT: how far ahead a row's plane words are prefetched */
+#endif
 
 /* Field for field the ctypes Structure `NestedArgs` in cpu_native.py. */
 typedef struct {
     /* geometry: group % 16 == 0 (the wrapper checks) */
     int64_t rows, cols, words, group, groups, tokens;
     int64_t nbase, nres;                  /* code planes, then MWQ residual planes */
-    int64_t form;                         /* FORM_BITSERIAL or FORM_REGISTER */
+    int64_t form;                         /* FORM_BITSERIAL, FORM_REGISTER or FORM_LUT */
     /* the matrix: planes [rows, words] uint32 each (bit t of word w: column 32w + t) */
     const uint32_t *planes[MAX_PLANES];   /* nbase code planes, top bit first; then nres */
     const float *scale, *zero;            /* [rows, groups] float32 at this bit-width */
@@ -237,6 +247,153 @@ static inline __attribute__((always_inline)) void row_register(const NestedArgs 
     for (int t = 0; t < T; t++) out[t] = v_sum(acc[t]);
 }
 
+/* ---- table lookups (AVX-512) ------------------------------------------------------------ */
+#if defined(__AVX512F__)
+/* Entry m of chunk k: the sum of x[4k + i] over the bits i set in m; zero past cols (the
+ * planes' bits there then add nothing). `chunks` = 8 words. */
+static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) {
+    static const __mmask16 with_bit[4] = {0xAAAA, 0xCCCC, 0xF0F0, 0xFF00};
+    for (int64_t k = 0; k < chunks; k++) {
+        __m512 t = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            const int64_t c = 4 * k + i;
+            t = _mm512_mask_add_ps(t, with_bit[i], t, _mm512_set1_ps(c < cols ? x[c] : 0.0f));
+        }
+        _mm512_storeu_ps(lut + 16 * k, t);
+    }
+}
+
+/* The 8 lookups of one word of 16 rows (each lane its row's word of a plane): the sum over
+ * the word's 8 chunks of the entry its 4 bits pick (vpermps reads an index's low 4 bits). */
+static inline __m512 word_lookups(__m512i word, const __m512 *tab) {
+    const __m512 a = _mm512_add_ps(_mm512_permutexvar_ps(word, tab[0]),
+                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 4), tab[1]));
+    const __m512 b = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, 8), tab[2]),
+                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 12), tab[3]));
+    const __m512 c = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, 16), tab[4]),
+                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 20), tab[5]));
+    const __m512 d = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, 24), tab[6]),
+                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 28), tab[7]));
+    return _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
+}
+
+/* 16x16 32-bit transpose: lane j of r[i] becomes lane i of r[j]. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xDD);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD);
+    }
+}
+
+/* 16 consecutive 32-bit values from column c0 of n <= 16 rows `stride` apart, transposed:
+ * out[k] lane i = row i's value c0 + k; zero past `width` columns and n rows. (Loads and a
+ * transpose: a gather of the same values took twice as long, 2026-11-25.) */
+static inline void load_columns(const void *base, int64_t stride, int64_t width, int64_t c0,
+                                int n, __m512i out[16]) {
+    const int64_t m = width - c0 < 16 ? width - c0 : 16;
+    const __mmask16 cols = (__mmask16)((1u << m) - 1u);
+    const uint32_t *p = (const uint32_t *)base + c0;
+    for (int i = 0; i < 16; i++)
+        out[i] = i < n ? _mm512_maskz_loadu_epi32(cols, p + i * stride) : _mm512_setzero_si512();
+    transpose16(out);
+}
+
+/* Rows [r, r + n) (n <= 16, a lane each) of one token's y without the zeff X term: 16
+ * words of every plane's 16 rows at a time (load_columns); per word, its 8 tables loaded
+ * once and looked up for each plane, summed over the group, then times the plane's c_pg
+ * (transposed once a block into `cs`, [P][groups][16]). Needs group % 32 == 0: a group is
+ * whole words. */
+static __m512 block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n) {
+    const int64_t P = a->nbase + a->nres, ng = a->groups, words = a->words;
+    const int64_t per_group = a->group / 32;
+    for (int64_t p = 0; p < P; p++) {  /* c_pg of the 16 rows, group by group */
+        const PlaneRow pr = plane_row(a, r, p);
+        const __m512 mult = _mm512_set1_ps(pr.mult);
+        for (int64_t g0 = 0; g0 < ng; g0 += 16) {
+            __m512i c[16];
+            load_columns(pr.scale, ng, ng, g0, n, c);
+            for (int64_t k = 0; k < 16 && g0 + k < ng; k++)
+                _mm512_storeu_ps(cs + 16 * (p * ng + g0 + k),
+                                 _mm512_mul_ps(_mm512_castsi512_ps(c[k]), mult));
+        }
+    }
+    const uint32_t *bits[MAX_PLANES];
+    __m512 acc[MAX_PLANES];
+    for (int64_t p = 0; p < P; p++) bits[p] = plane_row(a, r, p).bits, acc[p] = _mm512_setzero_ps();
+    __m512 total = _mm512_setzero_ps();
+    __m512i word[MAX_PLANES][16];
+    int64_t g = 0, left = per_group;  /* the group and its words still to come (no division) */
+    for (int64_t w0 = 0; w0 < words; w0 += 16) {
+        for (int64_t p = 0; p < P; p++) {
+            load_columns(bits[p], words, words, w0, n, word[p]);
+            if (w0 + PREFETCH_WORDS < words)  /* 16 rows x planes streams: beyond prefetchers */
+                for (int i = 0; i < n; i++)
+                    _mm_prefetch((const char *)(bits[p] + i * words + w0 + PREFETCH_WORDS),
+                                 _MM_HINT_T0);
+        }
+        for (int64_t k = 0; k < 16 && w0 + k < words; k++) {
+            const int64_t w = w0 + k;
+            __m512 tab[8];  /* loaded once for every plane */
+            for (int j = 0; j < 8; j++) tab[j] = _mm512_loadu_ps(lut + 16 * (8 * w + j));
+            for (int64_t p = 0; p < P; p++)
+                acc[p] = _mm512_add_ps(acc[p], word_lookups(word[p][k], tab));
+            if (--left == 0 || w + 1 == words) {  /* the group's last word */
+                const float *c = cs + 16 * g;
+                for (int64_t p = 0; p < P; p++) {
+                    total = _mm512_fmadd_ps(_mm512_loadu_ps(c + 16 * p * ng), acc[p], total);
+                    acc[p] = _mm512_setzero_ps();
+                }
+                g++, left = per_group;
+            }
+        }
+    }
+    return total;
+}
+
+/* Rows [r0, r1) of y, token by token, by table lookups (scratch of the caller: lut, 16
+ * floats a chunk of x; xsum, X of each group; cs, block_lut's c_pg). */
+static void rows_lut(const NestedArgs *a, float *lut, float *xsum, float *cs, int64_t r0,
+                     int64_t r1) {
+    const int64_t ng = a->groups, G = a->group, cols = a->cols;
+    for (int64_t t = 0; t < a->tokens; t++) {
+        const float *x = a->x + t * cols;
+        build_lut(x, cols, 8 * a->words, lut);
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
+            for (int64_t c = g * G; c < end; c++) s += x[c];
+            xsum[g] = s;
+        }
+        for (int64_t r = r0; r < r1; r += 16) {
+            const int n = r1 - r < 16 ? (int)(r1 - r) : 16;
+            float out[16];
+            _mm512_storeu_ps(out, block_lut(a, lut, cs, r, n));
+            for (int i = 0; i < n; i++) {  /* + sum_g zeff_g X_g */
+                float lin = 0.0f;
+                for (int64_t g = 0; g < ng; g++) lin += zeff(a, r + i, g) * xsum[g];
+                a->y[t * a->rows + r + i] = out[i] + lin;
+            }
+        }
+    }
+}
+#endif
+
 /* ---- the entry points ------------------------------------------------------------------- */
 
 /* Rows [r0, r1) of y for the T tokens of x from `x`, bit-serial (T <= BLOCK_BITSERIAL);
@@ -295,7 +452,18 @@ int nested_vector_bits(void) { return VECTOR_BITS; }
 /* y for rows [r0, r1), any number of tokens (in blocks: each block reads the rows' planes
  * again, its x stays in cache); 0, or -1 when scratch could not be allocated. */
 int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
-    const int serial = a->form == FORM_BITSERIAL;
+#if defined(__AVX512F__)
+    if (a->form == FORM_LUT && a->group % 32 == 0) {
+        const int64_t nlut = 16 * 8 * a->words, P = a->nbase + a->nres;
+        float *lut = malloc(sizeof(float) * (size_t)(nlut + a->groups + 16 * P * a->groups));
+        if (lut == NULL) return -1;
+        rows_lut(a, lut, lut + nlut, lut + nlut + a->groups, r0, r1);
+        free(lut);
+        return 0;
+    }
+#endif
+    /* (FORM_LUT elsewhere: the bit-serial form) */
+    const int serial = a->form != FORM_REGISTER;
     const int64_t block = serial ? BLOCK_BITSERIAL : BLOCK_REGISTER;
     float *xsum = NULL;
     if (serial && (xsum = malloc(sizeof(float) * (size_t)(block * a->groups))) == NULL)

@@ -24,8 +24,12 @@ from d2moe.quant.reference import dequantize  # noqa: E402
 needs_native = pytest.mark.skipif(cn._compiler() is None, reason="no C compiler")
 
 # (rows, cols, group): whole words; a partial word; a partial group and word; groups of 16,
-# 48 (not a multiple of a word), 128 (wider than the matrix's last word)
-SHAPES = [(7, 128, 64), (5, 100, 32), (9, 200, 64), (4, 80, 16), (6, 150, 48), (3, 40, 128)]
+# 48 (not a multiple of a word), 128 (wider than the matrix's last word); for the table form,
+# rows in three blocks of 16 (the last partial) and words in three of 16 (the last partial),
+# 18 groups (two blocks of its scale transpose)
+SHAPES = [(7, 128, 64), (5, 100, 32), (9, 200, 64), (4, 80, 16), (6, 150, 48), (3, 40, 128),
+          (37, 1100, 64)]
+FORMS = (cn.FORM_BITSERIAL, cn.FORM_REGISTER, cn.FORM_LUT)
 
 
 def _views(kind: str, rows: int, cols: int, group: int, b1: int, bK: int, seed: int):
@@ -50,7 +54,7 @@ def _check(lib, kind: str, seed: int) -> None:
                     x = torch.from_numpy(rng.standard_normal((tokens, cols)).astype(np.float32))
                     ref = x.double() @ w.t()
                     scale = float((x.double().abs() @ w.abs().t()).max())
-                    for form in (cn.FORM_BITSERIAL, cn.FORM_REGISTER):
+                    for form in FORMS:  # (FORM_LUT on AVX2, or groups of 16 or 48: serial)
                         out = torch.full((tokens, rows), float("nan"))  # poisoned
                         y = cn.matmul(x, v, b, tf._Params.kept(v, b), out=out, lib=lib,
                                       form=form)
@@ -128,6 +132,21 @@ def test_the_form_follows_the_measured_routing():
     assert (1, 2) in serial and (3, 2) in serial and (4, 2) not in serial
     assert (1, 4) not in serial and (2, 3) in serial and (3, 3) not in serial
     assert r256.serial_max_tokens == 1  # AVX2: bit-serial at one token only, any bits
+    lut = {(t, b) for t in range(1, 9) for b in range(1, 9)
+           if cn.form(t, b, _Lib(512), group=64) == cn.FORM_LUT}
+    assert {(1, 8), (2, 4), (3, 2), (4, 2)} <= lut and not lut & {(2, 5), (3, 3), (5, 2)}
+    assert cn.form(1, 2, _Lib(512), group=48) == cn.FORM_BITSERIAL  # not whole words
+    assert all(cn.form(t, b, _Lib(256)) != cn.FORM_LUT for t in range(1, 9) for b in range(8))
+
+
+class _Lib:
+    """A stand-in library of a given vector width, for routing alone (`cn._vector_bits`)."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+
+    def nested_vector_bits(self) -> int:
+        return self.bits
 
 
 @needs_native
@@ -135,10 +154,11 @@ def test_the_built_library_routes_by_its_vector_width():
     lib = cn._load()[0]
     assert cn.routing(lib) is cn.ROUTING[lib.nested_vector_bits()]
     r = cn.routing(lib)
-    assert cn.form(1, 2, lib) == cn.FORM_BITSERIAL
-    assert cn.form(r.serial_max_tokens + 1, 2, lib) == cn.FORM_REGISTER
+    one = cn.FORM_LUT if r.lut_max_token_bits else cn.FORM_BITSERIAL
+    assert cn.form(1, 2, lib) == one and cn.form(1, 2, lib, group=16) == cn.FORM_BITSERIAL
+    assert cn.form(r.serial_max_tokens + 1, 3, lib) == cn.FORM_REGISTER
     if r.serial_max_bits < cn.MAX_PLANES:
-        assert cn.form(1, r.serial_max_bits + 1, lib) == cn.FORM_REGISTER
+        assert cn.form(2, r.serial_max_bits + 3, lib) == cn.FORM_REGISTER
 
 
 def test_without_a_compiler_or_when_turned_off_the_numpy_path_runs(monkeypatch):
