@@ -492,8 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
-        context.update(device=f"CPU ({platform.processor() or platform.machine()})",
-                       threads=torch.get_num_threads())
+        from d2moe.profiles.measure import device_name
+
+        context.update(device=device_name(torch.device("cpu")), threads=torch.get_num_threads())
         from d2moe.kernels.cpu_native import routing, status
 
         context["cpu_kernel"] = status()

@@ -59,7 +59,7 @@ class Routing:
 # - AVX2 (built with -mno-avx512f): bit-serial 1.0-1.45x at one token, slower from two; the
 #   register form 1.4-5.4x the numpy path up to 8 tokens, 0.89-1.7x at 16, 0.56-0.96x at 32.
 # - table lookups (AVX-512 only), measured on the Intel Xeon VM (family 6, model 167, one
-#   thread, 2026-11-25 04:00-04:20 UTC, scratch timings against the faster of the two forms
+#   thread, 2026-11-25 03:15-03:22 UTC, scratch timings against the faster of the two forms
 #   above, same run): one token 1.4-2.1x (Mixtral w1), 2.2-3.3x (1024x1024), 1.4-1.6x
 #   (tiny 192x192) at 2-8 bits; two tokens 1.07-1.6x up to 4 bits, 0.8-1.0x from 6; three
 #   tokens 1.1-1.2x at 2 bits, 0.5-1.0x above; four tokens at 2 bits 0.97-1.06x.
@@ -159,8 +159,13 @@ def status() -> str:
 
 
 def kernel_name() -> str:
-    """"native" or "numpy": what a profile records of the CPU kernel it measured."""
-    return "native" if _load()[0] is not None else "numpy"
+    """What a profile records of the CPU kernel it measured, whose speeds differ 1.4-6x:
+    "native+lut" (a build with the table-lookup form: AVX-512), "native" (without it: AVX2,
+    and every build before 2026-11-25) or "numpy"."""
+    lib = _load()[0]
+    if lib is None:
+        return "numpy"
+    return "native+lut" if routing(lib).lut_max_token_bits else "native"
 
 
 def routing(lib: ctypes.CDLL | None = None) -> Routing:

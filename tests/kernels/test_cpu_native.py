@@ -139,6 +139,14 @@ def test_the_form_follows_the_measured_routing():
     assert all(cn.form(t, b, _Lib(256)) != cn.FORM_LUT for t in range(1, 9) for b in range(8))
 
 
+@pytest.mark.parametrize(("bits", "name"), [(512, "native+lut"), (256, "native")])
+def test_a_profile_records_whether_the_kernel_has_the_table_form(monkeypatch, bits, name):
+    """The device line (profiles.measure.device_name) tells the kernels apart: `--profile
+    auto` then never takes a profile measured without the table form for one with it."""
+    monkeypatch.setattr(cn, "_load", lambda: (_Lib(bits), "native (test)"))
+    assert cn.kernel_name() == name
+
+
 class _Lib:
     """A stand-in library of a given vector width, for routing alone (`cn._vector_bits`)."""
 
