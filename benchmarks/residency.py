@@ -2,8 +2,10 @@
 
 Simulates FIFO (the baseline: expert-ID order, LRU residency), `hebf-lru` (HEBF's order,
 LRU), `hebf` (HEBF's order, the hottest over a long memory: heat halves every 256 layers),
-`hebf-recent` (the hottest over a short one: every 2 steps) and `hebf-adaptive` (whichever
-of those two memories or recency lately predicted demand best) on synthetic routing of several
+`hebf-recent` (the hottest over a short one: every 2 steps), `hebf-adaptive` (whichever
+of those two memories or recency lately predicted demand best) and `hebf-ghost` (whichever
+would lately have loaded least, each replayed in a ghost pool at the budget) on synthetic
+routing of several
 locality levels (the chance a token reuses the previous token's experts at a layer) and,
 with `--tiny`, the tiny model's real routing over its held-out text. Prints each policy's
 decode tokens/s as a ratio to FIFO's on the same trace, profile and budget (the same run),
@@ -12,7 +14,7 @@ deterministic, on the named profiles (estimated unless `cpu-2core`/`h100`).
 
 Usage: python benchmarks/residency.py [--specs mixtral-8x7b:jetson-agx-orin,...]
            [--budgets 10%,20%,30%,40%,60%] [--localities 0.1,0.3,0.6] [--decode-steps 128]
-           [--policies hebf-lru,hebf,hebf-recent,hebf-adaptive] [--tiny | --no-tiny]
+           [--policies hebf-lru,hebf,hebf-recent,hebf-adaptive,hebf-ghost] [--tiny | --no-tiny]
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--localities", default="0.1,0.3,0.6",
                     help="synthetic traces' locality (0.3: the generator's default)")
     ap.add_argument("--decode-steps", type=int, default=128)
-    ap.add_argument("--policies", default="hebf-lru,hebf,hebf-recent,hebf-adaptive",
+    ap.add_argument("--policies", default="hebf-lru,hebf,hebf-recent,hebf-adaptive,hebf-ghost",
                     help=f"compared with {BASELINE} (the baseline)")
     ap.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
                     help="add the tiny model's recorded routing on the cpu-2core profile")

@@ -75,8 +75,22 @@ def test_residency_benchmark_compares_every_policy_with_fifo(tmp_path: Path) -> 
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = done.stdout.split("per policy over 1 cells (x fifo):")[1]
-    for name in ("hebf-lru", "hebf", "hebf-recent", "hebf-adaptive"):
+    for name in ("hebf-lru", "hebf", "hebf-recent", "hebf-adaptive", "hebf-ghost"):
         assert f"  {name} " in summary
+
+
+def test_plan_cost_benchmark_times_each_policy_against_fifo(tmp_path: Path) -> None:
+    """plan_cost.py at its smallest: a row per policy, FIFO's ratio exactly 1 and every
+    time positive (measured, not written in)."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "plan_cost.py"), "--policies", "hebf,hebf-ghost",
+         "--specs", "tiny:cpu-2core:50%", "--repeats", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {r[1]: r for r in (line.split() for line in done.stdout.splitlines())
+            if r and r[0] == "tiny"}
+    assert set(rows) == {"fifo", "hebf", "hebf-ghost"}
+    assert rows["fifo"][4] == "1.00" and all(float(r[2]) > 0 for r in rows.values())
 
 
 def test_kernel_gpu_commands_stop_in_one_line_without_cuda(tmp_path: Path) -> None:

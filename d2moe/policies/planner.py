@@ -22,7 +22,7 @@ from d2moe.core.jobs import Demand, Evict, ExpertKey, Load, Plan, Run
 from d2moe.policies.coldqueue import ColdQueue
 from d2moe.policies.residency import Residency
 from d2moe.policies.schedulers import Job
-from d2moe.policies.view import PlanError, ResidentView
+from d2moe.policies.view import PlanError, ResidentView, Sizes
 
 
 def make_jobs(demands: Sequence[Demand], resident: ResidentView) -> list[Job]:
@@ -49,6 +49,7 @@ class Planner:
         self._have: dict[ExpertKey, int] = {}  # mirror of the pool as our plans leave it
         self._expect = -1  # pool version once our last plan is applied; -1: never synced
         self._rescales = 0  # the residency's `rescales` the cold index was built at
+        self._pool: tuple[Sizes, int] | None = None  # (sizes, budget) the residency was told
 
     def observe(self, demands: Sequence[Demand]) -> None:
         """Update the residency statistics and the cold index with one layer's demands."""
@@ -70,6 +71,9 @@ class Planner:
         """
         sizes = resident.sizes
         budget = resident.budget_bytes
+        if self._pool != (sizes, budget):
+            self._pool = (sizes, budget)
+            self.residency.observe_pool(sizes, budget, self.plane_drop)
         plane_drop = self.plane_drop and sizes.nested
         if resident.version != self._expect:
             # the pool is not what our last plan left (first plan, warm start, another

@@ -13,6 +13,7 @@ from typing import Any
 
 from d2moe.core.jobs import Demand, ExpertKey, Load, Plan
 from d2moe.core.sizes import QuantLayout
+from d2moe.policies import ghost as _ghost  # noqa: F401  (registers residency "hot-ghost")
 from d2moe.policies.bitrules import BIT_RULES, BitRule
 from d2moe.policies.planner import Planner, make_jobs
 from d2moe.policies.prefetch import PREFETCHERS, Prefetcher
@@ -197,6 +198,9 @@ _preset("hebf-recent", "HEBF order, the hottest over a short memory (heat halves
         "steps) retained, plane drops", "hebf", "hot-recent", True)
 _preset("hebf-adaptive", "HEBF order, retained by a long or short heat memory or recency, "
         "whichever lately predicted demand best, plane drops", "hebf", "hot-adaptive", True)
+_preset("hebf-ghost", "HEBF order, retained by a long or short heat memory or recency, "
+        "whichever would lately have loaded least, replayed at this budget; plane drops",
+        "hebf", "hot-ghost", True)
 _preset("johnson", "Johnson's-rule order (optimal without a memory limit), hottest retained",
         "johnson", "hottest", True)
 # The baselines of D2MoE's evaluation (method.md), and D2MoE itself.
@@ -217,6 +221,9 @@ _preset("d2moe", "D2MoE: routed bits, nested store, HEBF order, hottest retained
 _preset("d2moe-adaptive", "D2MoE with hebf-adaptive's residency (a long or short heat memory "
         "or recency, whichever lately predicted demand best)", "hebf", "hot-adaptive", True,
         layout="nested")
+_preset("d2moe-ghost", "D2MoE with hebf-ghost's residency (whichever of a long or short heat "
+        "memory or recency would lately have loaded least, replayed at this budget)", "hebf",
+        "hot-ghost", True, layout="nested")
 # Ablation, one part at a time (the paper's +Router, +MWQ, +HEBF, +Budget); the last is d2moe.
 _preset("ablate-base", "ablation base: uniform INT4 copies, FIFO order, LRU", "fifo", "lru",
         False, layout="copies:4:4", bits="uniform", uniform_bits=4)

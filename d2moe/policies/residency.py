@@ -1,6 +1,6 @@
 """Which resident experts to give up when the budget is short: LRU, LFU, hottest-first
 (a long memory, clocked in layers, and a short one, clocked in steps), and an online choice
-among the two and LRU.
+among the two and LRU (and in ghost.py, one by replaying the pool).
 
 A residency policy only keeps statistics and scores experts (lower = colder = give up
 first); the planner decides how much to free and whether to drop planes or evict whole.
@@ -12,10 +12,13 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from d2moe.core.jobs import Demand, ExpertKey
 from d2moe.policies.registry import Registry
+
+if TYPE_CHECKING:
+    from d2moe.policies.view import Sizes
 
 
 class Residency(Protocol):
@@ -36,6 +39,10 @@ class Residency(Protocol):
     def observe(self, demands: Sequence[Demand]) -> None:
         """Record one layer's demands (called once per planned layer, in order)."""
 
+    def observe_pool(self, sizes: Sizes, budget_bytes: int, plane_drop: bool) -> None:
+        """The pool the planner fits plans into (told before its first plan, and again if
+        it changes); a rule that replays the pool uses it (ghost.py), the others ignore it."""
+
 
 RESIDENCY: Registry[Residency] = Registry("residency")
 
@@ -50,6 +57,9 @@ class Lru:
     def __init__(self) -> None:
         self.tick = 0
         self.scores: defaultdict[ExpertKey, float] = defaultdict(float)  # last use
+
+    def observe_pool(self, sizes: Sizes, budget_bytes: int, plane_drop: bool) -> None:
+        """(not used)"""
 
     def observe(self, demands: Sequence[Demand]) -> None:
         self.tick += 1
@@ -66,6 +76,9 @@ class Lfu:
 
     def __init__(self) -> None:
         self.scores: defaultdict[ExpertKey, float] = defaultdict(float)  # tokens so far
+
+    def observe_pool(self, sizes: Sizes, budget_bytes: int, plane_drop: bool) -> None:
+        """(not used)"""
 
     def observe(self, demands: Sequence[Demand]) -> None:
         for d in demands:
@@ -99,6 +112,9 @@ class Hottest:
             self.rescales += 1
         for d in demands:
             self.scores[d.key] += d.tokens * self.scale
+
+    def observe_pool(self, sizes: Sizes, budget_bytes: int, plane_drop: bool) -> None:
+        """(not used)"""
 
     def heat_now(self, key: ExpertKey) -> float:
         """The decayed token count itself (for reports and tests)."""
@@ -164,6 +180,9 @@ class HotAdaptive:
     def rescales(self) -> int:
         """The switches and the rules' own rescales: each changed every score in use."""
         return self.switches + sum(r.rescales for r in self.rules)
+
+    def observe_pool(self, sizes: Sizes, budget_bytes: int, plane_drop: bool) -> None:
+        """(not used)"""
 
     def observe(self, demands: Sequence[Demand]) -> None:
         if demands:
