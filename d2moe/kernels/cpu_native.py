@@ -63,8 +63,11 @@ class Routing:
 #   above, same run): one token 1.4-2.1x (Mixtral w1), 2.2-3.3x (1024x1024), 1.4-1.6x
 #   (tiny 192x192) at 2-8 bits; two tokens 1.07-1.6x up to 4 bits, 0.8-1.0x from 6; three
 #   tokens 1.1-1.2x at 2 bits, 0.5-1.0x above; four tokens at 2 bits 0.97-1.06x.
+# - table lookups, the AVX2 build (-mno-avx512f on the same Xeon: not timed on a CPU without
+#   AVX-512): one token 1.48-1.60x (Mixtral w1), 1.47-1.72x (tiny) at 2-8 bits; two tokens
+#   1.12-1.23x at 2 bits, 0.86-1.17x above; four tokens 0.50-0.90x.
 ROUTING = {512: Routing(3, 3, 6, 48, lut_max_token_bits=8),
-           256: Routing(1, MAX_PLANES, MAX_PLANES, 16)}
+           256: Routing(1, MAX_PLANES, MAX_PLANES, 16, lut_max_token_bits=4)}
 
 
 class NestedArgs(ctypes.Structure):
@@ -160,12 +163,9 @@ def status() -> str:
 
 def kernel_name() -> str:
     """What a profile records of the CPU kernel it measured, whose speeds differ 1.4-6x:
-    "native+lut" (a build with the table-lookup form: AVX-512), "native" (without it: AVX2,
-    and every build before 2026-11-25) or "numpy"."""
-    lib = _load()[0]
-    if lib is None:
-        return "numpy"
-    return "native+lut" if routing(lib).lut_max_token_bits else "native"
+    "native+lut" (the compiled kernel with its table-lookup form), "numpy", or, in profiles
+    measured before that form (2026-11-25), "native"."""
+    return "native+lut" if _load()[0] is not None else "numpy"
 
 
 def routing(lib: ctypes.CDLL | None = None) -> Routing:

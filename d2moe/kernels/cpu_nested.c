@@ -13,12 +13,13 @@
  * - dequantize in registers (FORM_REGISTER): w of 16 columns built in a register (one masked
  *   add per plane), then one multiply-add per token: planes + tokens operations a chunk
  *   against planes x tokens, so it wins from a few tokens on.
- * - table lookups (FORM_LUT, AVX-512, groups of whole words): for one token, the 16 sums of
- *   the subsets of each 4 columns of x are tabulated once (`lut`, 64 bytes a chunk); a
- *   plane's 4 bits of a chunk then pick one entry, and 16 rows take it in one permute (their
- *   words gathered), so a 512-bit instruction covers 4 columns of 16 rows where a masked
- *   multiply-add covers 16 columns of one row and reads 16 floats of x to do it (the idea
- *   of T-MAC, arXiv:2407.00088, in float32). Tokens run one at a time.
+ * - table lookups (FORM_LUT, groups of whole words): for one token, the 16 sums of the
+ *   subsets of each 4 columns of x are tabulated once (`lut`, 64 bytes a chunk); a plane's
+ *   4 bits of a chunk then pick one entry, and 16 rows take it in one permute (AVX2: 8 rows
+ *   in two and a blend; their words loaded and transposed), so a 512-bit instruction covers
+ *   4 columns of 16 rows where a masked multiply-add covers 16 columns of one row and reads
+ *   16 floats of x to do it (the idea of T-MAC, arXiv:2407.00088, in float32). Tokens run
+ *   one at a time.
  * Tokens are taken in blocks whose accumulators stay in registers (a compile-time count per
  * specialisation).
  *
@@ -247,8 +248,9 @@ static inline __attribute__((always_inline)) void row_register(const NestedArgs 
     for (int t = 0; t < T; t++) out[t] = v_sum(acc[t]);
 }
 
-/* ---- table lookups (AVX-512) ------------------------------------------------------------ */
+/* ---- table lookups --------------------------------------------------------------------- */
 #if defined(__AVX512F__)
+#define LUT_ROWS 16 /* rows a block: a lane each */
 /* Entry m of chunk k: the sum of x[4k + i] over the bits i set in m; zero past cols (the
  * planes' bits there then add nothing). `chunks` = 8 words. */
 static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) {
@@ -319,7 +321,8 @@ static inline void load_columns(const void *base, int64_t stride, int64_t width,
  * once and looked up for each plane, summed over the group, then times the plane's c_pg
  * (transposed once a block into `cs`, [P][groups][16]). Needs group % 32 == 0: a group is
  * whole words. */
-static __m512 block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n) {
+static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n,
+                      float *out) {
     const int64_t P = a->nbase + a->nres, ng = a->groups, words = a->words;
     const int64_t per_group = a->group / 32;
     for (int64_t p = 0; p < P; p++) {  /* c_pg of the 16 rows, group by group */
@@ -363,8 +366,113 @@ static __m512 block_lut(const NestedArgs *a, const float *lut, float *cs, int64_
             }
         }
     }
-    return total;
+    _mm512_storeu_ps(out, total);
 }
+
+#else /* AVX2: 8 rows a block; a 16-entry table as two 8-entry halves, index bit 3 choosing */
+#define LUT_ROWS 8
+/* Entry m of chunk k: the sum of x[4k + i] over the bits i set in m (m's lowest set bit
+ * added to the entry without it); zero past cols. `chunks` = 8 words. */
+static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) {
+    for (int64_t k = 0; k < chunks; k++) {
+        float *t = lut + 16 * k;
+        t[0] = 0.0f;
+        for (int m = 1; m < 16; m++) {
+            const int i = __builtin_ctz((unsigned)m);
+            t[m] = t[m & (m - 1)] + (4 * k + i < cols ? x[4 * k + i] : 0.0f);
+        }
+    }
+}
+
+/* The entry each lane's low 4 bits pick from a 16-float table (two vpermps, a blend). */
+static inline __m256 lookup16(__m256i idx, const float *table) {
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* The 8 lookups of one word of 8 rows: the sum over its 8 chunks (tab: 8 tables). */
+static inline __m256 word_lookups(__m256i word, const float *tab) {
+    __m256 s[4];
+    for (int j = 0; j < 4; j++)
+        s[j] = _mm256_add_ps(lookup16(_mm256_srli_epi32(word, 8 * j), tab + 32 * j),
+                             lookup16(_mm256_srli_epi32(word, 8 * j + 4), tab + 32 * j + 16));
+    return _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+}
+
+/* 8x8 32-bit transpose: lane j of r[i] becomes lane i of r[j]. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* 8 consecutive 32-bit values from column c0 of n <= 8 rows `stride` apart, transposed:
+ * out[k] lane i = row i's value c0 + k; zero past `width` columns and n rows. */
+static inline void load_columns(const void *base, int64_t stride, int64_t width, int64_t c0,
+                                int n, __m256 out[8]) {
+    const int64_t m = width - c0 < 8 ? width - c0 : 8;
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const float *p = (const float *)base + c0;
+    for (int i = 0; i < 8; i++)
+        out[i] = i < n ? _mm256_maskload_ps(p + i * stride, live) : _mm256_setzero_ps();
+    transpose8(out);
+}
+
+/* As the AVX-512 block_lut, 8 rows and 8 words at a time. */
+static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n,
+                      float *out) {
+    const int64_t P = a->nbase + a->nres, ng = a->groups, words = a->words;
+    const int64_t per_group = a->group / 32;
+    for (int64_t p = 0; p < P; p++) {  /* c_pg of the 8 rows, group by group */
+        const PlaneRow pr = plane_row(a, r, p);
+        const __m256 mult = _mm256_set1_ps(pr.mult);
+        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+            __m256 c[8];
+            load_columns(pr.scale, ng, ng, g0, n, c);
+            for (int64_t k = 0; k < 8 && g0 + k < ng; k++)
+                _mm256_storeu_ps(cs + 8 * (p * ng + g0 + k), _mm256_mul_ps(c[k], mult));
+        }
+    }
+    const uint32_t *bits[MAX_PLANES];
+    __m256 acc[MAX_PLANES];
+    for (int64_t p = 0; p < P; p++) bits[p] = plane_row(a, r, p).bits, acc[p] = _mm256_setzero_ps();
+    __m256 total = _mm256_setzero_ps();
+    __m256 word[MAX_PLANES][8];
+    int64_t g = 0, left = per_group;
+    for (int64_t w0 = 0; w0 < words; w0 += 8) {
+        for (int64_t p = 0; p < P; p++) load_columns(bits[p], words, words, w0, n, word[p]);
+        for (int64_t k = 0; k < 8 && w0 + k < words; k++) {
+            const int64_t w = w0 + k;
+            for (int64_t p = 0; p < P; p++)
+                acc[p] = _mm256_add_ps(acc[p], word_lookups(_mm256_castps_si256(word[p][k]),
+                                                            lut + 16 * 8 * w));
+            if (--left == 0 || w + 1 == words) {  /* the group's last word */
+                const float *c = cs + 8 * g;
+                for (int64_t p = 0; p < P; p++) {
+                    total = _mm256_fmadd_ps(_mm256_loadu_ps(c + 8 * p * ng), acc[p], total);
+                    acc[p] = _mm256_setzero_ps();
+                }
+                g++, left = per_group;
+            }
+        }
+    }
+    _mm256_storeu_ps(out, total);
+}
+#endif
 
 /* Rows [r0, r1) of y, token by token, by table lookups (scratch of the caller: lut, 16
  * floats a chunk of x; xsum, X of each group; cs, block_lut's c_pg). */
@@ -380,10 +488,10 @@ static void rows_lut(const NestedArgs *a, float *lut, float *xsum, float *cs, in
             for (int64_t c = g * G; c < end; c++) s += x[c];
             xsum[g] = s;
         }
-        for (int64_t r = r0; r < r1; r += 16) {
-            const int n = r1 - r < 16 ? (int)(r1 - r) : 16;
-            float out[16];
-            _mm512_storeu_ps(out, block_lut(a, lut, cs, r, n));
+        for (int64_t r = r0; r < r1; r += LUT_ROWS) {
+            const int n = r1 - r < LUT_ROWS ? (int)(r1 - r) : LUT_ROWS;
+            float out[LUT_ROWS];
+            block_lut(a, lut, cs, r, n, out);
             for (int i = 0; i < n; i++) {  /* + sum_g zeff_g X_g */
                 float lin = 0.0f;
                 for (int64_t g = 0; g < ng; g++) lin += zeff(a, r + i, g) * xsum[g];
@@ -392,7 +500,6 @@ static void rows_lut(const NestedArgs *a, float *lut, float *xsum, float *cs, in
         }
     }
 }
-#endif
 
 /* ---- the entry points ------------------------------------------------------------------- */
 
@@ -452,17 +559,15 @@ int nested_vector_bits(void) { return VECTOR_BITS; }
 /* y for rows [r0, r1), any number of tokens (in blocks: each block reads the rows' planes
  * again, its x stays in cache); 0, or -1 when scratch could not be allocated. */
 int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
-#if defined(__AVX512F__)
     if (a->form == FORM_LUT && a->group % 32 == 0) {
         const int64_t nlut = 16 * 8 * a->words, P = a->nbase + a->nres;
-        float *lut = malloc(sizeof(float) * (size_t)(nlut + a->groups + 16 * P * a->groups));
+        float *lut = malloc(sizeof(float) * (size_t)(nlut + a->groups + LUT_ROWS * P * a->groups));
         if (lut == NULL) return -1;
         rows_lut(a, lut, lut + nlut, lut + nlut + a->groups, r0, r1);
         free(lut);
         return 0;
     }
-#endif
-    /* (FORM_LUT elsewhere: the bit-serial form) */
+    /* (FORM_LUT on groups of part words: the bit-serial form) */
     const int serial = a->form != FORM_REGISTER;
     const int64_t block = serial ? BLOCK_BITSERIAL : BLOCK_REGISTER;
     float *xsum = NULL;
