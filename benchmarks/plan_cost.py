@@ -1,9 +1,10 @@
 """Policy decision cost: wall time of `Policy.plan` per layer, in the simulator (the same
 policy objects the executor calls on its compute lane), as a ratio to FIFO's in the same run.
 
-The simulator does not charge a policy's own planning time: the profiles' layer costs were
-measured with one policy's. A policy that plans much slower costs a real run that much more
-per layer (negligible beside a Mixtral-sized layer, visible beside the tiny model's).
+A policy that plans slower costs a real run that much more per layer (negligible beside a
+Mixtral-sized layer, visible beside the tiny model's). `d2moe profile` measures the same
+figure per policy (`executor.plan_us`, at one budget), and the simulator charges the
+difference to the probe's policy.
 
 Usage: python benchmarks/plan_cost.py [--policies fifo,hebf,hebf-adaptive,hebf-ghost]
            [--specs tiny:cpu-2core-xeon:40%,mixtral-8x7b:rtx3060-laptop:2.5GiB] [--repeats 3]

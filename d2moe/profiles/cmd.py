@@ -83,6 +83,10 @@ def summary(profile: Any) -> str:
                      f"beside each other the I/O lane at {ex.overlap_io_speed:.2f} of its "
                      f"speed, a run +{ex.overlap_run_wait_us:.0f} us (compute speed "
                      f"{ex.overlap_compute_speed:.2f})")
+        if ex.plan_us:
+            fast, slow = (f(ex.plan_us, key=lambda p: p[1]) for f in (min, max))
+            lines.append(f"planning: {len(ex.plan_us)} policies, {fast[1]:.0f}-{slow[1]:.0f} "
+                         f"us a layer ({slow[0]} the slowest)")
     rows = getattr(profile.expert, "rows", ())
     if rows:
         lines.append(f"expert runs: {len(rows)} points, {min(r.latency_us for r in rows):.0f}-"

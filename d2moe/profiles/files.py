@@ -31,7 +31,7 @@ PROFILE_KEYS = ("name", "source", "disk", "link", "unified_memory", "host_memory
 EXECUTOR_KEYS = ("layer_us", "load_us", "load_GBps", "check_GBps", "run_us", "wake_us",
                  "overlap_io_speed", "overlap_compute_speed", "overlap_run_wait_us",
                  "first_run_us", "layer_first_run_us", "handoff_us", "non_expert_after_load_us",
-                 "evict_us", "cold_curve_us")
+                 "evict_us", "cold_curve_us", "plan_us")
 # the cold cost as profiles before 2026-11-24 21:00 UTC wrote it: floor_us * min(1, idle /
 # 250 us) + load_us * min(1, idle / ramp_us) (cold_read_us: load_us's name before 2026-11-23)
 OLD_COLD_KEYS = ("cold_floor_us", "cold_load_us", "cold_ramp_us", "cold_read_us")
@@ -154,7 +154,7 @@ def _executor(r: _Reader, data: Any) -> ExecutorCosts:
                      f"{', '.join(old)}", "keep cold_curve_us and remove the others")
     costs: dict[str, Any] = {
         k: r.number(d, k, "executor", positive=k.endswith("GBps") or "speed" in k)
-        for k in d if k not in OLD_COLD_KEYS and k != "cold_curve_us"}
+        for k in d if k not in OLD_COLD_KEYS and k not in ("cold_curve_us", "plan_us")}
     for k in ("overlap_io_speed", "overlap_compute_speed"):
         if costs.get(k, 1.0) > 1.0:
             raise r.fail(f"executor.{k}", f"must be in (0, 1], got {costs[k]}",
@@ -165,6 +165,13 @@ def _executor(r: _Reader, data: Any) -> ExecutorCosts:
                                         "write [[idle_us, extra_us], ...], idle rising")
     elif old:
         costs["cold_curve_us"] = _old_cold_curve(old)
+    if "plan_us" in d:
+        plans = d["plan_us"]
+        if not isinstance(plans, dict) or not all(isinstance(k, str) for k in plans):
+            raise r.fail("executor.plan_us", f"must map policy names to microseconds, got "
+                         f"{plans!r}", "write {fifo: 17.5, hebf: 20.5, ...} (d2moe profile)")
+        costs["plan_us"] = tuple(sorted(
+            (k, r.number(plans, k, "executor.plan_us", positive=False)) for k in plans))
     return ExecutorCosts(**costs)
 
 

@@ -252,6 +252,11 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
                       for idle, _ in idles)
         executor = dataclasses.replace(executor, cold_curve_us=curve if any(
             us > 0 for _, us in curve) else ())
+        if all(p.executor and len(p.executor.plan_us) == len(first.executor.plan_us)
+               for p in profiles):  # (each policy's median)
+            executor = dataclasses.replace(executor, plan_us=tuple(
+                (name, round(med(lambda p, i=i: p.executor.plan_us[i][1]), 2))
+                for i, (name, _) in enumerate(first.executor.plan_us)))
     last = profiles[-1].source
     return dataclasses.replace(
         first, source=dataclasses.replace(first.source, date=last.date), disk=disk,
@@ -363,8 +368,53 @@ def _measure_profile(cfg: ProfileConfig, command: str, spec: ModelSpec) -> Profi
                              non_expert_after_load_us=resident.non_expert_after_load_us,
                              handoff_us=lanes["handoff_us"], evict_us=round(evict_us, 2))
     profile = dataclasses.replace(profile, executor=executor)
-    return dataclasses.replace(profile, executor=dataclasses.replace(
+    profile = dataclasses.replace(profile, executor=dataclasses.replace(
         executor, **overlap_speeds(profile, spec, layout, resident.loaded_rows)))
+    return dataclasses.replace(profile, executor=dataclasses.replace(
+        profile.executor, plan_us=measure_plan_us(profile, spec, layout)))
+
+
+def measure_plan_us(profile: Profile, spec: ModelSpec, layout: QuantLayout,
+                    decode_steps: int = 64) -> tuple[tuple[str, float], ...]:
+    """Each policy's planning time a layer, (name, us) by name: `Policy.plan`'s mean wall
+    time over a simulated run of a synthetic trace of `spec` (its first 8 layers, 4 bits) at
+    a budget of 40% of the experts, on `profile`. The registered policies that run on the
+    store's own layout without offline statistics; the simulator charges the difference to
+    PLAN_BASE's. Planning grows as the budget shrinks (tiny model, Intel Xeon VM:
+    `hebf-ghost` 54 us a layer at 25%, 51 at 40%, 30 at 100%; `hebf` 16, 15, 9)."""
+    from d2moe.core.sizes import expert_bytes
+    from d2moe.policies import POLICIES, make_policy, policy_config
+    from d2moe.sim.simulator import SimSetup, simulate
+    from d2moe.sim.workload import steps_from_trace
+    from d2moe.traces import synth_trace
+    from d2moe.traces.synth import SynthConfig
+
+    small = dataclasses.replace(spec, layers=min(spec.layers, 8))
+    bits = max(layout.b1, min(4, layout.bK))
+    trace = synth_trace(small, SynthConfig(prefill_tokens=8, decode_steps=decode_steps))
+    steps = steps_from_trace(trace, bits)
+    budget = max(small.layers * small.experts * expert_bytes(small, bits, layout) * 2 // 5,
+                 expert_bytes(small, layout.bK, layout))
+    setup = SimSetup(small, profile, layout, budget)
+    out = []
+    for name in POLICIES.names():
+        cfg = policy_config(name)
+        if cfg.needs_stats or cfg.pin or cfg.layout not in ("", "nested"):
+            continue
+        policy = make_policy(name)
+        plan, spent = policy.plan, [0.0, 0]
+
+        def timed(*args: Any, inner: Any = plan, spent: list = spent) -> Any:
+            t0 = time.perf_counter()
+            result = inner(*args)
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+            return result
+
+        policy.plan = timed  # type: ignore[method-assign]
+        simulate(setup, steps, policy)
+        out.append((name, round(spent[0] / max(spent[1], 1) * 1e6, 2)))
+    return tuple(out)
 
 
 def overlap_speeds(profile: Profile, spec: ModelSpec, layout: QuantLayout,

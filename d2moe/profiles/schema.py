@@ -44,6 +44,9 @@ from d2moe.profiles.cost import (
 _DEFAULT_LAYOUT = QuantLayout()
 
 
+PLAN_BASE = "hebf"  # the policy whose planning the profile's layer_us holds (its probe's)
+
+
 @dataclass(frozen=True)
 class Source:
     """Where the figures come from: `measured` (device, date, command) or `estimated` (basis)."""
@@ -168,7 +171,11 @@ class ExecutorCosts:
     expert table times them, keep warm). A layer's non-expert slice right after a plan with
     loads pays `non_expert_after_load_us` more than with every expert resident (development VM,
     tiny model, 24 rounds of 2026-11-23: median decode row 544-591 us after a plan with loads,
-    443-444 in runs without loads). Profiles without a field pay none of it.
+    443-444 in runs without loads). `layer_us` holds the planning of the policy its probe ran
+    (PLAN_BASE); `plan_us` is each policy's own planning time a layer ((name, us) pairs,
+    timed in-process on a synthetic trace of the spec), and a layer planned by another policy
+    pays the difference (`plan_extra_us`): 66-78 us for `hebf-ghost` against 20 for `hebf` on
+    the Intel Xeon VM (benchmarks/plan_cost.py). Profiles without a field pay none of it.
     """
 
     layer_us: float = 0.0
@@ -186,6 +193,15 @@ class ExecutorCosts:
     non_expert_after_load_us: float = 0.0
     evict_us: float = 0.0
     cold_curve_us: tuple[tuple[float, float], ...] = ()  # (idle_us, extra_us), idle rising
+    plan_us: tuple[tuple[str, float], ...] = ()  # (policy, us a layer), by name
+
+    def plan_extra_us(self, policy: str) -> float:
+        """What a layer planned by `policy` pays beyond `layer_us` (whose probe planned with
+        PLAN_BASE): the difference of their `plan_us`, 0 when either is not measured."""
+        times = dict(self.plan_us)
+        if policy not in times or PLAN_BASE not in times:
+            return 0.0
+        return times[policy] - times[PLAN_BASE]
 
     @property
     def any_cold(self) -> bool:
@@ -410,9 +426,10 @@ class Profile:
                                               if k != "head_us" or v} for r in n.rows]})
         if self.executor is not None:
             ex = _fields(self.executor)
-            curve = ex.pop("cold_curve_us")
+            curve, plans = ex.pop("cold_curve_us"), ex.pop("plan_us")
             out["executor"] = {k: v for k, v in ex.items() if math.isfinite(v)} | (
-                {"cold_curve_us": [[idle, us] for idle, us in curve]} if curve else {})
+                {"cold_curve_us": [[idle, us] for idle, us in curve]} if curve else {}) | (
+                {"plan_us": dict(plans)} if plans else {})
         return out
 
 

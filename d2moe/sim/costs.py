@@ -9,11 +9,12 @@ reads it subtracts to find the lane's own work; profiles without
 pays the compute lane's fixed cost beyond its expert, a layer with expert work pays
 `layer_us` before its plan starts (and `handoff_us` more when its plan has loads: the
 executor hands only those to the I/O lane's thread), a lane blocked on the other resumes
-`wake_us` after the signal (`sim/lanes.py`), a load after the I/O lane sat idle pays the
-disk's cold first request (`cold_us`), the first run after a load pays `first_run_us`, the
-first run of each layer's plan `layer_first_run_us`, the non-expert slice right after a
-plan with loads `non_expert_after_load_us`, and each lane slows to its measured overlap
-speed while the other is busy (`sim/contention.py`).
+`wake_us` after the signal (`sim/lanes.py`), a policy that plans slower or faster than the
+probe's pays the difference with every layer (`layer_us_for`), a load after the I/O lane
+sat idle pays the disk's cold first request (`cold_us`), the first run after a load pays
+`first_run_us`, the first run of each layer's plan `layer_first_run_us`, the non-expert
+slice right after a plan with loads `non_expert_after_load_us`, and each lane slows to its
+measured overlap speed while the other is busy (`sim/contention.py`).
 Without them these terms are zero.
 """
 
@@ -60,6 +61,14 @@ class ProfileCosts:
         self._run: dict[tuple[int, int], float] = {}
         self._non_expert: dict[int, float] = {}
         self._head: dict[int, float] = {}
+
+    def layer_us_for(self, policy: str) -> float:
+        """`layer_us` for a layer planned by `policy`: plus its planning time beyond that of
+        the policy the profile's probe planned with (`ExecutorCosts.plan_extra_us`), at
+        least 0."""
+        lc = self.lane_costs
+        extra = lc.plan_extra_us(policy) if lc is not None and hasattr(lc, "plan_us") else 0.0
+        return max(self.layer_us + extra, 0.0)
 
     def bytes_us(self, nbytes: int, tier: str = "disk", requests: int = 1) -> float:
         """A load of `nbytes` from `tier` in `requests` reads, with the lane's own costs."""

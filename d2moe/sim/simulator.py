@@ -133,6 +133,7 @@ class SimSession:
         if setup.emulate_copies and not policy.config.quant_layout(setup.layout).nested:
             self.sizes = replace(self.sizes, nested=False)  # copies on the nested store
         self.costs = ProfileCosts(setup.profile, setup.spec, self.sizes, setup.layout)
+        self.layer_us = self.costs.layer_us_for(policy.name)
         self.pool = ResidentSet(self.sizes, setup.budget_bytes)
         self.host = HostCache(setup.host_cache_bytes, self.sizes)
         self.events: list[Event] = []
@@ -158,7 +159,7 @@ class SimSession:
             if demands:
                 plan = policy.plan(layer, demands, view, costs)
                 ctx.layer, ctx.loaded = layer, bool(plan.loads)
-                t = execute_fast(ctx, plan, t + costs.layer_us)
+                t = execute_fast(ctx, plan, t + self.layer_us)
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
         return t
 
@@ -252,7 +253,7 @@ def layer_ctx(costs: ProfileCosts, pool: ResidentSet, events: list[Event], load_
 def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet,
                  costs: ProfileCosts, events: list[Event], load_us: Any) -> Any:
     """The driver process: each layer's non-expert slice, then its plan on both lanes."""
-    t = 0.0
+    t, layer_us = 0.0, costs.layer_us_for(policy.name)
     ctx = layer_ctx(costs, pool, events, load_us)  # one context: the I/O lane's state
     for s in range(len(source)):
         step, t_step, first = source.work(s), t, len(events)
@@ -266,6 +267,6 @@ def _steps_simpy(env: Any, source: StepSource, policy: Policy, pool: ResidentSet
             if demands:
                 plan = policy.plan(layer, demands, pool.view, costs)
                 ctx.step, ctx.layer, ctx.loaded = s, layer, bool(plan.loads)
-                t = yield env.process(simpy_layer(env, ctx, plan, t + costs.layer_us))
+                t = yield env.process(simpy_layer(env, ctx, plan, t + layer_us))
         events.append(Event("step", step.phase, s, -1, -1, 0, 0, step.tokens, 0, t_step, t))
         source.observe(s, events[first:], t_step, t)

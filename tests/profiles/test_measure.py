@@ -338,6 +338,10 @@ def test_profile_of_the_tiny_spec_loads_and_drives_the_simulator(tmp_path: Path)
     assert q.executor.handoff_us >= 0 and q.executor.non_expert_after_load_us >= 0
     assert 0 < q.executor.overlap_compute_speed <= 1 and 0 < q.executor.overlap_io_speed <= 1
     assert 0.05 < q.executor.check_GBps < 1000  # zlib.crc32 on any machine
+    plans = dict(q.executor.plan_us)  # each policy's planning, timed: the probe's (hebf) too
+    assert {"fifo", "hebf", "hebf-ghost", "d2moe"} <= set(plans) and min(plans.values()) > 0
+    assert "hold-in-memory" not in plans and "sub-similar" not in plans  # other layout, stats
+    assert [n for n, _ in q.executor.plan_us] == sorted(plans)
     # TINY's 4 and 8 KiB, then x4 up to the tiny expert's 2-bit base level (34560 bytes)
     assert [n for n, _ in q.disk.reads] == [4096, 8192, 32768, 131072]
     assert all(us > 0 for _, us in q.disk.reads)
@@ -387,7 +391,8 @@ def test_median_profile_takes_every_figure_apart() -> None:
         d["expert"]["table"][0]["latency_us"] = run
         d["non_expert"]["table"][0]["head_us"] = head
         d["executor"] = {"layer_us": 1.0 + k, "wake_us": wake, "cold_curve_us": [
-            [[250.0, 10.0], [1000.0, 40.0]], [[250.0, 30.0]], []][k]}
+            [[250.0, 10.0], [1000.0, 40.0]], [[250.0, 30.0]], []][k],
+            "plan_us": {"fifo": 10.0 + k, "hebf": [30.0, 10.0, 20.0][k]}}
         d["disk"]["reads"] = [[4096, 100.0 + k], [65536, [300.0, 100.0, 200.0][k]]]
         dicts.append(d)
     rounds = [profile_from_dict(d, path=f"p{k}.yaml") for k, d in enumerate(dicts)]
@@ -400,6 +405,7 @@ def test_median_profile_takes_every_figure_apart() -> None:
     assert (m.executor.layer_us, m.executor.wake_us) == (2.0, 60.0)
     # the cold curve at the longest one's pauses: 10, 30, 0 at 250 us; 40, 30, 0 at 1 ms
     assert m.executor.cold_curve_us == ((250.0, 10.0), (1000.0, 30.0))
+    assert m.executor.plan_us == (("fifo", 11.0), ("hebf", 20.0))  # per policy
     assert m.source.date == "day 2" and m.name == rounds[0].name
     assert median_profile(rounds[:1]) == rounds[0]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,29 @@ def test_each_measured_shipped_profile_is_found_by_its_own_device_line() -> None
     assert shipped_profile_of(measured["cpu-2core"].source.device + " ") is None
     estimated = load_profile("rtx3060-laptop").source
     assert shipped_profile_of(estimated.device) is None  # an estimate is nobody's machine
+
+
+def test_planning_times_round_trip_and_price_the_difference_to_the_probes(
+        tmp_path: Path) -> None:
+    base = load_profile("cpu-2core-xeon")
+    plans = (("fifo", 17.5), ("hebf", 20.5), ("hebf-ghost", 66.0))
+    p = replace(base, executor=replace(base.executor, plan_us=plans))
+    save_profile(tmp_path / "p.yaml", p)
+    back = load_profile(tmp_path / "p.yaml")
+    assert back == p and back.executor.plan_us == plans
+    assert back.executor.plan_extra_us("hebf-ghost") == pytest.approx(45.5)
+    assert back.executor.plan_extra_us("fifo") == pytest.approx(-3.0)
+    assert back.executor.plan_extra_us("johnson") == 0.0  # not measured
+    no_base = replace(p.executor, plan_us=(("hebf-ghost", 66.0),))
+    assert no_base.plan_extra_us("hebf-ghost") == 0.0  # the probe's own is unknown
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"hebf": -1.0}, {"hebf": "fast"}, {3: 1.0}])
+def test_bad_planning_times_name_the_field(tmp_path: Path, value: Any) -> None:
+    d = load_profile("cpu-2core-xeon").to_dict()
+    d["executor"]["plan_us"] = value
+    with pytest.raises(UserError, match="executor.plan_us"):
+        profile_from_dict(d, path="p.yaml")
 
 
 def test_shipped_topologies() -> None:

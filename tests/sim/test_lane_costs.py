@@ -78,6 +78,30 @@ def test_lane_costs_by_hand(engine: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+def test_a_policy_pays_its_planning_beyond_the_probes(engine: str) -> None:
+    """`plan_us` {hebf: 4, fifo: 1.5, hebf-ghost: 10}: the profile's layer_us (1) holds
+    hebf's planning, so a layer planned by hebf-ghost starts 6 us later, and by FIFO
+    2.5 earlier, which the layer's 1 us caps at 1; a policy without a figure, or a
+    profile without any, pays nothing more."""
+    plans = (("fifo", 1.5), ("hebf", 4.0), ("hebf-ghost", 10.0))
+
+    def rows(name: str, plan_us=plans) -> list[tuple[int, str, int, float, float]]:
+        profile = LaneProfile(executor=dataclass_replace(LaneProfile().executor,
+                                                         plan_us=plan_us))
+        steps = [StepWork("decode", 1, [[Demand(ExpertKey(0, 0), 4, 1, 0.9)]])]
+        tl = simulate(SimSetup(SPEC, profile, LAYOUT, 10**6, engine=engine), steps,
+                      make_policy(name))
+        return [(e.kind, round(e.start_us, 6), round(e.end_us, 6)) for e in tl.events
+                if e.kind in ("load", "run")]
+
+    # without: non-expert 3, layer_us 1, the load 2 later (wake): 6 to 36.86, run after wake
+    base = [("load", 6.0, 36.86), ("run", 38.86, 45.11)]
+    assert rows("hebf") == rows("hebf-ghost", ()) == rows("johnson") == base
+    assert rows("fifo") == [(k, a - 1.0, b - 1.0) for k, a, b in base]
+    assert rows("hebf-ghost") == [(k, a + 6.0, b + 6.0) for k, a, b in base]
+
+
 def test_small_levels_share_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
     """At the store reader's own threshold SPEC's three levels are one read: E0's 0->4 load
     in step 1 pays one request, 5 + 15360/1000 + 0.5 = 20.86, not 30.86, and every row
