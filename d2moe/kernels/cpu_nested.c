@@ -248,9 +248,22 @@ static inline __attribute__((always_inline)) void row_register(const NestedArgs 
     for (int t = 0; t < T; t++) out[t] = v_sum(acc[t]);
 }
 
-/* ---- table lookups --------------------------------------------------------------------- */
+/* ---- table lookups: per ISA, a block of LUT_ROWS rows, a lane each ---------------------- */
 #if defined(__AVX512F__)
-#define LUT_ROWS 16 /* rows a block: a lane each */
+#define LUT_ROWS 16
+typedef __m512 lv;   /* LUT_ROWS floats */
+typedef __m512i lvi; /* LUT_ROWS 32-bit words */
+static inline lv lv_zero(void) { return _mm512_setzero_ps(); }
+static inline lv lv_add(lv a, lv b) { return _mm512_add_ps(a, b); }
+static inline lv lv_mul(lv a, lv b) { return _mm512_mul_ps(a, b); }
+static inline lv lv_fma(lv a, lv b, lv acc) { return _mm512_fmadd_ps(a, b, acc); }
+static inline lv lv_set1(float f) { return _mm512_set1_ps(f); }
+static inline lv lv_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void lv_store(float *p, lv a) { _mm512_storeu_ps(p, a); }
+static inline lv lv_of(lvi a) { return _mm512_castsi512_ps(a); }
+static inline lvi lvi_zero(void) { return _mm512_setzero_si512(); }
+static inline lvi lvi_srl(lvi a, int n) { return _mm512_srli_epi32(a, n); }
+
 /* Entry m of chunk k: the sum of x[4k + i] over the bits i set in m; zero past cols (the
  * planes' bits there then add nothing). `chunks` = 8 words. */
 static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) {
@@ -265,22 +278,13 @@ static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) 
     }
 }
 
-/* The 8 lookups of one word of 16 rows (each lane its row's word of a plane): the sum over
- * the word's 8 chunks of the entry its 4 bits pick (vpermps reads an index's low 4 bits). */
-static inline __m512 word_lookups(__m512i word, const __m512 *tab) {
-    const __m512 a = _mm512_add_ps(_mm512_permutexvar_ps(word, tab[0]),
-                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 4), tab[1]));
-    const __m512 b = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, 8), tab[2]),
-                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 12), tab[3]));
-    const __m512 c = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, 16), tab[4]),
-                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 20), tab[5]));
-    const __m512 d = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(word, 24), tab[6]),
-                                   _mm512_permutexvar_ps(_mm512_srli_epi32(word, 28), tab[7]));
-    return _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
+/* The entry each lane's low 4 bits pick from the 16-float table at `table` (one vpermps). */
+static inline lv lookup(lvi idx, const float *table) {
+    return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(table));
 }
 
 /* 16x16 32-bit transpose: lane j of r[i] becomes lane i of r[j]. */
-static inline void transpose16(__m512i r[16]) {
+static inline void transpose(lvi r[16]) {
     __m512i t[16];
     for (int i = 0; i < 16; i += 2) {
         t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
@@ -303,74 +307,26 @@ static inline void transpose16(__m512i r[16]) {
     }
 }
 
-/* 16 consecutive 32-bit values from column c0 of n <= 16 rows `stride` apart, transposed:
- * out[k] lane i = row i's value c0 + k; zero past `width` columns and n rows. (Loads and a
- * transpose: a gather of the same values took twice as long, 2026-11-25.) */
-static inline void load_columns(const void *base, int64_t stride, int64_t width, int64_t c0,
-                                int n, __m512i out[16]) {
-    const int64_t m = width - c0 < 16 ? width - c0 : 16;
-    const __mmask16 cols = (__mmask16)((1u << m) - 1u);
-    const uint32_t *p = (const uint32_t *)base + c0;
-    for (int i = 0; i < 16; i++)
-        out[i] = i < n ? _mm512_maskz_loadu_epi32(cols, p + i * stride) : _mm512_setzero_si512();
-    transpose16(out);
-}
-
-/* Rows [r, r + n) (n <= 16, a lane each) of one token's y without the zeff X term: 16
- * words of every plane's 16 rows at a time (load_columns); per word, its 8 tables loaded
- * once and looked up for each plane, summed over the group, then times the plane's c_pg
- * (transposed once a block into `cs`, [P][groups][16]). Needs group % 32 == 0: a group is
- * whole words. */
-static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n,
-                      float *out) {
-    const int64_t P = a->nbase + a->nres, ng = a->groups, words = a->words;
-    const int64_t per_group = a->group / 32;
-    for (int64_t p = 0; p < P; p++) {  /* c_pg of the 16 rows, group by group */
-        const PlaneRow pr = plane_row(a, r, p);
-        const __m512 mult = _mm512_set1_ps(pr.mult);
-        for (int64_t g0 = 0; g0 < ng; g0 += 16) {
-            __m512i c[16];
-            load_columns(pr.scale, ng, ng, g0, n, c);
-            for (int64_t k = 0; k < 16 && g0 + k < ng; k++)
-                _mm512_storeu_ps(cs + 16 * (p * ng + g0 + k),
-                                 _mm512_mul_ps(_mm512_castsi512_ps(c[k]), mult));
-        }
-    }
-    const uint32_t *bits[MAX_PLANES];
-    __m512 acc[MAX_PLANES];
-    for (int64_t p = 0; p < P; p++) bits[p] = plane_row(a, r, p).bits, acc[p] = _mm512_setzero_ps();
-    __m512 total = _mm512_setzero_ps();
-    __m512i word[MAX_PLANES][16];
-    int64_t g = 0, left = per_group;  /* the group and its words still to come (no division) */
-    for (int64_t w0 = 0; w0 < words; w0 += 16) {
-        for (int64_t p = 0; p < P; p++) {
-            load_columns(bits[p], words, words, w0, n, word[p]);
-            if (w0 + PREFETCH_WORDS < words)  /* 16 rows x planes streams: beyond prefetchers */
-                for (int i = 0; i < n; i++)
-                    _mm_prefetch((const char *)(bits[p] + i * words + w0 + PREFETCH_WORDS),
-                                 _MM_HINT_T0);
-        }
-        for (int64_t k = 0; k < 16 && w0 + k < words; k++) {
-            const int64_t w = w0 + k;
-            __m512 tab[8];  /* loaded once for every plane */
-            for (int j = 0; j < 8; j++) tab[j] = _mm512_loadu_ps(lut + 16 * (8 * w + j));
-            for (int64_t p = 0; p < P; p++)
-                acc[p] = _mm512_add_ps(acc[p], word_lookups(word[p][k], tab));
-            if (--left == 0 || w + 1 == words) {  /* the group's last word */
-                const float *c = cs + 16 * g;
-                for (int64_t p = 0; p < P; p++) {
-                    total = _mm512_fmadd_ps(_mm512_loadu_ps(c + 16 * p * ng), acc[p], total);
-                    acc[p] = _mm512_setzero_ps();
-                }
-                g++, left = per_group;
-            }
-        }
-    }
-    _mm512_storeu_ps(out, total);
+/* The first m <= LUT_ROWS 32-bit values at p, zeros after (nothing past them is read). */
+static inline lvi load_row(const uint32_t *p, int64_t m) {
+    return _mm512_maskz_loadu_epi32((__mmask16)((1u << m) - 1u), p);
 }
 
 #else /* AVX2: 8 rows a block; a 16-entry table as two 8-entry halves, index bit 3 choosing */
 #define LUT_ROWS 8
+typedef __m256 lv;
+typedef __m256i lvi;
+static inline lv lv_zero(void) { return _mm256_setzero_ps(); }
+static inline lv lv_add(lv a, lv b) { return _mm256_add_ps(a, b); }
+static inline lv lv_mul(lv a, lv b) { return _mm256_mul_ps(a, b); }
+static inline lv lv_fma(lv a, lv b, lv acc) { return _mm256_fmadd_ps(a, b, acc); }
+static inline lv lv_set1(float f) { return _mm256_set1_ps(f); }
+static inline lv lv_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void lv_store(float *p, lv a) { _mm256_storeu_ps(p, a); }
+static inline lv lv_of(lvi a) { return _mm256_castsi256_ps(a); }
+static inline lvi lvi_zero(void) { return _mm256_setzero_si256(); }
+static inline lvi lvi_srl(lvi a, int n) { return _mm256_srli_epi32(a, n); }
+
 /* Entry m of chunk k: the sum of x[4k + i] over the bits i set in m (m's lowest set bit
  * added to the entry without it); zero past cols. `chunks` = 8 words. */
 static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) {
@@ -384,95 +340,113 @@ static void build_lut(const float *x, int64_t cols, int64_t chunks, float *lut) 
     }
 }
 
-/* The entry each lane's low 4 bits pick from a 16-float table (two vpermps, a blend). */
-static inline __m256 lookup16(__m256i idx, const float *table) {
+/* The entry each lane's low 4 bits pick from the 16-float table at `table` (two vpermps,
+ * a blend on bit 3). */
+static inline lv lookup(lvi idx, const float *table) {
     const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
     const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-/* The 8 lookups of one word of 8 rows: the sum over its 8 chunks (tab: 8 tables). */
-static inline __m256 word_lookups(__m256i word, const float *tab) {
-    __m256 s[4];
-    for (int j = 0; j < 4; j++)
-        s[j] = _mm256_add_ps(lookup16(_mm256_srli_epi32(word, 8 * j), tab + 32 * j),
-                             lookup16(_mm256_srli_epi32(word, 8 * j + 4), tab + 32 * j + 16));
-    return _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
-}
-
 /* 8x8 32-bit transpose: lane j of r[i] becomes lane i of r[j]. */
-static inline void transpose8(__m256 r[8]) {
-    __m256 t[8], u[8];
+static inline void transpose(lvi r[8]) {
+    __m256i t[8], u[8];
     for (int i = 0; i < 8; i += 2) {
-        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
     }
     for (int i = 0; i < 8; i += 4) {
-        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
     }
     for (int i = 0; i < 4; i++) {
-        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+        r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
     }
 }
 
-/* 8 consecutive 32-bit values from column c0 of n <= 8 rows `stride` apart, transposed:
- * out[k] lane i = row i's value c0 + k; zero past `width` columns and n rows. */
-static inline void load_columns(const void *base, int64_t stride, int64_t width, int64_t c0,
-                                int n, __m256 out[8]) {
-    const int64_t m = width - c0 < 8 ? width - c0 : 8;
+static inline lvi load_row(const uint32_t *p, int64_t m) {
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const float *p = (const float *)base + c0;
-    for (int i = 0; i < 8; i++)
-        out[i] = i < n ? _mm256_maskload_ps(p + i * stride, live) : _mm256_setzero_ps();
-    transpose8(out);
+    return _mm256_maskload_epi32((const int *)p, live);
+}
+#endif
+
+/* ---- table lookups: the block, on the layer above --------------------------------------- */
+
+/* The 8 lookups of one word of the block's rows (each lane its row's word of a plane): the
+ * sum over the word's 8 chunks of the entry its 4 bits pick (tab: the word's 8 tables). */
+static inline lv word_lookups(lvi word, const float *tab) {
+    lv s[4];
+    for (int j = 0; j < 4; j++)
+        s[j] = lv_add(lookup(lvi_srl(word, 8 * j), tab + 32 * j),
+                      lookup(lvi_srl(word, 8 * j + 4), tab + 32 * j + 16));
+    return lv_add(lv_add(s[0], s[1]), lv_add(s[2], s[3]));
 }
 
-/* As the AVX-512 block_lut, 8 rows and 8 words at a time. */
+/* LUT_ROWS consecutive 32-bit values from column c0 of n <= LUT_ROWS rows `stride` apart,
+ * transposed: out[k] lane i = row i's value c0 + k; zero past `width` columns and n rows.
+ * (Loads and a transpose: a gather of the same values took twice as long, 2026-11-25.) */
+static inline void load_columns(const void *base, int64_t stride, int64_t width, int64_t c0,
+                                int n, lvi out[LUT_ROWS]) {
+    const int64_t m = width - c0 < LUT_ROWS ? width - c0 : LUT_ROWS;
+    const uint32_t *p = (const uint32_t *)base + c0;
+    for (int i = 0; i < LUT_ROWS; i++)
+        out[i] = i < n ? load_row(p + i * stride, m) : lvi_zero();
+    transpose(out);
+}
+
+/* Rows [r, r + n) (n <= LUT_ROWS, a lane each) of one token's y without the zeff X term,
+ * into out: LUT_ROWS words of every plane's rows at a time (load_columns); per word, its
+ * 8 tables looked up for each plane, summed over the group, then times the plane's c_pg
+ * (transposed once a block into `cs`, [P][groups][LUT_ROWS]). Needs group % 32 == 0: a
+ * group is whole words. */
 static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n,
                       float *out) {
     const int64_t P = a->nbase + a->nres, ng = a->groups, words = a->words;
     const int64_t per_group = a->group / 32;
-    for (int64_t p = 0; p < P; p++) {  /* c_pg of the 8 rows, group by group */
+    for (int64_t p = 0; p < P; p++) {  /* c_pg of the block's rows, group by group */
         const PlaneRow pr = plane_row(a, r, p);
-        const __m256 mult = _mm256_set1_ps(pr.mult);
-        for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-            __m256 c[8];
+        const lv mult = lv_set1(pr.mult);
+        for (int64_t g0 = 0; g0 < ng; g0 += LUT_ROWS) {
+            lvi c[LUT_ROWS];
             load_columns(pr.scale, ng, ng, g0, n, c);
-            for (int64_t k = 0; k < 8 && g0 + k < ng; k++)
-                _mm256_storeu_ps(cs + 8 * (p * ng + g0 + k), _mm256_mul_ps(c[k], mult));
+            for (int64_t k = 0; k < LUT_ROWS && g0 + k < ng; k++)
+                lv_store(cs + LUT_ROWS * (p * ng + g0 + k), lv_mul(lv_of(c[k]), mult));
         }
     }
     const uint32_t *bits[MAX_PLANES];
-    __m256 acc[MAX_PLANES];
-    for (int64_t p = 0; p < P; p++) bits[p] = plane_row(a, r, p).bits, acc[p] = _mm256_setzero_ps();
-    __m256 total = _mm256_setzero_ps();
-    __m256 word[MAX_PLANES][8];
-    int64_t g = 0, left = per_group;
-    for (int64_t w0 = 0; w0 < words; w0 += 8) {
-        for (int64_t p = 0; p < P; p++) load_columns(bits[p], words, words, w0, n, word[p]);
-        for (int64_t k = 0; k < 8 && w0 + k < words; k++) {
+    lv acc[MAX_PLANES];
+    for (int64_t p = 0; p < P; p++) bits[p] = plane_row(a, r, p).bits, acc[p] = lv_zero();
+    lv total = lv_zero();
+    lvi word[MAX_PLANES][LUT_ROWS];
+    int64_t g = 0, left = per_group;  /* the group and its words still to come (no division) */
+    for (int64_t w0 = 0; w0 < words; w0 += LUT_ROWS) {
+        for (int64_t p = 0; p < P; p++) {
+            load_columns(bits[p], words, words, w0, n, word[p]);
+            if (w0 + PREFETCH_WORDS < words)  /* rows x planes streams: beyond prefetchers */
+                for (int i = 0; i < n; i++)
+                    _mm_prefetch((const char *)(bits[p] + i * words + w0 + PREFETCH_WORDS),
+                                 _MM_HINT_T0);
+        }
+        for (int64_t k = 0; k < LUT_ROWS && w0 + k < words; k++) {
             const int64_t w = w0 + k;
             for (int64_t p = 0; p < P; p++)
-                acc[p] = _mm256_add_ps(acc[p], word_lookups(_mm256_castps_si256(word[p][k]),
-                                                            lut + 16 * 8 * w));
+                acc[p] = lv_add(acc[p], word_lookups(word[p][k], lut + 16 * 8 * w));
             if (--left == 0 || w + 1 == words) {  /* the group's last word */
-                const float *c = cs + 8 * g;
+                const float *c = cs + LUT_ROWS * g;
                 for (int64_t p = 0; p < P; p++) {
-                    total = _mm256_fmadd_ps(_mm256_loadu_ps(c + 8 * p * ng), acc[p], total);
-                    acc[p] = _mm256_setzero_ps();
+                    total = lv_fma(lv_load(c + LUT_ROWS * p * ng), acc[p], total);
+                    acc[p] = lv_zero();
                 }
                 g++, left = per_group;
             }
         }
     }
-    _mm256_storeu_ps(out, total);
+    lv_store(out, total);
 }
-#endif
 
 /* Rows [r0, r1) of y, token by token, by table lookups (scratch of the caller: lut, 16
  * floats a chunk of x; xsum, X of each group; cs, block_lut's c_pg). */
