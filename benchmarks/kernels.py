@@ -392,7 +392,8 @@ def bench_cpu(kinds: list[str], bits_list: list[int], tokens_list: list[int],
                         other_us = min(_cpu_median_us(
                             lambda x=x, v=v, b=bits, p=prm, f=f: cpu_native.matmul(x, v, b, p,
                                                                                    form=f))
-                            for f in forms if f != picked)
+                            for f in forms if f != picked
+                            and (f != cpu_native.FORM_LUT or v.group % 32 == 0))
                     nbytes = packed.nbytes_at(bits)
                     rows_out.append(Row(model, tensor, rows, cols, kind, bits, tokens, us, us,
                                         deq_us, dense_us, nbytes, nbytes / (us * 1e-6) / 1e9,

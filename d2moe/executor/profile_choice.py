@@ -20,7 +20,9 @@ FALLBACK_PROFILE = "cpu-2core"
 def chosen_profile(cfg: ValidateConfig) -> Profile | None:
     """--profile as the simulator gets it: None for `measure` (measured during the run);
     for `auto`, the shipped profile measured on a machine whose device line reads as this
-    one's, else cpu-2core (the report then names both machines), or on a GPU an error."""
+    one's (`shipped_profile_of`: a GPU by its name; a CPU of the same model with other
+    threads or kernel next), else cpu-2core (the report then names both machines), or on
+    a GPU an error."""
     import torch
 
     from d2moe.profiles import load_profile, shipped_profile_of
@@ -30,7 +32,7 @@ def chosen_profile(cfg: ValidateConfig) -> Profile | None:
         return None if cfg.profile == MEASURE else load_profile(cfg.profile)
     with torch_threads(cfg.threads):  # (the device line holds the run's torch threads)
         here = device_name(torch.device(cfg.device))
-    name = shipped_profile_of(here)
+    name = shipped_profile_of(here, cuda=cfg.device.startswith("cuda"))
     if name is None and cfg.device.startswith("cuda"):
         raise UserError(f"no shipped profile was measured on this GPU ({here})",
                         field="profile", fix="pass --profile measure, or a profile YAML "

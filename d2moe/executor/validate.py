@@ -68,7 +68,9 @@ class ValidateConfig:
     profile: str = field(default="auto", metadata={
         "help": "shipped profile name or profile YAML (measure one with `d2moe profile`); "
                 "`auto`: the shipped profile measured on a machine that describes itself as "
-                "this one does (CPU model, cores, torch threads, kernel), else cpu-2core; "
+                "this one does (CPU model, cores, torch threads, kernel; a GPU by its name), "
+                "else the one of this CPU model with other threads or kernel, else "
+                "cpu-2core (on a GPU: an error asking for `measure` or a file); "
                 "`measure`: measure this machine in this invocation, with the model's spec, "
                 "the store's layout and --device/--threads, once before each of the "
                 "--repeats passes over the rows, and simulate with the median of them "
@@ -218,7 +220,6 @@ def validate_rounds(model: Transformer, spec: ModelSpec, store: StoreReader,
     return result
 
 
-MEASURE = "measure"  # --profile value: measure this machine in this invocation
 def measure_here(spec: ModelSpec, store: StoreReader, cfg: ValidateConfig, command: str = "",
                  **overrides: Any) -> Profile:
     """A profile of this machine for `spec` and `store`'s layout, with cfg's device,

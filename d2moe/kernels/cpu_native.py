@@ -58,7 +58,7 @@ class Routing:
 #   one token, 1.6-4.4x at 16-24 tokens, 1.06-1.7x at 48, 0.93-1.48x at 64.
 # - AVX2 (built with -mno-avx512f): bit-serial 1.0-1.45x at one token, slower from two; the
 #   register form 1.4-5.4x the numpy path up to 8 tokens, 0.89-1.7x at 16, 0.56-0.96x at 32.
-# - table lookups (AVX-512 only), measured on the Intel Xeon VM (family 6, model 167, one
+# - table lookups, the AVX-512 build, measured on the Intel Xeon VM (family 6, model 167, one
 #   thread, 2026-11-25 03:15-03:22 UTC, scratch timings against the faster of the two forms
 #   above, same run): one token 1.4-2.1x (Mixtral w1), 2.2-3.3x (1024x1024), 1.4-1.6x
 #   (tiny 192x192) at 2-8 bits; two tokens 1.07-1.6x up to 4 bits, 0.8-1.0x from 6; three

@@ -302,14 +302,23 @@ def shipped_profiles() -> tuple[str, ...]:
     return tuple(sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")))
 
 
-def shipped_profile_of(device: str) -> str | None:
+def shipped_profile_of(device: str, *, cuda: bool = False) -> str | None:
     """The shipped measured profile of a machine that described itself as `device` does
-    (`measure.device_name`: CPU model with family and model numbers, cores, torch threads,
-    kernel), or None."""
-    for name in shipped_profiles():
-        src = load_profile(name).source
-        if src.kind == "measured" and src.device == device:
-            return name
+    (`measure.device_name`: a CPU's model with family and model numbers, cores, torch
+    threads and kernel; with `cuda`, a GPU's name, its host left out), else the one of the
+    same CPU model and cores with other threads or kernel, else None."""
+    def key(line: str, part: int) -> str:
+        """The line whole (0), without a GPU's host (cuda), or up to the cores (1)."""
+        if cuda:
+            return line.rsplit(", ", 1)[0]
+        return line if part == 0 else line.split(", torch ")[0]
+
+    measured = [(n, load_profile(n).source) for n in shipped_profiles()]
+    measured = [(n, src.device) for n, src in measured if src.kind == "measured"]
+    for part in (0,) if cuda else (0, 1):
+        for name, line in measured:
+            if key(line, part) == key(device, part):
+                return name
     return None
 
 

@@ -252,11 +252,10 @@ def median_profile(profiles: Sequence[Profile]) -> Profile:
                       for idle, _ in idles)
         executor = dataclasses.replace(executor, cold_curve_us=curve if any(
             us > 0 for _, us in curve) else ())
-        if all(p.executor and len(p.executor.plan_us) == len(first.executor.plan_us)
-               for p in profiles):  # (each policy's median)
-            executor = dataclasses.replace(executor, plan_us=tuple(
-                (name, round(med(lambda p, i=i: p.executor.plan_us[i][1]), 2))
-                for i, (name, _) in enumerate(first.executor.plan_us)))
+        plans = [dict(p.executor.plan_us) if p.executor else {} for p in profiles]
+        executor = dataclasses.replace(executor, plan_us=tuple(  # each policy's own median
+            (name, round(statistics.median(t[name] for t in plans), 2))
+            for name, _ in first.executor.plan_us if all(name in t for t in plans)))
     last = profiles[-1].source
     return dataclasses.replace(
         first, source=dataclasses.replace(first.source, date=last.date), disk=disk,

@@ -35,6 +35,20 @@ def test_auto_falls_back_to_cpu_2core_on_another_cpu_and_refuses_on_another_gpu(
         chosen_profile(ValidateConfig(profile="auto", device="cuda"))
 
 
+def test_auto_takes_a_gpu_by_its_name_and_a_cpu_by_its_model_next(monkeypatch):
+    h100 = load_profile("h100").source.device  # "NVIDIA H100 80GB HBM3, <its host>"
+    _pretend_machine(monkeypatch, h100.rsplit(", ", 1)[0] + ", another-host")
+    assert chosen_profile(ValidateConfig(profile="auto", device="cuda")).name == "h100"
+    xeon = load_profile("cpu-2core-xeon").source.device
+    _pretend_machine(monkeypatch, xeon.replace("torch 1 threads", "torch 2 threads"))
+    assert chosen_profile(ValidateConfig(profile="auto")).name == "cpu-2core-xeon"
+    amd = load_profile("cpu-2core").source.device  # measured before the table form
+    _pretend_machine(monkeypatch, amd.replace("native kernel", "native+lut kernel"))
+    assert chosen_profile(ValidateConfig(profile="auto")).name == "cpu-2core"
+    _pretend_machine(monkeypatch, xeon.replace("2 cores", "4 cores"))
+    assert chosen_profile(ValidateConfig(profile="auto")).name == "cpu-2core"  # fallback
+
+
 def test_auto_reads_the_device_line_under_the_runs_torch_threads(monkeypatch):
     seen = []
     monkeypatch.setattr("d2moe.profiles.measure.device_name",

@@ -1,5 +1,6 @@
 """The compiled CPU kernel (cpu_nested.c): the fused nested product equals the dequantized
-product within float32 rounding, in both forms (bit-serial, dequantized in registers), in
+product within float32 rounding, in its three forms (table lookups, bit-serial, dequantized in
+registers), in
 its AVX-512 and AVX2 builds, for token counts inside and across its token blocks; the numpy
 path takes over where it cannot run or is faster, and says why."""
 
@@ -54,7 +55,7 @@ def _check(lib, kind: str, seed: int) -> None:
                     x = torch.from_numpy(rng.standard_normal((tokens, cols)).astype(np.float32))
                     ref = x.double() @ w.t()
                     scale = float((x.double().abs() @ w.abs().t()).max())
-                    for form in FORMS:  # (FORM_LUT on AVX2, or groups of 16 or 48: serial)
+                    for form in FORMS:  # (FORM_LUT on groups of 16 or 48: bit-serial)
                         out = torch.full((tokens, rows), float("nan"))  # poisoned
                         y = cn.matmul(x, v, b, tf._Params.kept(v, b), out=out, lib=lib,
                                       form=form)

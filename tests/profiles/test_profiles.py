@@ -191,7 +191,10 @@ def test_each_measured_shipped_profile_is_found_by_its_own_device_line() -> None
     for name, p in measured.items():
         assert shipped_profile_of(p.source.device) == name
         assert p.non_expert_us(load_spec("tiny"), 1) > 0  # they time the tiny model
-    assert shipped_profile_of(measured["cpu-2core"].source.device + " ") is None
+    other = "Some CPU (family 1, model 1), 2 cores, torch 1 threads, native+lut kernel"
+    assert shipped_profile_of(other) is None
+    amd = measured["cpu-2core"].source.device
+    assert shipped_profile_of(amd.replace("torch 1", "torch 2")) == "cpu-2core"  # same CPU
     estimated = load_profile("rtx3060-laptop").source
     assert shipped_profile_of(estimated.device) is None  # an estimate is nobody's machine
 
