@@ -18,8 +18,8 @@
  *   4 bits of a chunk then pick one entry, and 16 rows take it in one permute (AVX2: 8 rows
  *   in two and a blend; their words loaded and transposed), so a 512-bit instruction covers
  *   4 columns of 16 rows where a masked multiply-add covers 16 columns of one row and reads
- *   16 floats of x to do it (the idea of T-MAC, arXiv:2407.00088, in float32). Tokens run
- *   one at a time.
+ *   16 floats of x to do it (the idea of T-MAC, arXiv:2407.00088, in float32). Up to
+ *   LUT_TOKENS tokens share a pass over the planes (each its own tables).
  * Tokens are taken in blocks whose accumulators stay in registers (a compile-time count per
  * specialisation).
  *
@@ -41,6 +41,7 @@
 #define FORM_BITSERIAL 1
 #define FORM_REGISTER 2
 #define FORM_LUT 3
+#define LUT_TOKENS 4 /* FORM_LUT: tokens a pass, sharing the planes' words and shifts */
 #ifndef PREFETCH_WORDS
 #define PREFETCH_WORDS 32 /* FORM_LUT: how far ahead a row's plane words are prefetched */
 #endif
@@ -376,14 +377,22 @@ static inline lvi load_row(const uint32_t *p, int64_t m) {
 
 /* ---- table lookups: the block, on the layer above --------------------------------------- */
 
-/* The 8 lookups of one word of the block's rows (each lane its row's word of a plane): the
- * sum over the word's 8 chunks of the entry its 4 bits pick (tab: the word's 8 tables). */
-static inline lv word_lookups(lvi word, const float *tab) {
-    lv s[4];
-    for (int j = 0; j < 4; j++)
-        s[j] = lv_add(lookup(lvi_srl(word, 8 * j), tab + 32 * j),
-                      lookup(lvi_srl(word, 8 * j + 4), tab + 32 * j + 16));
-    return lv_add(lv_add(s[0], s[1]), lv_add(s[2], s[3]));
+/* For T tokens, the 8 lookups of one word of the block's rows (each lane its row's word of
+ * a plane) added to sum[t]: the sum over the word's 8 chunks of the entry its 4 bits pick
+ * (tab: the word's 8 tables of token 0; token t's `stride` floats further). The shifted
+ * words serve every token. */
+static inline __attribute__((always_inline)) void word_lookups(lvi word, const float *tab,
+                                                               int64_t stride, const int T,
+                                                               lv *sum) {
+    lv s[LUT_TOKENS][4];
+    for (int j = 0; j < 4; j++) {
+        const lvi lo = lvi_srl(word, 8 * j), hi = lvi_srl(word, 8 * j + 4);
+        for (int t = 0; t < T; t++)
+            s[t][j] = lv_add(lookup(lo, tab + t * stride + 32 * j),
+                             lookup(hi, tab + t * stride + 32 * j + 16));
+    }
+    for (int t = 0; t < T; t++)
+        sum[t] = lv_add(sum[t], lv_add(lv_add(s[t][0], s[t][1]), lv_add(s[t][2], s[t][3])));
 }
 
 /* LUT_ROWS consecutive 32-bit values from column c0 of n <= LUT_ROWS rows `stride` apart,
@@ -398,13 +407,15 @@ static inline void load_columns(const void *base, int64_t stride, int64_t width,
     transpose(out);
 }
 
-/* Rows [r, r + n) (n <= LUT_ROWS, a lane each) of one token's y without the zeff X term,
- * into out: LUT_ROWS words of every plane's rows at a time (load_columns); per word, its
- * 8 tables looked up for each plane, summed over the group, then times the plane's c_pg
+/* Rows [r, r + n) (n <= LUT_ROWS, a lane each) of T tokens' y without the zeff X term,
+ * into out[t * LUT_ROWS + i]: LUT_ROWS words of every plane's rows at a time
+ * (load_columns); per word, each plane's word looked up in every token's 8 tables (lut:
+ * token t's from t * stride), summed over the group, then times the plane's c_pg
  * (transposed once a block into `cs`, [P][groups][LUT_ROWS]). Needs group % 32 == 0: a
  * group is whole words. */
-static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t r, int n,
-                      float *out) {
+static inline __attribute__((always_inline)) void block_lut(
+        const NestedArgs *a, const float *lut, int64_t stride, float *cs, int64_t r, int n,
+        const int T, float *out) {
     const int64_t P = a->nbase + a->nres, ng = a->groups, words = a->words;
     const int64_t per_group = a->group / 32;
     for (int64_t p = 0; p < P; p++) {  /* c_pg of the block's rows, group by group */
@@ -418,9 +429,12 @@ static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t 
         }
     }
     const uint32_t *bits[MAX_PLANES];
-    lv acc[MAX_PLANES];
-    for (int64_t p = 0; p < P; p++) bits[p] = plane_row(a, r, p).bits, acc[p] = lv_zero();
-    lv total = lv_zero();
+    lv acc[MAX_PLANES][LUT_TOKENS], total[LUT_TOKENS];
+    for (int64_t p = 0; p < P; p++) {
+        bits[p] = plane_row(a, r, p).bits;
+        for (int t = 0; t < T; t++) acc[p][t] = lv_zero();
+    }
+    for (int t = 0; t < T; t++) total[t] = lv_zero();
     lvi word[MAX_PLANES][LUT_ROWS];
     int64_t g = 0, left = per_group;  /* the group and its words still to come (no division) */
     for (int64_t w0 = 0; w0 < words; w0 += LUT_ROWS) {
@@ -434,42 +448,56 @@ static void block_lut(const NestedArgs *a, const float *lut, float *cs, int64_t 
         for (int64_t k = 0; k < LUT_ROWS && w0 + k < words; k++) {
             const int64_t w = w0 + k;
             for (int64_t p = 0; p < P; p++)
-                acc[p] = lv_add(acc[p], word_lookups(word[p][k], lut + 16 * 8 * w));
+                word_lookups(word[p][k], lut + 16 * 8 * w, stride, T, acc[p]);
             if (--left == 0 || w + 1 == words) {  /* the group's last word */
                 const float *c = cs + LUT_ROWS * g;
                 for (int64_t p = 0; p < P; p++) {
-                    total = lv_fma(lv_load(c + LUT_ROWS * p * ng), acc[p], total);
-                    acc[p] = lv_zero();
+                    const lv cp = lv_load(c + LUT_ROWS * p * ng);
+                    for (int t = 0; t < T; t++) {
+                        total[t] = lv_fma(cp, acc[p][t], total[t]);
+                        acc[p][t] = lv_zero();
+                    }
                 }
                 g++, left = per_group;
             }
         }
     }
-    lv_store(out, total);
+    for (int t = 0; t < T; t++) lv_store(out + t * LUT_ROWS, total[t]);
 }
 
-/* Rows [r0, r1) of y, token by token, by table lookups (scratch of the caller: lut, 16
- * floats a chunk of x; xsum, X of each group; cs, block_lut's c_pg). */
+/* Rows [r0, r1) of y, LUT_TOKENS tokens at a time, by table lookups (scratch of the
+ * caller: lut, 16 floats a chunk of x for each of LUT_TOKENS tokens; xsum, X of each token
+ * and group; cs, block_lut's c_pg). */
 static void rows_lut(const NestedArgs *a, float *lut, float *xsum, float *cs, int64_t r0,
                      int64_t r1) {
-    const int64_t ng = a->groups, G = a->group, cols = a->cols;
-    for (int64_t t = 0; t < a->tokens; t++) {
-        const float *x = a->x + t * cols;
-        build_lut(x, cols, 8 * a->words, lut);
-        for (int64_t g = 0; g < ng; g++) {
-            float s = 0.0f;
-            const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
-            for (int64_t c = g * G; c < end; c++) s += x[c];
-            xsum[g] = s;
+    const int64_t ng = a->groups, G = a->group, cols = a->cols, stride = 16 * 8 * a->words;
+    for (int64_t t0 = 0; t0 < a->tokens; t0 += LUT_TOKENS) {
+        const int T = a->tokens - t0 < LUT_TOKENS ? (int)(a->tokens - t0) : LUT_TOKENS;
+        for (int t = 0; t < T; t++) {
+            const float *x = a->x + (t0 + t) * cols;
+            build_lut(x, cols, 8 * a->words, lut + t * stride);
+            for (int64_t g = 0; g < ng; g++) {
+                float s = 0.0f;
+                const int64_t end = (g + 1) * G < cols ? (g + 1) * G : cols;
+                for (int64_t c = g * G; c < end; c++) s += x[c];
+                xsum[t * ng + g] = s;
+            }
         }
         for (int64_t r = r0; r < r1; r += LUT_ROWS) {
             const int n = r1 - r < LUT_ROWS ? (int)(r1 - r) : LUT_ROWS;
-            float out[LUT_ROWS];
-            block_lut(a, lut, cs, r, n, out);
+            float out[LUT_TOKENS * LUT_ROWS];
+            switch (T) {  /* constant T: the accumulators stay in registers */
+                case 1: block_lut(a, lut, stride, cs, r, n, 1, out); break;
+                case 2: block_lut(a, lut, stride, cs, r, n, 2, out); break;
+                case 3: block_lut(a, lut, stride, cs, r, n, 3, out); break;
+                default: block_lut(a, lut, stride, cs, r, n, LUT_TOKENS, out); break;
+            }
             for (int i = 0; i < n; i++) {  /* + sum_g zeff_g X_g */
-                float lin = 0.0f;
-                for (int64_t g = 0; g < ng; g++) lin += zeff(a, r + i, g) * xsum[g];
-                a->y[t * a->rows + r + i] = out[i] + lin;
+                for (int t = 0; t < T; t++) {
+                    float lin = 0.0f;
+                    for (int64_t g = 0; g < ng; g++) lin += zeff(a, r + i, g) * xsum[t * ng + g];
+                    a->y[(t0 + t) * a->rows + r + i] = out[t * LUT_ROWS + i] + lin;
+                }
             }
         }
     }
@@ -534,10 +562,11 @@ int nested_vector_bits(void) { return VECTOR_BITS; }
  * again, its x stays in cache); 0, or -1 when scratch could not be allocated. */
 int nested_rows(const NestedArgs *a, int64_t r0, int64_t r1) {
     if (a->form == FORM_LUT && a->group % 32 == 0) {
-        const int64_t nlut = 16 * 8 * a->words, P = a->nbase + a->nres;
-        float *lut = malloc(sizeof(float) * (size_t)(nlut + a->groups + LUT_ROWS * P * a->groups));
+        const int64_t nlut = LUT_TOKENS * 16 * 8 * a->words, P = a->nbase + a->nres;
+        const int64_t nsum = LUT_TOKENS * a->groups;
+        float *lut = malloc(sizeof(float) * (size_t)(nlut + nsum + LUT_ROWS * P * a->groups));
         if (lut == NULL) return -1;
-        rows_lut(a, lut, lut + nlut, lut + nlut + a->groups, r0, r1);
+        rows_lut(a, lut, lut + nlut, lut + nlut + nsum, r0, r1);
         free(lut);
         return 0;
     }
