@@ -63,14 +63,14 @@ class Routing:
 #   above, same run): one token 1.4-2.1x (Mixtral w1), 2.2-3.3x (1024x1024), 1.4-1.6x
 #   (tiny 192x192) at 2-8 bits; two tokens 1.07-1.6x up to 4 bits, 0.8-1.0x from 6; three
 #   tokens 1.1-1.2x at 2 bits, 0.5-1.0x above; four tokens at 2 bits 0.97-1.06x. Since
-#   04:45 UTC it takes up to 4 tokens a pass over the planes (LUT_TOKENS, their words and
+#   04:35 UTC it takes up to 4 tokens a pass over the planes (LUT_TOKENS, their words and
 #   shifts shared), 1.1-2.2x the one-token-at-a-time form from 2 tokens on: against the best
 #   other form, 2 tokens 1.25-2.1x (Mixtral w1) and 1.33-1.45x (tiny) at 2-8 bits; 4 tokens
 #   1.16-1.37x and 1.07-1.17x to 4 bits, 0.88-1.09x above; 8 tokens at 2 bits 1.22x and
 #   0.92x.
 # - table lookups, the AVX2 build (-mno-avx512f on the same Xeon: not timed on a CPU without
 #   AVX-512): one token 1.48-1.60x (Mixtral w1), 1.47-1.72x (tiny) at 2-8 bits; with 4
-#   tokens a pass (04:45), two tokens 1.16-1.37x at 2-8 bits, three 1.04-1.12x to 4 bits,
+#   tokens a pass (04:35), two tokens 1.16-1.37x at 2-8 bits, three 1.04-1.12x to 4 bits,
 #   four 1.07x at 2 bits, 0.80-0.95x above.
 ROUTING = {512: Routing(3, 3, 6, 48, lut_max_token_bits=16),
            256: Routing(1, MAX_PLANES, MAX_PLANES, 16, lut_max_token_bits=8)}
