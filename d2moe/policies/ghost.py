@@ -60,12 +60,14 @@ class HotGhost:
             return
         for i, (planner, pool) in enumerate(self.ghosts):
             planner.observe(demands)  # (its rule observes here)
-            plan = planner.plan(make_jobs(demands, pool.view), pool.view)
             loaded = 0
-            for ld in plan.loads:
-                for ev in ld.evict:
-                    pool.apply_evict(ev)
-                loaded += pool.apply_load(ld)
+            have = pool.bits
+            if any(have.get(d.key, 0) < d.bits for d in demands):  # else no loads, no evictions
+                plan = planner.plan(make_jobs(demands, pool.view), pool.view)
+                for ld in plan.loads:
+                    for ev in ld.evict:
+                        pool.apply_evict(ev)
+                    loaded += pool.apply_load(ld)
             self.cost[i] += self.alpha * (loaded - self.cost[i])
         best = min(range(len(self.rules)), key=self.cost.__getitem__)
         if self.cost[best] < self.cost[self.using]:
