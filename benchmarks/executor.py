@@ -235,7 +235,8 @@ def main() -> None:
                     help="torch intra-op threads (default: one core left to the I/O lane)")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch sees no CUDA device")
+        ap.exit(2, f"executor.py --device {args.device}: torch sees no CUDA device "
+                   "(fix: --device cpu)\n")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} "

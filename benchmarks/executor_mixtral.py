@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("--store", default="", help="directory to keep (and reuse) the store in")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch sees no CUDA device")
+        ap.exit(2, f"executor_mixtral.py --device {args.device}: torch sees no CUDA device "
+                   "(fix: --device cpu)\n")
     spec = dataclasses.replace(load_spec("mixtral-8x7b"), layers=args.layers)
     device = torch.device(args.device)
     tmp = None

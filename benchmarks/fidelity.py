@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--out", default="out/fidelity")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch sees no CUDA device")
+        ap.exit(2, f"fidelity.py --device {args.device}: torch sees no CUDA device "
+                   "(fix: --device cpu)\n")
     t0 = time.perf_counter()
     device = torch.device(args.device)
     try:

@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="the pool's device: cpu or cuda")
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: torch sees no CUDA device")
+        ap.exit(2, f"load_checksum.py --device {args.device}: torch sees no CUDA device "
+                   "(fix: --device cpu)\n")
     torch.set_num_threads(1)
     print_machine(f"{args.spec} expert shape, 0->{args.bits} bit loads into a {args.device} "
                   f"pool, {args.rounds} rounds, pipelined from {args.min_bytes} B levels")

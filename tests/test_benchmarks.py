@@ -93,6 +93,22 @@ def test_plan_cost_benchmark_times_each_policy_against_fifo(tmp_path: Path) -> N
     assert rows["fifo"][4] == "1.00" and all(float(r[2]) > 0 for r in rows.values())
 
 
+@pytest.mark.parametrize("script", ["executor.py", "executor_mixtral.py", "fidelity.py",
+                                    "load_checksum.py", "read_buffers.py"])
+def test_device_cuda_without_cuda_stops_in_one_line(script: str) -> None:
+    """A benchmark asked for --device cuda on a machine without one says so in one line
+    (no argparse usage block before it) and writes nothing."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU-only refusal")
+    done = subprocess.run([sys.executable, str(BENCH / script), "--device", "cuda"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not done.stdout, done.stdout[-500:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"{script} --device cuda: torch sees no CUDA device (fix: --device cpu)")
+    assert "usage:" not in done.stderr
+
+
 def test_kernel_gpu_commands_stop_in_one_line_without_cuda(tmp_path: Path) -> None:
     """kernels.py's CUDA-only options and kernels_gpu.sh stop with one line on a machine
     without CUDA: the CPU path ignored `--check`, `--tune` and `--jobs`, so gpu_session.sh's
